@@ -1,0 +1,192 @@
+"""Allocation: turn channel scores, a per-layer ratio shape and a MACs target into widths per group.
+
+Shared by every method (DESIGN.md section 3). Three shapes:
+
+- ``uniform``: every prunable group keeps the same fraction of its channels;
+- ``global``: one threshold on per-group-normalised scores across all groups (a channel survives
+  if its normalised score is above the threshold), so layers with weak channels lose more;
+- ``searched``: keep ratio ``r * multipliers[bucket(depth)]`` where the search samples one multiplier
+  per depth bucket, so the shape itself is a hyperparameter.
+
+Each shape has one free scalar (ratio or threshold) that moves MACs monotonically; we bisect it
+with the analytic :class:`~autoprune.cost.WidthCost` (microseconds per evaluation), then fill the
+remaining gap channel by channel in priority order. The result is at most the target and, unless
+the width granularity forbids it, within 1 % of the base MACs below it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .cost import WidthCost
+from .errors import AutopruneError
+from .graph import ChannelGroup
+
+log = logging.getLogger(__name__)
+
+MODES = ("uniform", "global", "searched")
+NORMALISATIONS = ("none", "mean", "max")
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    mode: str = "global"
+    multipliers: tuple[float, ...] = ()  # searched mode: one per depth bucket, > 0
+    min_channels: int = 1
+    min_ratio: float = 0.05  # never keep fewer than this fraction of a group
+    max_prune_ratio: float = 0.95  # never remove more than this fraction of a group
+    round_to: int = 1  # widths are multiples of this (8 suits GPUs), unless the group is smaller
+    normalise: str = "mean"  # global mode: per-group score normalisation
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise AutopruneError(f"allocation mode {self.mode!r} is unknown; use one of {', '.join(MODES)}")
+        if self.normalise not in NORMALISATIONS:
+            raise AutopruneError(f"allocation normalise {self.normalise!r} is unknown; use one of "
+                                 f"{', '.join(NORMALISATIONS)}")
+        if self.mode == "searched" and (not self.multipliers or min(self.multipliers) <= 0):
+            raise AutopruneError("allocation mode 'searched' needs positive multipliers, one per depth bucket")
+        if not 0 <= self.min_ratio <= 1 or not 0 <= self.max_prune_ratio < 1:
+            raise AutopruneError("allocation min_ratio must be in [0, 1] and max_prune_ratio in [0, 1)")
+        if self.min_channels < 1 or self.round_to < 1:
+            raise AutopruneError("allocation min_channels and round_to must be at least 1")
+
+
+def _round_up(n: int, step: int, cap: int) -> int:
+    return min(cap, step * math.ceil(n / step)) if cap >= step else cap
+
+
+def _bounds(g: ChannelGroup, cfg: AllocationConfig) -> tuple[int, int]:
+    low = max(cfg.min_channels, math.ceil(cfg.min_ratio * g.channels),
+              math.ceil((1 - cfg.max_prune_ratio) * g.channels))
+    return _round_up(min(low, g.channels), cfg.round_to, g.channels), g.channels
+
+
+def _normalised(scores: torch.Tensor, how: str) -> torch.Tensor:
+    s = scores.detach().double().cpu().clamp_min(0)
+    if how == "mean":
+        return s / s.mean().clamp_min(1e-12)
+    if how == "max":
+        return s / s.max().clamp_min(1e-12)
+    return s
+
+
+class _Shape:
+    """Widths as a monotone function of one scalar ``x`` in [0, 1]: larger x keeps more channels."""
+
+    def __init__(self, groups: list[ChannelGroup], scores: Mapping[str, torch.Tensor], cfg: AllocationConfig):
+        self.groups, self.cfg = groups, cfg
+        self.bounds = {g.name: _bounds(g, cfg) for g in groups}
+        if cfg.mode == "global":
+            self.sorted = {g.name: torch.sort(_normalised(scores[g.name], cfg.normalise), descending=True).values
+                           for g in groups}
+            top = max((float(s[0]) for s in self.sorted.values()), default=1.0)
+            self.top = top if top > 0 else 1.0
+        if cfg.mode == "searched":
+            k = len(cfg.multipliers)
+            self.mult = {g.name: cfg.multipliers[min(k - 1, int(g.depth * k))] for g in groups}
+            self.mult_max = max(self.mult.values(), default=1.0)
+
+    def ratio(self, g: ChannelGroup, x: float) -> float:
+        if self.cfg.mode == "uniform":
+            return x
+        if self.cfg.mode == "searched":
+            return min(1.0, x * self.mult[g.name] / self.mult_max)
+        threshold = (1 - x) * self.top  # global: x=1 keeps everything, x=0 only the best channels
+        return float((self.sorted[g.name] >= threshold).sum()) / g.channels
+
+    def widths(self, x: float) -> dict[str, int]:
+        out = {}
+        for g in self.groups:
+            low, high = self.bounds[g.name]
+            w = _round_up(max(1, math.ceil(self.ratio(g, x) * g.channels - 1e-9)), self.cfg.round_to, high)
+            out[g.name] = min(high, max(low, w))
+        return out
+
+    def priority(self, g: ChannelGroup, width: int) -> float:
+        """How much the next channel of ``g`` deserves to be kept (higher first)."""
+        if self.cfg.mode == "global":
+            s = self.sorted[g.name]
+            return float(s[width]) if width < len(s) else -math.inf
+        wanted = self.mult[g.name] / self.mult_max if self.cfg.mode == "searched" else 1.0
+        return wanted - width / g.channels
+
+
+def allocate(
+    groups: Sequence[ChannelGroup],
+    scores: Mapping[str, torch.Tensor] | None,
+    cost: WidthCost,
+    target: float,
+    cfg: AllocationConfig | None = None,
+) -> dict[str, int]:
+    """Channels to keep per prunable group so that MACs <= ``target`` x base MACs, as close as possible.
+
+    ``scores`` maps group name -> per-channel importance (higher keeps); only the ``global`` mode
+    reads them. An unreachable target raises ``AutopruneError`` naming the smallest reachable fraction.
+    """
+    cfg = cfg or AllocationConfig()
+    if not 0 < target <= 1:
+        raise AutopruneError(f"MACs target {target} must be a fraction in (0, 1]")
+    prunable = [g for g in groups if g.prunable]
+    if cfg.mode == "global":
+        missing = [g.name for g in prunable if scores is None or g.name not in scores]
+        if missing:
+            raise AutopruneError(f"global allocation needs scores for every prunable group; missing {missing[0]!r}")
+    shape = _Shape(prunable, scores or {}, cfg)
+    budget = target * cost.base_macs
+    lowest = {g.name: shape.bounds[g.name][0] for g in prunable}
+    floor = cost.macs(lowest)
+    if floor > budget:
+        raise AutopruneError(
+            f"MACs target {target:.3f} is unreachable: the smallest reachable fraction is "
+            f"{floor / cost.base_macs:.3f} (min widths, unprunable groups); raise the target or lower min_ratio")
+    if cost.macs(shape.widths(1.0)) <= budget:
+        widths = shape.widths(1.0)
+    else:
+        lo, hi = 0.0, 1.0  # macs(widths(lo)) <= budget < macs(widths(hi)) once lo is valid
+        widths = lowest if cost.macs(shape.widths(0.0)) > budget else shape.widths(0.0)
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            w = shape.widths(mid)
+            if cost.macs(w) <= budget:
+                lo, widths = mid, w
+            else:
+                hi = mid
+    widths = _fill(prunable, widths, shape, cost, budget)
+    frac = cost.macs(widths) / cost.base_macs
+    if target - frac > 0.01:
+        log.warning("allocation reached %.4f of base MACs for target %.4f (width granularity)", frac, target)
+    return widths
+
+
+def _fill(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cost: WidthCost,
+          budget: float) -> dict[str, int]:
+    """Add channels, best priority first, while MACs stay within budget."""
+    widths = dict(widths)
+    step = shape.cfg.round_to
+    open_groups = {g.name: g for g in groups if widths[g.name] < g.channels}
+    while open_groups:
+        g = max(open_groups.values(), key=lambda grp: shape.priority(grp, widths[grp.name]))
+        trial = dict(widths)
+        trial[g.name] = min(g.channels, widths[g.name] + step)
+        if cost.macs(trial) <= budget:
+            widths = trial
+            if widths[g.name] >= g.channels:
+                del open_groups[g.name]
+        else:
+            del open_groups[g.name]
+    return widths
+
+
+def select(scores: Mapping[str, torch.Tensor], widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """Keep the ``widths[g]`` best-scored channels of each group; returns sorted kept indices."""
+    keep = {}
+    for name, width in widths.items():
+        s = scores[name].detach().cpu().double()
+        order = torch.sort(s, descending=True, stable=True).indices  # ties: lower index first
+        keep[name] = tuple(sorted(int(i) for i in order[: int(width)]))
+    return keep

@@ -1,0 +1,217 @@
+"""What a model costs: MACs, parameters, latency, and the analytic MACs of a width assignment.
+
+Unit convention (DESIGN.md section 3): we count multiply-accumulates (MACs) of convolutions
+and linear layers for one input sample and always call them "MACs"; FLOPs = 2 x MACs.
+BatchNorm, activations, pooling and additions are not counted (they are folded or negligible
+and are not counted by the papers we compare with either).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _conv_macs(module: nn.Conv2d, out: torch.Tensor) -> int:
+    kh, kw = module.kernel_size
+    per_sample = out.numel() // out.shape[0]
+    return per_sample * (module.in_channels // module.groups) * kh * kw
+
+
+def _linear_macs(module: nn.Linear, out: torch.Tensor) -> int:
+    rows = out.numel() // out.shape[-1] // out.shape[0]
+    return rows * module.in_features * module.out_features
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu") -> int:
+    """MACs of convs and linears for one sample of shape ``input_shape`` (C, H, W), measured by hooks."""
+    total = 0
+
+    def hook(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += _conv_macs(module, out)
+        elif isinstance(module, nn.Linear):
+            total += _linear_macs(module, out)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (buffers such as BN running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    repeats: int = 20,
+    warmup: int = 5,
+) -> float:
+    """Median wall-clock milliseconds of one forward pass of a ``batch_size`` batch."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, *input_shape, device=device)
+    times = []
+    try:
+        for i in range(warmup + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class LayerGeom:
+    """Geometry of one conv or linear layer, recorded once from a forward pass of the base model."""
+
+    name: str
+    kind: str  # "conv" | "linear"
+    in_ch: int  # conv in_channels / linear in_features
+    out_ch: int  # conv out_channels / linear out_features
+    groups: int
+    kernel: int  # kh * kw (1 for linear)
+    positions: int  # output positions per sample (Hout * Wout for a conv; rows for a linear)
+    bias: bool
+    depthwise: bool  # groups == in_ch == out_ch > 1: pruning keeps it depthwise
+
+    def macs(self, in_ch: int, out_ch: int) -> int:
+        if self.depthwise:
+            return out_ch * self.kernel * self.positions
+        return out_ch * (in_ch // self.groups) * self.kernel * self.positions
+
+    def params(self, in_ch: int, out_ch: int) -> int:
+        per_out = 1 if self.depthwise else in_ch // self.groups
+        return out_ch * per_out * self.kernel + (out_ch if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class Term:
+    """``layer``'s ``dim`` loses ``mult`` channels for each channel removed from ``group``."""
+
+    group: str
+    layer: str
+    dim: str  # "in" | "out"
+    mult: int
+
+
+class WidthCost:
+    """Analytic MACs and parameters of a width assignment (group name -> kept channels).
+
+    Each layer's channel counts are affine in the number of channels removed from each group,
+    so MACs of any assignment take microseconds: this is what makes bisection in the allocator
+    cheap. Built by :func:`autoprune.graph.build_width_cost`.
+    """
+
+    def __init__(
+        self,
+        layers: list[LayerGeom],
+        terms: list[Term],
+        channels: Mapping[str, int],
+        bn_channels: Mapping[str, int],
+        base_params: int,
+    ) -> None:
+        self.layers = {layer.name: layer for layer in layers}
+        self.channels = dict(channels)
+        self._terms: dict[str, list[Term]] = {}
+        for t in terms:
+            self._terms.setdefault(t.group, []).append(t)
+        self._bn_channels = dict(bn_channels)  # group -> number of affine BN channels per group channel
+        self.base_params = base_params
+        self.base_macs = self.macs({})
+
+    def _shapes(self, widths: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+        shapes = {n: [g.in_ch, g.out_ch] for n, g in self.layers.items()}
+        for group, width in widths.items():
+            removed = self.channels[group] - int(width)
+            if removed < 0:
+                raise ValueError(f"group {group!r}: width {width} exceeds its {self.channels[group]} channels")
+            if removed == 0:
+                continue
+            for t in self._terms.get(group, ()):
+                shapes[t.layer][0 if t.dim == "in" else 1] -= removed * t.mult
+        for n, g in self.layers.items():
+            if g.depthwise:  # a depthwise conv's input and output channels are the same channels
+                shapes[n][0] = shapes[n][1] = min(shapes[n])
+        return {n: (s[0], s[1]) for n, s in shapes.items()}
+
+    def macs(self, widths: Mapping[str, int]) -> int:
+        """MACs for one sample when each group in ``widths`` keeps that many channels."""
+        return sum(self.layers[n].macs(i, o) for n, (i, o) in self._shapes(widths).items())
+
+    def macs_fraction(self, widths: Mapping[str, int]) -> float:
+        return self.macs(widths) / self.base_macs
+
+    def params(self, widths: Mapping[str, int]) -> int:
+        """Parameters when each group keeps ``widths`` channels (conv, linear and BN affine params)."""
+        delta = 0
+        for n, (i, o) in self._shapes(widths).items():
+            g = self.layers[n]
+            delta += g.params(i, o) - g.params(g.in_ch, g.out_ch)
+        for group, width in widths.items():
+            delta -= 2 * self._bn_channels.get(group, 0) * (self.channels[group] - int(width))
+        return self.base_params + delta
+
+    def removal_cost(self, group: str, widths: Mapping[str, int]) -> int:
+        """MACs saved by removing one more channel from ``group`` at ``widths``."""
+        now = self.macs(widths)
+        w = dict(widths)
+        w[group] = w.get(group, self.channels[group]) - 1
+        return now - self.macs(w)
+
+
+@torch.no_grad()
+def layer_geometry(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu") -> list[LayerGeom]:
+    """Record the geometry of every conv and linear layer by one forward pass (batch of 1)."""
+    names = {m: n for n, m in model.named_modules()}
+    found: dict[str, LayerGeom] = {}
+
+    def hook(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        name = names[module]
+        if name in found:  # a module called twice would make the analytic count ambiguous
+            raise ValueError(f"layer {name!r} is called more than once in forward; analytic MACs need one call")
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            dw = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            found[name] = LayerGeom(name, "conv", module.in_channels, module.out_channels, module.groups,
+                                    kh * kw, out.numel() // out.shape[0] // out.shape[1], module.bias is not None, dw)
+        else:
+            rows = out.numel() // out.shape[-1] // out.shape[0]
+            found[name] = LayerGeom(name, "linear", module.in_features, module.out_features, 1, 1, rows,
+                                    module.bias is not None, False)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return list(found.values())

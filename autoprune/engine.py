@@ -1,0 +1,113 @@
+"""The shared pruning engine: groups -> method -> allocation -> surgery -> measured cost.
+
+``prune`` is the library's front door (``autoprune.prune``); the CLI, the search trials and the
+benchmarks all go through it, so every method gets the same grouping, allocation and surgery.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .allocate import AllocationConfig
+from .cost import count_macs, count_params
+from .errors import AutopruneError
+from .graph import ChannelGroup, build_width_cost, find_groups
+from .methods import PruneContext, get_method, make_params
+from .plan import Plan, apply_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    model: nn.Module
+    plan: Plan
+    macs: int  # MACs for one sample, measured on the pruned model
+    params: int
+    base_macs: int
+    base_params: int
+    method: str
+    target: float
+    info: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def macs_fraction(self) -> float:
+        return self.macs / self.base_macs
+
+    @property
+    def params_fraction(self) -> float:
+        return self.params / self.base_params
+
+
+def _input_shape(model_spec: Any, data: Any, input_shape: tuple[int, ...] | None) -> tuple[int, int, int]:
+    if input_shape is not None:
+        return tuple(input_shape)  # type: ignore[return-value]
+    if model_spec is not None:
+        return (model_spec.in_channels, model_spec.image_size, model_spec.image_size)
+    if data is not None:
+        return (data.in_channels, data.image_size, data.image_size)
+    raise AutopruneError("prune() needs input_shape=(C, H, W), a model spec or a data set to know the input size")
+
+
+def prune(
+    model: nn.Module,
+    method: str = "l1",
+    target: float = 0.5,
+    data: Any = None,
+    allocation: AllocationConfig | Mapping[str, Any] | None = None,
+    spec: Any = None,
+    input_shape: tuple[int, int, int] | None = None,
+    device: str | torch.device = "cpu",
+    train_cfg: Any = None,
+    groups: list[ChannelGroup] | None = None,
+    progress: bool = False,
+    **params: Any,
+) -> PruneResult:
+    """Prune a copy of ``model`` to ``target`` x its MACs with ``method``; the input model is untouched.
+
+    ``data`` (an :class:`autoprune.data.Dataset`) is needed by methods that train or calibrate
+    (ResRep, FSM with measured compensation). ``params`` are the method's parameters (see
+    ``autoprune methods``). ``groups`` may pass channel groups found earlier for this architecture.
+    Returns the pruned model, its Plan and its measured MACs / params next to the base ones.
+    """
+    start = time.perf_counter()
+    impl = get_method(method)
+    method_params = make_params(impl, params)
+    if not isinstance(allocation, AllocationConfig):
+        allocation = AllocationConfig(**dict(allocation or {}))
+    device = torch.device(device)
+    shape = _input_shape(spec, data, input_shape)
+    work = copy.deepcopy(model).to(device).eval()
+    if groups is None:
+        groups = find_groups(work, shape)
+    cost = build_width_cost(work, groups, shape)
+    if not any(g.prunable for g in groups):
+        raise AutopruneError(f"{type(model).__name__} has no prunable channel group; see `autoprune info`")
+    ctx = PruneContext(model=work, groups=groups, cost=cost, target=target, allocation=allocation, device=device,
+                       input_shape=shape, data=data, train_cfg=train_cfg, progress=progress)
+    out = impl.run(ctx, method_params)
+    pruned = out.model
+    plan = Plan.from_keep(out.keep, groups)
+    apply_plan(pruned, groups, plan)
+    macs = count_macs(pruned, shape, device)
+    expected = cost.macs(plan.widths())
+    if macs != expected:  # the analytic model and the surgery must agree; if not, allocation is wrong
+        raise AutopruneError(f"internal: pruned model has {macs} MACs, analytic count {expected}; please report")
+    info = {"method": method, "params": _plain(method_params), **out.info}
+    return PruneResult(model=pruned.eval(), plan=plan, macs=macs, params=count_params(pruned),
+                       base_macs=cost.base_macs, base_params=cost.base_params, method=method, target=target,
+                       info=info, seconds=time.perf_counter() - start)
+
+
+def _plain(params: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params or {})

@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Anything a user can fix (bad spec, unknown model, missing file, corrupt checkpoint,
+unsupported layer) raises :class:`AutopruneError` with a one-line message that names
+the thing and the fix. The CLI prints it without a traceback and exits with code 2.
+"""
+from __future__ import annotations
+
+
+class AutopruneError(Exception):
+    """An error caused by user input; its message is shown as-is, on one line."""
+
+
+class SpecError(AutopruneError):
+    """A malformed search spec or parameter; the message names the key and the file."""
+
+
+class CheckpointError(AutopruneError):
+    """A missing, corrupt or foreign checkpoint file."""
+
+
+def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
+    """A short hint listing known names, closest first."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
+    listed = ", ".join(sorted(known))
+    if close:
+        return f"did you mean {' or '.join(repr(c) for c in close)}? known: {listed}"
+    return f"known: {listed}"

@@ -1,0 +1,279 @@
+"""Channel groups: which layers must lose the same channels, and the surgery that removes them.
+
+Torch-Pruning's DependencyGraph finds the coupling (residual adds, depthwise convs, concatenation
+offsets, flatten before a Linear). This module is the only one that sees Torch-Pruning types: the
+rest of autoprune works with our own :class:`ChannelGroup`.
+
+Each group records, for every layer it touches, which of that layer's channel indices each group
+channel maps to, in the base model's coordinates. Surgery removes all groups' channels from each
+layer in one step, so applying a Plan never depends on the order of groups (concatenation offsets
+stay valid) and never needs the dependency graph of the model being cut.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.pruner.function import PrunerBox
+
+from .cost import LayerGeom, Term, WidthCost, count_macs, count_params, layer_geometry
+from .errors import AutopruneError
+
+log = logging.getLogger(__name__)
+
+# Autograd ops Torch-Pruning passes channels through without understanding them. A group that
+# crosses one is unsafe to prune (DESIGN.md section 3: zero-padding "option A" shortcuts).
+_UNSAFE_OPS = ("ConstantPadNd", "ReflectionPad", "ReplicationPad", "Roll", "Gather", "IndexSelect")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor slice that a group's channels touch."""
+
+    module: str
+    kind: str  # "conv" | "bn" | "linear" | "other"
+    dim: str  # "out" | "in"
+    index: tuple[tuple[int, ...], ...]  # index[c]: this member's channel indices for group channel c
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that are kept or removed together, named by their first leader."""
+
+    name: str
+    channels: int
+    leaders: tuple[str, ...]
+    bns: tuple[str, ...]
+    passthrough: tuple[str, ...]
+    consumers: tuple[str, ...]
+    members: tuple[Member, ...] = field(repr=False)
+    residual: bool
+    prunable: bool
+    reason: str
+    depth: float
+
+    def member(self, module: str, dim: str) -> Member | None:
+        for m in self.members:
+            if m.module == module and m.dim == dim:
+                return m
+        return None
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "bn"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return "other"
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels == module.out_channels
+
+
+def output_layer(model: nn.Module) -> str:
+    """Name of the layer producing the logits (last Linear, else last conv): never pruned."""
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = name
+    if last is None:
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d):
+                last = name
+    if last is None:
+        raise AutopruneError(f"{type(model).__name__} has no Conv2d or Linear layer: nothing autoprune can prune")
+    return last
+
+
+def _example(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return torch.ones(1, *input_shape, device=device)  # no RNG use: grouping must not shift seeds
+
+
+def _build_group(
+    tp_group, names: dict[nn.Module, str], order: dict[str, int], n_layers: int, depthwise: set[str]
+) -> ChannelGroup:
+    slices: dict[tuple[str, str], dict[int, set[int]]] = {}
+    kinds: dict[str, str] = {}
+    unsafe: list[str] = []
+    grouped: list[str] = []
+    for item in tp_group:
+        dep = item.dep
+        module = dep.target.module
+        if module not in names:  # a functional op (add, reshape, concat, pad ...)
+            op = str(dep.target.name)
+            if any(u in op for u in _UNSAFE_OPS):
+                unsafe.append(op.split("(")[-1].rstrip(")"))
+            continue
+        name = names[module]
+        dim = "out" if "out" in dep.handler.__name__ else "in"
+        if _is_depthwise(module):
+            dim = "out"  # in and out are the same channels
+        elif isinstance(module, nn.Conv2d) and module.groups > 1:
+            grouped.append(name)
+        kinds[name] = _kind(module)
+        per_channel = slices.setdefault((name, dim), {})
+        for idx, root in zip(item.idxs, item.root_idxs):
+            per_channel.setdefault(int(root), set()).add(int(idx))
+    channels = len(tp_group[0].idxs)
+    members = []
+    for (name, dim), per_channel in slices.items():
+        index = tuple(tuple(sorted(per_channel.get(c, ()))) for c in range(channels))
+        members.append(Member(name, kinds[name], dim, index))
+    members.sort(key=lambda m: (order.get(m.module, 1 << 30), m.dim))
+    leaders = tuple(m.module for m in members if m.dim == "out" and m.kind in ("conv", "linear")
+                    and m.module not in depthwise)
+    passthrough = tuple(m.module for m in members if m.module in depthwise)
+    bns = tuple(m.module for m in members if m.kind == "bn")
+    consumers = tuple(m.module for m in members if m.dim == "in" and m.kind in ("conv", "linear"))
+    reason = ""
+    if unsafe:
+        reason = f"crosses an op Torch-Pruning cannot follow ({', '.join(sorted(set(unsafe)))})"
+    elif grouped:
+        reason = f"touches a grouped convolution ({grouped[0]})"
+    elif not leaders:
+        reason = "has no conv or linear producing its channels"
+    elif any(len({len(ix) for ix in m.index}) != 1 or not m.index[0] for m in members):
+        reason = "maps channels unevenly onto a layer"
+    name = leaders[0] if leaders else members[0].module
+    depth = order.get(name, 0) / max(1, n_layers - 1)
+    return ChannelGroup(name=name, channels=channels, leaders=leaders, bns=bns, passthrough=passthrough,
+                        consumers=consumers, members=tuple(members), residual=len(leaders) > 1,
+                        prunable=not reason, reason=reason, depth=depth)
+
+
+def find_groups(
+    model: nn.Module, input_shape: Sequence[int], check: bool = True, ignored: Sequence[str] = ()
+) -> list[ChannelGroup]:
+    """Channel groups of ``model`` for inputs of shape ``input_shape`` (C, H, W), in forward order.
+
+    The output layer's channels are never a group. With ``check``, every prunable group is
+    verified by a trial removal (one channel from every group, then a forward pass whose MACs must
+    match the analytic count); groups that fail are marked unprunable with the reason.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    order = {n: i for i, n in enumerate(layers)}
+    depthwise = {n for n, m in model.named_modules() if _is_depthwise(m)}
+    modules = dict(model.named_modules())
+    ignore = [modules[output_layer(model)]] + [modules[n] for n in ignored]
+    was_training = model.training
+    model.eval()
+    try:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=_example(model, input_shape))
+        tp_groups = list(dg.get_all_groups(ignored_layers=ignore, root_module_types=[nn.Conv2d, nn.Linear]))
+    except Exception as exc:  # noqa: BLE001 - Torch-Pruning raises many kinds; the user needs one line
+        raise AutopruneError(f"could not trace {type(model).__name__} for channel groups: {exc}") from exc
+    finally:
+        model.train(was_training)
+    groups = [_build_group(g, names, order, len(layers), depthwise) for g in tp_groups]
+    groups.sort(key=lambda g: (g.depth, g.name))
+    seen: set[str] = set()
+    for g in groups:
+        if g.name in seen:
+            raise AutopruneError(f"two channel groups share the leader {g.name!r}; this architecture is not supported")
+        seen.add(g.name)
+    if check:
+        groups = _check_groups(model, groups, input_shape)
+    return groups
+
+
+def _mark(group: ChannelGroup, reason: str) -> ChannelGroup:
+    return replace(group, prunable=False, reason=reason)
+
+
+def _trial(model: nn.Module, groups: list[ChannelGroup], cost: WidthCost, input_shape: Sequence[int]) -> str:
+    """Remove one channel from each of ``groups`` in a copy; '' if it works, else what went wrong."""
+    trial = copy.deepcopy(model)
+    keep = {g.name: range(1, g.channels) for g in groups}
+    try:
+        remove_channels(trial, groups, keep)
+        macs = count_macs(trial, input_shape, device=next(model.parameters()).device)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not prunable"
+        return f"trial removal failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    expected = cost.macs({g.name: g.channels - 1 for g in groups})
+    if macs != expected:
+        return f"trial removal gave {macs} MACs, analytic count {expected}"
+    return ""
+
+
+def _check_groups(model: nn.Module, groups: list[ChannelGroup], input_shape: Sequence[int]) -> list[ChannelGroup]:
+    cost = build_width_cost(model, groups, input_shape)
+    bad: dict[str, str] = {}
+
+    def search(candidates: list[ChannelGroup]) -> None:  # bisect to the groups that fail alone
+        if not candidates:
+            return
+        problem = _trial(model, candidates, cost, input_shape)
+        if not problem:
+            return
+        if len(candidates) == 1:
+            bad[candidates[0].name] = problem
+            return
+        half = len(candidates) // 2
+        search(candidates[:half])
+        search(candidates[half:])
+
+    search([g for g in groups if g.prunable and g.channels > 1])
+    for name, why in bad.items():
+        log.info("group %s is not prunable: %s", name, why)
+    return [_mark(g, bad[g.name]) if g.name in bad else g for g in groups]
+
+
+def build_width_cost(model: nn.Module, groups: Sequence[ChannelGroup], input_shape: Sequence[int]) -> WidthCost:
+    """Analytic cost model of ``model`` over the prunable ``groups`` (see :class:`WidthCost`)."""
+    device = next(model.parameters()).device
+    geoms: list[LayerGeom] = layer_geometry(model, tuple(input_shape), device)
+    known = {g.name for g in geoms}
+    terms, channels, bn_channels = [], {}, {}
+    for g in groups:
+        channels[g.name] = g.channels
+        bn_channels[g.name] = sum(1 for m in g.members if m.kind == "bn")
+        for m in g.members:
+            if m.module in known:
+                terms.append(Term(g.name, m.module, m.dim, len(m.index[0])))
+    return WidthCost(geoms, terms, channels, bn_channels, count_params(model))
+
+
+def remove_channels(model: nn.Module, groups: Sequence[ChannelGroup], keep: Mapping[str, Sequence[int]]) -> None:
+    """Physically remove, in place, every channel of ``groups`` not listed in ``keep`` (by group name).
+
+    Groups absent from ``keep`` keep all their channels. Raises ``AutopruneError`` for an index
+    out of range, an empty group or an unprunable group.
+    """
+    by_name = {g.name: g for g in groups}
+    removed: dict[tuple[str, str], set[int]] = {}
+    for name, kept in keep.items():
+        if name not in by_name:
+            raise AutopruneError(f"channel group {name!r} does not exist in this model")
+        g = by_name[name]
+        kept_set = {int(c) for c in kept}
+        if not kept_set:
+            raise AutopruneError(f"channel group {name!r} would keep no channels")
+        if min(kept_set) < 0 or max(kept_set) >= g.channels:
+            raise AutopruneError(f"channel group {name!r} has {g.channels} channels; kept index out of range")
+        drop = [c for c in range(g.channels) if c not in kept_set]
+        if not drop:
+            continue
+        if not g.prunable:
+            raise AutopruneError(f"channel group {name!r} is not prunable: it {g.reason}")
+        for m in g.members:
+            target = removed.setdefault((m.module, m.dim), set())
+            for c in drop:
+                target.update(m.index[c])
+    modules = dict(model.named_modules())
+    for (name, dim), idxs in removed.items():
+        module = modules[name]
+        pruner = PrunerBox.get(tp.ops.module2type(module))
+        if pruner is None:
+            raise AutopruneError(f"layer {name!r} ({type(module).__name__}) is not supported by channel surgery")
+        fn = pruner.prune_out_channels if dim == "out" else pruner.prune_in_channels
+        fn(module, sorted(idxs))
