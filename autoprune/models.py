@@ -1,0 +1,212 @@
+"""Model registry: built-in CIFAR networks, any ``torchvision:<name>``, user ``package.module:function``.
+
+A model is described by a :class:`ModelSpec` (plain data, stored in checkpoints) and built by
+:func:`create_model`. Registry factories have the signature
+``fn(num_classes, in_channels, image_size) -> nn.Module``; add one with :func:`register`::
+
+    @register("my_net")
+    def my_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module: ...
+
+Weights are never downloaded: every model starts from its random initialisation.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from torch import nn
+
+from autoprune import zoo
+from autoprune.errors import AutopruneError, did_you_mean
+
+logger = logging.getLogger(__name__)
+
+Factory = Callable[[int, int, int], nn.Module]
+_REGISTRY: dict[str, Factory] = {}
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild an architecture (not its weights)."""
+
+    name: str  # registry name, "torchvision:<name>", or "package.module:function"
+    num_classes: int
+    in_channels: int
+    image_size: int  # H == W of inputs
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise AutopruneError(f"model name must be a non-empty string, got {self.name!r}")
+        for key in ("num_classes", "in_channels", "image_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AutopruneError(f"model {key} must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        names = {f.name for f in fields(cls)}
+        missing = sorted(names - set(d))
+        unknown = sorted(set(d) - names)
+        if missing or unknown:
+            raise AutopruneError(
+                f"bad model spec {d!r}: missing keys {missing}, unknown keys {unknown}; "
+                f"expected exactly {sorted(names)}"
+            )
+        return cls(**{k: d[k] for k in names})
+
+
+def register(name: str) -> Callable[[Factory], Factory]:
+    """Decorator adding ``fn(num_classes, in_channels, image_size) -> nn.Module`` as ``name``."""
+    if ":" in name:
+        raise ValueError(f"registry names cannot contain ':' (reserved for prefixes): {name!r}")
+
+    def decorator(fn: Factory) -> Factory:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            logger.warning("model %r registered again; the new factory replaces the old one", name)
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Registry names, sorted (the ``torchvision:`` and ``module:function`` forms are not listed)."""
+    return sorted(_REGISTRY)
+
+
+def create_model(spec: ModelSpec) -> nn.Module:
+    """Build the (randomly initialised) model described by ``spec``."""
+    name = spec.name
+    if name in _REGISTRY:
+        model = _REGISTRY[name](spec.num_classes, spec.in_channels, spec.image_size)
+    elif name.startswith(TORCHVISION_PREFIX):
+        model = _torchvision_model(name[len(TORCHVISION_PREFIX):], spec)
+    elif ":" in name:
+        model = _user_model(name, spec)
+    else:
+        raise AutopruneError(
+            f"unknown model {name!r}: {did_you_mean(name, list_models())}; "
+            "or use torchvision:<name> or package.module:function"
+        )
+    if not isinstance(model, nn.Module):
+        raise AutopruneError(f"model {name!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Qualified name of the last ``nn.Linear`` in ``model.named_modules()`` (the classifier)."""
+    last = None
+    for qualified, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = qualified
+    if last is None:
+        raise AutopruneError(
+            f"{type(model).__name__} has no nn.Linear classifier; "
+            "autoprune needs a final nn.Linear it never prunes"
+        )
+    return last
+
+
+# --------------------------------------------------------------------------- prefixed forms
+
+
+def _torchvision_model(tv_name: str, spec: ModelSpec) -> nn.Module:
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if tv_name not in known:
+        raise AutopruneError(
+            f"unknown torchvision classification model {tv_name!r}: {did_you_mean(tv_name, known)}"
+        )
+    try:
+        model = torchvision.models.get_model(tv_name, weights=None, num_classes=spec.num_classes)
+    except (TypeError, ValueError) as exc:
+        raise AutopruneError(f"torchvision:{tv_name} could not be built: {exc}") from exc
+    if spec.in_channels != 3:
+        _replace_input_conv(model, spec.in_channels, f"torchvision:{tv_name}")
+    return model
+
+
+def _replace_input_conv(model: nn.Module, in_channels: int, label: str) -> None:
+    """Swap the first conv (the one reading the image) for an identical one with ``in_channels``."""
+    for qualified, conv in model.named_modules():
+        if isinstance(conv, nn.Conv2d):
+            break
+    else:
+        raise AutopruneError(f"{label} has no Conv2d whose input channels could be set to {in_channels}")
+    if conv.groups != 1:
+        raise AutopruneError(f"{label}: the first conv {qualified!r} is grouped; cannot change its inputs")
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+    parent_name, _, attr = qualified.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _user_model(name: str, spec: ModelSpec) -> nn.Module:
+    module_name, _, fn_name = name.partition(":")
+    if not module_name or not fn_name:
+        raise AutopruneError(f"bad model name {name!r}: expected package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or any error raised while importing user code
+        raise AutopruneError(
+            f"model {name!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); "
+            "check that it is on PYTHONPATH"
+        ) from exc
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise AutopruneError(f"model {name!r}: module {module_name!r} has no function {fn_name!r}")
+    return fn(num_classes=spec.num_classes, in_channels=spec.in_channels, image_size=spec.image_size)
+
+
+# --------------------------------------------------------------------------- built-in registry
+
+
+def _register_cifar_resnets() -> None:
+    for depth in (20, 32, 56, 110):
+        for suffix, shortcut in (("", "B"), ("_a", "A")):
+
+            def factory(num_classes: int, in_channels: int, image_size: int, *, _d=depth, _s=shortcut):
+                return zoo.cifar_resnet(_d, num_classes, in_channels, _s)
+
+            factory.__name__ = f"resnet{depth}{suffix}"
+            factory.__doc__ = f"CIFAR ResNet-{depth}, option-{shortcut} shortcuts."
+            register(f"resnet{depth}{suffix}")(factory)
+
+
+_register_cifar_resnets()
+
+
+@register("vgg16_bn")
+def vgg16_bn(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """VGG-16 with BatchNorm, CIFAR variant (global average pool + one Linear)."""
+    return zoo.CifarVGG(zoo.VGG16_CFG, num_classes, in_channels, image_size)
+
+
+@register("mobilenetv2")
+def mobilenetv2(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """MobileNetV2 width 1.0, CIFAR variant (stride-1 stem and first two stride-2 stages)."""
+    return zoo.CifarMobileNetV2(num_classes, in_channels)
+
+
+@register("small_cnn")
+def small_cnn(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """Four-conv CNN for 8x8..32x32 images, Linear after Flatten."""
+    return zoo.SmallCNN(num_classes, in_channels, image_size)

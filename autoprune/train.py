@@ -1,0 +1,401 @@
+"""Training and evaluation: fit / evaluate / distil.
+
+The loop knows nothing about pruning. Methods extend it through :class:`Callbacks`:
+``param_groups`` (custom optimizer groups), ``after_backward`` (edit gradients between
+backward and the optimizer step, e.g. ResRep's group-lasso on compactors) and
+``on_epoch_end`` (report metrics, return True to stop early).
+
+Recipe: SGD + Nesterov momentum, weight decay on conv/linear weights only, cosine learning
+rate per step with optional linear warm-up, label smoothing, optional distillation.
+On CUDA: mixed precision (bf16, or fp16 with a GradScaler) and channels-last; on CPU plain fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from autoprune.errors import AutopruneError
+
+logger = logging.getLogger(__name__)
+
+# On CUDA, reading the loss every step forces a host/device sync that stalls the kernel queue;
+# small models on GPU-resident data lose a noticeable share of throughput to it. We look at the
+# losses every few steps instead (a NaN is still reported with its exact step).
+_CUDA_CHECK_EVERY = 25
+
+
+class Split(Protocol):
+    """What fit/evaluate need from a data split (see autoprune.data.Split)."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                augment: bool = False) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+
+class NonFiniteLoss(AutopruneError):
+    """The training loss became NaN or infinite; the message names epoch, step and learning rate."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 0.0      # may be fractional (0.5 = half an epoch of linear warm-up)
+    distill_alpha: float = 0.0      # weight of the distillation term (needs a teacher when > 0)
+    distill_temperature: float = 4.0
+    amp: bool = True                # mixed precision; used only on CUDA
+    augment: bool = False           # passed to Split.batches for the training split
+    seed: int = 0                   # shuffling order and the RNG used during training
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 0,
+            "lr": self.lr > 0,
+            "momentum": 0 <= self.momentum < 1,
+            "weight_decay": self.weight_decay >= 0,
+            "batch_size": self.batch_size >= 1,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "warmup_epochs": self.warmup_epochs >= 0,
+            "distill_alpha": 0 <= self.distill_alpha <= 1,
+            "distill_temperature": self.distill_temperature > 0,
+        }
+        allowed = {"epochs": ">= 0", "lr": "> 0", "momentum": "in [0, 1)", "weight_decay": ">= 0",
+                   "batch_size": ">= 1", "label_smoothing": "in [0, 1)", "warmup_epochs": ">= 0",
+                   "distill_alpha": "in [0, 1]", "distill_temperature": "> 0"}
+        for name, ok in checks.items():
+            if not ok:
+                raise AutopruneError(f"training setting {name}={getattr(self, name)!r} is invalid; "
+                                     f"it must be {allowed[name]}")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class Callbacks:
+    """Optional hooks; see the module docstring. global_step counts optimizer steps from 0."""
+
+    after_backward: Callable[[nn.Module, int], None] | None = None
+    on_epoch_end: Callable[[int, dict], bool | None] | None = None
+    param_groups: Callable[[nn.Module], list[dict]] | None = None
+
+
+@dataclass(frozen=True)
+class FitResult:
+    epochs_run: int
+    stopped_early: bool
+    history: tuple[dict, ...]       # one metrics dict per epoch run
+    best_val_acc: float             # nan when fit had no validation split
+    final_val_acc: float
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch over n samples (the last, smaller batch counts)."""
+    return math.ceil(n / batch_size)
+
+
+def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Learning rate at each global step: linear warm-up, then cosine from cfg.lr toward 0.
+
+    With W warm-up steps the rate climbs lr/W, 2lr/W, ..., lr; the cosine then runs over the
+    remaining steps and reaches ~0 at the last one (not exactly 0: the last step still learns).
+    """
+    total = max(1, steps_per_epoch * cfg.epochs)
+    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return cfg.lr * (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return lr_at
+
+
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two optimizer groups: conv/linear weights with weight decay, everything else without.
+
+    Why no decay on BatchNorm parameters and biases: they add no capacity worth regularising
+    (a channel's scale and shift), and with BN after a conv the conv weight's scale is
+    irrelevant to the output, so decay there only tunes the effective step size, whereas decay
+    on gamma/beta shrinks what the network actually computes. It also biases the channel scores
+    that FSM and BN-based criteria read from gamma/beta. Common practice since Goyal et al. 2017
+    ("Accurate, Large Minibatch SGD") and He et al. 2019 ("Bag of Tricks").
+    """
+    decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            w = module.weight
+            if isinstance(w, nn.Parameter) and w.requires_grad and id(w) not in seen:
+                seen.add(id(w))
+                decay.append(w)
+    no_decay = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cpu', 'cuda', 'cuda:N' as given (checked)."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise AutopruneError(f"unknown device {name!r}; use --device auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AutopruneError(f"--device {name} requested but no CUDA device is available; "
+                                 "use --device auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise AutopruneError(f"--device {name} requested but only {torch.cuda.device_count()} "
+                                 "CUDA device(s) exist; use --device cuda or auto")
+    return device
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, device: str | torch.device, batch_size: int = 512) -> dict:
+    """{'acc', 'loss'} (mean cross-entropy, no smoothing) in eval mode; moves the model to device.
+
+    Runs in fp32 so reported accuracies do not depend on the precision the trial trained in.
+    Each module's train/eval mode is restored afterwards.
+    """
+    device = resolve_device(device)
+    n = len(split)
+    if n == 0:
+        raise AutopruneError("cannot evaluate on an empty split; check the data set's split fractions")
+    model.to(device)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        for x, y in split.batches(batch_size, shuffle=False):
+            x, y = _to_device(x, device), y.to(device, non_blocking=True)
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(dim=1) == y).sum()
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return {"acc": correct.item() / n, "loss": loss_sum.item() / n}
+
+
+def fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, device: str | torch.device,
+        callbacks: Callbacks | None = None, teacher: nn.Module | None = None,
+        progress: bool = False) -> FitResult:
+    """Train model in place on train for cfg.epochs; evaluate on val after every epoch.
+
+    Moves model (and teacher) to device; on CUDA also to channels-last. Raises NonFiniteLoss
+    when the loss becomes NaN/inf (the weights are then unusable: on CUDA the check runs every
+    few steps). Each module's train/eval mode is restored. Global RNG state is restored too:
+    training randomness (shuffling, dropout) comes from cfg.seed alone.
+    """
+    callbacks = callbacks or Callbacks()
+    device = resolve_device(device)
+    if len(train) == 0:
+        raise AutopruneError("the training split is empty; check the data set's split fractions")
+    if cfg.distill_alpha > 0 and teacher is None:
+        raise AutopruneError(f"distill_alpha={cfg.distill_alpha} needs a teacher model; "
+                             "pass a teacher or set distill_alpha to 0")
+    if teacher is not None and cfg.distill_alpha == 0:
+        teacher = None  # its logits would be multiplied by zero: do not pay for them
+    on_cuda = device.type == "cuda"
+    model.to(device)
+    if on_cuda:
+        model.to(memory_format=torch.channels_last)
+    modes = {m: m.training for m in model.modules()}
+    teacher_modes = {m: m.training for m in teacher.modules()} if teacher is not None else {}
+    if teacher is not None:
+        teacher.to(device)
+        if on_cuda:
+            teacher.to(memory_format=torch.channels_last)
+        teacher.eval()
+    fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if on_cuda else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.random.default_generator.manual_seed(cfg.seed)
+            if on_cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(cfg.seed)
+            return _fit(model, train, val, cfg, device, callbacks, teacher, progress)
+    finally:
+        for m, training in (modes | teacher_modes).items():
+            m.training = training
+
+
+def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, device: torch.device,
+         callbacks: Callbacks, teacher: nn.Module | None, progress: bool) -> FitResult:
+    on_cuda = device.type == "cuda"
+    spe = steps_per_epoch(len(train), cfg.batch_size)
+    lr_at = lr_schedule(cfg, spe)
+    groups = (callbacks.param_groups(model) if callbacks.param_groups is not None
+              else default_param_groups(model, cfg.weight_decay))
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                                weight_decay=cfg.weight_decay)
+    # Groups may carry their own lr: the schedule scales each group's base rate by the same factor.
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    amp_dtype = None
+    if on_cuda and cfg.amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = _grad_scaler(enabled=amp_dtype is torch.float16)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    monitor = _LossMonitor(_CUDA_CHECK_EVERY if on_cuda else 1)
+
+    history: list[dict] = []
+    stopped_early = False
+    global_step = 0
+    epochs = _progress_bar(range(1, cfg.epochs + 1), progress)
+    for epoch in epochs:
+        start = time.perf_counter()
+        model.train()
+        for step, (x, y) in enumerate(train.batches(cfg.batch_size, shuffle=True, generator=generator,
+                                                    augment=cfg.augment), start=1):
+            factor = lr_at(global_step) / cfg.lr
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
+            x, y = _to_device(x, device), y.to(device, non_blocking=True)
+            with _autocast(amp_dtype):
+                teacher_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+                loss = _loss(model(x), y, cfg, teacher_logits)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            if callbacks.after_backward is not None:
+                callbacks.after_backward(model, global_step)
+            scaler.step(optimizer)
+            scaler.update()
+            monitor.add(loss.detach(), len(y), (epoch, step, global_step))
+            global_step += 1
+            _raise_if_bad(monitor, lr_at)
+        monitor.flush()
+        _raise_if_bad(monitor, lr_at)
+        train_loss = monitor.epoch_mean()
+        val_metrics = evaluate(model, val, device) if val is not None else {"acc": math.nan, "loss": math.nan}
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_acc": val_metrics["acc"],
+                   "val_loss": val_metrics["loss"], "lr": lr_at(max(0, global_step - 1)),
+                   "seconds": time.perf_counter() - start}
+        history.append(metrics)
+        logger.info("epoch %d/%d train_loss %.4f val_acc %.4f val_loss %.4f lr %.3g (%.1f s)", epoch,
+                    cfg.epochs, train_loss, metrics["val_acc"], metrics["val_loss"], metrics["lr"],
+                    metrics["seconds"])
+        if progress:
+            epochs.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{metrics['val_acc']:.4f}")
+        if callbacks.on_epoch_end is not None and callbacks.on_epoch_end(epoch, dict(metrics)):
+            stopped_early = epoch < cfg.epochs
+            logger.info("stopped after epoch %d by on_epoch_end", epoch)
+            break
+    if progress:
+        epochs.close()
+    optimizer.zero_grad(set_to_none=True)  # do not keep a gradient-sized copy of the model alive
+
+    if history:
+        accs = [h["val_acc"] for h in history]
+        best = math.nan if val is None else max(accs)
+        final = accs[-1]
+    else:  # epochs == 0: report the starting point
+        final = evaluate(model, val, device)["acc"] if val is not None else math.nan
+        best = final
+    return FitResult(epochs_run=len(history), stopped_early=stopped_early, history=tuple(history),
+                     best_val_acc=best, final_val_acc=final)
+
+
+def _loss(logits: Tensor, y: Tensor, cfg: TrainConfig, teacher_logits: Tensor | None) -> Tensor:
+    logits = logits.float()
+    ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    if teacher_logits is None:
+        return ce
+    t = cfg.distill_temperature
+    # Hinton et al. 2015: KL between temperature-softened distributions, times T^2 so the soft
+    # term's gradients keep the same scale whatever the temperature.
+    kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+                  reduction="batchmean", log_target=True) * (t * t)
+    return (1.0 - cfg.distill_alpha) * ce + cfg.distill_alpha * kd
+
+
+class _LossMonitor:
+    """Per-step losses: finiteness checks (batched on CUDA) and the epoch's mean loss."""
+
+    def __init__(self, check_every: int) -> None:
+        self.check_every = check_every
+        self.pending: list[tuple[Tensor, int, tuple[int, int, int]]] = []
+        self.bad: tuple[float, tuple[int, int, int]] | None = None
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, loss: Tensor, n: int, where: tuple[int, int, int]) -> None:
+        self.pending.append((loss, n, where))
+        if len(self.pending) >= self.check_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([loss.float() for loss, _, _ in self.pending]).cpu().tolist()  # one sync
+        for value, (_, n, where) in zip(values, self.pending):
+            if not math.isfinite(value):
+                self.bad = (value, where)
+                break
+            self.total += value * n
+            self.count += n
+        self.pending.clear()
+
+    def epoch_mean(self) -> float:
+        mean = self.total / max(1, self.count)
+        self.total, self.count = 0.0, 0
+        return mean
+
+
+def _raise_if_bad(monitor: _LossMonitor, lr_at: Callable[[int], float]) -> None:
+    if monitor.bad is None:
+        return
+    value, (epoch, step, global_step) = monitor.bad
+    kind = "nan" if math.isnan(value) else "inf"
+    raise NonFiniteLoss(f"loss became {kind} at epoch {epoch} step {step} (global step {global_step}, "
+                        f"lr={lr_at(global_step):.3g}); lower the learning rate (e.g. --lr), add warm-up "
+                        "epochs, or disable mixed precision")
+
+
+def _to_device(x: Tensor, device: torch.device) -> Tensor:
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _grad_scaler(enabled: bool) -> Any:
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def _progress_bar(epochs: range, progress: bool) -> Any:
+    if not progress:
+        return epochs
+    from tqdm.auto import tqdm
+
+    return tqdm(epochs, desc="fit", unit="epoch")
