@@ -1,0 +1,240 @@
+"""Subcommands ``models``, ``methods``, ``info``, ``train`` and ``prune``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import common_options
+from ..errors import AutopruneError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the model registry")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("methods", help="list pruning methods and their parameters")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("info", help="channel groups, widths, MACs and params of a model")
+    p.add_argument("--model", help="registry name, torchvision:<name> or package.module:function")
+    p.add_argument("--data", default="digits", help="data set that fixes input size and classes (default: digits)")
+    p.add_argument("--base", help="a checkpoint instead of --model/--data")
+    p.add_argument("--all", action="store_true", help="list every group (default: first 40)")
+    common_options(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a base model and save it (spec + state_dict + metrics)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", default="digits")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--augment", action="store_true", help="random crop + flip (images >= 16 px)")
+    p.add_argument("--out", required=True, help="checkpoint path, e.g. base.pt (metrics.json is written beside it)")
+    common_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prune", help="prune a base model to a MACs target with one method, then fine-tune")
+    p.add_argument("--base", required=True, help="base checkpoint from `autoprune train`")
+    p.add_argument("--method", default="l1", help="l1 | resrep | lrf | fsm (see `autoprune methods`)")
+    p.add_argument("--target", type=float, default=0.5, help="MACs of the pruned model as a fraction of the base")
+    p.add_argument("--allocation", default="global", help="uniform | global | searched (default: global)")
+    p.add_argument("--multipliers", help="searched allocation: comma-separated per-depth multipliers, e.g. 0.6,1,1.4")
+    p.add_argument("--min-ratio", type=float, default=0.05, help="never keep fewer than this fraction of a group")
+    p.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this (8 suits GPUs)")
+    p.add_argument("--epochs", "--finetune-epochs", dest="epochs", type=int, default=3,
+                   help="total epochs: training-time methods (ResRep) use part, the rest fine-tunes (default: 3)")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate (default: 0.01)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method parameter, repeatable (e.g. --param penalty=1e-4)")
+    p.add_argument("--out", required=True, help="pruned checkpoint path (metrics.json is written beside it)")
+    common_options(p)
+    p.set_defaults(func=cmd_prune)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..models import list_models
+
+    for name in list_models():
+        print(name)
+    print("torchvision:<name>            any torchvision classification model, e.g. torchvision:resnet50")
+    print("package.module:function       your own: function(num_classes, in_channels, image_size) -> nn.Module")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from ..methods import get_method, list_methods
+
+    for name in list_methods():
+        method = get_method(name)
+        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(method.Params)) or "-"
+        print(f"{name:8s} {method.summary}")
+        print(f"{'':8s} parameters: {params}")
+    return 0
+
+
+def _seed(args: argparse.Namespace) -> torch.device:
+    from ..train import resolve_device
+
+    torch.manual_seed(args.seed)
+    return resolve_device(args.device)
+
+
+def _dataset(name: str, seed: int, device: torch.device | str = "cpu") -> Any:
+    from ..data import DataSpec, load_data
+
+    return load_data(DataSpec(name=name, seed=seed), device=device)
+
+
+def _mega(n: float) -> str:
+    return f"{n / 1e6:.3f} M" if n < 1e9 else f"{n / 1e9:.3f} G"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ..cost import count_macs, count_params
+    from ..graph import find_groups
+    from ..models import ModelSpec, create_model
+    from ..plan import load_base
+
+    device = _seed(args)
+    if args.base:
+        model, ckpt = load_base(args.base)
+        spec = ModelSpec.from_dict(ckpt["model"])
+    elif args.model:
+        data = _dataset(args.data, args.seed)
+        spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size)
+        model = create_model(spec)
+    else:
+        raise AutopruneError("info needs --model NAME (with --data) or --base CHECKPOINT")
+    model = model.to(device).eval()
+    shape = (spec.in_channels, spec.image_size, spec.image_size)
+    groups = find_groups(model, shape)
+    macs, params = count_macs(model, shape, device), count_params(model)
+    print(f"model {spec.name}: input {shape[0]}x{shape[1]}x{shape[2]}, {spec.num_classes} classes")
+    print(f"MACs per sample: {_mega(macs)}MACs ({_mega(2 * macs)}FLOPs)   params: {_mega(params)}")
+    prunable = [g for g in groups if g.prunable]
+    print(f"channel groups: {len(groups)} ({len(prunable)} prunable, "
+          f"{sum(g.channels for g in prunable)} prunable channels)")
+    print(f"{'group (first leader)':44s} {'ch':>5s} {'lead':>4s} {'cons':>4s} {'res':>3s}  prunable")
+    shown = groups if args.all else groups[:40]
+    for g in shown:
+        state = "yes" if g.prunable else f"no: {g.reason}"
+        print(f"{g.name[:44]:44s} {g.channels:5d} {len(g.leaders):4d} {len(g.consumers):4d} "
+              f"{'yes' if g.residual else '':>3s}  {state}")
+    if len(shown) < len(groups):
+        print(f"... {len(groups) - len(shown)} more (--all lists them)")
+    return 0
+
+
+def _write_metrics(out: Path, metrics: dict[str, Any]) -> Path:
+    path = out.with_name("metrics.json") if out.suffix else out / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..cost import count_macs, count_params
+    from ..data import DataSpec, load_data
+    from ..models import ModelSpec, create_model
+    from ..plan import save_base
+    from ..train import TrainConfig, evaluate, fit
+
+    device = _seed(args)
+    data_spec = DataSpec(name=args.data, seed=args.seed)
+    data = load_data(data_spec, device=device)
+    spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size)
+    model = create_model(spec).to(device)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+                      label_smoothing=args.label_smoothing, augment=args.augment, seed=args.seed)
+    start = time.perf_counter()
+    result = fit(model, data.train, data.val, cfg, device, progress=True)
+    seconds = time.perf_counter() - start
+    val = evaluate(model, data.val, device)
+    shape = (spec.in_channels, spec.image_size, spec.image_size)
+    metrics = {"val_acc": val["acc"], "val_loss": val["loss"], "epochs": result.epochs_run,
+               "train_seconds": round(seconds, 2), "macs": count_macs(model, shape, device),
+               "params": count_params(model), "device": str(device), "train_config": dataclasses.asdict(cfg)}
+    out = Path(args.out)
+    save_base(out, model, spec, data_spec, metrics)
+    mpath = _write_metrics(out, metrics)
+    print(f"val accuracy {100 * val['acc']:.2f}% after {result.epochs_run} epochs in {seconds:.1f} s on {device}")
+    print(f"MACs per sample {_mega(metrics['macs'])}MACs, params {_mega(metrics['params'])}")
+    print(f"saved {out} and {mpath}")
+    return 0
+
+
+def _parse_params(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AutopruneError(f"--param {pair!r} must look like KEY=VALUE")
+        params[key.strip()] = yaml.safe_load(value)  # numbers, booleans and strings as YAML reads them
+    return params
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from ..allocate import AllocationConfig
+    from ..data import DataSpec, load_data
+    from ..engine import prune
+    from ..methods import get_method, make_params
+    from ..models import ModelSpec
+    from ..plan import load_base, save_pruned
+    from ..train import TrainConfig, evaluate, fit
+
+    device = _seed(args)
+    model, ckpt = load_base(args.base, device)
+    if ckpt["format"] != "autoprune.base/1":
+        raise AutopruneError(f"{args.base} is already pruned; prune its base model instead")
+    if not ckpt.get("data"):
+        raise AutopruneError(f"{args.base} does not record its data set; re-save it with `autoprune train`")
+    spec = ModelSpec.from_dict(ckpt["model"])
+    data_spec = DataSpec.from_dict(ckpt["data"])
+    data = load_data(data_spec, device=device)
+    multipliers = tuple(float(m) for m in args.multipliers.split(",")) if args.multipliers else ()
+    allocation = AllocationConfig(mode=args.allocation, multipliers=multipliers, min_ratio=args.min_ratio,
+                                  round_to=args.round_to)
+    params = _parse_params(args.param)
+    method = get_method(args.method)
+    method_epochs = method.training_epochs(make_params(method, params), args.epochs)
+    train_cfg = TrainConfig(epochs=method_epochs, lr=args.lr, seed=args.seed)
+    base_val = evaluate(model, data.val, device)["acc"]
+    result = prune(model, args.method, args.target, data=data, allocation=allocation, spec=spec, device=device,
+                   train_cfg=train_cfg, progress=True, **params)
+    pruned_val = evaluate(result.model, data.val, device)["acc"]
+    ft_epochs = args.epochs - method_epochs
+    if ft_epochs > 0:
+        fit(result.model, data.train, data.val, TrainConfig(epochs=ft_epochs, lr=args.lr, seed=args.seed), device,
+            progress=True)
+    final_val = evaluate(result.model, data.val, device)["acc"]
+    metrics = {
+        "method": args.method, "target": args.target, "allocation": args.allocation, "params_used": result.info.get(
+            "params", {}), "base_val_acc": base_val, "val_acc_before_finetune": pruned_val, "val_acc": final_val,
+        "method_epochs": method_epochs, "finetune_epochs": ft_epochs,
+        "base_macs": result.base_macs, "macs": result.macs, "macs_frac": result.macs_fraction,
+        "base_params": result.base_params, "params": result.params, "params_frac": result.params_fraction,
+        "prune_seconds": round(result.seconds, 2), "info": result.info,
+    }
+    out = Path(args.out)
+    save_pruned(out, result.model, spec, result.plan, data_spec, metrics)
+    mpath = _write_metrics(out, metrics)
+    rows = [("val accuracy", f"{100 * base_val:.2f}%", f"{100 * final_val:.2f}%",
+             f"{100 * pruned_val:.2f}% before fine-tune"),
+            ("MACs per sample", f"{_mega(result.base_macs)}MACs", f"{_mega(result.macs)}MACs",
+             f"{100 * result.macs_fraction:.1f}% of base (target {100 * args.target:.0f}%)"),
+            ("params", _mega(result.base_params), _mega(result.params), f"{100 * result.params_fraction:.1f}% of base")]
+    print(f"{'':16s} {'base':>14s} {'pruned':>14s}")
+    for name, before, after, note in rows:
+        print(f"{name:16s} {before:>14s} {after:>14s}   {note}")
+    print(f"saved {out} and {mpath}")
+    return 0
