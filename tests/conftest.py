@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny data and a trained digits base model, built once per test session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autoprune.data import DataSpec, load_data
+from autoprune.models import ModelSpec, create_model
+from autoprune.train import TrainConfig, fit
+
+# The registry models the engine must handle, with an input size that keeps tests fast.
+CIFAR_MODELS = ["resnet20", "resnet56", "resnet20_a", "resnet56_a", "vgg16_bn", "mobilenetv2"]
+TORCHVISION_MODELS = ["torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v2",
+                      "torchvision:densenet121", "torchvision:efficientnet_b0", "torchvision:regnet_x_400mf"]
+
+
+def model_input(name: str) -> tuple[ModelSpec, tuple[int, int, int]]:
+    """A spec and input shape for ``name``: 8x8x1 for small_cnn, 32x32 CIFAR, 64x64 torchvision."""
+    if name == "small_cnn":
+        spec = ModelSpec(name, 10, 1, 8)
+    elif name.startswith("torchvision:"):
+        spec = ModelSpec(name, 10, 3, 64)
+    else:
+        spec = ModelSpec(name, 10, 3, 32)
+    return spec, (spec.in_channels, spec.image_size, spec.image_size)
+
+
+def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BN non-trivial statistics and affine parameters, so equivalence tests can fail."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g) * 0.5 + 1.0)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_data(DataSpec("digits", seed=0))
+
+
+@pytest.fixture(scope="session")
+def digits_base(digits):
+    """small_cnn trained on digits for 10 epochs (about 98% val accuracy), with its spec."""
+    spec = ModelSpec("small_cnn", digits.num_classes, digits.in_channels, digits.image_size)
+    torch.manual_seed(0)
+    model = create_model(spec)
+    fit(model, digits.train, digits.val, TrainConfig(epochs=10, lr=0.05, seed=0), "cpu")
+    return model.eval(), spec
