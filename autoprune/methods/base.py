@@ -74,6 +74,11 @@ class PruningMethod(ABC):
     def run(self, ctx: PruneContext, params: Any) -> MethodOutput:
         """Decide the kept channels (and edit weights if the method compensates)."""
 
+    def training_epochs(self, params: Any, total_epochs: int) -> int:
+        """How many of a trial's ``total_epochs`` this method trains while pruning (ResRep); the
+        rest are fine-tuning after surgery. Scoring methods train none, so all epochs fine-tune."""
+        return 0
+
 
 class ScoringMethod(PruningMethod):
     """A method that only scores channels: allocate widths, keep the best-scored channels."""
