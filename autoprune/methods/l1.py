@@ -1,8 +1,10 @@
 """L1-magnitude pruning: the baseline every other method is compared against.
 
-A channel's score is the L1 norm of the filters that produce it, summed over the group's leader
-convs (a residual-coupled group has several), which is what Li et al. (2017) and Torch-Pruning's
-``MagnitudeImportance(p=1)`` use. No compensation.
+A channel's score is the L1 norm of every weight slice it touches, summed over the group: the
+filters that produce it, the BN scale that follows them and the consumer columns that read it.
+The producer filter alone (Li et al., 2017) is a poor signal when a BN follows the conv, because
+BN normalises the filter's magnitude away; the group sum is what Torch-Pruning's group
+``MagnitudeImportance(p=1)`` computes, so this baseline is the strong version of L1. No compensation.
 """
 from __future__ import annotations
 
@@ -18,14 +20,25 @@ from .registry import register_method
 class L1(ScoringMethod):
     name = "l1"
     Params = NoParams
-    summary = "L1 norm of each channel's filters (baseline, no compensation)"
+    summary = "L1 magnitude of each channel's weights across its group (baseline, no compensation)"
 
     def scores(self, ctx: PruneContext, params: Any) -> dict[str, torch.Tensor]:
         out = {}
         for g in ctx.prunable:
-            total = torch.zeros(g.channels)
-            for name in g.leaders:
-                w = ctx.module(name).weight.detach().float().cpu()
-                total += w.abs().reshape(w.shape[0], -1).sum(1)
+            total = torch.zeros(g.channels, dtype=torch.float64)
+            for member in g.members:
+                module = ctx.module(member.module)
+                weight = getattr(module, "weight", None)
+                if weight is None or member.kind == "other":
+                    continue
+                w = weight.detach().double().cpu()
+                if member.kind == "bn":
+                    per_index = w.abs()
+                elif member.dim == "out":
+                    per_index = w.abs().reshape(w.shape[0], -1).sum(1)
+                else:  # consumer: the input columns that read the channel
+                    per_index = w.abs().transpose(0, 1).reshape(w.shape[1], -1).sum(1)
+                for c, idx in enumerate(member.index):
+                    total[c] += per_index[list(idx)].sum()
             out[g.name] = total
         return out
