@@ -1,0 +1,378 @@
+"""Search specs: a YAML file -> a frozen, fully validated :class:`SearchSpec`.
+
+Everything a search needs is checked here, before any compute: unknown keys (at any depth,
+method parameters included, against the method's ``Params`` dataclass), wrong types, empty choice
+lists, bad ranges, unknown models / data sets / methods / samplers / objectives. Each problem is
+a one-line :class:`~autoprune.errors.SpecError` naming the file and the key path, e.g.
+``search_spaces/x.yaml: space.methods.resrep.penaltyy: unknown parameter; resrep has: penalty, ...``.
+
+Keys (defaults in brackets; only ``model`` and ``data`` are required; ``search_spaces/digits_demo.yaml``
+is the commented example)::
+
+    study [file name]   model   data: NAME | {name, seed [0], val_fraction, test_fraction, image_size, root}
+    base [null: train one]  base_epochs [30]  base_lr [0.05]  device [auto]  workers [1]  seed [0]
+    sampler [tpe | nsga2 | random]   objectives [[val_acc, macs]]: second is macs | params | latency
+    constraints: {min_val_acc, max_params_frac, max_macs_frac} [none]
+    budget: {max_trials, time ("30m", "1h30m" or seconds), device_hours} [max_trials: 20]
+    early_stop: {enabled [true], margin [0.02], min_epochs [1], min_trials [3]}  (or just true/false)
+    allocation: fixed AllocationConfig fields {min_channels, min_ratio, max_prune_ratio, round_to, normalise}
+    space: {method [all], target [0.2..0.8], allocation [uniform, global, searched], buckets [3],
+            multiplier [0.5..1.5], epochs [3], lr [0.01], batch_size [128], methods: {METHOD: {PARAM: ...}}}
+
+A searchable value (anything under ``space``) is written one of three ways::
+
+    epochs: 3                                   # fixed
+    allocation: [uniform, global, searched]     # categorical choices
+    lr: {low: 0.005, high: 0.05, log: true}     # numeric range (optional step; integer for int params)
+
+Paths (``base``, ``npz:``/``imagefolder:`` data) are relative to the spec file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from ..data import DataSpec
+from ..errors import AutopruneError, SpecError
+from .space import Range, SpaceChecker, parse_time, space_to_yaml
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Budget", "EarlyStop", "Range", "SearchSpec", "dump_spec", "load_spec"]
+
+SAMPLERS = ("tpe", "nsga2", "random")
+SECOND_OBJECTIVES = ("macs", "params", "latency")
+DEFAULT_MAX_TRIALS = 20
+DATA_PREFIXES = ("npz:", "imagefolder:")
+OVERRIDES = {  # CLI override name -> key path in the spec
+    "max_trials": "budget.max_trials", "time_s": "budget.time", "time": "budget.time",
+    "device_hours": "budget.device_hours", "workers": "workers", "seed": "seed", "device": "device",
+    "early_stop": "early_stop.enabled", "sampler": "sampler", "study": "study", "base": "base",
+}
+TOP_KEYS = ("study", "model", "data", "base", "base_epochs", "base_lr", "device", "workers", "seed",
+            "sampler", "objectives", "constraints", "budget", "early_stop", "allocation", "space")
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_trials: int | None = None
+    time_s: float | None = None
+    device_hours: float | None = None
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    enabled: bool = True
+    margin: float = 0.02  # stop when accuracy is this far below the reference at the same epoch
+    min_epochs: int = 1  # never stop before this many fine-tune epochs
+    min_trials: int = 3  # finished trials needed before anything is compared
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    study: str
+    source: str
+    model: str
+    data: DataSpec
+    base: str | None
+    base_epochs: int
+    base_lr: float
+    device: str
+    workers: int
+    seed: int
+    sampler: str
+    objectives: tuple[str, str]
+    min_val_acc: float | None
+    max_params_frac: float | None
+    max_macs_frac: float | None
+    budget: Budget
+    early_stop: EarlyStop
+    space: Mapping[str, Any]
+    method_space: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    allocation: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods a trial may use."""
+        m = self.space["method"]
+        return tuple(m) if isinstance(m, list) else (m,)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec (every default filled in) as plain YAML-ready data; loads back equal."""
+        space = {k: space_to_yaml(v) for k, v in self.space.items()}
+        space["methods"] = {m: {p: space_to_yaml(v) for p, v in ps.items()} for m, ps in self.method_space.items()}
+        return {
+            "study": self.study, "model": self.model, "data": self.data.to_dict(), "base": self.base,
+            "base_epochs": self.base_epochs, "base_lr": self.base_lr, "device": self.device,
+            "workers": self.workers, "seed": self.seed, "sampler": self.sampler,
+            "objectives": list(self.objectives),
+            "constraints": {"min_val_acc": self.min_val_acc, "max_params_frac": self.max_params_frac,
+                            "max_macs_frac": self.max_macs_frac},
+            "budget": {"max_trials": self.budget.max_trials, "time": self.budget.time_s,
+                       "device_hours": self.budget.device_hours},
+            "early_stop": {f.name: getattr(self.early_stop, f.name) for f in fields(EarlyStop)},
+            "allocation": dict(self.allocation),
+            "space": space,
+        }
+
+
+def load_spec(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> SearchSpec:
+    """Read and validate a spec file; ``overrides`` (CLI options, ``None`` = not given) win over it."""
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise SpecError(f"{source}: spec file not found")
+    try:
+        with open(source, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "parse error"
+        raise SpecError(f"{source}: not valid YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: the top level must be a mapping of keys (model, data, space, ...)")
+    chk = SpaceChecker(source)
+    raw = _apply_overrides(chk, raw, overrides or {})
+    return _build(chk, raw)
+
+
+def dump_spec(spec: SearchSpec, path: str | os.PathLike) -> None:
+    """Write the resolved spec as YAML (``load_spec`` reads it back to an equal spec)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    header = (f"# Resolved search spec for study {spec.study!r} (from {spec.source}).\n"
+              "# Every default is filled in; budget.time is in seconds.\n")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(header)
+        yaml.safe_dump(spec.to_dict(), fh, sort_keys=False, default_flow_style=None)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _apply_overrides(chk: SpaceChecker, raw: dict, overrides: Mapping[str, Any]) -> dict:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for name, value in overrides.items():
+        if name not in OVERRIDES:
+            raise SpecError(f"override {name!r} is unknown; known: {', '.join(sorted(OVERRIDES))}")
+        if value is None:
+            continue
+        key_path = OVERRIDES[name]
+        if name == "base":
+            value = os.path.abspath(os.fspath(value))
+        if "." in key_path:
+            section, key = key_path.split(".")
+            current = raw.get(section)
+            if isinstance(current, bool) and section == "early_stop":
+                current = {"enabled": current}
+            if current is None:
+                current = {}
+            if not isinstance(current, dict):
+                raise chk.err(section, f"must be a mapping, got {current!r}")
+            raw[section] = {**current, key: value}
+        else:
+            raw[key_path] = value
+        chk.overridden[key_path] = name
+    return raw
+
+
+def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
+    chk.keys(raw, "", TOP_KEYS, what="key")
+    if "model" not in raw:
+        raise chk.err("model", "missing; name a model, e.g. model: small_cnn")
+    if "data" not in raw:
+        raise chk.err("data", "missing; name a data set, e.g. data: digits")
+    study = chk.string(raw.get("study", os.path.splitext(os.path.basename(chk.source))[0]), "study")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study):
+        raise chk.err("study", f"{study!r} is not a usable folder name; use letters, digits, '_', '-', '.'")
+    sampler = chk.string(raw.get("sampler", "tpe"), "sampler").lower()
+    if sampler not in SAMPLERS:
+        raise chk.err("sampler", f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    constraints = raw.get("constraints") or {}
+    chk.keys(constraints, "constraints", ("min_val_acc", "max_params_frac", "max_macs_frac"), what="constraint")
+    min_acc = _optional(chk, constraints, "constraints", "min_val_acc", 0.0, 1.0, low_open=False)
+    max_params = _optional(chk, constraints, "constraints", "max_params_frac", 0.0, 1.0)
+    max_macs = _optional(chk, constraints, "constraints", "max_macs_frac", 0.0, 1.0)
+    from .space import parse_space  # the search-space half of the spec
+
+    space, method_space = parse_space(chk, raw.get("space"))
+    return SearchSpec(
+        study=study, source=chk.source, model=_model(chk, raw["model"]), data=_data(chk, raw["data"]),
+        base=_base(chk, raw.get("base")), base_epochs=chk.integer(raw.get("base_epochs", 30), "base_epochs", 0),
+        base_lr=chk.number(raw.get("base_lr", 0.05), "base_lr", 0.0, low_open=True),
+        device=_device(chk, raw.get("device", "auto")), workers=chk.integer(raw.get("workers", 1), "workers", 1),
+        seed=chk.integer(raw.get("seed", 0), "seed", 0), sampler=sampler,
+        objectives=_objectives(chk, raw.get("objectives", ["val_acc", "macs"])),
+        min_val_acc=min_acc, max_params_frac=max_params, max_macs_frac=max_macs,
+        budget=_budget(chk, raw.get("budget")), early_stop=_early_stop(chk, raw.get("early_stop", True)),
+        space=space, method_space=method_space, allocation=_allocation(chk, raw.get("allocation")),
+    )
+
+
+def _optional(chk: SpaceChecker, d: Mapping, section: str, key: str, low: float, high: float,
+              low_open: bool = True) -> float | None:
+    if d.get(key) is None:
+        return None
+    return chk.number(d[key], f"{section}.{key}", low, high, low_open=low_open)
+
+
+def _model(chk: SpaceChecker, value: Any) -> str:
+    from ..models import TORCHVISION_PREFIX, list_models
+
+    name = chk.string(value, "model")
+    if name in list_models():
+        return name
+    if name.startswith(TORCHVISION_PREFIX):
+        import torchvision
+
+        tv = name[len(TORCHVISION_PREFIX):]
+        if tv not in torchvision.models.list_models():
+            raise chk.err("model", f"unknown torchvision model {tv!r}; see torchvision.models.list_models()")
+        return name
+    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name):
+        return name  # package.module:function, imported when the model is built
+    raise chk.err("model", f"unknown model {name!r}; {chk.hint(name, list_models())}; "
+                           "or use torchvision:<name> or package.module:function")
+
+
+def _data(chk: SpaceChecker, value: Any) -> DataSpec:
+    from ..data import TORCHVISION_SETS
+
+    d = {"name": value} if isinstance(value, str) else value
+    if not isinstance(d, dict):
+        raise chk.err("data", f"must be a data set name or a mapping with 'name', got {value!r}")
+    known = [f.name for f in fields(DataSpec)]
+    chk.keys(d, "data", known, what="key")
+    if "name" not in d:
+        raise chk.err("data.name", "missing; e.g. data: {name: digits, seed: 0}")
+    name = chk.string(d["name"], "data.name")
+    plain = ("digits", "synthetic", *TORCHVISION_SETS)
+    prefix = next((p for p in DATA_PREFIXES if name.startswith(p)), None)
+    if prefix is not None:
+        location = name[len(prefix):]
+        if not location:
+            raise chk.err("data.name", f"{prefix}<path> needs a path after {prefix!r}")
+        name = prefix + _relative_to_spec(chk, location)
+    elif name.lower() in plain:
+        name = name.lower()
+    else:
+        raise chk.err("data.name", f"unknown data set {name!r}; {chk.hint(name, list(plain))}; "
+                                   "or npz:<path> or imagefolder:<dir>")
+    out: dict[str, Any] = {"name": name, "seed": chk.integer(d.get("seed", 0), "data.seed", 0)}
+    for key in ("val_fraction", "test_fraction"):
+        if key in d:
+            out[key] = chk.number(d[key], f"data.{key}", 0.0, 1.0, high_open=True, low_open=False)
+    if d.get("image_size") is not None:
+        out["image_size"] = chk.integer(d["image_size"], "data.image_size", 1)
+    if d.get("root") is not None:
+        out["root"] = chk.string(d["root"], "data.root")
+    try:
+        return DataSpec(**out)
+    except AutopruneError as exc:
+        raise chk.err("data", str(exc)) from None
+
+
+def _relative_to_spec(chk: SpaceChecker, path: str) -> str:
+    """Paths in a spec are relative to the spec file (an override's path is already absolute)."""
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    return os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(chk.source)), path))
+
+
+def _base(chk: SpaceChecker, value: Any) -> str | None:
+    if value is None:
+        return None
+    path = _relative_to_spec(chk, chk.string(value, "base"))
+    if not os.path.isfile(path):
+        raise chk.err("base", f"checkpoint {path} not found; fix the path or set base: null to train one")
+    return path
+
+
+def _device(chk: SpaceChecker, value: Any) -> str:
+    device = chk.string(value, "device").lower()
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise chk.err("device", f"{device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _objectives(chk: SpaceChecker, value: Any) -> tuple[str, str]:
+    if isinstance(value, str):
+        value = ["val_acc", value]
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, str) for v in value):
+        raise chk.err("objectives", f"must be two names [val_acc, macs|params|latency], got {value!r}")
+    first, second = value
+    if first != "val_acc":
+        raise chk.err("objectives", f"the first objective must be val_acc (maximised), got {first!r}")
+    if second not in SECOND_OBJECTIVES:
+        raise chk.err("objectives", f"unknown objective {second!r}; the second is one of "
+                                    f"{', '.join(SECOND_OBJECTIVES)} (minimised)")
+    return ("val_acc", second)
+
+
+def _budget(chk: SpaceChecker, value: Any) -> Budget:
+    value = value or {}
+    chk.keys(value, "budget", ("max_trials", "time", "device_hours"), what="key")
+    max_trials = value.get("max_trials")
+    if max_trials is not None:
+        max_trials = chk.integer(max_trials, "budget.max_trials", 1)
+    time_s = value.get("time")
+    if time_s is not None:
+        try:
+            time_s = parse_time(time_s)
+        except ValueError as exc:
+            raise chk.err("budget.time", str(exc)) from None
+    hours = value.get("device_hours")
+    if hours is not None:
+        hours = chk.number(hours, "budget.device_hours", 0.0, low_open=True)
+    if max_trials is None and time_s is None and hours is None:
+        max_trials = DEFAULT_MAX_TRIALS
+    return Budget(max_trials=max_trials, time_s=time_s, device_hours=hours)
+
+
+def _early_stop(chk: SpaceChecker, value: Any) -> EarlyStop:
+    if isinstance(value, bool):
+        value = {"enabled": value}
+    value = value or {}
+    chk.keys(value, "early_stop", [f.name for f in fields(EarlyStop)], what="key")
+    d = EarlyStop()
+    return EarlyStop(
+        enabled=chk.boolean(value.get("enabled", d.enabled), "early_stop.enabled"),
+        margin=chk.number(value.get("margin", d.margin), "early_stop.margin", 0.0, 1.0, high_open=True),
+        min_epochs=chk.integer(value.get("min_epochs", d.min_epochs), "early_stop.min_epochs", 0),
+        min_trials=chk.integer(value.get("min_trials", d.min_trials), "early_stop.min_trials", 1),
+    )
+
+
+def _allocation(chk: SpaceChecker, value: Any) -> dict[str, Any]:
+    """Fixed AllocationConfig fields (mode and multipliers are searched in ``space``)."""
+    from ..allocate import AllocationConfig
+
+    value = value or {}
+    defaults = {f.name: getattr(AllocationConfig(), f.name) for f in fields(AllocationConfig)
+                if f.name not in ("mode", "multipliers")}
+    chk.keys(value, "allocation", list(defaults), what="key",
+             extra="; mode and multipliers are searched: set them under space")
+    out: dict[str, Any] = {}
+    for key, default in defaults.items():
+        v = value.get(key, default)
+        path = f"allocation.{key}"
+        if isinstance(default, int):
+            out[key] = chk.integer(v, path, 1)
+        elif isinstance(default, float):
+            out[key] = chk.number(v, path, 0.0, 1.0, low_open=False)
+        else:
+            out[key] = chk.string(v, path)
+    try:
+        AllocationConfig(mode="global", **out)
+    except AutopruneError as exc:
+        raise chk.err("allocation", str(exc)) from None
+    return out
