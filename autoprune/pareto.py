@@ -126,6 +126,24 @@ def _parse_value(text: str, column: str) -> float:
         raise AutopruneError(f"pick rule: {column}: {text!r} is not a number (e.g. 0.4 or 40%)") from None
 
 
+_ALIASES = {"acc": "val_acc", "accuracy": "val_acc"}
+
+
+def _resolve(col: str, value: str | None, columns: list[str]) -> str:
+    """Shorthands users write: ``acc`` is ``val_acc``; ``macs``/``params`` compared with a value
+    of at most 1 (or a percentage) mean the fraction of the base (``macs_frac``/``params_frac``)."""
+    col = _ALIASES.get(col, col)
+    if col in ("macs", "params") and value is not None and f"{col}_frac" in columns:
+        v = value.strip()
+        try:
+            small = v.endswith("%") or float(v) <= 1.0
+        except ValueError:
+            small = False
+        if small:
+            return f"{col}_frac"
+    return col
+
+
 def _is_true(v: object) -> bool:
     if isinstance(v, str):
         return v.strip().lower() in ("true", "1", "yes")
@@ -138,7 +156,8 @@ def pick(df: pd.DataFrame, rule: str = "best") -> pd.Series:
     """The trial a rule selects; deterministic.
 
     ``rule`` is terms joined by ``,`` (all must hold): ``COL<=X``, ``COL>=X``, ``COL<X``, ``COL>X``
-    (X may be a percentage: ``macs_frac<=40%``), ``trial=N``, and optionally ``min=COL`` or
+    (X may be a percentage: ``macs_frac<=40%``; ``acc`` means ``val_acc`` and ``macs<=0.4`` or
+    ``params<=40%`` mean the fractions of the base), ``trial=N``, and optionally ``min=COL`` or
     ``max=COL`` for what to optimise (default ``max=val_acc``). ``best`` (or an empty rule) alone
     means the most accurate trial. Among complete, feasible trials (any complete trial when
     ``trial=N`` is given) satisfying every term, the best by the optimised column wins; ties go
@@ -161,7 +180,9 @@ def pick(df: pd.DataFrame, rule: str = "best") -> pd.Series:
                 raise AutopruneError(f"pick rule: trial={value!r} is not a trial number") from None
             continue
         if col in ("min", "max") and op in ("=", "=="):
-            col, op, value = value, "order", col
+            col, op, value = _resolve(value, None, columns), "order", col
+        else:
+            col = _resolve(col, value, columns)
         if col not in columns:
             raise AutopruneError(f"pick rule: unknown column {col!r}; columns: {', '.join(map(str, columns))}")
         if op == "order":

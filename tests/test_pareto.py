@@ -172,3 +172,18 @@ def test_pick_errors():
         pick(df, "macs<=lots")
     with pytest.raises(AutopruneError, match="no complete feasible trial"):
         pick(df[df["state"] != "complete"], "best")
+
+
+def test_pick_shorthands_from_the_issue_mean_fractions_and_val_acc():
+    import pandas as pd
+
+    from autoprune.pareto import pick
+
+    df = pd.DataFrame({"number": [0, 1, 2], "state": ["complete"] * 3, "feasible": [True] * 3,
+                       "val_acc": [0.97, 0.95, 0.99], "macs": [400_000, 600_000, 900_000],
+                       "macs_frac": [0.4, 0.6, 0.9], "params": [10, 20, 30], "params_frac": [0.3, 0.6, 0.9]})
+    assert int(pick(df, "macs<=0.5")["number"]) == 0
+    assert int(pick(df, "macs<=50%")["number"]) == 0
+    assert int(pick(df, "acc>=0.96,min=macs")["number"]) == 0
+    assert int(pick(df, "macs<=700000")["number"]) == 0  # an absolute count stays absolute
+    assert int(pick(df, "acc>=0.98")["number"]) == 2
