@@ -1,0 +1,165 @@
+"""Subcommands ``retrain`` (pick a trial of a search, fine-tune it longer, report, export) and ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import common_options
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "retrain",
+        help="pick a trial of a finished search, fine-tune it longer, report val and test",
+        description="Choose a trial of the search in DIR (by number, or by a rule on trials.csv "
+        "columns: the most accurate complete, feasible trial satisfying it), fine-tune "
+        "it with a cosine schedule keeping the best validation epoch, evaluate val and "
+        "once the held-out test split, and write model.pt, model.onnx, model.ts, "
+        "metrics.json, widths.png and summary.md to --out "
+        "(default DIR/retrained/trial_NNNN).",
+    )
+    p.add_argument(
+        "dir", metavar="DIR", help="results folder of a search (holds trials.csv, base.pt, models/)"
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, metavar="N", help="retrain trial N")
+    which.add_argument(
+        "--pick",
+        metavar="RULE",
+        help="e.g. 'macs_frac<=0.4', 'val_acc>=0.95,min=macs', 'params_frac<=50%%'; terms joined "
+        "by ',' must all hold; any trials.csv column may be named",
+    )
+    p.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (default: 30)")
+    p.add_argument(
+        "--lr", type=float, help="peak learning rate of the cosine schedule (default: the trial's)"
+    )
+    p.add_argument("--batch-size", type=int, help="batch size (default: the trial's)")
+    p.add_argument("--distill", action="store_true", help="also distil from the study's base model")
+    p.add_argument(
+        "--distill-alpha",
+        type=float,
+        default=0.7,
+        help="weight of the distillation loss with --distill (default: 0.7)",
+    )
+    p.add_argument("--augment", action="store_true", help="random crop / flip augmentation while fine-tuning")
+    p.add_argument("--out", help="output folder (default: DIR/retrained/trial_NNNN)")
+    p.add_argument(
+        "--exporter",
+        choices=("auto", "dynamo", "legacy"),
+        default="auto",
+        help="ONNX exporter (default: auto = torch.export-based, legacy as fallback)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common_options(p)
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser(
+        "export",
+        help="export a saved model (pruned or base) to ONNX or TorchScript",
+        description="Rebuild MODEL (an autoprune checkpoint), write it as ONNX or TorchScript with a "
+        "dynamic batch dimension, and check the file reproduces the PyTorch logits.",
+    )
+    p.add_argument("model", metavar="MODEL", help="autoprune checkpoint (.pt), e.g. DIR/models/trial_0007.pt")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default: onnx")
+    p.add_argument("--out", help="output file (default: MODEL with .onnx / .ts)")
+    p.add_argument(
+        "--exporter",
+        choices=("auto", "dynamo", "legacy", "trace", "script"),
+        default="auto",
+        help="onnx: dynamo | legacy (auto tries both); torchscript: trace | script (auto = trace)",
+    )
+    p.add_argument(
+        "--atol", type=float, default=1e-4, help="largest allowed |logit difference| (default: 1e-4)"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from ..retrain import RetrainInterrupted, retrain
+
+    try:
+        result = retrain(
+            args.dir,
+            args.pick,
+            trial=args.trial,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            distill=args.distill,
+            distill_alpha=args.distill_alpha,
+            augment=args.augment,
+            out_dir=args.out,
+            device=args.device,
+            seed=args.seed,
+            progress=not args.no_progress,
+            onnx_exporter=args.exporter,
+        )
+    except RetrainInterrupted as exc:
+        print(
+            f"interrupted: best model so far (epoch {exc.best_epoch}, val acc {exc.best_val_acc:.4f}) "
+            f"saved in {exc.model_path}; notes in {exc.out_dir / 'metrics.json'}",
+            file=sys.stderr,
+        )
+        return 130
+    m = result.metrics
+    b, p = m["base"], m["pruned"]
+    print(f"trial {result.trial}: {result.choice.reason}")
+    print(f"{'':8} {'val acc':>8} {'test acc':>9} {'MACs':>14} {'params':>11} {'CPU ms (b1)':>12}")
+    for name, d in (("base", b), ("pruned", p)):
+        print(
+            f"{name:8} {d['val_acc']:8.4f} {d['test_acc']:9.4f} {d['macs']:14,} {d['params']:11,} "
+            f"{d['latency_ms']['batch_1']:12.2f}"
+        )
+    r = m["retrain"]
+    print(
+        f"MACs fraction {p['macs_frac']:.3f}, params fraction {p['params_frac']:.3f}; "
+        f"best epoch {r['best_epoch']} of {r['epochs_run']} "
+        f"(val acc in the search {_fmt(r['trial_val_acc'])})"
+    )
+    for fmt, info in m["exports"].items():
+        if "error" in info:
+            print(f"warning: {fmt} export failed: {info['error']}", file=sys.stderr)
+    names = ", ".join(sorted(f.name for f in result.files.values()))
+    print(f"files: {result.out_dir}/ ({names})")
+    return 0
+
+
+def _fmt(value: object) -> str:
+    try:
+        return f"{float(value):.4f}"  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "-"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..errors import AutopruneError
+    from ..export import default_path, export_checked
+    from ..models import ModelSpec
+    from ..plan import load_base
+
+    exporter = args.exporter
+    valid = {"onnx": ("auto", "dynamo", "legacy"), "torchscript": ("auto", "trace", "script")}[args.format]
+    if exporter not in valid:
+        raise AutopruneError(
+            f"--exporter {exporter} does not apply to --format {args.format}; use one of {', '.join(valid)}"
+        )
+    model, ckpt = load_base(args.model, "cpu")  # base or pruned: load_base rebuilds either
+    spec = ModelSpec.from_dict(ckpt["model"])
+    out = Path(args.out) if args.out else default_path(args.model, args.format)
+    check = export_checked(
+        model,
+        (spec.in_channels, spec.image_size, spec.image_size),
+        out,
+        args.format,
+        exporter,
+        atol=args.atol,
+    )
+    print(out)
+    print(
+        f"max abs logit difference vs PyTorch: {check.max_abs_diff:.3g} (batches {list(check.batch_sizes)}, "
+        f"{check.exporter or args.format} exporter, tolerance {args.atol:g})"
+    )
+    return 0

@@ -1,0 +1,324 @@
+"""Deployable files from a (pruned) model: ONNX and TorchScript, each checked against PyTorch.
+
+``export_model`` writes one file with a dynamic batch dimension; ``check_export`` runs it (ONNX
+with onnxruntime, TorchScript with ``torch.jit.load``) on random inputs at several batch sizes and
+reports the largest absolute logit difference to the PyTorch model. ``export_checked`` does both
+and raises when the difference exceeds the tolerance.
+
+ONNX: the ``torch.export``-based exporter (the default since PyTorch 2.9) is tried first and the
+legacy TorchScript-based one is the fallback (``exporter="auto"``); the file is self-contained
+(weights inside, no external ``.data`` file), input ``input`` (N, C, H, W), output ``logits``.
+TorchScript: ``torch.jit.trace`` by default (works for any model whose forward has no
+data-dependent control flow), ``torch.jit.script`` on request.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import AutopruneError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
+ONNX_EXPORTERS = ("auto", "dynamo", "legacy")
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+DEFAULT_ATOL = 1e-4
+OPSET = 18
+EXPORTER_KEY = "autoprune.exporter"  # ONNX metadata / TorchScript extra file naming the exporter used
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How closely an exported file reproduces the PyTorch model's logits."""
+
+    path: Path
+    format: str
+    max_abs_diff: float  # largest |logit difference| over all checked batches
+    batch_sizes: tuple[int, ...]
+    atol: float
+    exporter: str = ""  # onnx: "dynamo" | "legacy"; torchscript: "trace" | "script"
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.max_abs_diff) and self.max_abs_diff <= self.atol
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "max_abs_diff": self.max_abs_diff,
+            "batch_sizes": list(self.batch_sizes),
+            "atol": self.atol,
+            "ok": self.ok,
+            "exporter": self.exporter,
+        }
+
+
+def _check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise AutopruneError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
+    return fmt
+
+
+def default_path(model_path: str | Path, fmt: str) -> Path:
+    """``model.pt`` -> ``model.onnx`` / ``model.ts`` next to it."""
+    return Path(model_path).with_suffix(SUFFIX[_check_format(fmt)])
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    """An fp32, contiguous-format, eval-mode copy on the CPU (training leaves channels-last on CUDA)."""
+    m = copy.deepcopy(model).to("cpu", dtype=torch.float32)
+    m = m.to(memory_format=torch.contiguous_format)
+    return m.eval()
+
+
+def _example(input_shape: tuple[int, ...], batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *input_shape, generator=g)
+
+
+def export_model(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    path: str | Path,
+    format: str = "onnx",
+    exporter: str = "auto",
+    opset: int = OPSET,
+) -> Path:
+    """Write ``model`` (any device; exported from an fp32 CPU copy) to ``path`` as ``format``.
+
+    ``input_shape`` is (C, H, W); the batch dimension stays dynamic. ``exporter`` picks the ONNX
+    exporter ("auto": torch.export-based, falling back to the legacy one; or "torchscript":
+    "trace"/"script"). Returns the path written. The file is written under a temporary name and
+    moved into place, so a failed export never leaves a broken file behind.
+    """
+    fmt = _check_format(format)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    m = _cpu_copy(model)
+    example = _example(tuple(input_shape), 2, 0)  # batch 2: batch 1 would be specialised by torch.export
+    try:
+        if fmt == "onnx":
+            used = _export_onnx(m, example, tmp, exporter, opset)
+        else:
+            used = _export_torchscript(m, example, tmp, exporter)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("exported %s (%s, %s) -> %s", type(model).__name__, fmt, used, path)
+    return path
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: str, opset: int) -> str:
+    if exporter not in ONNX_EXPORTERS:
+        raise AutopruneError(f"unknown ONNX exporter {exporter!r}; use one of: {', '.join(ONNX_EXPORTERS)}")
+    errors = []
+    for kind in ("dynamo", "legacy") if exporter == "auto" else (exporter,):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # deprecation chatter of the legacy path, tracer warnings
+                if kind == "dynamo":
+                    torch.onnx.export(
+                        model,
+                        (example,),
+                        str(path),
+                        dynamo=True,
+                        external_data=False,
+                        input_names=[INPUT_NAME],
+                        output_names=[OUTPUT_NAME],
+                        opset_version=opset,
+                        dynamic_shapes=({0: torch.export.Dim("batch")},),
+                        verbose=False,
+                    )
+                else:
+                    torch.onnx.export(
+                        model,
+                        (example,),
+                        str(path),
+                        dynamo=False,
+                        input_names=[INPUT_NAME],
+                        output_names=[OUTPUT_NAME],
+                        opset_version=opset,
+                        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    )
+            _set_onnx_exporter(path, kind)
+            return kind
+        except ImportError as exc:
+            errors.append(f"{kind}: {exc}")
+        except Exception as exc:
+            log.debug("ONNX %s export failed", kind, exc_info=True)
+            errors.append(f"{kind}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+    raise AutopruneError(
+        f"ONNX export of {type(model).__name__} failed ({'; '.join(errors)}); "
+        "try --format torchscript, or install onnx and onnxscript (pip install 'autoprune[export]')"
+    )
+
+
+def _set_onnx_exporter(path: Path, kind: str) -> None:
+    """Record which exporter wrote the file (metadata ``autoprune.exporter``); best effort."""
+    try:
+        import onnx
+
+        proto = onnx.load(str(path))
+        if EXPORTER_KEY not in {p.key for p in proto.metadata_props}:
+            proto.metadata_props.add(key=EXPORTER_KEY, value=kind)
+            onnx.save(proto, str(path))
+    except Exception:
+        log.debug("could not write ONNX metadata", exc_info=True)
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, exporter: str) -> str:
+    kind = "trace" if exporter in ("auto", "trace") else exporter
+    if kind not in ("trace", "script"):
+        raise AutopruneError(f"unknown TorchScript exporter {exporter!r}; use trace or script")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; still works
+            with torch.no_grad():
+                module = (
+                    torch.jit.trace(model, example, check_trace=False)
+                    if kind == "trace"
+                    else torch.jit.script(model)
+                )
+            torch.jit.save(module, str(path), _extra_files={EXPORTER_KEY: kind})
+    except Exception as exc:
+        raise AutopruneError(
+            f"TorchScript {kind} of {type(model).__name__} failed "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            f"try --format onnx{' or script' if kind == 'trace' else ''}"
+        ) from exc
+    return kind
+
+
+def exporter_of(path: str | Path, fmt: str) -> str:
+    """Which exporter wrote ``path`` ("dynamo" | "legacy" | "trace" | "script"; "" if unknown)."""
+    try:
+        if fmt == "onnx":
+            import onnx
+
+            proto = onnx.load(str(path), load_external_data=False)
+            return {p.key: p.value for p in proto.metadata_props}.get(EXPORTER_KEY, "")
+        extra = {EXPORTER_KEY: ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        value = extra[EXPORTER_KEY]
+        return value.decode() if isinstance(value, bytes) else str(value)
+    except Exception:  # noqa: BLE001 - informational only
+        return ""
+
+
+def _runner(path: Path, fmt: str):
+    """A callable numpy (N,C,H,W) float32 -> numpy logits, running the exported file."""
+    if fmt == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise AutopruneError(
+                "checking an ONNX export needs onnxruntime; pip install onnxruntime"
+            ) from exc
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def check_export(
+    model: nn.Module,
+    path: str | Path,
+    format: str,
+    input_shape: tuple[int, int, int],
+    batch_sizes: tuple[int, ...] = (1, 3),
+    atol: float = DEFAULT_ATOL,
+    seed: int = 0,
+) -> ExportCheck:
+    """Run the exported file and ``model`` (fp32, CPU) on the same random inputs; largest |logit diff|.
+
+    Inputs are standard-normal, which is what standardised data looks like. Several batch sizes
+    check that the batch dimension really is dynamic. A file that cannot be loaded or run raises
+    :class:`AutopruneError`; a mismatch does not (see ``ExportCheck.ok``).
+    """
+    fmt = _check_format(format)
+    path = Path(path)
+    if not path.is_file():
+        raise AutopruneError(f"exported file {path} does not exist; export it first (autoprune export)")
+    ref = _cpu_copy(model)
+    try:
+        run = _runner(path, fmt)
+    except AutopruneError:
+        raise
+    except Exception as exc:
+        raise AutopruneError(
+            f"{path} could not be loaded as {fmt} ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}); re-export it"
+        ) from exc
+    worst = 0.0
+    for i, batch in enumerate(batch_sizes):
+        x = _example(tuple(input_shape), batch, seed + i)
+        with torch.no_grad():
+            expected = ref(x).numpy()
+        try:
+            got = np.asarray(run(x.numpy()))
+        except Exception as exc:
+            raise AutopruneError(
+                f"running {path} on a batch of {batch} failed ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:200]}); re-export it"
+            ) from exc
+        if got.shape != expected.shape:
+            raise AutopruneError(
+                f"{path} returned logits of shape {got.shape} for a batch of {batch}, expected "
+                f"{expected.shape}; re-export it"
+            )
+        diff = (
+            float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64)))) if got.size else 0.0
+        )
+        worst = max(worst, diff) if math.isfinite(diff) else math.inf
+    return ExportCheck(
+        path=path,
+        format=fmt,
+        max_abs_diff=worst,
+        batch_sizes=tuple(batch_sizes),
+        atol=atol,
+        exporter=exporter_of(path, fmt),
+    )
+
+
+def export_checked(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    path: str | Path,
+    format: str = "onnx",
+    exporter: str = "auto",
+    atol: float = DEFAULT_ATOL,
+) -> ExportCheck:
+    """``export_model`` then ``check_export``; AutopruneError if the logits differ by more than ``atol``."""
+    written = export_model(model, input_shape, path, format, exporter)
+    check = check_export(model, written, format, input_shape, atol=atol)
+    if not check.ok:
+        raise AutopruneError(
+            f"{written}: exported {format} logits differ from PyTorch by {check.max_abs_diff:.3g} "
+            f"(tolerance {atol:g}); try the other exporter or format"
+        )
+    return check
