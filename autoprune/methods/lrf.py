@@ -1,0 +1,409 @@
+"""LRF: linearly replaceable filters with weights compensation (Joo et al., AAAI 2021; DESIGN.md 4).
+
+A channel whose BN-scaled filter ``u_k = w_k * gamma_k / sigma_k`` is (nearly) a linear combination
+of the other filters of its group can be removed and its contribution handed to the others: if
+``u_k ~ sum_j lambda_j u_j`` then the BN output ``y_k ~ sum_j lambda_j y_j + delta_k`` with the BN
+offsets ``c = beta - mean * gamma / sigma`` giving ``delta_k = c_k - sum_j lambda_j c_j``, so a
+consumer reading ``y_k`` through weights ``v_k`` loses nothing when ``v_j += lambda_j v_k`` and the
+constant ``delta_k * sum(v_k)`` moves into its bias. The score of channel k is
+``||residual of the ridge fit of u_k by the other filters|| * ||v_k||`` (``v_k``: every consumer
+weight slice reading channel k, squared norms summed over consumers).
+
+All leave-one-out fits come from one inverse: with ``G = U U^T + eps I`` and ``P = G^-1`` the ridge
+residual of k is ``1/P_kk`` and its coefficients are ``-P_jk / P_kk``. Removing k updates ``P`` by a
+Schur complement (rank one), the consumer Gram ``H = V V^T`` by the matching congruence, so the
+greedy schedule costs O(n^3) per group. Chained removals compose into one ridge least-squares fit
+of the removed filters by the kept ones, so the weights are compensated once per group at the end.
+
+Exact (up to the ridge's shrinkage, and except where a padded consumer kernel overlaps the zero
+border, which sees no constant) when nothing nonlinear sits between the leader's BN and the consumer
+(MobileNetV2's linear bottlenecks, a residual add). Through a ReLU it is an approximation that can
+hurt as well as help (measured on a trained CNN), hence ``compensate`` is a searchable parameter.
+Two choices, documented here:
+
+* residual groups (several leaders summed): the filters of all leaders are concatenated, so one set
+  of coefficients holds for every branch and therefore for their sum;
+* the constant goes into the running mean of the BN the consumer feeds directly (no new parameter,
+  same architecture), else into the consumer's bias, created on a bias-free layer if needed
+  (``plan.load_pruned`` materialises such biases).
+
+Groups whose channels pass through a depthwise conv cannot be compensated (it does not mix channels);
+they are scored by the magnitude the removal loses, ``||u_k|| * |depthwise gain_k| * ||v_k||``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..graph import ChannelGroup
+from .base import MethodOutput, PruneContext, PruningMethod
+from .registry import register_method
+
+log = logging.getLogger(__name__)
+
+Dropped = dict[tuple[str, str], set[int]]  # (module, "in"|"out") -> indices already removed
+
+
+@dataclass(frozen=True)
+class LRFParams:
+    eps: float = 1e-3  # ridge, relative to the mean of the Gram diagonal (mean squared filter norm)
+    compensate: bool = True
+    step: int = 1  # channels chosen per greedy step before scores are refreshed (faster, coarser)
+
+    def __post_init__(self) -> None:
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.step < 1:
+            raise ValueError(f"step must be >= 1, got {self.step}")
+
+
+# --------------------------------------------------------------------------- linear algebra
+
+
+def _ridge_cholesky_inverse(filters: Tensor, eps: float) -> Tensor:
+    """``L^-1`` for ``L L^T = G = U U^T + eps * mean(diag(U U^T)) I`` (float64), rows ``U``."""
+    u = filters.double()
+    gram = u @ u.T
+    scale = float(gram.diagonal().mean()) if gram.numel() else 1.0
+    gram.diagonal().add_(eps * (scale if scale > 0 else 1.0))
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve_triangular(torch.linalg.cholesky(gram), eye, upper=False)
+
+
+def ridge_inverse(filters: Tensor, eps: float) -> Tensor:
+    """``P = G^-1`` with ``G = U U^T + eps * mean(diag(U U^T)) I`` (float64) for filter rows ``U``."""
+    inv_l = _ridge_cholesky_inverse(filters, eps)
+    return inv_l.T @ inv_l
+
+
+def loo_residuals(filters: Tensor, eps: float) -> Tensor:
+    """``1 / diag(G^-1)``: every filter's leave-one-out ridge residual, without forming ``G^-1``."""
+    return 1.0 / _ridge_cholesky_inverse(filters, eps).pow(2).sum(0)
+
+
+def loo_fit(p: Tensor) -> tuple[Tensor, Tensor]:
+    """Leave-one-out ridge fits from ``P = G^-1``: residuals ``1/P_kk`` (n,) and coefficients
+    ``coef[j, k] = -P_jk / P_kk`` of filter j in the fit of filter k (``coef[k, k] = 0``).
+
+    The ridge residual is ``min_lambda ||u_k - sum_j lambda_j u_j||^2 + eps (||lambda||^2 + 1)``:
+    the plain residual of the fit of the filters augmented by ``sqrt(eps) e_k``.
+    """
+    d = p.diagonal()
+    coef = -p / d
+    coef.fill_diagonal_(0)
+    return 1.0 / d, coef
+
+
+def greedy_order(p: Tensor, h: Tensor, n_remove: int, step: int = 1, compensate: bool = True,
+                 block: int = 128) -> list[int]:
+    """Channels in removal order: each step picks the ``step`` lowest ``h_kk / p_kk`` (squared
+    scores) and removes them one by one, updating ``p`` (inverse ridge Gram of the filters) by a
+    Schur complement and, when compensating, ``h`` (consumer Gram) for ``v_j += lambda_j v_k``.
+
+    Removing k: ``P' = P - P_:k P_k: / P_kk``; with ``lambda = -P_:k / P_kk`` (``lambda_k = -1``),
+    ``V' = V + lambda v_k`` so ``H' = H + lambda g^T + g lambda^T``, ``g = H_:k + H_kk lambda / 2``.
+    A removal needs only the diagonals and column k, so the rank-one terms are kept as factors
+    (matrix-vector products per removal) and folded into ``p`` and ``h`` by one matrix product
+    every ``block`` removals, when both also shrink to the live channels. O(n^2) per removal.
+    """
+    p = p.double().clone()
+    h = h.double().clone() if compensate else h
+    dev, n = p.device, p.shape[0]
+    ids = torch.arange(n, device=dev)  # original channel of each current row
+    alive = torch.ones(n, dtype=torch.bool, device=dev)
+    dp = p.diagonal().clone()
+    dh = h.diagonal().double().clone()  # current ||v_k||^2 (fixed without compensation)
+    fu, fl, fg = (torch.empty(block, n, dtype=torch.float64, device=dev) for _ in range(3))  # factor rows
+    t = 0
+    removed: list[int] = []
+    while len(removed) < n_remove:
+        score = (dh / dp).masked_fill(~alive, math.inf)
+        chosen = torch.topk(score, min(step, n_remove - len(removed)), largest=False).indices
+        for cid in ids[chosen].tolist():  # one at a time: equal to removing the set at once
+            k = int(torch.searchsorted(ids, cid))  # its current row (ids stay sorted)
+            if t == block:  # fold the factors in and drop removed rows
+                keep = alive.nonzero().squeeze(1)
+                p = torch.addmm(p, fu.T, fu, alpha=-1.0)[keep][:, keep]
+                dp, ids, alive = p.diagonal().clone(), ids[keep], alive[keep]
+                if compensate:
+                    h = torch.addmm(torch.addmm(h, fl.T, fg), fg.T, fl)[keep][:, keep]
+                    dh = h.diagonal().clone()
+                else:
+                    dh = dh[keep]
+                fu, fl, fg = (f[:, keep] for f in (fu, fl, fg))
+                k, t = int(torch.searchsorted(ids, cid)), 0
+            col = p[:, k] - torch.mv(fu[:t].T, fu[:t, k])  # current P[:, k]
+            pkk = col[k].clamp_min(1e-300)  # > 0 in exact arithmetic (G is SPD)
+            fu[t] = col / pkk.sqrt()
+            dp -= fu[t] * fu[t]
+            if compensate:
+                lam = -col / pkk
+                hk = h[:, k] + torch.mv(fl[:t].T, fg[:t, k]) + torch.mv(fg[:t].T, fl[:t, k])  # current H_:k
+                fl[t], fg[t] = lam, hk + 0.5 * hk[k] * lam
+                dh += 2 * fl[t] * fg[t]
+            t += 1
+            alive[k] = False
+            removed.append(int(ids[k]))
+    return removed
+
+
+def joint_fit(p: Tensor, keep: Tensor, removed: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Ridge fit of the removed filters by the kept ones, from ``P = G^-1``: ``coef`` (|keep| x
+    |removed|) with ``u_r ~ sum_j coef[j, r] u_j``, i.e. ``G_KK^-1 G_KR = -P_KR P_RR^-1``, and the
+    constants ``delta_r = c_r - sum_j coef[j, r] c_j``. Equal to chaining the greedy's one-at-a-time
+    fits (least squares composes), so consumers are compensated once per group."""
+    coef = -torch.linalg.solve(p[removed][:, removed], p[removed][:, keep]).T
+    return coef, offsets[removed] - coef.T @ offsets[keep]
+
+
+# --------------------------------------------------------------------------- model access
+
+
+@torch.no_grad()
+def direct_bns(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, str]:
+    """Map conv/linear name -> the BatchNorm that reads its output directly (nothing in between).
+
+    Found by one forward pass: the BN's input must be the very tensor the layer returned, unmodified
+    (an in-place ReLU in between bumps the tensor's version)."""
+    names = {m: n for n, m in model.named_modules()}
+    produced: dict[int, tuple[str, Any, int]] = {}
+    found: dict[str, str] = {}
+
+    def after(module: nn.Module, _inp: Any, out: Tensor) -> None:
+        produced[id(out)] = (names[module], weakref.ref(out), out._version)
+
+    def before(module: nn.Module, inp: tuple) -> None:
+        hit = produced.get(id(inp[0]))
+        if hit is not None and hit[1]() is inp[0] and inp[0]._version == hit[2]:
+            found[hit[0]] = names[module]
+
+    hooks = [m.register_forward_hook(after) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks += [m.register_forward_pre_hook(before) for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for hk in hooks:
+            hk.remove()
+    return found
+
+
+def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """Per-channel ``(scale, offset)`` of an eval-mode BN, or None if it has no running statistics."""
+    if bn.running_var is None or bn.running_mean is None:
+        return None
+    scale = 1.0 / torch.sqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double()
+    offset = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        offset = offset + bn.bias.detach().double()
+    return scale, offset
+
+
+def _bn(g: ChannelGroup, layer: str, bn_of: dict[str, str],
+        mods: dict[str, nn.Module]) -> tuple[Tensor, Tensor] | None:
+    """(scale, offset) of the group's BN that directly follows ``layer``, indexed (n, r)."""
+    name = bn_of.get(layer)
+    if name is None or (g.member(name, "out") or g.member(name, "in")) is None:
+        return None
+    affine = _bn_affine(mods[name])
+    if affine is None:
+        return None
+    idx = _index(g, name, "out", affine[0].device)
+    return affine[0][idx], affine[1][idx]
+
+
+def _index(g: ChannelGroup, module: str, dim: str, device: torch.device) -> Tensor:
+    """(n, r) indices of ``module``'s channels for each group channel (a BN may be listed either way)."""
+    member = g.member(module, dim) or g.member(module, "in" if dim == "out" else "out")
+    return torch.tensor(member.index, dtype=torch.long, device=device)
+
+
+def _live(size: int, dropped: set[int], device: torch.device) -> Tensor:
+    return torch.tensor([i for i in range(size) if i not in dropped], dtype=torch.long, device=device)
+
+
+def _in_slices(weight: Tensor, idx: Tensor) -> Tensor:
+    """``weight[:, idx[k]]`` for every channel k, as (n, out, r, *kernel) float64."""
+    n, r = idx.shape
+    w = weight.detach().double().index_select(1, idx.reshape(-1))
+    return w.reshape(w.shape[0], n, r, *w.shape[2:]).movedim(1, 0)
+
+
+@dataclass
+class _Group:
+    filters: Tensor  # (n, d) BN-scaled filters of all leaders, concatenated
+    offsets: Tensor  # (n,) BN offsets summed over leaders (the residual add sums the branches)
+    slices: list[tuple[str, Tensor, Tensor]]  # consumer name, index (n, r), slices (n, out, r, *k)
+    consumer: Tensor  # (n, m) consumer slices flattened, rows dropped elsewhere masked out
+    gain: Tensor  # (n,) |scale| through depthwise passthroughs (1 without)
+    why_not: str  # why the group cannot be compensated ("" if it can)
+
+
+def _gather(model: nn.Module, g: ChannelGroup, bn_of: dict[str, str], dropped: Dropped) -> _Group:
+    mods = dict(model.named_modules())
+    dev = next(model.parameters()).device
+    parts, offsets, used = [], torch.zeros(g.channels, dtype=torch.float64, device=dev), set()
+    for name in g.leaders:
+        layer = mods[name]
+        w = layer.weight.detach().double()
+        w = w.index_select(1, _live(w.shape[1], dropped.get((name, "in"), set()), dev))
+        idx = _index(g, name, "out", dev)
+        rows = w[idx.reshape(-1)].reshape(g.channels, idx.shape[1], -1)
+        bias = (layer.bias.detach().double()[idx] if layer.bias is not None
+                else torch.zeros(idx.shape, dtype=torch.float64, device=dev))
+        scale, off = torch.ones_like(bias), bias
+        affine = _bn(g, name, bn_of, mods)
+        if affine is not None:
+            used.add(bn_of[name])
+            scale, off = affine[0], affine[0] * bias + affine[1]
+        parts.append((rows * scale.unsqueeze(-1)).reshape(g.channels, -1))
+        offsets += off.sum(1)
+    gain = torch.ones(g.channels, dtype=torch.float64, device=dev)
+    for name in g.passthrough:  # depthwise: channel k is scaled by its own kernel (and BN)
+        idx = _index(g, name, "out", dev)
+        gain = gain * mods[name].weight.detach().double()[idx].reshape(g.channels, -1).norm(dim=1)
+        affine = _bn(g, name, bn_of, mods)
+        if affine is not None:
+            used.add(bn_of[name])
+            gain = gain * affine[0].abs().mean(1)
+    slices, flat = [], []
+    for name in g.consumers:
+        idx = _index(g, name, "in", dev)
+        v = _in_slices(mods[name].weight, idx)
+        live = torch.ones(v.shape[1], dtype=torch.float64, device=dev)
+        live[list(dropped.get((name, "out"), ()))] = 0.0
+        slices.append((name, idx, v))
+        flat.append((v * live.reshape(1, -1, *([1] * (v.dim() - 2)))).reshape(g.channels, -1))
+    why = ""
+    if g.passthrough:
+        why = "its channels pass through a depthwise conv"
+    elif set(g.bns) - used:
+        why = f"BatchNorm {min(set(g.bns) - used)} does not directly follow a leader conv"
+    elif any(m.kind == "other" for m in g.members):
+        why = "it touches a layer other than conv, linear or BatchNorm"
+    consumer = torch.cat(flat, 1) if flat else torch.zeros(g.channels, 0, dtype=torch.float64, device=dev)
+    return _Group(torch.cat(parts, 1), offsets, slices, consumer, gain, why)
+
+
+def _magnitude(data: _Group) -> Tensor:
+    return data.filters.norm(dim=1) * data.gain * data.consumer.norm(dim=1)
+
+
+def _score(data: _Group, eps: float) -> Tensor:
+    if data.why_not:
+        return _magnitude(data)
+    return (data.consumer.pow(2).sum(1) * loo_residuals(data.filters, eps)).sqrt()
+
+
+@torch.no_grad()
+def _compensate(model: nn.Module, data: _Group, p: Tensor, keep: Tensor, removed: Tensor,
+                bn_of: dict[str, str]) -> None:
+    """``v_j += sum_r coef[j, r] v_r`` on every consumer; the constants into its BN mean or bias."""
+    coef, delta = joint_fit(p, keep, removed, data.offsets)
+    mods = dict(model.named_modules())
+    for name, idx, v in data.slices:
+        layer = mods[name]
+        new = v[keep] + torch.einsum("kr,r...->k...", coef, v[removed])  # (|keep|, out, r, *kernel)
+        cols = idx[keep].reshape(-1)
+        layer.weight.data.index_copy_(1, cols, new.movedim(0, 1).reshape(new.shape[1], -1, *new.shape[3:])
+                                      .to(layer.weight.dtype))
+        shift = delta @ v[removed].reshape(len(removed), v.shape[1], -1).sum(-1)  # (out,)
+        bn = mods[bn_of[name]] if name in bn_of else None
+        if bn is not None and bn.running_mean is not None:
+            bn.running_mean.sub_(shift.to(bn.running_mean.dtype))
+        elif layer.bias is not None:
+            layer.bias.data.add_(shift.to(layer.bias.dtype))
+        else:
+            layer.bias = nn.Parameter(shift.to(layer.weight.dtype))
+
+
+@contextmanager
+def _single_threaded(device: torch.device) -> Iterator[None]:
+    """The greedy loop is thousands of small matrix-vector products: on a CPU, intra-op threads
+    only add synchronisation, and on a shared, oversubscribed CPU every product waits for a
+    descheduled thread (5x slower measured on ResNet-50). The previous setting is restored."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- the method
+
+
+@register_method
+class LRF(PruningMethod):
+    name = "lrf"
+    Params = LRFParams
+    summary = "linearly replaceable filters: remove filters the others can replace, compensate consumers"
+
+    def run(self, ctx: PruneContext, params: LRFParams) -> MethodOutput:
+        start = time.perf_counter()
+        model = ctx.model
+        bn_of = direct_bns(model, ctx.input_shape)
+        groups = ctx.prunable
+        scores = {g.name: _score(_gather(model, g, bn_of, {}), params.eps).float().cpu() for g in groups}
+        widths = ctx.allocate(scores)
+        scored = time.perf_counter()
+        dropped: Dropped = {}
+        keep_sets: dict[str, tuple[int, ...]] = {}
+        uncompensated: dict[str, str] = {}
+        compensated = 0
+        for g in groups:  # forward order: a group sees the weights its predecessors compensated
+            n_remove = g.channels - widths[g.name]
+            if n_remove <= 0:
+                keep_sets[g.name] = tuple(range(g.channels))
+                continue
+            data = _gather(model, g, bn_of, dropped)
+            if data.why_not:
+                order = torch.argsort(_magnitude(data).cpu(), stable=True)[:n_remove].tolist()
+                uncompensated[g.name] = data.why_not
+            else:
+                p = ridge_inverse(data.filters, params.eps)
+                if params.compensate:  # inner products of consumer weights: float32 is plenty
+                    consumer = data.consumer.float()
+                    consumer_gram = (consumer @ consumer.T).double()
+                else:  # the norms never change: only the diagonal is read
+                    consumer_gram = torch.diag(data.consumer.pow(2).sum(1))
+                with _single_threaded(p.device):
+                    order = greedy_order(p, consumer_gram, n_remove, params.step, params.compensate)
+                if params.compensate:
+                    removed = torch.tensor(sorted(order), device=p.device)
+                    kept = torch.tensor(sorted(set(range(g.channels)) - set(order)), device=p.device)
+                    _compensate(model, data, p, kept, removed, bn_of)
+                    compensated += 1
+                else:
+                    uncompensated[g.name] = "compensation is off"
+            keep_sets[g.name] = tuple(sorted(set(range(g.channels)) - set(order)))
+            for m in g.members:
+                target = dropped.setdefault((m.module, m.dim), set())
+                for c in order:
+                    target.update(m.index[c])
+        done = time.perf_counter()
+        for name, why in uncompensated.items():
+            if why != "compensation is off":
+                log.info("lrf: group %s pruned without compensation: %s", name, why)
+        info = {"compensated_groups": compensated, "uncompensated_groups": len(uncompensated),
+                "uncompensated": uncompensated, "seconds_scoring": round(scored - start, 3),
+                "seconds_greedy": round(done - scored, 3),
+                "channels_removed": sum(g.channels - len(keep_sets[g.name]) for g in groups)}
+        return MethodOutput(keep=keep_sets, model=model, info=info)
