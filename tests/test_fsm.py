@@ -17,9 +17,8 @@ from autoprune.engine import prune
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.graph import build_width_cost, find_groups
 from autoprune.methods import PruneContext, get_method, list_methods, make_params
-from autoprune.methods.fsm import (
-    FSM,
-    FSMParams,
+from autoprune.methods.fsm import FSM, FSMParams
+from autoprune.methods.moments import (
     clipped_normal_moments,
     expected_relu,
     gaussian_inputs,
