@@ -60,7 +60,8 @@ def _round_up(n: int, step: int, cap: int) -> int:
     return min(cap, step * math.ceil(n / step)) if cap >= step else cap
 
 
-def _bounds(g: ChannelGroup, cfg: AllocationConfig) -> tuple[int, int]:
+def width_bounds(g: ChannelGroup, cfg: AllocationConfig) -> tuple[int, int]:
+    """(fewest, most) channels ``g`` may keep under ``cfg`` (minimum width and ratio, rounding)."""
     low = max(cfg.min_channels, math.ceil(cfg.min_ratio * g.channels),
               math.ceil((1 - cfg.max_prune_ratio) * g.channels))
     return _round_up(min(low, g.channels), cfg.round_to, g.channels), g.channels
@@ -80,7 +81,7 @@ class _Shape:
 
     def __init__(self, groups: list[ChannelGroup], scores: Mapping[str, torch.Tensor], cfg: AllocationConfig):
         self.groups, self.cfg = groups, cfg
-        self.bounds = {g.name: _bounds(g, cfg) for g in groups}
+        self.bounds = {g.name: width_bounds(g, cfg) for g in groups}
         if cfg.mode == "global":
             self.sorted = {g.name: torch.sort(_normalised(scores[g.name], cfg.normalise), descending=True).values
                            for g in groups}
