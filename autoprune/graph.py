@@ -170,7 +170,7 @@ def find_groups(
     try:
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=_example(model, input_shape))
         tp_groups = list(dg.get_all_groups(ignored_layers=ignore, root_module_types=[nn.Conv2d, nn.Linear]))
-    except Exception as exc:  # noqa: BLE001 - Torch-Pruning raises many kinds; the user needs one line
+    except Exception as exc:
         raise AutopruneError(f"could not trace {type(model).__name__} for channel groups: {exc}") from exc
     finally:
         model.train(was_training)

@@ -109,7 +109,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist; train one with `autoprune train --out {path}`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors all mean "not readable"
+    except Exception as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file "
                               f"({type(exc).__name__}); re-create it") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (BASE_FORMAT, PRUNED_FORMAT):

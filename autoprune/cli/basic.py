@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from . import common_options
 from ..errors import AutopruneError
+from . import common_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,8 +1,8 @@
 """Registry of pruning methods (a dict and a decorator, in the style of timm's model registry)."""
 from __future__ import annotations
 
-from .base import PruningMethod
 from ..errors import AutopruneError, did_you_mean
+from .base import PruningMethod
 
 _METHODS: dict[str, type[PruningMethod]] = {}
 
