@@ -10,7 +10,7 @@ from conftest import randomise_bn
 from torch import nn
 
 import autoprune
-from autoprune.allocate import AllocationConfig, _bounds
+from autoprune.allocate import AllocationConfig, width_bounds
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.graph import build_width_cost, find_groups
 from autoprune.methods import get_method, make_params
@@ -188,7 +188,7 @@ def _schedule(target: float, steps: int, **kw):
     model = create_model(ModelSpec("small_cnn", 10, 1, 8))
     groups = [g for g in find_groups(model, (1, 8, 8), check=False) if g.prunable]
     cost = build_width_cost(model, groups, (1, 8, 8))
-    bounds = {g.name: _bounds(g, AllocationConfig(min_ratio=0.25)) for g in groups}
+    bounds = {g.name: width_bounds(g, AllocationConfig(min_ratio=0.25)) for g in groups}
     return MaskSchedule(groups, bounds, cost, target, steps, ResRepParams(**kw)), groups, cost, bounds
 
 

@@ -147,9 +147,9 @@ def test_missing_folder_csv_and_model_are_one_line_errors(study, tmp_path):
 
 
 def test_cli_pick_error_exits_2_with_one_line(study, capsys):
-    assert main(["retrain", str(study), "--pick", "accuracy>=0.9", "--device", "cpu"]) == 2
+    assert main(["retrain", str(study), "--pick", "accuracyy>=0.9", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: pick rule: unknown column 'accuracy'") and "val_acc" in err
+    assert err.startswith("error: pick rule: unknown column 'accuracyy'") and "val_acc" in err
     assert len(err.splitlines()) == 1
 
 

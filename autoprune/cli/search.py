@@ -1,0 +1,167 @@
+"""Subcommands ``search`` (run or resume a search from a spec file) and ``pareto`` (rebuild fronts)."""
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import AutopruneError
+from . import common_options
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="search pruning configurations: a Pareto front of accuracy vs MACs",
+                       description="Run (or --resume) the search a spec file describes; results go to "
+                                   "--out (default results/<study>). Options given here override the spec; "
+                                   "--device and --seed default to the spec's values.")
+    p.add_argument("spec", help="search spec (YAML), e.g. search_spaces/digits_demo.yaml")
+    p.add_argument("--out", help="results folder (default: results/<study>)")
+    p.add_argument("--max-trials", type=int, help="stop starting trials after this many")
+    p.add_argument("--time-budget", metavar="T", help="wall-clock budget for this run, e.g. 90s, 30m, 2h, 1h30m")
+    p.add_argument("--device-hours", type=float, help="budget in device-hours (summed trial time)")
+    p.add_argument("--resume", action="store_true", help="continue the search in --out (finished trials are kept)")
+    p.add_argument("--workers", type=int, help="worker processes on this machine (spread over its GPUs)")
+    p.add_argument("--sampler", choices=("tpe", "nsga2", "random"), help="Optuna sampler (default: the spec's, tpe)")
+    p.add_argument("--no-early-stop", action="store_true", help="run every trial to its last epoch")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--backend", choices=("optuna", "ray"), default="optuna",
+                   help="optuna: embedded study in OUT/study.db (default); ray: Ray Tune (pip install 'autoprune[ray]')")
+    ray = p.add_argument_group("ray backend")
+    ray.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: a local Ray in this process)")
+    ray.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial holds (default: 1)")
+    ray.add_argument("--gpus-per-trial", type=float, help="GPUs each trial holds, e.g. 0.5 to share (default: 1 on CUDA)")
+    ray.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the resources fit)")
+    common_options(p)
+    p.set_defaults(func=cmd_search, device=None, seed=None)
+
+    p = sub.add_parser("pareto", help="rebuild the front table and plots of one or more finished searches",
+                       description="With one DIR, rewrite its pareto.csv/png/html and report.md; with several, "
+                                   "draw their fronts in one plot under --out.")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="results folders of searches")
+    p.add_argument("--out", help="where to write (default: the DIR itself, or results/compare for several)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(func=cmd_pareto)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from ..search.runner import run_search
+    from ..search.spec import load_spec
+
+    overrides = {"max_trials": args.max_trials, "time": args.time_budget, "device_hours": args.device_hours,
+                 "workers": args.workers, "sampler": args.sampler, "device": args.device, "seed": args.seed,
+                 "early_stop": False if args.no_early_stop else None}
+    spec = load_spec(args.spec, overrides)
+    ray_options = None
+    if args.backend == "ray":
+        from ..search.ray_backend import RayOptions
+
+        ray_options = RayOptions(address=args.address, cpus_per_trial=args.cpus_per_trial,
+                                 gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent)
+    elif args.address or args.gpus_per_trial is not None or args.max_concurrent or args.cpus_per_trial != 1.0:
+        raise AutopruneError("--address, --cpus-per-trial, --gpus-per-trial and --max-concurrent need --backend ray")
+    result = run_search(spec, args.out, resume=args.resume, backend=args.backend, progress=not args.no_progress,
+                        ray_options=ray_options)
+    counts = result.counts
+    summary = ", ".join(f"{counts[s]} {s.replace('_', '-')}" for s in
+                        ("complete", "early_stopped", "failed", "running") if counts.get(s))
+    print(f"study {result.study}: {len(result.rows)} trials ({summary or 'none'}), {result.epochs_run} epochs; "
+          f"stopped: {_REASONS.get(result.stop_reason, result.stop_reason)}")
+    print_front(result.front, result.base, spec.objectives[1])
+    print("files:")
+    for path in result.files.values():
+        print(f"  {path}")
+    for sub in ("models", "plans"):
+        if (result.out_dir / sub).is_dir():
+            print(f"  {result.out_dir / sub}/ ({sum(1 for _ in (result.out_dir / sub).iterdir())} files)")
+    return 0
+
+
+_REASONS = {"max_trials": "max trials reached", "time": "time budget spent", "device_hours": "device-hours spent",
+            "interrupted": "interrupted"}
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def print_front(front: Sequence[Mapping[str, Any]], base: Mapping[str, Any] | None, objective: str = "macs") -> None:
+    """The Pareto front as a table (one row per trial, by MACs), with the base model first."""
+    if not front:
+        print("Pareto front: empty (no feasible complete trial)")
+        return
+    latency = objective == "latency"
+    head = f"{'trial':>5}  {'method':<8} {'alloc':<8} {'target':>6}  {'val_acc':>7}  {'MMACs':>9}  " \
+           f"{'MACs %':>6}  {'params':>9}  {'params %':>8}" + ("  latency ms" if latency else "") + "  model"
+    print(f"Pareto front ({len(front)} trials):")
+    print(head)
+    if base:
+        print(f"{'base':>5}  {'-':<8} {'-':<8} {'-':>6}  {_num(base.get('val_acc')):7.4f}  "
+              f"{_num(base.get('macs')) / 1e6:9.3f}  {100.0:6.1f}  {int(_num(base.get('params'))):9d}  {100.0:8.1f}"
+              + (f"  {_num(base.get('latency_ms')):10.3f}" if latency else ""))
+    for r in front:
+        print(f"{r.get('number', ''):>5}  {str(r.get('method', ''))[:8]:<8} {str(r.get('allocation', ''))[:8]:<8} "
+              f"{_num(r.get('target')):6.3f}  {_num(r.get('val_acc')):7.4f}  {_num(r.get('macs')) / 1e6:9.3f}  "
+              f"{100 * _num(r.get('macs_frac')):6.1f}  {int(_num(r.get('params'))):9d}  "
+              f"{100 * _num(r.get('params_frac')):8.1f}" + (f"  {_num(r.get('latency_ms')):10.3f}" if latency else "")
+              + f"  {r.get('model') if isinstance(r.get('model'), str) else ''}")
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .. import report
+    from ..pareto import front_hypervolume, front_mask
+    from ..search.runner import read_csv
+
+    dirs = [Path(d) for d in args.dirs]
+    for d in dirs:
+        if not (d / "trials.csv").is_file():
+            raise AutopruneError(f"{d} has no trials.csv; give results folders written by `autoprune search`")
+    objective = _objective(dirs[0])
+    if len(dirs) == 1 and (args.out is None or Path(args.out).resolve() == dirs[0].resolve()):
+        paths = report.write_report(dirs[0])
+        print_front(read_csv(dirs[0] / "pareto.csv"), report.read_base(dirs[0]), objective)
+        written = [paths.pareto_csv, paths.pareto_png, paths.pareto_html, paths.report_md]
+    else:
+        out = Path(args.out) if args.out else Path("results") / "compare"
+        out.mkdir(parents=True, exist_ok=True)
+        frames: dict[str, pd.DataFrame] = {}
+        bases: dict[str, dict] = {}
+        for d in dirs:
+            df = report.load_trials([d])
+            name = str(df["study"].iloc[0]) if len(df) else d.name
+            if name in frames:  # two runs of one study (e.g. with and without early stopping)
+                name = f"{name} ({d})"
+            frames[name] = df.assign(study=name)
+            bases[name] = report.read_base(d)
+        report.plot_pareto(frames, str(out / "pareto.png"), str(out / "pareto.html"), bases, objective=objective)
+        fronts = [df[front_mask(df, objective)] for df in frames.values()]
+        pd.concat(fronts, ignore_index=True).to_csv(out / "pareto.csv", index=False)
+        for (name, df), front in zip(frames.items(), fronts):
+            hv = front_hypervolume(df, objective)
+            print(f"{name}: {len(df)} trials, {len(front)} on the front, hypervolume {hv:.4f}")
+            print_front(front.sort_values("macs" if "macs" in front else "number").to_dict("records"),
+                        bases[name], objective)
+        written = [out / "pareto.csv", out / "pareto.png", out / "pareto.html"]
+    print("files:")
+    for path in written:
+        if Path(path).exists():
+            print(f"  {path}")
+    return 0
+
+
+def _objective(study_dir: Path) -> str:
+    """The second objective recorded in a study's spec.yaml (macs when unknown)."""
+    import yaml
+
+    try:
+        info = yaml.safe_load((study_dir / "spec.yaml").read_text()) or {}
+        objectives = info.get("objectives") or ["val_acc", "macs"]
+        return objectives[1] if objectives[1] in ("macs", "params", "latency") else "macs"
+    except (OSError, yaml.YAMLError, AttributeError, IndexError, TypeError):
+        return "macs"

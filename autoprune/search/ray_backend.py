@@ -1,0 +1,597 @@
+"""The Ray Tune backend: the same search on a Ray cluster (``autoprune search SPEC --backend ray``).
+
+Shared with the Optuna backend: the trial (:func:`autoprune.search.trial.run_trial`), the parameter
+space (:func:`autoprune.search.space.suggest`, run define-by-run inside Ray's ``OptunaSearch``), the
+samplers, the constraints, the two-objective early-stopping rule, the budgets and the results folder
+(``trials.csv`` rows from :func:`trial.make_row`, ``models/``, ``plans/``; the runner writes the report).
+Ray adds: each trial is a Ray actor holding ``cpus_per_trial`` CPUs and ``gpus_per_trial`` GPUs (a
+fraction shares a GPU), at most ``max_concurrent`` at once, on a local Ray started in this process
+(``address=None``) or on a running cluster (``"auto"`` or ``"HOST:PORT"``). Every Ray type stays in
+this module and ``ray`` is imported only when the backend runs.
+
+The state lives in the results folder, not in Ray (``<out>/ray/``, on storage every node mounts):
+``trials/trial_NNNN.json`` is written by the driver when the searcher hands out a configuration
+(number, parameters, Optuna parameters and distributions, run id); ``results/trial_NNNN.json`` by the
+trial when it ends (state, record, per-epoch curve, cost, constraints, start and end times), or by the
+driver from the reported result when the trial could not; ``tune/run_NNN/`` is Ray Tune's own folder.
+
+Early stopping: at every epoch a trial applies :func:`early_stop.should_stop` to the curves of the
+COMPLETE trials in ``results/`` (every node, every run); no single-metric Ray scheduler is used. A trial
+reports to Ray once, when it ends, and the searcher tells Optuna (val_acc, cost) only for complete
+trials, PRUNED for early-stopped and FAIL for failed ones: Ray's adapter would otherwise record an
+early-stopped trial's partial accuracy as a finished value. The front is computed from ``trials.csv``.
+
+Resume: the results folder is the checkpoint. A resumed search starts a new Tune run whose Optuna study
+is warm-started with every finished trial; a trial that was running when the driver died (a claim
+without a result) is recorded failed+interrupted, does not count against ``max_trials``, and its
+configuration runs again under a new number, as in the Optuna backend. ``Tuner.restore`` is not used:
+its experiment checkpoint lags by 10 s or more, so it re-runs trials that finished just before a kill
+and forgets ones started after its last save, and a restored searcher that had finished refuses a
+larger budget.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import AutopruneError
+from . import trial as trial_mod
+from .trial import INTERRUPTED, TrialResult, make_row, write_trials_csv
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "the ray backend needs the 'ray' extra: pip install 'autoprune[ray]'"
+RAY_DIR = "ray"
+METRICS = ("val_acc", "cost")  # what a trial reports to Ray; NaN unless the trial completed
+_RUNS: dict[str, _Run] = {}  # live runs in this (driver) process, by results folder
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how trials run on Ray (no Ray types; the CLI builds it)."""
+
+    address: str | None = None  # None: a local Ray in this process; "auto" or "HOST:PORT": join a cluster
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None  # None: 1 when the spec's device is cuda (or auto with GPUs), else 0
+    max_concurrent: int | None = None  # None: the spec's workers if > 1, else as many as the resources fit
+
+    def __post_init__(self) -> None:
+        if not self.cpus_per_trial > 0:
+            raise AutopruneError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")
+        if self.gpus_per_trial is not None and not self.gpus_per_trial >= 0:
+            raise AutopruneError(f"--gpus-per-trial must be >= 0 (e.g. 0.5 to share a GPU), got {self.gpus_per_trial}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise AutopruneError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
+        if self.address is not None and self.address.startswith("ray://"):
+            raise AutopruneError(f"--address {self.address}: Ray Client is not supported; run `autoprune search` "
+                                 "on a node of the cluster with --address auto")
+
+
+def require_ray() -> Any:
+    """The ``ray`` module, or AutopruneError saying how to install it."""
+    try:
+        import ray
+        import ray.tune
+        import ray.tune.search.optuna
+    except ImportError:
+        raise AutopruneError(INSTALL_HINT) from None
+    return ray
+
+
+def check(out_dir: str | Path, options: RayOptions | None = None) -> None:
+    """Before any compute: Ray is installed and ``out_dir`` is not an Optuna-backend search."""
+    require_ray()
+    if (Path(out_dir) / "study.db").exists():
+        raise AutopruneError(f"{out_dir} holds a search run with the optuna backend (study.db); resume it "
+                             "without --backend ray or choose another --out")
+
+
+# ------------------------------------------------------------------------------------------ store
+
+
+class Store:
+    """Claims and results in ``<out>/ray``: one JSON file per trial, written atomically."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.root = self.out_dir / RAY_DIR
+        self.claims_dir = self.root / "trials"
+        self.results_dir = self.root / "results"
+        self._curves: dict[int, tuple[float, list]] = {}
+        self._seen: set[int] = set()
+
+    def claims(self) -> dict[int, dict]:
+        return _read_dir(self.claims_dir)
+
+    def results(self) -> dict[int, dict]:
+        return _read_dir(self.results_dir)
+
+    def result(self, number: int) -> dict | None:
+        return _read_json(self.results_dir / _name(number))
+
+    def write_claim(self, number: int, data: Mapping[str, Any]) -> None:
+        _write_json(self.claims_dir / _name(number), data)
+
+    def write_result(self, number: int, data: Mapping[str, Any]) -> None:
+        _write_json(self.results_dir / _name(number), data)
+
+    def next_number(self) -> int:
+        return max([*self.claims(), *self.results()], default=-1) + 1
+
+    def finished_curves(self) -> list[tuple[float, list]]:
+        """(cost, curve) of the complete trials so far: the early-stopping rule's reference."""
+        if self.results_dir.is_dir():
+            for path in self.results_dir.glob("trial_*.json"):
+                number = int(path.stem.split("_")[1])
+                if number in self._seen:
+                    continue
+                data = _read_json(path)
+                if data is None:
+                    continue
+                self._seen.add(number)
+                if data.get("state") == "complete" and data.get("cost") is not None:
+                    self._curves[number] = (float(data["cost"]), list(data.get("curve") or []))
+        return list(self._curves.values())
+
+
+def _name(number: int) -> str:
+    return f"trial_{number:04d}.json"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_dir(folder: Path) -> dict[int, dict]:
+    out = {}
+    if folder.is_dir():
+        for path in folder.glob("trial_*.json"):
+            data = _read_json(path)
+            if data is not None:
+                out[int(path.stem.split("_")[1])] = data
+    return out
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def trial_rows(out_dir: str | Path, run_id: str | None = None) -> list[dict[str, Any]]:
+    """``trials.csv`` rows: a result gives its state; a claim of the live run ``run_id`` without one is
+    running; any other claim without a result was interrupted (failed, not counted, run again)."""
+    store = Store(out_dir)
+    claims, results = store.claims(), store.results()
+    rows = []
+    for number in sorted(set(claims) | set(results)):
+        res, claim = results.get(number), claims.get(number, {})
+        hparams = (res or claim).get("hparams") or {}
+        if res is not None:
+            record = res.get("record") or {}
+            rows.append(make_row(number, res["state"], hparams, record, record.get("error") or ""))
+        elif run_id is not None and claim.get("run") == run_id:
+            rows.append(make_row(number, "running", hparams))
+        else:
+            rows.append(make_row(number, "failed", hparams, error=INTERRUPTED))
+    return rows
+
+
+def history(spec: Any, out_dir: str | Path) -> list[Any]:
+    """Finished trials as Optuna FrozenTrials (Optuna's names and distributions), oldest first."""
+    import optuna
+    from optuna.distributions import json_to_distribution
+    from optuna.trial import TrialState
+
+    store = Store(out_dir)
+    claims, results = store.claims(), store.results()
+    names = trial_mod.constraint_names(spec)
+    states = {"complete": TrialState.COMPLETE, "early_stopped": TrialState.PRUNED, "failed": TrialState.FAIL}
+    out = []
+    for number in sorted(results):
+        res, claim = results[number], claims.get(number)
+        if claim is None or "distributions" not in claim:
+            continue
+        state = states.get(res.get("state"), TrialState.FAIL)
+        if state == TrialState.COMPLETE and not res.get("values"):
+            continue
+        constraints = None
+        if state != TrialState.FAIL and res.get("constraints"):
+            constraints = dict(zip(names, map(float, res["constraints"])))
+        out.append(optuna.trial.create_trial(
+            state=state, values=res.get("values") if state == TrialState.COMPLETE else None,
+            params=claim.get("optuna_params") or {}, constraints=constraints,
+            distributions={k: json_to_distribution(v) for k, v in claim["distributions"].items()},
+            user_attrs={"number": number, "state": res.get("state")}))
+    return out
+
+
+def importance(spec: Any, out_dir: str | Path) -> dict[str, dict[str, float]]:
+    """Parameter importance per objective, from the folder's trials (the Optuna backend's evaluator)."""
+    import optuna
+
+    from . import optuna_backend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=optuna_backend.directions(spec))
+    study.add_trials(history(spec, out_dir))
+    return optuna_backend.importance(study, spec.objectives)
+
+
+# ------------------------------------------------------------------------------------------ trial
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What each trial needs besides its configuration (pickled to the workers)."""
+
+    spec: Any
+    out_dir: str  # absolute: Ray runs trials in their own working folders
+    early_stopping: bool
+    gpus: float
+    threads: int
+
+
+_WORKER: dict[str, Any] = {}  # the last trial's Worker, reused by the next trial in the same actor
+
+
+def run_one(config: Mapping[str, Any], ctx: TrialContext) -> dict[str, Any]:
+    """Run (or, when its result exists already, look up) the trial ``config`` describes; its payload."""
+    meta = config["autoprune"]
+    number, hparams = int(meta["number"]), dict(meta["hparams"])
+    store = Store(ctx.out_dir)
+    payload = store.result(number)
+    if payload is not None:
+        return payload
+    started = time.time()
+    try:
+        worker = _load_worker(ctx)
+        result = trial_mod.run_trial(worker, number, hparams, store.finished_curves, ctx.early_stopping)
+    except Exception as exc:  # noqa: BLE001 - a worker that cannot load fails this trial, the search goes on
+        log.warning("trial %d failed: %s", number, trial_mod.one_line(exc))
+        result = TrialResult(number=number, state="failed", hparams=hparams, error=trial_mod.one_line(exc),
+                             duration_s=time.time() - started, objectives=tuple(ctx.spec.objectives))
+    payload = make_payload(result, meta.get("trial_id", ""), started, time.time())
+    try:
+        store.write_result(number, payload)
+    except OSError as exc:  # the driver writes it from the report
+        log.warning("trial %d: could not write its result to %s: %s", number, store.results_dir, exc)
+    return payload
+
+
+def make_payload(result: TrialResult, trial_id: str, started: float, finished: float) -> dict[str, Any]:
+    return {"number": result.number, "trial_id": trial_id, "state": result.state,
+            "hparams": dict(result.hparams), "record": result.record(), "curve": list(result.curve),
+            "cost": result.cost, "constraints": list(result.constraints),
+            "values": list(result.values) if result.values is not None else None,
+            "started": started, "finished": finished, "node": socket.gethostname()}
+
+
+def _load_worker(ctx: TrialContext) -> trial_mod.Worker:
+    import torch
+
+    base = Path(ctx.out_dir) / "base.pt"
+    if not base.is_file():
+        raise AutopruneError(f"{base} is not visible on Ray node {socket.gethostname()}: put the results folder "
+                             "on storage every node mounts at the same path")
+    if ctx.gpus > 0:
+        if not torch.cuda.is_available():
+            raise AutopruneError(f"this trial holds {ctx.gpus} GPU but torch on Ray node {socket.gethostname()} "
+                                 "sees no CUDA device")
+        device = torch.device("cuda")  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
+    else:
+        device = torch.device("cpu")
+    torch.set_num_threads(max(1, ctx.threads))
+    key = repr((ctx.out_dir, str(device), base.stat().st_mtime_ns, ctx.spec.data))
+    if _WORKER.get("key") != key:
+        _WORKER.clear()
+        _WORKER.update(key=key, worker=trial_mod.Worker.load(ctx.spec, ctx.out_dir, device))
+    return _WORKER["worker"]
+
+
+def _trainable(config: dict, ctx: TrialContext) -> None:
+    """Ray Tune function trainable: one report, when the trial ends."""
+    from ray import tune
+
+    meta = config["autoprune"]
+    meta.setdefault("trial_id", tune.get_context().get_trial_id())
+    payload = run_one(config, ctx)
+    values = payload.get("values") or [math.nan, math.nan]
+    tune.report({"number": payload["number"], "state": payload["state"], METRICS[0]: values[0],
+                 METRICS[1]: values[1], "autoprune_result": json.dumps(payload, default=str)})
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial_{int(trial.config['autoprune']['number']):04d}"
+
+
+class _Space:
+    """Define-by-run space for OptunaSearch: the shared :func:`space.suggest`."""
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        from . import space
+
+        return {"autoprune": {"hparams": space.suggest(trial, self.spec)}}
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+@dataclass
+class _Run:
+    """Driver-side state of one run: budgets, numbering, trials.csv, progress."""
+
+    spec: Any
+    store: Store
+    run_id: str
+    limits: Any  # optuna_backend.Limits
+    on_update: Callable[[list[dict]], None] | None = None
+    reason: str | None = None
+    suggested: dict[str, float] = field(default_factory=dict)  # trial id -> when handed out
+
+    def budget_reason(self) -> str | None:
+        lim = self.limits
+        if lim.deadline is not None and time.time() >= lim.deadline:
+            return "time"
+        claims, results = self.store.claims(), self.store.results()
+        if lim.max_trials is not None:
+            used = len(results) + sum(1 for n, c in claims.items() if n not in results and c.get("run") == self.run_id)
+            if used >= lim.max_trials:
+                return "max_trials"
+        if lim.device_seconds is not None:
+            now = time.time()
+            spent = sum(float((r.get("record") or {}).get("duration_s") or 0.0) for r in results.values())
+            spent += sum(now - float(c.get("suggested", now)) for n, c in claims.items()
+                         if n not in results and c.get("run") == self.run_id)
+            if spent >= lim.device_seconds:
+                return "device_hours"
+        return None
+
+    def claim(self, trial_id: str, hparams: Mapping[str, Any], ot_trial: Any) -> int:
+        from optuna.distributions import distribution_to_json
+
+        number = self.store.next_number()
+        self.store.write_claim(number, {
+            "number": number, "trial_id": trial_id, "run": self.run_id, "hparams": dict(hparams),
+            "optuna_params": dict(ot_trial.params), "retry_of": ot_trial.user_attrs.get("retry_of"),
+            "distributions": {k: distribution_to_json(d) for k, d in ot_trial.distributions.items()},
+            "suggested": time.time()})
+        self.suggested[trial_id] = time.time()
+        self.update()
+        return number
+
+    def trial_ended(self, config: Mapping[str, Any], reported: Mapping[str, Any] | None, error: str | None) -> None:
+        """A Ray trial ended: make sure its result exists (a trial that could not write it reported it)."""
+        number = int(config["autoprune"]["number"])
+        if self.store.result(number) is None:
+            if reported and reported.get("autoprune_result"):
+                self.store.write_result(number, json.loads(reported["autoprune_result"]))
+            elif error is not None:  # the actor died (out of memory, node lost): failed, with Ray's error
+                result = TrialResult(number=number, state="failed", hparams=dict(config["autoprune"]["hparams"]),
+                                     error=error, objectives=tuple(self.spec.objectives))
+                self.store.write_result(number, make_payload(result, "", math.nan, time.time()))
+            # neither: stopped before it reported (the run was interrupted) -> stays a claim: interrupted
+        self.update()
+
+    def update(self) -> None:
+        rows = trial_rows(self.store.out_dir, self.run_id)
+        write_trials_csv(self.store.out_dir / "trials.csv", rows)
+        if self.on_update is not None:
+            self.on_update(rows)
+
+
+def retries(out_dir: str | Path) -> list[tuple[int, dict]]:
+    """(number, Optuna params) of interrupted trials whose configuration has not been run again."""
+    store = Store(out_dir)
+    claims, results = store.claims(), store.results()
+    retried = {c.get("retry_of") for c in claims.values()}
+    return [(n, c.get("optuna_params") or {}) for n, c in sorted(claims.items())
+            if n not in results and n not in retried]
+
+
+def _ray_classes() -> dict[str, type]:
+    """The Ray subclasses, built on first use (module ``__getattr__`` makes them picklable by name)."""
+    if "AutopruneSearch" in globals():
+        return {k: globals()[k] for k in ("AutopruneSearch", "AutopruneCallback")}
+    from optuna.trial import TrialState
+    from ray.tune import Callback
+    from ray.tune.search import Searcher
+    from ray.tune.search.optuna import OptunaSearch
+
+    class AutopruneSearch(OptunaSearch):
+        """OptunaSearch with autoprune's space, budgets, numbering, warm start and outcome mapping."""
+
+        def __init__(self, spec: Any, key: str, sampler: Any, warm: Sequence[Any] = (),
+                     retry: Sequence[tuple[int, dict]] = ()) -> None:
+            super().__init__(space=_Space(spec), metric=list(METRICS), mode=["max", "min"], sampler=sampler)
+            self._autoprune_key = key
+            self._autoprune_constraints = trial_mod.constraint_names(spec)
+            self._ot_study.add_trials(list(warm))
+            for number, params in retry:
+                self._ot_study.enqueue_trial(params, user_attrs={"retry_of": number})
+
+        def suggest(self, trial_id: str) -> dict | str | None:
+            run = _RUNS.get(self._autoprune_key)
+            reason = "interrupted" if run is None else run.budget_reason()
+            if reason is not None:
+                if run is not None:
+                    run.reason = reason
+                return Searcher.FINISHED
+            config = super().suggest(trial_id)
+            if isinstance(config, dict):
+                meta = config["autoprune"]
+                meta["number"] = run.claim(trial_id, meta["hparams"], self._ot_trials[trial_id])
+                meta["trial_id"] = trial_id
+            return config
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            return None  # trials report once, at their end
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            self._completed_trials.add(trial_id)
+            ot_trial = self._ot_trials[trial_id]
+            state = "failed" if error or not result else str(result.get("state", "failed"))
+            try:
+                if state in ("complete", "early_stopped"):
+                    payload = json.loads(result["autoprune_result"])
+                    for name, value in zip(self._autoprune_constraints, payload.get("constraints") or ()):
+                        ot_trial.set_constraint(name, float(value))
+                if state == "complete":
+                    self._ot_study.tell(ot_trial, [float(result[m]) for m in METRICS])
+                else:  # never the partial accuracy of an early-stopped trial
+                    self._ot_study.tell(ot_trial, state=TrialState.PRUNED if state == "early_stopped"
+                                        else TrialState.FAIL)
+            except Exception as exc:  # noqa: BLE001 - the results folder is the record; the sampler can cope
+                log.warning("could not tell Optuna how Ray trial %s ended: %s", trial_id, trial_mod.one_line(exc))
+
+    class AutopruneCallback(Callback):
+        """Keeps trials.csv and the progress bar current; records trials whose Ray actor failed."""
+
+        def __init__(self, key: str) -> None:
+            self._autoprune_key = key
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            run = _RUNS.get(self._autoprune_key)
+            if run is not None:
+                run.trial_ended(trial.config, trial.last_result, None)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            run = _RUNS.get(self._autoprune_key)
+            if run is not None:
+                error = trial.get_error()
+                message = trial_mod.one_line(error) if error is not None else "the trial's Ray actor failed"
+                run.trial_ended(trial.config, None, message)
+
+    for cls in (AutopruneSearch, AutopruneCallback):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+        globals()[cls.__name__] = cls
+    return {"AutopruneSearch": AutopruneSearch, "AutopruneCallback": AutopruneCallback}
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("AutopruneSearch", "AutopruneCallback"):
+        require_ray()
+        return _ray_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def resources(spec: Any, options: RayOptions, cluster: Mapping[str, float]) -> tuple[float, float, int]:
+    """(cpus, gpus) per trial and the number of concurrent trials, checked against the spec's device."""
+    device = str(spec.device)
+    gpus = options.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if device.startswith("cuda") or (device == "auto" and cluster.get("GPU", 0) > 0) else 0.0
+    if gpus > 0 and device == "cpu":
+        raise AutopruneError(f"--gpus-per-trial {gpus} with device cpu: pass --device cuda (or auto)")
+    if gpus == 0 and device.startswith("cuda"):
+        raise AutopruneError("device cuda needs --gpus-per-trial > 0 with the ray backend (e.g. 1, or 0.5 to share)")
+    if gpus > 0 and cluster.get("GPU", 0) < gpus:
+        raise AutopruneError(f"the Ray cluster has {cluster.get('GPU', 0):g} GPUs, a trial needs {gpus:g}; "
+                             "lower --gpus-per-trial or add GPU nodes")
+    cpus = float(options.cpus_per_trial)
+    if cluster.get("CPU", 0) < cpus:
+        raise AutopruneError(f"the Ray cluster has {cluster.get('CPU', 0):g} CPUs, a trial needs {cpus:g}; "
+                             "lower --cpus-per-trial")
+    concurrent = options.max_concurrent or (int(spec.workers) if int(spec.workers or 1) > 1 else None)
+    if concurrent is None:
+        fits = [int(cluster.get("CPU", 0) // cpus)] + ([int(cluster.get("GPU", 0) // gpus)] if gpus > 0 else [])
+        concurrent = max(1, min(fits))
+    return cpus, gpus, int(concurrent)
+
+
+def _connect(ray: Any, options: RayOptions) -> bool:
+    """Connect to (or start) Ray; True when this call started it (and must shut it down)."""
+    if ray.is_initialized():
+        log.info("using the Ray this process is connected to")
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    try:
+        if options.address is None:
+            cpus = os.cpu_count() or 1
+            if options.max_concurrent is not None:
+                cpus = max(1, math.ceil(options.max_concurrent * options.cpus_per_trial))
+            ray.init(num_cpus=cpus, **kwargs)
+        else:
+            ray.init(address=options.address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise AutopruneError(f"could not connect to Ray at {options.address or 'a new local instance'}: "
+                             f"{trial_mod.one_line(exc)}; start a cluster with `ray start --head` or fix "
+                             "--address") from None
+    return True
+
+
+def run(spec: Any, out_dir: str | Path, limits: Any, device: Any = None, options: RayOptions | None = None,
+        early_stopping: bool = True, on_update: Callable[[list[dict]], None] | None = None) -> str:
+    """Run trials on Ray until a budget is spent; returns why it stopped. The caller (the runner) holds the
+    folder's run lock and has written spec.yaml and base.pt; ``device`` (the driver's) is not used."""
+    ray = require_ray()
+    import optuna
+    from ray import tune
+
+    from . import optuna_backend
+
+    options = options or RayOptions()
+    out = Path(out_dir).resolve()
+    check(out, options)
+    store = Store(out)
+    store.root.mkdir(parents=True, exist_ok=True)
+    started_ray = _connect(ray, options)
+    key = str(out)
+    try:
+        cpus, gpus, concurrent = resources(spec, options, ray.cluster_resources())
+        tune_dir = store.root / "tune"
+        run_id = f"run_{sum(1 for p in tune_dir.glob('run_*')) if tune_dir.is_dir() else 0:03d}"
+        previous = len(store.claims())
+        seed = None if spec.seed is None else int(spec.seed) + previous * 1009  # as the Optuna backend
+        live = _Run(spec=spec, store=store, run_id=run_id, limits=limits, on_update=on_update)
+        _RUNS[key] = live
+        classes = _ray_classes()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        searcher = classes["AutopruneSearch"](spec, key, optuna_backend.make_sampler(spec.sampler, seed),
+                                              warm=history(spec, out), retry=retries(out))
+        ctx = TrialContext(spec=spec, out_dir=str(out), early_stopping=bool(early_stopping), gpus=gpus,
+                           threads=max(1, int(cpus)))
+        trainable = tune.with_resources(functools.partial(_trainable, ctx=ctx), {"cpu": cpus, "gpu": gpus})
+        log.info("ray %s: %d trials at once, %g CPUs and %g GPUs each", run_id, concurrent, cpus, gpus)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=concurrent,
+                                        reuse_actors=True, trial_name_creator=_trial_name,
+                                        trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name=run_id, storage_path=str(tune_dir), verbose=0,
+                                      callbacks=[classes["AutopruneCallback"](key)],
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+        live.update()
+        quiet = os.environ.get("RAY_AIR_NEW_OUTPUT")
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new console output prints a banner even with verbose=0
+        try:
+            tuner.fit()
+        finally:
+            if quiet is None:
+                os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+            else:
+                os.environ["RAY_AIR_NEW_OUTPUT"] = quiet
+        return live.reason or "interrupted"
+    finally:
+        _RUNS.pop(key, None)
+        write_trials_csv(out / "trials.csv", trial_rows(out))
+        if started_ray:
+            ray.shutdown()

@@ -1,0 +1,295 @@
+"""The search's front door: ``run_search(spec, out_dir, resume)`` -> results folder -> StudyResult.
+
+Prepares ``<out>`` (resolved ``spec.yaml``; ``base.pt`` copied from the spec's ``base`` or trained
+once and cached), runs a backend (Optuna by default) under the spec's budgets, then computes
+parameter importance and writes the report (``pareto.csv/png/html``, ``importance.csv``,
+``report.md``) through :mod:`autoprune.report`. See DESIGN.md section 5 and the results-folder
+contract.
+
+Budgets: ``max_trials`` counts every started trial except interrupted ones (those are retried);
+``time_s`` is wall-clock time of this run, from the call (base training included);
+``device_hours`` is the summed wall time of all trials of the study, across resumes (each trial
+holds one device, so this is time x devices in use). When a budget is spent no new trial starts,
+running trials finish, and the report is written.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cost import count_macs, count_params, measure_latency
+from ..data import load_data
+from ..errors import AutopruneError
+from ..models import ModelSpec, create_model
+from ..plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
+from ..train import TrainConfig, evaluate, fit, resolve_device
+from . import optuna_backend
+from .trial import COST_KEYS
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("optuna", "ray")
+RESULT_FILES = ("spec.yaml", "base.pt", "study.db", "trials.csv", "pareto.csv", "pareto.png", "pareto.html",
+                "importance.csv", "report.md")
+# Spec keys that may change between a search and its resumption (everything else must match).
+RESUMABLE_KEYS = frozenset({"budget", "workers", "device", "source", "early_stop", "sampler", "seed"})
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    out_dir: Path
+    study: str
+    stop_reason: str  # max_trials | time | device_hours | interrupted | ...
+    rows: tuple[dict[str, Any], ...]  # trials.csv rows
+    front: tuple[dict[str, str], ...]  # pareto.csv rows (as read back), sorted by MACs
+    base: Mapping[str, Any]  # base model metrics: val_acc, macs, params (+ latency_ms)
+    files: Mapping[str, Path] = field(default_factory=dict)
+    importance: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r["state"]] = out.get(r["state"], 0) + 1
+        return out
+
+    @property
+    def epochs_run(self) -> int:
+        return sum(int(r.get("epochs_run") or 0) for r in self.rows)
+
+
+def default_out_dir(spec: Any) -> Path:
+    return Path("results") / spec.study
+
+
+def run_search(spec: Any, out_dir: str | Path | None = None, resume: bool = False, backend: str = "optuna",
+               progress: bool = True, ray_options: Any = None) -> StudyResult:
+    """Run (or resume) the search ``spec`` describes; returns what it wrote. See the module docstring.
+
+    ``backend``: ``optuna`` (default: embedded, ``study.db``) or ``ray`` (Ray Tune, see
+    :mod:`autoprune.search.ray_backend`; ``ray_options`` is its ``RayOptions``).
+    """
+    start = time.time()
+    out = Path(out_dir) if out_dir is not None else default_out_dir(spec)
+    if backend not in BACKENDS:
+        raise AutopruneError(f"unknown search backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    budget = spec.budget
+    if budget.max_trials is None and budget.time_s is None and budget.device_hours is None:
+        raise AutopruneError(f"search {spec.study!r} has no budget; set budget.max_trials, budget.time_s or "
+                             f"budget.device_hours in {spec.source}, or pass --max-trials / --time-budget")
+    optuna_backend.make_sampler(spec.sampler, 0)  # unknown sampler: fail before any compute
+    if backend == "ray":
+        from . import ray_backend
+
+        ray_backend.check(out, ray_options)  # Ray installed, not an Optuna-backend folder
+    elif (out / "ray").is_dir() and not (out / "study.db").exists():
+        raise AutopruneError(f"{out} holds a search run with the ray backend; resume it with --backend ray or "
+                             "choose another --out")
+    existing = [name for name in ("study.db", "trials.csv", "spec.yaml") if (out / name).exists()]
+    if existing and not resume:
+        raise AutopruneError(f"{out} already holds a search ({existing[0]}); pass --resume to continue it or "
+                             "choose another --out")
+    if resume and not existing:
+        log.info("nothing to resume in %s: starting a new search", out)
+    out.mkdir(parents=True, exist_ok=True)
+    with optuna_backend.file_lock(out / optuna_backend.RUN_LOCK, blocking=False) as free:
+        if not free:
+            raise AutopruneError(f"another search is running on {out}; wait for it or choose another --out")
+        if resume and (out / "spec.yaml").exists():
+            check_resumable(spec, out / "spec.yaml")
+        _dump_spec(spec, out / "spec.yaml")
+        device = resolve_device(spec.device)
+        data = load_data(spec.data, device)
+        base = prepare_base(spec, out, data, device, progress)
+        limits = optuna_backend.Limits(
+            max_trials=budget.max_trials, deadline=None if budget.time_s is None else start + float(budget.time_s),
+            device_seconds=None if budget.device_hours is None else float(budget.device_hours) * 3600.0)
+        workers = max(1, int(spec.workers or 1))
+        if workers > 1:  # each worker loads its own copy on its own device
+            data = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        bar = _ProgressBar(spec, progress)
+        reason = "interrupted"
+        try:
+            if backend == "ray":
+                from . import ray_backend
+
+                reason = ray_backend.run(spec, out, limits, device, options=ray_options,
+                                         early_stopping=bool(spec.early_stop.enabled), on_update=bar.update)
+            else:
+                reason = optuna_backend.run(spec, out, limits, device, workers=workers,
+                                            early_stopping=bool(spec.early_stop.enabled), on_update=bar.update,
+                                            data=data)
+        except BaseException:
+            bar.close()
+            try:  # a stopped search still leaves its report
+                _finish(spec, out, base, backend, with_importance=False)
+            except Exception as exc:  # noqa: BLE001 - do not hide the error that stopped the search
+                log.warning("could not write the report of the stopped search: %s", exc)
+            raise
+        bar.close()
+        rows, imp = _finish(spec, out, base, backend, with_importance=True)
+    log.info("search %s stopped (%s): %d trials", spec.study, reason, len(rows))
+    files = {name: out / name for name in RESULT_FILES if (out / name).exists()}
+    return StudyResult(out_dir=out, study=spec.study, stop_reason=reason, rows=tuple(rows),
+                       front=tuple(read_csv(out / "pareto.csv")), base=base, files=files, importance=imp)
+
+
+def _finish(spec: Any, out: Path, base: Mapping[str, Any], backend: str, with_importance: bool
+            ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """Rows of every trial, parameter importance, and the report (trials.csv is the backend's)."""
+    if backend == "ray":
+        from . import ray_backend
+
+        rows = ray_backend.trial_rows(out)
+        imp = ray_backend.importance(spec, out) if with_importance else {}
+    else:
+        study = optuna_backend.open_study(spec, out)
+        rows = optuna_backend.trial_rows(study)
+        imp = optuna_backend.importance(study, spec.objectives) if with_importance else {}
+    _write_report(out, base, imp or None)
+    return rows, imp
+
+
+def check_resumable(spec: Any, saved_path: Path) -> None:
+    """Resuming with a different model, data, objectives or space would mix incomparable trials."""
+    import yaml
+
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = _plain(spec.to_dict())
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUMABLE_KEYS:
+            continue
+        if _plain(saved.get(key)) != now.get(key):
+            raise AutopruneError(f"the spec's {key!r} differs from the one this search started with "
+                                 f"({saved_path}); resume with the same spec or choose another --out")
+
+
+def _plain(value: Any) -> Any:
+    """Normalise for comparison (tuples -> lists, nested mappings -> dicts)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _dump_spec(spec: Any, path: Path) -> None:
+    from .spec import dump_spec
+
+    dump_spec(spec, path)
+
+
+def prepare_base(spec: Any, out: Path, data: Any, device: torch.device, progress: bool = False) -> dict[str, Any]:
+    """``<out>/base.pt`` with metrics {val_acc, macs, params}: reused, copied from ``spec.base`` or trained."""
+    path = out / "base.pt"
+    shape = (data.in_channels, data.image_size, data.image_size)
+    model_spec = ModelSpec(name=spec.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                           image_size=data.image_size)
+    metrics: dict[str, Any] = {}
+    if path.exists():
+        model, ckpt = load_base(path, device)
+        metrics = dict(ckpt.get("metrics") or {})
+        if not {"val_acc", "macs", "params"} <= set(metrics):
+            metrics = {}
+    if not metrics:
+        if spec.base:
+            model = _load_given_base(spec, model_spec)
+        else:
+            with torch.random.fork_rng(devices=[]):  # the same seed gives the same base model
+                torch.manual_seed(int(spec.seed or 0))
+                model = create_model(model_spec)
+            if spec.base_epochs <= 0:
+                log.warning("base_epochs is 0 and no base checkpoint is given: pruning an untrained model")
+            else:
+                log.info("training the base model %s for %d epochs", spec.model, spec.base_epochs)
+                fit(model, data.train, data.val, TrainConfig(epochs=int(spec.base_epochs), lr=float(spec.base_lr),
+                                                             seed=int(spec.seed or 0)), device, progress=progress)
+        model.to(device)
+        metrics = {"val_acc": evaluate(model, data.val, device)["acc"], "macs": count_macs(model, shape, device),
+                   "params": count_params(model)}
+        save_base(path, model, model_spec, spec.data, metrics)
+        log.info("base model: val_acc %.4f, %d MACs, %d params -> %s", metrics["val_acc"], metrics["macs"],
+                 metrics["params"], path)
+    if "latency" in spec.objectives:
+        metrics["latency_ms"] = measure_latency(model, shape, 1, device)
+    return metrics
+
+
+def _load_given_base(spec: Any, model_spec: ModelSpec) -> torch.nn.Module:
+    ckpt = read_checkpoint(spec.base)
+    if ckpt["format"] == PRUNED_FORMAT:
+        raise AutopruneError(f"base checkpoint {spec.base} is a pruned model; give the unpruned base model")
+    saved = ModelSpec.from_dict(ckpt["model"])
+    if saved != model_spec:
+        raise AutopruneError(f"base checkpoint {spec.base} holds {saved}, the spec needs {model_spec}; fix the "
+                             "spec's model/data or the base path")
+    if ckpt.get("data") not in (None, spec.data.to_dict()):
+        log.warning("base checkpoint %s was trained with data %s, the search uses %s: its training set may "
+                    "overlap this validation split", spec.base, ckpt.get("data"), spec.data.to_dict())
+    model, _ = load_base(spec.base, "cpu")
+    return model
+
+
+def _write_report(out: Path, base: Mapping[str, Any], importance: Mapping[str, Any] | None) -> None:
+    from .. import report
+
+    report.write_report(out, dict(base), importance)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class _ProgressBar:
+    """tqdm over trials in the calling process: done/total, best val acc, front size, states."""
+
+    def __init__(self, spec: Any, enabled: bool) -> None:
+        self.enabled = enabled
+        self.cost_key = COST_KEYS[spec.objectives[1]]
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=spec.budget.max_trials, desc=f"search {spec.study}", unit="trial",
+                            dynamic_ncols=True)
+
+    def update(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if self.bar is None:
+            return
+        done = [r for r in rows if r["state"] != "running" and "interrupted" not in str(r.get("error"))]
+        self.bar.n = len(done)
+        ok = [r for r in done if r["state"] == "complete" and r["feasible"]]
+        best = max((float(r["val_acc"]) for r in ok), default=math.nan)
+        self.bar.set_postfix(best_acc=f"{best:.4f}", front=front_size(ok, self.cost_key),
+                             stopped=sum(r["state"] == "early_stopped" for r in done),
+                             failed=sum(r["state"] == "failed" for r in done),
+                             running=sum(r["state"] == "running" for r in rows), refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def front_size(rows: Sequence[Mapping[str, Any]], cost_key: str) -> int:
+    import numpy as np
+
+    from ..pareto import pareto_mask
+
+    pts = [(float(r["val_acc"]), float(r[cost_key])) for r in rows if r.get(cost_key) not in (None, "")]
+    if not pts:
+        return 0
+    return int(np.asarray(pareto_mask(np.asarray(pts, dtype=float), [True, False])).sum())
