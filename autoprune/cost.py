@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,21 @@ def _linear_macs(module: nn.Linear, out: torch.Tensor) -> int:
 
 
 @torch.no_grad()
+def _forward_with_hook(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device,
+                       hook: Callable[[nn.Module, tuple, torch.Tensor], None]) -> None:
+    """One eval-mode forward pass of a zero sample with ``hook`` on every conv and linear layer."""
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def count_macs(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu") -> int:
     """MACs of convs and linears for one sample of shape ``input_shape`` (C, H, W), measured by hooks."""
     total = 0
@@ -39,15 +54,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], device: str | tor
         elif isinstance(module, nn.Linear):
             total += _linear_macs(module, out)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    try:
-        model.eval()
-        model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _forward_with_hook(model, input_shape, device, hook)
     return total
 
 
@@ -205,13 +212,5 @@ def layer_geometry(model: nn.Module, input_shape: tuple[int, ...], device: str |
             found[name] = LayerGeom(name, "linear", module.in_features, module.out_features, 1, 1, rows,
                                     module.bias is not None, False)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    try:
-        model.eval()
-        model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _forward_with_hook(model, input_shape, device, hook)
     return list(found.values())

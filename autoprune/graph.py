@@ -23,6 +23,7 @@ from torch_pruning.pruner.function import PrunerBox
 
 from .cost import LayerGeom, Term, WidthCost, count_macs, count_params, layer_geometry
 from .errors import AutopruneError
+from .models import classifier_name
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +77,6 @@ def _kind(module: nn.Module) -> str:
 
 def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels == module.out_channels
-
-
-def output_layer(model: nn.Module) -> str:
-    """Name of the layer producing the logits (last Linear, else last conv): never pruned."""
-    last = None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            last = name
-    if last is None:
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Conv2d):
-                last = name
-    if last is None:
-        raise AutopruneError(f"{type(model).__name__} has no Conv2d or Linear layer: nothing autoprune can prune")
-    return last
 
 
 def _example(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
@@ -164,7 +150,7 @@ def find_groups(
     order = {n: i for i, n in enumerate(layers)}
     depthwise = {n for n, m in model.named_modules() if _is_depthwise(m)}
     modules = dict(model.named_modules())
-    ignore = [modules[output_layer(model)]] + [modules[n] for n in ignored]
+    ignore = [modules[classifier_name(model)]] + [modules[n] for n in ignored]
     was_training = model.training
     model.eval()
     try:

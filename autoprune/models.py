@@ -102,17 +102,16 @@ def create_model(spec: ModelSpec) -> nn.Module:
 
 
 def classifier_name(model: nn.Module) -> str:
-    """Qualified name of the last ``nn.Linear`` in ``model.named_modules()`` (the classifier)."""
-    last = None
-    for qualified, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = qualified
-    if last is None:
-        raise AutopruneError(
-            f"{type(model).__name__} has no nn.Linear classifier; "
-            "autoprune needs a final nn.Linear it never prunes"
-        )
-    return last
+    """Qualified name of the layer producing the logits: the last ``nn.Linear``, or the last
+    ``nn.Conv2d`` for fully convolutional classifiers (SqueezeNet). It is never pruned."""
+    for kind in (nn.Linear, nn.Conv2d):
+        last = None
+        for qualified, module in model.named_modules():
+            if isinstance(module, kind):
+                last = qualified
+        if last is not None:
+            return last
+    raise AutopruneError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer: nothing autoprune can prune")
 
 
 # --------------------------------------------------------------------------- prefixed forms

@@ -185,8 +185,9 @@ def test_classifier_name():
     assert classifier_name(create_model(ModelSpec("resnet20", 10, 3, 32))) == "fc"
     assert classifier_name(create_model(ModelSpec("torchvision:mobilenet_v2", 10, 3, 32))) == "classifier.1"
     assert classifier_name(create_model(ModelSpec("torchvision:vgg11", 10, 3, 32))) == "classifier.6"
-    with pytest.raises(AutopruneError, match="Linear"):
-        classifier_name(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    assert classifier_name(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 10, 1))) == "1"  # conv classifier
+    with pytest.raises(AutopruneError, match="Linear or nn.Conv2d"):
+        classifier_name(nn.Sequential(nn.ReLU()))
 
 
 def test_model_spec_round_trip_and_validation():
