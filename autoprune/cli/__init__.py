@@ -30,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in _MODULES:
-        try:
-            module = importlib.import_module(f"autoprune.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"autoprune.cli.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"autoprune.cli.{name}").register(sub)
     return parser
 
 

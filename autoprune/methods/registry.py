@@ -28,11 +28,5 @@ def list_methods() -> list[str]:
 
 
 def _load_builtin() -> None:
-    import importlib
-
-    for module in ("l1", "resrep", "lrf", "fsm"):
-        try:
-            importlib.import_module(f"autoprune.methods.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"autoprune.methods.{module}":
-                raise
+    """Import the built-in methods so their ``@register_method`` runs (lazily: they import train.py)."""
+    from . import fsm, l1, lrf, resrep  # noqa: F401
