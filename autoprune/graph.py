@@ -154,7 +154,8 @@ def find_groups(
     was_training = model.training
     model.eval()
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=_example(model, input_shape))
+        with torch.enable_grad():  # Torch-Pruning traces autograd: works even inside torch.no_grad()
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=_example(model, input_shape))
         tp_groups = list(dg.get_all_groups(ignored_layers=ignore, root_module_types=[nn.Conv2d, nn.Linear]))
     except Exception as exc:
         raise AutopruneError(f"could not trace {type(model).__name__} for channel groups: {exc}") from exc

@@ -105,3 +105,10 @@ def test_bad_keep_sets_are_clear_errors():
         remove_channels(model, groups, {g.name: [g.channels]})
     with pytest.raises(AutopruneError, match="does not exist"):
         remove_channels(model, groups, {"nope": [0]})
+
+
+def test_groups_can_be_found_inside_no_grad():
+    spec, shape = model_input("resnet20")
+    with torch.no_grad():
+        groups = find_groups(create_model(spec), shape)
+    assert any(g.prunable for g in groups)

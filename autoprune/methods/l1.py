@@ -38,7 +38,7 @@ class L1(ScoringMethod):
                     per_index = w.abs().reshape(w.shape[0], -1).sum(1)
                 else:  # consumer: the input columns that read the channel
                     per_index = w.abs().transpose(0, 1).reshape(w.shape[1], -1).sum(1)
-                for c, idx in enumerate(member.index):
-                    total[c] += per_index[list(idx)].sum()
+                index = torch.tensor(member.index)  # (channels, slices per channel): equal lengths
+                total += per_index[index].sum(1)
             out[g.name] = total
         return out
