@@ -1,0 +1,11 @@
+"""Re-runnable benchmarks behind the README's "Performance" numbers.
+
+Each module runs as ``python -m autoprune.benchmarks.<name>`` (``--quick`` for a CI-sized run),
+prints its table and writes ``results/benchmarks/<name>.md`` and ``.csv``:
+
+- ``engine_speed``: seconds for grouping, scoring, allocation and surgery on real architectures;
+- ``latency``: measured latency of pruned vs base models next to their MACs ratio;
+- ``quality``: autoprune's methods against Torch-Pruning's own pruners at equal MACs and budget;
+- ``search``: hypervolume of the search vs random sampling vs single methods, and what early
+  stopping saves.
+"""
