@@ -1,12 +1,15 @@
 """Shared fixtures: tiny data and a trained digits base model, built once per test session."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from autoprune.data import DataSpec, load_data
 from autoprune.models import ModelSpec, create_model
-from autoprune.train import TrainConfig, fit
+from autoprune.plan import save_base
+from autoprune.train import TrainConfig, evaluate, fit
 
 # The registry models the engine must handle, with an input size that keeps tests fast.
 CIFAR_MODELS = ["resnet20", "resnet56", "resnet20_a", "resnet56_a", "vgg16_bn", "mobilenetv2"]
@@ -51,3 +54,16 @@ def digits_base(digits):
     model = create_model(spec)
     fit(model, digits.train, digits.val, TrainConfig(epochs=10, lr=0.05, seed=0), "cpu")
     return model.eval(), spec
+
+
+@pytest.fixture(scope="session")
+def base_ckpt(tmp_path_factory) -> Path:
+    """A small_cnn digits base checkpoint (3 epochs) for search tests, saved like `autoprune train`."""
+    data = load_data(DataSpec("digits"))
+    spec = ModelSpec("small_cnn", data.num_classes, data.in_channels, data.image_size)
+    torch.manual_seed(0)
+    model = create_model(spec)
+    fit(model, data.train, data.val, TrainConfig(epochs=3, lr=0.05, seed=0), "cpu")
+    path = tmp_path_factory.mktemp("base") / "base.pt"
+    save_base(path, model, spec, data.spec, {"val_acc": evaluate(model, data.val, "cpu")["acc"]})
+    return path

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import model_input
 
 from autoprune.allocate import AllocationConfig, allocate, select
 from autoprune.errors import AutopruneError
 from autoprune.graph import build_width_cost, find_groups
 from autoprune.models import create_model, list_models
-
-from conftest import model_input
 
 TARGETS = (0.7, 0.5, 0.3, 0.15)
 

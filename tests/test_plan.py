@@ -7,13 +7,12 @@ import sys
 
 import pytest
 import torch
+from conftest import model_input, randomise_bn
 
 import autoprune
 from autoprune.errors import AutopruneError, CheckpointError
 from autoprune.models import create_model
 from autoprune.plan import Plan, apply_plan, load_pruned, read_checkpoint, save_pruned
-
-from conftest import model_input, randomise_bn
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "small_cnn"])

@@ -23,18 +23,15 @@ import torch
 import yaml
 
 from autoprune.cost import count_macs
-from autoprune.data import DataSpec, load_data
 from autoprune.errors import AutopruneError
-from autoprune.models import ModelSpec, create_model
 from autoprune.pareto import pareto_mask
-from autoprune.plan import load_pruned, save_base
+from autoprune.plan import load_pruned
 from autoprune.search import ray_backend
 from autoprune.search.optuna_backend import Limits
 from autoprune.search.ray_backend import RayOptions, Store
 from autoprune.search.runner import run_search
 from autoprune.search.spec import load_spec
 from autoprune.search.trial import INTERRUPTED, make_row
-from autoprune.train import TrainConfig, evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,18 +193,6 @@ def ray_address():
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory) -> Path:
-    data = load_data(DataSpec("digits"))
-    spec = ModelSpec("small_cnn", data.num_classes, data.in_channels, data.image_size)
-    torch.manual_seed(0)
-    model = create_model(spec)
-    fit(model, data.train, data.val, TrainConfig(epochs=1, lr=0.05, seed=0), "cpu")
-    path = tmp_path_factory.mktemp("base") / "base.pt"
-    save_base(path, model, spec, data.spec, {"val_acc": evaluate(model, data.val, "cpu")["acc"]})
-    return path
 
 
 @pytest.mark.slow

@@ -21,16 +21,13 @@ import torch
 import yaml
 
 from autoprune.cost import count_macs
-from autoprune.data import DataSpec, load_data
 from autoprune.errors import AutopruneError
-from autoprune.models import ModelSpec, create_model
 from autoprune.pareto import pareto_mask
-from autoprune.plan import load_pruned, save_base
+from autoprune.plan import load_pruned
 from autoprune.search import early_stop
 from autoprune.search import trial as trial_mod
 from autoprune.search.runner import run_search
 from autoprune.search.spec import load_spec
-from autoprune.train import TrainConfig, evaluate, fit
 
 CONTRACT_HEAD = ["number", "state", "method", "target", "allocation", "epochs", "lr"]
 CONTRACT_TAIL = ["val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
@@ -44,18 +41,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory) -> Path:
-    data = load_data(DataSpec("digits"))
-    spec = ModelSpec("small_cnn", data.num_classes, data.in_channels, data.image_size)
-    torch.manual_seed(0)
-    model = create_model(spec)
-    fit(model, data.train, data.val, TrainConfig(epochs=3, lr=0.05, seed=0), "cpu")
-    path = tmp_path_factory.mktemp("base") / "base.pt"
-    save_base(path, model, spec, data.spec, {"val_acc": evaluate(model, data.val, "cpu")["acc"]})
-    return path
 
 
 def write_spec(folder: Path, base: Path, name: str = "spec.yaml", **changes) -> Path:
