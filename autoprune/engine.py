@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from .allocate import AllocationConfig
 from .cost import count_macs, count_params
 from .errors import AutopruneError
 from .graph import ChannelGroup, build_width_cost, find_groups
-from .methods import PruneContext, get_method, make_params
+from .methods import EpochReport, PruneContext, get_method, make_params
 from .plan import Plan, apply_plan
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def prune(
     train_cfg: Any = None,
     groups: list[ChannelGroup] | None = None,
     progress: bool = False,
+    on_epoch: Callable[[EpochReport], bool] | None = None,
     **params: Any,
 ) -> PruneResult:
     """Prune a copy of ``model`` to ``target`` x its MACs with ``method``; the input model is untouched.
@@ -76,6 +77,9 @@ def prune(
     ``data`` (an :class:`autoprune.data.Dataset`) is needed by methods that train or calibrate
     (ResRep, FSM with measured compensation). ``params`` are the method's parameters (see
     ``autoprune methods``). ``groups`` may pass channel groups found earlier for this architecture.
+    ``on_epoch`` receives each training epoch of a method that trains while pruning (ResRep) as an
+    :class:`~autoprune.methods.EpochReport`; returning True stops it with
+    :class:`~autoprune.methods.PruneStopped`.
     Returns the pruned model, its Plan and its measured MACs / params next to the base ones.
     """
     start = time.perf_counter()
@@ -92,7 +96,8 @@ def prune(
     if not any(g.prunable for g in groups):
         raise AutopruneError(f"{type(model).__name__} has no prunable channel group; see `autoprune info`")
     ctx = PruneContext(model=work, groups=groups, cost=cost, target=target, allocation=allocation, device=device,
-                       input_shape=shape, data=data, train_cfg=train_cfg, progress=progress)
+                       input_shape=shape, data=data, train_cfg=train_cfg, progress=progress,
+                       on_epoch=on_epoch)
     out = impl.run(ctx, method_params)
     pruned = out.model
     plan = Plan.from_keep(out.keep, groups)

@@ -13,7 +13,7 @@ import autoprune
 from autoprune.allocate import AllocationConfig, width_bounds
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.graph import build_width_cost, find_groups
-from autoprune.methods import get_method, make_params
+from autoprune.methods import PruneStopped, get_method, make_params
 from autoprune.methods.compactor import ATTR, Compactors, find_sites
 from autoprune.methods.resrep import MaskSchedule, ResRepParams
 from autoprune.models import ModelSpec, create_model
@@ -244,6 +244,32 @@ def test_prune_digits_meets_the_target_and_runs(digits, digits_base):
     assert not hasattr(result.model, ATTR)
     assert evaluate(result.model, digits.val, "cpu")["acc"] > 0.85
     assert not hasattr(model, ATTR) and model.features[0].out_channels == 16  # input model untouched
+
+
+def test_epoch_reports_are_the_model_resrep_returns(digits, digits_base):
+    """Each compactor epoch reports the masked model: its accuracy is what folding and cutting give,
+    so the last report equals the returned model's val accuracy and MACs (round_to 1, mask complete)."""
+    model, spec = digits_base
+    reports = []
+    result = autoprune.prune(model, "resrep", 0.4, data=digits, spec=spec, train_cfg=TrainConfig(epochs=3),
+                             on_epoch=lambda r: reports.append(r) or False)
+    assert [r.epoch for r in reports] == [1, 2, 3]
+    # forget_by 0.4 of 3 epochs: masked rows reach zero during epoch 2; no accuracy before that
+    assert reports[0].val_acc is None and all(r.val_acc is not None for r in reports[1:])
+    last = reports[-1]
+    assert last.macs == result.macs and last.params == result.params and last.base_macs == result.base_macs
+    assert last.val_acc == pytest.approx(evaluate(result.model, digits.val, "cpu")["acc"], abs=1e-9)
+
+
+def test_on_epoch_true_stops_resrep_and_leaves_the_model(digits, digits_base):
+    model, spec = digits_base
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(PruneStopped) as info:
+        autoprune.prune(model, "resrep", 0.4, data=digits, spec=spec, train_cfg=TrainConfig(epochs=3),
+                        on_epoch=lambda r: r.val_acc is not None)
+    rep = info.value.report
+    assert rep.epoch == 2 and 0 < rep.val_acc <= 1 and rep.macs <= 0.4 * rep.base_macs
+    assert not hasattr(model, ATTR) and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_residual_groups_pruned_with_shared_masks_and_rounding():

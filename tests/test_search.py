@@ -236,6 +236,26 @@ def test_early_stopped_trials_never_enter_the_front(base_ckpt, tmp_path, monkeyp
     assert [(epoch, n) for _, epoch, n in seen] == [(1, 0), (2, 0), (1, 1), (1, 1), (1, 1)]
 
 
+def test_resrep_trial_can_stop_during_its_compactor_epochs(base_ckpt, tmp_path, monkeypatch):
+    real = early_stop.should_stop
+    monkeypatch.setattr(early_stop, "should_stop",
+                        lambda *a, **kw: real(*a, **{**kw, "margin": -1.0}))  # always behind a peer
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 2},
+                                early_stop={"enabled": True, "min_trials": 1},
+                                space={"method": "resrep", "target": 0.5, "allocation": "global", "epochs": 4,
+                                       "lr": 0.01}))
+    run_search(spec, tmp_path / "out", progress=False)
+    _, rows = read_rows(tmp_path / "out" / "trials.csv")
+    assert [r["state"] for r in rows] == ["complete", "early_stopped"]
+    # 3 compactor epochs (train_share 0.75): the masked model is measured from epoch 2 (masked rows
+    # zero by 40 % of the steps) and the second trial stops there, before surgery and fine-tuning
+    assert [int(r["epochs_run"]) for r in rows] == [4, 2]
+    stopped = rows[1]
+    assert stopped["model"] == "" and 0 < float(stopped["macs_frac"]) <= 0.5 and 0 < float(stopped["val_acc"])
+    curves = [t.user_attrs["curve"] for t in load_study(tmp_path / "out").trials]
+    assert curves[0][0] is None and all(a is not None for a in curves[0][1:]) and len(curves[1]) == 2
+
+
 # ----------------------------------------------------------------------------- kill + resume
 
 

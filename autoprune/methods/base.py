@@ -6,12 +6,18 @@ returns which channels to keep per group plus the model to cut. Scoring methods 
 score channels and let :meth:`PruneContext.allocate` pick widths; training-time methods (ResRep)
 train first and decide the mask on the way. Compensation and folding edit weights of the model they
 return; its architecture must stay the base architecture so the keep sets apply to it.
+
+A method that trains may report each epoch to ``PruneContext.on_epoch`` an :class:`EpochReport`:
+the validation accuracy of the model it would return if it stopped now (its current mask applied)
+and that model's cost. The callback returns True to abandon the run; the method then raises
+:class:`PruneStopped` carrying the last report (the search's early stopping uses this to stop a
+ResRep trial during its compactor epochs).
 """
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,6 +28,30 @@ from ..allocate import AllocationConfig, allocate, select
 from ..cost import WidthCost
 from ..errors import SpecError
 from ..graph import ChannelGroup
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """One training epoch of a method, as the model it would return now.
+
+    ``val_acc`` is None where no such model exists yet (e.g. before ResRep's mask meets the target);
+    ``macs`` and ``params`` (per sample, analytic) are those of the masked widths.
+    """
+
+    epoch: int  # 1-based, counted from the start of the method's training
+    val_acc: float | None
+    macs: int
+    params: int
+    base_macs: int
+    base_params: int
+
+
+class PruneStopped(Exception):
+    """Raised by a method when ``on_epoch`` asked it to stop; ``report`` is the last epoch's."""
+
+    def __init__(self, report: EpochReport) -> None:
+        super().__init__(f"stopped after epoch {report.epoch} at the caller's request")
+        self.report = report
 
 
 @dataclass
@@ -37,6 +67,7 @@ class PruneContext:
     train_cfg: Any = None  # autoprune.train.TrainConfig: budget for methods that train while pruning
     progress: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    on_epoch: Callable[[EpochReport], bool] | None = None  # return True to stop (see the module docstring)
 
     @property
     def prunable(self) -> list[ChannelGroup]:

@@ -24,8 +24,9 @@ Where a compactor goes (a *site*):
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +240,24 @@ class Compactors:
             for c in masked.get(s.group, ()):
                 mask[s.rows[c]] = 0.0
             self.masks[self._key(s)] = mask.to(self.masks[self._key(s)].device)
+
+    @contextlib.contextmanager
+    def masked(self) -> Iterator[None]:
+        """Within the block the masked rows are zero: the model computes what folding and removing the
+        masked channels would give (in eval mode). The rows are restored on exit."""
+        saved = []
+        with torch.no_grad():
+            for s in self.sites:
+                w = self.layers[self._key(s)].weight
+                keep = self.masks[self._key(s)].to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
+                saved.append((w, w.detach().clone()))
+                w.mul_(keep)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for w, old in saved:
+                    w.copy_(old)
 
     @torch.no_grad()
     def apply_penalty(self, penalty: float, lr: float = 0.0, forget: float | None = None) -> None:

@@ -29,6 +29,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from ..allocate import width_bounds
 from ..cost import WidthCost
 from ..errors import AutopruneError, SpecError
 from ..graph import ChannelGroup
-from .base import MethodOutput, PruneContext, PruningMethod
+from .base import EpochReport, MethodOutput, PruneContext, PruneStopped, PruningMethod
 from .compactor import Compactors, find_sites
 from .registry import register_method
 
@@ -115,12 +116,19 @@ class MaskSchedule:
     def forget_fractions(self, lrs: list[float], forget_by: float) -> list[float]:
         """Per step, the fraction of a masked row to remove so that rows reach zero at ``forget_by`` of
         the steps, in proportion to the learning rate (and at once after that step)."""
-        end = min(len(lrs) - 1, max(self.reach, math.ceil(forget_by * len(lrs)) - 1))
+        end = self.forget_end(len(lrs), forget_by)
         out, left = [1.0] * len(lrs), 0.0
         for t in range(end, -1, -1):
             left += lrs[t]
             out[t] = min(1.0, lrs[t] / left) if left > 0 else 1.0
         return out
+
+    def forget_end(self, steps: int, forget_by: float) -> int:
+        """The step after which masked rows are zero (with forced forgetting, ``forget_by`` > 0), or after
+        which the mask meets the target (``forget_by`` = 0: rows only shrink under the penalty)."""
+        if forget_by <= 0:
+            return self.reach
+        return min(steps - 1, max(self.reach, math.ceil(forget_by * steps) - 1))
 
     def due(self, step: int) -> bool:
         return step >= self.start and (step - self.start) % self.interval == 0
@@ -249,7 +257,8 @@ class ResRep(PruningMethod):
         return max(1, min(total_epochs, math.floor(params.train_share * total_epochs + 0.5)))
 
     def run(self, ctx: PruneContext, params: ResRepParams) -> MethodOutput:
-        from ..train import Callbacks, TrainConfig, default_param_groups, fit, lr_schedule, steps_per_epoch
+        from ..train import (Callbacks, TrainConfig, default_param_groups, evaluate, fit, lr_schedule,
+                             steps_per_epoch)
 
         if ctx.data is None:
             raise AutopruneError("method 'resrep' trains while pruning: pass data= (a Dataset from "
@@ -297,13 +306,40 @@ class ResRep(PruningMethod):
                         "momentum": params.compactor_momentum})
             return out
 
+        stop: list[EpochReport] = []
+
+        settled = schedule.forget_end(steps, params.forget_by)
+
+        def on_epoch_end(val: Any, epoch: int, _metrics: dict) -> bool:
+            """Report the model this run would return now: the current mask applied, the same function as
+            folding and cutting (Compactors.masked). No accuracy until the mask meets the target and the
+            masked rows have been driven to zero: before that, cutting them measures an abrupt removal
+            the schedule has not finished, not the model the run is heading for."""
+            widths = {g.name: g.channels - len(schedule.masked[g.name]) for g in groups}
+            acc = None
+            if schedule.reached_at is not None and epoch * spe - 1 >= settled and val is not None:
+                with comp.masked():
+                    acc = float(evaluate(ctx.model, val, ctx.device)["acc"])
+            log.info("resrep epoch %d: masked-model val_acc %s", epoch, "n/a" if acc is None else f"{acc:.4f}")
+            rep = EpochReport(epoch=epoch, val_acc=acc, macs=ctx.cost.macs(widths), params=ctx.cost.params(widths),
+                              base_macs=ctx.cost.base_macs, base_params=ctx.cost.base_params)
+            if ctx.on_epoch is not None and ctx.on_epoch(rep):
+                stop.append(rep)
+                return True
+            return False
+
         try:
             if steps == 0:
                 log.warning("resrep got no training steps; the mask comes from the untrained compactors")
             else:
                 val = ctx.data.val if len(ctx.data.val) else None
                 callbacks = Callbacks(after_backward=after_backward, param_groups=param_groups)
+                if ctx.on_epoch is not None:  # report the masked model instead of the compactor model
+                    callbacks.on_epoch_end = partial(on_epoch_end, val)
+                    val = None
                 fit(ctx.model, ctx.data.train, val, cfg, ctx.device, callbacks, progress=ctx.progress)
+                if stop:
+                    raise PruneStopped(stop[-1])
             norms, scores = ranking()
             masked = schedule.finish(scores)
             if ctx.allocation.round_to > 1:

@@ -14,8 +14,9 @@ so the low-cost end of the front is always explored. The final epoch is never a 
 stopping there saves nothing and would hide a finished result.
 
 Curves are indexed by the trial's epoch (1-based: ``curve[e - 1]`` is the accuracy after epoch e);
-an entry may be ``None`` where the trial did not measure it (the epochs a training-time method
-such as ResRep spends before surgery).
+an entry may be ``None`` where the trial did not measure it. A training-time method (ResRep) is
+measured during its pruning epochs too, as the model it would return at that point (its mask
+applied), from the epoch its masked rows have been driven to zero; earlier entries are ``None``.
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ rule, the constraints, the saved files and the ``trials.csv`` row format live he
 Training budget: a trial has ``epochs`` = E epochs in all; a training-time method (ResRep) gets
 ``k = method.training_epochs(params, E)`` of them while pruning, the model is fine-tuned E - k
 epochs after surgery. Epochs in curves and in the early-stopping rule count from the start of the
-trial, so a ResRep trial's first fine-tune epoch is epoch k + 1. The test split is never touched.
+trial, so a ResRep trial's first fine-tune epoch is epoch k + 1. During its k epochs ResRep reports
+the accuracy of the model it would return at that point (its current mask applied; None until the
+mask meets the target), so early stopping can stop it there too. The test split is never touched.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from .. import engine
 from ..cost import measure_latency
 from ..data import Dataset, load_data
 from ..graph import ChannelGroup, find_groups
-from ..methods import get_method, make_params
+from ..methods import EpochReport, PruneStopped, get_method, make_params
 from ..models import ModelSpec
 from ..plan import load_base, save_pruned
 from ..train import Callbacks, TrainConfig, evaluate, fit
@@ -193,38 +195,50 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     k = min(epochs, max(0, int(impl.training_epochs(make_params(impl, method_params), epochs))))
     cfg = TrainConfig(epochs=k, lr=float(lr), batch_size=int(hparams.get("batch_size", 128)),
                       seed=int(spec.seed) + number)
-    pruned = engine.prune(worker.model, method, target, data=worker.data, allocation=allocation,
-                          spec=worker.model_spec, device=worker.device, train_cfg=cfg, groups=worker.groups,
-                          **method_params)
+    objective = spec.objectives[1]
+    rule = spec.early_stop
+    active = early_stopping and rule.enabled and finished is not None
+    stopped = False
+
+    def behind(cost: float, e: int, acc: float) -> bool:
+        nonlocal stopped
+        if active and early_stop.should_stop(cost, e, acc, finished(), margin=rule.margin,
+                                             min_epochs=rule.min_epochs, min_trials=rule.min_trials,
+                                             total_epochs=epochs):
+            log.info("trial %d early-stopped at epoch %d/%d: val_acc %.4f behind cheaper finished trials",
+                     number, e, epochs, acc)
+            stopped = True
+        return stopped
+
+    def on_prune_epoch(rep: EpochReport) -> bool:  # a training-time method's epochs (ResRep)
+        progress.curve.append(rep.val_acc)
+        progress.epochs_run = rep.epoch
+        cost = {"macs": rep.macs, "params": rep.params}.get(objective)  # latency: known after surgery only
+        return rep.val_acc is not None and cost is not None and behind(float(cost), rep.epoch, rep.val_acc)
+
+    try:
+        pruned = engine.prune(worker.model, method, target, data=worker.data, allocation=allocation,
+                              spec=worker.model_spec, device=worker.device, train_cfg=cfg, groups=worker.groups,
+                              on_epoch=on_prune_epoch, **method_params)
+    except PruneStopped as exc:
+        return _stopped_while_pruning(worker, number, hparams, exc.report, progress, start)
     model = pruned.model
     m = progress.measured
     m.update(macs=pruned.macs, macs_frac=pruned.macs / pruned.base_macs, params=pruned.params,
              params_frac=pruned.params / pruned.base_params)
-    objective = spec.objectives[1]
     if objective == "latency":
         m["latency_ms"] = measure_latency(model, worker.input_shape, 1, worker.device)
     cost = float(m[COST_KEYS[objective]])
     m["cost"] = cost
-    progress.curve = [None] * k
+    progress.curve = (progress.curve + [None] * k)[:k]
     progress.epochs_run = k
-    rule = spec.early_stop
-    stopped = False
 
     def on_epoch_end(epoch: int, metrics: dict) -> bool:
-        nonlocal stopped
         e = k + epoch
         acc = float(metrics["val_acc"])
         progress.curve.append(acc)
         progress.epochs_run = e
-        if not (early_stopping and rule.enabled and finished is not None):
-            return False
-        if early_stop.should_stop(cost, e, acc, finished(), margin=rule.margin, min_epochs=rule.min_epochs,
-                                  min_trials=rule.min_trials, total_epochs=epochs):
-            log.info("trial %d early-stopped at epoch %d/%d: val_acc %.4f behind cheaper finished trials",
-                     number, e, epochs, acc)
-            stopped = True
-            return True
-        return False
+        return behind(cost, e, acc)
 
     if epochs > k:
         fit(model, worker.data.train, worker.data.val, replace(cfg, epochs=epochs - k), worker.device,
@@ -247,6 +261,24 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
                          objectives=tuple(spec.objectives), **m)
     log.info("trial %d %s: %s target %.2f -> val_acc %.4f, %d MACs (%.3f of base), %d epochs, %.1f s", number,
              state, method, target, val_acc, result.macs, result.macs_frac, result.epochs_run, result.duration_s)
+    return result
+
+
+def _stopped_while_pruning(worker: Worker, number: int, hparams: dict[str, Any], rep: EpochReport,
+                           progress: _Progress, start: float) -> TrialResult:
+    """The result of a trial early-stopped during a training-time method's epochs: the masked model's
+    accuracy and cost at that epoch (nothing is saved)."""
+    spec = worker.spec
+    m = dict(macs=rep.macs, macs_frac=rep.macs / rep.base_macs, params=rep.params,
+             params_frac=rep.params / rep.base_params)
+    m["cost"] = float(m[COST_KEYS[spec.objectives[1]]])
+    acc = float(rep.val_acc) if rep.val_acc is not None else math.nan
+    result = TrialResult(number=number, state="early_stopped", hparams=hparams, val_acc=acc,
+                         epochs_run=rep.epoch, duration_s=time.perf_counter() - start,
+                         constraints=constraint_values(spec, acc, m["params_frac"], m["macs_frac"]),
+                         curve=tuple(progress.curve), objectives=tuple(spec.objectives), **m)
+    log.info("trial %d early_stopped while pruning: val_acc %.4f, %d MACs (%.3f of base), %d epochs, %.1f s",
+             number, acc, result.macs, result.macs_frac, result.epochs_run, result.duration_s)
     return result
 
 
