@@ -34,7 +34,8 @@ from ..graph import ChannelGroup
 class EpochReport:
     """One training epoch of a method, as the model it would return now.
 
-    ``val_acc`` is None where no such model exists yet (e.g. before ResRep's mask meets the target);
+    ``val_acc`` is None where the method has no such model yet (ResRep: until its mask meets the target
+    and the masked rows have been driven to zero);
     ``macs`` and ``params`` (per sample, analytic) are those of the masked widths.
     """
 

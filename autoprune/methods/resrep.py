@@ -306,8 +306,7 @@ class ResRep(PruningMethod):
                         "momentum": params.compactor_momentum})
             return out
 
-        stop: list[EpochReport] = []
-
+        stop: list[EpochReport] = []  # the report on_epoch asked to stop at
         settled = schedule.forget_end(steps, params.forget_by)
 
         def on_epoch_end(val: Any, epoch: int, _metrics: dict) -> bool:
