@@ -17,6 +17,23 @@ TORCHVISION_MODELS = ["torchvision:resnet18", "torchvision:resnet50", "torchvisi
                       "torchvision:densenet121", "torchvision:efficientnet_b0", "torchvision:regnet_x_400mf"]
 
 
+class TensorSplit:
+    """Duck-typed stand-in for autoprune.data.Split over in-memory tensors."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size, shuffle=False, generator=None, augment=False):
+        n = len(self.y)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            yield self.x[idx], self.y[idx]
+
+
 def model_input(name: str) -> tuple[ModelSpec, tuple[int, int, int]]:
     """A spec and input shape for ``name``: 8x8x1 for small_cnn, 32x32 CIFAR, 64x64 torchvision."""
     if name == "small_cnn":

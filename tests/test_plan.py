@@ -40,7 +40,7 @@ def test_pruned_model_reloads_in_a_fresh_process_bit_for_bit(name, tmp_path):
 
 
 def test_prune_meets_target_and_leaves_the_input_model_alone():
-    spec, shape = model_input("resnet56")
+    spec, _ = model_input("resnet56")
     model = create_model(spec)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = autoprune.prune(model, "l1", 0.4, spec=spec)
@@ -50,7 +50,7 @@ def test_prune_meets_target_and_leaves_the_input_model_alone():
 
 
 def test_plan_json_round_trip_and_mismatch_errors():
-    spec, shape = model_input("resnet20")
+    spec, _ = model_input("resnet20")
     result = autoprune.prune(create_model(spec), "l1", 0.5, spec=spec)
     plan = Plan.from_dict(json.loads(json.dumps(result.plan.to_dict())))
     assert plan == result.plan

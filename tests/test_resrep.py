@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomise_bn
+from conftest import TensorSplit, randomise_bn
 from torch import nn
 
 import autoprune
@@ -20,28 +20,12 @@ from autoprune.models import ModelSpec, create_model
 from autoprune.train import TrainConfig, evaluate
 
 
-class Split:
-    """In-memory split (duck-typed autoprune.data.Split)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def batches(self, batch_size, shuffle=False, generator=None, augment=False):
-        order = torch.randperm(len(self.y), generator=generator) if shuffle else torch.arange(len(self.y))
-        for i in range(0, len(self.y), batch_size):
-            idx = order[i:i + batch_size]
-            yield self.x[idx], self.y[idx]
-
-
 class Data:
     def __init__(self, n: int, shape: tuple[int, int, int], classes: int = 4, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
         y = torch.randint(0, classes, (n,), generator=g)
         x = torch.randn(n, *shape, generator=g) + y.view(-1, 1, 1, 1).float()
-        self.train, self.val = Split(x, y), Split(x[: n // 4], y[: n // 4])
+        self.train, self.val = TensorSplit(x, y), TensorSplit(x[: n // 4], y[: n // 4])
         self.num_classes, self.in_channels, self.image_size = classes, shape[0], shape[1]
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import TensorSplit
 from torch import nn
 
 from autoprune.errors import AutopruneError
@@ -22,23 +23,6 @@ from autoprune.train import (
     resolve_device,
     steps_per_epoch,
 )
-
-
-class TensorSplit:
-    """Duck-typed stand-in for autoprune.data.Split over in-memory tensors."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def batches(self, batch_size, shuffle=False, generator=None, augment=False):
-        n = len(self.y)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            yield self.x[idx], self.y[idx]
 
 
 def blobs(n: int, seed: int, dim: int = 8, classes: int = 3) -> TensorSplit:

@@ -1,6 +1,14 @@
 """Pruning methods behind one interface (see :mod:`autoprune.methods.base`)."""
-from .base import (EpochReport, MethodOutput, NoParams, PruneContext, PruneStopped, PruningMethod, ScoringMethod,
-                   make_params)
+from .base import (
+    EpochReport,
+    MethodOutput,
+    NoParams,
+    PruneContext,
+    PruneStopped,
+    PruningMethod,
+    ScoringMethod,
+    make_params,
+)
 from .registry import get_method, list_methods, register_method
 
 __all__ = ["EpochReport", "MethodOutput", "NoParams", "PruneContext", "PruneStopped", "PruningMethod",

@@ -257,8 +257,15 @@ class ResRep(PruningMethod):
         return max(1, min(total_epochs, math.floor(params.train_share * total_epochs + 0.5)))
 
     def run(self, ctx: PruneContext, params: ResRepParams) -> MethodOutput:
-        from ..train import (Callbacks, TrainConfig, default_param_groups, evaluate, fit, lr_schedule,
-                             steps_per_epoch)
+        from ..train import (
+            Callbacks,
+            TrainConfig,
+            default_param_groups,
+            evaluate,
+            fit,
+            lr_schedule,
+            steps_per_epoch,
+        )
 
         if ctx.data is None:
             raise AutopruneError("method 'resrep' trains while pruning: pass data= (a Dataset from "

@@ -269,8 +269,8 @@ def _stopped_while_pruning(worker: Worker, number: int, hparams: dict[str, Any],
     """The result of a trial early-stopped during a training-time method's epochs: the masked model's
     accuracy and cost at that epoch (nothing is saved)."""
     spec = worker.spec
-    m = dict(macs=rep.macs, macs_frac=rep.macs / rep.base_macs, params=rep.params,
-             params_frac=rep.params / rep.base_params)
+    m: dict[str, Any] = {"macs": rep.macs, "macs_frac": rep.macs / rep.base_macs, "params": rep.params,
+                         "params_frac": rep.params / rep.base_params}
     m["cost"] = float(m[COST_KEYS[spec.objectives[1]]])
     acc = float(rep.val_acc) if rep.val_acc is not None else math.nan
     result = TrialResult(number=number, state="early_stopped", hparams=hparams, val_acc=acc,
