@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from conftest import TensorSplit
 from torch import nn
 
 from autoprune import engine
@@ -9,8 +10,6 @@ from autoprune.calibrate import recalibrate_bn
 from autoprune.data import DataSpec, load_data
 from autoprune.models import ModelSpec, create_model
 from autoprune.train import evaluate
-
-from conftest import TensorSplit
 
 
 def _net() -> nn.Sequential:
