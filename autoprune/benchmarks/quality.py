@@ -15,7 +15,8 @@ standard deviation per configuration.
   global pruning, the ratio bisected to the target (:mod:`.tp_baseline`).
 
 Validation split only; the test split is never read (only the base's test accuracy is reported).
-Rows are appended to a cache as they finish, so an interrupted run continues where it stopped.
+Rows are appended to a cache as they finish, so an interrupted run of the same code (the git tree
+of ``autoprune/``) continues where it stopped.
 
     python -m autoprune.benchmarks.quality --data fashionmnist   # the headline (~1-2 h on 2 CPU cores)
     python -m autoprune.benchmarks.quality --data digits         # the quick demo's data
@@ -213,8 +214,23 @@ def run_theirs(b: Bench, label: str, kind: str, global_pruning: bool, target: fl
 # --------------------------------------------------------------------------- driver
 
 
+def _code_version() -> str:
+    """The git tree hash of autoprune/ (rows of other code are never reused), or 'nogit'."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], check=False, capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+
+    try:
+        tree, dirty = git("rev-parse", "HEAD:autoprune"), git("status", "--porcelain", "autoprune")
+    except (OSError, subprocess.SubprocessError):
+        return "nogit"
+    return (tree[:10] or "nogit") + ("+dirty" if dirty else "")
+
+
 def _row_cache(name: str, b: Bench, fresh: bool) -> tuple[Path, dict[tuple[str, float, int], dict[str, Any]]]:
-    key = _case_key(b.case) + f"_r{b.recal_batches}_{b.device.type}"
+    key = _case_key(b.case) + f"_r{b.recal_batches}_{b.device.type}_{_code_version()}"
     path = CACHE / f"quality_rows_{name}_{key}.jsonl"
     done: dict[tuple[str, float, int], dict[str, Any]] = {}
     if path.is_file() and not fresh:
