@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from autoprune import report, report_plots
+from autoprune import report_plots
 from autoprune.errors import AutopruneError
 from autoprune.report import load_trials, plot_pareto, read_base, write_report
 

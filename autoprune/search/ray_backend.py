@@ -39,14 +39,18 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AutopruneError
-from . import trial as trial_mod
-from .ray_store import RAY_DIR, Store, history, importance, trial_rows  # noqa: F401 (runner uses importance)
-from .trial import TrialResult, write_trials_csv
+from .ray_store import RayStore, history, make_payload
+from .results import TrialResult, constraint_names, one_line
+from .store import Limits, budget_reason, finished_curves, sampler_seed, write_rows
+from .trial import Worker, run_trial
+
+if TYPE_CHECKING:
+    from .spec import SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +106,7 @@ def check(out_dir: str | Path, options: RayOptions | None = None) -> None:
 class TrialContext:
     """What each trial needs besides its configuration (pickled to the workers)."""
 
-    spec: Any
+    spec: SearchSpec
     out_dir: str  # absolute: Ray runs trials in their own working folders
     early_stopping: bool
     gpus: float
@@ -116,17 +120,17 @@ def run_one(config: Mapping[str, Any], ctx: TrialContext) -> dict[str, Any]:
     """Run (or, when its result exists already, look up) the trial ``config`` describes; its payload."""
     meta = config["autoprune"]
     number, hparams = int(meta["number"]), dict(meta["hparams"])
-    store = Store(ctx.out_dir)
+    store = RayStore(ctx.out_dir)
     payload = store.result(number)
     if payload is not None:
         return payload
     started = time.time()
     try:
         worker = _load_worker(ctx)
-        result = trial_mod.run_trial(worker, number, hparams, store.finished_curves, ctx.early_stopping)
+        result = run_trial(worker, number, hparams, lambda: finished_curves(store), ctx.early_stopping)
     except Exception as exc:  # noqa: BLE001 - a worker that cannot load fails this trial, the search goes on
-        log.warning("trial %d failed: %s", number, trial_mod.one_line(exc))
-        result = TrialResult(number=number, state="failed", hparams=hparams, error=trial_mod.one_line(exc),
+        log.warning("trial %d failed: %s", number, one_line(exc))
+        result = TrialResult(number=number, state="failed", hparams=hparams, error=one_line(exc),
                              duration_s=time.time() - started, objectives=tuple(ctx.spec.objectives))
     payload = make_payload(result, meta.get("trial_id", ""), started, time.time())
     try:
@@ -136,15 +140,7 @@ def run_one(config: Mapping[str, Any], ctx: TrialContext) -> dict[str, Any]:
     return payload
 
 
-def make_payload(result: TrialResult, trial_id: str, started: float, finished: float) -> dict[str, Any]:
-    return {"number": result.number, "trial_id": trial_id, "state": result.state,
-            "hparams": dict(result.hparams), "record": result.record(), "curve": list(result.curve),
-            "cost": result.cost, "constraints": list(result.constraints),
-            "values": list(result.values) if result.values is not None else None,
-            "started": started, "finished": finished, "node": socket.gethostname()}
-
-
-def _load_worker(ctx: TrialContext) -> trial_mod.Worker:
+def _load_worker(ctx: TrialContext) -> Worker:
     import torch
 
     base = Path(ctx.out_dir) / "base.pt"
@@ -162,7 +158,7 @@ def _load_worker(ctx: TrialContext) -> trial_mod.Worker:
     key = repr((ctx.out_dir, str(device), base.stat().st_mtime_ns, ctx.spec.data))
     if _WORKER.get("key") != key:
         _WORKER.clear()
-        _WORKER.update(key=key, worker=trial_mod.Worker.load(ctx.spec, ctx.out_dir, device))
+        _WORKER.update(key=key, worker=Worker.load(ctx.spec, ctx.out_dir, device))
     return _WORKER["worker"]
 
 
@@ -185,7 +181,7 @@ def _trial_name(trial: Any) -> str:
 class _Space:
     """Define-by-run space for OptunaSearch: the shared :func:`space.suggest`."""
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: SearchSpec) -> None:
         self.spec = spec
 
     def __call__(self, trial: Any) -> dict[str, Any]:
@@ -199,44 +195,19 @@ class _Space:
 
 @dataclass
 class _Run:
-    """Driver-side state of one run: budgets, numbering, trials.csv, progress."""
+    """Driver-side state of one run: its store (budget and rows come from it), progress."""
 
-    spec: Any
-    store: Store
-    run_id: str
-    limits: Any  # optuna_backend.Limits
+    spec: SearchSpec | None
+    store: RayStore
+    limits: Limits
     on_update: Callable[[list[dict]], None] | None = None
     reason: str | None = None
-    suggested: dict[str, float] = field(default_factory=dict)  # trial id -> when handed out
 
     def budget_reason(self) -> str | None:
-        lim = self.limits
-        if lim.deadline is not None and time.time() >= lim.deadline:
-            return "time"
-        claims, results = self.store.claims(), self.store.results()
-        if lim.max_trials is not None:
-            used = len(results) + sum(1 for n, c in claims.items() if n not in results and c.get("run") == self.run_id)
-            if used >= lim.max_trials:
-                return "max_trials"
-        if lim.device_seconds is not None:
-            now = time.time()
-            spent = sum(float((r.get("record") or {}).get("duration_s") or 0.0) for r in results.values())
-            spent += sum(now - float(c.get("suggested", now)) for n, c in claims.items()
-                         if n not in results and c.get("run") == self.run_id)
-            if spent >= lim.device_seconds:
-                return "device_hours"
-        return None
+        return budget_reason(self.store, self.limits)
 
     def claim(self, trial_id: str, hparams: Mapping[str, Any], ot_trial: Any) -> int:
-        from optuna.distributions import distribution_to_json
-
-        number = self.store.next_number()
-        self.store.write_claim(number, {
-            "number": number, "trial_id": trial_id, "run": self.run_id, "hparams": dict(hparams),
-            "optuna_params": dict(ot_trial.params), "retry_of": ot_trial.user_attrs.get("retry_of"),
-            "distributions": {k: distribution_to_json(d) for k, d in ot_trial.distributions.items()},
-            "suggested": time.time()})
-        self.suggested[trial_id] = time.time()
+        number = self.store.claim(hparams, ot_trial, trial_id=trial_id)
         self.update()
         return number
 
@@ -249,24 +220,14 @@ class _Run:
             elif error is not None:  # the actor died (out of memory, node lost): failed, with Ray's error
                 result = TrialResult(number=number, state="failed", hparams=dict(config["autoprune"]["hparams"]),
                                      error=error, objectives=tuple(self.spec.objectives))
-                self.store.write_result(number, make_payload(result, "", math.nan, time.time()))
+                self.store.record(number, result)
             # neither: stopped before it reported (the run was interrupted) -> stays a claim: interrupted
         self.update()
 
     def update(self) -> None:
-        rows = trial_rows(self.store.out_dir, self.run_id)
-        write_trials_csv(self.store.out_dir / "trials.csv", rows)
+        rows = write_rows(self.store, self.store.out_dir)
         if self.on_update is not None:
             self.on_update(rows)
-
-
-def retries(out_dir: str | Path) -> list[tuple[int, dict]]:
-    """(number, Optuna params) of interrupted trials whose configuration has not been run again."""
-    store = Store(out_dir)
-    claims, results = store.claims(), store.results()
-    retried = {c.get("retry_of") for c in claims.values()}
-    return [(n, c.get("optuna_params") or {}) for n, c in sorted(claims.items())
-            if n not in results and n not in retried]
 
 
 def _ray_classes() -> dict[str, type]:
@@ -285,7 +246,7 @@ def _ray_classes() -> dict[str, type]:
                      retry: Sequence[tuple[int, dict]] = ()) -> None:
             super().__init__(space=_Space(spec), metric=list(METRICS), mode=["max", "min"], sampler=sampler)
             self._autoprune_key = key
-            self._autoprune_constraints = trial_mod.constraint_names(spec)
+            self._autoprune_constraints = constraint_names(spec)
             self._ot_study.add_trials(list(warm))
             for number, params in retry:
                 self._ot_study.enqueue_trial(params, user_attrs={"retry_of": number})
@@ -324,7 +285,7 @@ def _ray_classes() -> dict[str, type]:
                     self._ot_study.tell(ot_trial, state=TrialState.PRUNED if state == "early_stopped"
                                         else TrialState.FAIL)
             except Exception as exc:  # noqa: BLE001 - the results folder is the record; the sampler can cope
-                log.warning("could not tell Optuna how Ray trial %s ended: %s", trial_id, trial_mod.one_line(exc))
+                log.warning("could not tell Optuna how Ray trial %s ended: %s", trial_id, one_line(exc))
 
     class AutopruneCallback(Callback):
         """Keeps trials.csv and the progress bar current; records trials whose Ray actor failed."""
@@ -341,7 +302,7 @@ def _ray_classes() -> dict[str, type]:
             run = _RUNS.get(self._autoprune_key)
             if run is not None:
                 error = trial.get_error()
-                message = trial_mod.one_line(error) if error is not None else "the trial's Ray actor failed"
+                message = one_line(error) if error is not None else "the trial's Ray actor failed"
                 run.trial_ended(trial.config, None, message)
 
     for cls in (AutopruneSearch, AutopruneCallback):
@@ -357,7 +318,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def resources(spec: Any, options: RayOptions, cluster: Mapping[str, float]) -> tuple[float, float, int]:
+def resources(spec: SearchSpec, options: RayOptions, cluster: Mapping[str, float]) -> tuple[float, float, int]:
     """(cpus, gpus) per trial and the number of concurrent trials, checked against the spec's device."""
     device = str(spec.device)
     gpus = options.gpus_per_trial
@@ -397,12 +358,12 @@ def _connect(ray: Any, options: RayOptions) -> bool:
             ray.init(address=options.address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise AutopruneError(f"could not connect to Ray at {options.address or 'a new local instance'}: "
-                             f"{trial_mod.one_line(exc)}; start a cluster with `ray start --head` or fix "
+                             f"{one_line(exc)}; start a cluster with `ray start --head` or fix "
                              "--address") from None
     return True
 
 
-def run(spec: Any, out_dir: str | Path, limits: Any, device: Any = None, options: RayOptions | None = None,
+def run(spec: SearchSpec, out_dir: str | Path, limits: Limits, device: Any = None, options: RayOptions | None = None,
         early_stopping: bool = True, on_update: Callable[[list[dict]], None] | None = None) -> str:
     """Run trials on Ray until a budget is spent; returns why it stopped. The caller (the runner) holds the
     folder's run lock and has written spec.yaml and base.pt; ``device`` (the driver's) is not used."""
@@ -415,7 +376,7 @@ def run(spec: Any, out_dir: str | Path, limits: Any, device: Any = None, options
     options = options or RayOptions()
     out = Path(out_dir).resolve()
     check(out, options)
-    store = Store(out)
+    store = RayStore(out)
     store.root.mkdir(parents=True, exist_ok=True)
     started_ray = _connect(ray, options)
     key = str(out)
@@ -423,14 +384,14 @@ def run(spec: Any, out_dir: str | Path, limits: Any, device: Any = None, options
         cpus, gpus, concurrent = resources(spec, options, ray.cluster_resources())
         tune_dir = store.root / "tune"
         run_id = f"run_{sum(1 for p in tune_dir.glob('run_*')) if tune_dir.is_dir() else 0:03d}"
-        previous = len(store.claims())
-        seed = None if spec.seed is None else int(spec.seed) + previous * 1009  # as the Optuna backend
-        live = _Run(spec=spec, store=store, run_id=run_id, limits=limits, on_update=on_update)
+        store = RayStore(out, run_id)
+        seed = sampler_seed(spec, store)  # as the Optuna backend
+        live = _Run(spec=spec, store=store, limits=limits, on_update=on_update)
         _RUNS[key] = live
         classes = _ray_classes()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         searcher = classes["AutopruneSearch"](spec, key, optuna_backend.make_sampler(spec.sampler, seed),
-                                              warm=history(spec, out), retry=retries(out))
+                                              warm=history(store, constraint_names(spec)), retry=store.retries())
         ctx = TrialContext(spec=spec, out_dir=str(out), early_stopping=bool(early_stopping), gpus=gpus,
                            threads=max(1, int(cpus)))
         trainable = tune.with_resources(functools.partial(_trainable, ctx=ctx), {"cpu": cpus, "gpu": gpus})
@@ -456,6 +417,6 @@ def run(spec: Any, out_dir: str | Path, limits: Any, device: Any = None, options
         return live.reason or "interrupted"
     finally:
         _RUNS.pop(key, None)
-        write_trials_csv(out / "trials.csv", trial_rows(out))
+        write_rows(RayStore(out), out)
         if started_ray:
             ray.shutdown()
