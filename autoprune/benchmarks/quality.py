@@ -241,7 +241,7 @@ def search_rows(b: Bench, targets: Sequence[float], trials: int, seed: int) -> l
         from ..search import space
         from ..search.runner import run_search
         from ..search.spec import load_spec
-        from .search import demo_spec
+        from .common import demo_spec
     except ImportError as exc:
         log.warning("search layer not available (%s): no search rows", exc)
         return []
