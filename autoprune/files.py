@@ -1,7 +1,7 @@
 """Atomic file writes: a results file is either its old self or complete, never half written.
 
 Every file autoprune writes into a results folder goes through :func:`atomic_path`: the data goes to
-a temporary name in the same folder, is flushed, and is renamed over the target (``os.replace`` is
+a temporary name in the same folder, is closed, and is renamed over the target (``os.replace`` is
 atomic on POSIX and Windows). On a full disk or a read-only folder the temporary file is removed,
 the target is untouched, and the error is an :class:`~autoprune.errors.AutopruneError` naming the
 path and the OS error (one line; the CLI exits 2).
@@ -48,11 +48,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
     return Path(path)
 
 
