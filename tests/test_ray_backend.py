@@ -342,3 +342,22 @@ def test_budget_counts_claims_of_this_run_but_not_interrupted_ones(tmp_path):
     assert reason(max_trials=2) == "max_trials"
     assert reason(device_seconds=4.0) == "device_hours" and reason(device_seconds=60.0) is None
     assert reason(deadline=time.time() - 1) == "time"
+
+
+def test_an_address_nobody_answers_fails_in_seconds_with_one_line(tmp_path, capsys):
+    """Ray itself retries a dead address for minutes, printing dozens of warnings: refused at once, before
+    any compute."""
+    pytest.importorskip("ray")
+    from autoprune.cli import main
+
+    out = tmp_path / "out"
+    start = time.monotonic()
+    code = main(["search", str(ROOT / "search_spaces" / "smoke.yaml"), "--backend", "ray", "--address",
+                 "127.0.0.1:1", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - start < 15
+    assert err.count("\n") == 1 and "127.0.0.1:1" in err and "ray start --head" in err
+    assert not (out / "spec.yaml").exists()
+    assert main(["search", str(ROOT / "search_spaces" / "smoke.yaml"), "--backend", "ray", "--address",
+                 "nohost", "--out", str(out)]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err

@@ -44,59 +44,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AutopruneError
+from .ray_setup import RayOptions, check, connect, require_ray, resources
 from .ray_store import RayStore, history, make_payload
 from .results import TrialResult, constraint_names, one_line
 from .store import Limits, budget_reason, finished_curves, sampler_seed, write_rows
 from .trial import Worker, run_trial
 
 if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
     from .spec import SearchSpec
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "the ray backend needs the 'ray' extra: pip install 'autoprune[ray]'"
 METRICS = ("val_acc", "cost")  # what a trial reports to Ray; NaN unless the trial completed
 _RUNS: dict[str, _Run] = {}  # live runs in this (driver) process, by results folder
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """Where and how trials run on Ray (no Ray types; the CLI builds it)."""
-
-    address: str | None = None  # None: a local Ray in this process; "auto" or "HOST:PORT": join a cluster
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float | None = None  # None: 1 when the spec's device is cuda (or auto with GPUs), else 0
-    max_concurrent: int | None = None  # None: the spec's workers if > 1, else as many as the resources fit
-
-    def __post_init__(self) -> None:
-        if not self.cpus_per_trial > 0:
-            raise AutopruneError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")
-        if self.gpus_per_trial is not None and not self.gpus_per_trial >= 0:
-            raise AutopruneError(f"--gpus-per-trial must be >= 0 (e.g. 0.5 to share a GPU), got {self.gpus_per_trial}")
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise AutopruneError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
-        if self.address is not None and self.address.startswith("ray://"):
-            raise AutopruneError(f"--address {self.address}: Ray Client is not supported; run `autoprune search` "
-                                 "on a node of the cluster with --address auto")
-
-
-def require_ray() -> Any:
-    """The ``ray`` module, or AutopruneError saying how to install it."""
-    try:
-        import ray
-        import ray.tune
-        import ray.tune.search.optuna
-    except ImportError:
-        raise AutopruneError(INSTALL_HINT) from None
-    return ray
-
-
-def check(out_dir: str | Path, options: RayOptions | None = None) -> None:
-    """Before any compute: Ray is installed and ``out_dir`` is not an Optuna-backend search."""
-    require_ray()
-    if (Path(out_dir) / "study.db").exists():
-        raise AutopruneError(f"{out_dir} holds a search run with the optuna backend (study.db); resume it "
-                             "without --backend ray or choose another --out")
 
 
 # ------------------------------------------------------------------------------------------ trial
@@ -242,7 +205,8 @@ def _ray_classes() -> dict[str, type]:
     class AutopruneSearch(OptunaSearch):
         """OptunaSearch with autoprune's space, budgets, numbering, warm start and outcome mapping."""
 
-        def __init__(self, spec: Any, key: str, sampler: Any, warm: Sequence[Any] = (),
+        def __init__(self, spec: SearchSpec, key: str, sampler: optuna.samplers.BaseSampler,
+                     warm: Sequence[FrozenTrial] = (),
                      retry: Sequence[tuple[int, dict]] = ()) -> None:
             super().__init__(space=_Space(spec), metric=list(METRICS), mode=["max", "min"], sampler=sampler)
             self._autoprune_key = key
@@ -318,51 +282,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def resources(spec: SearchSpec, options: RayOptions, cluster: Mapping[str, float]) -> tuple[float, float, int]:
-    """(cpus, gpus) per trial and the number of concurrent trials, checked against the spec's device."""
-    device = str(spec.device)
-    gpus = options.gpus_per_trial
-    if gpus is None:
-        gpus = 1.0 if device.startswith("cuda") or (device == "auto" and cluster.get("GPU", 0) > 0) else 0.0
-    if gpus > 0 and device == "cpu":
-        raise AutopruneError(f"--gpus-per-trial {gpus} with device cpu: pass --device cuda (or auto)")
-    if gpus == 0 and device.startswith("cuda"):
-        raise AutopruneError("device cuda needs --gpus-per-trial > 0 with the ray backend (e.g. 1, or 0.5 to share)")
-    if gpus > 0 and cluster.get("GPU", 0) < gpus:
-        raise AutopruneError(f"the Ray cluster has {cluster.get('GPU', 0):g} GPUs, a trial needs {gpus:g}; "
-                             "lower --gpus-per-trial or add GPU nodes")
-    cpus = float(options.cpus_per_trial)
-    if cluster.get("CPU", 0) < cpus:
-        raise AutopruneError(f"the Ray cluster has {cluster.get('CPU', 0):g} CPUs, a trial needs {cpus:g}; "
-                             "lower --cpus-per-trial")
-    concurrent = options.max_concurrent or (int(spec.workers) if int(spec.workers or 1) > 1 else None)
-    if concurrent is None:
-        fits = [int(cluster.get("CPU", 0) // cpus)] + ([int(cluster.get("GPU", 0) // gpus)] if gpus > 0 else [])
-        concurrent = max(1, min(fits))
-    return cpus, gpus, int(concurrent)
-
-
-def _connect(ray: Any, options: RayOptions) -> bool:
-    """Connect to (or start) Ray; True when this call started it (and must shut it down)."""
-    if ray.is_initialized():
-        log.info("using the Ray this process is connected to")
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    try:
-        if options.address is None:
-            cpus = os.cpu_count() or 1
-            if options.max_concurrent is not None:
-                cpus = max(1, math.ceil(options.max_concurrent * options.cpus_per_trial))
-            ray.init(num_cpus=cpus, **kwargs)
-        else:
-            ray.init(address=options.address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise AutopruneError(f"could not connect to Ray at {options.address or 'a new local instance'}: "
-                             f"{one_line(exc)}; start a cluster with `ray start --head` or fix "
-                             "--address") from None
-    return True
-
-
 def run(spec: SearchSpec, out_dir: str | Path, limits: Limits, device: Any = None, options: RayOptions | None = None,
         early_stopping: bool = True, on_update: Callable[[list[dict]], None] | None = None) -> str:
     """Run trials on Ray until a budget is spent; returns why it stopped. The caller (the runner) holds the
@@ -378,7 +297,7 @@ def run(spec: SearchSpec, out_dir: str | Path, limits: Limits, device: Any = Non
     check(out, options)
     store = RayStore(out)
     store.root.mkdir(parents=True, exist_ok=True)
-    started_ray = _connect(ray, options)
+    started_ray = connect(ray, options)
     key = str(out)
     try:
         cpus, gpus, concurrent = resources(spec, options, ray.cluster_resources())
