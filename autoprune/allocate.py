@@ -5,8 +5,11 @@ Shared by every method (DESIGN.md section 3). Three shapes:
 - ``uniform``: every prunable group keeps the same fraction of its channels;
 - ``global``: one threshold on per-group-normalised scores across all groups (a channel survives
   if its normalised score is above the threshold), so layers with weak channels lose more;
-- ``searched``: keep ratio ``r * multipliers[bucket(depth)]`` where the search samples one multiplier
-  per depth bucket, so the shape itself is a hyperparameter.
+- ``searched``: keep ratio ``r * multipliers[bucket(depth)]`` (times ``residual_multiplier`` for a
+  residual-coupled group), normalised by the largest; the search samples the shape, so only ratios
+  between multipliers matter (the search space samples K-1 log-ratios, see
+  :mod:`autoprune.search.space`). ``residual_multiplier`` > 1 spares the residual stream, as the
+  ResRep and FSM papers do by pruning only internal layers.
 
 Each shape has one free scalar (ratio or threshold) that moves MACs monotonically; we bisect it
 with the analytic :class:`~autoprune.cost.WidthCost` (microseconds per evaluation), then fill the
@@ -36,6 +39,7 @@ NORMALISATIONS = ("none", "mean", "max")
 class AllocationConfig:
     mode: str = "global"
     multipliers: tuple[float, ...] = ()  # searched mode: one per depth bucket, > 0
+    residual_multiplier: float = 1.0  # searched mode: extra factor for residual-coupled groups, > 0
     min_channels: int = 1
     min_ratio: float = 0.05  # never keep fewer than this fraction of a group
     max_prune_ratio: float = 0.95  # never remove more than this fraction of a group
@@ -50,6 +54,8 @@ class AllocationConfig:
                                  f"{', '.join(NORMALISATIONS)}")
         if self.mode == "searched" and (not self.multipliers or min(self.multipliers) <= 0):
             raise AutopruneError("allocation mode 'searched' needs positive multipliers, one per depth bucket")
+        if not self.residual_multiplier > 0:
+            raise AutopruneError(f"allocation residual_multiplier must be > 0, got {self.residual_multiplier}")
         if not 0 <= self.min_ratio <= 1 or not 0 <= self.max_prune_ratio < 1:
             raise AutopruneError("allocation min_ratio must be in [0, 1] and max_prune_ratio in [0, 1)")
         if self.min_channels < 1 or self.round_to < 1:
@@ -89,7 +95,8 @@ class _Shape:
             self.top = top if top > 0 else 1.0
         if cfg.mode == "searched":
             k = len(cfg.multipliers)
-            self.mult = {g.name: cfg.multipliers[min(k - 1, int(g.depth * k))] for g in groups}
+            self.mult = {g.name: cfg.multipliers[min(k - 1, int(g.depth * k))]
+                         * (cfg.residual_multiplier if g.residual else 1.0) for g in groups}
             self.mult_max = max(self.mult.values(), default=1.0)
 
     def ratio(self, g: ChannelGroup, x: float) -> float:

@@ -219,16 +219,8 @@ def _markdown(study: str, info: Mapping[str, Any], df: pd.DataFrame, on: pd.Data
                        _num(r.get("lr"), ".3g"), r.get("model", "") if isinstance(r.get("model"), str) else ""])
     out.append(_table(header, rows) if rows else "No complete feasible trial yet.\n")
     out.append("\n![Pareto front](pareto.png) (interactive: `pareto.html`)\n")
-    out.append("\n## Parameter importance\n\n")
-    if importance:
-        objs = list(importance)
-        params = sorted({p for v in importance.values() for p in v},
-                        key=lambda p: -float(importance[objs[0]].get(p, 0.0)))
-        out.append(_table(["parameter", *objs], [[p, *(_num(importance[o].get(p), ".3f") for o in objs)]
-                                                 for p in params]))
-        out.append("\nShare of each objective's variance explained by the parameter (Optuna importance).\n")
-    else:
-        out.append("Not computed (needs a few complete trials).\n")
+    out.append(_importance_md(df, importance, objective))
+    out.append(_fidelity_md(df))
     if "error" in df.columns and "state" in df.columns:
         failed = df[(df["state"] == "failed")]
         if len(failed):
@@ -237,3 +229,68 @@ def _markdown(study: str, info: Mapping[str, Any], df: pd.DataFrame, on: pd.Data
                 err = str(r.get("error", "")).splitlines()[0][:200] if isinstance(r.get("error"), str) else ""
                 out.append(f"- trial {_num(r.get('number'), '.0f')} ({r.get('method', '?')}): {err}\n")
     return "".join(out)
+
+
+def _complete(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["state"] == "complete"] if "state" in df.columns else df
+
+
+def _importance_md(df: pd.DataFrame, importance: Mapping[str, Mapping[str, float]] | None, objective: str) -> str:
+    """The importance table with its label, or why there is none; parameters that set an objective by
+    construction (the MACs target and MACs) are named below the table."""
+    from .report_importance import LABEL, MIN_TRIALS, by_construction
+
+    out = ["\n## Parameter importance\n\n"]
+    done = _complete(df)
+    if not importance:
+        out.append(f"Not enough trials: {len(done)} complete, parameter importance (fANOVA) needs at least "
+                   f"{MIN_TRIALS}.\n")
+        return "".join(out)
+    objs = list(importance)
+    params = sorted({p for v in importance.values() for p in v}, key=lambda p: -float(importance[objs[0]].get(p, 0.0)))
+    out.append(_table(["parameter", *objs], [[p, *(_num(importance[o].get(p), ".3f") for o in objs)] for p in params]))
+    out.append(f"\n{LABEL}.\n")
+    col = OBJECTIVE_COLUMNS[objective]
+    if col in done.columns:
+        columns = {p: done[p] if p in done.columns else done.get(f"param_{p}") for p in params}
+        fixed = by_construction({p: c for p, c in columns.items() if c is not None}, done[col])
+        for p in fixed:
+            out.append(f"\n`{p}` sets {objective} by construction (|Spearman| >= 0.98 over the complete trials: the "
+                       f"allocator hits the target): its share of the {objective} column confirms that, it says "
+                       "nothing about which settings trade accuracy for cost well.\n")
+    return "".join(out)
+
+
+MIN_FIDELITY_TRIALS = 5  # complete trials with a fidelity before its rank correlation is reported
+
+
+def _fidelity_md(df: pd.DataFrame) -> str:
+    """Spearman rank correlation of the fidelity (val acc right after pruning + BN recalibration) with
+    the final val acc of the complete trials, when at least MIN_FIDELITY_TRIALS have both."""
+    if "fidelity" not in df.columns or "val_acc" not in df.columns:
+        return ""
+    done = _complete(df)
+    both = done[pd.to_numeric(done["fidelity"], errors="coerce").notna() & done["val_acc"].notna()]
+    if len(both) < MIN_FIDELITY_TRIALS:
+        return ""
+    rho = spearman(both["fidelity"], both["val_acc"])
+    out = [(f"\n## Zero-training fidelity\n\nSpearman rank correlation of the accuracy right after pruning and BN "
+           f"recalibration (before fine-tuning) with the final val accuracy: {_num(rho, '.3f')} over {len(both)} "
+           "complete trials")]
+    if "method" in both.columns:
+        oneshot = both[both["method"] != "resrep"]
+        if len(oneshot) >= MIN_FIDELITY_TRIALS and len(oneshot) < len(both):
+            out.append(f"; {_num(spearman(oneshot['fidelity'], oneshot['val_acc']), '.3f')} over the {len(oneshot)} "
+                       "one-shot trials (ResRep's is measured after its compactor epochs)")
+    out.append(".\n")
+    return "".join(out)
+
+
+def spearman(x: Sequence[float] | pd.Series, y: Sequence[float] | pd.Series) -> float:
+    """Spearman rank correlation (Pearson on average ranks); NaN when either side is constant."""
+    a = pd.to_numeric(pd.Series(list(x)), errors="coerce")
+    b = pd.to_numeric(pd.Series(list(y)), errors="coerce")
+    ok = a.notna() & b.notna()
+    if ok.sum() < 2 or a[ok].nunique() < 2 or b[ok].nunique() < 2:
+        return math.nan
+    return float(a[ok].rank().corr(b[ok].rank()))

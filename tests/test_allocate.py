@@ -77,3 +77,26 @@ def test_bad_config_is_a_clear_error():
 def test_select_keeps_the_top_scores_sorted():
     keep = select({"g": torch.tensor([0.1, 0.9, 0.5, 0.7])}, {"g": 2})
     assert keep == {"g": (1, 3)}
+
+
+def test_searched_residual_multiplier_spares_the_residual_stream():
+    """The searched shape's separate multiplier for residual-coupled groups: > 1 keeps more of the
+    residual channels (the papers prune only internal layers), < 1 keeps fewer; MACs stay on target."""
+    groups, cost, scores = _setup("resnet20")
+    residual = [g for g in groups if g.prunable and g.residual]
+    internal = [g for g in groups if g.prunable and not g.residual]
+    assert residual and internal
+
+    def kept(widths, gs):
+        return sum(widths[g.name] for g in gs) / sum(g.channels for g in gs)
+
+    out = {}
+    for r in (0.5, 1.0, 2.0):
+        cfg = AllocationConfig(mode="searched", multipliers=(1.0, 1.0, 1.0), residual_multiplier=r, min_ratio=0.05)
+        widths = allocate(groups, scores, cost, 0.4, cfg)
+        assert 0.39 <= cost.macs_fraction(widths) <= 0.4
+        out[r] = (kept(widths, residual), kept(widths, internal))
+    assert out[2.0][0] > out[1.0][0] > out[0.5][0]  # residual channels kept
+    assert out[2.0][1] < out[1.0][1] < out[0.5][1]  # paid for by the internal ones
+    with pytest.raises(AutopruneError, match="residual_multiplier"):
+        AllocationConfig(mode="searched", multipliers=(1.0,), residual_multiplier=0.0)

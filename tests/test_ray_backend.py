@@ -258,7 +258,7 @@ def test_an_early_stopped_trials_partial_accuracy_is_not_on_the_front(ray_addres
     assert [r["state"] for r in rows] == ["complete", "early_stopped", "early_stopped"]
     assert [int(r["epochs_run"]) for r in rows] == [2, 1, 1] and result.epochs_run == 4
     stopped = rows[1:]
-    assert all(r["val_acc"] != "" and r["model"] == "" and r["feasible"] == "True" for r in stopped)
+    assert all(r["val_acc"] != "" and r["model"] == "" and r["feasible"] == "False" for r in stopped)
     assert not (out / "models" / "trial_0001.pt").exists()
     _, front = read_rows(out / "pareto.csv")
     assert [r["number"] for r in front] == ["0"]

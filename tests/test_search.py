@@ -32,7 +32,7 @@ from autoprune.search.spec import load_spec
 
 CONTRACT_HEAD = ["number", "state", "method", "target", "allocation", "epochs", "lr"]
 CONTRACT_TAIL = ["val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
-                 "duration_s", "feasible", "error", "model"]
+                 "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,8 +90,8 @@ def test_search_writes_the_results_folder(finished):
                  "report.md"):
         assert (out / name).is_file(), name
     header, rows = read_rows(out / "trials.csv")
-    assert header[:7] == CONTRACT_HEAD and header[-11:] == CONTRACT_TAIL
-    assert all(h.startswith("param_") for h in header[7:-11])
+    assert header[:7] == CONTRACT_HEAD and header[-len(CONTRACT_TAIL):] == CONTRACT_TAIL
+    assert all(h.startswith("param_") for h in header[7:-len(CONTRACT_TAIL)])
     assert [int(r["number"]) for r in rows] == [0, 1, 2, 3]
     assert result.stop_reason == "max_trials" and result.counts == {"complete": 4}
     base = torch.load(out / "base.pt", weights_only=True)["metrics"]
@@ -255,6 +255,33 @@ def test_resrep_trial_can_stop_during_its_compactor_epochs(base_ckpt, tmp_path, 
     assert stopped["model"] == "" and 0 < float(stopped["macs_frac"]) <= 0.5 and 0 < float(stopped["val_acc"])
     curves = [t.user_attrs["curve"] for t in load_study(tmp_path / "out").trials]
     assert curves[0][0] is None and all(a is not None for a in curves[0][1:]) and len(curves[1]) == 2
+
+
+def test_screening_fine_tunes_only_the_best_candidates_of_a_macs_bucket(base_ckpt, tmp_path, monkeypatch):
+    """Same MACs every trial (one bucket); from the second trial on, only a candidate whose fidelity beats
+    every earlier one (keep 0.01) is fine-tuned; the others stop right after pruning, run no epoch,
+    are never feasible and never on the front. The fidelity of every trial is in trials.csv."""
+    fidelities = iter([0.9, 0.5, 0.95, 0.1])
+    real = trial_mod.evaluate
+
+    def scripted(model, split, device):  # trial.evaluate is only the fidelity (fit evaluates on its own)
+        return {**real(model, split, device), "acc": next(fidelities)}
+
+    monkeypatch.setattr(trial_mod, "evaluate", scripted)
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 4},
+                                screen={"keep": 0.01, "bucket": 0.5, "min_peers": 1},
+                                space={"target": 0.5, "allocation": "uniform", "epochs": 2, "lr": [0.01, 0.02]}))
+    assert spec.screen.enabled and spec.screen.keep == 0.01
+    run_search(spec, tmp_path / "out", progress=False)
+    _, rows = read_rows(tmp_path / "out" / "trials.csv")
+    assert [r["stopped_at"] for r in rows] == ["", "screen", "", "screen"]
+    assert [r["state"] for r in rows] == ["complete", "early_stopped", "complete", "early_stopped"]
+    assert [float(r["fidelity"]) for r in rows] == [0.9, 0.5, 0.95, 0.1]
+    assert [int(r["epochs_run"]) for r in rows] == [2, 0, 2, 0]
+    assert [r["feasible"] for r in rows] == ["True", "False", "True", "False"]
+    assert all(float(r["prune_s"]) > 0 for r in rows)
+    _, front = read_rows(tmp_path / "out" / "pareto.csv")
+    assert {r["number"] for r in front} <= {"0", "2"}
 
 
 # ----------------------------------------------------------------------------- kill + resume

@@ -31,7 +31,8 @@ space:
   target: {low: 0.2, high: 0.8}
   allocation: [uniform, global, searched]
   buckets: 3
-  multiplier: {low: 0.5, high: 1.5}
+  log_ratio: {low: -1, high: 1}
+  residual: {low: -0.5, high: 1}
   epochs: {low: 1, high: 3}
   lr: {low: 0.005, high: 0.05, log: true}
   methods:
@@ -60,7 +61,7 @@ def test_minimal_spec_gets_defaults(tmp_path):
     lrf_fields = {f.name for f in dataclasses.fields(get_method("lrf").Params)}
     assert set(spec.method_space["lrf"]) == lrf_fields  # every default filled in
     assert spec.allocation == {f.name: getattr(AllocationConfig(), f.name) for f in dataclasses.fields(AllocationConfig)
-                               if f.name not in ("mode", "multipliers")}
+                               if f.name not in ("mode", "multipliers", "residual_multiplier")}
 
 
 def test_full_spec_parses_forms(tmp_path):
@@ -106,7 +107,8 @@ BAD = [  # (yaml appended to a valid spec, key path named in the error)
     ("space: {epochs: 2.5}", "space.epochs"),
     ("space: {epochs: three}", "space.epochs"),
     ("space: {buckets: [2, 3]}", "space.buckets"),
-    ("space: {multiplier: {low: -1, high: 1}}", "space.multiplier.low"),
+    ("space: {multiplier: {low: 0.5, high: 1.5}}", "space.multiplier"),
+    ("space: {log_ratio: {low: -9, high: 1}}", "space.log_ratio.low"),
     ("space: {lr: {low: 0.1, high: 0.2, log: true, step: 0.01}}", "space.lr.step"),
     ("space: {lrr: 0.1}", "space.lrr"),
     ("model: resnet21", "model"),
@@ -178,11 +180,11 @@ def test_parse_time_rejects(text):
 
 def test_overrides_replace_spec_values(tmp_path):
     path = write(tmp_path, FULL)
-    spec = load_spec(path, {"max_trials": 3, "time_s": 60, "workers": 2, "seed": 5, "device": "cpu",
+    spec = load_spec(path, {"max_trials": 8, "time_s": 60, "workers": 2, "seed": 5, "device": "cpu",
                             "early_stop": False, "sampler": "nsga2", "device_hours": None})
-    assert spec.budget.max_trials == 3 and spec.budget.time_s == 60.0
+    assert spec.budget.max_trials == 8 and spec.budget.time_s == 60.0
     assert (spec.workers, spec.seed, spec.device, spec.sampler) == (2, 5, "cpu", "nsga2")
-    assert spec.early_stop.enabled is False and spec.early_stop.margin == 0.02
+    assert spec.early_stop.enabled is False and spec.early_stop.margin is None
     assert load_spec(path, {"time": "1h30m"}).budget.time_s == 5400.0
     untouched = load_spec(path, {"max_trials": None, "workers": None})
     assert untouched.budget.max_trials == 7 and untouched.workers == 1
@@ -264,10 +266,11 @@ def test_suggest_stays_in_the_space_and_is_conditional(tmp_path):
         seen_alloc.add(params["allocation"])
         for key in ("method", "target", "allocation", "epochs", "lr", "batch_size"):
             assert _in(params[key], spec.space[key]), key
-        mults = sorted(k for k in params if k.startswith("mult_"))
-        if params["allocation"] == "searched":
-            assert mults == ["mult_0", "mult_1", "mult_2"]
-            assert all(_in(params[k], spec.space["multiplier"]) for k in mults)
+        mults = sorted(k for k in params if k.startswith("shape_"))
+        if params["allocation"] == "searched":  # K-1 free log-ratios and the residual multiplier
+            assert mults == ["shape_1", "shape_2", "shape_residual"]
+            assert _in(params["shape_1"], spec.space["log_ratio"]) and _in(params["shape_2"], spec.space["log_ratio"])
+            assert _in(params["shape_residual"], spec.space["residual"])
         else:
             assert mults == []
         own = set(spec.method_space[method])
@@ -290,16 +293,19 @@ def test_suggest_is_deterministic_with_a_seeded_sampler(tmp_path):
 
 def test_suggest_with_fixed_trial(tmp_path):
     spec = load_spec(write(tmp_path, FULL))
-    fixed = {"method": "lrf", "target": 0.5, "allocation": "searched", "mult_0": 1.0, "mult_1": 0.7, "mult_2": 1.2,
-             "epochs": 2, "lr": 0.01, "lrf.compensate": False}
+    fixed = {"method": "lrf", "target": 0.5, "allocation": "searched", "shape_1": -0.5, "shape_2": 0.5,
+             "shape_residual": 1.0, "epochs": 2, "lr": 0.01, "lrf.compensate": False}
     params = suggest(optuna.trial.FixedTrial(fixed), spec)
-    assert params["compensate"] is False and params["mult_1"] == 0.7 and params["eps"] == 1e-3
+    assert params["compensate"] is False and params["shape_1"] == -0.5 and params["eps"] == 1e-3
+    alloc = to_prune_args(params, spec.allocation)[2]
+    assert alloc.multipliers == pytest.approx((1.0, 2 ** -0.5, 2 ** 0.5)) and alloc.residual_multiplier == 2.0
 
 
 def test_to_prune_args_from_suggest_and_from_a_csv_row(tmp_path):
     spec = load_spec(write(tmp_path, FULL))
     params = {"method": "resrep", "target": 0.4, "allocation": "searched", "mult_0": 0.5, "mult_1": 1.0,
               "mult_2": 1.5, "epochs": 3, "lr": 0.02, "batch_size": 128, "penalty": 1e-4, "mask_interval": 10}
+    # (an older study's trial: one multiplier per bucket, still readable)
     method, target, alloc, mparams, epochs, lr = to_prune_args(params, spec.allocation)
     assert (method, target, epochs, lr) == ("resrep", 0.4, 3, 0.02)
     assert alloc.mode == "searched" and alloc.multipliers == (0.5, 1.0, 1.5) and alloc.min_ratio == 0.1
@@ -311,6 +317,9 @@ def test_to_prune_args_from_suggest_and_from_a_csv_row(tmp_path):
     assert method == "lrf" and epochs == 2 and isinstance(epochs, int)
     assert alloc == AllocationConfig(mode="global")
     assert mparams == {"compensate": False, "eps": 0.002}
+    row = {**row, "allocation": "searched", "param_shape_1": 1.0, "param_shape_2": 0.0, "param_shape_residual": -1.0}
+    alloc = to_prune_args(row)[2]
+    assert alloc.multipliers == (1.0, 2.0, 1.0) and alloc.residual_multiplier == 0.5
 
 
 # ----------------------------------------------------------------------------- JSON Schema

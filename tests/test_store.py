@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
+from autoprune.search.early_stop import Peer
 from autoprune.search.optuna_backend import OptunaStore, storage
 from autoprune.search.ray_store import RayStore
 from autoprune.search.results import INTERRUPTED, TrialResult, make_row
@@ -94,7 +95,7 @@ def test_claim_record_rows_curves_and_budget(impl, tmp_path):
     assert table[0]["feasible"] is True and table[0]["model"] == "models/trial_0000.pt"
     assert table[2]["error"] == "ValueError: boom" and table[3]["error"] == ""
     # only complete trials are the early-stopping reference (never an early-stopped trial's partial curve)
-    assert finished_curves(store) == [(30.0, [0.8, 0.9])]
+    assert finished_curves(store).peers == (Peer(30.0, (0.8, 0.9)),)
     assert budget_reason(store, Limits(max_trials=4)) == "max_trials"
     assert budget_reason(store, Limits(max_trials=5)) is None
     assert budget_reason(store, Limits(deadline=time.time() - 1)) == "time"
@@ -124,7 +125,7 @@ def test_a_trial_left_running_is_interrupted_uncounted_and_meta_survives(impl):
 def test_importance_from_either_store(impl):
     store = impl.open(0)
     assert importance(store, ("val_acc", "macs")) == {}  # nothing complete yet
-    for i in range(8):
+    for i in range(12):  # fANOVA needs report_importance.MIN_TRIALS (10) complete trials
         trial = impl.ask()
         target = trial.suggest_float("target", 0.1, 0.9)
         allocation = trial.suggest_categorical("allocation", ["uniform", "global"])

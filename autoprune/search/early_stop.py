@@ -1,65 +1,208 @@
-"""Early stopping that respects both objectives (DESIGN.md section 5).
+"""Early stopping and screening that respect both objectives (DESIGN.md section 5).
 
 Optuna's pruners refuse multi-objective studies and a scalar scheduler would compare a small
 model with a large one. But a pruned model's cost (MACs, params or latency) is known before its
-fine-tuning starts, so a trial only has to keep up with the trials that are at least as cheap:
+fine-tuning starts, so a trial only has to keep up with the finished trials that are at least as
+cheap, *at the same point of a comparable schedule*:
 
-    at epoch e >= min_epochs, stop the trial if its validation accuracy is below
-    max(accuracy at epoch e of the finished trials whose cost <= this trial's cost) - margin,
-    provided at least ``min_trials`` such finished trials reached epoch e.
+    after epoch e >= min_epochs (not the last), stop the trial if its validation accuracy is below
+    max(accuracy of the finished trials with cost <= this trial's cost, at the same position) - margin,
+    provided at least ``min_trials`` such finished trials measured that position.
 
-A trial that falls behind something cheaper by more than the margin is on its way to being
-dominated; a trial cheaper than everything finished is never stopped (nothing to compare with),
-so the low-cost end of the front is always explored. The final epoch is never a stopping point:
-stopping there saves nothing and would hide a finished result.
+**Position.** Each epoch of a trial belongs to a *phase*: ``"finetune"`` (after surgery; the learning
+rate follows a cosine over the phase's epochs) or ``"train:<method>"`` (a method that trains while
+pruning, ResRep's compactor epochs). Epoch e's position is (phase, fraction of that phase done), so
+a 20-epoch trial at epoch 10 (fraction 0.5, learning rate still high) is compared with a 10-epoch
+trial at its epoch 5, not with its annealed epoch 10; and ResRep's compactor epochs are compared only
+with other ResRep trials' compactor epochs. A peer's accuracy between two of its measured fractions is
+interpolated linearly (accuracy curves are concave, so this under-estimates the peer and stops less);
+its fine-tune phase starts at fraction 0 with its *fidelity* (accuracy right after surgery and BN
+recalibration) when that was measured. A peer that measured nothing at or before the position is
+skipped.
 
-Curves are indexed by the trial's epoch (1-based: ``curve[e - 1]`` is the accuracy after epoch e);
-an entry may be ``None`` where the trial did not measure it. A training-time method (ResRep) is
-measured during its pruning epochs too, as the model it would return at that point (its mask
-applied), from the epoch its masked rows have been driven to zero; earlier entries are ``None``.
+**Margin.** ``margin=None`` (the default) is ``se_multiple`` standard errors of an accuracy on the
+validation split, ``sqrt(p (1 - p) / n_val)`` at the reference accuracy p (clipped to one image
+from 0 and 1): on 359 images and p = 0.97 two standard errors are 1.8 points, on 3000 images 0.6.
+
+A trial cheaper than everything finished is never stopped (nothing to compare with), so the
+low-cost end of the front is always explored. The last epoch is never a stopping point: stopping
+there saves nothing and would hide a finished result. Early-stopped trials never reach the front.
+
+**Screening** (:func:`screen_out`) is the zero-training rung of the same idea: a candidate's fidelity
+is compared with the fidelities of the candidates already screened in its bucket of cost fraction
+(width ``bucket``); unless it is among the best ``keep`` share of them, it is not fine-tuned.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
-Curve = Sequence["float | None"]
+FINETUNE = "finetune"
+DEFAULT_SE_MULTIPLE = 2.0
 
 
-def peers_at(cost: float, epoch: int, finished: Iterable[tuple[float, Curve]]) -> list[float]:
-    """Accuracies at ``epoch`` of the finished trials with cost <= ``cost`` that measured it."""
-    out = []
-    for peer_cost, curve in finished:
-        if peer_cost is None or not peer_cost <= cost or len(curve) < epoch:
+def train_phase(method: str) -> str:
+    """The phase name of a training-time method's epochs (compared only with the same method's)."""
+    return f"train:{method}"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A finished (complete) trial as the rule sees it."""
+
+    cost: float
+    curve: tuple[float | None, ...]  # val acc after each epoch of the trial (None: not measured)
+    phases: tuple[str, ...] = ()  # the phase of each epoch; () = every epoch is a fine-tune epoch
+    fidelity: float | None = None  # val acc right after surgery + BN recalibration (fine-tune fraction 0)
+
+
+def schedule(total_epochs: int, training_epochs: int = 0, method: str = "") -> tuple[str, ...]:
+    """The phase of each epoch of a trial: ``training_epochs`` of ``train:<method>``, then fine-tune."""
+    k = max(0, min(int(training_epochs), int(total_epochs)))
+    return (train_phase(method),) * k + (FINETUNE,) * (int(total_epochs) - k)
+
+
+def position(phases: Sequence[str], epoch: int) -> tuple[str, float]:
+    """(phase, fraction of that phase done) after 1-based ``epoch`` of a trial with ``phases``."""
+    if not 1 <= epoch <= len(phases):
+        raise ValueError(f"epoch {epoch} is outside the schedule of {len(phases)} epochs")
+    phase = phases[epoch - 1]
+    done = sum(1 for p in phases[:epoch] if p == phase)
+    return phase, done / sum(1 for p in phases if p == phase)
+
+
+def _as_peer(p: Peer | tuple) -> Peer:
+    return p if isinstance(p, Peer) else Peer(float(p[0]), tuple(p[1]))
+
+
+def peer_accuracy(peer: Peer, phase: str, fraction: float) -> float | None:
+    """``peer``'s accuracy at ``fraction`` of its ``phase`` (interpolated), or None if not measured."""
+    phases = peer.phases or (FINETUNE,) * len(peer.curve)
+    n = sum(1 for p in phases if p == phase)
+    if n == 0:
+        return None
+    points: list[tuple[float, float]] = []
+    if phase == FINETUNE and peer.fidelity is not None and math.isfinite(peer.fidelity):
+        points.append((0.0, float(peer.fidelity)))
+    j = 0
+    for p, acc in zip(phases, peer.curve):
+        if p != phase:
             continue
-        acc = curve[epoch - 1]
+        j += 1
         if acc is not None and math.isfinite(acc):
-            out.append(float(acc))
+            points.append((j / n, float(acc)))
+    eps = 1e-9
+    for (f0, a0), (f1, a1) in itertools.pairwise(points):
+        if f0 - eps <= fraction <= f1 + eps:
+            return a0 + (a1 - a0) * (fraction - f0) / (f1 - f0) if f1 > f0 else a1
+    if len(points) == 1 and abs(points[0][0] - fraction) <= eps:
+        return points[0][1]
+    if points and abs(points[-1][0] - fraction) <= eps:
+        return points[-1][1]
+    return None
+
+
+def peers_at(cost: float, phase: str, fraction: float, finished: Iterable[Peer | tuple]) -> list[float]:
+    """Accuracies at (``phase``, ``fraction``) of the finished trials with cost <= ``cost`` that measured it."""
+    out = []
+    for peer in map(_as_peer, finished):
+        if peer.cost is None or not peer.cost <= cost:
+            continue
+        acc = peer_accuracy(peer, phase, fraction)
+        if acc is not None:
+            out.append(acc)
     return out
 
 
-def threshold(cost: float, epoch: int, finished: Iterable[tuple[float, Curve]], margin: float = 0.02,
+def accuracy_se(p: float, n: int) -> float:
+    """Standard error of an accuracy ``p`` measured on ``n`` images (p clipped one image from 0 and 1)."""
+    if n < 1:
+        raise ValueError("the validation split is empty")
+    p = min(max(float(p), 1.0 / n), 1.0 - 1.0 / n) if n > 1 else 0.5
+    return math.sqrt(p * (1.0 - p) / n)
+
+
+def margin_for(reference: float, n_val: int | None, margin: float | None,
+               se_multiple: float = DEFAULT_SE_MULTIPLE) -> float:
+    """The margin in accuracy: ``margin`` when set, else ``se_multiple`` standard errors at ``reference``."""
+    if margin is not None:
+        return float(margin)
+    if not n_val:
+        raise ValueError("an automatic margin needs the size of the validation split (n_val)")
+    return se_multiple * accuracy_se(reference, int(n_val))
+
+
+def threshold(cost: float, phase: str, fraction: float, finished: Iterable[Peer | tuple], *,
+              margin: float | None = None, n_val: int | None = None, se_multiple: float = DEFAULT_SE_MULTIPLE,
               min_trials: int = 3) -> float | None:
-    """The accuracy a trial must reach at ``epoch`` to continue, or None when there is no rule yet."""
-    peers = peers_at(cost, epoch, finished)
+    """The accuracy a trial must reach at (``phase``, ``fraction``) to continue, or None (no rule yet)."""
+    peers = peers_at(cost, phase, fraction, finished)
     if len(peers) < max(1, min_trials):
         return None
-    return max(peers) - margin
+    best = max(peers)
+    return best - margin_for(best, n_val, margin, se_multiple)
 
 
-def should_stop(cost: float, epoch: int, acc: float, finished: Iterable[tuple[float, Curve]], *,
-                margin: float = 0.02, min_epochs: int = 1, min_trials: int = 3,
-                total_epochs: int | None = None) -> bool:
-    """True when a trial of ``cost`` with accuracy ``acc`` after ``epoch`` should stop now.
+def should_stop(cost: float, epoch: int, acc: float, finished: Iterable[Peer | tuple], *,
+                phases: Sequence[str], margin: float | None = None, n_val: int | None = None,
+                se_multiple: float = DEFAULT_SE_MULTIPLE, min_epochs: int = 1, min_trials: int = 3) -> bool:
+    """True when a trial of ``cost`` (schedule ``phases``) with accuracy ``acc`` after ``epoch`` should stop.
 
-    ``finished`` holds ``(cost, curve)`` of COMPLETED trials only (never early-stopped or failed
-    ones: their curves end early or mean nothing). ``total_epochs`` is this trial's epoch count;
-    its last epoch is never a stopping point. A non-finite accuracy stops the trial once peers
-    exist (NaN compares false everywhere, so it is handled explicitly).
+    ``finished`` holds the COMPLETE trials only (:class:`Peer`, or ``(cost, curve)`` of an all-fine-tune
+    schedule); never early-stopped or failed ones: their curves end early or mean nothing. A
+    non-finite accuracy stops the trial once peers exist (NaN compares false everywhere).
     """
-    if epoch < min_epochs or (total_epochs is not None and epoch >= total_epochs):
+    if epoch < min_epochs or epoch >= len(phases):
         return False
-    bar = threshold(cost, epoch, finished, margin=margin, min_trials=min_trials)
+    phase, fraction = position(phases, epoch)
+    bar = threshold(cost, phase, fraction, finished, margin=margin, n_val=n_val, se_multiple=se_multiple,
+                    min_trials=min_trials)
     if bar is None:
         return False
     return not math.isfinite(acc) or acc < bar
+
+
+# ------------------------------------------------------------------------------------ screening
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A trial's zero-training rung: its cost fraction, fidelity and the phase the fidelity was taken in."""
+
+    cost_frac: float
+    fidelity: float
+    phase: str = "oneshot"  # "oneshot" (no training before surgery) or train:<method> (after its training)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a running trial compares itself with (:func:`autoprune.search.store.finished_curves`)."""
+
+    peers: tuple[Peer, ...] = ()  # complete trials: the early-stopping reference
+    candidates: tuple[Candidate, ...] = ()  # every trial with a fidelity: the screening reference
+
+
+def screen_out(cost_frac: float, fidelity: float, earlier: Iterable[Candidate], *, keep: float,
+               bucket: float = 0.1, min_peers: int = 3, phase: str = "oneshot") -> bool:
+    """True when a candidate should NOT be fine-tuned: among the ``earlier`` candidates of the same
+    ``phase`` whose cost fraction falls in its bucket (``floor(cost_frac / bucket)``), at least
+    ``min_peers`` exist and fewer than a ``keep`` share of them have a fidelity at most its own
+    (it is not in the best ``keep`` share). A successive-halving first rung that is valid for two
+    objectives: candidates compete only with candidates of about the same cost. A non-finite
+    fidelity is screened out once peers exist.
+    """
+    if not 0 < keep <= 1:
+        raise ValueError(f"screen keep share {keep} must be in (0, 1]")
+    if keep >= 1:
+        return False
+    box = math.floor(cost_frac / bucket + 1e-9)
+    same = [c.fidelity for c in earlier
+            if c.phase == phase and math.floor(c.cost_frac / bucket + 1e-9) == box and math.isfinite(c.fidelity)]
+    if len(same) < max(1, min_peers):
+        return False
+    if not math.isfinite(fidelity):
+        return True
+    better = sum(1 for f in same if f > fidelity)  # rank among them and itself: better + 1
+    return better + 1 > keep * (len(same) + 1)

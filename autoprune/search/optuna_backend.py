@@ -74,14 +74,11 @@ def directions(spec: SearchSpec) -> list[str]:
     return ["maximize", "minimize"]  # objectives are (val_acc, macs | params | latency)
 
 
-def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
-    if name == "tpe":  # multi-objective TPE (Ozaki et al. 2022); constant liar for parallel workers
-        return optuna.samplers.TPESampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise AutopruneError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
+def make_sampler(name: str, seed: int | None, spec: SearchSpec | None = None) -> optuna.samplers.BaseSampler:
+    """:func:`autoprune.search.samplers.make_sampler`, sized to ``spec``'s budget and workers."""
+    from .samplers import make_sampler as build
+
+    return build(name, seed, None if spec is None else spec.budget.max_trials, 1 if spec is None else spec.workers)
 
 
 def open_study(spec: SearchSpec, out_dir: Path, sampler: optuna.samplers.BaseSampler | None = None,
@@ -210,7 +207,7 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
     """Ask/run/tell until a budget is spent; returns the reason it stopped. ``seed``: the sampler's."""
     from . import space  # the search-space module (owned by the spec layer)
 
-    store = open_store(spec, out_dir, sampler=make_sampler(spec.sampler, seed))
+    store = open_store(spec, out_dir, sampler=make_sampler(spec.sampler, seed, spec))
     study = store.study
     worker = Worker.load(spec, out_dir, device, data=data)
 

@@ -309,7 +309,7 @@ def run(spec: SearchSpec, out_dir: str | Path, limits: Limits, device: Any = Non
         _RUNS[key] = live
         classes = _ray_classes()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        searcher = classes["AutopruneSearch"](spec, key, optuna_backend.make_sampler(spec.sampler, seed),
+        searcher = classes["AutopruneSearch"](spec, key, optuna_backend.make_sampler(spec.sampler, seed, spec),
                                               warm=history(store, constraint_names(spec)), retry=store.retries())
         ctx = TrialContext(spec=spec, out_dir=str(out), early_stopping=bool(early_stopping), gpus=gpus,
                            threads=max(1, int(cpus)))

@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 STATES = ("complete", "early_stopped", "failed", "running")
 HEAD_COLUMNS = ("number", "state", "method", "target", "allocation", "epochs", "lr")
 TAIL_COLUMNS = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
-                "duration_s", "feasible", "error", "model")
+                "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at")
+# fidelity: val acc right after surgery + BN recalibration (before fine-tuning; ResRep: after its
+# compactor epochs); prune_s: seconds to prune, recalibrate and measure it; stopped_at: "" (ran every
+# epoch), "screen" (not fine-tuned: screened out at the fidelity rung) or "epoch N" (early-stopped)
 COST_KEYS = {"macs": "macs", "params": "params", "latency": "latency_ms"}
 INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
 
@@ -53,10 +56,15 @@ class TrialResult:
     curve: tuple[float | None, ...] = ()  # val acc per trial epoch (None where not measured)
     cost: float | None = None  # the second objective's value, known right after surgery
     objectives: tuple[str, str] = ("val_acc", "macs")
+    fidelity: float | None = None  # val acc right after surgery + BN recalibration, before fine-tuning
+    prune_s: float | None = None  # seconds of pruning (ResRep: its training included) + recalibration + fidelity
+    phases: tuple[str, ...] = ()  # the phase of each epoch (early_stop.schedule): what a curve entry means
+    stopped_at: str = ""  # "" | "screen" | "epoch N"
 
     @property
     def feasible(self) -> bool:
-        return self.state in ("complete", "early_stopped") and all(c <= 0 for c in self.constraints)
+        """Complete and meets every constraint (an early-stopped or failed trial never is)."""
+        return self.state == "complete" and all(c <= 0 for c in self.constraints)
 
     @property
     def values(self) -> tuple[float, float] | None:
@@ -70,7 +78,9 @@ class TrialResult:
         return {"state": self.state, "val_acc": self.val_acc, "macs": self.macs, "macs_frac": self.macs_frac,
                 "params": self.params, "params_frac": self.params_frac, "latency_ms": self.latency_ms,
                 "epochs_run": self.epochs_run, "duration_s": round(self.duration_s, 3),
-                "feasible": self.feasible, "error": self.error, "model": self.model}
+                "feasible": self.feasible, "error": self.error, "model": self.model,
+                "fidelity": self.fidelity, "prune_s": None if self.prune_s is None else round(self.prune_s, 3),
+                "stopped_at": self.stopped_at, "phases": list(self.phases), "objective": self.objectives[1]}
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -116,7 +126,7 @@ def make_row(number: int, state: str, hparams: Mapping[str, Any], record: Mappin
             row[f"param_{key}"] = value
     for key in TAIL_COLUMNS:
         row[key] = record.get(key)
-    row["feasible"] = bool(record.get("feasible", False)) and state in ("complete", "early_stopped")
+    row["feasible"] = bool(record.get("feasible", False)) and state == "complete"  # complete and within constraints
     row["error"] = error or record.get("error") or ""
     row["model"] = record.get("model") or ""
     if row.get("epochs_run") is None:

@@ -47,7 +47,7 @@ BACKENDS = ("optuna", "ray")
 RESULT_FILES = ("spec.yaml", "base.pt", "study.db", "trials.csv", "pareto.csv", "pareto.png", "pareto.html",
                 "importance.csv", "report.md")
 # Spec keys that may change between a search and its resumption (everything else must match).
-RESUMABLE_KEYS = frozenset({"budget", "workers", "device", "source", "early_stop", "sampler", "seed"})
+RESUMABLE_KEYS = frozenset({"budget", "workers", "device", "source", "early_stop", "screen", "sampler", "seed"})
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,14 @@ def default_out_dir(spec: SearchSpec) -> Path:
 
 
 def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool = False, backend: str = "optuna",
-               progress: bool = True, ray_options: RayOptions | None = None) -> StudyResult:
+               progress: bool = True, ray_options: RayOptions | None = None, data: Dataset | None = None
+               ) -> StudyResult:
     """Run (or resume) the search ``spec`` describes; returns what it wrote. See the module docstring.
 
     ``backend``: ``optuna`` (default: embedded, ``study.db``) or ``ray`` (Ray Tune, see
-    :mod:`autoprune.search.ray_backend`; ``ray_options`` is its ``RayOptions``).
+    :mod:`autoprune.search.ray_backend`; ``ray_options`` is its ``RayOptions``). ``data``: the data set
+    already loaded on the device (e.g. a benchmark's fixed training subset; one worker, Optuna
+    backend); by default the spec's data set is loaded.
     """
     start = time.time()
     out = Path(out_dir) if out_dir is not None else default_out_dir(spec)
@@ -92,7 +95,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
     if budget.max_trials is None and budget.time_s is None and budget.device_hours is None:
         raise AutopruneError(f"search {spec.study!r} has no budget; set budget.max_trials, budget.time_s or "
                              f"budget.device_hours in {spec.source}, or pass --max-trials / --time-budget")
-    optuna_backend.make_sampler(spec.sampler, 0)  # unknown sampler: fail before any compute
+    optuna_backend.make_sampler(spec.sampler, 0, spec)  # unknown sampler, too small a budget: fail before any compute
     if backend == "ray":
         from . import ray_backend
 
@@ -114,7 +117,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
             check_resumable(spec, out / "spec.yaml")
         _dump_spec(spec, out / "spec.yaml")
         device = resolve_device(spec.device)
-        data = load_data(spec.data, device)
+        data = load_data(spec.data, device) if data is None else data
         base = prepare_base(spec, out, data, device, progress)
         limits = Limits(
             max_trials=budget.max_trials, deadline=None if budget.time_s is None else start + float(budget.time_s),

@@ -113,11 +113,12 @@ def _data() -> dict[str, Any]:
 
 def _allocation() -> dict[str, Any]:
     from ..allocate import NORMALISATIONS, AllocationConfig
+    from .space import SEARCHED_ALLOCATION
 
     props: dict[str, Any] = {}
     for f in dataclasses.fields(AllocationConfig):
         default = getattr(AllocationConfig(), f.name)
-        if f.name in ("mode", "multipliers"):
+        if f.name in SEARCHED_ALLOCATION:
             continue
         if f.name == "normalise":
             props[f.name] = {"enum": list(NORMALISATIONS)}
@@ -135,8 +136,15 @@ def build_schema() -> dict[str, Any]:
     space_props["methods"] = _closed(_method_params(), description="per-method parameter spaces")
     fraction = {"type": ["number", "null"], "minimum": 0, "maximum": 1}
     early = {f.name: ({"type": "boolean"} if f.type in ("bool", bool) else
-                      {"type": "number", "minimum": 0, "exclusiveMaximum": 1} if f.name == "margin" else
+                      {"type": ["number", "null"], "minimum": 0, "exclusiveMaximum": 1,
+                       "description": "null: se_multiple standard errors of a validation accuracy"}
+                      if f.name == "margin" else
+                      {"type": "number", "minimum": 0} if f.name == "se_multiple" else
                       {"type": "integer", "minimum": 0}) for f in dataclasses.fields(EarlyStop)}
+    screen = _closed({"enabled": {"type": "boolean"}, "keep": _number(0, 1, low_open=True),
+                      "bucket": _number(0, 1, low_open=True), "min_peers": {"type": "integer", "minimum": 1}},
+                     description="fine-tune only candidates whose accuracy right after pruning is in the best "
+                                 "`keep` share of their MACs bucket")
     props: dict[str, Any] = {
         "study": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                   "description": "results go to results/<study> (default: the file's name)"},
@@ -162,6 +170,7 @@ def build_schema() -> dict[str, Any]:
                            "device_hours": {"type": ["number", "null"], "exclusiveMinimum": 0}},
                           description=f"no new trial starts once one is spent (default: {DEFAULT_MAX_TRIALS} trials)"),
         "early_stop": {"anyOf": [{"type": "boolean"}, _closed(early)]},
+        "screen": {"anyOf": [{"type": "boolean"}, {"type": "null"}, screen]},
         "allocation": _allocation(),
         "space": _closed(space_props, description="every searchable value: fixed | [choices] | {low, high, log}"),
     }

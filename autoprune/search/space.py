@@ -4,8 +4,15 @@ A value in ``space`` (and in ``space.methods.<method>``) is fixed (``3``), a lis
 choices (``[uniform, global]``) or a numeric :class:`Range` (``{low: 1e-5, high: 1e-3, log: true}``).
 :func:`suggest` samples one trial's parameters with Optuna's define-by-run API: the method first,
 then only that method's parameters (named ``"<method>.<param>"`` inside Optuna so that two methods
-never share a distribution), and the per-depth multipliers ``mult_0..mult_{K-1}`` only when the
-``searched`` allocation is chosen. Fixed values are returned but never handed to Optuna, so they
+never share a distribution), and the per-layer shape only when the ``searched`` allocation is chosen.
+
+The per-layer shape (``allocation: searched``) of K depth buckets: only ratios between the buckets'
+keep-ratio multipliers matter (the allocator scales them to hit the MACs target), so the space has
+K-1 free values, ``shape_1..shape_{K-1}``: log2 of bucket i's multiplier relative to bucket 0's
+(range ``space.log_ratio``, default [-1, 1]: half to twice), plus ``shape_residual``: log2 of an
+extra multiplier for residual-coupled channel groups (``space.residual``; > 0 spares the residual
+stream as the papers do, fixed 0 for a model without residual groups). Trials of older studies with
+``mult_0..mult_{K-1}`` still load. Fixed values are returned but never handed to Optuna, so they
 do not dilute parameter importance. Checking the values a spec gives is
 :mod:`autoprune.search.validate`'s job.
 """
@@ -29,7 +36,10 @@ if typing.TYPE_CHECKING:
 
 # search parameters every trial has; a method parameter with one of these names is kept as "<method>.<name>"
 TRIAL_KEYS = ("method", "target", "allocation", "epochs", "lr", "batch_size")
-_MULT = re.compile(r"mult_(\d+)")
+_MULT = re.compile(r"mult_(\d+)")  # older studies: one multiplier per bucket
+_SHAPE = re.compile(r"shape_(\d+)")
+RESIDUAL = "shape_residual"
+SEARCHED_ALLOCATION = ("mode", "multipliers", "residual_multiplier")  # AllocationConfig fields the search sets
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,11 @@ def _sample(trial: optuna.trial.BaseTrial, name: str, value: ParamSpace) -> Any:
 
 def param_name(method: str, param: str) -> str:
     """The flat name of a method parameter in :func:`suggest`'s dict (and trials.csv's ``param_``)."""
-    return f"{method}.{param}" if param in TRIAL_KEYS or _MULT.fullmatch(param) else param
+    return f"{method}.{param}" if param in TRIAL_KEYS or _shape_key(param) else param
+
+
+def _shape_key(key: str) -> bool:
+    return bool(_MULT.fullmatch(key) or _SHAPE.fullmatch(key) or key == RESIDUAL)
 
 
 def suggest(trial: optuna.trial.BaseTrial, spec: SearchSpec) -> dict[str, Any]:
@@ -81,8 +95,9 @@ def suggest(trial: optuna.trial.BaseTrial, spec: SearchSpec) -> dict[str, Any]:
                            "target": _sample(trial, "target", space["target"]),
                            "allocation": _sample(trial, "allocation", space["allocation"])}
     if out["allocation"] == "searched":
-        for i in range(int(space["buckets"])):
-            out[f"mult_{i}"] = _sample(trial, f"mult_{i}", space["multiplier"])
+        for i in range(1, int(space["buckets"])):
+            out[f"shape_{i}"] = _sample(trial, f"shape_{i}", space["log_ratio"])
+        out[RESIDUAL] = _sample(trial, RESIDUAL, space["residual"])
     for key in ("epochs", "lr", "batch_size"):
         out[key] = _sample(trial, key, space[key])
     method = out["method"]
@@ -122,13 +137,11 @@ def to_prune_args(params: Mapping[str, Any], allocation: Mapping[str, Any] | Non
             raise AutopruneError(f"trial parameters have no {key!r}; got {', '.join(sorted(flat)) or 'nothing'}")
     method = str(flat["method"])
     mode = str(flat.get("allocation", "global"))
-    mults = sorted((int(m.group(1)), float(v)) for k, v in flat.items() if (m := _MULT.fullmatch(k)))
-    cfg = AllocationConfig(mode=mode, multipliers=tuple(v for _, v in mults) if mode == "searched" else (),
-                           **dict(allocation or {}))
+    cfg = AllocationConfig(mode=mode, **_shape(flat, mode), **dict(allocation or {}))
     fields = {f.name: f for f in dataclasses.fields(get_method(method).Params)}
     method_params: dict[str, Any] = {}
     for key, value in flat.items():
-        if key in TRIAL_KEYS or _MULT.fullmatch(key):
+        if key in TRIAL_KEYS or _shape_key(key):
             continue
         owner, dot, pname = key.rpartition(".")
         if dot:
@@ -143,6 +156,20 @@ def to_prune_args(params: Mapping[str, Any], allocation: Mapping[str, Any] | Non
             value = _parse_seq(value)
         method_params[key] = value
     return method, float(flat["target"]), cfg, method_params, int(float(flat["epochs"])), float(flat["lr"])
+
+
+def _shape(flat: Mapping[str, Any], mode: str) -> dict[str, Any]:
+    """AllocationConfig's multipliers and residual multiplier from the flat parameters (searched mode)."""
+    if mode != "searched":
+        return {}
+    mults = sorted((int(m.group(1)), float(v)) for k, v in flat.items() if (m := _MULT.fullmatch(k)))
+    if mults:  # an older study's trial: one multiplier per bucket
+        return {"multipliers": tuple(v for _, v in mults)}
+    logs = sorted((int(m.group(1)), float(v)) for k, v in flat.items() if (m := _SHAPE.fullmatch(k)))
+    if [i for i, _ in logs] != list(range(1, len(logs) + 1)):
+        raise AutopruneError(f"searched allocation needs shape_1..shape_{len(logs)}; got shape_{[i for i, _ in logs]}")
+    return {"multipliers": (1.0, *(2.0 ** v for _, v in logs)),
+            "residual_multiplier": 2.0 ** float(flat.get(RESIDUAL, 0.0))}
 
 
 def _parse_seq(text: str) -> Any:

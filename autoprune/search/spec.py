@@ -14,10 +14,13 @@ is the commented example)::
     sampler [tpe | nsga2 | random]   objectives [[val_acc, macs]]: second is macs | params | latency
     constraints: {min_val_acc, max_params_frac, max_macs_frac} [none]
     budget: {max_trials, time ("30m", "1h30m" or seconds), device_hours} [max_trials: 20]
-    early_stop: {enabled [true], margin [0.02], min_epochs [1], min_trials [3]}  (or just true/false)
+    early_stop: {enabled [true], margin [null: se_multiple standard errors of a val accuracy], se_multiple [2],
+                 min_epochs [1], min_trials [3]}  (or just true/false)
+    screen: {enabled [true when the key is given], keep [0.3], bucket [0.1], min_peers [3]}  [off]
     allocation: fixed AllocationConfig fields {min_channels, min_ratio, max_prune_ratio, round_to, normalise}
     space: {method [all], target [0.2..0.8], allocation [uniform, global, searched], buckets [3],
-            multiplier [0.5..1.5], epochs [3], lr [0.01], batch_size [128], methods: {METHOD: {PARAM: ...}}}
+            log_ratio [-1..1] (shape_1..shape_{K-1}), residual [-1..1] (shape_residual), epochs [3],
+            lr [0.01], batch_size [128], methods: {METHOD: {PARAM: ...}}}
 
 A searchable value (anything under ``space``) is written one of three ways::
 
@@ -45,7 +48,7 @@ from .validate import SpaceChecker, parse_time
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Budget", "EarlyStop", "Range", "SearchSpec", "dump_spec", "load_spec"]
+__all__ = ["Budget", "EarlyStop", "Range", "Screen", "SearchSpec", "dump_spec", "load_spec"]
 
 SAMPLERS = ("tpe", "nsga2", "random")
 SECOND_OBJECTIVES = ("macs", "params", "latency")
@@ -57,7 +60,7 @@ OVERRIDES = {  # CLI override name -> key path in the spec
     "early_stop": "early_stop.enabled", "sampler": "sampler", "study": "study", "base": "base",
 }
 TOP_KEYS = ("study", "model", "data", "base", "base_epochs", "base_lr", "device", "workers", "seed",
-            "sampler", "objectives", "constraints", "budget", "early_stop", "allocation", "space")
+            "sampler", "objectives", "constraints", "budget", "early_stop", "screen", "allocation", "space")
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,28 @@ class Budget:
 
 @dataclass(frozen=True)
 class EarlyStop:
+    """Two-objective early stopping (:mod:`autoprune.search.early_stop`)."""
+
     enabled: bool = True
-    margin: float = 0.02  # stop when accuracy is this far below the reference at the same epoch
-    min_epochs: int = 1  # never stop before this many fine-tune epochs
+    # stop when accuracy is this far below the reference at the same position of the schedule;
+    # None: se_multiple standard errors of an accuracy on the validation split (from its size)
+    margin: float | None = None
+    se_multiple: float = 2.0
+    min_epochs: int = 1  # never stop before this many epochs of the trial
     min_trials: int = 3  # finished trials needed before anything is compared
+
+
+@dataclass(frozen=True)
+class Screen:
+    """The zero-training fidelity rung (:func:`autoprune.search.early_stop.screen_out`): a candidate is
+    fine-tuned only if its accuracy right after surgery + BN recalibration is in the best ``keep``
+    share of the earlier candidates in its bucket of MACs fraction (``bucket`` wide), once
+    ``min_peers`` of them exist. Screened-out candidates cost seconds and count as trials."""
+
+    enabled: bool = False
+    keep: float = 0.3
+    bucket: float = 0.1
+    min_peers: int = 3
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,7 @@ class SearchSpec:
     budget: Budget
     early_stop: EarlyStop
     space: Mapping[str, Any]
+    screen: Screen = field(default_factory=Screen)
     method_space: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     allocation: Mapping[str, Any] = field(default_factory=dict)
 
@@ -118,6 +140,7 @@ class SearchSpec:
             "budget": {"max_trials": self.budget.max_trials, "time": self.budget.time_s,
                        "device_hours": self.budget.device_hours},
             "early_stop": {f.name: getattr(self.early_stop, f.name) for f in fields(EarlyStop)},
+            "screen": {f.name: getattr(self.screen, f.name) for f in fields(Screen)},
             "allocation": dict(self.allocation),
             "space": space,
         }
@@ -205,6 +228,14 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
     from .validate import parse_space  # the search-space half of the spec
 
     space, method_space = parse_space(chk, raw.get("space"))
+    budget = _budget(chk, raw.get("budget"))
+    if sampler == "nsga2":
+        from .samplers import nsga2_population
+
+        try:
+            nsga2_population(budget.max_trials)
+        except AutopruneError as exc:
+            raise chk.err("sampler", str(exc)) from None
     return SearchSpec(
         study=study, source=chk.source, model=_model(chk, raw["model"]), data=_data(chk, raw["data"]),
         base=_base(chk, raw.get("base")), base_epochs=chk.integer(raw.get("base_epochs", 30), "base_epochs", 0),
@@ -213,8 +244,9 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
         seed=chk.integer(raw.get("seed", 0), "seed", 0), sampler=sampler,
         objectives=_objectives(chk, raw.get("objectives", ["val_acc", "macs"])),
         min_val_acc=min_acc, max_params_frac=max_params, max_macs_frac=max_macs,
-        budget=_budget(chk, raw.get("budget")), early_stop=_early_stop(chk, raw.get("early_stop", True)),
+        budget=budget, early_stop=_early_stop(chk, raw.get("early_stop", True)),
         space=space, method_space=method_space, allocation=_allocation(chk, raw.get("allocation")),
+        screen=_screen(chk, raw.get("screen", False)),
     )
 
 
@@ -345,21 +377,42 @@ def _early_stop(chk: SpaceChecker, value: Any) -> EarlyStop:
     value = value or {}
     chk.keys(value, "early_stop", [f.name for f in fields(EarlyStop)], what="key")
     d = EarlyStop()
+    margin = value.get("margin", d.margin)
+    if margin is not None:
+        margin = chk.number(margin, "early_stop.margin", 0.0, 1.0, high_open=True)
     return EarlyStop(
         enabled=chk.boolean(value.get("enabled", d.enabled), "early_stop.enabled"),
-        margin=chk.number(value.get("margin", d.margin), "early_stop.margin", 0.0, 1.0, high_open=True),
+        margin=margin,
+        se_multiple=chk.number(value.get("se_multiple", d.se_multiple), "early_stop.se_multiple", 0.0),
         min_epochs=chk.integer(value.get("min_epochs", d.min_epochs), "early_stop.min_epochs", 0),
         min_trials=chk.integer(value.get("min_trials", d.min_trials), "early_stop.min_trials", 1),
+    )
+
+
+def _screen(chk: SpaceChecker, value: Any) -> Screen:
+    if value is None:
+        value = False
+    if isinstance(value, bool):
+        value = {"enabled": value}
+    value = value or {}
+    chk.keys(value, "screen", [f.name for f in fields(Screen)], what="key")
+    d = Screen()
+    return Screen(
+        enabled=chk.boolean(value.get("enabled", True), "screen.enabled"),
+        keep=chk.number(value.get("keep", d.keep), "screen.keep", 0.0, 1.0, low_open=True),
+        bucket=chk.number(value.get("bucket", d.bucket), "screen.bucket", 0.0, 1.0, low_open=True),
+        min_peers=chk.integer(value.get("min_peers", d.min_peers), "screen.min_peers", 1),
     )
 
 
 def _allocation(chk: SpaceChecker, value: Any) -> dict[str, Any]:
     """Fixed AllocationConfig fields (mode and multipliers are searched in ``space``)."""
     from ..allocate import AllocationConfig
+    from .space import SEARCHED_ALLOCATION
 
     value = value or {}
     defaults = {f.name: getattr(AllocationConfig(), f.name) for f in fields(AllocationConfig)
-                if f.name not in ("mode", "multipliers")}
+                if f.name not in SEARCHED_ALLOCATION}
     chk.keys(value, "allocation", list(defaults), what="key",
              extra="; mode and multipliers are searched: set them under space")
     out: dict[str, Any] = {}

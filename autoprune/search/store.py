@@ -23,13 +23,13 @@ from __future__ import annotations
 import abc
 import logging
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .results import INTERRUPTED, TrialResult, make_row, one_line, write_trials_csv
+from .early_stop import Reference
+from .results import INTERRUPTED, TrialResult, make_row, write_trials_csv
 
 if TYPE_CHECKING:
     import optuna
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SEED_STRIDE = 1009  # a resumed search's sampler seed moves by this per trial already started
-MIN_IMPORTANCE_TRIALS = 2  # complete trials needed before parameter importance is computed
 
 
 @dataclass(frozen=True)
@@ -123,10 +122,32 @@ def write_rows(store: TrialStore, out_dir: str | Path) -> list[dict[str, Any]]:
     return current
 
 
-def finished_curves(store: TrialStore) -> list[tuple[float, list[float | None]]]:
-    """(cost, per-epoch val acc) of the complete trials: the early-stopping rule's reference."""
-    return [(float(t.cost), list(t.curve)) for t in store.trials()
-            if t.state == "complete" and t.cost is not None]
+def finished_curves(store: TrialStore) -> Reference:
+    """The early-stopping and screening reference: the complete trials as :class:`~.early_stop.Peer`
+    (cost, per-epoch val acc, the phase of each epoch, fidelity), and every trial that measured a
+    fidelity (complete, early-stopped or screened out) as a screening :class:`~.early_stop.Candidate`."""
+    from .early_stop import FINETUNE, Candidate, Peer, Reference
+
+    peers, candidates = [], []
+    for t in store.trials():
+        rec = t.record
+        phases = tuple(rec.get("phases") or ())
+        fidelity = rec.get("fidelity")
+        if t.state == "complete" and t.cost is not None:
+            peers.append(Peer(float(t.cost), tuple(t.curve), phases, None if fidelity is None else float(fidelity)))
+        frac = rec.get(_FRACTION.get(store_objective(t), "macs_frac")) or rec.get("macs_frac")
+        if t.state in ("complete", "early_stopped") and fidelity is not None and frac is not None:
+            phase = phases[0] if phases and phases[0] != FINETUNE else "oneshot"
+            candidates.append(Candidate(float(frac), float(fidelity), phase))
+    return Reference(tuple(peers), tuple(candidates))
+
+
+_FRACTION = {"macs": "macs_frac", "params": "params_frac"}  # latency: screened by MACs fraction
+
+
+def store_objective(t: StoredTrial) -> str:
+    """The second objective a trial was recorded with ("macs" unless its record says otherwise)."""
+    return str(t.record.get("objective") or "macs")
 
 
 def budget_reason(store: TrialStore, limits: Limits, now: float | None = None) -> str | None:
@@ -150,27 +171,9 @@ def sampler_seed(spec: SearchSpec, store: TrialStore, worker: int = 0) -> int | 
 
 
 def importance(store: TrialStore, objectives: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Optuna parameter importance per objective (objective -> parameter -> share of variance);
-    {} when fewer than MIN_IMPORTANCE_TRIALS trials are complete. Each objective is evaluated on its
-    own values, so the direction does not matter to the number (Optuna's fANOVA evaluator)."""
-    import optuna
+    """Parameter importance per objective (objective -> parameter -> fANOVA share of its variance) over
+    the complete trials; {} below :data:`autoprune.report_importance.MIN_TRIALS` of them. See
+    :func:`autoprune.report_importance.param_importance`."""
+    from ..report_importance import param_importance
 
-    complete = store.importance_trials()
-    if len(complete) < MIN_IMPORTANCE_TRIALS:
-        log.info("parameter importance needs at least %d complete trials (have %d)", MIN_IMPORTANCE_TRIALS,
-                 len(complete))
-        return {}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    study.add_trials(complete)
-    out: dict[str, dict[str, float]] = {}
-    for i, name in enumerate(objectives):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                imp = optuna.importance.get_param_importances(study, target=lambda t, i=i: t.values[i])
-        except Exception as exc:  # noqa: BLE001 - conditional/constant params make evaluators fail
-            log.warning("parameter importance for %s unavailable: %s", name, one_line(exc))
-            continue
-        out[name] = {k: float(v) for k, v in imp.items()}
-    return out
+    return param_importance(store.importance_trials(), objectives, ["maximize", "minimize"])

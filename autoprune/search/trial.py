@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Finished = Callable[[], Sequence[tuple[float, Sequence["float | None"]]]]
+Finished = Callable[[], "early_stop.Reference | Sequence[early_stop.Peer | tuple]"]
 
 
 @dataclass
@@ -79,6 +79,11 @@ class Worker:
         shape = (model_spec.in_channels, model_spec.image_size, model_spec.image_size)
         groups = find_groups(model, shape)
         base = dict(ckpt.get("metrics") or {})
+        residual = spec.space.get("residual")
+        if not isinstance(residual, (int, float)) and not any(g.prunable and g.residual for g in groups):
+            log.warning("%s: space.residual is searched but %s has no prunable residual-coupled channel group; "
+                        "set residual: 0 so the sampler does not spend a dimension on it", spec.source,
+                        model_spec.name)
         if "latency" in spec.objectives:  # device-specific: measured by each worker on its own device
             base["latency_ms"] = measure_latency(model, shape, 1, device)
         log.info("worker ready on %s: %s, %d prunable channel groups, base val_acc %.4f, %d MACs", device,
@@ -95,13 +100,14 @@ class _Progress:
     curve: list[float | None] = field(default_factory=list)
     measured: dict[str, Any] = field(default_factory=dict)
     epochs_run: int = 0
+    phases: tuple[str, ...] = ()
 
 
 def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished: Finished | None = None,
               early_stopping: bool = True) -> TrialResult:
     """Run one configuration; never raises for a trial-level problem (it becomes state ``failed``).
 
-    ``finished()`` returns ``(cost, curve)`` of the completed trials so far (read at every epoch,
+    ``finished()`` returns the :class:`~.early_stop.Reference` of the trials so far (read at every epoch,
     so trials finishing in other workers count at once). KeyboardInterrupt propagates.
     """
     start = time.perf_counter()
@@ -116,7 +122,7 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
         result = TrialResult(number=number, state="failed", hparams=dict(hparams), error=message,
                              epochs_run=progress.epochs_run, duration_s=time.perf_counter() - start,
                              curve=tuple(progress.curve), objectives=tuple(worker.spec.objectives),
-                             **progress.measured)
+                             phases=progress.phases, **progress.measured)
         _free_memory(worker.device)
     return result
 
@@ -136,18 +142,27 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     epochs = int(epochs)
     impl = get_method(method)
     k = min(epochs, max(0, int(impl.training_epochs(make_params(impl, method_params), epochs))))
+    phases = early_stop.schedule(epochs, k, method)
+    progress.phases = phases
     cfg = TrainConfig(epochs=k, lr=float(lr), batch_size=int(hparams.get("batch_size", 128)),
                       seed=int(spec.seed) + number)
     objective = spec.objectives[1]
     rule = spec.early_stop
     active = early_stopping and rule.enabled and finished is not None
+    n_val = len(worker.data.val)
     stopped = False
+
+    def reference() -> early_stop.Reference:
+        ref = finished() if finished is not None else early_stop.Reference()
+        if not isinstance(ref, early_stop.Reference):  # a plain list of complete trials
+            ref = early_stop.Reference(tuple(ref))
+        return ref
 
     def behind(cost: float, e: int, acc: float) -> bool:
         nonlocal stopped
-        if active and early_stop.should_stop(cost, e, acc, finished(), margin=rule.margin,
-                                             min_epochs=rule.min_epochs, min_trials=rule.min_trials,
-                                             total_epochs=epochs):
+        if active and early_stop.should_stop(cost, e, acc, reference().peers, phases=phases, margin=rule.margin,
+                                             n_val=n_val, se_multiple=rule.se_multiple,
+                                             min_epochs=rule.min_epochs, min_trials=rule.min_trials):
             log.info("trial %d early-stopped at epoch %d/%d: val_acc %.4f behind cheaper finished trials",
                      number, e, epochs, acc)
             stopped = True
@@ -169,12 +184,25 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     m = progress.measured
     m.update(macs=pruned.macs, macs_frac=pruned.macs / pruned.base_macs, params=pruned.params,
              params_frac=pruned.params / pruned.base_params)
+    # the fidelity rung: the pruned (and BN-recalibrated) model before any fine-tuning costs one evaluation
+    m["fidelity"] = float(evaluate(model, worker.data.val, worker.device)["acc"])
+    m["prune_s"] = time.perf_counter() - start
     if objective == "latency":
         m["latency_ms"] = measure_latency(model, worker.input_shape, 1, worker.device)
     cost = float(m[COST_KEYS[objective]])
     m["cost"] = cost
     progress.curve = (progress.curve + [None] * k)[:k]
     progress.epochs_run = k
+    screen = spec.screen
+    if finished is not None and screen.enabled and epochs > k:
+        frac = m["params_frac"] if objective == "params" else m["macs_frac"]
+        phase = phases[0] if k else "oneshot"
+        if early_stop.screen_out(frac, m["fidelity"], reference().candidates, keep=screen.keep,
+                                 bucket=screen.bucket, min_peers=screen.min_peers, phase=phase):
+            log.info("trial %d screened out: fidelity %.4f not in the best %.0f %% of its MACs bucket", number,
+                     m["fidelity"], 100 * screen.keep)
+            return _result(worker, number, hparams, "early_stopped", m["fidelity"], progress, start,
+                           stopped_at="screen")
 
     def on_epoch_end(epoch: int, metrics: dict) -> bool:
         e = k + epoch
@@ -187,24 +215,32 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
         fit(model, worker.data.train, worker.data.val, replace(cfg, epochs=epochs - k), worker.device,
             Callbacks(on_epoch_end=on_epoch_end))
         val_acc = next(a for a in reversed(progress.curve) if a is not None)
-    else:  # nothing left to fine-tune: evaluate the pruned model as it is
-        val_acc = evaluate(model, worker.data.val, worker.device)["acc"]
+    else:  # nothing left to fine-tune: the pruned model as it is
+        val_acc = m["fidelity"]
         if progress.curve:
             progress.curve[-1] = val_acc
         else:
             progress.curve.append(val_acc)
     state = "early_stopped" if stopped else "complete"
-    constraints = constraint_values(spec, val_acc, m["params_frac"], m["macs_frac"])
     saved = ""
     if state == "complete":
         saved = _save(worker, number, hparams, model, pruned, val_acc)
-    result = TrialResult(number=number, state=state, hparams=hparams, val_acc=float(val_acc),
-                         epochs_run=progress.epochs_run, duration_s=time.perf_counter() - start,
-                         constraints=constraints, model=saved, curve=tuple(progress.curve),
-                         objectives=tuple(spec.objectives), **m)
-    log.info("trial %d %s: %s target %.2f -> val_acc %.4f, %d MACs (%.3f of base), %d epochs, %.1f s", number,
-             state, method, target, val_acc, result.macs, result.macs_frac, result.epochs_run, result.duration_s)
+    result = _result(worker, number, hparams, state, val_acc, progress, start, model=saved,
+                     stopped_at=f"epoch {progress.epochs_run}" if stopped else "")
+    log.info("trial %d %s: %s target %.2f -> val_acc %.4f (fidelity %.4f), %d MACs (%.3f of base), %d epochs, "
+             "%.1f s", number, state, method, target, val_acc, m["fidelity"], result.macs, result.macs_frac,
+             result.epochs_run, result.duration_s)
     return result
+
+
+def _result(worker: Worker, number: int, hparams: dict[str, Any], state: str, val_acc: float, progress: _Progress,
+            start: float, model: str = "", stopped_at: str = "") -> TrialResult:
+    m = progress.measured
+    constraints = constraint_values(worker.spec, val_acc, m["params_frac"], m["macs_frac"])
+    return TrialResult(number=number, state=state, hparams=hparams, val_acc=float(val_acc),
+                       epochs_run=progress.epochs_run, duration_s=time.perf_counter() - start,
+                       constraints=constraints, model=model, curve=tuple(progress.curve),
+                       objectives=tuple(worker.spec.objectives), phases=progress.phases, stopped_at=stopped_at, **m)
 
 
 def _stopped_while_pruning(worker: Worker, number: int, hparams: dict[str, Any], rep: EpochReport,
@@ -219,7 +255,8 @@ def _stopped_while_pruning(worker: Worker, number: int, hparams: dict[str, Any],
     result = TrialResult(number=number, state="early_stopped", hparams=hparams, val_acc=acc,
                          epochs_run=rep.epoch, duration_s=time.perf_counter() - start,
                          constraints=constraint_values(spec, acc, m["params_frac"], m["macs_frac"]),
-                         curve=tuple(progress.curve), objectives=tuple(spec.objectives), **m)
+                         curve=tuple(progress.curve), objectives=tuple(spec.objectives), phases=progress.phases,
+                         stopped_at=f"epoch {rep.epoch}", **m)
     log.info("trial %d early_stopped while pruning: val_acc %.4f, %d MACs (%.3f of base), %d epochs, %.1f s",
              number, acc, result.macs, result.macs_frac, result.epochs_run, result.duration_s)
     return result

@@ -208,7 +208,8 @@ def space_kinds() -> dict[str, Kind]:
         "target": Kind("float", 0.0, 1.0, low_open=True),
         "allocation": Kind("str", choices=tuple(MODES)),
         "buckets": Kind("int", 1, fixed_only=True),
-        "multiplier": Kind("float", 0.0, low_open=True),
+        "log_ratio": Kind("float", -8.0, 8.0),
+        "residual": Kind("float", -8.0, 8.0),
         "epochs": Kind("int", 1),
         "lr": Kind("float", 0.0, low_open=True),
         "batch_size": Kind("int", 1),
@@ -217,7 +218,7 @@ def space_kinds() -> dict[str, Kind]:
 
 SPACE_DEFAULTS: dict[str, Any] = {
     "target": Range(0.2, 0.8), "allocation": ["uniform", "global", "searched"], "buckets": 3,
-    "multiplier": Range(0.5, 1.5), "epochs": 3, "lr": 0.01, "batch_size": 128,
+    "log_ratio": Range(-1.0, 1.0), "residual": Range(-1.0, 1.0), "epochs": 3, "lr": 0.01, "batch_size": 128,
 }
 
 
@@ -253,6 +254,10 @@ def parse_space(chk: SpaceChecker, raw: Any) -> tuple[dict[str, ParamSpace], dic
     from ..methods import get_method, list_methods
 
     raw = {} if raw is None else raw
+    if isinstance(raw, dict) and "multiplier" in raw:
+        raise chk.err("space.multiplier", "replaced by log_ratio (log2 of each depth bucket's keep-ratio multiplier "
+                                          "relative to the first, K-1 values; e.g. {low: -1, high: 1}) and residual "
+                                          "(log2 multiplier of residual-coupled groups; 0 for none)")
     kinds = space_kinds()
     chk.keys(raw, "space", [*kinds, "methods"], what="key")
     space: dict[str, ParamSpace] = {"method": list_methods()} | SPACE_DEFAULTS
