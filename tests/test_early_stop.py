@@ -157,5 +157,6 @@ def test_screen_keeps_the_best_share_of_each_cost_bucket():
     assert not screen_out(0.35, 0.0, earlier, keep=0.4, phase="train:resrep")
     assert not screen_out(0.35, 0.0, earlier, keep=1.0)  # keep everything
     assert screen_out(0.35, math.nan, earlier, keep=0.4)
+    assert not screen_out(0.35, 0.81, earlier, keep=0.01) and screen_out(0.35, 0.79, earlier, keep=0.01)
     with pytest.raises(ValueError):
         screen_out(0.35, 0.5, earlier, keep=0.0)

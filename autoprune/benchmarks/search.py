@@ -86,6 +86,10 @@ def epochs_run(rows: Sequence[Mapping[str, Any]]) -> int:
     return sum(int(r["epochs_run"] or 0) for r in rows)
 
 
+def _margin(m: float | None) -> str:
+    return "2 standard errors" if m is None else f"{m:g}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=None, help="trials per search (default 20; --quick 6)")
@@ -111,8 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_single:
         for m in METHODS:
             configs[f"TPE, {m} only"] = {"method": m}
-    spec_margin = float(demo_raw()["early_stop"]["margin"])
-    margins = sorted(set(args.margins or [spec_margin]) | {spec_margin})
+    spec_margin = demo_raw()["early_stop"].get("margin")  # None: two standard errors of a val accuracy
+    spec_margin = None if spec_margin is None else float(spec_margin)
+    margins = [spec_margin, *sorted(set(args.margins or []) - {spec_margin})]
     for m in margins:
         if m != spec_margin:
             configs[f"full search, early-stopping margin {m:g}"] = {"margin": m}
@@ -180,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        else f"full search, early-stopping margin {m:g}"]
         e_on, hv_on = mean([epochs_run(r) for r, _ in runs]), mean([hypervolume(r) for r, _ in runs])
         es_rows.append({
-            "run": f"on, margin {m:g}" + (" (the spec's)" if m == spec_margin else ""), "trials": trials,
+            "run": f"on, margin {_margin(m)}" + (" (the spec's)" if m == spec_margin else ""), "trials": trials,
             "fine-tune epochs run": e_on, "share of epochs": f"{100 * e_on / e_off:.0f} %" if e_off else None,
             "early stopped": mean([sum(x["state"] == "early_stopped" for x in r) for r, _ in runs]),
             f"HV after {trials}": hv_on,

@@ -188,8 +188,8 @@ def screen_out(cost_frac: float, fidelity: float, earlier: Iterable[Candidate], 
                bucket: float = 0.1, min_peers: int = 3, phase: str = "oneshot") -> bool:
     """True when a candidate should NOT be fine-tuned: among the ``earlier`` candidates of the same
     ``phase`` whose cost fraction falls in its bucket (``floor(cost_frac / bucket)``), at least
-    ``min_peers`` exist and fewer than a ``keep`` share of them have a fidelity at most its own
-    (it is not in the best ``keep`` share). A successive-halving first rung that is valid for two
+    ``min_peers`` exist and it is not in the best ``keep`` share of them and itself (the best of a
+    bucket is always kept). A successive-halving first rung that is valid for two
     objectives: candidates compete only with candidates of about the same cost. A non-finite
     fidelity is screened out once peers exist.
     """
@@ -204,5 +204,5 @@ def screen_out(cost_frac: float, fidelity: float, earlier: Iterable[Candidate], 
         return False
     if not math.isfinite(fidelity):
         return True
-    better = sum(1 for f in same if f > fidelity)  # rank among them and itself: better + 1
-    return better + 1 > keep * (len(same) + 1)
+    rank = 1 + sum(1 for f in same if f > fidelity)  # among the earlier ones and itself
+    return rank > max(1.0, keep * (len(same) + 1))  # the best of a bucket always goes on
