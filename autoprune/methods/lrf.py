@@ -1,34 +1,39 @@
 """LRF: linearly replaceable filters with weights compensation (Joo et al., AAAI 2021; DESIGN.md 4).
 
-A channel whose BN-scaled filter ``u_k = w_k * gamma_k / sigma_k`` is (nearly) a linear combination
-of the other filters of its group can be removed and its contribution handed to the others: if
-``u_k ~ sum_j lambda_j u_j`` then the BN output ``y_k ~ sum_j lambda_j y_j + delta_k`` with the BN
-offsets ``c = beta - mean * gamma / sigma`` giving ``delta_k = c_k - sum_j lambda_j c_j``, so a
-consumer reading ``y_k`` through weights ``v_k`` loses nothing when ``v_j += lambda_j v_k`` and the
-constant ``delta_k * sum(v_k)`` moves into its bias. The score of channel k is
-``||residual of the ridge fit of u_k by the other filters|| * ||v_k||`` (``v_k``: every consumer
-weight slice reading channel k, squared norms summed over consumers).
+Two fits, one algebra (``fit``):
 
-All leave-one-out fits come from one inverse: with ``G = U U^T + eps I`` and ``P = G^-1`` the ridge
-residual of k is ``1/P_kk`` and its coefficients are ``-P_jk / P_kk``. Removing k updates ``P`` by a
-Schur complement (rank one), the consumer Gram ``H = V V^T`` by the matching congruence, so the
-greedy schedule costs O(n^3) per group. Chained removals compose into one ridge least-squares fit
-of the removed filters by the kept ones, so the weights are compensated once per group at the end.
+* ``features`` (default when there is data): a channel is replaceable when what its consumers read
+  (the post-activation feature map, measured on calibration batches) is nearly a linear combination
+  of the other channels there; the compensation of the consumer weights is then the least-squares
+  optimum for the data, through BN -> ReLU too. See :mod:`autoprune.methods.lrf_features`.
+* ``weights`` (no data needed): a channel whose BN-scaled filter ``u_k = w_k * gamma_k / sigma_k``
+  is (nearly) a linear combination of the other filters of its group can be removed and its
+  contribution handed to the others: if ``u_k ~ sum_j lambda_j u_j`` then the BN output
+  ``y_k ~ sum_j lambda_j y_j + delta_k`` with the BN offsets ``c = beta - mean * gamma / sigma``
+  giving ``delta_k = c_k - sum_j lambda_j c_j``, so a consumer reading ``y_k`` through weights ``v_k``
+  loses nothing when ``v_j += lambda_j v_k`` and the constant ``delta_k * sum(v_k)`` moves into its
+  bias. Exact only when nothing nonlinear sits between the BN and the consumer (MobileNetV2's linear
+  bottlenecks, a residual add); through a ReLU it hurt (measured on Fashion-MNIST ResNet-20, see README).
 
-Exact (up to the ridge's shrinkage, and except where a padded consumer kernel overlaps the zero
-border, which sees no constant) when nothing nonlinear sits between the leader's BN and the consumer
-(MobileNetV2's linear bottlenecks, a residual add). Through a ReLU it is an approximation that can
-hurt as well as help (measured on a trained CNN), hence ``compensate`` is a searchable parameter.
-Two choices, documented here:
+The score of channel k is ``||residual of the ridge fit of channel k by the others|| * ||v_k||``
+(``v_k``: every consumer weight slice reading channel k, squared norms summed over consumers).
+All leave-one-out fits come from one inverse: with ``G = U U^T + eps I`` (filters) or the feature
+covariance plus ``eps``, and ``P = G^-1``, the ridge residual of k is ``1/P_kk`` and its coefficients
+are ``-P_jk / P_kk``. Removing k updates ``P`` by a Schur complement (rank one), the consumer Gram
+``H = V V^T`` by the matching congruence, so the greedy schedule costs O(n^3) per group. Chained
+removals compose into one ridge least-squares fit of the removed channels by the kept ones, so the
+weights are compensated once per group at the end.
+
+Choices of the weight fit, documented here:
 
 * residual groups (several leaders summed): the filters of all leaders are concatenated, so one set
   of coefficients holds for every branch and therefore for their sum;
 * the constant goes into the running mean of the BN the consumer feeds directly (no new parameter,
   same architecture), else into the consumer's bias, created on a bias-free layer if needed
-  (``plan.load_pruned`` materialises such biases).
-
-Groups whose channels pass through a depthwise conv cannot be compensated (it does not mix channels);
-they are scored by the magnitude the removal loses, ``||u_k|| * |depthwise gain_k| * ||v_k||``.
+  (``plan.load_pruned`` materialises such biases);
+* groups whose channels pass through a depthwise conv cannot be compensated (it does not mix
+  channels); they are scored by the magnitude the removal loses, ``||u_k|| * |depthwise gain_k| * ||v_k||``.
+  The feature fit has no such limit: it reads the consumer's input after the depthwise conv.
 """
 from __future__ import annotations
 
@@ -382,6 +387,8 @@ class LRF(PruningMethod):
     Params = LRFParams
     summary = ("linearly replaceable filters: remove channels the others can replace (fit on calibration "
                "features, or on weights), compensate consumers")
+    notes = ("fit=auto: 'features' when prune() gets data (search trials do), else 'weights'; info.fit records "
+             "which ran",)
 
     def run(self, ctx: PruneContext, params: LRFParams) -> MethodOutput:
         start = time.perf_counter()
