@@ -179,7 +179,10 @@ def _groups_from_trace(model: nn.Module, input_shape: Sequence[int], info: Model
         batch = 2 if info.train_only else 1  # BN in training mode needs more than one value per channel
         example = torch.ones(batch, *input_shape, device=_device(model))  # no RNG use: grouping must not shift seeds
         with torch.enable_grad(), torch.random.fork_rng(devices=[]):  # TP traces autograd, even inside no_grad()
-            dg = tp.DependencyGraph().build_dependency(traced, example_inputs=example)
+            # Torch-Pruning switches to eval mode before its forward; forward_fn switches back when needed
+            train = bool(info.train_only)
+            dg = tp.DependencyGraph().build_dependency(traced, example_inputs=example,
+                                                       forward_fn=lambda m, x: m.train(train)(x))
         tp_groups = list(dg.get_all_groups(ignored_layers=ignore, root_module_types=[nn.Conv2d, nn.Linear]))
     except Exception as exc:
         first = str(exc).splitlines()[0][:200] if str(exc) else ""

@@ -120,10 +120,10 @@ def _plain(value: Any, where: str) -> Any:
     """``value`` with numpy scalars/arrays, paths and sets turned into the plain types a safe load accepts."""
     import numpy as np
 
+    if isinstance(value, np.generic):  # before float: np.float64 is a float subclass torch refuses to load
+        return value.item()
     if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
         return value.detach().cpu() if isinstance(value, torch.Tensor) else value
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, Path):
