@@ -20,6 +20,7 @@ from .calibrate import DEFAULT_BATCHES, recalibrate_bn
 from .cost import count_macs, count_params
 from .errors import AutopruneError
 from .graph import ChannelGroup, build_width_cost, find_groups
+from .trace import safe_copy
 from .methods import EpochReport, PruneContext, get_method, make_params
 from .plan import Plan, apply_plan
 
@@ -94,7 +95,7 @@ def prune(
         allocation = AllocationConfig(**dict(allocation or {}))
     device = torch.device(device)
     shape = _input_shape(spec, data, input_shape)
-    work = copy.deepcopy(model).to(device).eval()
+    work = safe_copy(model).to(device).eval()
     if groups is None:
         groups = find_groups(work, shape)
     cost = build_width_cost(work, groups, shape)
