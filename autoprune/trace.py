@@ -53,7 +53,7 @@ def safe_copy(model: nn.Module) -> nn.Module:
                 memo[id(value)] = value.detach().clone()
     try:
         return copy.deepcopy(model, memo)
-    except Exception as exc:  # noqa: BLE001 - whatever deepcopy raises, the user must fix the model
+    except Exception as exc:
         first = str(exc).splitlines()[0][:160] if str(exc) else ""
         raise AutopruneError(f"{type(model).__name__} cannot be copied ({type(exc).__name__}: {first}); "
                              "keep only modules, parameters, buffers and plain values as attributes") from exc

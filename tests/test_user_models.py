@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from special_models import (AuxHeadNet, DeconvNet, LeNet5, ProjectionHeadNet, SEConvClassifier, SharedConvNet,
-                            TensorAttrNet)
+from special_models import (
+    AuxHeadNet,
+    DeconvNet,
+    LeNet5,
+    ProjectionHeadNet,
+    SEConvClassifier,
+    SharedConvNet,
+    TensorAttrNet,
+)
 from torch import nn
 
 import autoprune
