@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 REFERENCE = (0.0, 1.0)
 QUICK_THEIRS = ("tp magnitude", "tp bnscale")
 TOL = 0.005  # a point counts as "at" a MACs fraction up to this above it (allocation granularity)
-METHOD_SPACE = {"resrep": {"penalty": {"low": 1.0e-5, "high": 1.0e-2, "log": True}},
+METHOD_SPACE = {"resrep": {"forget_by": {"low": 0.25, "high": 0.9}},  # the demo's; its penalty is inert in short trials
                 "lrf": {"compensate": [True, False]}, "fsm": {"compensation": ["gaussian", "measured"]}}
 
 
