@@ -182,10 +182,13 @@ def plot(path: Path, ours: Mapping[int, np.ndarray], theirs: Mapping[int, tuple[
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    right = max([float(p[:, 1].max()) for p in [*ours.values(), *(t for _, t in theirs.values())] if len(p)],
+                default=1.0)
     for i, (seed, pts) in enumerate(sorted(ours.items())):
-        _front(ax, pts, "tab:blue", f"autoprune search (seed {seed})", "o-", alpha=1.0 - 0.25 * i)
+        _front(ax, pts, "tab:blue", f"autoprune search (seed {seed})", "o-", 1.0 - 0.25 * i, right)
     for i, (seed, (label, pts)) in enumerate(sorted(theirs.items())):
-        _front(ax, pts, "tab:red", f"best Torch-Pruning sweep: {label} (seed {seed})", "s--", alpha=1.0 - 0.25 * i)
+        _front(ax, pts, "tab:red", f"best Torch-Pruning sweep: {label} (seed {seed})", "s--", 1.0 - 0.25 * i,
+               right)
     ax.set_xlabel("MACs (fraction of the base)")
     ax.set_ylabel("val accuracy after fine-tuning")
     ax.set_title(title, fontsize=9)
@@ -197,7 +200,7 @@ def plot(path: Path, ours: Mapping[int, np.ndarray], theirs: Mapping[int, tuple[
     plt.close(fig)
 
 
-def _front(ax: Any, pts: np.ndarray, color: str, label: str, style: str, alpha: float) -> None:
+def _front(ax: Any, pts: np.ndarray, color: str, label: str, style: str, alpha: float, right: float) -> None:
     if not len(pts):
         return
     front = pts[np.asarray(pareto_mask(pts, [True, False]))]
@@ -205,6 +208,7 @@ def _front(ax: Any, pts: np.ndarray, color: str, label: str, style: str, alpha: 
     # the attainment curve: at MACs x, the best accuracy of a point with MACs <= x
     ax.step(front[:, 1], front[:, 0], style, where="post", color=color, label=label, alpha=max(alpha, 0.3),
             markersize=5)
+    ax.plot([front[-1, 1], right], [front[-1, 0]] * 2, style[1:], color=color, alpha=max(alpha, 0.3))
     ax.scatter(pts[:, 1], pts[:, 0], color=color, alpha=0.15, s=12)
 
 
