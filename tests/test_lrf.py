@@ -327,7 +327,7 @@ def test_feature_fit_compensation_is_least_squares_optimal_through_a_relu(compen
 
 
 def test_feature_greedy_with_one_consumer_equals_the_weight_space_greedy_on_the_same_gram():
-    from autoprune.methods.lrf_features import greedy_order_multi
+    from autoprune.methods.lrf_algebra import greedy_order_multi
 
     g = torch.Generator().manual_seed(5)
     u = torch.randn(10, 6, generator=g, dtype=torch.float64)
