@@ -306,8 +306,9 @@ class LRF(PruningMethod):
         batches = calibration_batches(ctx.data, ctx.train_cfg, params.calibration_batches) if fit == "features" else []
         if fit == "features":
             stats = feature_stats(model, groups, batches)
-            scores = {g.name: _feature_score(_gather(model, g, bn_of, {}), stats[g.name], params.eps).float().cpu()
-                      for g in groups}
+            empty = FeatureStats({}, {}, {})
+            scores = {g.name: _feature_score(_gather(model, g, bn_of, {}), stats.get(g.name, empty),
+                                             params.eps).float().cpu() for g in groups}
         else:
             scores = {g.name: _score(_gather(model, g, bn_of, {}), params.eps).float().cpu() for g in groups}
         widths = ctx.allocate(scores)
@@ -374,15 +375,21 @@ def _feature_score(data: _Group, stats: FeatureStats, eps: float) -> Tensor:
     """``sqrt(sum_c ||v_c,k||^2 * residual variance of x_k at consumer c)`` per channel."""
     total = torch.zeros(data.consumer.shape[0], dtype=torch.float64, device=data.consumer.device)
     for (name, _, _), flat in zip(data.slices, data.per_consumer, strict=True):
-        p = ridge_inverse_gram(stats.cov[name].to(flat.device), eps)
-        total += flat.pow(2).sum(1) / p.diagonal().clamp_min(1e-300)
+        if name in stats.cov:  # a consumer that never ran on the calibration batches adds nothing
+            p = ridge_inverse_gram(stats.cov[name].to(flat.device), eps)
+            total += flat.pow(2).sum(1) / p.diagonal().clamp_min(1e-300)
     return total.sqrt()
 
 
 def _remove_features(model: nn.Module, g: ChannelGroup, data: _Group, batches: list, n_remove: int,
                      params: LRFParams, bn_of: dict[str, str]) -> tuple[list[int], int, str]:
     """Feature-space greedy on the model with earlier removals applied: (order, compensated, why not)."""
-    stats = feature_stats(model, [g], batches)[g.name]
+    if not data.slices:  # nothing reads the group: no fit to make, drop the smallest filters
+        return torch.argsort(_magnitude(data).cpu(), stable=True)[:n_remove].tolist(), 0, "no consumer reads it"
+    stats = feature_stats(model, [g], batches).get(g.name)
+    if stats is None or any(name not in stats.cov for name, _, _ in data.slices):
+        return torch.argsort(_magnitude(data).cpu(), stable=True)[:n_remove].tolist(), 0, \
+            "a consumer never ran on the calibration batches"
     dev = data.consumer.device
     ps = [ridge_inverse_gram(stats.cov[name].to(dev), params.eps) for name, _, _ in data.slices]
     hs = []

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 
 from ..graph import ChannelGroup
 
+CHUNK_ELEMENTS = 1 << 23  # feature values gathered at once (64 MiB in float64)
+
 
 @dataclass
 class FeatureStats:
@@ -67,12 +69,16 @@ def feature_stats(model: nn.Module, groups: Sequence[ChannelGroup],
 
     def hook(name: str) -> Any:
         def record(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            per_sample = max(1, x[0].numel())
+            chunk = max(1, CHUNK_ELEMENTS // per_sample)  # bounded memory for large feature maps
             for g in by_consumer[name]:
                 key = (g, name)
-                xs = _gather_channels(args[0], index[key])
-                sums[key] = sums.get(key, 0) + xs.sum(1)
-                grams[key] = grams.get(key, 0) + xs @ xs.T
-                counts[key] = counts.get(key, 0) + xs.shape[1]
+                for start in range(0, x.shape[0], chunk):
+                    xs = _gather_channels(x[start:start + chunk], index[key])
+                    sums[key] = sums.get(key, 0) + xs.sum(1)
+                    grams[key] = grams.get(key, 0) + xs @ xs.T
+                    counts[key] = counts.get(key, 0) + xs.shape[1]
         return record
 
     handles = [model.get_submodule(c).register_forward_pre_hook(hook(c)) for c in by_consumer]
