@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--augment", action="store_true", help="random crop + flip (images >= 16 px)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="data seed fixing the train/val/test split, independent of --seed (default: 0)")
     p.add_argument("--out", required=True, help="checkpoint path, e.g. base.pt (metrics.json is written beside it)")
     common_options(p)
     p.set_defaults(func=cmd_train)
@@ -111,7 +113,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         model, ckpt = load_base(args.base)
         spec = ModelSpec.from_dict(ckpt["model"])
     elif args.model:
-        data = _dataset(args.data, args.seed)
+        data = _dataset(args.data, 0)  # only its input shape and classes matter here
         spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size)
         model = create_model(spec)
     else:
@@ -150,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, evaluate, fit
 
     device = _seed(args)
-    data_spec = DataSpec(name=args.data, seed=args.seed)
+    data_spec = DataSpec(name=args.data, seed=args.split_seed)  # --seed moves training, never the split
     data = load_data(data_spec, device=device)
     spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size)
     model = create_model(spec).to(device)
@@ -165,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                "train_seconds": round(seconds, 2), "macs": count_macs(model, shape, device),
                "params": count_params(model), "device": str(device), "train_config": dataclasses.asdict(cfg)}
     out = Path(args.out)
-    save_base(out, model, spec, data_spec, metrics)
+    save_base(out, model, spec, data, metrics)
     mpath = _write_metrics(out, metrics)
     print(f"val accuracy {100 * val['acc']:.2f}% after {result.epochs_run} epochs in {seconds:.1f} s on {device}")
     print(f"MACs per sample {_mega(metrics['macs'])}MACs, params {_mega(metrics['params'])}")
