@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-
 MAC_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)  # every module whose MACs we count
 
 

@@ -5,7 +5,6 @@ benchmarks all go through it, so every method gets the same grouping, allocation
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -19,9 +18,9 @@ from .allocate import AllocationConfig
 from .cost import count_macs, count_params
 from .errors import AutopruneError
 from .graph import ChannelGroup, build_width_cost, find_groups
-from .trace import safe_copy
 from .methods import EpochReport, PruneContext, get_method, make_params
 from .plan import Plan, apply_plan
+from .trace import safe_copy
 
 log = logging.getLogger(__name__)
 

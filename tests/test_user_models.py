@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from special_models import (AuxHeadNet, DeconvNet, LeNet5, ProjectionHeadNet, SEConvClassifier, SharedConvNet,
-                            TensorAttrNet)
+from special_models import (
+    AuxHeadNet,
+    DeconvNet,
+    LeNet5,
+    ProjectionHeadNet,
+    SEConvClassifier,
+    SharedConvNet,
+    TensorAttrNet,
+)
 from torch import nn
 
 import autoprune
@@ -142,3 +149,16 @@ def test_functional_matmuls_are_refused_in_one_line():
     with pytest.raises(AutopruneError, match="80 of .* MACs .* outside nn.Conv") as info:
         autoprune.prune(Functional(), "l1", 0.5, input_shape=(3, 8, 8))
     assert "\n" not in str(info.value)
+
+
+def test_a_model_that_cannot_run_in_training_mode_is_still_pruned(caplog):
+    class EvalOnly(ProjectionHeadNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                raise RuntimeError("this model is exported for inference only")
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    result = autoprune.prune(EvalOnly().eval(), "l1", 0.5, input_shape=(3, 8, 8))
+    assert 0.49 <= result.macs_fraction <= 0.5
+    assert "training mode" in caplog.text
