@@ -80,6 +80,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(method.Params)) or "-"
         print(f"{name:8s} {method.summary}")
         print(f"{'':8s} parameters: {params}")
+        for note in method.notes:
+            print(f"{'':8s} note: {note}")
     return 0
 
 
@@ -221,7 +223,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     final_val = evaluate(result.model, data.val, device)["acc"]
     metrics = {
         "method": args.method, "target": args.target, "allocation": args.allocation, "params_used": result.info.get(
-            "params", {}), "base_val_acc": base_val, "val_acc_before_finetune": pruned_val, "val_acc": final_val,
+            "params", {}), "allocation_used": result.info.get("allocation", args.allocation),
+        "base_val_acc": base_val, "val_acc_before_finetune": pruned_val, "val_acc": final_val,
         "method_epochs": method_epochs, "finetune_epochs": ft_epochs,
         "base_macs": result.base_macs, "macs": result.macs, "macs_frac": result.macs_fraction,
         "base_params": result.base_params, "params": result.params, "params_frac": result.params_fraction,
@@ -230,8 +233,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     save_pruned(out, result.model, spec, result.plan, data_spec, metrics)
     mpath = _write_metrics(out, metrics)
-    rows = [("val accuracy", f"{100 * base_val:.2f}%", f"{100 * final_val:.2f}%",
-             f"{100 * pruned_val:.2f}% before fine-tune"),
+    when = (f"after {method_epochs} {args.method} training epoch(s), before fine-tune" if method_epochs
+            else "one-shot, before fine-tune")
+    rows = [("val accuracy", f"{100 * base_val:.2f}%", f"{100 * final_val:.2f}%", f"{100 * pruned_val:.2f}% {when}"),
             ("MACs per sample", f"{_mega(result.base_macs)}MACs", f"{_mega(result.macs)}MACs",
              f"{100 * result.macs_fraction:.1f}% of base (target {100 * args.target:.0f}%)"),
             ("params", _mega(result.base_params), _mega(result.params), f"{100 * result.params_fraction:.1f}% of base")]
