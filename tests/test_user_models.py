@@ -70,6 +70,9 @@ def test_3_training_only_branch_is_pruned_consistently(method):
     loss = F.cross_entropy(pruned(x), y)  # the first training step after pruning (was a channel mismatch)
     loss.backward()
     assert pruned.aux[4].out_features == 10
+    groups = {g.name: g for g in find_groups(model, (3, 8, 8))}
+    assert groups["conv2"].train_consumers == ("aux.0",) and groups["conv2"].consumers == ("conv3",)
+    assert not groups["aux.0"].prunable and "only in training" in groups["aux.0"].reason
 
 
 @pytest.mark.parametrize("cls,head", [(SEConvClassifier, "classifier"), (ProjectionHeadNet, "fc")])
