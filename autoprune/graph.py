@@ -22,7 +22,7 @@ from torch_pruning.pruner.function import PrunerBox
 
 from .cost import MAC_LAYERS, LayerGeom, Term, WidthCost, count_macs, count_params, layer_geometry
 from .errors import AutopruneError
-from .trace import ModelTrace, safe_copy, trace_model
+from .trace import ModelTrace, keep_rng, safe_copy, trace_model
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _groups_from_trace(model: nn.Module, input_shape: Sequence[int], info: Model
     try:
         batch = 2 if info.train_only else 1  # BN in training mode needs more than one value per channel
         example = torch.ones(batch, *input_shape, device=_device(model))  # no RNG use: grouping must not shift seeds
-        with torch.enable_grad(), torch.random.fork_rng(devices=[]):  # TP traces autograd, even inside no_grad()
+        with torch.enable_grad(), keep_rng(example.device):  # TP traces autograd, even inside no_grad()
             # Torch-Pruning switches to eval mode before its forward; forward_fn switches back when needed
             train = bool(info.train_only)
             dg = tp.DependencyGraph().build_dependency(traced, example_inputs=example,
@@ -225,7 +225,7 @@ def _trial(model: nn.Module, groups: list[ChannelGroup], cost: WidthCost, input_
         remove_channels(trial, groups, keep)
         macs = count_macs(trial, input_shape, device=_device(model))
         if train_forward:  # a branch that runs only in training must still fit
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with torch.no_grad(), keep_rng(_device(model)):
                 trial.train()(torch.ones(2, *input_shape, device=_device(model)))
     except Exception as exc:  # noqa: BLE001 - any failure means "not prunable"
         return f"trial removal failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"

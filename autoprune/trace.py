@@ -20,6 +20,7 @@ history (``copy.deepcopy`` refuses those).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Iterable, Sequence
@@ -59,6 +60,12 @@ def safe_copy(model: nn.Module) -> nn.Module:
         first = str(exc).splitlines()[0][:160] if str(exc) else ""
         raise AutopruneError(f"{type(model).__name__} cannot be copied ({type(exc).__name__}: {first}); "
                              "keep only modules, parameters, buffers and plain values as attributes") from exc
+
+
+def keep_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """Leave the random state of the CPU (and of ``device`` if it is a GPU) as it was: tracing in
+    training mode runs dropout, and grouping must not shift the seeds of what follows."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _tensors(obj: object) -> Iterable[torch.Tensor]:
@@ -117,7 +124,7 @@ def _run(model: nn.Module, input_shape: Sequence[int], device: torch.device, tra
     counter = FlopCounterMode(display=False) if count_flops else None
     try:
         model.train(train)
-        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        with torch.enable_grad(), keep_rng(device):
             if counter is not None:
                 with counter:
                     out = model(x)
