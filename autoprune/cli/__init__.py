@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from ..errors import AutopruneError
 
-_MODULES = ("basic", "search", "retrain")
+_MODULES = ("basic", "search", "retrain", "importer")
 
 
 def common_options(parser: argparse.ArgumentParser) -> None:

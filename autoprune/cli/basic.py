@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--augment", action="store_true", help="random crop + flip (images >= 16 px)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="data seed fixing the train/val/test split, independent of --seed (default: 0)")
     p.add_argument("--out", required=True, help="checkpoint path, e.g. base.pt (metrics.json is written beside it)")
     common_options(p)
     p.set_defaults(func=cmd_train)
@@ -78,6 +80,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(method.Params)) or "-"
         print(f"{name:8s} {method.summary}")
         print(f"{'':8s} parameters: {params}")
+        for note in method.notes:
+            print(f"{'':8s} note: {note}")
     return 0
 
 
@@ -109,7 +113,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         model, ckpt = load_base(args.base)
         spec = ModelSpec.from_dict(ckpt["model"])
     elif args.model:
-        data = _dataset(args.data, args.seed)
+        data = _dataset(args.data, 0)  # only its input shape and classes matter here
         spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size)
         model = create_model(spec)
     else:
@@ -148,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, evaluate, fit
 
     device = _seed(args)
-    data_spec = DataSpec(name=args.data, seed=args.seed)
+    data_spec = DataSpec(name=args.data, seed=args.split_seed)  # --seed moves training, never the split
     data = load_data(data_spec, device=device)
     spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size)
     model = create_model(spec).to(device)
@@ -163,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                "train_seconds": round(seconds, 2), "macs": count_macs(model, shape, device),
                "params": count_params(model), "device": str(device), "train_config": dataclasses.asdict(cfg)}
     out = Path(args.out)
-    save_base(out, model, spec, data_spec, metrics)
+    save_base(out, model, spec, data, metrics)
     mpath = _write_metrics(out, metrics)
     print(f"val accuracy {100 * val['acc']:.2f}% after {result.epochs_run} epochs in {seconds:.1f} s on {device}")
     print(f"MACs per sample {_mega(metrics['macs'])}MACs, params {_mega(metrics['params'])}")
@@ -219,7 +223,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     final_val = evaluate(result.model, data.val, device)["acc"]
     metrics = {
         "method": args.method, "target": args.target, "allocation": args.allocation, "params_used": result.info.get(
-            "params", {}), "base_val_acc": base_val, "val_acc_before_finetune": pruned_val, "val_acc": final_val,
+            "params", {}), "allocation_used": result.info.get("allocation", args.allocation),
+        "base_val_acc": base_val, "val_acc_before_finetune": pruned_val, "val_acc": final_val,
         "method_epochs": method_epochs, "finetune_epochs": ft_epochs,
         "base_macs": result.base_macs, "macs": result.macs, "macs_frac": result.macs_fraction,
         "base_params": result.base_params, "params": result.params, "params_frac": result.params_fraction,
@@ -228,8 +233,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     save_pruned(out, result.model, spec, result.plan, data_spec, metrics)
     mpath = _write_metrics(out, metrics)
-    rows = [("val accuracy", f"{100 * base_val:.2f}%", f"{100 * final_val:.2f}%",
-             f"{100 * pruned_val:.2f}% before fine-tune"),
+    when = (f"after {method_epochs} {args.method} training epoch(s), before fine-tune" if method_epochs
+            else "one-shot, before fine-tune")
+    rows = [("val accuracy", f"{100 * base_val:.2f}%", f"{100 * final_val:.2f}%", f"{100 * pruned_val:.2f}% {when}"),
             ("MACs per sample", f"{_mega(result.base_macs)}MACs", f"{_mega(result.macs)}MACs",
              f"{100 * result.macs_fraction:.1f}% of base (target {100 * args.target:.0f}%)"),
             ("params", _mega(result.base_params), _mega(result.params), f"{100 * result.params_fraction:.1f}% of base")]

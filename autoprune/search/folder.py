@@ -23,6 +23,7 @@ import torch
 
 from ..errors import AutopruneError
 from ..files import os_error
+from ..splits import split_hash_of
 
 if TYPE_CHECKING:
     from ..data import Dataset
@@ -154,7 +155,7 @@ def _comparable(value: Any) -> Any:
 
 
 def fingerprint(base_path: Path, data: Dataset | None) -> dict[str, str]:
-    """Short SHA-256 digests of the base model's weights and of the data split (train/val/test rows)."""
+    """Short SHA-256 digests of the base model's weights and of the data split (:mod:`autoprune.splits`)."""
     ckpt = torch.load(base_path, map_location="cpu", weights_only=True)
     h = hashlib.sha256()
     for key, value in sorted((ckpt.get("state_dict") or {}).items()):
@@ -162,14 +163,9 @@ def fingerprint(base_path: Path, data: Dataset | None) -> dict[str, str]:
         if isinstance(value, torch.Tensor):
             h.update(value.detach().cpu().contiguous().numpy().tobytes())
     out = {"weights": h.hexdigest()[:16]}
-    if data is not None:
-        s = hashlib.sha256()
-        for split in (data.train, data.val, data.test):
-            idx = getattr(split, "indices", None)
-            if idx is None:
-                return out
-            s.update(idx.cpu().numpy().tobytes())
-        out["split"] = s.hexdigest()[:16]
+    split = None if data is None else split_hash_of(data)
+    if split:
+        out["split"] = split
     return out
 
 
