@@ -1,7 +1,8 @@
 """The search's front door: ``run_search(spec, out_dir, resume)`` -> results folder -> StudyResult.
 
-Prepares ``<out>`` (resolved ``spec.yaml``; ``base.pt`` copied from the spec's ``base`` or trained
-once and cached), runs a backend (Optuna by default) under the spec's budgets, then computes
+Checks ``<out>`` before any compute (:mod:`autoprune.search.folder`: writable, resumable, study
+storage intact), prepares it (resolved ``spec.yaml``; ``base.pt`` copied from the spec's ``base`` or
+trained once and cached, its fingerprint checked against the study's), runs a backend (Optuna by default) under the spec's budgets, then computes
 parameter importance and writes the report (``pareto.csv/png/html``, ``importance.csv``,
 ``report.md``) through :mod:`autoprune.report`. See DESIGN.md section 5 and the results-folder
 contract.
@@ -10,7 +11,8 @@ Budgets: ``max_trials`` counts every started trial except interrupted ones (thos
 ``time_s`` is wall-clock time of this run, from the call (base training included);
 ``device_hours`` is the summed wall time of all trials of the study, across resumes (each trial
 holds one device, so this is time x devices in use). When a budget is spent no new trial starts,
-running trials finish, and the report is written.
+running trials finish, and the report is written. The budget is computed from the backend's
+:class:`~autoprune.search.store.TrialStore` (:func:`autoprune.search.store.budget_reason`).
 """
 from __future__ import annotations
 
