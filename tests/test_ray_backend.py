@@ -27,6 +27,7 @@ from autoprune.errors import AutopruneError
 from autoprune.pareto import pareto_mask
 from autoprune.plan import load_pruned
 from autoprune.search import ray_backend
+from autoprune.search.early_stop import Peer
 from autoprune.search.ray_backend import RayOptions
 from autoprune.search.ray_store import RayStore
 from autoprune.search.results import INTERRUPTED, make_row
@@ -115,7 +116,7 @@ def test_rows_from_claims_and_results(tmp_path):
     assert store.retries() == [(1, {"target": 0.5}), (2, {"target": 0.5})]
     store.write_claim(3, {"number": 3, "trial_id": "t3", "run": "run_002", "hparams": hp, "retry_of": 1})
     assert [n for n, _ in store.retries()] == [2, 3]
-    assert store.next_number() == 4 and finished_curves(store) == [(10.0, [0.9])]
+    assert store.next_number() == 4 and finished_curves(store).peers == (Peer(10.0, (0.9,)),)
 
 
 def test_the_searcher_tells_optuna_values_only_for_complete_trials(tmp_path):

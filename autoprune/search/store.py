@@ -126,7 +126,7 @@ def finished_curves(store: TrialStore) -> Reference:
     """The early-stopping and screening reference: the complete trials as :class:`~.early_stop.Peer`
     (cost, per-epoch val acc, the phase of each epoch, fidelity), and every trial that measured a
     fidelity (complete, early-stopped or screened out) as a screening :class:`~.early_stop.Candidate`."""
-    from .early_stop import FINETUNE, Candidate, Peer, Reference
+    from .early_stop import FINETUNE, Candidate, Peer
 
     peers, candidates = [], []
     for t in store.trials():
