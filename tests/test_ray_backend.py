@@ -270,8 +270,8 @@ def test_an_early_stopped_trials_partial_accuracy_is_not_on_the_front(ray_addres
     assert study.trials[0].values == [pytest.approx(float(rows[0]["val_acc"])), float(rows[0]["macs"])]
     assert [t.number for t in study.best_trials] == [0]
     # the rule only compared with the complete trial
-    curves = finished_curves(RayStore(out))
-    assert len(curves) == 1 and len(curves[0][1]) == 2
+    peers = finished_curves(RayStore(out)).peers
+    assert len(peers) == 1 and len(peers[0].curve) == 2
 
 
 @pytest.mark.slow
