@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import common_options
+from . import common_options, verbose_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,11 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export",
         help="export a saved model (pruned or base) to ONNX or TorchScript",
         description="Rebuild MODEL (an autoprune checkpoint), write it as ONNX or TorchScript with a "
-        "dynamic batch dimension, and check the file reproduces the PyTorch logits.",
+        "dynamic batch dimension and its input recipe (scale, mean, std, layout, size, class names) in "
+        "the file's metadata and in OUT.json, and check the file reproduces the PyTorch logits.",
     )
     p.add_argument("model", metavar="MODEL", help="autoprune checkpoint (.pt), e.g. DIR/models/trial_0007.pt")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default: onnx")
-    p.add_argument("--out", help="output file (default: MODEL with .onnx / .ts)")
+    p.add_argument("--out", help="output file (default: MODEL with .onnx / .ts); OUT.json is written beside it")
+    p.add_argument("--force", action="store_true", help="overwrite OUT and OUT.json if they exist")
     p.add_argument(
         "--exporter",
         choices=("auto", "dynamo", "legacy", "trace", "script"),
@@ -73,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--atol", type=float, default=1e-4, help="largest allowed |logit difference| (default: 1e-4)"
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    verbose_option(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -135,10 +137,12 @@ def _fmt(value: object) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ..data import DataSpec, load_data
     from ..errors import AutopruneError
-    from ..export import default_path, export_checked
+    from ..export import default_path, export_checked, sidecar_path
     from ..models import ModelSpec
     from ..plan import load_base
+    from ..preprocess import recipe_for
 
     exporter = args.exporter
     valid = {"onnx": ("auto", "dynamo", "legacy"), "torchscript": ("auto", "trace", "script")}[args.format]
@@ -146,9 +150,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise AutopruneError(
             f"--exporter {exporter} does not apply to --format {args.format}; use one of {', '.join(valid)}"
         )
+    out = Path(args.out) if args.out else default_path(args.model, args.format)
+    existing = [p for p in (out, sidecar_path(out)) if p.exists()]
+    if existing and not args.force:
+        raise AutopruneError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
     model, ckpt = load_base(args.model, "cpu")  # base or pruned: load_base rebuilds either
     spec = ModelSpec.from_dict(ckpt["model"])
-    out = Path(args.out) if args.out else default_path(args.model, args.format)
+    recipe = recipe_for(load_data(DataSpec.from_dict(ckpt["data"]))) if ckpt.get("data") else None
+    if recipe is None:
+        print(f"warning: {args.model} records no data set, so the export carries no input recipe",
+              file=sys.stderr)
     check = export_checked(
         model,
         (spec.in_channels, spec.image_size, spec.image_size),
@@ -156,10 +167,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.format,
         exporter,
         atol=args.atol,
+        recipe=recipe,
     )
     print(out)
     print(
         f"max abs logit difference vs PyTorch: {check.max_abs_diff:.3g} (batches {list(check.batch_sizes)}, "
         f"{check.exporter or args.format} exporter, tolerance {args.atol:g})"
     )
+    if recipe is not None:
+        print(f"input recipe (in the file's metadata and {sidecar_path(out)}): raw x {recipe.scale:.6g}, then "
+              f"(x - mean) / std per channel; {recipe.layout} {recipe.channels}x{recipe.height}x{recipe.width}")
     return 0

@@ -56,7 +56,7 @@ Dropped = dict[tuple[str, str], set[int]]  # (module, "in"|"out") -> indices alr
 @dataclass(frozen=True)
 class LRFParams:
     eps: float = 1e-3  # ridge, relative to the mean of the Gram diagonal (mean squared filter norm)
-    compensate: bool = True
+    compensate: bool = True  # add the least-squares fit of removed filters to the remaining consumer weights
     step: int = 1  # channels chosen per greedy step before scores are refreshed (faster, coarser)
 
     def __post_init__(self) -> None:
