@@ -3,7 +3,8 @@
 Sources: ``digits`` (scikit-learn's bundled 8x8 digits, offline), ``synthetic`` (generated from the
 seed), ``npz:<path>`` (arrays ``x`` and ``y``), ``imagefolder:<dir>`` (torchvision ImageFolder) and
 the torchvision sets ``cifar10``, ``cifar100``, ``mnist``, ``fashionmnist`` (downloaded into
-``DataSpec.root``). Inputs are standardised per channel with statistics of the train split only.
+``DataSpec.root``; MNIST and Fashion-MNIST are first looked for offline as idx files, see
+:mod:`autoprune.idx`, e.g. from Debian's ``dataset-fashion-mnist`` package). Inputs are standardised per channel with statistics of the train split only.
 
 Small sets are :class:`TensorSplit`: tensors held in memory (on the GPU when ``device`` is CUDA),
 batched by slicing, augmented on the device. ImageFolder sets are :class:`LoaderSplit`: a
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from autoprune import idx
 from autoprune.errors import AutopruneError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -396,14 +398,24 @@ def _imagefolder(spec: DataSpec, root: str, device: torch.device) -> Dataset:
 
 
 def _torchvision_set(spec: DataSpec, device: torch.device) -> Dataset:
+    root = os.path.expanduser(spec.root or DEFAULT_ROOT)
+    if spec.name in idx.SETS:  # MNIST-style: look for the idx files offline first (autoprune.idx)
+        files = idx.find_idx(spec.name, spec.root, DEFAULT_ROOT)
+        if files is not None:
+            x_np, y_np, xt_np, yt_np = idx.load_idx_set(files)
+            logger.info("data %s: idx files from %s", spec.name, files["train_x"].parent)
+            x, x_test = (torch.from_numpy(a).unsqueeze(1).contiguous() for a in (x_np, xt_np))
+            return _uint8_dataset(spec, x, torch.from_numpy(y_np), x_test, torch.from_numpy(yt_np),
+                                  len(idx.CLASSES[spec.name]), idx.CLASSES[spec.name], device)
     from torchvision import datasets
 
     cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100,
            "mnist": datasets.MNIST, "fashionmnist": datasets.FashionMNIST}[spec.name]
-    root = os.path.expanduser(spec.root or DEFAULT_ROOT)
     try:
         train_set, test_set = cls(root, train=True, download=True), cls(root, train=False, download=True)
     except Exception as exc:  # URLError, RuntimeError, checksum errors, ...
+        if spec.name in idx.SETS:
+            raise AutopruneError(idx.missing_message(spec.name, spec.root, DEFAULT_ROOT, exc)) from exc
         raise AutopruneError(
             f"data set {spec.name!r} could not be downloaded into {root!r} ({type(exc).__name__}); "
             f"place it in {root!r} (torchvision layout) or use npz:<path> / imagefolder:<dir>"
@@ -416,20 +428,26 @@ def _torchvision_set(spec: DataSpec, device: torch.device) -> Dataset:
 
     x, y = arrays(train_set)
     x_test, y_test = arrays(test_set)
+    return _uint8_dataset(spec, x, y, x_test, y_test, len(train_set.classes),
+                          tuple(str(c) for c in train_set.classes), device)
+
+
+def _uint8_dataset(spec: DataSpec, x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, num_classes: int,
+                   classes: tuple[str, ...], device: torch.device) -> Dataset:
+    """uint8 NCHW train (split into train/val by the seed) and official test images as TensorSplits."""
     if spec.image_size is not None and spec.image_size != x.shape[-1]:
         x, x_test = (_resize(t, spec.image_size).round_().clamp_(0, 255).to(torch.uint8) for t in (x, x_test))
     tr, va, _ = split_indices(y.numpy(), spec.seed, spec.val_fraction, 0.0)
     mean, std = _channel_stats(x[torch.from_numpy(tr)].float().div_(255.0))
     mean_d, std_d = mean.to(device), std.to(device)
 
-    def make(xs: Tensor, ys: Tensor, idx: np.ndarray | None) -> TensorSplit:
-        i = None if idx is None else torch.from_numpy(idx)
+    def make(xs: Tensor, ys: Tensor, rows: np.ndarray | None) -> TensorSplit:
+        i = None if rows is None else torch.from_numpy(rows)
         xs, ys = (xs, ys) if i is None else (xs[i], ys[i])
         return TensorSplit(xs.to(device), ys.to(device), mean_d, std_d, i)
 
-    return Dataset(spec, make(x, y, tr), make(x, y, va), make(x_test, y_test, None),
-                   len(train_set.classes), int(x.shape[1]), int(x.shape[-1]),
-                   tuple(mean.tolist()), tuple(std.tolist()), tuple(str(c) for c in train_set.classes))
+    return Dataset(spec, make(x, y, tr), make(x, y, va), make(x_test, y_test, None), num_classes,
+                   int(x.shape[1]), int(x.shape[-1]), tuple(mean.tolist()), tuple(std.tolist()), classes)
 
 
 # --------------------------------------------------------------------------- entry points

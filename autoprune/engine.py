@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .allocate import AllocationConfig
+from .calibrate import DEFAULT_BATCHES, recalibrate_bn
 from .cost import count_macs, count_params
 from .errors import AutopruneError
 from .graph import ChannelGroup, build_width_cost, find_groups
@@ -70,6 +71,7 @@ def prune(
     groups: list[ChannelGroup] | None = None,
     progress: bool = False,
     on_epoch: Callable[[EpochReport], bool] | None = None,
+    recalibrate_batches: int = DEFAULT_BATCHES,
     **params: Any,
 ) -> PruneResult:
     """Prune a copy of ``model`` to ``target`` x its MACs with ``method``; the input model is untouched.
@@ -80,6 +82,9 @@ def prune(
     ``on_epoch`` receives each training epoch of a method that trains while pruning (ResRep) as an
     :class:`~autoprune.methods.EpochReport`; returning True stops it with
     :class:`~autoprune.methods.PruneStopped`.
+    ``recalibrate_batches``: after surgery, BN running statistics are re-estimated on this many
+    training batches of ``data`` (adaptive BN, EagleEye, ECCV 2020; see :mod:`autoprune.calibrate`);
+    0, or no ``data``, skips it. ``info["bn_recalibration_images"]`` records how many images it used.
     Returns the pruned model, its Plan and its measured MACs / params next to the base ones.
     """
     start = time.perf_counter()
@@ -102,11 +107,16 @@ def prune(
     pruned = out.model
     plan = Plan.from_keep(out.keep, groups)
     apply_plan(pruned, groups, plan)
+    recal_images = 0
+    if data is not None and recalibrate_batches:
+        seed = int(getattr(train_cfg, "seed", 0) or 0)
+        recal_images = recalibrate_bn(pruned, data.train, recalibrate_batches, device=device, seed=seed)
     macs = count_macs(pruned, shape, device)
     expected = cost.macs(plan.widths())
     if macs != expected:  # the analytic model and the surgery must agree; if not, allocation is wrong
         raise AutopruneError(f"internal: pruned model has {macs} MACs, analytic count {expected}; please report")
-    info = {"method": method, "params": _plain(method_params), **out.info}
+    info = {"method": method, "params": _plain(method_params), **out.info,
+            "bn_recalibration_images": recal_images}
     return PruneResult(model=pruned.eval(), plan=plan, macs=macs, params=count_params(pruned),
                        base_macs=cost.base_macs, base_params=cost.base_params, method=method, target=target,
                        info=info, seconds=time.perf_counter() - start)

@@ -1,0 +1,82 @@
+"""Adaptive BN recalibration: re-estimate BatchNorm running statistics after surgery.
+
+After channels are removed (and weights compensated), every BN's running mean and variance
+describe the *old* network's activations. EagleEye (Li et al., "EagleEye: Fast Sub-net Evaluation
+for Efficient Neural Network Pruning", ECCV 2020) showed that re-estimating them on a few hundred
+training images, in train mode and without any gradient step, turns a one-shot pruned model from
+near chance into a usable one, and that the recalibrated accuracy ranks candidates far better.
+
+This is an engine step shared by every method (``engine.prune(..., recalibrate_batches=N)``); it
+never changes a weight, only ``running_mean`` / ``running_var`` / ``num_batches_tracked``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# 32 batches of 64 = 2048 training images, the same order as EagleEye's 50 x 100 on ImageNet; the
+# Fashion-MNIST quality benchmark states the number it used next to its table.
+DEFAULT_BATCHES = 32
+DEFAULT_BATCH_SIZE = 64
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BN) and m.track_running_stats for m in model.modules())
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, split: Any, batches: int = DEFAULT_BATCHES,
+                   batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None,
+                   seed: int = 0) -> int:
+    """Reset every BN's running statistics and re-estimate them on ``batches`` training batches.
+
+    ``split`` is an :class:`autoprune.data.Split` (batches of ``(x (N, C, H, W) float, y)``), read
+    shuffled with ``seed`` and without augmentation. Statistics are the exact average over the
+    batches seen (BN ``momentum=None`` during the pass), not an exponential average. Only BN layers
+    run in train mode; dropout and every other module stay in eval mode, and every module's mode and
+    every BN's momentum are restored afterwards. Weights are never changed.
+
+    Returns the number of images used (0 when the model has no BN with running statistics or
+    ``batches`` is 0). Raises ``ValueError`` for a negative ``batches`` or a non-positive ``batch_size``.
+    """
+    if batches < 0:
+        raise ValueError(f"recalibrate_batches must be >= 0, got {batches}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    if batches == 0 or not bns:
+        return 0
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    modes = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in bns}
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+        m.train()
+    seen = 0
+    gdev = getattr(split, "device", torch.device("cpu"))
+    gen = torch.Generator(device=gdev if torch.device(gdev).type == "cuda" else "cpu").manual_seed(seed)
+    try:
+        for i, (x, _) in enumerate(split.batches(batch_size, shuffle=True, generator=gen)):
+            if i >= batches:
+                break
+            if x.shape[0] < 2:  # BN cannot estimate a variance from one sample
+                continue
+            model(x.to(device, non_blocking=True))
+            seen += int(x.shape[0])
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+    log.debug("BN recalibration: %d layers re-estimated on %d images", len(bns), seen)
+    return seen
