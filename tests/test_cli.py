@@ -117,3 +117,10 @@ def test_train_and_prune_write_metrics_named_after_the_checkpoint_and_never_over
     assert main(["train", "--model", "small_cnn", "--epochs", "1", "--out", str(base), "--force"]) == 0
     assert main(["train", "--model", "small_cnn", "--augment", "mirror", "--out", str(tmp_path / "x.pt")]) == 2
     assert "unknown augmentation 'mirror'" in capsys.readouterr().err
+
+
+def test_retrain_help_has_force_and_named_augmentations():
+    sub = _subparsers()["retrain"]
+    assert "--force" in sub._option_string_actions
+    args = build_parser().parse_args(["retrain", "DIR", "--trial", "1", "--augment"])
+    assert args.augment == "auto" and args.force is False

@@ -43,8 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0.7,
         help="weight of the distillation loss with --distill (default: 0.7)",
     )
-    p.add_argument("--augment", action="store_true", help="random crop / flip augmentation while fine-tuning")
+    p.add_argument("--augment", nargs="?", const="auto", default="none", metavar="LIST",
+                   help="augmentation while fine-tuning: none, auto (what suits the data set; no flips for "
+                        "digits or MNIST) or a list of crop,flip; --augment alone means auto (default: none)")
     p.add_argument("--out", help="output folder (default: DIR/retrained/trial_NNNN)")
+    p.add_argument("--force", action="store_true", help="replace a model already retrained in the output folder")
     p.add_argument(
         "--exporter",
         choices=("auto", "dynamo", "legacy"),
@@ -98,6 +101,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             onnx_exporter=args.exporter,
+            force=args.force,
         )
     except RetrainInterrupted as exc:
         print(
@@ -118,7 +122,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     r = m["retrain"]
     print(
         f"MACs fraction {p['macs_frac']:.3f}, params fraction {p['params_frac']:.3f}; "
-        f"best epoch {r['best_epoch']} of {r['epochs_run']} "
+        f"kept epoch {r['best_epoch']} of {r['epochs_run']}: {r.get('best_reason', '')} "
         f"(val acc in the search {_fmt(r['trial_val_acc'])})"
     )
     for fmt, info in m["exports"].items():
