@@ -115,6 +115,27 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     raise AutopruneError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
 
 
+def trial_seed(seed: int | None, slot: int) -> int | None:
+    """The sampler's seed for the trial in ``slot`` (its place among non-interrupted trials).
+
+    A fresh sampler seeded from (spec seed, slot) for every ask makes the proposals a function of
+    the seed and the study's history alone, so a killed and resumed search proposes what the
+    uninterrupted one would (the samplers keep no other state between trials: TPE, NSGA-II and
+    random sampling rebuild everything from the stored trials). None stays unseeded.
+    """
+    if seed is None:
+        return None
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(slot)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def next_slot(study: optuna.Study) -> int:
+    """The slot of the next new trial: how many trials exist that were neither interrupted nor queued."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state != TrialState.WAITING and not t.user_attrs.get("interrupted"))
+
+
 def open_study(spec: Any, out_dir: Path, sampler: optuna.samplers.BaseSampler | None = None,
                create: bool = False) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -152,7 +173,10 @@ def mark_interrupted(study: optuna.Study, t: FrozenTrial | optuna.Trial) -> None
     st.set_trial_user_attr(tid, "error", trial_mod.INTERRUPTED)
     study.tell(frozen.number, state=TrialState.FAIL)
     if frozen.params:
-        study.enqueue_trial(dict(frozen.params), user_attrs={"retry_of": frozen.number})
+        retry = {"retry_of": frozen.number}
+        if frozen.user_attrs.get("slot") is not None:  # the retry takes the interrupted trial's place
+            retry["slot"] = frozen.user_attrs["slot"]
+        study.enqueue_trial(dict(frozen.params), user_attrs=retry)
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -245,14 +269,13 @@ def tell(study: optuna.Study, trial: optuna.Trial, result: TrialResult, names: S
 
 
 def worker_loop(spec: Any, out_dir: Path, index: int, limits: Limits, device: torch.device,
-                early_stopping: bool = True, seed_offset: int = 0,
+                early_stopping: bool = True,
                 on_trial: Callable[[TrialResult, list[dict]], None] | None = None,
                 parent_pid: int | None = None, data: Any = None) -> str:
     """Ask/run/tell until a budget is spent; returns the reason it stopped."""
     from . import space  # the search-space module (owned by the spec layer)
 
-    seed = None if spec.seed is None else int(spec.seed) + index + seed_offset
-    study = open_study(spec, out_dir, sampler=make_sampler(spec.sampler, seed))
+    study = open_study(spec, out_dir, sampler=make_sampler(spec.sampler, None))
     worker = Worker.load(spec, out_dir, device, data=data)
 
     def check_parent() -> None:
@@ -270,7 +293,10 @@ def worker_loop(spec: Any, out_dir: Path, index: int, limits: Limits, device: to
             reason = budget_reason(study, limits)
             if reason is not None:
                 return reason
+            slot = next_slot(study)
+            study.sampler = make_sampler(spec.sampler, trial_seed(spec.seed, slot))
             trial = study.ask()
+            slot = trial.user_attrs.get("slot", slot)  # a retry keeps the slot of the trial it replaces
             try:
                 hparams = space.suggest(trial, spec)
             except BaseException:
@@ -278,8 +304,9 @@ def worker_loop(spec: Any, out_dir: Path, index: int, limits: Limits, device: to
                 raise
             trial.set_user_attr("params", hparams)
             trial.set_user_attr("worker", index)
+            trial.set_user_attr("slot", slot)
         try:
-            result = run_trial(worker, trial.number, hparams, finished, early_stopping)
+            result = run_trial(worker, trial.number, hparams, finished, early_stopping, seed_index=slot)
             tell(study, trial, result, trial_mod.constraint_names(spec))
         except BaseException:  # KeyboardInterrupt, Orphaned, storage errors: the trial is interrupted
             with contextlib.suppress(Exception):
@@ -295,14 +322,14 @@ def worker_loop(spec: Any, out_dir: Path, index: int, limits: Limits, device: to
 
 
 def _worker_main(spec: Any, out_dir: str, index: int, limits: Limits, device: str, early_stopping: bool,
-                 seed_offset: int, threads: int | None, parent_pid: int, log_level: int, errors: Any) -> None:
+                 threads: int | None, parent_pid: int, log_level: int, errors: Any) -> None:
     logging.basicConfig(level=log_level, format=f"%(levelname)s worker{index} %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
     try:
         with file_lock(Path(out_dir) / WORKERS_LOCK, shared=True):
             reason = worker_loop(spec, Path(out_dir), index, limits, torch.device(device), early_stopping,
-                                 seed_offset, parent_pid=parent_pid)
+                                 parent_pid=parent_pid)
         log.info("worker %d stopped: budget %s spent", index, reason)
     except (KeyboardInterrupt, Orphaned):
         pass
@@ -329,14 +356,13 @@ def run(spec: Any, out_dir: Path, limits: Limits, device: torch.device, workers:
                                  "them to finish (or end them) before resuming")
     study = open_study(spec, out_dir, create=True)
     recover_interrupted(study)
-    seed_offset = len(study.get_trials(deepcopy=False)) * 1009  # a resumed search draws new numbers
     try:
         if workers <= 1:
             with file_lock(out_dir / WORKERS_LOCK, shared=True):
-                return worker_loop(spec, out_dir, 0, limits, device, early_stopping, seed_offset,
+                return worker_loop(spec, out_dir, 0, limits, device, early_stopping,
                                    on_trial=None if on_update is None else (lambda r, rows: on_update(rows)),
                                    data=data)
-        return _run_processes(spec, out_dir, limits, device, workers, early_stopping, seed_offset, study,
+        return _run_processes(spec, out_dir, limits, device, workers, early_stopping, study,
                               on_update)
     finally:
         recover_interrupted(study)
@@ -344,14 +370,14 @@ def run(spec: Any, out_dir: Path, limits: Limits, device: torch.device, workers:
 
 
 def _run_processes(spec: Any, out_dir: Path, limits: Limits, device: torch.device, workers: int,
-                   early_stopping: bool, seed_offset: int, study: optuna.Study,
+                   early_stopping: bool, study: optuna.Study,
                    on_update: Callable[[list[dict]], None] | None) -> str:
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // workers) if device.type == "cpu" else None
     level = logging.getLogger("autoprune").getEffectiveLevel()
     procs = [ctx.Process(target=_worker_main, name=f"autoprune-worker{i}", daemon=False,
-                         args=(spec, str(out_dir), i, limits, str(dev), early_stopping, seed_offset, threads,
+                         args=(spec, str(out_dir), i, limits, str(dev), early_stopping, threads,
                                os.getpid(), level, errors))
              for i, dev in enumerate(worker_devices(device, workers))]
     for p in procs:
