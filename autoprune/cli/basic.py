@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import AutopruneError
-from . import common_options, verbose_option
+from . import apply_threads, common_options, verbose_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -125,6 +125,7 @@ def param_help(params_cls: type) -> dict[str, str]:
 def _seed(args: argparse.Namespace) -> torch.device:
     from ..train import resolve_device
 
+    apply_threads(args)
     torch.manual_seed(args.seed)
     return resolve_device(args.device)
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import common_options, verbose_option
+from . import apply_threads, common_options, verbose_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -85,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_retrain(args: argparse.Namespace) -> int:
     from ..retrain import RetrainInterrupted, retrain
 
+    apply_threads(args)
     try:
         result = retrain(
             args.dir,

@@ -374,7 +374,8 @@ def _run_processes(spec: Any, out_dir: Path, limits: Limits, device: torch.devic
                    on_update: Callable[[list[dict]], None] | None) -> str:
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // workers) if device.type == "cpu" else None
+    # per worker: the caller's torch threads (the CLI's --threads), never more than the cores shared out
+    threads = min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) // workers)) if device.type == "cpu" else None
     level = logging.getLogger("autoprune").getEffectiveLevel()
     procs = [ctx.Process(target=_worker_main, name=f"autoprune-worker{i}", daemon=False,
                          args=(spec, str(out_dir), i, limits, str(dev), early_stopping, threads,

@@ -1,0 +1,107 @@
+"""`autoprune search` from the command line: the time budget starts after the base model, a search
+with no complete trial exits non-zero with the fix, SIGTERM (like Ctrl-C) leaves the report and
+prints the exact --resume command, the last lines give the hypervolume, the ETA respects the
+time budget, and --threads decides torch's threads."""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from autoprune.cli import build_parser, main, resolve_threads
+from autoprune.errors import AutopruneError
+from autoprune.search import optuna_backend, runner
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "search_spaces" / "smoke.yaml")
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.slow
+def test_base_training_is_not_charged_to_the_time_budget(tmp_path, monkeypatch, capsys):
+    real = runner.prepare_base
+
+    def slow_base(*args, **kwargs):
+        time.sleep(25.0)  # a base that takes longer than the whole time budget
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "prepare_base", slow_base)
+    code = main(["search", SMOKE, "--out", str(tmp_path / "s"), "--time-budget", "20s", "--max-trials", "1",
+                 "--no-progress", "--threads", "1"])
+    assert code == 0 and "1 trials (1 complete)" in capsys.readouterr().out
+
+
+def test_last_lines_give_the_hypervolume_and_threads_are_set(tmp_path, capsys):
+    code = main(["search", SMOKE, "--out", str(tmp_path / "s"), "--max-trials", "1", "--no-progress",
+                 "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "1 trials (1 complete)" in out
+    line = next(x for x in out.splitlines() if x.startswith("front hypervolume: "))
+    assert 0.0 < float(line.split()[2]) < 1.0 and "reference point (0, 1)" in line
+    assert torch.get_num_threads() == 1
+
+
+def test_no_complete_trial_exits_non_zero_with_the_fix(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(optuna_backend, "budget_reason", lambda study, limits: "time")  # budget gone at once
+    out = tmp_path / "empty"
+    code = main(["search", SMOKE, "--out", str(out), "--no-progress", "--time-budget", "1m"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("error: the search ended with no complete trial (time budget spent)")
+    cmd = err[0].split("continue it: ")[1]
+    assert cmd == shlex.join(["autoprune", "search", SMOKE, "--out", str(out), "--no-progress", "--resume",
+                              "--time-budget", "10m"])
+    assert build_parser().parse_args(shlex.split(cmd)[1:]).resume is True
+
+
+def test_sigterm_writes_the_report_and_prints_the_resume_command(tmp_path):
+    out = tmp_path / "term"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune", "search", SMOKE, "--out", str(out), "--max-trials",
+                             "200", "--no-progress", "--threads", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "trials.csv").is_file():  # written after the first finished trial
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err
+    assert (out / "report.md").is_file() and (out / "pareto.png").is_file()
+    line = next(x for x in err.splitlines() if x.strip().startswith("autoprune search"))
+    assert shlex.split(line) == ["autoprune", "search", SMOKE, "--out", str(out), "--max-trials", "200",
+                                 "--no-progress", "--threads", "1", "--resume"]
+    assert "Traceback" not in err
+
+
+def test_eta_is_the_sooner_of_pace_and_deadline():
+    spec = SimpleNamespace(objectives=["val_acc", "macs"], budget=SimpleNamespace(max_trials=30), study="s")
+    bar = runner._ProgressBar(spec, enabled=False, deadline=None, already_done=10)
+    bar.started = 1000.0
+    assert bar.eta(10, now=1010.0) is None  # no trial of this run finished yet: no pace
+    assert bar.eta(12, now=1010.0) == pytest.approx(18 * 5.0)  # 2 trials in 10 s, 18 to go
+    bar.deadline = 1040.0
+    assert bar.eta(12, now=1010.0) == pytest.approx(30.0)  # the time budget ends first
+
+
+def test_threads_option():
+    assert resolve_threads("3") == 3
+    assert 1 <= resolve_threads("auto", workers=1) <= (os.cpu_count() or 1)
+    assert resolve_threads("auto", workers=64) == 1
+    with pytest.raises(AutopruneError, match="--threads"):
+        resolve_threads("0")
