@@ -53,6 +53,39 @@ def test_last_lines_give_the_hypervolume_and_threads_are_set(tmp_path, capsys):
     line = next(x for x in out.splitlines() if x.startswith("front hypervolume: "))
     assert 0.0 < float(line.split()[2]) < 1.0 and "reference point (0, 1)" in line
     assert torch.get_num_threads() == 1
+    # what optuna-dashboard reads: named objectives, and per-epoch curves in the companion study
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 's' / 'study.db'}"
+    assert optuna.load_study(study_name="smoke", storage=storage).metric_names == ["val_acc", "macs"]
+    curves = optuna.load_study(study_name="smoke.curves", storage=storage).trials
+    assert len(curves) == 1 and curves[0].intermediate_values and curves[0].user_attrs["search_trial"] == 0
+    _dashboard_shows(tmp_path / "s" / "study.db")
+
+
+def _dashboard_shows(db: Path) -> None:
+    """optuna-dashboard's JSON API (what its page draws) names the objectives and has the curves."""
+    dashboard = pytest.importorskip("optuna_dashboard")  # a viewer, not a dependency: checked where installed
+    import json
+    import threading
+    import urllib.request
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = make_server("127.0.0.1", 0, dashboard.wsgi(f"sqlite:///{db}"), handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}/api/studies"
+        ids = {s["study_name"]: s["study_id"] for s in json.load(urllib.request.urlopen(base))["study_summaries"]}
+        main_study = json.load(urllib.request.urlopen(f"{base}/{ids['smoke']}"))
+        curves = json.load(urllib.request.urlopen(f"{base}/{ids['smoke.curves']}"))
+    finally:
+        server.shutdown()
+    assert main_study["objective_names"] == ["val_acc", "macs"]
+    assert curves["has_intermediate_values"] and curves["trials"][0]["intermediate_values"]
 
 
 def test_no_complete_trial_exits_non_zero_with_the_fix(tmp_path, monkeypatch, capsys):

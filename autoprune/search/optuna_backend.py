@@ -13,6 +13,11 @@ How trial outcomes map onto Optuna:
   studies reject Optuna's pruners, but a PRUNED trial is still the honest state: it has no values,
   never enters ``study.best_trials``, and TPE counts it among the bad trials.
 - failed: ``tell(state=FAIL)`` with user attrs ``state="failed"`` and ``error``.
+- per-epoch validation accuracy: Optuna's ``trial.report`` (and so the dashboard's learning curves)
+  exists only for single-objective studies, so every trial is also added to a companion study
+  ``<study>.curves`` in the same ``study.db`` (one objective, val_acc) with the curve as its
+  intermediate values and the search trial's number, method, target and cost as user attrs;
+  optuna-dashboard plots those curves. The main study names its metrics (``set_metric_names``).
 - interrupted (the process died or was stopped while the trial ran): FAIL with user attr
   ``interrupted=True``; it does not count towards ``max_trials`` and its configuration is enqueued
   again, so a resumed search retries it under a new number. Which RUNNING trials are stale is known
@@ -145,11 +150,41 @@ def open_study(spec: Any, out_dir: Path, sampler: optuna.samplers.BaseSampler | 
         saved = study.user_attrs.get("objectives")
         if saved is None:
             study.set_user_attr("objectives", list(spec.objectives))
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(list(spec.objectives))  # the dashboard: val_acc / macs, not Objective 0/1
         elif list(saved) != list(spec.objectives):
             raise AutopruneError(f"{out_dir} holds a study with objectives {saved}, the spec asks for "
                                  f"{list(spec.objectives)}; resume with the same spec or choose another --out")
         return study
     return optuna.load_study(study_name=spec.study, storage=storage(out_dir), sampler=sampler)
+
+
+CURVES_SUFFIX = ".curves"
+
+
+def add_curve(study: optuna.Study, result: TrialResult) -> None:
+    """Add ``result``'s per-epoch val accuracy to the companion study ``<study>.curves`` (see the module
+    docstring); best effort: a failure is logged, never fatal to the search."""
+    try:
+        curves = optuna.create_study(study_name=study.study_name + CURVES_SUFFIX, storage=study._storage,
+                                     direction="maximize", load_if_exists=True)
+        if not curves.metric_names:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                curves.set_metric_names(["val_acc"])
+            curves.set_user_attr("note", f"per-epoch validation accuracy of the trials of {study.study_name!r}")
+        state = {"complete": TrialState.COMPLETE, "early_stopped": TrialState.PRUNED}.get(result.state,
+                                                                                          TrialState.FAIL)
+        attrs = {"search_trial": result.number, "state": result.state, "method": result.hparams.get("method"),
+                 "target": result.hparams.get("target"), "cost": result.cost}
+        curves.add_trial(optuna.trial.create_trial(
+            state=state, value=float(result.val_acc) if state == TrialState.COMPLETE else None,
+            intermediate_values={i + 1: float(a) for i, a in enumerate(result.curve) if a is not None},
+            user_attrs={k: v for k, v in attrs.items() if v is not None}))
+    except Exception as exc:  # noqa: BLE001 - the curves are for viewing; the search goes on
+        log.warning("could not add trial %d's curve to %s%s: %s", result.number, study.study_name, CURVES_SUFFIX,
+                    trial_mod.one_line(exc))
 
 
 def recover_interrupted(study: optuna.Study) -> list[int]:
@@ -266,6 +301,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, result: TrialResult, names: S
         study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, state=TrialState.FAIL)
+    add_curve(study, result)
 
 
 def worker_loop(spec: Any, out_dir: Path, index: int, limits: Limits, device: torch.device,
