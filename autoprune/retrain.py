@@ -1,10 +1,12 @@
 """Pick a trial of a finished search, fine-tune it longer, report honest numbers, export it.
 
-``retrain(study_dir, rule)`` reads ``trials.csv`` (the choice is :func:`autoprune.pareto.pick`'s:
-by default the most accurate complete, feasible trial satisfying the rule), rebuilds the trial's
-pruned model from its checkpoint, fine-tunes it (cosine schedule, optionally distilling from the
-study's base model) keeping the weights of the best validation epoch, then evaluates validation
-and, once, the held-out test split for the base and the pruned model. See DESIGN.md section 6.
+``retrain(study_dir, rule)`` runs four steps, each usable on its own: **pick**
+(:func:`autoprune.choose.choose_trial`: by default the most accurate complete, feasible trial
+satisfying the rule), **fine-tune** (:func:`finetune`: the trial's pruned model rebuilt from its
+checkpoint, cosine schedule, optionally distilling from the study's base model, keeping the weights
+of the best validation epoch), **test** (:func:`measure`: validation and, once, the held-out test
+split, MACs, params and CPU latency, for the base and the pruned model) and **export**
+(:func:`export_all`: ONNX and TorchScript, each checked against PyTorch). See DESIGN.md section 6.
 
 Output folder (default ``<study>/retrained/trial_NNNN/``): ``model.pt`` (spec + Plan + weights),
 ``model.onnx``, ``model.ts``, ``metrics.json``, ``widths.png``, ``summary.md``. ``model.pt`` is
@@ -14,7 +16,6 @@ rewritten at every improving epoch, so an interrupted run (Ctrl-C) leaves the be
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -23,20 +24,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import nn
 
+from .choose import Choice, choose_trial, read_trials, study_name
 from .cost import count_macs, count_params, measure_latency
-from .data import DataSpec, load_data, parse_augmentation
+from .data import Dataset, DataSpec, load_data, parse_augmentation
 from .errors import AutopruneError
 from .export import export_checked
-from .graph import find_groups
-from .models import ModelSpec, create_model
-from .pareto import pick
+from .files import write_json, write_text
+from .models import ModelSpec
 from .plan import Plan, load_base, load_pruned, save_pruned
 from .preprocess import recipe_for
+from .retrain_report import plot_widths, summary_markdown
 from .train import Callbacks, TrainConfig, evaluate, fit, prefer_epoch, resolve_device
+
+__all__ = ["Choice", "RetrainInterrupted", "RetrainResult", "choose_trial", "export_all", "finetune", "measure",
+           "read_trials", "retrain", "study_name"]
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +51,6 @@ UNITS = {"macs": "MACs (multiply-accumulates) per sample of one input; FLOPs = 2
          "params": "parameters (BatchNorm running statistics excluded)",
          "latency_ms": "median milliseconds per forward pass on the CPU, by batch size",
          "acc": "top-1 accuracy, fraction in [0, 1]"}
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The trial a rule selected and where its model is."""
-
-    trial: int
-    rule: str
-    reason: str
-    row: Mapping[str, Any]
-    model_path: Path
 
 
 @dataclass(frozen=True)
@@ -80,79 +73,6 @@ class RetrainInterrupted(KeyboardInterrupt):
                          f"is in {model_path}")
         self.out_dir, self.model_path = out_dir, model_path
         self.best_epoch, self.best_val_acc = best_epoch, best_val_acc
-
-
-# ------------------------------------------------------------------------------------------ choosing
-
-
-def read_trials(study_dir: str | Path) -> pd.DataFrame:
-    """``<study_dir>/trials.csv`` as a table; a missing folder or file is a one-line AutopruneError."""
-    study = Path(study_dir)
-    if not study.is_dir():
-        raise AutopruneError(f"study folder {study} does not exist; give the --out folder of a finished "
-                             "`autoprune search`")
-    path = study / "trials.csv"
-    if not path.is_file():
-        raise AutopruneError(f"{path} not found; {study} is not a search results folder (run "
-                             f"`autoprune search SPEC --out {study}` first, or resume it with --resume)")
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise AutopruneError(f"{path} is empty or not a CSV table ({type(exc).__name__}); re-run "
-                             "`autoprune search --resume` to rewrite it") from exc
-    if "number" not in df.columns:
-        raise AutopruneError(f"{path} has no 'number' column; it is not a trials table written by "
-                             "`autoprune search`")
-    return df
-
-
-def choose_trial(study_dir: str | Path, rule: str | None = None, trial: int | None = None) -> Choice:
-    """Select one trial by ``rule`` (see :func:`autoprune.pareto.pick`) or by number; deterministic."""
-    if rule is not None and trial is not None:
-        raise AutopruneError("give either a trial number or a pick rule, not both")
-    study = Path(study_dir)
-    df = read_trials(study)
-    text = f"trial={int(trial)}" if trial is not None else (rule or "best")
-    row = pick(df, text)
-    number = int(row["number"])
-    if trial is not None:
-        reason = f"trial {number} was asked for by number"
-    else:
-        reason = (f"the best complete, feasible trial satisfying {text!r} (highest val_acc unless the rule "
-                  "says min=/max=; ties go to fewer MACs, then the lower trial number)")
-    rel = row.get("model")
-    rel = "" if rel is None or (isinstance(rel, float) and math.isnan(rel)) else str(rel).strip()
-    path = study / (rel or f"models/trial_{number:04d}.pt")
-    if not path.is_file():
-        raise AutopruneError(f"trial {number}'s model {path} does not exist; searches save models of "
-                             "complete trials only: pick another trial, or re-run the search into this "
-                             "folder")
-    clean = {str(k): _plain(v) for k, v in row.items()}
-    return Choice(trial=number, rule=text, reason=reason, row=clean, model_path=path)
-
-
-def _plain(v: Any) -> Any:
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if isinstance(v, float) and v.is_integer() and abs(v) >= 1000:  # MACs / params read back as floats
-        return int(v)
-    return v
-
-
-def study_name(study_dir: str | Path) -> str:
-    """The study's name from its ``spec.yaml``, else the folder's name."""
-    study = Path(study_dir)
-    try:
-        import yaml
-
-        name = (yaml.safe_load((study / "spec.yaml").read_text(encoding="utf-8")) or {}).get("study")
-        if name:
-            return str(name)
-    except Exception:  # a name is a nicety
-        log.debug("no study name in %s", study / "spec.yaml", exc_info=True)
-    return study.resolve().name
 
 
 # ------------------------------------------------------------------------------------------ retraining
@@ -202,10 +122,10 @@ def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None
             "reason": choice.reason}
     saver = _BestSaver(out / FILES["model"], model, spec, Plan.from_dict(ckpt["plan"]), data_spec,
                        {"trial": choice.trial, "params": hparams, "rule": choice.rule, "study": str(study)})
-    run = _finetune(model, data, cfg, dev, saver, base_model if distill else None, progress, choice, head)
+    run = finetune(model, data, cfg, dev, saver, base_model if distill else None, progress, choice, head)
 
-    pruned = _measure(model, data, dev, shape, latency_repeats)
-    base = _measure(base_model, data, dev, shape, latency_repeats)
+    pruned = measure(model, data, dev, shape, latency_repeats)
+    base = measure(base_model, data, dev, shape, latency_repeats)
     pruned["macs_frac"] = pruned["macs"] / base["macs"]
     pruned["params_frac"] = pruned["params"] / base["params"]
     metrics = {**head, "interrupted": False, "model": spec.to_dict(), "data": data_spec.to_dict(),
@@ -213,15 +133,15 @@ def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None
                "preprocessing": {"mean": list(data.mean), "std": list(data.std), "note": "inputs are "
                                  "standardised per channel with these statistics of the train split"}}
     saver.save_final(pruned, base, run)
-    files = {"model": saver.path, **_export_all(model, shape, out, onnx_exporter, metrics, recipe_for(data))}
-    _write_json(out / FILES["metrics"], metrics)
+    files = {"model": saver.path, **export_all(model, shape, out, onnx_exporter, metrics, recipe_for(data))}
+    write_json(out / FILES["metrics"], metrics, indent=2)
     files["metrics"] = out / FILES["metrics"]
     try:
         plot_widths(out / FILES["widths"], spec, saver.plan, f"trial {choice.trial}: channels kept per group")
         files["widths"] = out / FILES["widths"]
     except Exception as exc:  # noqa: BLE001 - a plot must not lose a retrained model
         log.warning("widths plot failed: %s", exc)
-    (out / FILES["summary"]).write_text(summary_markdown(metrics), encoding="utf-8")
+    write_text(out / FILES["summary"], summary_markdown(metrics))
     files["summary"] = out / FILES["summary"]
     log.info("trial %d retrained: val_acc %.4f (in the search %s), test_acc %.4f -> %s", choice.trial,
              pruned["val_acc"], choice.row.get("val_acc"), pruned["test_acc"], out)
@@ -260,7 +180,7 @@ class _BestSaver:
                     extra={**self.extra, "retrain": info})
 
 
-def _finetune(model: nn.Module, data: Any, cfg: TrainConfig, device: torch.device, saver: _BestSaver,
+def finetune(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device, saver: _BestSaver,
               teacher: nn.Module | None, progress: bool, choice: Choice,
               head: dict[str, Any]) -> dict[str, Any]:
     """fit() keeping the best epoch (epoch 0 = the trial's weights); on Ctrl-C write notes and re-raise."""
@@ -290,9 +210,9 @@ def _finetune(model: nn.Module, data: Any, cfg: TrainConfig, device: torch.devic
         run.update(best_epoch=saver.epoch, best_val_acc=saver.val_acc, seconds=time.perf_counter() - started)
         note = (f"interrupted during retraining; {FILES['model']} holds the best epoch so far (epoch "
                 f"{saver.epoch}); the test split was not evaluated; re-run retrain to finish")
-        _write_json(saver.path.parent / FILES["metrics"],
-                    {**head, "interrupted": True, "note": note, "units": UNITS, "retrain": run,
-                     "pruned": {"val_acc": saver.val_acc, "test_acc": None}})
+        write_json(saver.path.parent / FILES["metrics"],
+                   {**head, "interrupted": True, "note": note, "units": UNITS, "retrain": run,
+                    "pruned": {"val_acc": saver.val_acc, "test_acc": None}}, indent=2)
         raise RetrainInterrupted(saver.path.parent, saver.path, saver.epoch, saver.val_acc) from None
     saver.restore()
     history = [{k: h[k] for k in ("epoch", "train_loss", "val_acc", "lr")} for h in result.history]
@@ -303,8 +223,8 @@ def _finetune(model: nn.Module, data: Any, cfg: TrainConfig, device: torch.devic
     return run
 
 
-def _export_all(model: nn.Module, shape: tuple[int, int, int], out: Path, onnx_exporter: str,
-                metrics: dict[str, Any], recipe: Any = None) -> dict[str, Path]:
+def export_all(model: nn.Module, shape: tuple[int, int, int], out: Path, onnx_exporter: str,
+               metrics: dict[str, Any], recipe: Any = None) -> dict[str, Path]:
     """ONNX and TorchScript files, each checked; a failed export is recorded, not raised."""
     files, metrics["exports"] = {}, {}
     for fmt in ("onnx", "torchscript"):
@@ -352,7 +272,7 @@ def _load_base(study: Path, spec: ModelSpec, device: torch.device) -> tuple[nn.M
     return model, ckpt
 
 
-def _measure(model: nn.Module, data: Any, device: torch.device, shape: tuple[int, int, int],
+def measure(model: nn.Module, data: Dataset, device: torch.device, shape: tuple[int, int, int],
              repeats: int) -> dict[str, Any]:
     """Val and (the one) test accuracy, MACs, params and CPU latency at batch 1 and 32."""
     val = evaluate(model, data.val, device)
@@ -362,98 +282,3 @@ def _measure(model: nn.Module, data: Any, device: torch.device, shape: tuple[int
     return {"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
             "test_loss": test["loss"],
             "macs": count_macs(cpu, shape), "params": count_params(cpu), "latency_ms": latency}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-# ------------------------------------------------------------------------------------------ reports
-
-
-def plot_widths(path: str | Path, spec: ModelSpec, plan: Plan, title: str = "") -> Path:
-    """Bar chart: channels of every channel group of the base model, and how many ``plan`` keeps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shape = (spec.in_channels, spec.image_size, spec.image_size)
-    groups = sorted(find_groups(create_model(spec).eval(), shape, check=False), key=lambda g: g.depth)
-    names = [g.name for g in groups]
-    full = [g.channels for g in groups]
-    kept = [len(plan.keep[g.name]) if g.name in plan.keep else g.channels for g in groups]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(groups) + 2), 4.5))
-    xs = range(len(groups))
-    ax.bar(xs, full, color="#d9d9d9", label="base", width=0.8)
-    colors = ["#1f77b4" if g.prunable else "#9e9e9e" for g in groups]
-    ax.bar(xs, kept, color=colors, label="kept", width=0.55)
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(names, rotation=75, ha="right", fontsize=7)
-    ax.set_ylabel("channels")
-    ax.set_title(title or "channels kept per group")
-    if not all(g.prunable for g in groups):
-        from matplotlib.patches import Patch
-
-        handles, labels = ax.get_legend_handles_labels()
-        handles.append(Patch(color="#9e9e9e"))
-        labels.append("not prunable")
-        ax.legend(handles, labels, fontsize=8)
-    else:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def summary_markdown(m: Mapping[str, Any]) -> str:
-    """The short human summary (``summary.md``) of a retrain's metrics."""
-    b, p, r = m["base"], m["pruned"], m["retrain"]
-    row = m.get("trial_row", {})
-
-    def pct(x: Any) -> str:
-        return "-" if x is None else f"{100 * float(x):.2f} %"
-
-    def ratio(a: Any, c: Any) -> str:
-        return f"{float(a) / float(c):.3f}" if a is not None and c else "-"
-
-    lines = [f"# Retrained trial {m['trial']} of `{m['study']}`", "",
-             f"**Chosen:** {m['reason']}.", ""]
-    keys = ("method", "target", "allocation", "epochs", "lr")
-    what = ", ".join(f"{k}={_short(row[k])}" for k in keys if row.get(k) is not None)
-    if what:
-        lines += [f"Trial configuration: {what}; val acc in the search {pct(row.get('val_acc'))}.", ""]
-    lines += ["| | base | pruned | pruned / base |", "|---|---:|---:|---:|",
-              f"| val acc | {pct(b['val_acc'])} | {pct(p['val_acc'])} | |",
-              f"| test acc | {pct(b['test_acc'])} | {pct(p['test_acc'])} | |",
-              f"| MACs per sample | {b['macs']:,} | {p['macs']:,} | {ratio(p['macs'], b['macs'])} |",
-              f"| params | {b['params']:,} | {p['params']:,} | {ratio(p['params'], b['params'])} |"]
-    for key in b["latency_ms"]:
-        bl, pl = b["latency_ms"][key], p["latency_ms"][key]
-        lines.append(f"| CPU latency, {key.replace('_', ' ')} (ms) | {bl:.2f} | {pl:.2f} | {ratio(pl, bl)} |")
-    teacher = "no distillation"
-    if r["distill"]:
-        teacher = f"distilled from the base (alpha {r['distill_alpha']:g})"
-    retrained = (f"Retraining: {r['epochs_run']} of {r['epochs']} epochs, cosine schedule from lr "
-                 f"{r['lr']:g}, batch {r['batch_size']}, {teacher}; best val epoch {r['best_epoch']} "
-                 f"(epoch 0 = the trial's weights, val acc {pct(r['val_acc_start'])}). Test accuracy was "
-                 "measured once, after choosing the epoch on val.")
-    units = "MACs: multiply-accumulates of convolutions and linear layers for one input (FLOPs = 2 x MACs)."
-    files = "Files: `model.pt` (spec + plan + weights; `autoprune.load_pruned`), "
-    lines += ["", retrained, "", units, "", files]
-    parts = []
-    for fmt, info in m.get("exports", {}).items():
-        if "error" in info:
-            parts.append(f"{fmt}: export failed ({info['error']})")
-        else:
-            parts.append(f"`{info['path']}` (max |logit diff| vs PyTorch {info['max_abs_diff']:.2g})")
-    lines[-1] += ", ".join(parts) + ", `widths.png`, `metrics.json`."
-    return "\n".join(lines) + "\n"
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -95,6 +95,8 @@ class Callbacks:
     after_backward: Callable[[nn.Module, int], None] | None = None
     on_epoch_end: Callable[[int, dict], bool | None] | None = None
     param_groups: Callable[[nn.Module], list[dict]] | None = None
+    # called once with the optimizer fit built, before the first step (e.g. to read its momentum state)
+    on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -274,6 +276,8 @@ def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, de
               else default_param_groups(model, cfg.weight_decay))
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
                                 weight_decay=cfg.weight_decay)
+    if callbacks.on_optimizer is not None:
+        callbacks.on_optimizer(optimizer)
     # Groups may carry their own lr: the schedule scales each group's base rate by the same factor.
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     amp_dtype = None

@@ -242,3 +242,120 @@ def test_bad_params_are_rejected():
         make_params(get_method("lrf"), {"eps": 0})
     with pytest.raises(SpecError, match="step"):
         make_params(get_method("lrf"), {"step": 0})
+
+
+# --------------------------------------------------------------------------- feature-space fit
+
+
+class _ReluToy(nn.Module):
+    """conv -> BN -> ReLU -> 1x1 consumer -> head: the consumer reads a nonlinear feature map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 5, 1, bias=True)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 4))
+
+    def consumer_out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.relu(self.bn1(self.conv1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.consumer_out(x))
+
+
+class _Data:
+    def __init__(self, x: torch.Tensor) -> None:
+        from conftest import TensorSplit
+
+        self.train = TensorSplit(x, torch.zeros(len(x), dtype=torch.long))
+
+
+def _relu_toy_and_data():
+    torch.manual_seed(1)
+    model = randomise_bn(_ReluToy())
+    with torch.no_grad():  # channel 7's filter is a mix of 0 and 1: replaceable in weights, not after the ReLU
+        model.conv1.weight[7] = 0.7 * model.conv1.weight[0] - 0.5 * model.conv1.weight[1]
+    return model, _Data(torch.randn(256, 3, 8, 8))
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_feature_fit_compensation_is_least_squares_optimal_through_a_relu(compensate):
+    """With a 1x1 consumer, the joint fit of the removed channels' features by the kept ones minimises
+    the consumer's output error on the calibration data for every consumer weight: better than the
+    weight-space compensation, than none, and than any perturbed coefficients."""
+    model, data = _relu_toy_and_data()
+    shape = (3, 8, 8)
+    x = data.train.x
+    groups = find_groups(model, shape)
+    widths = {"conv1": 5}
+
+    def consumer_error(fit: str, comp: bool) -> tuple[float, tuple[int, ...]]:
+        work = copy.deepcopy(model).eval()
+        ctx = PruneContext(model=work, groups=groups, cost=build_width_cost(work, groups, shape), target=0.9,
+                           allocation=AllocationConfig(), device=torch.device("cpu"), input_shape=shape, data=data)
+        ctx.allocate = lambda scores: {g.name: widths.get(g.name, g.channels) for g in groups if g.prunable}
+        method = get_method("lrf")
+        out = method.run(ctx, make_params(method, {"fit": fit, "eps": 1e-9, "compensate": comp,
+                                                   "calibration_batches": 2}))
+        pruned = apply_plan(out.model, groups, Plan.from_keep(out.keep, groups)).eval()
+        with torch.no_grad():
+            return float((pruned.consumer_out(x) - model.consumer_out(x)).pow(2).mean()), out.keep["conv1"]
+
+    feat, keep = consumer_error("features", compensate)
+    if not compensate:
+        plain, _ = consumer_error("weights", False)
+        assert feat <= plain  # the feature score picks channels whose removal costs the consumer least
+        return
+    none, keep_none = consumer_error("features", False)
+    weights, _ = consumer_error("weights", True)
+    assert keep == keep_none  # same channels: only the compensation differs
+    assert feat < none
+    assert feat < weights
+    # a perturbation of the compensated consumer weights only adds error on these data
+    work = copy.deepcopy(model).eval()
+    ctx = PruneContext(model=work, groups=groups, cost=build_width_cost(work, groups, shape), target=0.9,
+                       allocation=AllocationConfig(), device=torch.device("cpu"), input_shape=shape, data=data)
+    ctx.allocate = lambda scores: {g.name: widths.get(g.name, g.channels) for g in groups if g.prunable}
+    out = get_method("lrf").run(ctx, make_params(get_method("lrf"), {"fit": "features", "eps": 1e-9}))
+    pruned = apply_plan(out.model, groups, Plan.from_keep(out.keep, groups)).eval()
+    with torch.no_grad():
+        base = (pruned.consumer_out(x) - model.consumer_out(x)).pow(2).mean()
+        pruned.conv2.weight.add_(1e-2 * torch.randn_like(pruned.conv2.weight))
+        assert (pruned.consumer_out(x) - model.consumer_out(x)).pow(2).mean() > base
+
+
+def test_feature_greedy_with_one_consumer_equals_the_weight_space_greedy_on_the_same_gram():
+    from autoprune.methods.lrf_features import greedy_order_multi
+
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    v = torch.randn(10, 7, generator=g, dtype=torch.float64)
+    p = ridge_inverse(u, 1e-3)
+    for compensate in (True, False):
+        h = v @ v.T if compensate else torch.diag(v.pow(2).sum(1))
+        assert greedy_order_multi([p], [h], 6, 1, compensate) == greedy_order(p, h, 6, 1, compensate)
+
+
+def test_features_fit_needs_data_and_auto_falls_back_to_weights():
+    from autoprune.errors import AutopruneError
+
+    spec, shape = model_input("small_cnn")
+    model = randomise_bn(create_model(spec))
+    with pytest.raises(AutopruneError, match="fit='weights'"):
+        autoprune.prune(model, "lrf", 0.5, input_shape=shape, fit="features")
+    assert autoprune.prune(model, "lrf", 0.5, input_shape=shape).info["fit"] == "weights"
+
+
+def test_features_fit_on_resnet20_meets_target_and_compensates_every_group():
+    spec, shape = model_input("resnet20")
+    model = randomise_bn(create_model(spec))
+    data = _Data(torch.randn(64, *shape))
+    result = autoprune.prune(model, "lrf", 0.5, input_shape=shape, data=data, calibration_batches=1)
+    assert result.info["fit"] == "features" and result.info["calibration_images"] == 64
+    assert 0.49 <= result.macs_fraction <= 0.5
+    assert result.info["uncompensated_groups"] == 0 and result.info["compensated_groups"] > 0
+    with torch.no_grad():
+        y = result.model(torch.randn(2, *shape))
+    assert y.shape == (2, 10) and torch.isfinite(y).all()

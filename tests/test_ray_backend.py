@@ -27,11 +27,12 @@ from autoprune.errors import AutopruneError
 from autoprune.pareto import pareto_mask
 from autoprune.plan import load_pruned
 from autoprune.search import ray_backend
-from autoprune.search.optuna_backend import Limits
-from autoprune.search.ray_backend import RayOptions, Store
+from autoprune.search.ray_backend import RayOptions
+from autoprune.search.ray_store import RayStore
+from autoprune.search.results import INTERRUPTED, make_row
 from autoprune.search.runner import run_search
 from autoprune.search.spec import load_spec
-from autoprune.search.trial import INTERRUPTED, make_row
+from autoprune.search.store import Limits, budget_reason, finished_curves, rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def test_options_and_resources_are_checked():
 
 def test_rows_from_claims_and_results(tmp_path):
     """A result gives the state; a claim of the live run is running; any other claim was interrupted."""
-    store = Store(tmp_path)
+    store = RayStore(tmp_path)
     hp = {"method": "l1", "target": 0.5, "allocation": "global", "epochs": 1, "lr": 0.01, "batch_size": 128}
     for n, run in [(0, "run_000"), (1, "run_000"), (2, "run_001")]:
         store.write_claim(n, {"number": n, "trial_id": f"t{n}", "run": run, "hparams": hp,
@@ -105,16 +106,16 @@ def test_rows_from_claims_and_results(tmp_path):
     record = {"val_acc": 0.9, "macs": 10, "feasible": True, "epochs_run": 1, "model": "models/trial_0000.pt"}
     store.write_result(0, {"number": 0, "state": "complete", "hparams": hp, "record": record, "values": [0.9, 10.0],
                            "cost": 10.0, "curve": [0.9], "constraints": []})
-    rows = ray_backend.trial_rows(tmp_path, run_id="run_001")
-    assert [r["state"] for r in rows] == ["complete", "failed", "running"]
-    assert rows[0] == make_row(0, "complete", hp, record)
-    assert rows[1]["error"] == INTERRUPTED and rows[2]["error"] == ""
-    after = ray_backend.trial_rows(tmp_path)  # the run is over: nothing is running any more
+    live = rows(RayStore(tmp_path, run_id="run_001"))
+    assert [r["state"] for r in live] == ["complete", "failed", "running"]
+    assert live[0] == make_row(0, "complete", hp, record)
+    assert live[1]["error"] == INTERRUPTED and live[2]["error"] == ""
+    after = rows(RayStore(tmp_path))  # the run is over: nothing is running any more
     assert [r["state"] for r in after] == ["complete", "failed", "failed"]
-    assert ray_backend.retries(tmp_path) == [(1, {"target": 0.5}), (2, {"target": 0.5})]
+    assert store.retries() == [(1, {"target": 0.5}), (2, {"target": 0.5})]
     store.write_claim(3, {"number": 3, "trial_id": "t3", "run": "run_002", "hparams": hp, "retry_of": 1})
-    assert [n for n, _ in ray_backend.retries(tmp_path)] == [2, 3]
-    assert store.next_number() == 4 and store.finished_curves() == [(10.0, [0.9])]
+    assert [n for n, _ in store.retries()] == [2, 3]
+    assert store.next_number() == 4 and finished_curves(store) == [(10.0, [0.9])]
 
 
 def test_the_searcher_tells_optuna_values_only_for_complete_trials(tmp_path):
@@ -140,7 +141,7 @@ def test_the_searcher_tells_optuna_values_only_for_complete_trials(tmp_path):
     assert [t.state.name for t in stock._ot_study.trials][:2] == ["COMPLETE", "COMPLETE"]  # the hazard
 
     key = str(tmp_path)
-    run = ray_backend._Run(spec=spec, store=Store(tmp_path), run_id="run_000", limits=Limits(max_trials=4))
+    run = ray_backend._Run(spec=spec, store=RayStore(tmp_path, "run_000"), limits=Limits(max_trials=4))
     ray_backend._RUNS[key] = run
     try:
         ours = ray_backend.AutopruneSearch(spec, key, optuna.samplers.RandomSampler(seed=0))
@@ -157,7 +158,7 @@ def test_the_searcher_tells_optuna_values_only_for_complete_trials(tmp_path):
     assert trials[0].values == [0.9, 5.0] and trials[1].values is None
     assert [t.number for t in ours._ot_study.best_trials] == [0]
     assert trials[1].system_attrs["constraints:max_macs_frac"] == -0.1
-    claims = Store(tmp_path).claims()
+    claims = RayStore(tmp_path).claims()
     assert [claims[n]["hparams"] for n in range(4)] == [c["autoprune"]["hparams"] for c in configs]
     assert {c["run"] for c in claims.values()} == {"run_000"}
 
@@ -208,7 +209,7 @@ def test_smoke_spec_on_ray_matches_the_optuna_backend(ray_address, tmp_path):
 
     assert result.stop_reason == "max_trials" and result.counts == {"complete": 4}
     # two trials at a time: some pair of trials ran at the same moment
-    spans = {n: (r["started"], r["finished"]) for n, r in Store(ray_out).results().items()}
+    spans = {n: (r["started"], r["finished"]) for n, r in RayStore(ray_out).results().items()}
     assert sorted(spans) == [0, 1, 2, 3]
     overlaps = [(a, b) for a in spans for b in spans if a < b
                 and spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]]
@@ -268,7 +269,7 @@ def test_an_early_stopped_trials_partial_accuracy_is_not_on_the_front(ray_addres
     assert study.trials[0].values == [pytest.approx(float(rows[0]["val_acc"])), float(rows[0]["macs"])]
     assert [t.number for t in study.best_trials] == [0]
     # the rule only compared with the complete trial
-    curves = Store(out).finished_curves()
+    curves = finished_curves(RayStore(out))
     assert len(curves) == 1 and len(curves[0][1]) == 2
 
 
@@ -318,7 +319,7 @@ def test_sigkill_of_the_driver_then_resume_loses_no_finished_trial(ray_address, 
     assert len(counted) == 4 and all(r["state"] == "complete" for r in counted), rows
     assert result.stop_reason == "max_trials"
     # the trials the kill interrupted are failed+interrupted, and their configurations ran again
-    claims = Store(out).claims()
+    claims = RayStore(out).claims()
     interrupted = [int(r["number"]) for r in rows if r["error"] == INTERRUPTED]
     assert interrupted and all(r["state"] == "failed" for r in rows if r["error"] == INTERRUPTED)
     for n in interrupted:
@@ -329,15 +330,34 @@ def test_sigkill_of_the_driver_then_resume_loses_no_finished_trial(ray_address, 
 
 
 def test_budget_counts_claims_of_this_run_but_not_interrupted_ones(tmp_path):
-    store = Store(tmp_path)
+    store = RayStore(tmp_path, run_id="run_001")
     for n, run in [(0, "run_000"), (1, "run_001"), (2, "run_001")]:
         store.write_claim(n, {"number": n, "trial_id": f"t{n}", "run": run, "hparams": {}, "suggested": time.time()})
     store.write_result(2, {"number": 2, "state": "failed", "record": {"duration_s": 5.0}})
 
     def reason(**limits):
-        return ray_backend._Run(spec=None, store=store, run_id="run_001", limits=Limits(**limits)).budget_reason()
+        return budget_reason(store, Limits(**limits))
 
     assert reason(max_trials=3) is None  # trial 0 was interrupted: it does not count
     assert reason(max_trials=2) == "max_trials"
     assert reason(device_seconds=4.0) == "device_hours" and reason(device_seconds=60.0) is None
     assert reason(deadline=time.time() - 1) == "time"
+
+
+def test_an_address_nobody_answers_fails_in_seconds_with_one_line(tmp_path, capsys):
+    """Ray itself retries a dead address for minutes, printing dozens of warnings: refused at once, before
+    any compute."""
+    pytest.importorskip("ray")
+    from autoprune.cli import main
+
+    out = tmp_path / "out"
+    start = time.monotonic()
+    code = main(["search", str(ROOT / "search_spaces" / "smoke.yaml"), "--backend", "ray", "--address",
+                 "127.0.0.1:1", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - start < 15
+    assert err.count("\n") == 1 and "127.0.0.1:1" in err and "ray start --head" in err
+    assert not (out / "spec.yaml").exists()
+    assert main(["search", str(ROOT / "search_spaces" / "smoke.yaml"), "--backend", "ray", "--address",
+                 "nohost", "--out", str(out)]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err

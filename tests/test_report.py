@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from autoprune import report
+from autoprune import report_plots
 from autoprune.errors import AutopruneError
 from autoprune.report import load_trials, plot_pareto, read_base, write_report
 
@@ -43,7 +43,7 @@ IMPORTANCE = {"val_acc": {"method": 0.6, "target": 0.3, "lr": 0.1}, "macs": {"ta
 
 @pytest.fixture(autouse=True)
 def small_html(monkeypatch):
-    monkeypatch.setattr(report, "PLOTLY_JS", "cdn")  # do not copy 4 MB of plotly.js into every test folder
+    monkeypatch.setattr(report_plots, "PLOTLY_JS", "cdn")  # do not copy 4 MB of plotly.js into every test folder
 
 
 def make_study(path, rows=ROWS, spec: dict | None = None):

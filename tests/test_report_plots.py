@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from autoprune import report
-from autoprune.report import METHOD_COLOURS, cost_unit, plot_pareto, write_report
+from autoprune import report_plots
+from autoprune.report import write_report
+from autoprune.report_plots import METHOD_COLOURS, cost_unit, plot_pareto
 
 COLUMNS = ["number", "state", "method", "target", "allocation", "val_acc", "macs", "macs_frac", "params",
            "params_frac", "feasible", "epochs_run"]
@@ -24,7 +25,7 @@ BASE = {"val_acc": 0.995, "macs": 1_200_000, "params": 60_000}
 
 @pytest.fixture(autouse=True)
 def small_html(monkeypatch):
-    monkeypatch.setattr(report, "PLOTLY_JS", "cdn")
+    monkeypatch.setattr(report_plots, "PLOTLY_JS", "cdn")
 
 
 def _study(path, name="demo"):

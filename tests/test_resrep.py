@@ -122,6 +122,7 @@ def _penalty_run(forget: bool, steps: int = 24):
     params = comp.parameters()
     opt = torch.optim.SGD([{"params": [p for p in model.parameters() if all(p is not q for q in params)]},
                            {"params": params, "momentum": 0.99}], lr=0.05, momentum=0.9, nesterov=True)
+    comp.attach_optimizer(opt)
     data = Data(32, (1, 8, 8))
     x, y = data.train.x, data.train.y
     start = {k: v.weight.detach().clone().reshape(v.weight.shape[0], -1) for k, v in comp.layers.items()}
@@ -282,3 +283,93 @@ def test_residual_false_leaves_residual_groups_and_errors():
         autoprune.prune(model, "resrep", 0.02, data=data, input_shape=(3, 8, 8), residual=False)
     with pytest.raises(AutopruneError, match="data="):
         autoprune.prune(model, "resrep", 0.5, input_shape=(3, 8, 8))
+
+
+def test_forced_forgetting_reads_the_optimizer_state_so_a_skipped_step_changes_nothing():
+    """A GradScaler skips optimizer.step() on an fp16 overflow. The forced update reads the optimizer's
+    real momentum buffer, so a skipped step leaves nothing stale: masked rows still reach zero on
+    time (a mirrored buffer advanced on the skipped step left them at ~6e-3)."""
+    torch.manual_seed(0)
+    model = create_model(ModelSpec("small_cnn", 4, 1, 8))
+    groups = find_groups(model, (1, 8, 8), check=False)
+    sites, _ = find_sites(model, groups, (1, 8, 8))
+    comp = Compactors(model, sites, momentum=0.99, nesterov=True)
+    comp.set_masks({g: set(range(4)) for g in sites})
+    own = comp.parameters()
+    opt = torch.optim.SGD([{"params": [p for p in model.parameters() if all(p is not q for q in own)]},
+                           {"params": own, "momentum": 0.99}], lr=0.05, momentum=0.9, nesterov=True)
+    with pytest.raises(ValueError, match="attach_optimizer"):
+        comp.apply_penalty(1e-4, lr=0.05, forget=0.5)
+    comp.attach_optimizer(opt)
+    data = Data(32, (1, 8, 8))
+    steps = 12
+    for step in range(steps):
+        loss = nn.functional.cross_entropy(model(data.train.x), data.train.y)
+        opt.zero_grad()
+        loss.backward()
+        comp.apply_penalty(1e-4, lr=0.05, forget=1.0 / (steps - step))
+        if step not in (3, 7):  # the scaler found an overflow: no step
+            opt.step()
+    for key, layer in comp.layers.items():
+        rows = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        assert float(rows[:4].norm(dim=1).max()) < 1e-6, key
+
+
+@pytest.mark.parametrize("mode", ["uniform", "searched"])
+def test_resrep_honours_a_fixed_allocation_and_records_it(mode):
+    from autoprune.allocate import allocate
+
+    data = Data(96, (3, 8, 8))
+    model = create_model(ModelSpec("resnet20", 4, 3, 8))
+    shape = (3, 8, 8)
+    alloc = {"mode": mode, "multipliers": (0.5, 1.0, 1.5) if mode == "searched" else ()}
+    cfg = TrainConfig(epochs=1, batch_size=32)
+    result = autoprune.prune(model, "resrep", 0.5, data=data, input_shape=shape, train_cfg=cfg, allocation=alloc)
+    groups = find_groups(model, shape)
+    want = allocate([g for g in groups if g.prunable], None, build_width_cost(model, groups, shape), 0.5,
+                    AllocationConfig(**alloc))
+    want = {n: w for n, w in want.items() if w < next(g.channels for g in groups if g.name == n)}
+    assert {n: len(k) for n, k in result.plan.keep.items()} == want
+    assert result.info["allocation"] == mode
+    glob = autoprune.prune(model, "resrep", 0.5, data=data, input_shape=shape, train_cfg=cfg,
+                           allocation={"mode": "global"})
+    assert glob.info["allocation"].startswith("global")
+    assert {n: len(k) for n, k in glob.plan.keep.items()} != want
+
+
+def test_resrep_reports_the_schedule_values_it_used(digits, digits_base):
+    model, spec = digits_base
+    result = autoprune.prune(model, "resrep", 0.5, data=digits, spec=spec, train_cfg=TrainConfig(epochs=1),
+                             mask_interval=200, growth=4)
+    info = result.info
+    assert info["mask_interval"] < 200  # capped: a 9-step trial cannot wait 200 steps between updates
+    assert info["mask_growth"] > 4  # raised: the target must be met by `reach`
+    assert info["target_met_step"] is not None
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_resrep_under_cuda_amp_drives_masked_rows_to_zero(dtype, monkeypatch):
+    """Mixed precision on a GPU (fp16 with a GradScaler that skips overflowing steps, or bf16):
+    masked rows still reach zero before deletion, and the model is usable."""
+    if dtype == "fp16":
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    data = Data(256, (3, 8, 8))
+    model = create_model(ModelSpec("resnet20", 4, 3, 8))
+    if dtype == "fp16":  # force one overflow: the scaler skips that step
+        calls = {"n": 0}
+
+        def overflow(grad: torch.Tensor) -> torch.Tensor:
+            calls["n"] += 1
+            return grad * float("inf") if calls["n"] == 5 else grad
+
+        model.fc.weight.register_hook(overflow)
+    result = autoprune.prune(model, "resrep", 0.5, data=data, input_shape=(3, 8, 8), device="cuda",
+                             train_cfg=TrainConfig(epochs=2, batch_size=32, amp=True))
+    assert result.info["masked_norm_max"] < 1e-4
+    assert 0.49 <= result.macs_fraction <= 0.5
+    y = result.model(torch.randn(2, 3, 8, 8, device="cuda"))
+    assert torch.isfinite(y).all()

@@ -16,7 +16,7 @@ from autoprune.cli import main
 from autoprune.errors import AutopruneError
 from autoprune.plan import load_pruned, save_base, save_pruned
 from autoprune.retrain import RetrainInterrupted, choose_trial, retrain
-from autoprune.search.trial import make_row, model_path, write_trials_csv
+from autoprune.search.results import make_row, model_path, write_trials_csv
 from autoprune.train import TrainConfig, evaluate, fit
 
 TARGETS = {0: 0.5, 1: 0.3, 4: 0.7}  # trial number -> MACs target of the complete trials

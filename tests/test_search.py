@@ -26,6 +26,7 @@ from autoprune.pareto import pareto_mask
 from autoprune.plan import load_pruned
 from autoprune.search import early_stop
 from autoprune.search import trial as trial_mod
+from autoprune.search.results import INTERRUPTED
 from autoprune.search.runner import run_search
 from autoprune.search.spec import load_spec
 
@@ -301,12 +302,12 @@ def test_sigkill_then_resume_keeps_finished_trials(base_ckpt, tmp_path):
     for r in done:  # kept with the same numbers and values, not re-run
         assert by_number[r["number"]] == r
         assert os.stat(out / r["model"]).st_mtime_ns == mtimes[r["number"]]
-    counted = [r for r in rows if r["error"] != trial_mod.INTERRUPTED]
+    counted = [r for r in rows if r["error"] != INTERRUPTED]
     assert len(counted) == 5 and all(r["state"] == "complete" for r in counted)
     study = load_study(out)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     for t in running:  # the interrupted trial is failed+interrupted, and its configuration ran again
-        assert by_number[str(t.number)]["error"] == trial_mod.INTERRUPTED
+        assert by_number[str(t.number)]["error"] == INTERRUPTED
         retries = [u for u in study.trials if u.user_attrs.get("retry_of") == t.number]
         assert len(retries) == 1 and retries[0].params == t.params
         assert retries[0].state == optuna.trial.TrialState.COMPLETE

@@ -13,8 +13,9 @@ import pytest
 from autoprune.allocate import AllocationConfig
 from autoprune.errors import SpecError
 from autoprune.methods import get_method
-from autoprune.search.space import Range, parse_time, suggest, to_prune_args
+from autoprune.search.space import Range, suggest, to_prune_args
 from autoprune.search.spec import SearchSpec, dump_spec, load_spec
+from autoprune.search.validate import parse_time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINIMAL = "model: small_cnn\ndata: digits\nspace: {method: [l1, lrf]}\n"
@@ -310,3 +311,70 @@ def test_to_prune_args_from_suggest_and_from_a_csv_row(tmp_path):
     assert method == "lrf" and epochs == 2 and isinstance(epochs, int)
     assert alloc == AllocationConfig(mode="global")
     assert mparams == {"compensate": False, "eps": 0.002}
+
+
+# ----------------------------------------------------------------------------- JSON Schema
+
+
+@pytest.fixture(scope="module")
+def schema_validator():
+    jsonschema = pytest.importorskip("jsonschema")
+    from autoprune.search.schema import build_schema
+
+    schema = build_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
+def test_shipped_spec_validates_against_the_schema(path, schema_validator):
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in schema_validator.iter_errors(raw)]
+    assert errors == []
+
+
+def test_the_schema_knows_every_key_the_checker_knows(schema_validator):
+    from autoprune.methods import list_methods
+    from autoprune.search.spec import TOP_KEYS
+
+    props = schema_validator.schema["properties"]
+    assert set(props) == set(TOP_KEYS)
+    space = props["space"]["properties"]
+    assert set(space["methods"]["properties"]) == set(list_methods())
+    for name in list_methods():
+        fields = {f.name for f in dataclasses.fields(get_method(name).Params)}
+        assert set(space["methods"]["properties"][name]["properties"]) == fields
+
+
+@pytest.mark.parametrize("extra", [
+    "modle: small_cnn",
+    "space: {methods: {resrep: {penaltyy: 1.0e-4}}}",
+    "space: {target: {low: 0.2}}",
+    "space: {method: [resrep, pruneall]}",
+    "budget: {max_trials: 0}",
+    "budget: {time: soon}",
+    "objectives: [macs, val_acc]",
+    "early_stop: {margin: 2}",
+])
+def test_the_schema_rejects_what_load_spec_rejects(extra, schema_validator, tmp_path):
+    import yaml
+
+    raw = yaml.safe_load(f"model: small_cnn\ndata: digits\n{extra}\n")
+    assert list(schema_validator.iter_errors(raw)), extra
+    with pytest.raises(SpecError):
+        load_spec(write(tmp_path, f"model: small_cnn\ndata: digits\n{extra}\n"))
+
+
+def test_cli_schema_prints_the_schema(tmp_path, capsys):
+    import json
+
+    from autoprune.cli import main
+    from autoprune.search.schema import build_schema
+
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == build_schema()
+    out = tmp_path / "spec.schema.json"
+    assert main(["schema", "--out", str(out)]) == 0 and json.loads(out.read_text()) == build_schema()

@@ -222,3 +222,38 @@ def command_line(module: str, argv: Sequence[str] | None) -> str:
 
     args = list(sys.argv[1:] if argv is None else argv)
     return " ".join(["python -m", f"autoprune.benchmarks.{module}", *args])
+
+
+# ----------------------------------------------------------------------------- the demo spec
+
+DEMO_SPEC = Path(__file__).resolve().parents[2] / "search_spaces" / "digits_demo.yaml"
+
+
+def demo_raw() -> dict[str, Any]:
+    """search_spaces/digits_demo.yaml as parsed YAML: the one source of the demo's search settings."""
+    import yaml
+
+    if not DEMO_SPEC.is_file():
+        raise SystemExit(f"error: {DEMO_SPEC} not found; the search benchmarks read the demo spec from a source "
+                         "checkout of autoprune (git clone, then pip install -e .)")
+    return yaml.safe_load(DEMO_SPEC.read_text(encoding="utf-8"))
+
+
+def demo_spec(study: str, model: str, data: Mapping[str, Any], base: str, trials: int, seed: int = 0,
+              device: str = "cpu", epochs: int | None = None, batch_size: int | None = None,
+              target_low: float | None = None) -> dict[str, Any]:
+    """The README demo's spec (search_spaces/digits_demo.yaml) on a given base model with a budget of
+    ``trials`` trials (no time budget, so runs are comparable); ``epochs`` etc. override the demo's."""
+    raw = demo_raw()
+    raw.update({"study": study, "model": model, "data": dict(data), "base": base, "device": device, "seed": seed,
+                "budget": {"max_trials": trials}})
+    raw.pop("base_epochs", None)
+    raw.pop("base_lr", None)
+    space = raw["space"]
+    if epochs is not None:
+        space["epochs"] = epochs
+    if batch_size is not None:
+        space["batch_size"] = batch_size
+    if target_low is not None:
+        space["target"] = {**space["target"], "low": target_low}
+    return raw

@@ -35,56 +35,12 @@ from ..cost import count_macs, count_params
 from ..pareto import hypervolume_2d, pareto_mask
 from ..plan import save_base
 from . import common
+from .common import DEMO_SPEC, demo_raw, demo_spec
 
 log = logging.getLogger(__name__)
 
 METHODS = ("resrep", "lrf", "fsm", "l1")
 REFERENCE = (0.0, 1.0)  # (val acc, MACs fraction)
-
-
-DEMO_SPEC = Path(__file__).resolve().parents[2] / "search_spaces" / "digits_demo.yaml"
-# The demo's search part, used when the spec file is not next to the package (an installed wheel).
-_DEMO_FALLBACK: dict[str, Any] = {
-    "sampler": "tpe", "objectives": ["val_acc", "macs"], "constraints": {"min_val_acc": 0.80},
-    "early_stop": {"enabled": True, "margin": 0.0075, "min_epochs": 1, "min_trials": 1},
-    "allocation": {"min_ratio": 0.1, "round_to": 1},
-    "space": {
-        "method": list(METHODS), "target": {"low": 0.05, "high": 0.6},
-        "allocation": ["uniform", "global", "searched"], "buckets": 3, "multiplier": {"low": 0.5, "high": 1.5},
-        "epochs": 5, "lr": {"low": 0.005, "high": 0.05, "log": True}, "batch_size": 64,
-        "methods": {"resrep": {"penalty": {"low": 1.0e-5, "high": 1.0e-2, "log": True}},
-                    "lrf": {"compensate": [True, False]}, "fsm": {"compensation": ["gaussian", "measured"]}},
-    },
-}
-
-
-def demo_raw() -> dict[str, Any]:
-    """A fresh copy of search_spaces/digits_demo.yaml as parsed YAML (the fallback when not installed)."""
-    import copy
-
-    import yaml
-
-    return yaml.safe_load(DEMO_SPEC.read_text()) if DEMO_SPEC.is_file() else copy.deepcopy(_DEMO_FALLBACK)
-
-
-def demo_spec(study: str, model: str, data: Mapping[str, Any], base: str, trials: int, seed: int = 0,
-              device: str = "cpu", epochs: int | None = None, batch_size: int | None = None,
-              target_low: float | None = None) -> dict[str, Any]:
-    """The README demo's spec (search_spaces/digits_demo.yaml) on a given base model with a budget of
-    ``trials`` trials (no time budget, so runs are comparable); ``epochs`` etc. override the demo's."""
-    raw = demo_raw()
-    raw.update({"study": study, "model": model, "data": dict(data), "base": base, "device": device, "seed": seed,
-                "budget": {"max_trials": trials}})
-    raw.pop("base_epochs", None)
-    raw.pop("base_lr", None)
-    space = raw["space"]
-    if epochs is not None:
-        space["epochs"] = epochs
-    if batch_size is not None:
-        space["batch_size"] = batch_size
-    if target_low is not None:
-        space["target"] = {**space["target"], "low": target_low}
-    return raw
 
 
 def run_one(spec_dict: Mapping[str, Any], work: Path, name: str) -> tuple[list[dict[str, Any]], float]:

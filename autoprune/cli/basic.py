@@ -94,14 +94,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
         width = max((len(f"{f.name}={f.default!r}") for f in fields), default=0)
         for f in fields:
             print(f"{'':8s} {f'{f.name}={f.default!r}':{width}s}  {notes.get(f.name, '')}".rstrip())
+        for note in method.notes:
+            print(f"{'':8s} note: {note}")
     return 0
 
 
 def param_help(params_cls: type) -> dict[str, str]:
-    """One line per parameter of a method's Params dataclass: the comment that ends its field line.
+    """One line per parameter of a method's Params dataclass, from the comments at its field.
 
-    The comment beside each field is the parameter's documentation in the method's source, so
-    `autoprune methods` reads it from there instead of keeping a second copy that could drift.
+    The comment that ends a field's line, or else the comment lines just above the field (joined),
+    is the parameter's documentation in the method's source; `autoprune methods` reads it from there
+    instead of keeping a second copy that could drift.
     """
     import inspect
     import io
@@ -112,13 +115,26 @@ def param_help(params_cls: type) -> dict[str, str]:
     except (OSError, TypeError):
         return {}
     names = {f.name for f in dataclasses.fields(params_cls)}
-    notes: dict[str, str] = {}
-    line_name: dict[int, str] = {}
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, alone on its line)
+    fields_at: dict[int, str] = {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.NAME and tok.string in names and tok.start[1] == 4 and tok.start[0] not in line_name:
-            line_name[tok.start[0]] = tok.string
-        elif tok.type == tokenize.COMMENT and tok.start[0] in line_name:
-            notes[line_name[tok.start[0]]] = tok.string.lstrip("#").strip()
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), not tok.line[:tok.start[1]].strip())
+        elif (tok.type == tokenize.NAME and tok.string in names and tok.start[1] == 4
+              and tok.start[0] not in fields_at and not tok.line[:4].strip()):
+            fields_at[tok.start[0]] = tok.string
+    notes: dict[str, str] = {}
+    for line, name in fields_at.items():
+        text, alone = comments.get(line, ("", True))
+        if text and not alone:
+            notes[name] = text
+            continue
+        block, above = [], line - 1
+        while above in comments and comments[above][1]:
+            block.insert(0, comments[above][0])
+            above -= 1
+        if block:
+            notes[name] = " ".join(block)
     return notes
 
 
@@ -279,7 +295,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     final_val = evaluate(result.model, data.val, device)["acc"]
     metrics = {
         "method": args.method, "target": args.target, "allocation": args.allocation, "params_used": result.info.get(
-            "params", {}), "base_val_acc": base_val, "val_acc_before_finetune": pruned_val, "val_acc": final_val,
+            "params", {}), "allocation_used": result.info.get("allocation", args.allocation),
+        "base_val_acc": base_val, "val_acc_before_finetune": pruned_val, "val_acc": final_val,
         "method_epochs": method_epochs, "finetune_epochs": ft_epochs,
         "base_macs": result.base_macs, "macs": result.macs, "macs_frac": result.macs_fraction,
         "base_params": result.base_params, "params": result.params, "params_frac": result.params_fraction,
@@ -287,8 +304,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     }
     save_pruned(out, result.model, spec, result.plan, data_spec, metrics)
     mpath = _write_metrics(out, metrics)
-    rows = [("val accuracy", f"{100 * base_val:.2f}%", f"{100 * final_val:.2f}%",
-             f"{100 * pruned_val:.2f}% before fine-tune"),
+    when = (f"after {method_epochs} {args.method} training epoch(s), before fine-tune" if method_epochs
+            else "one-shot, before fine-tune")
+    rows = [("val accuracy", f"{100 * base_val:.2f}%", f"{100 * final_val:.2f}%", f"{100 * pruned_val:.2f}% {when}"),
             ("MACs per sample", f"{_mega(result.base_macs)}MACs", f"{_mega(result.macs)}MACs",
              f"{100 * result.macs_fraction:.1f}% of base (target {100 * args.target:.0f}%)"),
             ("params", _mega(result.base_params), _mega(result.params), f"{100 * result.params_fraction:.1f}% of base")]

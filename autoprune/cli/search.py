@@ -46,6 +46,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     verbose_option(p)
     p.set_defaults(func=cmd_pareto)
 
+    p = sub.add_parser("schema", help="print the JSON Schema of search spec files (for editors)",
+                       description="Print the JSON Schema of a search spec. Save it (autoprune schema > "
+                                   "spec.schema.json) and start a spec with '# yaml-language-server: "
+                                   "$schema=spec.schema.json' for completion and checks in your editor.")
+    p.add_argument("--out", help="write it to this file instead of printing it")
+    verbose_option(p)
+    p.set_defaults(func=cmd_schema)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from ..search.schema import build_schema
+
+    text = json.dumps(build_schema(), indent=2) + "\n"
+    if args.out:
+        from ..files import write_text
+
+        write_text(args.out, text)
+        print(args.out)
+    else:
+        print(text, end="")
+    return 0
+
 
 def cmd_search(args: argparse.Namespace) -> int:
     from ..search.runner import run_search
@@ -148,7 +172,7 @@ def print_front(front: Sequence[Mapping[str, Any]], base: Mapping[str, Any] | No
     MACs are printed in the unit report.md and pareto.png use (chosen from the base's MACs); a base
     value that is not known prints as "-".
     """
-    from ..report import cost_unit
+    from ..report_plots import cost_unit
 
     if not front:
         print("Pareto front: empty (no feasible complete trial)")

@@ -101,6 +101,7 @@ class PruningMethod(ABC):
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
     summary: ClassVar[str] = ""
+    notes: ClassVar[tuple[str, ...]] = ()  # shown by `autoprune methods`: e.g. parameters a run may override
 
     @abstractmethod
     def run(self, ctx: PruneContext, params: Any) -> MethodOutput:

@@ -149,8 +149,9 @@ class Compactors:
     def __init__(self, model: nn.Module, sites: Mapping[str, list[Site]], momentum: float = 0.0,
                  nesterov: bool = False, scaled: bool = False) -> None:
         self.model = model
-        self.momentum, self.nesterov = momentum, nesterov  # the optimizer's, for forced forgetting
-        self._bufs: dict[str, torch.Tensor] = {}
+        self.momentum, self.nesterov = momentum, nesterov  # used until an optimizer is attached
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._any_masked: dict[str, bool] = {}  # host-side: no device sync to ask whether a row is masked
         self.sites = [s for group_sites in sites.values() for s in group_sites]
         modules = dict(model.named_modules())
         self.layers = nn.ModuleDict()
@@ -240,6 +241,25 @@ class Compactors:
             for c in masked.get(s.group, ()):
                 mask[s.rows[c]] = 0.0
             self.masks[self._key(s)] = mask.to(self.masks[self._key(s)].device)
+            self._any_masked[self._key(s)] = bool(masked.get(s.group))
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Forced forgetting reads this optimizer's real momentum buffers and settings (SGD). A step a
+        GradScaler skips leaves them untouched, so the next step's forced update stays exact."""
+        self.optimizer = optimizer
+
+    def _momentum_state(self, w: torch.nn.Parameter) -> tuple[float, bool, torch.Tensor | None]:
+        """(momentum, nesterov, momentum buffer or None) that the optimizer will apply to ``w``."""
+        if self.optimizer is None:
+            if self.momentum > 0:
+                raise ValueError("forced forgetting with momentum needs the optimizer's momentum buffers: "
+                                 "call attach_optimizer() first")
+            return 0.0, False, None
+        group = next((g for g in self.optimizer.param_groups if any(p is w for p in g["params"])), None)
+        if group is None:
+            raise ValueError("the attached optimizer does not train this compactor")
+        buf = self.optimizer.state.get(w, {}).get("momentum_buffer")
+        return float(group.get("momentum", 0.0)), bool(group.get("nesterov", False)), buf
 
     @contextlib.contextmanager
     def masked(self) -> Iterator[None]:
@@ -264,8 +284,9 @@ class Compactors:
         """ResRep's gradient: g_i = m_i * dL/dQ_i + penalty * Q_i / ||Q_i||, per compactor row i.
 
         With ``forget`` (a fraction in (0, 1]), masked rows instead get the gradient that makes this
-        step's SGD update (learning rate ``lr``, momentum and Nesterov as in :attr:`momentum` and
-        :attr:`nesterov`) move them straight toward zero by ``forget`` of their current value.
+        step's SGD update (learning rate ``lr``; momentum, Nesterov and the momentum buffer read from
+        the attached optimizer, see :meth:`attach_optimizer`) move them straight toward zero by
+        ``forget`` of their current value. No host synchronisation: safe to call every step on a GPU.
         """
         for s in self.sites:
             key = self._key(s)
@@ -275,21 +296,17 @@ class Compactors:
             lasso = penalty * rows / rows.norm(dim=1, keepdim=True).clamp_min(EPS)
             task = w.grad.reshape_as(rows) if w.grad is not None else torch.zeros_like(rows)
             grad = keep * task + lasso
-            buf = self._bufs.get(key)
-            if forget is not None and lr > 0 and bool((keep == 0).any()):
+            if forget is not None and lr > 0 and self._any_masked.get(key, False):
+                beta, nesterov, buf = self._momentum_state(w)
+                buf = buf.reshape_as(rows) if buf is not None else None
                 want = forget * rows / lr  # update / lr that takes the row there
-                beta = self.momentum
                 if beta == 0:
                     forced = want
-                elif self.nesterov:  # update = g + beta * (beta * buf + g)
+                elif nesterov:  # update = g + beta * (beta * buf + g)
                     forced = (want - beta * beta * buf) / (1 + beta) if buf is not None else want / (1 + beta)
                 else:  # update = beta * buf + g
                     forced = want - beta * buf if buf is not None else want
                 grad = torch.where(keep == 0, forced, grad)
-            if self.momentum > 0:  # mirror the optimizer's momentum buffer (dampening 0)
-                # A non-finite gradient means an fp16 step the GradScaler skips: keep NaN out of the mirror.
-                finite = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-                self._bufs[key] = finite.clone() if buf is None else buf.mul_(self.momentum).add_(finite)
             w.grad = grad.reshape_as(w).to(w.dtype)
 
     @torch.no_grad()

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 COMPENSATIONS = ("none", "gaussian", "measured")
 SCHEDULES = ("oneshot", "layerwise")
+DEFAULT_CALIBRATION_BATCHES = 8
 LAYERWISE_SHARE = 1 / 3  # of a trial's epochs spent fine-tuning between groups (layerwise schedule)
 
 
@@ -64,7 +65,9 @@ LAYERWISE_SHARE = 1 / 3  # of a trial's epochs spent fine-tuning between groups 
 class FSMParams:
     compensation: str = "gaussian"  # none | gaussian (BN model) | measured (calibration batches)
     schedule: str = "oneshot"  # oneshot | layerwise (groups shallow to deep, fine-tuning between)
-    calibration_batches: int = 8  # training batches averaged by compensation="measured"
+    # training batches whose means replace the BN model: every consumer with "measured", the consumers
+    # no BN models with "gaussian" (a network without BN); 0 = the default, 8
+    calibration_batches: int = 0
     layerwise_steps: int = 0  # optimizer steps after each group; 0 = the method's epochs spread evenly
 
     def __post_init__(self) -> None:
@@ -72,8 +75,15 @@ class FSMParams:
             raise ValueError(f"compensation must be one of {', '.join(COMPENSATIONS)}, got {self.compensation!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.calibration_batches < 1 or self.layerwise_steps < 0:
-            raise ValueError("calibration_batches must be >= 1 and layerwise_steps >= 0")
+        if self.calibration_batches < 0 or self.layerwise_steps < 0:
+            raise ValueError("calibration_batches and layerwise_steps must be >= 0")
+        if self.calibration_batches and self.compensation == "none":
+            raise ValueError("calibration_batches is read only by compensation 'gaussian' or 'measured'; "
+                             "drop it or choose one of those")
+
+    @property
+    def batches(self) -> int:
+        return self.calibration_batches or DEFAULT_CALIBRATION_BATCHES
 
 
 def _shifts(model: nn.Module, g: ChannelGroup, consumer: str, inputs: ConsumerInputs) -> Tensor:
@@ -99,6 +109,8 @@ def compensate(model: nn.Module, g: ChannelGroup, inputs: ConsumerInputs, remove
     """
     largest = 0.0
     for c in g.consumers if removed else ():
+        if c in inputs.unmodelled:  # no BN and no data: a placeholder mean must not be put back
+            continue
         delta = _shifts(model, g, c, inputs)[:, list(removed)].sum(1)
         largest = max(largest, float(delta.abs().max()))
         bn = model.get_submodule(inputs.bn_after[c]) if c in inputs.bn_after else None
@@ -154,6 +166,12 @@ class FSM(PruningMethod):
     name = "fsm"
     Params = FSMParams
     summary = "feature shift minimisation: BN-modelled mean shift at the consumers, put back as a bias"
+    notes = (
+        "compensation=gaussian: the BN model where the network has BNs, means over calibration_batches "
+        "training batches (0 = 8) where it has none; without data those consumers are left uncompensated",
+        "a constant put into the running mean of a BN after the consumer is re-estimated by the engine's BN "
+        "recalibration (on by default with data): there the recalibration does the compensation's work",
+    )
 
     def training_epochs(self, params: FSMParams, total_epochs: int) -> int:
         """The layerwise schedule fine-tunes between groups with a third of the trial's epochs."""
@@ -169,7 +187,8 @@ class FSM(PruningMethod):
         inputs = self._inputs(ctx, params, groups)
         scores = {g.name: group_scores(ctx.model, g, inputs) for g in groups}
         widths = ctx.allocate(scores)
-        info: dict[str, Any] = {"fallback_consumers": inputs.fallback}
+        info: dict[str, Any] = {"fallback_consumers": inputs.fallback, "measured_consumers": inputs.measured,
+                                "uncompensated_consumers": inputs.unmodelled}
         if params.schedule == "layerwise":
             keep = self._layerwise(ctx, params, widths, info)
         else:
@@ -180,15 +199,27 @@ class FSM(PruningMethod):
         return MethodOutput(keep=keep, model=ctx.model, info=info)
 
     def _inputs(self, ctx: PruneContext, params: FSMParams, groups: Sequence[ChannelGroup]) -> ConsumerInputs:
+        """What each consumer reads: the BN model where the network has BNs, calibration means where
+        it does not (or everywhere with ``measured``); without data, consumers no BN models are
+        scored with a placeholder and left uncompensated (``inputs.unmodelled``)."""
         inputs = gaussian_inputs(ctx.model, groups, ctx.input_shape)
-        if params.compensation == "measured":
-            if ctx.data is None:
+        if params.compensation == "none":
+            return inputs
+        wanted = [c for g in groups for c in g.consumers] if params.compensation == "measured" else \
+            [c for c in inputs.fallback if c in inputs.no_bn]
+        if not wanted:
+            return inputs
+        if ctx.data is None:
+            if params.compensation == "measured":
                 raise AutopruneError("fsm compensation='measured' needs calibration data: pass data= to prune(), "
                                      "or use compensation='gaussian'")
-            batch_size = ctx.train_cfg.batch_size if ctx.train_cfg is not None else 128
-            batches = ctx.data.train.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-            measured = measured_inputs(ctx.model, inputs.mean, itertools.islice(batches, params.calibration_batches))
-            inputs.mean.update({c: v for c, v in measured.items() if v.shape == inputs.mean[c].shape})
+            inputs.unmodelled = sorted(set(wanted))
+            return inputs
+        batch_size = ctx.train_cfg.batch_size if ctx.train_cfg is not None else 128
+        batches = ctx.data.train.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+        measured = measured_inputs(ctx.model, set(wanted), itertools.islice(batches, params.batches))
+        inputs.mean.update({c: v for c, v in measured.items() if v.shape == inputs.mean[c].shape})
+        inputs.measured = sorted(measured)
         return inputs
 
     def _layerwise(self, ctx: PruneContext, params: FSMParams, widths: Mapping[str, int],

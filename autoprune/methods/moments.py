@@ -104,6 +104,9 @@ class ConsumerInputs:
     mean: dict[str, Tensor]  # consumer -> expected value of each of its input channels / features (CPU)
     fallback: list[str] = field(default_factory=list)  # consumers scored with the BN-sum fallback
     bn_after: dict[str, str] = field(default_factory=dict)  # consumer -> the BN that reads its output
+    no_bn: list[str] = field(default_factory=list)  # fallback consumers whose group has no BN: mean is a placeholder
+    measured: list[str] = field(default_factory=list)  # consumers whose mean was measured on calibration batches
+    unmodelled: list[str] = field(default_factory=list)  # consumers with a placeholder mean: never compensated
 
 
 class _Propagate(fx.Interpreter):
@@ -267,8 +270,10 @@ def gaussian_inputs(model: nn.Module, groups: Sequence[ChannelGroup], input_shap
                 fb = fallback_mean(model, g) if fb is None else fb
                 vec[idx] = torch.where(torch.isnan(vals), fb[:, None].expand_as(vals), vals)
                 out.fallback.append(c)
+                if not g.bns:
+                    out.no_bn.append(c)
             out.mean[c] = vec
-    out.fallback = sorted(set(out.fallback))
+    out.fallback, out.no_bn = sorted(set(out.fallback)), sorted(set(out.no_bn))
     return out
 
 

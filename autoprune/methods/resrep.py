@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..allocate import width_bounds
+from ..allocate import AllocationConfig, allocate, width_bounds
 from ..cost import WidthCost
 from ..errors import AutopruneError, SpecError
 from ..graph import ChannelGroup
@@ -100,7 +100,8 @@ class MaskSchedule:
     """Which channels are masked at each step; every update recomputes the mask from scratch."""
 
     def __init__(self, groups: list[ChannelGroup], bounds: Mapping[str, tuple[int, int]], cost: WidthCost,
-                 target: float, steps: int, params: ResRepParams) -> None:
+                 target: float, steps: int, params: ResRepParams,
+                 allocation: AllocationConfig | None = None) -> None:
         self.groups, self.bounds, self.cost = groups, dict(bounds), cost
         self.budget = target * cost.base_macs
         self.params = params
@@ -111,7 +112,15 @@ class MaskSchedule:
         self.masked: dict[str, set[int]] = {g.name: set() for g in groups}
         self.count = 0
         self.updates = 0
+        self.growth_used = 0  # the largest number of channels one update added
         self.reached_at: int | None = None
+        # uniform / searched allocation: the widths come from the allocation's shape (they do not
+        # depend on scores), the compactor norms only choose which channels of each group go.
+        # global: ResRep's own global ranking of compactor norms (``normalise``) sets the widths.
+        self.fixed: dict[str, int] | None = None
+        if allocation is not None and allocation.mode != "global":
+            widths = allocate(groups, None, cost, target, allocation)
+            self.fixed = {g.name: g.channels - widths[g.name] for g in groups}
 
     def forget_fractions(self, lrs: list[float], forget_by: float) -> list[float]:
         """Per step, the fraction of a masked row to remove so that rows reach zero at ``forget_by`` of
@@ -168,11 +177,27 @@ class MaskSchedule:
                 lo = mid
         return hi
 
+    def _fixed_order(self, scores: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
+        """Channels to mask under a fixed allocation, ordered so that every prefix masks each group
+        in proportion to its final share (weakest of each group first)."""
+        assert self.fixed is not None
+        keyed = []
+        for g in self.groups:
+            n = self.fixed[g.name]
+            weakest = torch.sort(scores[g.name].double().cpu(), stable=True).indices[:n].tolist()
+            keyed += [((i + 1) / n, g.name, c) for i, c in enumerate(weakest)]
+        return [(name, c) for _, name, c in sorted(keyed, key=lambda t: t[0])]
+
     def update(self, scores: Mapping[str, torch.Tensor], step: int) -> dict[str, set[int]]:
-        order = self._order(scores)
-        needed = self._needed(order)
+        if self.fixed is not None:
+            order = self._fixed_order(scores)
+            needed = len(order)
+        else:
+            order = self._order(scores)
+            needed = self._needed(order)
         left = max(1, (self.reach - step) // self.interval + 1)  # updates until the reach step
         growth = max(self.params.growth, math.ceil((needed - self.count) / left))
+        self.growth_used = max(self.growth_used, min(growth, needed - self.count))
         self.count = min(needed, self.count + growth)
         self._set(order[: self.count])
         self.updates += 1
@@ -183,6 +208,15 @@ class MaskSchedule:
     def finish(self, scores: Mapping[str, torch.Tensor]) -> dict[str, set[int]]:
         """The final mask: the trained one, extended (weakest first) until it meets the target."""
         chosen = [(n, c) for n, cs in self.masked.items() for c in sorted(cs)]
+        if self.fixed is not None:  # the trained mask of each group, extended to the allocated width
+            for g in self.groups:
+                ranked = torch.sort(scores[g.name].double().cpu(), stable=True).indices.tolist()
+                extra = [c for c in ranked if c not in self.masked[g.name]]
+                chosen += [(g.name, c) for c in extra[: self.fixed[g.name] - len(self.masked[g.name])]]
+            self._set(chosen)
+            if self.cost.macs(self._widths(chosen)) > self.budget:
+                raise AutopruneError("internal: resrep could not meet the MACs target; please report")
+            return self.masked
         widths = self._widths(chosen)
         for n, c in self._rest(scores):
             if self.cost.macs(widths) <= self.budget:
@@ -250,6 +284,16 @@ class ResRep(PruningMethod):
     name = "resrep"
     Params = ResRepParams
     summary = "ResRep: compactors with penalty gradients and a global mask schedule, folded at the end"
+    notes = (
+        "mask_interval is a maximum and growth a minimum: a short run caps the interval so the mask is "
+        "updated about 8 times before `reach` and raises the growth to meet the target by then; "
+        "info.mask_interval and info.mask_growth (metrics.json) record the values used",
+        "allocation: global = ResRep's own global ranking of compactor norms (`normalise`); uniform and "
+        "searched fix each group's width from the allocation shape and the norms pick the channels; "
+        "info.allocation records which",
+        "penalty barely moves a run of a few epochs when forget_by > 0 (masked rows are driven to zero on "
+        "forget_by's schedule): search forget_by, reach, init or train_share instead",
+    )
 
     def training_epochs(self, params: ResRepParams, total_epochs: int) -> int:
         if total_epochs < 1:
@@ -284,7 +328,7 @@ class ResRep(PruningMethod):
                                  f"reachable fraction is {floor / ctx.cost.base_macs:.3f}{extra}; raise the target")
         spe = steps_per_epoch(len(ctx.data.train), cfg.batch_size)
         steps = cfg.epochs * spe
-        schedule = MaskSchedule(groups, bounds, ctx.cost, ctx.target, steps, params)
+        schedule = MaskSchedule(groups, bounds, ctx.cost, ctx.target, steps, params, ctx.allocation)
         lr_at = lr_schedule(cfg, spe)
         lrs = [lr_at(t) for t in range(steps)]
         forget = schedule.forget_fractions(lrs, params.forget_by) if params.forget_by > 0 else None
@@ -339,7 +383,8 @@ class ResRep(PruningMethod):
                 log.warning("resrep got no training steps; the mask comes from the untrained compactors")
             else:
                 val = ctx.data.val if len(ctx.data.val) else None
-                callbacks = Callbacks(after_backward=after_backward, param_groups=param_groups)
+                callbacks = Callbacks(after_backward=after_backward, param_groups=param_groups,
+                                      on_optimizer=comp.attach_optimizer)
                 if ctx.on_epoch is not None:  # report the masked model instead of the compactor model
                     callbacks.on_epoch_end = partial(on_epoch_end, val)
                     val = None
@@ -348,7 +393,7 @@ class ResRep(PruningMethod):
                     raise PruneStopped(stop[-1])
             norms, scores = ranking()
             masked = schedule.finish(scores)
-            if ctx.allocation.round_to > 1:
+            if ctx.allocation.round_to > 1 and schedule.fixed is None:  # fixed widths are already rounded
                 masked = round_widths(masked, scores, groups, bounds, ctx.allocation.round_to, ctx.cost,
                                       ctx.target * ctx.cost.base_macs)
             comp.fold()
@@ -365,7 +410,11 @@ class ResRep(PruningMethod):
                                 if residual_pruned else "left unpruned"),
             "steps": steps,
             "mask_updates": schedule.updates,
+            # the values the short-trial schedule actually used (it caps the interval and raises the growth)
             "mask_interval": schedule.interval,
+            "mask_growth": schedule.growth_used,
+            "allocation": ctx.allocation.mode if schedule.fixed is not None
+            else f"global (ResRep's ranking of compactor norms, normalise={params.normalise})",
             "target_met_step": schedule.reached_at,
         }
         if skipped:

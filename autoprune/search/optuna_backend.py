@@ -1,7 +1,9 @@
 """The default search backend: an Optuna study in ``<out>/study.db`` (SQLite), ask/tell workers.
 
 Each worker (the calling process, or N spawned processes with ``--workers N``) runs its own
-ask -> :func:`autoprune.search.trial.run_trial` -> tell loop on the shared study. An ask happens
+ask -> :func:`autoprune.search.trial.run_trial` -> tell loop on the shared study, through
+:class:`OptunaStore` (the :class:`~autoprune.search.store.TrialStore` over Optuna's storage: budget,
+early-stopping reference, rows and importance are computed above it, in :mod:`autoprune.search.store`). An ask happens
 under a file lock together with the budget check, so N workers never start more than
 ``max_trials`` trials; ``trials.csv`` is rewritten (atomically, under the same lock) after every trial.
 
@@ -18,6 +20,9 @@ How trial outcomes map onto Optuna:
   ``<study>.curves`` in the same ``study.db`` (one objective, val_acc) with the curve as its
   intermediate values and the search trial's number, method, target and cost as user attrs;
   optuna-dashboard plots those curves. The main study names its metrics (``set_metric_names``).
+- resumed searches propose what an uninterrupted one would: before every ask the sampler is
+  re-seeded from (spec seed, slot), the trial's place among non-interrupted trials, and a retried
+  trial keeps the slot, and so the training seed, of the trial it replaces (:func:`trial_seed`).
 - interrupted (the process died or was stopped while the trial ran): FAIL with user attr
   ``interrupted=True``; it does not count towards ``max_trials`` and its configuration is enqueued
   again, so a resumed search retries it under a new number. Which RUNNING trials are stale is known
@@ -34,67 +39,35 @@ import multiprocessing as mp
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import AutopruneError
-from . import trial as trial_mod
-from .trial import TrialResult, Worker, make_row, run_trial, write_trials_csv
+from .locks import ASK_LOCK, WORKERS_LOCK, file_lock
+from .results import INTERRUPTED, TrialResult, constraint_names, model_path, one_line, plan_path
+from .store import Limits, StoredTrial, TrialStore, budget_reason, finished_curves, write_rows
+from .store import rows as store_rows
+from .trial import Worker, run_trial
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: single-process searches only
-    fcntl = None  # type: ignore[assignment]
+if TYPE_CHECKING:
+    from ..data import Dataset
+    from .spec import SearchSpec
 
 log = logging.getLogger(__name__)
 
 STORAGE = "study.db"
-ASK_LOCK = ".ask.lock"
-RUN_LOCK = ".run.lock"
-WORKERS_LOCK = ".workers.lock"
 SAMPLERS = ("tpe", "nsga2", "random")
 _STATE_OF = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "early_stopped", TrialState.FAIL: "failed",
              TrialState.RUNNING: "running"}
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_trials: int | None = None
-    deadline: float | None = None  # time.time() after which no trial starts
-    device_seconds: float | None = None  # sum of trial wall times (time x devices in use)
-
-
 class Orphaned(BaseException):
     """The process that started this worker is gone: stop at once (not a trial failure)."""
-
-
-# ---------------------------------------------------------------------------------------- locks
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, shared: bool = False, blocking: bool = True) -> Iterator[bool]:
-    """flock on ``path``; yields False when non-blocking and someone else holds it."""
-    if fcntl is None:
-        yield True
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
-        try:
-            fcntl.flock(f, flags)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------- study
@@ -106,7 +79,7 @@ def storage(out_dir: Path) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 300}})
 
 
-def directions(spec: Any) -> list[str]:
+def directions(spec: SearchSpec) -> list[str]:
     return ["maximize", "minimize"]  # objectives are (val_acc, macs | params | latency)
 
 
@@ -120,28 +93,7 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     raise AutopruneError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
 
 
-def trial_seed(seed: int | None, slot: int) -> int | None:
-    """The sampler's seed for the trial in ``slot`` (its place among non-interrupted trials).
-
-    A fresh sampler seeded from (spec seed, slot) for every ask makes the proposals a function of
-    the seed and the study's history alone, so a killed and resumed search proposes what the
-    uninterrupted one would (the samplers keep no other state between trials: TPE, NSGA-II and
-    random sampling rebuild everything from the stored trials). None stays unseeded.
-    """
-    if seed is None:
-        return None
-    import numpy as np
-
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(slot)]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def next_slot(study: optuna.Study) -> int:
-    """The slot of the next new trial: how many trials exist that were neither interrupted nor queued."""
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state != TrialState.WAITING and not t.user_attrs.get("interrupted"))
-
-
-def open_study(spec: Any, out_dir: Path, sampler: optuna.samplers.BaseSampler | None = None,
+def open_study(spec: SearchSpec, out_dir: Path, sampler: optuna.samplers.BaseSampler | None = None,
                create: bool = False) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if create:
@@ -158,6 +110,27 @@ def open_study(spec: Any, out_dir: Path, sampler: optuna.samplers.BaseSampler | 
                                  f"{list(spec.objectives)}; resume with the same spec or choose another --out")
         return study
     return optuna.load_study(study_name=spec.study, storage=storage(out_dir), sampler=sampler)
+
+
+def trial_seed(seed: int | None, slot: int) -> int | None:
+    """The sampler's seed for the trial in ``slot`` (its place among non-interrupted trials).
+
+    A fresh sampler seeded from (spec seed, slot) for every ask makes the proposals a function of
+    the seed and the study's history alone, so a killed and resumed search proposes what the
+    uninterrupted one would (TPE, NSGA-II and random sampling keep no other state between trials:
+    they rebuild everything from the stored trials). None stays unseeded.
+    """
+    if seed is None:
+        return None
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(slot)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def next_slot(study: optuna.Study) -> int:
+    """The slot of the next new trial: how many trials exist that were neither interrupted nor queued."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state != TrialState.WAITING and not t.user_attrs.get("interrupted"))
 
 
 CURVES_SUFFIX = ".curves"
@@ -184,20 +157,97 @@ def add_curve(study: optuna.Study, result: TrialResult) -> None:
             user_attrs={k: v for k, v in attrs.items() if v is not None}))
     except Exception as exc:  # noqa: BLE001 - the curves are for viewing; the search goes on
         log.warning("could not add trial %d's curve to %s%s: %s", result.number, study.study_name, CURVES_SUFFIX,
-                    trial_mod.one_line(exc))
+                    one_line(exc))
 
 
-def recover_interrupted(study: optuna.Study) -> list[int]:
-    """Mark RUNNING trials (their process is dead) failed+interrupted and enqueue them again."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for t in stale:
-        mark_interrupted(study, t)
-    if stale:
-        log.warning("trials %s were interrupted; they will be run again", [t.number for t in stale])
-    return [t.number for t in stale]
+class OptunaStore(TrialStore):
+    """The trial store over an Optuna study: outcomes are user attrs and Optuna states (module docstring)."""
+
+    def __init__(self, study: optuna.Study, constraints: Sequence[str] = ()) -> None:
+        self.study = study
+        self.constraints = tuple(constraints)  # names of the constraint values, in order
+        self._live: dict[int, optuna.Trial] = {}  # claimed in this process, not yet recorded
+
+    def claim(self, hparams: Mapping[str, Any], trial: optuna.trial.BaseTrial | None = None,
+              **info: Any) -> int:
+        if trial is None:
+            trial = self.study.ask()
+        trial.set_user_attr("params", dict(hparams))
+        for key, value in info.items():
+            trial.set_user_attr(key, value)
+        self._live[trial.number] = trial  # type: ignore[assignment]
+        return trial.number
+
+    def record(self, number: int, result: TrialResult) -> None:
+        trial = self._live.pop(number)
+        trial.set_user_attr("state", result.state)
+        trial.set_user_attr("record", result.record())
+        trial.set_user_attr("curve", list(result.curve))
+        trial.set_user_attr("cost", result.cost)
+        trial.set_user_attr("constraints", list(result.constraints))
+        if result.error:
+            trial.set_user_attr("error", result.error)
+        if result.state in ("complete", "early_stopped"):
+            for i, value in enumerate(result.constraints):
+                trial.set_constraint(self.constraints[i] if i < len(self.constraints) else f"c{i}", value)
+        if result.state == "complete":
+            self.study.tell(trial, list(result.values))  # type: ignore[arg-type]
+        elif result.state == "early_stopped":
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            self.study.tell(trial, state=TrialState.FAIL)
+        add_curve(self.study, result)
+
+    def interrupt(self, trial: optuna.Trial) -> None:
+        """``trial`` of this process stopped (Ctrl-C, a dead parent, a storage error): interrupted."""
+        self._live.pop(trial.number, None)
+        mark_interrupted(self.study, trial)
+
+    def trials(self) -> list[StoredTrial]:
+        now = dt.datetime.now()
+        out = []
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state == TrialState.WAITING:
+                continue
+            a = t.user_attrs
+            state = "running" if t.state == TrialState.RUNNING else a.get("state") or _STATE_OF.get(t.state, "failed")
+            interrupted = bool(a.get("interrupted")) or (state == "failed" and not a.get("error"))
+            record = a.get("record") or {}
+            seconds = record.get("duration_s")  # a trial's own measure; else its wall time in the study
+            if seconds is None:
+                seconds = ((t.datetime_complete or now) - t.datetime_start).total_seconds() if t.datetime_start else 0.0
+            cost = a.get("cost")
+            out.append(StoredTrial(
+                number=t.number, state=state, hparams=a.get("params") or dict(t.params), record=record,
+                curve=tuple(a.get("curve") or ()), cost=None if cost is None else float(cost), seconds=float(seconds),
+                interrupted=interrupted, error="" if interrupted else a.get("error", ""), retry_of=a.get("retry_of")))
+        return out
+
+    def recover(self) -> list[int]:
+        stale = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in stale:
+            mark_interrupted(self.study, t)
+        if stale:
+            log.warning("trials %s were interrupted; they will be run again", [t.number for t in stale])
+        return [t.number for t in stale]
+
+    def importance_trials(self) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+    def meta(self) -> dict[str, Any]:
+        return dict(self.study.user_attrs)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.study.set_user_attr(key, value)
+
+
+def open_store(spec: SearchSpec, out_dir: Path, sampler: optuna.samplers.BaseSampler | None = None,
+               create: bool = False) -> OptunaStore:
+    return OptunaStore(open_study(spec, out_dir, sampler, create), constraint_names(spec))
 
 
 def mark_interrupted(study: optuna.Study, t: FrozenTrial | optuna.Trial) -> None:
+    """A RUNNING trial whose process stopped: FAIL + interrupted, its parameters queued to run again."""
     tid = t._trial_id
     st = study._storage
     frozen = st.get_trial(tid)
@@ -205,7 +255,7 @@ def mark_interrupted(study: optuna.Study, t: FrozenTrial | optuna.Trial) -> None
         return
     st.set_trial_user_attr(tid, "interrupted", True)
     st.set_trial_user_attr(tid, "state", "failed")
-    st.set_trial_user_attr(tid, "error", trial_mod.INTERRUPTED)
+    st.set_trial_user_attr(tid, "error", INTERRUPTED)
     study.tell(frozen.number, state=TrialState.FAIL)
     if frozen.params:
         retry = {"retry_of": frozen.number}
@@ -214,104 +264,19 @@ def mark_interrupted(study: optuna.Study, t: FrozenTrial | optuna.Trial) -> None
         study.enqueue_trial(dict(frozen.params), user_attrs=retry)
 
 
-# ------------------------------------------------------------------------------------- reading
-
-
-def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """``trials.csv`` rows for every started trial (queued retries are not rows yet)."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.WAITING:
-            continue
-        attrs = t.user_attrs
-        state = "running" if t.state == TrialState.RUNNING else attrs.get("state") or _STATE_OF.get(t.state, "failed")
-        error = attrs.get("error", "")
-        if state == "failed" and not error:
-            error = trial_mod.INTERRUPTED
-        rows.append(make_row(t.number, state, attrs.get("params") or dict(t.params), attrs.get("record"), error))
-    return rows
-
-
-def finished_curves(study: optuna.Study) -> list[tuple[float, list]]:
-    """(cost, per-epoch val acc) of the completed trials: the early-stopping rule's reference."""
-    out = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "curve" in t.user_attrs and t.user_attrs.get("cost") is not None:
-            out.append((float(t.user_attrs["cost"]), list(t.user_attrs["curve"])))
-    return out
-
-
-def budget_reason(study: optuna.Study, limits: Limits) -> str | None:
-    """Why no new trial may start now ('max_trials', 'time', 'device_hours'), or None."""
-    if limits.deadline is not None and time.time() >= limits.deadline:
-        return "time"
-    trials = study.get_trials(deepcopy=False)
-    if limits.max_trials is not None:
-        used = [t for t in trials if t.state != TrialState.WAITING and not t.user_attrs.get("interrupted")]
-        if len(used) >= limits.max_trials:
-            return "max_trials"
-    if limits.device_seconds is not None and device_seconds_used(trials) >= limits.device_seconds:
-        return "device_hours"
-    return None
-
-
-def device_seconds_used(trials: Sequence[FrozenTrial]) -> float:
-    now = dt.datetime.now()
-    return sum(((t.datetime_complete or now) - t.datetime_start).total_seconds()
-               for t in trials if t.datetime_start is not None)
-
-
-def importance(study: optuna.Study, objectives: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Optuna parameter importance per objective; {} when there is too little to say."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) < 2:
-        log.info("parameter importance needs at least 2 complete trials (have %d)", len(complete))
-        return {}
-    out: dict[str, dict[str, float]] = {}
-    for i, name in enumerate(objectives):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                imp = optuna.importance.get_param_importances(study, target=lambda t, i=i: t.values[i])
-        except Exception as exc:  # noqa: BLE001 - conditional/constant params make evaluators fail
-            log.warning("parameter importance for %s unavailable: %s", name, trial_mod.one_line(exc))
-            continue
-        out[name] = {k: float(v) for k, v in imp.items()}
-    return out
-
-
 # ------------------------------------------------------------------------------------- workers
 
 
-def tell(study: optuna.Study, trial: optuna.Trial, result: TrialResult, names: Sequence[str] = ()) -> None:
-    """Store ``result`` on ``trial`` (user attrs, named constraints) and finish it in Optuna."""
-    trial.set_user_attr("state", result.state)
-    trial.set_user_attr("record", result.record())
-    trial.set_user_attr("curve", list(result.curve))
-    trial.set_user_attr("cost", result.cost)
-    trial.set_user_attr("constraints", list(result.constraints))
-    if result.error:
-        trial.set_user_attr("error", result.error)
-    if result.state in ("complete", "early_stopped"):
-        for i, value in enumerate(result.constraints):
-            trial.set_constraint(names[i] if i < len(names) else f"c{i}", value)
-    if result.state == "complete":
-        study.tell(trial, list(result.values))  # type: ignore[arg-type]
-    elif result.state == "early_stopped":
-        study.tell(trial, state=TrialState.PRUNED)
-    else:
-        study.tell(trial, state=TrialState.FAIL)
-    add_curve(study, result)
-
-
-def worker_loop(spec: Any, out_dir: Path, index: int, limits: Limits, device: torch.device,
-                early_stopping: bool = True,
+def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, device: torch.device,
+                early_stopping: bool = True, seed: int | None = None,
                 on_trial: Callable[[TrialResult, list[dict]], None] | None = None,
-                parent_pid: int | None = None, data: Any = None) -> str:
-    """Ask/run/tell until a budget is spent; returns the reason it stopped."""
+                parent_pid: int | None = None, data: Dataset | None = None) -> str:
+    """Ask/run/tell until a budget is spent; returns the reason it stopped. ``seed``: the spec's; the
+    sampler is re-seeded from it and the trial's slot before every ask (:func:`trial_seed`)."""
     from . import space  # the search-space module (owned by the spec layer)
 
-    study = open_study(spec, out_dir, sampler=make_sampler(spec.sampler, None))
+    store = open_store(spec, out_dir, sampler=make_sampler(spec.sampler, seed))
+    study = store.study
     worker = Worker.load(spec, out_dir, device, data=data)
 
     def check_parent() -> None:
@@ -320,58 +285,63 @@ def worker_loop(spec: Any, out_dir: Path, index: int, limits: Limits, device: to
 
     def finished() -> list[tuple[float, list]]:
         check_parent()
-        return finished_curves(study)
+        return finished_curves(store)
 
     ask_lock = out_dir / ASK_LOCK
     while True:
         check_parent()
-        with file_lock(ask_lock):
-            reason = budget_reason(study, limits)
-            if reason is not None:
-                return reason
-            slot = next_slot(study)
-            study.sampler = make_sampler(spec.sampler, trial_seed(spec.seed, slot))
-            trial = study.ask()
-            slot = trial.user_attrs.get("slot", slot)  # a retry keeps the slot of the trial it replaces
-            try:
-                hparams = space.suggest(trial, spec)
-            except BaseException:
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            trial.set_user_attr("params", hparams)
-            trial.set_user_attr("worker", index)
-            trial.set_user_attr("slot", slot)
+        trial: optuna.Trial | None = None
+        result: TrialResult | None = None
         try:
-            result = run_trial(worker, trial.number, hparams, finished, early_stopping, seed_index=slot)
-            tell(study, trial, result, trial_mod.constraint_names(spec))
-        except BaseException:  # KeyboardInterrupt, Orphaned, storage errors: the trial is interrupted
+            with file_lock(ask_lock):
+                reason = budget_reason(store, limits)
+                if reason is not None:
+                    return reason
+                slot = next_slot(study)
+                study.sampler = make_sampler(spec.sampler, trial_seed(seed, slot))
+                trial = study.ask()
+                slot = trial.user_attrs.get("slot", slot)  # a retry keeps the slot of the trial it replaces
+                hparams = space.suggest(trial, spec)
+                number = store.claim(hparams, trial, worker=index, slot=slot)
+            result = run_trial(worker, number, hparams, finished, early_stopping, seed_index=slot)
+            store.record(number, result)
+        except BaseException:  # Ctrl-C, Orphaned, storage errors: the trial is interrupted, run again later
             with contextlib.suppress(Exception):
-                mark_interrupted(study, trial)
+                if trial is not None:
+                    store.interrupt(trial)
+                if result is not None:  # its files exist but its result could not be recorded
+                    discard_files(out_dir, result.number)
                 with file_lock(ask_lock):
-                    write_trials_csv(out_dir / "trials.csv", trial_rows(study))
+                    write_rows(store, out_dir)
             raise
         with file_lock(ask_lock):
-            rows = trial_rows(study)
-            write_trials_csv(out_dir / "trials.csv", rows)
+            rows = write_rows(store, out_dir)
         if on_trial is not None:
             on_trial(result, rows)
 
 
-def _worker_main(spec: Any, out_dir: str, index: int, limits: Limits, device: str, early_stopping: bool,
-                 threads: int | None, parent_pid: int, log_level: int, errors: Any) -> None:
+def discard_files(out_dir: Path, number: int) -> None:
+    """Remove a trial's saved model and plan (its result was never recorded: it runs again)."""
+    for rel in (model_path(number), plan_path(number)):
+        with contextlib.suppress(OSError):
+            (Path(out_dir) / rel).unlink()
+
+
+def _worker_main(spec: SearchSpec, out_dir: str, index: int, limits: Limits, device: str, early_stopping: bool,
+                 seed: int | None, threads: int | None, parent_pid: int, log_level: int, errors: Any) -> None:
     logging.basicConfig(level=log_level, format=f"%(levelname)s worker{index} %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
     try:
         with file_lock(Path(out_dir) / WORKERS_LOCK, shared=True):
             reason = worker_loop(spec, Path(out_dir), index, limits, torch.device(device), early_stopping,
-                                 parent_pid=parent_pid)
+                                 seed, parent_pid=parent_pid)
         log.info("worker %d stopped: budget %s spent", index, reason)
     except (KeyboardInterrupt, Orphaned):
         pass
     except Exception as exc:
         log.debug("worker %d crashed", index, exc_info=True)
-        errors.put((index, trial_mod.one_line(exc)))
+        errors.put((index, one_line(exc)))
 
 
 def worker_devices(device: torch.device, n: int) -> list[torch.device]:
@@ -381,32 +351,32 @@ def worker_devices(device: torch.device, n: int) -> list[torch.device]:
     return [device] * n
 
 
-def run(spec: Any, out_dir: Path, limits: Limits, device: torch.device, workers: int = 1,
+def run(spec: SearchSpec, out_dir: Path, limits: Limits, device: torch.device, workers: int = 1,
         early_stopping: bool = True, on_update: Callable[[list[dict]], None] | None = None,
-        data: Any = None) -> str:
+        data: Dataset | None = None) -> str:
     """Run the search with ``workers`` processes; returns why it stopped. The caller holds RUN_LOCK."""
     out_dir = Path(out_dir)
     with file_lock(out_dir / WORKERS_LOCK, blocking=False) as free:
         if not free:
             raise AutopruneError(f"workers of an earlier search on {out_dir} are still running; wait for "
                                  "them to finish (or end them) before resuming")
-    study = open_study(spec, out_dir, create=True)
-    recover_interrupted(study)
+    store = open_store(spec, out_dir, create=True)
+    store.recover()
+    seed = None if spec.seed is None else int(spec.seed)  # re-seeded per slot: a resume continues the search
     try:
         if workers <= 1:
             with file_lock(out_dir / WORKERS_LOCK, shared=True):
-                return worker_loop(spec, out_dir, 0, limits, device, early_stopping,
+                return worker_loop(spec, out_dir, 0, limits, device, early_stopping, seed,
                                    on_trial=None if on_update is None else (lambda r, rows: on_update(rows)),
                                    data=data)
-        return _run_processes(spec, out_dir, limits, device, workers, early_stopping, study,
-                              on_update)
+        return _run_processes(spec, out_dir, limits, device, workers, early_stopping, seed, store, on_update)
     finally:
-        recover_interrupted(study)
-        write_trials_csv(out_dir / "trials.csv", trial_rows(study))
+        store.recover()
+        write_rows(store, out_dir)
 
 
-def _run_processes(spec: Any, out_dir: Path, limits: Limits, device: torch.device, workers: int,
-                   early_stopping: bool, study: optuna.Study,
+def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torch.device, workers: int,
+                   early_stopping: bool, seed: int | None, store: OptunaStore,
                    on_update: Callable[[list[dict]], None] | None) -> str:
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
@@ -414,7 +384,7 @@ def _run_processes(spec: Any, out_dir: Path, limits: Limits, device: torch.devic
     threads = min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) // workers)) if device.type == "cpu" else None
     level = logging.getLogger("autoprune").getEffectiveLevel()
     procs = [ctx.Process(target=_worker_main, name=f"autoprune-worker{i}", daemon=False,
-                         args=(spec, str(out_dir), i, limits, str(dev), early_stopping, threads,
+                         args=(spec, str(out_dir), i, limits, str(dev), early_stopping, seed, threads,
                                os.getpid(), level, errors))
              for i, dev in enumerate(worker_devices(device, workers))]
     for p in procs:
@@ -424,7 +394,7 @@ def _run_processes(spec: Any, out_dir: Path, limits: Limits, device: torch.devic
         while any(p.is_alive() for p in procs):
             time.sleep(1.0)
             if on_update is not None:
-                rows = trial_rows(study)
+                rows = store_rows(store)
                 key = sum(1 for r in rows if r["state"] != "running") * 100000 + len(rows)
                 if key != seen:
                     seen = key
@@ -444,5 +414,5 @@ def _run_processes(spec: Any, out_dir: Path, limits: Limits, device: torch.devic
             raise AutopruneError(f"all {len(procs)} search workers failed; worker {index}: {message}")
         log.error("%d of %d workers failed; worker %d: %s", len(failures), len(procs), index, message)
     if on_update is not None:
-        on_update(trial_rows(study))
-    return budget_reason(study, limits) or "workers stopped"
+        on_update(store_rows(store))
+    return budget_reason(store, limits) or "workers stopped"

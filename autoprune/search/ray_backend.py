@@ -39,60 +39,27 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AutopruneError
-from . import trial as trial_mod
-from .ray_store import RAY_DIR, Store, history, importance, trial_rows  # noqa: F401 (runner uses importance)
-from .trial import TrialResult, write_trials_csv
+from .ray_setup import RayOptions, check, connect, require_ray, resources
+from .ray_store import RayStore, history, make_payload
+from .results import TrialResult, constraint_names, one_line
+from .store import Limits, budget_reason, finished_curves, sampler_seed, write_rows
+from .trial import Worker, run_trial
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from .spec import SearchSpec
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "the ray backend needs the 'ray' extra: pip install 'autoprune[ray]'"
 METRICS = ("val_acc", "cost")  # what a trial reports to Ray; NaN unless the trial completed
 _RUNS: dict[str, _Run] = {}  # live runs in this (driver) process, by results folder
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """Where and how trials run on Ray (no Ray types; the CLI builds it)."""
-
-    address: str | None = None  # None: a local Ray in this process; "auto" or "HOST:PORT": join a cluster
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float | None = None  # None: 1 when the spec's device is cuda (or auto with GPUs), else 0
-    max_concurrent: int | None = None  # None: the spec's workers if > 1, else as many as the resources fit
-
-    def __post_init__(self) -> None:
-        if not self.cpus_per_trial > 0:
-            raise AutopruneError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")
-        if self.gpus_per_trial is not None and not self.gpus_per_trial >= 0:
-            raise AutopruneError(f"--gpus-per-trial must be >= 0 (e.g. 0.5 to share a GPU), got {self.gpus_per_trial}")
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise AutopruneError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
-        if self.address is not None and self.address.startswith("ray://"):
-            raise AutopruneError(f"--address {self.address}: Ray Client is not supported; run `autoprune search` "
-                                 "on a node of the cluster with --address auto")
-
-
-def require_ray() -> Any:
-    """The ``ray`` module, or AutopruneError saying how to install it."""
-    try:
-        import ray
-        import ray.tune
-        import ray.tune.search.optuna
-    except ImportError:
-        raise AutopruneError(INSTALL_HINT) from None
-    return ray
-
-
-def check(out_dir: str | Path, options: RayOptions | None = None) -> None:
-    """Before any compute: Ray is installed and ``out_dir`` is not an Optuna-backend search."""
-    require_ray()
-    if (Path(out_dir) / "study.db").exists():
-        raise AutopruneError(f"{out_dir} holds a search run with the optuna backend (study.db); resume it "
-                             "without --backend ray or choose another --out")
 
 
 # ------------------------------------------------------------------------------------------ trial
@@ -102,7 +69,7 @@ def check(out_dir: str | Path, options: RayOptions | None = None) -> None:
 class TrialContext:
     """What each trial needs besides its configuration (pickled to the workers)."""
 
-    spec: Any
+    spec: SearchSpec
     out_dir: str  # absolute: Ray runs trials in their own working folders
     early_stopping: bool
     gpus: float
@@ -116,17 +83,17 @@ def run_one(config: Mapping[str, Any], ctx: TrialContext) -> dict[str, Any]:
     """Run (or, when its result exists already, look up) the trial ``config`` describes; its payload."""
     meta = config["autoprune"]
     number, hparams = int(meta["number"]), dict(meta["hparams"])
-    store = Store(ctx.out_dir)
+    store = RayStore(ctx.out_dir)
     payload = store.result(number)
     if payload is not None:
         return payload
     started = time.time()
     try:
         worker = _load_worker(ctx)
-        result = trial_mod.run_trial(worker, number, hparams, store.finished_curves, ctx.early_stopping)
+        result = run_trial(worker, number, hparams, lambda: finished_curves(store), ctx.early_stopping)
     except Exception as exc:  # noqa: BLE001 - a worker that cannot load fails this trial, the search goes on
-        log.warning("trial %d failed: %s", number, trial_mod.one_line(exc))
-        result = TrialResult(number=number, state="failed", hparams=hparams, error=trial_mod.one_line(exc),
+        log.warning("trial %d failed: %s", number, one_line(exc))
+        result = TrialResult(number=number, state="failed", hparams=hparams, error=one_line(exc),
                              duration_s=time.time() - started, objectives=tuple(ctx.spec.objectives))
     payload = make_payload(result, meta.get("trial_id", ""), started, time.time())
     try:
@@ -136,15 +103,7 @@ def run_one(config: Mapping[str, Any], ctx: TrialContext) -> dict[str, Any]:
     return payload
 
 
-def make_payload(result: TrialResult, trial_id: str, started: float, finished: float) -> dict[str, Any]:
-    return {"number": result.number, "trial_id": trial_id, "state": result.state,
-            "hparams": dict(result.hparams), "record": result.record(), "curve": list(result.curve),
-            "cost": result.cost, "constraints": list(result.constraints),
-            "values": list(result.values) if result.values is not None else None,
-            "started": started, "finished": finished, "node": socket.gethostname()}
-
-
-def _load_worker(ctx: TrialContext) -> trial_mod.Worker:
+def _load_worker(ctx: TrialContext) -> Worker:
     import torch
 
     base = Path(ctx.out_dir) / "base.pt"
@@ -162,7 +121,7 @@ def _load_worker(ctx: TrialContext) -> trial_mod.Worker:
     key = repr((ctx.out_dir, str(device), base.stat().st_mtime_ns, ctx.spec.data))
     if _WORKER.get("key") != key:
         _WORKER.clear()
-        _WORKER.update(key=key, worker=trial_mod.Worker.load(ctx.spec, ctx.out_dir, device))
+        _WORKER.update(key=key, worker=Worker.load(ctx.spec, ctx.out_dir, device))
     return _WORKER["worker"]
 
 
@@ -185,7 +144,7 @@ def _trial_name(trial: Any) -> str:
 class _Space:
     """Define-by-run space for OptunaSearch: the shared :func:`space.suggest`."""
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: SearchSpec) -> None:
         self.spec = spec
 
     def __call__(self, trial: Any) -> dict[str, Any]:
@@ -199,44 +158,19 @@ class _Space:
 
 @dataclass
 class _Run:
-    """Driver-side state of one run: budgets, numbering, trials.csv, progress."""
+    """Driver-side state of one run: its store (budget and rows come from it), progress."""
 
-    spec: Any
-    store: Store
-    run_id: str
-    limits: Any  # optuna_backend.Limits
+    spec: SearchSpec | None
+    store: RayStore
+    limits: Limits
     on_update: Callable[[list[dict]], None] | None = None
     reason: str | None = None
-    suggested: dict[str, float] = field(default_factory=dict)  # trial id -> when handed out
 
     def budget_reason(self) -> str | None:
-        lim = self.limits
-        if lim.deadline is not None and time.time() >= lim.deadline:
-            return "time"
-        claims, results = self.store.claims(), self.store.results()
-        if lim.max_trials is not None:
-            used = len(results) + sum(1 for n, c in claims.items() if n not in results and c.get("run") == self.run_id)
-            if used >= lim.max_trials:
-                return "max_trials"
-        if lim.device_seconds is not None:
-            now = time.time()
-            spent = sum(float((r.get("record") or {}).get("duration_s") or 0.0) for r in results.values())
-            spent += sum(now - float(c.get("suggested", now)) for n, c in claims.items()
-                         if n not in results and c.get("run") == self.run_id)
-            if spent >= lim.device_seconds:
-                return "device_hours"
-        return None
+        return budget_reason(self.store, self.limits)
 
     def claim(self, trial_id: str, hparams: Mapping[str, Any], ot_trial: Any) -> int:
-        from optuna.distributions import distribution_to_json
-
-        number = self.store.next_number()
-        self.store.write_claim(number, {
-            "number": number, "trial_id": trial_id, "run": self.run_id, "hparams": dict(hparams),
-            "optuna_params": dict(ot_trial.params), "retry_of": ot_trial.user_attrs.get("retry_of"),
-            "distributions": {k: distribution_to_json(d) for k, d in ot_trial.distributions.items()},
-            "suggested": time.time()})
-        self.suggested[trial_id] = time.time()
+        number = self.store.claim(hparams, ot_trial, trial_id=trial_id)
         self.update()
         return number
 
@@ -249,24 +183,14 @@ class _Run:
             elif error is not None:  # the actor died (out of memory, node lost): failed, with Ray's error
                 result = TrialResult(number=number, state="failed", hparams=dict(config["autoprune"]["hparams"]),
                                      error=error, objectives=tuple(self.spec.objectives))
-                self.store.write_result(number, make_payload(result, "", math.nan, time.time()))
+                self.store.record(number, result)
             # neither: stopped before it reported (the run was interrupted) -> stays a claim: interrupted
         self.update()
 
     def update(self) -> None:
-        rows = trial_rows(self.store.out_dir, self.run_id)
-        write_trials_csv(self.store.out_dir / "trials.csv", rows)
+        rows = write_rows(self.store, self.store.out_dir)
         if self.on_update is not None:
             self.on_update(rows)
-
-
-def retries(out_dir: str | Path) -> list[tuple[int, dict]]:
-    """(number, Optuna params) of interrupted trials whose configuration has not been run again."""
-    store = Store(out_dir)
-    claims, results = store.claims(), store.results()
-    retried = {c.get("retry_of") for c in claims.values()}
-    return [(n, c.get("optuna_params") or {}) for n, c in sorted(claims.items())
-            if n not in results and n not in retried]
 
 
 def _ray_classes() -> dict[str, type]:
@@ -281,11 +205,12 @@ def _ray_classes() -> dict[str, type]:
     class AutopruneSearch(OptunaSearch):
         """OptunaSearch with autoprune's space, budgets, numbering, warm start and outcome mapping."""
 
-        def __init__(self, spec: Any, key: str, sampler: Any, warm: Sequence[Any] = (),
+        def __init__(self, spec: SearchSpec, key: str, sampler: optuna.samplers.BaseSampler,
+                     warm: Sequence[FrozenTrial] = (),
                      retry: Sequence[tuple[int, dict]] = ()) -> None:
             super().__init__(space=_Space(spec), metric=list(METRICS), mode=["max", "min"], sampler=sampler)
             self._autoprune_key = key
-            self._autoprune_constraints = trial_mod.constraint_names(spec)
+            self._autoprune_constraints = constraint_names(spec)
             self._ot_study.add_trials(list(warm))
             for number, params in retry:
                 self._ot_study.enqueue_trial(params, user_attrs={"retry_of": number})
@@ -324,7 +249,7 @@ def _ray_classes() -> dict[str, type]:
                     self._ot_study.tell(ot_trial, state=TrialState.PRUNED if state == "early_stopped"
                                         else TrialState.FAIL)
             except Exception as exc:  # noqa: BLE001 - the results folder is the record; the sampler can cope
-                log.warning("could not tell Optuna how Ray trial %s ended: %s", trial_id, trial_mod.one_line(exc))
+                log.warning("could not tell Optuna how Ray trial %s ended: %s", trial_id, one_line(exc))
 
     class AutopruneCallback(Callback):
         """Keeps trials.csv and the progress bar current; records trials whose Ray actor failed."""
@@ -341,7 +266,7 @@ def _ray_classes() -> dict[str, type]:
             run = _RUNS.get(self._autoprune_key)
             if run is not None:
                 error = trial.get_error()
-                message = trial_mod.one_line(error) if error is not None else "the trial's Ray actor failed"
+                message = one_line(error) if error is not None else "the trial's Ray actor failed"
                 run.trial_ended(trial.config, None, message)
 
     for cls in (AutopruneSearch, AutopruneCallback):
@@ -357,52 +282,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def resources(spec: Any, options: RayOptions, cluster: Mapping[str, float]) -> tuple[float, float, int]:
-    """(cpus, gpus) per trial and the number of concurrent trials, checked against the spec's device."""
-    device = str(spec.device)
-    gpus = options.gpus_per_trial
-    if gpus is None:
-        gpus = 1.0 if device.startswith("cuda") or (device == "auto" and cluster.get("GPU", 0) > 0) else 0.0
-    if gpus > 0 and device == "cpu":
-        raise AutopruneError(f"--gpus-per-trial {gpus} with device cpu: pass --device cuda (or auto)")
-    if gpus == 0 and device.startswith("cuda"):
-        raise AutopruneError("device cuda needs --gpus-per-trial > 0 with the ray backend (e.g. 1, or 0.5 to share)")
-    if gpus > 0 and cluster.get("GPU", 0) < gpus:
-        raise AutopruneError(f"the Ray cluster has {cluster.get('GPU', 0):g} GPUs, a trial needs {gpus:g}; "
-                             "lower --gpus-per-trial or add GPU nodes")
-    cpus = float(options.cpus_per_trial)
-    if cluster.get("CPU", 0) < cpus:
-        raise AutopruneError(f"the Ray cluster has {cluster.get('CPU', 0):g} CPUs, a trial needs {cpus:g}; "
-                             "lower --cpus-per-trial")
-    concurrent = options.max_concurrent or (int(spec.workers) if int(spec.workers or 1) > 1 else None)
-    if concurrent is None:
-        fits = [int(cluster.get("CPU", 0) // cpus)] + ([int(cluster.get("GPU", 0) // gpus)] if gpus > 0 else [])
-        concurrent = max(1, min(fits))
-    return cpus, gpus, int(concurrent)
-
-
-def _connect(ray: Any, options: RayOptions) -> bool:
-    """Connect to (or start) Ray; True when this call started it (and must shut it down)."""
-    if ray.is_initialized():
-        log.info("using the Ray this process is connected to")
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    try:
-        if options.address is None:
-            cpus = os.cpu_count() or 1
-            if options.max_concurrent is not None:
-                cpus = max(1, math.ceil(options.max_concurrent * options.cpus_per_trial))
-            ray.init(num_cpus=cpus, **kwargs)
-        else:
-            ray.init(address=options.address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise AutopruneError(f"could not connect to Ray at {options.address or 'a new local instance'}: "
-                             f"{trial_mod.one_line(exc)}; start a cluster with `ray start --head` or fix "
-                             "--address") from None
-    return True
-
-
-def run(spec: Any, out_dir: str | Path, limits: Any, device: Any = None, options: RayOptions | None = None,
+def run(spec: SearchSpec, out_dir: str | Path, limits: Limits, device: Any = None, options: RayOptions | None = None,
         early_stopping: bool = True, on_update: Callable[[list[dict]], None] | None = None) -> str:
     """Run trials on Ray until a budget is spent; returns why it stopped. The caller (the runner) holds the
     folder's run lock and has written spec.yaml and base.pt; ``device`` (the driver's) is not used."""
@@ -415,22 +295,22 @@ def run(spec: Any, out_dir: str | Path, limits: Any, device: Any = None, options
     options = options or RayOptions()
     out = Path(out_dir).resolve()
     check(out, options)
-    store = Store(out)
+    store = RayStore(out)
     store.root.mkdir(parents=True, exist_ok=True)
-    started_ray = _connect(ray, options)
+    started_ray = connect(ray, options)
     key = str(out)
     try:
         cpus, gpus, concurrent = resources(spec, options, ray.cluster_resources())
         tune_dir = store.root / "tune"
         run_id = f"run_{sum(1 for p in tune_dir.glob('run_*')) if tune_dir.is_dir() else 0:03d}"
-        previous = len(store.claims())
-        seed = None if spec.seed is None else int(spec.seed) + previous * 1009  # as the Optuna backend
-        live = _Run(spec=spec, store=store, run_id=run_id, limits=limits, on_update=on_update)
+        store = RayStore(out, run_id)
+        seed = sampler_seed(spec, store)  # as the Optuna backend
+        live = _Run(spec=spec, store=store, limits=limits, on_update=on_update)
         _RUNS[key] = live
         classes = _ray_classes()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         searcher = classes["AutopruneSearch"](spec, key, optuna_backend.make_sampler(spec.sampler, seed),
-                                              warm=history(spec, out), retry=retries(out))
+                                              warm=history(store, constraint_names(spec)), retry=store.retries())
         ctx = TrialContext(spec=spec, out_dir=str(out), early_stopping=bool(early_stopping), gpus=gpus,
                            threads=max(1, int(cpus)))
         trainable = tune.with_resources(functools.partial(_trainable, ctx=ctx), {"cpu": cpus, "gpu": gpus})
@@ -456,6 +336,6 @@ def run(spec: Any, out_dir: str | Path, limits: Any, device: Any = None, options
         return live.reason or "interrupted"
     finally:
         _RUNS.pop(key, None)
-        write_trials_csv(out / "trials.csv", trial_rows(out))
+        write_rows(RayStore(out), out)
         if started_ray:
             ray.shutdown()

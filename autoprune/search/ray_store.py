@@ -1,39 +1,48 @@
-"""The Ray backend's state in the results folder (no Ray types): one JSON file per trial.
+"""The Ray backend's trial store: one JSON file per trial in the results folder (no Ray types).
 
-``<out>/ray/trials/trial_NNNN.json`` is the driver's claim of a configuration; ``results/trial_NNNN.json``
-is what the trial recorded when it ended. ``trials.csv``, early stopping's comparison curves, resume
-and parameter importance are all rebuilt from these files (see :mod:`autoprune.search.ray_backend`).
+``<out>/ray/trials/trial_NNNN.json`` is the driver's claim of a configuration (number, parameters,
+Optuna parameters and distributions, run id, when it was handed out); ``results/trial_NNNN.json`` is
+what the trial recorded when it ended; ``study.json`` holds study-level facts. A claim without a
+result is *running* while its run (``run_id``) is the live one and *interrupted* otherwise. Budget,
+early stopping, rows and importance are computed from :meth:`RayStore.trials` in
+:mod:`autoprune.search.store`, as for the Optuna backend.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
+import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import trial as trial_mod
-from .trial import INTERRUPTED, make_row
+from .results import TrialResult
+from .store import StoredTrial, TrialStore
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
 
 log = logging.getLogger(__name__)
 
 RAY_DIR = "ray"
+META = "study.json"
 
 
+class RayStore(TrialStore):
+    """Claims and results in ``<out>/ray``, written atomically; ``run_id`` names the live run (if any)."""
 
-class Store:
-    """Claims and results in ``<out>/ray``: one JSON file per trial, written atomically."""
-
-    def __init__(self, out_dir: str | Path) -> None:
+    def __init__(self, out_dir: str | Path, run_id: str | None = None) -> None:
         self.out_dir = Path(out_dir)
+        self.run_id = run_id
         self.root = self.out_dir / RAY_DIR
         self.claims_dir = self.root / "trials"
         self.results_dir = self.root / "results"
-        self._curves: dict[int, tuple[float, list]] = {}
-        self._seen: set[int] = set()
 
+    # -- files
     def claims(self) -> dict[int, dict]:
         return _read_dir(self.claims_dir)
 
@@ -52,20 +61,101 @@ class Store:
     def next_number(self) -> int:
         return max([*self.claims(), *self.results()], default=-1) + 1
 
-    def finished_curves(self) -> list[tuple[float, list]]:
-        """(cost, curve) of the complete trials so far: the early-stopping rule's reference."""
-        if self.results_dir.is_dir():
-            for path in self.results_dir.glob("trial_*.json"):
-                number = int(path.stem.split("_")[1])
-                if number in self._seen:
-                    continue
-                data = _read_json(path)
-                if data is None:
-                    continue
-                self._seen.add(number)
-                if data.get("state") == "complete" and data.get("cost") is not None:
-                    self._curves[number] = (float(data["cost"]), list(data.get("curve") or []))
-        return list(self._curves.values())
+    # -- the TrialStore contract
+    def claim(self, hparams: Mapping[str, Any], trial: optuna.trial.BaseTrial | None = None,
+              **info: Any) -> int:
+        from optuna.distributions import distribution_to_json
+
+        number = self.next_number()
+        data: dict[str, Any] = {"number": number, "run": self.run_id, "hparams": dict(hparams),
+                                "suggested": time.time(), **info}
+        if trial is not None:
+            data.update(optuna_params=dict(trial.params), retry_of=trial.user_attrs.get("retry_of"),
+                        distributions={k: distribution_to_json(d) for k, d in trial.distributions.items()})
+        self.write_claim(number, data)
+        return number
+
+    def record(self, number: int, result: TrialResult) -> None:
+        self.write_result(number, make_payload(result, "", math.nan, time.time()))
+
+    def trials(self) -> list[StoredTrial]:
+        claims, results = self.claims(), self.results()
+        now = time.time()
+        out = []
+        for number in sorted(set(claims) | set(results)):
+            res, claim = results.get(number), claims.get(number, {})
+            hparams = (res or claim).get("hparams") or {}
+            retry_of = claim.get("retry_of")
+            if res is not None:
+                record = res.get("record") or {}
+                cost = res.get("cost")
+                out.append(StoredTrial(number, str(res.get("state") or "failed"), hparams, record,
+                                       tuple(res.get("curve") or ()), None if cost is None else float(cost),
+                                       float(record.get("duration_s") or 0.0), error=record.get("error") or "",
+                                       retry_of=retry_of))
+            elif self.run_id is not None and claim.get("run") == self.run_id:
+                out.append(StoredTrial(number, "running", hparams, seconds=now - float(claim.get("suggested", now)),
+                                       retry_of=retry_of))
+            else:
+                out.append(StoredTrial(number, "failed", hparams, interrupted=True, retry_of=retry_of))
+        return out
+
+    def recover(self) -> list[int]:
+        """Claims without a result from other runs are interrupted already (nothing to write)."""
+        return [t.number for t in self.trials() if t.interrupted]
+
+    def importance_trials(self) -> list[FrozenTrial]:
+        return [t for t in history(self) if t.state.name == "COMPLETE"]
+
+    def meta(self) -> dict[str, Any]:
+        return _read_json(self.root / META) or {}
+
+    def set_meta(self, key: str, value: Any) -> None:
+        _write_json(self.root / META, {**self.meta(), key: value})
+
+    def retries(self) -> list[tuple[int, dict]]:
+        """(number, Optuna params) of interrupted trials whose configuration has not been run again."""
+        claims = self.claims()
+        retried = {c.get("retry_of") for c in claims.values()}
+        return [(t.number, claims.get(t.number, {}).get("optuna_params") or {}) for t in self.trials()
+                if t.interrupted and t.number not in retried]
+
+
+def make_payload(result: TrialResult, trial_id: str, started: float, finished: float) -> dict[str, Any]:
+    """What a Ray trial writes (and reports) when it ends."""
+    return {"number": result.number, "trial_id": trial_id, "state": result.state,
+            "hparams": dict(result.hparams), "record": result.record(), "curve": list(result.curve),
+            "cost": result.cost, "constraints": list(result.constraints),
+            "values": list(result.values) if result.values is not None else None,
+            "started": started, "finished": finished, "node": socket.gethostname()}
+
+
+def history(store: RayStore, constraint_names: tuple[str, ...] = ()) -> list[FrozenTrial]:
+    """Finished trials as Optuna FrozenTrials (Optuna's names and distributions), oldest first: the
+    warm start of a resumed run's searcher and the input of parameter importance."""
+    import optuna
+    from optuna.distributions import json_to_distribution
+    from optuna.trial import TrialState
+
+    claims, results = store.claims(), store.results()
+    states = {"complete": TrialState.COMPLETE, "early_stopped": TrialState.PRUNED, "failed": TrialState.FAIL}
+    out = []
+    for number in sorted(results):
+        res, claim = results[number], claims.get(number)
+        if claim is None or "distributions" not in claim:
+            continue
+        state = states.get(res.get("state"), TrialState.FAIL)
+        if state == TrialState.COMPLETE and not res.get("values"):
+            continue
+        constraints = None
+        if state != TrialState.FAIL and res.get("constraints") and constraint_names:
+            constraints = dict(zip(constraint_names, map(float, res["constraints"])))
+        out.append(optuna.trial.create_trial(
+            state=state, values=res.get("values") if state == TrialState.COMPLETE else None,
+            params=claim.get("optuna_params") or {}, constraints=constraints,
+            distributions={k: json_to_distribution(v) for k, v in claim["distributions"].items()},
+            user_attrs={"number": number, "state": res.get("state")}))
+    return out
 
 
 def _name(number: int) -> str:
@@ -94,63 +184,3 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
     os.replace(tmp, path)
-
-
-def trial_rows(out_dir: str | Path, run_id: str | None = None) -> list[dict[str, Any]]:
-    """``trials.csv`` rows: a result gives its state; a claim of the live run ``run_id`` without one is
-    running; any other claim without a result was interrupted (failed, not counted, run again)."""
-    store = Store(out_dir)
-    claims, results = store.claims(), store.results()
-    rows = []
-    for number in sorted(set(claims) | set(results)):
-        res, claim = results.get(number), claims.get(number, {})
-        hparams = (res or claim).get("hparams") or {}
-        if res is not None:
-            record = res.get("record") or {}
-            rows.append(make_row(number, res["state"], hparams, record, record.get("error") or ""))
-        elif run_id is not None and claim.get("run") == run_id:
-            rows.append(make_row(number, "running", hparams))
-        else:
-            rows.append(make_row(number, "failed", hparams, error=INTERRUPTED))
-    return rows
-
-
-def history(spec: Any, out_dir: str | Path) -> list[Any]:
-    """Finished trials as Optuna FrozenTrials (Optuna's names and distributions), oldest first."""
-    import optuna
-    from optuna.distributions import json_to_distribution
-    from optuna.trial import TrialState
-
-    store = Store(out_dir)
-    claims, results = store.claims(), store.results()
-    names = trial_mod.constraint_names(spec)
-    states = {"complete": TrialState.COMPLETE, "early_stopped": TrialState.PRUNED, "failed": TrialState.FAIL}
-    out = []
-    for number in sorted(results):
-        res, claim = results[number], claims.get(number)
-        if claim is None or "distributions" not in claim:
-            continue
-        state = states.get(res.get("state"), TrialState.FAIL)
-        if state == TrialState.COMPLETE and not res.get("values"):
-            continue
-        constraints = None
-        if state != TrialState.FAIL and res.get("constraints"):
-            constraints = dict(zip(names, map(float, res["constraints"])))
-        out.append(optuna.trial.create_trial(
-            state=state, values=res.get("values") if state == TrialState.COMPLETE else None,
-            params=claim.get("optuna_params") or {}, constraints=constraints,
-            distributions={k: json_to_distribution(v) for k, v in claim["distributions"].items()},
-            user_attrs={"number": number, "state": res.get("state")}))
-    return out
-
-
-def importance(spec: Any, out_dir: str | Path) -> dict[str, dict[str, float]]:
-    """Parameter importance per objective, from the folder's trials (the Optuna backend's evaluator)."""
-    import optuna
-
-    from . import optuna_backend
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(directions=optuna_backend.directions(spec))
-    study.add_trials(history(spec, out_dir))
-    return optuna_backend.importance(study, spec.objectives)

@@ -22,18 +22,25 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..cost import count_macs, count_params, measure_latency
-from ..data import load_data
+from ..data import Dataset, load_data
 from ..errors import AutopruneError
 from ..models import ModelSpec, create_model
 from ..plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
 from ..train import TrainConfig, evaluate, fit, resolve_device
 from . import optuna_backend
-from .trial import COST_KEYS
+from .locks import RUN_LOCK, file_lock
+from .results import COST_KEYS
+from .store import Limits, TrialStore, importance
+from .store import rows as store_rows
+
+if TYPE_CHECKING:
+    from .ray_backend import RayOptions
+    from .spec import SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +74,12 @@ class StudyResult:
         return sum(int(r.get("epochs_run") or 0) for r in self.rows)
 
 
-def default_out_dir(spec: Any) -> Path:
+def default_out_dir(spec: SearchSpec) -> Path:
     return Path("results") / spec.study
 
 
-def run_search(spec: Any, out_dir: str | Path | None = None, resume: bool = False, backend: str = "optuna",
-               progress: bool = True, ray_options: Any = None) -> StudyResult:
+def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool = False, backend: str = "optuna",
+               progress: bool = True, ray_options: RayOptions | None = None) -> StudyResult:
     """Run (or resume) the search ``spec`` describes; returns what it wrote. See the module docstring.
 
     ``backend``: ``optuna`` (default: embedded, ``study.db``) or ``ray`` (Ray Tune, see
@@ -101,7 +108,7 @@ def run_search(spec: Any, out_dir: str | Path | None = None, resume: bool = Fals
     if resume and not existing:
         log.info("nothing to resume in %s: starting a new search", out)
     out.mkdir(parents=True, exist_ok=True)
-    with optuna_backend.file_lock(out / optuna_backend.RUN_LOCK, blocking=False) as free:
+    with file_lock(out / RUN_LOCK, blocking=False) as free:
         if not free:
             raise AutopruneError(f"another search is running on {out}; wait for it or choose another --out")
         if resume and (out / "spec.yaml").exists():
@@ -111,7 +118,7 @@ def run_search(spec: Any, out_dir: str | Path | None = None, resume: bool = Fals
         data = load_data(spec.data, device)
         base = prepare_base(spec, out, data, device, progress)
         trials_start = time.time()  # the time budget starts once the base model is ready
-        limits = optuna_backend.Limits(
+        limits = Limits(
             max_trials=budget.max_trials,
             deadline=None if budget.time_s is None else trials_start + float(budget.time_s),
             device_seconds=None if budget.device_hours is None else float(budget.device_hours) * 3600.0)
@@ -150,52 +157,55 @@ def run_search(spec: Any, out_dir: str | Path | None = None, resume: bool = Fals
                        front=tuple(read_csv(out / "pareto.csv")), base=base, files=files, importance=imp)
 
 
-def _finish(spec: Any, out: Path, base: Mapping[str, Any], backend: str, with_importance: bool
+def open_store(spec: SearchSpec, out: Path, backend: str) -> TrialStore:
+    """The trial store of the results folder ``out`` (as the backend ``backend`` keeps it)."""
+    if backend == "ray":
+        from .ray_store import RayStore
+
+        return RayStore(out)
+    return optuna_backend.open_store(spec, out)
+
+
+def _finish(spec: SearchSpec, out: Path, base: Mapping[str, Any], backend: str, with_importance: bool
             ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
     """Rows of every trial, parameter importance, and the report (trials.csv is the backend's)."""
-    if backend == "ray":
-        from . import ray_backend
-
-        rows = ray_backend.trial_rows(out)
-        imp = ray_backend.importance(spec, out) if with_importance else {}
-    else:
-        study = optuna_backend.open_study(spec, out)
-        rows = optuna_backend.trial_rows(study)
-        imp = optuna_backend.importance(study, spec.objectives) if with_importance else {}
+    store = open_store(spec, out, backend)
+    rows = store_rows(store)
+    imp = importance(store, spec.objectives) if with_importance else {}
     _write_report(out, base, imp or None)
     return rows, imp
 
 
-def check_resumable(spec: Any, saved_path: Path) -> None:
+def check_resumable(spec: SearchSpec, saved_path: Path) -> None:
     """Resuming with a different model, data, objectives or space would mix incomparable trials."""
     import yaml
 
     saved = yaml.safe_load(saved_path.read_text()) or {}
-    now = _plain(spec.to_dict())
+    now = _comparable(spec.to_dict())
     for key in sorted(set(saved) | set(now)):
         if key in RESUMABLE_KEYS:
             continue
-        if _plain(saved.get(key)) != now.get(key):
+        if _comparable(saved.get(key)) != now.get(key):
             raise AutopruneError(f"the spec's {key!r} differs from the one this search started with "
                                  f"({saved_path}); resume with the same spec or choose another --out")
 
 
-def _plain(value: Any) -> Any:
+def _comparable(value: Any) -> Any:
     """Normalise for comparison (tuples -> lists, nested mappings -> dicts)."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _comparable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_comparable(v) for v in value]
     return value
 
 
-def _dump_spec(spec: Any, path: Path) -> None:
+def _dump_spec(spec: SearchSpec, path: Path) -> None:
     from .spec import dump_spec
 
     dump_spec(spec, path)
 
 
-def prepare_base(spec: Any, out: Path, data: Any, device: torch.device, progress: bool = False) -> dict[str, Any]:
+def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.device, progress: bool = False) -> dict[str, Any]:
     """``<out>/base.pt`` with metrics {val_acc, macs, params}: reused, copied from ``spec.base`` or trained."""
     path = out / "base.pt"
     shape = (data.in_channels, data.image_size, data.image_size)
@@ -233,7 +243,7 @@ def prepare_base(spec: Any, out: Path, data: Any, device: torch.device, progress
     return metrics
 
 
-def _load_given_base(spec: Any, model_spec: ModelSpec) -> torch.nn.Module:
+def _load_given_base(spec: SearchSpec, model_spec: ModelSpec) -> torch.nn.Module:
     ckpt = read_checkpoint(spec.base)
     if ckpt["format"] == PRUNED_FORMAT:
         raise AutopruneError(f"base checkpoint {spec.base} is a pruned model; give the unpruned base model")
@@ -265,7 +275,8 @@ class _ProgressBar:
     """tqdm over trials in the calling process: done/total, best val acc, front size, states, and an
     ETA that is the sooner of "remaining trials at the pace so far" and the time budget's deadline."""
 
-    def __init__(self, spec: Any, enabled: bool, deadline: float | None = None, already_done: int = 0) -> None:
+    def __init__(self, spec: SearchSpec, enabled: bool, deadline: float | None = None,
+                 already_done: int = 0) -> None:
         self.enabled = enabled
         self.cost_key = COST_KEYS[spec.objectives[1]]
         self.deadline = deadline

@@ -40,7 +40,8 @@ import yaml
 
 from ..data import DataSpec
 from ..errors import AutopruneError, SpecError
-from .space import Range, SpaceChecker, parse_time, space_to_yaml
+from .space import Range, space_to_yaml
+from .validate import SpaceChecker, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
     min_acc = _optional(chk, constraints, "constraints", "min_val_acc", 0.0, 1.0, low_open=False)
     max_params = _optional(chk, constraints, "constraints", "max_params_frac", 0.0, 1.0)
     max_macs = _optional(chk, constraints, "constraints", "max_macs_frac", 0.0, 1.0)
-    from .space import parse_space  # the search-space half of the spec
+    from .validate import parse_space  # the search-space half of the spec
 
     space, method_space = parse_space(chk, raw.get("space"))
     return SearchSpec(

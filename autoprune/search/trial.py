@@ -3,8 +3,9 @@
 A :class:`Worker` holds what a worker process loads once (data on its device, the base model, its
 channel groups); :func:`run_trial` runs one sampled configuration on it and returns a
 :class:`TrialResult` whether the trial completes, is early-stopped or fails. Backends only decide
-which configuration to run next and where to store the result; the trial itself, the early-stopping
-rule, the constraints, the saved files and the ``trials.csv`` row format live here.
+which configuration to run next and where to store the result (:mod:`autoprune.search.store`); the
+trial itself, the early-stopping rule and the saved files live here, what a result means on disk
+(constraints, ``trials.csv`` rows) in :mod:`autoprune.search.results`.
 
 Training budget: a trial has ``epochs`` = E epochs in all; a training-time method (ResRep) gets
 ``k = method.training_epochs(params, E)`` of them while pruning, the model is fine-tuned E - k
@@ -15,7 +16,6 @@ mask meets the target), so early stopping can stop it there too. The test split 
 """
 from __future__ import annotations
 
-import csv
 import gc
 import json
 import logging
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,32 +39,22 @@ from ..models import ModelSpec
 from ..plan import load_base, save_pruned
 from ..train import Callbacks, TrainConfig, evaluate, fit
 from . import early_stop
+from .results import COST_KEYS, TrialResult, constraint_values, model_path, one_line, plan_path
+
+if TYPE_CHECKING:
+    from ..engine import PruneResult
+    from .spec import SearchSpec
 
 log = logging.getLogger(__name__)
 
-STATES = ("complete", "early_stopped", "failed", "running")
-HEAD_COLUMNS = ("number", "state", "method", "target", "allocation", "epochs", "lr")
-TAIL_COLUMNS = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
-                "duration_s", "feasible", "error", "model")
-COST_KEYS = {"macs": "macs", "params": "params", "latency": "latency_ms"}
-INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
-
 Finished = Callable[[], Sequence[tuple[float, Sequence["float | None"]]]]
-
-
-def model_path(number: int) -> str:
-    return f"models/trial_{number:04d}.pt"
-
-
-def plan_path(number: int) -> str:
-    return f"plans/trial_{number:04d}.json"
 
 
 @dataclass
 class Worker:
     """Per-process state, loaded once: data on the device, base model, channel groups, base metrics."""
 
-    spec: Any  # autoprune.search.spec.SearchSpec
+    spec: SearchSpec
     out_dir: Path
     device: torch.device
     data: Dataset
@@ -79,7 +69,7 @@ class Worker:
         return (s.in_channels, s.image_size, s.image_size)
 
     @classmethod
-    def load(cls, spec: Any, out_dir: str | Path, device: torch.device,
+    def load(cls, spec: SearchSpec, out_dir: str | Path, device: torch.device,
              data: Dataset | None = None) -> Worker:
         out_dir = Path(out_dir)
         model, ckpt = load_base(out_dir / "base.pt", device)
@@ -96,45 +86,6 @@ class Worker:
                  base.get("macs", 0))
         return cls(spec=spec, out_dir=out_dir, device=device, data=data, model=model, model_spec=model_spec,
                    groups=groups, base=base)
-
-
-@dataclass(frozen=True)
-class TrialResult:
-    number: int
-    state: str  # complete | early_stopped | failed
-    hparams: Mapping[str, Any]  # the flat sampled/fixed configuration (space.suggest)
-    val_acc: float | None = None
-    macs: int | None = None
-    macs_frac: float | None = None
-    params: int | None = None
-    params_frac: float | None = None
-    latency_ms: float | None = None
-    epochs_run: int = 0
-    duration_s: float = 0.0
-    constraints: tuple[float, ...] = ()  # Optuna convention: feasible when every value <= 0
-    error: str = ""
-    model: str = ""  # relative path of the saved model ("" unless complete)
-    curve: tuple[float | None, ...] = ()  # val acc per trial epoch (None where not measured)
-    cost: float | None = None  # the second objective's value, known right after surgery
-    objectives: tuple[str, str] = ("val_acc", "macs")
-
-    @property
-    def feasible(self) -> bool:
-        return self.state in ("complete", "early_stopped") and all(c <= 0 for c in self.constraints)
-
-    @property
-    def values(self) -> tuple[float, float] | None:
-        """Objective values (accuracy first) for a complete trial, else None."""
-        if self.state != "complete":
-            return None
-        return (float(self.val_acc), float(self.cost))  # type: ignore[arg-type]
-
-    def record(self) -> dict[str, Any]:
-        """JSON-serialisable summary, stored with the trial by the backend; :func:`make_row` reads it."""
-        return {"state": self.state, "val_acc": self.val_acc, "macs": self.macs, "macs_frac": self.macs_frac,
-                "params": self.params, "params_frac": self.params_frac, "latency_ms": self.latency_ms,
-                "epochs_run": self.epochs_run, "duration_s": round(self.duration_s, 3),
-                "feasible": self.feasible, "error": self.error, "model": self.model}
 
 
 @dataclass
@@ -172,14 +123,6 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
                              **progress.measured)
         _free_memory(worker.device)
     return result
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
-        text = "out of memory: " + text
-    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
 def _free_memory(device: torch.device) -> None:
@@ -286,33 +229,14 @@ def _stopped_while_pruning(worker: Worker, number: int, hparams: dict[str, Any],
     return result
 
 
-def constraint_values(spec: Any, val_acc: float, params_frac: float, macs_frac: float) -> tuple[float, ...]:
-    """Optuna-style constraint values (<= 0 means satisfied), in the order min_val_acc,
-    max_params_frac, max_macs_frac, for those the spec sets."""
-    out = []
-    if spec.min_val_acc is not None:
-        out.append(float(spec.min_val_acc) - float(val_acc))
-    if spec.max_params_frac is not None:
-        out.append(float(params_frac) - float(spec.max_params_frac))
-    if spec.max_macs_frac is not None:
-        out.append(float(macs_frac) - float(spec.max_macs_frac))
-    return tuple(out)
-
-
-def constraint_names(spec: Any) -> tuple[str, ...]:
-    """Names of the constraints :func:`constraint_values` returns, in the same order."""
-    keys = ("min_val_acc", "max_params_frac", "max_macs_frac")
-    return tuple(k for k in keys if getattr(spec, k) is not None)
-
-
-def _save(worker: Worker, number: int, hparams: Mapping[str, Any], model: nn.Module, pruned: Any,
+def _save(worker: Worker, number: int, hparams: Mapping[str, Any], model: nn.Module, pruned: PruneResult,
           val_acc: float) -> str:
     rel = model_path(number)
     metrics = {"val_acc": float(val_acc), "macs": pruned.macs, "params": pruned.params,
                "base_macs": pruned.base_macs, "base_params": pruned.base_params,
                "base_val_acc": worker.base.get("val_acc")}
     save_pruned(worker.out_dir / rel, model, worker.model_spec, pruned.plan, data=worker.spec.data,
-                metrics=metrics, extra={"trial": number, "params": _plain(hparams)})
+                metrics=metrics, extra={"trial": number, "params": _json_scalars(hparams)})
     plan_file = worker.out_dir / plan_path(number)
     plan_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = plan_file.with_suffix(".json.tmp")
@@ -321,61 +245,11 @@ def _save(worker: Worker, number: int, hparams: Mapping[str, Any], model: nn.Mod
     return rel
 
 
-def _plain(d: Mapping[str, Any]) -> dict[str, Any]:
+def _json_scalars(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters as saved in a checkpoint: JSON scalars kept, anything else as its string."""
     out = {}
     for k, v in d.items():
         out[str(k)] = v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
     return out
 
 
-# ------------------------------------------------------------------------------------------ rows
-
-
-def make_row(number: int, state: str, hparams: Mapping[str, Any], record: Mapping[str, Any] | None = None,
-             error: str = "") -> dict[str, Any]:
-    """One ``trials.csv`` row (a dict keyed by column; parameters as ``param_<name>``)."""
-    record = dict(record or {})
-    row: dict[str, Any] = {"number": number, "state": state}
-    for key in HEAD_COLUMNS[2:]:
-        row[key] = hparams.get(key)
-    for key, value in hparams.items():
-        if key not in HEAD_COLUMNS:
-            row[f"param_{key}"] = value
-    for key in TAIL_COLUMNS:
-        row[key] = record.get(key)
-    row["feasible"] = bool(record.get("feasible", False)) and state in ("complete", "early_stopped")
-    row["error"] = error or record.get("error") or ""
-    row["model"] = record.get("model") or ""
-    if row.get("epochs_run") is None:
-        row["epochs_run"] = 0
-    return row
-
-
-def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    params = sorted({k for r in rows for k in r if k.startswith("param_")})
-    return [*HEAD_COLUMNS, *params, *TAIL_COLUMNS]
-
-
-def write_trials_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write ``rows`` (sorted by number) atomically: a killed search never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cols = columns(rows)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        for row in sorted(rows, key=lambda r: r["number"]):
-            writer.writerow({k: _cell(row.get(k)) for k in cols})
-    os.replace(tmp, path)
-    return path
-
-
-def _cell(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else repr(value)
-    if isinstance(value, (list, tuple)):
-        return json.dumps(list(value))
-    return value

@@ -1,0 +1,144 @@
+"""LRF in feature space: linear replaceability measured on what each consumer actually reads.
+
+The weight-space fit of :mod:`autoprune.methods.lrf` replaces a BN-scaled filter by the others;
+that is exact only when nothing nonlinear sits between the BN and the consumer. Through
+BN -> ReLU it is not, and measured, it hurts. Here the fit is done on the consumer's input itself:
+over a few calibration batches, each consumer's input channels ``x_k`` (every sample and spatial
+position one observation; a Linear after a flatten sees each channel at several positions, taken
+as more observations) give a mean ``m`` and a covariance ``S`` (C x C). The ridge least squares
+``x_k ~ sum_j lambda_j x_j + delta_k`` has the same inverse-Gram algebra as the weight fit with
+``G = S + eps * mean(diag S) I``: leave-one-out residual variances ``1/P_kk``, coefficients
+``-P_jk/P_kk`` and rank-one Schur updates per removal. The compensation ``v_j += lambda_j v_k``
+with ``delta_k * sum(v_k)`` into the consumer's bias (or the running mean of its BN) is then the
+least-squares optimal linear correction of that consumer's output for the data, whatever is
+nonlinear before it (up to zero-padded borders, where the constant is not seen).
+
+Residual groups have several consumers reading different feature maps (every block of a stage
+reads the stream after a different add): each consumer gets its own Gram and its own
+coefficients; the removal order is shared and minimises the summed consumer error
+``sum_c ||v_c,k||^2 / P_c,kk``. Groups are processed in forward order, and the statistics of a
+group are measured on the model with all earlier removals applied (their consumer columns zeroed,
+which is what surgery will compute), so each fit sees the features it will really get.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..graph import ChannelGroup
+
+
+@dataclass
+class FeatureStats:
+    """Per consumer of one group: the mean (n,) and covariance (n, n) of the channels it reads (float64)."""
+
+    mean: dict[str, Tensor]
+    cov: dict[str, Tensor]
+    count: dict[str, int]
+
+
+def _gather_channels(x: Tensor, index: Tensor) -> Tensor:
+    """(n, observations) float64 from a consumer input ``x`` (N, F, *spatial) and index (n, r)."""
+    n, r = index.shape
+    sel = x.detach().index_select(1, index.reshape(-1))  # (N, n*r, *spatial)
+    sel = sel.reshape(sel.shape[0], n, r, *sel.shape[2:]).movedim(1, 0)
+    return sel.reshape(n, -1).double()
+
+
+@torch.no_grad()
+def feature_stats(model: nn.Module, groups: Sequence[ChannelGroup],
+                  batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, FeatureStats]:
+    """Mean and covariance of every consumer input of ``groups`` over ``batches`` (eval mode,
+    forward pre-hooks; parameters, buffers and module modes are unchanged). Keyed by group name."""
+    device = next(model.parameters()).device
+    index = {(g.name, c): torch.tensor(g.member(c, "in").index, dtype=torch.long, device=device)
+             for g in groups for c in g.consumers}
+    sums: dict[tuple[str, str], Tensor] = {}
+    grams: dict[tuple[str, str], Tensor] = {}
+    counts: dict[tuple[str, str], int] = {}
+    by_consumer: dict[str, list[str]] = {}
+    for g, c in index:
+        by_consumer.setdefault(c, []).append(g)
+
+    def hook(name: str) -> Any:
+        def record(_module: nn.Module, args: tuple) -> None:
+            for g in by_consumer[name]:
+                key = (g, name)
+                xs = _gather_channels(args[0], index[key])
+                sums[key] = sums.get(key, 0) + xs.sum(1)
+                grams[key] = grams.get(key, 0) + xs @ xs.T
+                counts[key] = counts.get(key, 0) + xs.shape[1]
+        return record
+
+    handles = [model.get_submodule(c).register_forward_pre_hook(hook(c)) for c in by_consumer]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        for x, _ in batches:
+            model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    out: dict[str, FeatureStats] = {}
+    for (g, c), total in sums.items():
+        k = counts[(g, c)]
+        mean = total / k
+        cov = grams[(g, c)] / k - torch.outer(mean, mean)
+        stats = out.setdefault(g, FeatureStats({}, {}, {}))
+        stats.mean[c], stats.cov[c], stats.count[c] = mean, 0.5 * (cov + cov.T), k
+    return out
+
+
+def ridge_inverse_gram(gram: Tensor, eps: float) -> Tensor:
+    """``(G + eps * mean(diag G) I)^-1`` (float64) for a symmetric PSD ``G``."""
+    g = gram.double().clone()
+    scale = float(g.diagonal().mean()) if g.numel() else 1.0
+    g.diagonal().add_(eps * (scale if scale > 0 else 1.0))
+    return torch.cholesky_inverse(torch.linalg.cholesky(g))
+
+
+def greedy_order_multi(ps: Sequence[Tensor], hs: Sequence[Tensor], n_remove: int, step: int = 1,
+                       compensate: bool = True) -> list[int]:
+    """Removal order shared by several consumers: each step removes the ``step`` channels with the
+    lowest summed squared score ``sum_c H_c,kk / P_c,kk``, one at a time, updating every ``P_c``
+    by the Schur complement and, when compensating, every ``H_c`` for ``v_j += lambda_j v_k``
+    (see :func:`autoprune.methods.lrf.greedy_order`, the single-consumer, blocked version).
+    O(consumers * n^2) per removal."""
+    ps = [p.double().clone() for p in ps]
+    hs = [h.double().clone() for h in hs]
+    n = ps[0].shape[0]
+    alive = torch.ones(n, dtype=torch.bool, device=ps[0].device)
+    removed: list[int] = []
+    while len(removed) < n_remove:
+        score = sum(h.diagonal() / p.diagonal().clamp_min(1e-300) for p, h in zip(ps, hs, strict=True))
+        score = score.masked_fill(~alive, math.inf)
+        chosen = torch.topk(score, min(step, n_remove - len(removed)), largest=False).indices.tolist()
+        for k in chosen:
+            for i, p in enumerate(ps):
+                col = p[:, k].clone()
+                pkk = col[k].clamp_min(1e-300)
+                p.sub_(torch.outer(col, col) / pkk)
+                if compensate:
+                    h = hs[i]
+                    lam = -col / pkk
+                    lam[k] = -1.0
+                    g = h[:, k] + 0.5 * h[k, k] * lam
+                    h.add_(torch.outer(lam, g) + torch.outer(g, lam))
+            alive[k] = False
+            removed.append(int(k))
+    return removed
+
+
+def calibration_batches(data: Any, train_cfg: Any, count: int) -> list[tuple[Tensor, Tensor]]:
+    """The first ``count`` training batches (shuffled with a fixed seed, so every pass sees the same images)."""
+    batch_size = train_cfg.batch_size if train_cfg is not None else 128
+    batches = data.train.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return list(itertools.islice(batches, count))

@@ -1,0 +1,154 @@
+"""What a trial's outcome is and how it is written down, shared by every backend and free of torch.
+
+:class:`TrialResult` (one trial's outcome), the constraint values Optuna stores with it, and the
+``trials.csv`` row format and writer. :mod:`autoprune.search.trial` produces results,
+:mod:`autoprune.search.store` keeps them, this module says what they mean on disk.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .spec import SearchSpec
+
+STATES = ("complete", "early_stopped", "failed", "running")
+HEAD_COLUMNS = ("number", "state", "method", "target", "allocation", "epochs", "lr")
+TAIL_COLUMNS = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
+                "duration_s", "feasible", "error", "model")
+COST_KEYS = {"macs": "macs", "params": "params", "latency": "latency_ms"}
+INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
+
+
+def model_path(number: int) -> str:
+    return f"models/trial_{number:04d}.pt"
+
+
+def plan_path(number: int) -> str:
+    return f"plans/trial_{number:04d}.json"
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    number: int
+    state: str  # complete | early_stopped | failed
+    hparams: Mapping[str, Any]  # the flat sampled/fixed configuration (space.suggest)
+    val_acc: float | None = None
+    macs: int | None = None
+    macs_frac: float | None = None
+    params: int | None = None
+    params_frac: float | None = None
+    latency_ms: float | None = None
+    epochs_run: int = 0
+    duration_s: float = 0.0
+    constraints: tuple[float, ...] = ()  # Optuna convention: feasible when every value <= 0
+    error: str = ""
+    model: str = ""  # relative path of the saved model ("" unless complete)
+    curve: tuple[float | None, ...] = ()  # val acc per trial epoch (None where not measured)
+    cost: float | None = None  # the second objective's value, known right after surgery
+    objectives: tuple[str, str] = ("val_acc", "macs")
+
+    @property
+    def feasible(self) -> bool:
+        return self.state in ("complete", "early_stopped") and all(c <= 0 for c in self.constraints)
+
+    @property
+    def values(self) -> tuple[float, float] | None:
+        """Objective values (accuracy first) for a complete trial, else None."""
+        if self.state != "complete":
+            return None
+        return (float(self.val_acc), float(self.cost))  # type: ignore[arg-type]
+
+    def record(self) -> dict[str, Any]:
+        """JSON-serialisable summary, stored with the trial by the backend; :func:`make_row` reads it."""
+        return {"state": self.state, "val_acc": self.val_acc, "macs": self.macs, "macs_frac": self.macs_frac,
+                "params": self.params, "params_frac": self.params_frac, "latency_ms": self.latency_ms,
+                "epochs_run": self.epochs_run, "duration_s": round(self.duration_s, 3),
+                "feasible": self.feasible, "error": self.error, "model": self.model}
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, at most ``limit`` characters (out-of-memory errors say so first)."""
+    text = " ".join(str(exc).split())
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+        text = "out of memory: " + text
+    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+def constraint_values(spec: SearchSpec, val_acc: float, params_frac: float, macs_frac: float) -> tuple[float, ...]:
+    """Optuna-style constraint values (<= 0 means satisfied), in the order min_val_acc,
+    max_params_frac, max_macs_frac, for those the spec sets."""
+    out = []
+    if spec.min_val_acc is not None:
+        out.append(float(spec.min_val_acc) - float(val_acc))
+    if spec.max_params_frac is not None:
+        out.append(float(params_frac) - float(spec.max_params_frac))
+    if spec.max_macs_frac is not None:
+        out.append(float(macs_frac) - float(spec.max_macs_frac))
+    return tuple(out)
+
+
+def constraint_names(spec: SearchSpec) -> tuple[str, ...]:
+    """Names of the constraints :func:`constraint_values` returns, in the same order."""
+    keys = ("min_val_acc", "max_params_frac", "max_macs_frac")
+    return tuple(k for k in keys if getattr(spec, k) is not None)
+
+
+# ------------------------------------------------------------------------------------------ rows
+
+
+def make_row(number: int, state: str, hparams: Mapping[str, Any], record: Mapping[str, Any] | None = None,
+             error: str = "") -> dict[str, Any]:
+    """One ``trials.csv`` row (a dict keyed by column; parameters as ``param_<name>``)."""
+    record = dict(record or {})
+    row: dict[str, Any] = {"number": number, "state": state}
+    for key in HEAD_COLUMNS[2:]:
+        row[key] = hparams.get(key)
+    for key, value in hparams.items():
+        if key not in HEAD_COLUMNS:
+            row[f"param_{key}"] = value
+    for key in TAIL_COLUMNS:
+        row[key] = record.get(key)
+    row["feasible"] = bool(record.get("feasible", False)) and state in ("complete", "early_stopped")
+    row["error"] = error or record.get("error") or ""
+    row["model"] = record.get("model") or ""
+    if row.get("epochs_run") is None:
+        row["epochs_run"] = 0
+    return row
+
+
+def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    params = sorted({k for r in rows for k in r if k.startswith("param_")})
+    return [*HEAD_COLUMNS, *params, *TAIL_COLUMNS]
+
+
+def write_trials_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``rows`` (sorted by number) atomically: a killed search never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = columns(rows)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        for row in sorted(rows, key=lambda r: r["number"]):
+            writer.writerow({k: _cell(row.get(k)) for k in cols})
+    os.replace(tmp, path)
+    return path
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return value
