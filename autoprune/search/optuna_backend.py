@@ -140,24 +140,35 @@ def add_curve(study: optuna.Study, result: TrialResult) -> None:
     """Add ``result``'s per-epoch val accuracy to the companion study ``<study>.curves`` (see the module
     docstring); best effort: a failure is logged, never fatal to the search."""
     try:
-        curves = optuna.create_study(study_name=study.study_name + CURVES_SUFFIX, storage=study._storage,
-                                     direction="maximize", load_if_exists=True)
-        if not curves.metric_names:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                curves.set_metric_names(["val_acc"])
-            curves.set_user_attr("note", f"per-epoch validation accuracy of the trials of {study.study_name!r}")
-        state = {"complete": TrialState.COMPLETE, "early_stopped": TrialState.PRUNED}.get(result.state,
-                                                                                          TrialState.FAIL)
-        attrs = {"search_trial": result.number, "state": result.state, "method": result.hparams.get("method"),
-                 "target": result.hparams.get("target"), "cost": result.cost}
-        curves.add_trial(optuna.trial.create_trial(
-            state=state, value=float(result.val_acc) if state == TrialState.COMPLETE else None,
-            intermediate_values={i + 1: float(a) for i, a in enumerate(result.curve) if a is not None},
-            user_attrs={k: v for k, v in attrs.items() if v is not None}))
+        add_curves(study._storage, study.study_name, [(result.number, result.state, result.hparams,
+                                                       result.curve, result.val_acc, result.cost)])
     except Exception as exc:  # noqa: BLE001 - the curves are for viewing; the search goes on
         log.warning("could not add trial %d's curve to %s%s: %s", result.number, study.study_name, CURVES_SUFFIX,
                     one_line(exc))
+
+
+def add_curves(storage: Any, study_name: str, trials: Sequence[tuple[int, str, Mapping[str, Any], Sequence[Any],
+                                                                     float | None, float | None]]) -> None:
+    """(number, state, hparams, curve, val_acc, cost) of search trials -> trials of ``<study_name>.curves``
+    in ``storage``: one objective (val_acc), the curve as intermediate values (epoch 1, 2, ...)."""
+    curves = optuna.create_study(study_name=study_name + CURVES_SUFFIX, storage=storage, direction="maximize",
+                                 load_if_exists=True)
+    if not curves.metric_names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            curves.set_metric_names(["val_acc"])
+        curves.set_user_attr("note", f"per-epoch validation accuracy of the trials of {study_name!r}")
+    states = {"complete": TrialState.COMPLETE, "early_stopped": TrialState.PRUNED}
+    for number, state_name, hparams, curve, val_acc, cost in trials:
+        state = states.get(state_name, TrialState.FAIL)
+        if state == TrialState.COMPLETE and val_acc is None:
+            state = TrialState.FAIL
+        attrs = {"search_trial": number, "state": state_name, "method": hparams.get("method"),
+                 "target": hparams.get("target"), "cost": cost}
+        curves.add_trial(optuna.trial.create_trial(
+            state=state, value=float(val_acc) if state == TrialState.COMPLETE else None,  # type: ignore[arg-type]
+            intermediate_values={i + 1: float(a) for i, a in enumerate(curve) if a is not None},
+            user_attrs={k: v for k, v in attrs.items() if v is not None}))
 
 
 class OptunaStore(TrialStore):

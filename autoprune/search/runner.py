@@ -98,7 +98,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
         from . import ray_backend
 
         ray_backend.check(out, ray_options)  # Ray installed, not an Optuna-backend folder
-    elif (out / "ray").is_dir() and not (out / "study.db").exists():
+    elif (out / "ray").is_dir():  # (a Ray folder has a study.db too: a snapshot for optuna-dashboard)
         raise AutopruneError(f"{out} holds a search run with the ray backend; resume it with --backend ray or "
                              "choose another --out")
     existing = [name for name in ("study.db", "trials.csv", "spec.yaml") if (out / name).exists()]
@@ -171,6 +171,13 @@ def _finish(spec: SearchSpec, out: Path, base: Mapping[str, Any], backend: str, 
     """Rows of every trial, parameter importance, and the report (trials.csv is the backend's)."""
     store = open_store(spec, out, backend)
     rows = store_rows(store)
+    if backend == "ray":  # the Ray run's trials as study.db, for optuna-dashboard
+        try:
+            from .ray_study_db import write_study_db
+
+            write_study_db(spec, out, store)
+        except Exception as exc:  # noqa: BLE001 - a viewer's file must not lose the search's report
+            log.warning("could not write %s for optuna-dashboard: %s", out / "study.db", exc)
     imp = importance(store, spec.objectives) if with_importance else {}
     _write_report(out, base, imp or None)
     return rows, imp
