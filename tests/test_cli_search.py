@@ -138,3 +138,20 @@ def test_threads_option():
     assert resolve_threads("auto", workers=64) == 1
     with pytest.raises(AutopruneError, match="--threads"):
         resolve_threads("0")
+
+
+def test_spec_sets_augmentation_and_the_search_records_it(tmp_path):
+    import yaml
+
+    from autoprune.search.spec import load_spec
+
+    raw = yaml.safe_load(Path(SMOKE).read_text())
+    for value, expected in (("auto", ("crop",)), ("crop,flip", ("crop", "flip")), (None, ())):
+        spec_file = tmp_path / "s.yaml"
+        spec_file.write_text(yaml.safe_dump({**raw, **({} if value is None else {"augment": value})}))
+        spec = load_spec(spec_file)
+        assert spec.augment == expected  # digits: auto crops and never flips
+        assert load_spec(spec_file).to_dict()["augment"] == list(expected)
+    spec_file.write_text(yaml.safe_dump({**raw, "augment": "mirror"}))
+    with pytest.raises(AutopruneError, match="augment.*unknown augmentation 'mirror'"):
+        load_spec(spec_file)

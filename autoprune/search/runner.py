@@ -237,11 +237,13 @@ def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.devic
                 log.info("training the base model %s for %d epochs", spec.model, spec.base_epochs)
                 label = f"base model: train {spec.model} on {spec.data.name}"  # tqdm adds the count and ETA
                 fit(model, data.train, data.val, TrainConfig(epochs=int(spec.base_epochs), lr=float(spec.base_lr),
-                                                             seed=int(spec.seed or 0)), device,
+                                                             seed=int(spec.seed or 0), augment=spec.augment), device,
                     progress=label if progress else False)
         model.to(device)
         metrics = {"val_acc": evaluate(model, data.val, device)["acc"], "macs": count_macs(model, shape, device),
                    "params": count_params(model)}
+        if not spec.base and spec.base_epochs > 0:
+            metrics["augment"] = list(spec.augment)  # what the base was trained with (trials: spec.yaml)
         save_base(path, model, model_spec, spec.data, metrics)
         log.info("base model: val_acc %.4f, %d MACs, %d params -> %s", metrics["val_acc"], metrics["macs"],
                  metrics["params"], path)

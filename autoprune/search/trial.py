@@ -141,7 +141,7 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     impl = get_method(method)
     k = min(epochs, max(0, int(impl.training_epochs(make_params(impl, method_params), epochs))))
     cfg = TrainConfig(epochs=k, lr=float(lr), batch_size=int(hparams.get("batch_size", 128)),
-                      seed=int(spec.seed) + seed_index)
+                      seed=int(spec.seed) + seed_index, augment=spec.augment)
     objective = spec.objectives[1]
     rule = spec.early_stop
     active = early_stopping and rule.enabled and finished is not None
