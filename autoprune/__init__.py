@@ -1,16 +1,18 @@
 """autoprune: AutoML search-and-prune for convolutional networks.
 
-The library's front doors: :func:`prune` (one method, one target), :func:`load_pruned`
-(rebuild a saved pruned model) and the ``autoprune`` command line (search, pareto, retrain).
+The library's front doors: :func:`prune` (one method, one target), :func:`save_base` and
+:func:`import_model` (a trained model becomes a base checkpoint), :func:`load_pruned` (rebuild a saved
+pruned model) and the ``autoprune`` command line (import, search, pareto, retrain).
 """
 from __future__ import annotations
 
 import logging
 
 from .engine import PruneResult, prune
-from .plan import Plan, load_base, load_pruned
+from .importing import import_model
+from .plan import Plan, load_base, load_pruned, save_base
 
-__all__ = ["Plan", "PruneResult", "load_base", "load_pruned", "prune"]
+__all__ = ["Plan", "PruneResult", "import_model", "load_base", "load_pruned", "prune", "save_base"]
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,37 +1,53 @@
 """What a model costs: MACs, parameters, latency, and the analytic MACs of a width assignment.
 
 Unit convention (DESIGN.md section 3): we count multiply-accumulates (MACs) of convolutions
-and linear layers for one input sample and always call them "MACs"; FLOPs = 2 x MACs.
-BatchNorm, activations, pooling and additions are not counted (they are folded or negligible
-and are not counted by the papers we compare with either).
+(1-d, 2-d, 3-d and transposed) and linear layers for one input sample and always call them "MACs";
+FLOPs = 2 x MACs. BatchNorm, activations, pooling and additions are not counted (they are folded or
+negligible and are not counted by the papers we compare with either). This is exactly half of what
+``torch.utils.flop_counter.FlopCounterMode`` counts for a model whose matrix products all happen in
+these modules; :func:`unattributed_macs` measures the rest (functional convolutions and matmuls).
+A module called several times in forward is counted once per call.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-
-def _conv_macs(module: nn.Conv2d, out: torch.Tensor) -> int:
-    kh, kw = module.kernel_size
-    per_sample = out.numel() // out.shape[0]
-    return per_sample * (module.in_channels // module.groups) * kh * kw
+MAC_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)  # every module whose MACs we count
 
 
-def _linear_macs(module: nn.Linear, out: torch.Tensor) -> int:
-    rows = out.numel() // out.shape[-1] // out.shape[0]
-    return rows * module.in_features * module.out_features
+def _positions(module: nn.Module, inp: tuple, out: torch.Tensor) -> int:
+    """Positions per sample at which the layer's weight is applied once (a transposed conv: its input's)."""
+    if isinstance(module, nn.Linear):
+        return out.numel() // out.shape[-1] // out.shape[0]
+    if module.transposed:  # type: ignore[union-attr]
+        x = inp[0]
+        return x.numel() // x.shape[0] // x.shape[1]
+    return out.numel() // out.shape[0] // out.shape[1]
+
+
+def _kernel(module: nn.Module) -> int:
+    return math.prod(module.kernel_size) if isinstance(module, nn.modules.conv._ConvNd) else 1
+
+
+def _layer_macs(module: nn.Module, inp: tuple, out: torch.Tensor) -> int:
+    if isinstance(module, nn.Linear):
+        return _positions(module, inp, out) * module.in_features * module.out_features
+    per_position = module.in_channels * module.out_channels // module.groups * _kernel(module)
+    return _positions(module, inp, out) * per_position
 
 
 @torch.no_grad()
 def _forward_with_hook(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device,
                        hook: Callable[[nn.Module, tuple, torch.Tensor], None]) -> None:
     """One eval-mode forward pass of a zero sample with ``hook`` on every conv and linear layer."""
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, MAC_LAYERS)]
     was_training = model.training
     try:
         model.eval()
@@ -44,18 +60,39 @@ def _forward_with_hook(model: nn.Module, input_shape: tuple[int, ...], device: s
 
 @torch.no_grad()
 def count_macs(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu") -> int:
-    """MACs of convs and linears for one sample of shape ``input_shape`` (C, H, W), measured by hooks."""
+    """MACs of convs and linears for one sample of shape ``input_shape`` (C, H, W), measured by hooks.
+
+    Every ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose*d`` and ``nn.Linear`` call counts, in eval mode.
+    """
     total = 0
 
-    def hook(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+    def hook(module: nn.Module, inp: tuple, out: torch.Tensor) -> None:
         nonlocal total
-        if isinstance(module, nn.Conv2d):
-            total += _conv_macs(module, out)
-        elif isinstance(module, nn.Linear):
-            total += _linear_macs(module, out)
+        total += _layer_macs(module, inp, out)
 
     _forward_with_hook(model, input_shape, device, hook)
     return total
+
+
+@torch.no_grad()
+def reference_macs(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu") -> int:
+    """Half of ``torch.utils.flop_counter.FlopCounterMode``'s FLOPs for one eval-mode sample: the reference
+    :func:`count_macs` must equal when every convolution and matrix product happens in a module."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    try:
+        model.eval()
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops()) // 2
+
+
+def unattributed_macs(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu") -> int:
+    """MACs torch counts that no conv or linear module accounts for (``F.conv2d``, ``torch.matmul`` ...)."""
+    return reference_macs(model, input_shape, device) - count_macs(model, input_shape, device)
 
 
 def count_params(model: nn.Module) -> int:
@@ -98,14 +135,15 @@ class LayerGeom:
     """Geometry of one conv or linear layer, recorded once from a forward pass of the base model."""
 
     name: str
-    kind: str  # "conv" | "linear"
+    kind: str  # "conv" | "deconv" (transposed) | "linear"
     in_ch: int  # conv in_channels / linear in_features
     out_ch: int  # conv out_channels / linear out_features
     groups: int
     kernel: int  # kh * kw (1 for linear)
-    positions: int  # output positions per sample (Hout * Wout for a conv; rows for a linear)
+    positions: int  # per sample, summed over calls: output positions (Hout * Wout; input's for a deconv; rows)
     bias: bool
     depthwise: bool  # groups == in_ch == out_ch > 1: pruning keeps it depthwise
+    calls: int = 1  # times forward calls the layer (a shared module: more than 1)
 
     def macs(self, in_ch: int, out_ch: int) -> int:
         if self.depthwise:
@@ -194,23 +232,28 @@ class WidthCost:
 
 @torch.no_grad()
 def layer_geometry(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu") -> list[LayerGeom]:
-    """Record the geometry of every conv and linear layer by one forward pass (batch of 1)."""
+    """Record the geometry of every conv and linear layer by one forward pass (batch of 1).
+
+    A layer called several times (a shared module) is one entry whose ``positions`` add up over the
+    calls (MACs are linear in them) and whose ``calls`` says how often it ran.
+    """
     names = {m: n for n, m in model.named_modules()}
     found: dict[str, LayerGeom] = {}
 
-    def hook(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+    def hook(module: nn.Module, inp: tuple, out: torch.Tensor) -> None:
         name = names[module]
-        if name in found:  # a module called twice would make the analytic count ambiguous
-            raise ValueError(f"layer {name!r} is called more than once in forward; analytic MACs need one call")
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            dw = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-            found[name] = LayerGeom(name, "conv", module.in_channels, module.out_channels, module.groups,
-                                    kh * kw, out.numel() // out.shape[0] // out.shape[1], module.bias is not None, dw)
-        else:
-            rows = out.numel() // out.shape[-1] // out.shape[0]
-            found[name] = LayerGeom(name, "linear", module.in_features, module.out_features, 1, 1, rows,
+        positions = _positions(module, inp, out)
+        if name in found:
+            prev = found[name]
+            found[name] = replace(prev, positions=prev.positions + positions, calls=prev.calls + 1)
+        elif isinstance(module, nn.Linear):
+            found[name] = LayerGeom(name, "linear", module.in_features, module.out_features, 1, 1, positions,
                                     module.bias is not None, False)
+        else:
+            dw = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            kind = "deconv" if module.transposed else "conv"
+            found[name] = LayerGeom(name, kind, module.in_channels, module.out_channels, module.groups,
+                                    _kernel(module), positions, module.bias is not None, dw)
 
     _forward_with_hook(model, input_shape, device, hook)
     return list(found.values())

@@ -8,7 +8,9 @@ the torchvision sets ``cifar10``, ``cifar100``, ``mnist``, ``fashionmnist`` (dow
 
 Small sets are :class:`TensorSplit`: tensors held in memory (on the GPU when ``device`` is CUDA),
 batched by slicing, augmented on the device. ImageFolder sets are :class:`LoaderSplit`: a
-DataLoader over the files. Splits never overlap and are fully determined by ``DataSpec.seed``.
+DataLoader over the files. Splits never overlap and are fully determined by ``DataSpec.seed``, the
+data (split) seed, which is separate from any training seed; ``Dataset.split_hash`` fingerprints
+the split's indices and every checkpoint records it (see :mod:`autoprune.splits`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ from torch import Tensor
 
 from autoprune import idx
 from autoprune.errors import AutopruneError, did_you_mean
+from autoprune.splits import hash_splits, remember
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class DataSpec:
     """Which data and how to split it; plain data, stored with checkpoints."""
 
     name: str  # "digits", "synthetic", "npz:<path>", "imagefolder:<dir>", "cifar10", "cifar100", ...
-    seed: int = 0
+    seed: int = 0  # the split seed (and synthetic data's): fixes train/val/test; never the training seed
     val_fraction: float = 0.2
     test_fraction: float = 0.2  # ignored by torchvision sets: their official test set is the test split
     image_size: int | None = None  # resize to this (imagefolder default 224)
@@ -242,6 +245,7 @@ class Dataset:
     mean: tuple[float, ...] = ()  # per-channel standardisation (train stats), for inference elsewhere
     std: tuple[float, ...] = ()
     classes: tuple[str, ...] = ()  # class names where the source has them
+    split_hash: str = ""  # fingerprint of the train/val/test indices (set by load_data)
 
 
 # --------------------------------------------------------------------------- split helpers
@@ -474,6 +478,9 @@ def load_data(spec: DataSpec, device: str | torch.device = "cpu") -> Dataset:
         data = _torchvision_set(spec, device)
     else:
         raise AutopruneError(f"unknown data set {name!r}: {did_you_mean(name, list_datasets())}")
-    logger.info("data %s: %d train / %d val / %d test, %d classes, %dx%dx%d", name, len(data.train),
-                len(data.val), len(data.test), data.num_classes, data.in_channels, data.image_size, data.image_size)
+    data = replace(data, split_hash=hash_splits(data.train, data.val, data.test))
+    remember(spec, data.split_hash)
+    logger.info("data %s: %d train / %d val / %d test, %d classes, %dx%dx%d, split %s", name, len(data.train),
+                len(data.val), len(data.test), data.num_classes, data.in_channels, data.image_size, data.image_size,
+                data.split_hash)
     return data

@@ -5,7 +5,6 @@ benchmarks all go through it, so every method gets the same grouping, allocation
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from .errors import AutopruneError
 from .graph import ChannelGroup, build_width_cost, find_groups
 from .methods import EpochReport, PruneContext, get_method, make_params
 from .plan import Plan, apply_plan
+from .trace import safe_copy
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def prune(
         allocation = AllocationConfig(**dict(allocation or {}))
     device = torch.device(device)
     shape = _input_shape(spec, data, input_shape)
-    work = copy.deepcopy(model).to(device).eval()
+    work = safe_copy(model).to(device).eval()
     if groups is None:
         groups = find_groups(work, shape)
     cost = build_width_cost(work, groups, shape)

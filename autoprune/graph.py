@@ -11,7 +11,6 @@ stay valid) and never needs the dependency graph of the model being cut.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,9 +20,9 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner.function import PrunerBox
 
-from .cost import LayerGeom, Term, WidthCost, count_macs, count_params, layer_geometry
+from .cost import MAC_LAYERS, LayerGeom, Term, WidthCost, count_macs, count_params, layer_geometry
 from .errors import AutopruneError
-from .models import classifier_name
+from .trace import ModelTrace, safe_copy, trace_model
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +67,8 @@ class ChannelGroup:
 def _kind(module: nn.Module) -> str:
     if isinstance(module, nn.Conv2d):
         return "conv"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "otherconv"  # 1-d, 3-d or transposed: counted in MACs, not pruned
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "bn"
     if isinstance(module, nn.Linear):
@@ -79,18 +80,15 @@ def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels == module.out_channels
 
 
-def _example(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return torch.ones(1, *input_shape, device=device)  # no RNG use: grouping must not shift seeds
-
-
 def _build_group(
-    tp_group, names: dict[nn.Module, str], order: dict[str, int], n_layers: int, depthwise: set[str]
+    tp_group, names: dict[nn.Module, str], order: dict[str, int], n_layers: int, depthwise: set[str],
+    shared: Mapping[str, int],
 ) -> ChannelGroup:
     slices: dict[tuple[str, str], dict[int, set[int]]] = {}
     kinds: dict[str, str] = {}
     unsafe: list[str] = []
     grouped: list[str] = []
+    other_convs: list[str] = []
     for item in tp_group:
         dep = item.dep
         module = dep.target.module
@@ -106,6 +104,8 @@ def _build_group(
         elif isinstance(module, nn.Conv2d) and module.groups > 1:
             grouped.append(name)
         kinds[name] = _kind(module)
+        if kinds[name] == "otherconv":
+            other_convs.append(f"{type(module).__name__} {name!r}")
         per_channel = slices.setdefault((name, dim), {})
         for idx, root in zip(item.idxs, item.root_idxs):
             per_channel.setdefault(int(root), set()).add(int(idx))
@@ -115,13 +115,19 @@ def _build_group(
         index = tuple(tuple(sorted(per_channel.get(c, ()))) for c in range(channels))
         members.append(Member(name, kinds[name], dim, index))
     members.sort(key=lambda m: (order.get(m.module, 1 << 30), m.dim))
-    leaders = tuple(m.module for m in members if m.dim == "out" and m.kind in ("conv", "linear")
+    leaders = tuple(m.module for m in members if m.dim == "out" and m.kind in ("conv", "linear", "otherconv")
                     and m.module not in depthwise)
     passthrough = tuple(m.module for m in members if m.module in depthwise)
     bns = tuple(m.module for m in members if m.kind == "bn")
-    consumers = tuple(m.module for m in members if m.dim == "in" and m.kind in ("conv", "linear"))
+    consumers = tuple(m.module for m in members if m.dim == "in" and m.kind in ("conv", "linear", "otherconv"))
+    reused = sorted({m.module for m in members if shared.get(m.module, 1) > 1})
     reason = ""
-    if unsafe:
+    if reused:
+        reason = (f"touches layer {reused[0]!r}, which forward calls {shared[reused[0]]} times "
+                  "(a shared module: its channels cannot be followed)")
+    elif other_convs:
+        reason = f"touches a {other_convs[0]} (only Conv2d and Linear layers are pruned)"
+    elif unsafe:
         reason = f"crosses an op Torch-Pruning cannot follow ({', '.join(sorted(set(unsafe)))})"
     elif grouped:
         reason = f"touches a grouped convolution ({grouped[0]})"
@@ -141,49 +147,80 @@ def find_groups(
 ) -> list[ChannelGroup]:
     """Channel groups of ``model`` for inputs of shape ``input_shape`` (C, H, W), in forward order.
 
-    The output layer's channels are never a group. With ``check``, every prunable group is
-    verified by a trial removal (one channel from every group, then a forward pass whose MACs must
-    match the analytic count); groups that fail are marked unprunable with the reason.
+    The layers producing the model's outputs (found by following the autograd graph back from the
+    outputs, in eval and in training mode) are never pruned, so the number of classes never changes.
+    A layer that runs only in training (an auxiliary head) is traced too: the graph is built in
+    training mode then, on a copy. Groups touching a layer that forward calls more than once, or a
+    convolution other than ``nn.Conv2d`` (transposed, 1-d, 3-d), are unprunable with the reason.
+    With ``check``, every prunable group is verified by a trial removal (one channel from every group,
+    then an eval forward whose MACs must match the analytic count, and a training-mode forward);
+    groups that fail are marked unprunable with the reason.
+    Raises ``AutopruneError`` if the model cannot be traced.
     """
-    names = {m: n for n, m in model.named_modules()}
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    info = trace_model(model, input_shape)
+    groups = _groups_from_trace(model, input_shape, info, ignored)
+    if check:
+        groups = _check_groups(model, groups, input_shape, info)
+    return groups
+
+
+def _groups_from_trace(model: nn.Module, input_shape: Sequence[int], info: ModelTrace,
+                       ignored: Sequence[str]) -> list[ChannelGroup]:
+    traced = safe_copy(model) if info.train_only else model  # a training-mode trace must not touch BN stats
+    names = {m: n for n, m in traced.named_modules()}
+    modules = dict(traced.named_modules())
+    layers = [n for n, m in traced.named_modules() if isinstance(m, MAC_LAYERS)]
     order = {n: i for i, n in enumerate(layers)}
-    depthwise = {n for n, m in model.named_modules() if _is_depthwise(m)}
-    modules = dict(model.named_modules())
-    ignore = [modules[classifier_name(model)]] + [modules[n] for n in ignored]
-    was_training = model.training
-    model.eval()
+    depthwise = {n for n, m in traced.named_modules() if _is_depthwise(m)}
+    ignore = [modules[n] for n in (*info.outputs, *ignored)]
+    was_training = traced.training
+    traced.train(bool(info.train_only))
     try:
-        with torch.enable_grad():  # Torch-Pruning traces autograd: works even inside torch.no_grad()
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=_example(model, input_shape))
+        batch = 2 if info.train_only else 1  # BN in training mode needs more than one value per channel
+        example = torch.ones(batch, *input_shape, device=_device(model))  # no RNG use: grouping must not shift seeds
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):  # TP traces autograd, even inside no_grad()
+            # Torch-Pruning switches to eval mode before its forward; forward_fn switches back when needed
+            train = bool(info.train_only)
+            dg = tp.DependencyGraph().build_dependency(traced, example_inputs=example,
+                                                       forward_fn=lambda m, x: m.train(train)(x))
         tp_groups = list(dg.get_all_groups(ignored_layers=ignore, root_module_types=[nn.Conv2d, nn.Linear]))
     except Exception as exc:
-        raise AutopruneError(f"could not trace {type(model).__name__} for channel groups: {exc}") from exc
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise AutopruneError(f"could not trace {type(model).__name__} for channel groups "
+                             f"({type(exc).__name__}: {first})") from exc
     finally:
-        model.train(was_training)
-    groups = [_build_group(g, names, order, len(layers), depthwise) for g in tp_groups]
+        traced.train(was_training)
+    groups = [_build_group(g, names, order, len(layers), depthwise, info.calls) for g in tp_groups]
     groups.sort(key=lambda g: (g.depth, g.name))
     seen: set[str] = set()
     for g in groups:
         if g.name in seen:
             raise AutopruneError(f"two channel groups share the leader {g.name!r}; this architecture is not supported")
         seen.add(g.name)
-    if check:
-        groups = _check_groups(model, groups, input_shape)
     return groups
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def _mark(group: ChannelGroup, reason: str) -> ChannelGroup:
     return replace(group, prunable=False, reason=reason)
 
 
-def _trial(model: nn.Module, groups: list[ChannelGroup], cost: WidthCost, input_shape: Sequence[int]) -> str:
+def _trial(model: nn.Module, groups: list[ChannelGroup], cost: WidthCost, input_shape: Sequence[int],
+           train_forward: bool) -> str:
     """Remove one channel from each of ``groups`` in a copy; '' if it works, else what went wrong."""
-    trial = copy.deepcopy(model)
+    trial = safe_copy(model)
     keep = {g.name: range(1, g.channels) for g in groups}
     try:
         remove_channels(trial, groups, keep)
-        macs = count_macs(trial, input_shape, device=next(model.parameters()).device)
+        macs = count_macs(trial, input_shape, device=_device(model))
+        if train_forward:  # a branch that runs only in training must still fit
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                trial.train()(torch.ones(2, *input_shape, device=_device(model)))
     except Exception as exc:  # noqa: BLE001 - any failure means "not prunable"
         return f"trial removal failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
     expected = cost.macs({g.name: g.channels - 1 for g in groups})
@@ -192,14 +229,15 @@ def _trial(model: nn.Module, groups: list[ChannelGroup], cost: WidthCost, input_
     return ""
 
 
-def _check_groups(model: nn.Module, groups: list[ChannelGroup], input_shape: Sequence[int]) -> list[ChannelGroup]:
+def _check_groups(model: nn.Module, groups: list[ChannelGroup], input_shape: Sequence[int],
+                  info: ModelTrace) -> list[ChannelGroup]:
     cost = build_width_cost(model, groups, input_shape)
     bad: dict[str, str] = {}
 
     def search(candidates: list[ChannelGroup]) -> None:  # bisect to the groups that fail alone
         if not candidates:
             return
-        problem = _trial(model, candidates, cost, input_shape)
+        problem = _trial(model, candidates, cost, input_shape, bool(info.train_only))
         if not problem:
             return
         if len(candidates) == 1:
@@ -217,8 +255,7 @@ def _check_groups(model: nn.Module, groups: list[ChannelGroup], input_shape: Seq
 
 def build_width_cost(model: nn.Module, groups: Sequence[ChannelGroup], input_shape: Sequence[int]) -> WidthCost:
     """Analytic cost model of ``model`` over the prunable ``groups`` (see :class:`WidthCost`)."""
-    device = next(model.parameters()).device
-    geoms: list[LayerGeom] = layer_geometry(model, tuple(input_shape), device)
+    geoms: list[LayerGeom] = layer_geometry(model, tuple(input_shape), _device(model))
     known = {g.name for g in geoms}
     terms, channels, bn_channels = [], {}, {}
     for g in groups:

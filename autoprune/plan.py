@@ -1,7 +1,8 @@
 """Plans (kept channels per group) and safe checkpoints of base and pruned models.
 
 A checkpoint is a dict of plain types and tensors, loadable with ``torch.load(weights_only=True)``:
-``{"format", "model" (ModelSpec), "data" (DataSpec), "plan" (pruned only), "state_dict", "metrics"}``.
+``{"format", "model" (ModelSpec), "data" (DataSpec), "split_hash" (of the data's train/val/test
+indices, see :mod:`autoprune.splits`), "plan" (pruned only), "state_dict", "metrics"}``.
 A pruned model is rebuilt by creating the base architecture, applying the Plan, and loading the
 state dict: no pickled modules, so files survive refactors and cannot run code when loaded.
 """
@@ -19,6 +20,7 @@ from torch import nn
 from .errors import AutopruneError, CheckpointError
 from .graph import ChannelGroup, find_groups, remove_channels
 from .models import ModelSpec, create_model
+from .splits import split_hash_of
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +84,58 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_base(path: str | Path, model: nn.Module, spec: ModelSpec, data: Any = None,
-              metrics: Mapping[str, Any] | None = None) -> None:
-    """Save a base (unpruned) model: spec + state_dict + data spec + metrics."""
-    _save(path, {"format": BASE_FORMAT, "model": spec.to_dict(), "data": _data_dict(data),
-                 "state_dict": _state(model), "metrics": dict(metrics or {})})
+              metrics: Mapping[str, Any] | None = None, split_hash: str | None = None) -> None:
+    """Save a base (unpruned) model: spec + state_dict + data spec + metrics (+ the split's hash).
+
+    ``data`` is a :class:`~autoprune.data.DataSpec` (or its dict), or a loaded
+    :class:`~autoprune.data.Dataset`, whose split hash is then recorded too (``split_hash`` overrides it).
+    Metrics may hold numpy scalars and arrays: they are stored as Python numbers and lists, so the
+    file loads with ``torch.load(weights_only=True)``. Raises ``CheckpointError`` for a metric value
+    that cannot be stored safely (named by its key).
+    """
+    _save(path, {"format": BASE_FORMAT, "model": spec.to_dict(), **_data_fields(data, split_hash),
+                 "state_dict": _state(model), "metrics": _plain(dict(metrics or {}), "metrics")})
 
 
 def save_pruned(path: str | Path, model: nn.Module, spec: ModelSpec, plan: Plan, data: Any = None,
-                metrics: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> None:
-    """Save a pruned model as base spec + Plan + state_dict (+ data spec, metrics, extra info)."""
-    _save(path, {"format": PRUNED_FORMAT, "model": spec.to_dict(), "data": _data_dict(data),
-                 "plan": plan.to_dict(), "state_dict": _state(model), "metrics": dict(metrics or {}),
-                 "extra": dict(extra or {})})
+                metrics: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
+                split_hash: str | None = None) -> None:
+    """Save a pruned model as base spec + Plan + state_dict (+ data spec, split hash, metrics, extra info)."""
+    _save(path, {"format": PRUNED_FORMAT, "model": spec.to_dict(), **_data_fields(data, split_hash),
+                 "plan": plan.to_dict(), "state_dict": _state(model),
+                 "metrics": _plain(dict(metrics or {}), "metrics"), "extra": _plain(dict(extra or {}), "extra")})
 
 
-def _data_dict(data: Any) -> dict[str, Any] | None:
-    if data is None or isinstance(data, dict):
-        return data
-    return data.to_dict()
+def _data_fields(data: Any, split_hash: str | None) -> dict[str, Any]:
+    """``{"data": spec dict or None, "split_hash": str or None}`` from a DataSpec, its dict or a Dataset."""
+    spec = getattr(data, "spec", data)  # a loaded Dataset carries its spec and its split hash
+    if split_hash is None and data is not None:
+        split_hash = split_hash_of(data)  # a DataSpec: the hash of its data loaded in this process
+    if spec is not None and not isinstance(spec, dict):
+        spec = spec.to_dict()
+    return {"data": _plain(spec, "data") if spec is not None else None, "split_hash": split_hash}
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` with numpy scalars/arrays, paths and sets turned into the plain types a safe load accepts."""
+    import numpy as np
+
+    if isinstance(value, np.generic):  # before float: np.float64 is a float subclass torch refuses to load
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value.detach().cpu() if isinstance(value, torch.Tensor) else value
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        return sorted(_plain(v, where) for v in value)
+    raise CheckpointError(f"{where} holds a {type(value).__name__}, which a safe checkpoint cannot store; "
+                          "give numbers, strings, lists, dicts or tensors")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -110,12 +146,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        refused = _refused_global(str(exc))
+        if refused:
+            raise CheckpointError(f"checkpoint {path} holds a {refused} object, which safe loading "
+                                  "(torch.load weights_only=True) refuses; re-save it with autoprune.save_base / "
+                                  "save_pruned, which store numpy values as plain numbers") from exc
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file "
                               f"({type(exc).__name__}); re-create it") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (BASE_FORMAT, PRUNED_FORMAT):
         raise CheckpointError(f"{path} is not an autoprune checkpoint (no 'format' key); autoprune saves "
                               "models with `autoprune train` / `autoprune prune`")
     return ckpt
+
+
+def _refused_global(message: str) -> str:
+    """The class a weights-only load refused ('numpy._core.multiarray.scalar'), or ''."""
+    import re
+
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    return found.group(1) if found else ""
 
 
 def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:

@@ -37,6 +37,7 @@ from .models import ModelSpec
 from .plan import Plan, load_base, load_pruned, save_pruned
 from .preprocess import recipe_for
 from .retrain_report import plot_widths, summary_markdown
+from .splits import check_split
 from .train import Callbacks, TrainConfig, evaluate, fit, prefer_epoch, resolve_device
 
 __all__ = ["Choice", "RetrainInterrupted", "RetrainResult", "choose_trial", "export_all", "finetune", "measure",
@@ -107,8 +108,9 @@ def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None
     spec = ModelSpec.from_dict(ckpt["model"])
     shape = (spec.in_channels, spec.image_size, spec.image_size)
     data_spec = _data_spec(study, ckpt)
-    base_model, _ = _load_base(study, spec, dev)
+    base_model, base_ckpt = _load_base(study, spec, dev)
     data = load_data(data_spec, dev)
+    check_split(base_ckpt, data, str(study / "base.pt"))  # test accuracy only on images the base never saw
     hparams = dict((ckpt.get("extra") or {}).get("params") or {})
     lr = float(lr if lr is not None else hparams.get("lr") or choice.row.get("lr") or 0.01)
     batch_size = int(batch_size if batch_size is not None else hparams.get("batch_size") or 128)

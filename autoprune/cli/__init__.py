@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from ..errors import AutopruneError
 
-_MODULES = ("basic", "search", "retrain")
+_MODULES = ("basic", "search", "retrain", "importer")
 LIBRARY_LOGGER = "autoprune"
 
 

@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training augmentation: none, auto (what suits the data set: crop for digits, "
                         "MNIST, synthetic and npz; crop,flip for CIFAR, Fashion-MNIST, image folders) or a "
                         "list of crop,flip; --augment alone means auto (default: none)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="data seed fixing the train/val/test split, independent of --seed (default: 0)")
     p.add_argument("--out", required=True, help="checkpoint path, e.g. base.pt (base.metrics.json is written "
                    "beside it)")
     p.add_argument("--force", action="store_true", help="overwrite --out and its metrics file if they exist")
@@ -167,7 +169,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         model, ckpt = load_base(args.base)
         spec = ModelSpec.from_dict(ckpt["model"])
     elif args.model:
-        data = _dataset(args.data, args.seed)
+        data = _dataset(args.data, 0)  # only its input shape and classes matter here
         spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size)
         model = create_model(spec)
     else:
@@ -221,7 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _refuse_overwrite(out, args.force)
     augment = parse_augmentation(args.augment, args.data)
     device = _seed(args)
-    data_spec = DataSpec(name=args.data, seed=args.seed)
+    data_spec = DataSpec(name=args.data, seed=args.split_seed)  # --seed moves training, never the split
     data = load_data(data_spec, device=device)
     spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size)
     model = create_model(spec).to(device)
@@ -236,7 +238,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                "train_seconds": round(seconds, 2), "macs": count_macs(model, shape, device),
                "params": count_params(model), "device": str(device), "augment": list(augment),
                "train_config": {**cfg.to_dict(), "augment": list(augment)}}
-    save_base(out, model, spec, data_spec, metrics)
+    save_base(out, model, spec, data, metrics)
     mpath = _write_metrics(out, metrics)
     print(f"val accuracy {100 * val['acc']:.2f}% after {result.epochs_run} epochs in {seconds:.1f} s on {device} "
           f"(augmentation: {', '.join(augment) or 'none'})")

@@ -31,6 +31,7 @@ from ..data import Dataset, load_data
 from ..errors import AutopruneError
 from ..models import ModelSpec, create_model
 from ..plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
+from ..splits import check_split
 from ..train import TrainConfig, evaluate, fit, resolve_device
 from . import optuna_backend
 from .locks import RUN_LOCK, file_lock
@@ -260,9 +261,7 @@ def _load_given_base(spec: SearchSpec, model_spec: ModelSpec) -> torch.nn.Module
     if saved != model_spec:
         raise AutopruneError(f"base checkpoint {spec.base} holds {saved}, the spec needs {model_spec}; fix the "
                              "spec's model/data or the base path")
-    if ckpt.get("data") not in (None, spec.data.to_dict()):
-        log.warning("base checkpoint %s was trained with data %s, the search uses %s: its training set may "
-                    "overlap this validation split", spec.base, ckpt.get("data"), spec.data.to_dict())
+    check_split(ckpt, spec.data, f"base checkpoint {spec.base}")  # its training set must not hold our val/test
     model, _ = load_base(spec.base, "cpu")
     return model
 

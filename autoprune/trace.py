@@ -1,0 +1,166 @@
+"""What one forward pass tells us about a model before we group its channels.
+
+:func:`trace_model` runs the model once in eval mode and once in training mode (on a copy, so BN
+statistics and the random state are untouched) with hooks on every conv and linear layer, and finds:
+
+- the **output layers**: the conv/linear layers whose outputs reach the model's outputs without
+  passing another conv/linear, found by walking the autograd graph back from the outputs. They make
+  the logits and are never pruned, whatever order they were registered in (an SE block built from
+  ``nn.Linear`` before a 1x1-conv classifier, or a projection head registered after ``fc``);
+- **shared layers**: layers forward calls more than once;
+- **training-only layers**: layers that run only in training (an ``if self.training:`` auxiliary head);
+- **unattributed MACs**: what ``torch.utils.flop_counter.FlopCounterMode`` counts beyond our
+  conv/linear hooks (functional ``F.conv2d``, ``torch.matmul``): a model with any is refused, since
+  the analytic MACs of a width assignment could not include them.
+
+:func:`safe_copy` deep-copies a model even when a module attribute holds a tensor with autograd
+history (``copy.deepcopy`` refuses those).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cost import MAC_LAYERS
+from .errors import AutopruneError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelTrace:
+    """Facts about a model's forward pass (module names are qualified names)."""
+
+    outputs: tuple[str, ...]  # layers producing the outputs (eval and training mode)
+    calls: dict[str, int]  # layer -> calls per forward (the larger of eval and training mode)
+    train_only: tuple[str, ...]  # layers that run in training mode only
+    macs: int  # eval-mode MACs of conv/linear modules for one sample
+
+
+def safe_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, with tensors held as plain attributes detached first when they carry
+    autograd history (torch refuses to deep-copy non-leaf tensors). Raises ``AutopruneError`` if the
+    model still cannot be copied."""
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        for value in (*vars(m).values(), *m._buffers.values()):
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise AutopruneError(f"{type(model).__name__} cannot be copied ({type(exc).__name__}: {first}); "
+                             "keep only modules, parameters, buffers and plain values as attributes") from exc
+
+
+def _tensors(obj: object) -> Iterable[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _output_layers(out: object, producers: dict[object, str]) -> list[str]:
+    """Layers whose autograd node is reached from ``out`` without passing another layer's node."""
+    found: list[str] = []
+    stack = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node in producers:
+            if producers[node] not in found:
+                found.append(producers[node])
+            continue
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+def _run(model: nn.Module, input_shape: Sequence[int], device: torch.device, train: bool,
+         count_flops: bool) -> tuple[dict[str, int], list[str], int, int]:
+    """One forward; returns (calls per layer, output layers, hooked MACs, FlopCounterMode MACs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .cost import _layer_macs
+
+    names = {m: n for n, m in model.named_modules()}
+    calls: dict[str, int] = {}
+    producers: dict[object, str] = {}
+    macs = 0
+
+    def hook(module: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        nonlocal macs
+        name = names[module]
+        calls[name] = calls.get(name, 0) + 1
+        macs += _layer_macs(module, inp, out)
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            producers[out.grad_fn] = name
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, MAC_LAYERS)]
+    was_training = model.training
+    batch = 2 if train else 1  # BN in training mode needs more than one value per channel
+    x = torch.ones(batch, *input_shape, device=device, requires_grad=True)
+    counter = FlopCounterMode(display=False) if count_flops else None
+    try:
+        model.train(train)
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            if counter is not None:
+                with counter:
+                    out = model(x)
+            else:
+                out = model(x)
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        mode = "training" if train else "eval"
+        raise AutopruneError(f"{type(model).__name__} fails a forward pass in {mode} mode on a "
+                             f"{'x'.join(map(str, input_shape))} input ({type(exc).__name__}: {first}); "
+                             "check the model and the data's image size and channels") from exc
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    flops = int(counter.get_total_flops()) // 2 // batch if counter is not None else 0
+    return calls, _output_layers(out, producers), macs // batch, flops
+
+
+def trace_model(model: nn.Module, input_shape: Sequence[int]) -> ModelTrace:
+    """Trace ``model`` on a ``(C, H, W)`` input in eval and training mode (see the module docstring).
+
+    Raises ``AutopruneError`` for a model without conv/linear layers, one that fails a forward pass,
+    or one with MACs outside conv/linear modules.
+    """
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        raise AutopruneError(f"{type(model).__name__} has no parameters: nothing autoprune can prune") from None
+    calls, outputs, macs, reference = _run(model, input_shape, device, train=False, count_flops=True)
+    if not calls:
+        raise AutopruneError(f"{type(model).__name__} has no nn.Conv or nn.Linear layer: nothing autoprune can prune")
+    if reference != macs:
+        raise AutopruneError(
+            f"{type(model).__name__}: {reference - macs} of {reference} MACs (torch's FlopCounterMode) come from "
+            "convolutions or matrix products outside nn.Conv*/nn.Linear modules (F.conv2d, torch.matmul ...); "
+            "autoprune cannot tie them to channels: move them into modules")
+    train_calls, train_outputs, _, _ = _run(safe_copy(model), input_shape, device, train=True, count_flops=False)
+    train_only = tuple(n for n in train_calls if n not in calls)
+    merged = {n: max(calls.get(n, 0), train_calls.get(n, 0)) for n in {*calls, *train_calls}}
+    outs = tuple(dict.fromkeys([*outputs, *train_outputs]))
+    if not outs:  # outputs computed without autograd: fall back to the last layer registered
+        from .models import classifier_name
+
+        outs = (classifier_name(model),)
+    if train_only:
+        log.info("layers running only in training mode: %s", ", ".join(train_only))
+    return ModelTrace(outputs=outs, calls=merged, train_only=train_only, macs=macs)
