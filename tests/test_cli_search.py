@@ -155,3 +155,23 @@ def test_spec_sets_augmentation_and_the_search_records_it(tmp_path):
     spec_file.write_text(yaml.safe_dump({**raw, "augment": "mirror"}))
     with pytest.raises(AutopruneError, match="augment.*unknown augmentation 'mirror'"):
         load_spec(spec_file)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_workers_of_a_parallel_search_too(tmp_path):
+    import optuna
+
+    out = tmp_path / "par"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune", "search", SMOKE, "--out", str(out), "--max-trials",
+                             "200", "--workers", "2", "--no-progress", "--threads", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (out / "trials.csv").is_file():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)  # the workers stop with it instead of spending the budget
+    assert proc.returncode == 130, err
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{out / 'study.db'}")
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(study.trials) < 50 and "--resume" in err

@@ -37,6 +37,7 @@ import datetime as dt
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -410,6 +411,12 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
                 if key != seen:
                     seen = key
                     on_update(rows)
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; SIGTERM (the CLI's) only this process
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(p.pid, signal.SIGINT)  # each marks its running trial interrupted and stops
+        raise
     finally:
         for p in procs:
             p.join()
