@@ -22,7 +22,7 @@ from torch_pruning.pruner.function import PrunerBox
 
 from .cost import MAC_LAYERS, LayerGeom, Term, WidthCost, count_macs, count_params, layer_geometry
 from .errors import AutopruneError
-from .trace import ModelTrace, safe_copy, trace_model
+from .trace import ModelTrace, keep_rng, safe_copy, trace_model
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,13 @@ class ChannelGroup:
     leaders: tuple[str, ...]
     bns: tuple[str, ...]
     passthrough: tuple[str, ...]
-    consumers: tuple[str, ...]
+    consumers: tuple[str, ...]  # layers reading the channels in eval mode (what methods score and compensate)
     members: tuple[Member, ...] = field(repr=False)
     residual: bool
     prunable: bool
     reason: str
     depth: float
+    train_consumers: tuple[str, ...] = ()  # consumers running only in training (an auxiliary head): cut, not scored
 
     def member(self, module: str, dim: str) -> Member | None:
         for m in self.members:
@@ -82,7 +83,7 @@ def _is_depthwise(module: nn.Module) -> bool:
 
 def _build_group(
     tp_group, names: dict[nn.Module, str], order: dict[str, int], n_layers: int, depthwise: set[str],
-    shared: Mapping[str, int],
+    shared: Mapping[str, int], train_only: Sequence[str] = (),
 ) -> ChannelGroup:
     slices: dict[tuple[str, str], dict[int, set[int]]] = {}
     kinds: dict[str, str] = {}
@@ -119,10 +120,14 @@ def _build_group(
                     and m.module not in depthwise)
     passthrough = tuple(m.module for m in members if m.module in depthwise)
     bns = tuple(m.module for m in members if m.kind == "bn")
-    consumers = tuple(m.module for m in members if m.dim == "in" and m.kind in ("conv", "linear", "otherconv"))
+    readers = [m.module for m in members if m.dim == "in" and m.kind in ("conv", "linear", "otherconv")]
+    consumers = tuple(c for c in readers if c not in train_only)
+    train_consumers = tuple(c for c in readers if c in train_only)
     reused = sorted({m.module for m in members if shared.get(m.module, 1) > 1})
     reason = ""
-    if reused:
+    if leaders and all(name in train_only for name in leaders):
+        reason = "is produced only in training (an auxiliary branch): it costs no MACs at inference"
+    elif reused:
         reason = (f"touches layer {reused[0]!r}, which forward calls {shared[reused[0]]} times "
                   "(a shared module: its channels cannot be followed)")
     elif other_convs:
@@ -139,7 +144,7 @@ def _build_group(
     depth = order.get(name, 0) / max(1, n_layers - 1)
     return ChannelGroup(name=name, channels=channels, leaders=leaders, bns=bns, passthrough=passthrough,
                         consumers=consumers, members=tuple(members), residual=len(leaders) > 1,
-                        prunable=not reason, reason=reason, depth=depth)
+                        prunable=not reason, reason=reason, depth=depth, train_consumers=train_consumers)
 
 
 def find_groups(
@@ -150,7 +155,8 @@ def find_groups(
     The layers producing the model's outputs (found by following the autograd graph back from the
     outputs, in eval and in training mode) are never pruned, so the number of classes never changes.
     A layer that runs only in training (an auxiliary head) is traced too: the graph is built in
-    training mode then, on a copy. Groups touching a layer that forward calls more than once, or a
+    training mode then, on a copy; such a layer is cut with the group it reads (``train_consumers``),
+    while methods score and compensate through the eval-mode ``consumers``. Groups touching a layer that forward calls more than once, or a
     convolution other than ``nn.Conv2d`` (transposed, 1-d, 3-d), are unprunable with the reason.
     With ``check``, every prunable group is verified by a trial removal (one channel from every group,
     then an eval forward whose MACs must match the analytic count, and a training-mode forward);
@@ -178,7 +184,7 @@ def _groups_from_trace(model: nn.Module, input_shape: Sequence[int], info: Model
     try:
         batch = 2 if info.train_only else 1  # BN in training mode needs more than one value per channel
         example = torch.ones(batch, *input_shape, device=_device(model))  # no RNG use: grouping must not shift seeds
-        with torch.enable_grad(), torch.random.fork_rng(devices=[]):  # TP traces autograd, even inside no_grad()
+        with torch.enable_grad(), keep_rng(example.device):  # TP traces autograd, even inside no_grad()
             # Torch-Pruning switches to eval mode before its forward; forward_fn switches back when needed
             train = bool(info.train_only)
             dg = tp.DependencyGraph().build_dependency(traced, example_inputs=example,
@@ -190,7 +196,7 @@ def _groups_from_trace(model: nn.Module, input_shape: Sequence[int], info: Model
                              f"({type(exc).__name__}: {first})") from exc
     finally:
         traced.train(was_training)
-    groups = [_build_group(g, names, order, len(layers), depthwise, info.calls) for g in tp_groups]
+    groups = [_build_group(g, names, order, len(layers), depthwise, info.calls, info.train_only) for g in tp_groups]
     groups.sort(key=lambda g: (g.depth, g.name))
     seen: set[str] = set()
     for g in groups:
@@ -219,7 +225,7 @@ def _trial(model: nn.Module, groups: list[ChannelGroup], cost: WidthCost, input_
         remove_channels(trial, groups, keep)
         macs = count_macs(trial, input_shape, device=_device(model))
         if train_forward:  # a branch that runs only in training must still fit
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with torch.no_grad(), keep_rng(_device(model)):
                 trial.train()(torch.ones(2, *input_shape, device=_device(model)))
     except Exception as exc:  # noqa: BLE001 - any failure means "not prunable"
         return f"trial removal failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .files import atomic_path, write_text
 from .pareto import FRACTION_COLUMNS, OBJECTIVE_COLUMNS, _is_true, front_mask
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,8 @@ def _plot_png(groups, colour, multi, base_points, col, div, xlabel, title, out_p
     second = ax.legend(handles=style_handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     # both legends sit outside the axes: name them, or the tight box crops the one added as an artist
-    fig.savefig(out_png, bbox_inches="tight", bbox_extra_artists=[first, second, ax.title])
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, bbox_inches="tight", format="png", bbox_extra_artists=[first, second, ax.title])
     return fig
 
 
@@ -227,10 +229,9 @@ def _plot_html(groups, colour, multi, base_points, col, div, xlabel, title, out_
     except ImportError:
         log.warning("plotly is not installed (pip install 'autoprune[plot]'); %s only shows the PNG", out_html)
         rel = os.path.relpath(os.path.abspath(out_png), os.path.dirname(os.path.abspath(out_html)))
-        with open(out_html, "w", encoding="utf-8") as fh:
-            fh.write(f"<!doctype html><html><body><p>Interactive plot needs plotly: "
-                     f"<code>pip install 'autoprune[plot]'</code>, then <code>autoprune pareto DIR</code>.</p>"
-                     f"<img src=\"{html.escape(rel)}\" alt=\"Pareto front\"></body></html>\n")
+        write_text(out_html, f"<!doctype html><html><body><p>Interactive plot needs plotly: "
+                   f"<code>pip install 'autoprune[plot]'</code>, then <code>autoprune pareto DIR</code>.</p>"
+                   f"<img src=\"{html.escape(rel)}\" alt=\"Pareto front\"></body></html>\n")
         return
     fig = go.Figure()
     symbols = {"front": "circle", "dominated": "circle", "infeasible": "diamond", "early_stopped": "circle-open",
@@ -270,4 +271,5 @@ def _plot_html(groups, colour, multi, base_points, col, div, xlabel, title, out_
     if top >= 99.0:  # the accuracy axis stops at 100 %; markers there are drawn unclipped
         fig.update_yaxes(range=[min([bottom, *base_ys]) - 1.0, 100.0])
         fig.update_traces(cliponaxis=False)
-    fig.write_html(out_html, include_plotlyjs=PLOTLY_JS, full_html=True)
+    with atomic_path(out_html) as tmp:
+        fig.write_html(tmp, include_plotlyjs=PLOTLY_JS, full_html=True)

@@ -1,7 +1,7 @@
 """What one forward pass tells us about a model before we group its channels.
 
-:func:`trace_model` runs the model once in eval mode and once in training mode (on a copy, so BN
-statistics and the random state are untouched) with hooks on every conv and linear layer, and finds:
+:func:`trace_model` runs the model in eval mode and, where eval mode leaves a layer unused, in
+training mode (BN statistics and the random state are restored) with hooks on every conv and linear layer, and finds:
 
 - the **output layers**: the conv/linear layers whose outputs reach the model's outputs without
   passing another conv/linear, found by walking the autograd graph back from the outputs. They make
@@ -9,6 +9,8 @@ statistics and the random state are untouched) with hooks on every conv and line
   ``nn.Linear`` before a 1x1-conv classifier, or a projection head registered after ``fc``);
 - **shared layers**: layers forward calls more than once;
 - **training-only layers**: layers that run only in training (an ``if self.training:`` auxiliary head);
+  the training-mode pass runs only when eval mode leaves some conv/linear layer uncalled, and the
+  model's buffers (BN statistics) are restored after it;
 - **unattributed MACs**: what ``torch.utils.flop_counter.FlopCounterMode`` counts beyond our
   conv/linear hooks (functional ``F.conv2d``, ``torch.matmul``): a model with any is refused, since
   the analytic MACs of a width assignment could not include them.
@@ -18,6 +20,7 @@ history (``copy.deepcopy`` refuses those).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Iterable, Sequence
@@ -57,6 +60,12 @@ def safe_copy(model: nn.Module) -> nn.Module:
         first = str(exc).splitlines()[0][:160] if str(exc) else ""
         raise AutopruneError(f"{type(model).__name__} cannot be copied ({type(exc).__name__}: {first}); "
                              "keep only modules, parameters, buffers and plain values as attributes") from exc
+
+
+def keep_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """Leave the random state of the CPU (and of ``device`` if it is a GPU) as it was: tracing in
+    training mode runs dropout, and grouping must not shift the seeds of what follows."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _tensors(obj: object) -> Iterable[torch.Tensor]:
@@ -115,7 +124,7 @@ def _run(model: nn.Module, input_shape: Sequence[int], device: torch.device, tra
     counter = FlopCounterMode(display=False) if count_flops else None
     try:
         model.train(train)
-        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        with torch.enable_grad(), keep_rng(device):
             if counter is not None:
                 with counter:
                     out = model(x)
@@ -153,7 +162,18 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> ModelTrace:
             f"{type(model).__name__}: {reference - macs} of {reference} MACs (torch's FlopCounterMode) come from "
             "convolutions or matrix products outside nn.Conv*/nn.Linear modules (F.conv2d, torch.matmul ...); "
             "autoprune cannot tie them to channels: move them into modules")
-    train_calls, train_outputs, _, _ = _run(safe_copy(model), input_shape, device, train=True, count_flops=False)
+    layers = {n for n, m in model.named_modules() if isinstance(m, MAC_LAYERS)}
+    train_calls, train_outputs = calls, []
+    if layers - set(calls):  # a layer eval mode never calls may run in training: trace that mode too
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # BN statistics move in training
+        try:
+            train_calls, train_outputs, _, _ = _run(model, input_shape, device, train=True, count_flops=False)
+        except AutopruneError as exc:  # pruning is judged in eval mode; do not refuse the model for this
+            log.warning("%s; branches that run only in training are not traced", exc)
+        finally:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(buffers[n])
     train_only = tuple(n for n in train_calls if n not in calls)
     merged = {n: max(calls.get(n, 0), train_calls.get(n, 0)) for n in {*calls, *train_calls}}
     outs = tuple(dict.fromkeys([*outputs, *train_outputs]))

@@ -1,8 +1,8 @@
 """The contract every pruning method keeps on every model (Optuna-style: one test over every plugin).
 
-Methods come from the registry, models from the model registry (CIFAR models at 32x32, torchvision
-at 64x64) plus the issue-17 special models: a transposed conv, a shared module, a training-only
-branch, a 1x1-conv classifier after an SE block, a projection head registered after ``fc``, LeNet-5
+Methods come from the registry, models from the model registry (CIFAR and torchvision models at
+32x32) plus the issue-17 special models: a transposed conv, a shared module, a training-only branch,
+a 1x1-conv classifier after an SE block, a projection head registered after ``fc``, LeNet-5
 with a hard-coded ``view`` and a tensor attribute with autograd history. For each pair, at a MACs
 target of 0.5: the measured MACs are at most the target and within 1 % of the base below it (or
 within one channel where a single prunable channel costs more than 1 %), equal half of torch's
@@ -39,10 +39,22 @@ class Data:
         self.num_classes, self.in_channels, self.image_size = classes, shape[0], shape[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models on a shared 2-core machine: one intra-op thread is faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _spec(model_name: str) -> tuple[ModelSpec, tuple[int, int, int]]:
     if model_name in SPECIAL:
         factory, shape = SPECIAL[model_name]
         return ModelSpec(f"special_models:{factory}", 10, shape[0], shape[1]), shape
+    if model_name.startswith("torchvision:"):  # 32x32 keeps every stage (1x1 at the end) and the test fast
+        spec = ModelSpec(model_name, 10, 3, 32)
+        return spec, (3, 32, 32)
     return model_input(model_name)
 
 
@@ -80,8 +92,9 @@ def test_every_method_keeps_the_contract_on_every_model(method, model_name, tmp_
 
     # MACs target: at most the target, and within 1 % of the base below it (or one channel, if coarser)
     frac = result.macs / result.base_macs
-    slack = max(0.01, _granularity(model, shape, result.plan.widths())) + 1e-9
-    assert frac <= TARGET + 1e-9 and TARGET - frac <= slack, (frac, slack)
+    assert frac <= TARGET + 1e-9
+    if TARGET - frac > 0.01:  # only where one channel costs more than 1 % (the transposed-conv model)
+        assert TARGET - frac <= _granularity(model, shape, result.plan.widths()) + 1e-9, frac
     assert result.macs == reference_macs(pruned, shape)  # torch's FlopCounterMode / 2
     assert result.base_macs == reference_macs(model, shape)
 

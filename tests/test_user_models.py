@@ -70,6 +70,9 @@ def test_3_training_only_branch_is_pruned_consistently(method):
     loss = F.cross_entropy(pruned(x), y)  # the first training step after pruning (was a channel mismatch)
     loss.backward()
     assert pruned.aux[4].out_features == 10
+    groups = {g.name: g for g in find_groups(model, (3, 8, 8))}
+    assert groups["conv2"].train_consumers == ("aux.0",) and groups["conv2"].consumers == ("conv3",)
+    assert not groups["aux.0"].prunable and "only in training" in groups["aux.0"].reason
 
 
 @pytest.mark.parametrize("cls,head", [(SEConvClassifier, "classifier"), (ProjectionHeadNet, "fc")])
@@ -149,3 +152,35 @@ def test_functional_matmuls_are_refused_in_one_line():
     with pytest.raises(AutopruneError, match="80 of .* MACs .* outside nn.Conv") as info:
         autoprune.prune(Functional(), "l1", 0.5, input_shape=(3, 8, 8))
     assert "\n" not in str(info.value)
+
+
+def test_a_model_that_cannot_run_in_training_mode_is_still_pruned(caplog):
+    class EvalOnly(ProjectionHeadNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                raise RuntimeError("this model is exported for inference only")
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    result = autoprune.prune(EvalOnly().eval(), "l1", 0.5, input_shape=(3, 8, 8))
+    assert 0.49 <= result.macs_fraction <= 0.5
+    assert "training mode" in caplog.text
+
+
+def test_2_cli_info_lists_the_shared_module_groups_with_the_reason(capsys):
+    assert main(["info", "--model", "special_models:shared_conv_net", "--data", "synthetic", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("which forward calls 2 times") == 2 and "head" in out
+
+
+def test_3_tracing_training_mode_leaves_bn_statistics_and_the_random_state_alone():
+    model = _model(AuxHeadNet)
+    model.aux.insert(2, nn.Dropout(0.5))  # training mode draws random numbers
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    groups = find_groups(model, (3, 8, 8))
+    drawn = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(drawn, torch.rand(3))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training and any(g.train_consumers for g in groups)

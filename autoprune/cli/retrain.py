@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..files import one_line_errors
 from . import apply_threads, common_options, verbose_option
 
 
@@ -82,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
+@one_line_errors
 def cmd_retrain(args: argparse.Namespace) -> int:
     from ..retrain import RetrainInterrupted, retrain
 
@@ -141,6 +143,7 @@ def _fmt(value: object) -> str:
         return "-"
 
 
+@one_line_errors
 def cmd_export(args: argparse.Namespace) -> int:
     from ..data import DataSpec, load_data
     from ..errors import AutopruneError
@@ -149,6 +152,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..plan import load_base
     from ..preprocess import recipe_for
 
+    if not args.atol >= 0:  # also catches NaN
+        raise AutopruneError(f"--atol must be >= 0 (the largest allowed |logit difference|), got {args.atol}")
     exporter = args.exporter
     valid = {"onnx": ("auto", "dynamo", "legacy"), "torchscript": ("auto", "trace", "script")}[args.format]
     if exporter not in valid:

@@ -5,11 +5,13 @@ import argparse
 import math
 import signal
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import AutopruneError
+from ..files import one_line_errors
 from . import apply_threads, common_options, verbose_option
 
 
@@ -55,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_schema)
 
 
+@one_line_errors
 def cmd_schema(args: argparse.Namespace) -> int:
     import json
 
@@ -71,6 +74,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+@one_line_errors
 def cmd_search(args: argparse.Namespace) -> int:
     from ..search.runner import run_search
     from ..search.spec import load_spec
@@ -99,9 +103,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    counts = result.counts
+    counts = outcome_counts(result.rows)
     summary = ", ".join(f"{counts[s]} {s.replace('_', '-')}" for s in
-                        ("complete", "early_stopped", "failed", "running") if counts.get(s))
+                        ("complete", "early_stopped", "failed", "interrupted", "running") if counts.get(s))
     print(f"study {result.study}: {len(result.rows)} trials ({summary or 'none'}), {result.epochs_run} epochs; "
           f"stopped: {_REASONS.get(result.stop_reason, result.stop_reason)}")
     print_front(result.front, result.base, spec.objectives[1])
@@ -114,6 +118,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     if result.front and spec.objectives[1] in ("macs", "params"):
         print(f"front hypervolume: {_hypervolume(result.out_dir, spec.objectives[1]):.4f} (val acc x "
               f"{spec.objectives[1]} fraction of the base, reference point (0, 1); 1 is the unreachable ideal)")
+    if counts.get("failed") and counts["failed"] == sum(counts.values()) - counts.get("interrupted", 0):
+        error, times = Counter(str(r.get("error") or "?") for r in result.rows if _outcome(r) == "failed").most_common(1)[0]
+        raise AutopruneError(f"all {counts['failed']} trials failed; most common error ({times}x): {error}")
     if not counts.get("complete"):
         why = _REASONS.get(result.stop_reason, result.stop_reason)
         print(f"error: the search ended with no complete trial ({why}), so there is no front; give it more "
@@ -147,6 +154,17 @@ def _hypervolume(out: Path, objective: str) -> float:
     from ..report import load_trials
 
     return float(front_hypervolume(load_trials([out]), objective))
+
+
+def _outcome(row: Mapping[str, Any]) -> str:
+    """A trials.csv row's state, with interrupted trials (failed, to be run again) apart."""
+    if row.get("state") == "failed" and str(row.get("error") or "").startswith("interrupted"):
+        return "interrupted"
+    return str(row.get("state"))
+
+
+def outcome_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    return dict(Counter(_outcome(r) for r in rows))
 
 
 _REASONS = {"max_trials": "max trials reached", "time": "time budget spent", "device_hours": "device-hours spent",
@@ -195,6 +213,7 @@ def print_front(front: Sequence[Mapping[str, Any]], base: Mapping[str, Any] | No
               + f"  {r.get('model') if isinstance(r.get('model'), str) else ''}")
 
 
+@one_line_errors
 def cmd_pareto(args: argparse.Namespace) -> int:
     import pandas as pd
 
