@@ -58,7 +58,7 @@ OVERRIDES = {  # CLI override name -> key path in the spec
     "early_stop": "early_stop.enabled", "sampler": "sampler", "study": "study", "base": "base",
 }
 TOP_KEYS = ("study", "model", "data", "base", "base_epochs", "base_lr", "device", "workers", "seed",
-            "sampler", "objectives", "constraints", "budget", "early_stop", "allocation", "space")
+            "sampler", "objectives", "constraints", "budget", "early_stop", "allocation", "space", "augment")
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ class SearchSpec:
     space: Mapping[str, Any]
     method_space: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     allocation: Mapping[str, Any] = field(default_factory=dict)
+    augment: tuple[str, ...] = ()  # training augmentation of the base model and the trials (autoprune.data)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -120,6 +121,7 @@ class SearchSpec:
                        "device_hours": self.budget.device_hours},
             "early_stop": {f.name: getattr(self.early_stop, f.name) for f in fields(EarlyStop)},
             "allocation": dict(self.allocation),
+            "augment": list(self.augment),
             "space": space,
         }
 
@@ -230,7 +232,19 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
         min_val_acc=min_acc, max_params_frac=max_params, max_macs_frac=max_macs,
         budget=_budget(chk, raw.get("budget")), early_stop=_early_stop(chk, raw.get("early_stop", True)),
         space=space, method_space=method_space, allocation=_allocation(chk, raw.get("allocation")),
+        augment=_augment(chk, raw.get("augment", "none"), raw["data"]),
     )
+
+
+def _augment(chk: SpaceChecker, value: Any, data: Any) -> tuple[str, ...]:
+    """``augment``: none (default) | auto (what suits the data set) | crop,flip or a list of those."""
+    from ..data import parse_augmentation
+
+    name = data.get("name", "") if isinstance(data, Mapping) else str(data)
+    try:
+        return parse_augmentation(value, str(name))
+    except AutopruneError as exc:
+        raise chk.err("augment", str(exc)) from None
 
 
 def _optional(chk: SpaceChecker, d: Mapping, section: str, key: str, low: float, high: float,
