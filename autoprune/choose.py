@@ -41,14 +41,9 @@ def read_trials(study_dir: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise AutopruneError(f"{path} not found; {study} is not a search results folder (run "
                              f"`autoprune search SPEC --out {study}` first, or resume it with --resume)")
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise AutopruneError(f"{path} is empty or not a CSV table ({type(exc).__name__}); re-run "
-                             "`autoprune search --resume` to rewrite it") from exc
-    if "number" not in df.columns:
-        raise AutopruneError(f"{path} has no 'number' column; it is not a trials table written by "
-                             "`autoprune search`")
+    from .report import read_table
+
+    df = read_table(path)
     return df
 
 
@@ -56,6 +51,9 @@ def choose_trial(study_dir: str | Path, rule: str | None = None, trial: int | No
     """Select one trial by ``rule`` (see :func:`autoprune.pareto.pick`) or by number; deterministic."""
     if rule is not None and trial is not None:
         raise AutopruneError("give either a trial number or a pick rule, not both")
+    if rule is not None and not rule.replace(",", " ").strip():
+        raise AutopruneError(f"pick rule {rule!r} is empty; give e.g. 'macs_frac<=0.4', 'val_acc>=0.95,min=macs' "
+                             "or 'best'")
     study = Path(study_dir)
     df = read_trials(study)
     text = f"trial={int(trial)}" if trial is not None else (rule or "best")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from autoprune import idx
+from autoprune.data_checks import check_tensors, unreadable
 from autoprune.errors import AutopruneError, did_you_mean
 from autoprune.splits import hash_splits, remember
 
@@ -246,6 +247,7 @@ def _resize(x: Tensor, size: int | None) -> Tensor:
 def _tensor_dataset(spec: DataSpec, x: Tensor, y: Tensor, device: torch.device, num_classes: int,
                     classes: tuple[str, ...] = ()) -> Dataset:
     """Split float NCHW ``x`` by the seed, standardise with the train split's stats, move to device."""
+    check_tensors(spec.name, x, y, num_classes)  # finite, enough samples, >= 2 classes, labels in range
     if spec.image_size is not None:
         x = _resize(x, spec.image_size)
     if x.shape[-1] != x.shape[-2]:
@@ -315,7 +317,7 @@ def _npz(spec: DataSpec, path: str, device: torch.device) -> Dataset:
     except AutopruneError:
         raise
     except Exception as exc:  # zipfile/pickle/value errors from a corrupt file
-        raise bad(f"could not be read ({type(exc).__name__}: {exc})") from exc
+        raise bad(unreadable(exc)) from exc
     if x_np.ndim == 4 and x_np.shape[1] not in (1, 3, 4) and x_np.shape[-1] in (1, 3, 4):
         x_np = np.transpose(x_np, (0, 3, 1, 2))  # channels-last N,H,W,C
     x_np = x_np[:, None] if x_np.ndim == 3 else x_np

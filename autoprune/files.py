@@ -9,22 +9,70 @@ path and the OS error (one line; the CLI exits 2).
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import AutopruneError
 
+FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
+
+
+class FileWriteError(AutopruneError):
+    """A file could not be written for a reason no trial can fix (full disk, read-only folder, no permission)."""
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
 
 def os_error(path: str | os.PathLike, exc: OSError, doing: str = "write") -> AutopruneError:
     """One line naming the path and the OS error, with what the user can do about it."""
-    reason = exc.strerror or str(exc)
-    hint = {28: "free some space", 30: "choose a writable --out", 13: "choose a folder you may write to",
-            122: "free some space"}.get(exc.errno or 0, "check the path")
-    return AutopruneError(f"cannot {doing} {os.fspath(path)}: {reason}; {hint}")
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space", errno.EROFS: "choose a writable --out",
+            errno.EACCES: "choose a folder you may write to", errno.EPERM: "choose a folder you may write to",
+            errno.ENOTDIR: "a part of the path is a file, not a folder"}.get(exc.errno or 0, "check the path")
+    message = f"cannot {doing} {os.fspath(path)}: {reason}; {hint}"
+    return FileWriteError(message, exc.errno) if exc.errno in FATAL_ERRNOS else AutopruneError(message)
+
+
+def user_error(exc: BaseException) -> AutopruneError | None:
+    """A one-line AutopruneError for an environment error a user can fix (disk, permissions, the study's
+    SQLite file), or None when ``exc`` is something else (a bug: let it show its traceback)."""
+    if isinstance(exc, OSError):
+        return os_error(exc.filename or "a file", exc, "use")
+    orig = getattr(exc, "orig", None)  # SQLAlchemy wraps sqlite3 errors
+    if type(exc).__module__.startswith("sqlalchemy") and orig is not None:
+        text = " ".join(str(orig).split())
+        hint = "free some space" if "full" in text else "check that the results folder is writable and not damaged"
+        return AutopruneError(f"the study storage (study.db) failed: {text}; {hint}")
+    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in str(exc) or "file write failed" in str(exc)):
+        return FileWriteError(f"could not write a checkpoint: {' '.join(str(exc).split())[:200]}; free some space "
+                              "or choose a writable --out", errno.ENOSPC)
+    return None
+
+
+def one_line_errors(func: Callable[..., int]) -> Callable[..., int]:
+    """Decorate a CLI command so that disk and storage errors end it with one line (exit 2), not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return func(*args, **kwargs)
+        except AutopruneError:
+            raise
+        except Exception as exc:
+            err = user_error(exc)
+            if err is None:
+                raise
+            raise err from None
+
+    return wrapper
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """Study reports: read trials.csv, write pareto.csv / importance.csv / report.md (and, through
 :mod:`autoprune.report_plots`, pareto.png / pareto.html).
 
-The numbers come from :mod:`autoprune.pareto` (pure); this module only reads and writes files.
+The numbers come from :mod:`autoprune.pareto` (pure); this module only reads and writes files, each
+written to a temporary name and renamed (:mod:`autoprune.files`): a full disk leaves the previous
+file, never a truncated one, and says so in one line.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import AutopruneError
+from .files import atomic_path, os_error, write_text
 from .pareto import FRACTION_COLUMNS, OBJECTIVE_COLUMNS, front_hypervolume, front_mask
 from .report_plots import _acc_scale, normalise, plot_pareto
 
@@ -47,6 +50,23 @@ def _csv_path(path: str | os.PathLike) -> str:
     return csv
 
 
+def read_table(path: str | os.PathLike, required: Sequence[str] = ("number",), **kwargs: Any) -> pd.DataFrame:
+    """A trials table written by ``autoprune search`` (``kwargs`` go to pandas.read_csv); an empty,
+    garbled or foreign file is a one-line AutopruneError naming it."""
+    try:
+        df = pd.read_csv(path, **kwargs)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise AutopruneError(f"{path} is empty or not a CSV table ({type(exc).__name__}); re-run "
+                             "`autoprune search --resume` to rewrite it") from None
+    except OSError as exc:
+        raise os_error(path, exc, "read") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise AutopruneError(f"{path} has no {missing[0]!r} column; it is not a trials table written by "
+                             "`autoprune search`")
+    return df
+
+
 def _study_name(study_dir: str) -> str:
     info = _spec_info(study_dir)
     return str(info.get("study") or os.path.basename(os.path.normpath(study_dir)))
@@ -74,7 +94,7 @@ def load_trials(dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> pd.Dat
     frames = []
     for d in dirs:
         csv = _csv_path(d)
-        df = normalise(pd.read_csv(csv))
+        df = normalise(read_table(csv))
         if "study" not in df.columns:
             df.insert(0, "study", _study_name(os.path.dirname(csv) or "."))
         frames.append(df)
@@ -99,7 +119,7 @@ def read_base(study_dir: str | os.PathLike) -> dict[str, Any]:
             log.warning("could not read base metrics from %s: %s", path, exc)
     csv = os.path.join(study_dir, "trials.csv")
     if os.path.isfile(csv) and any(out.get(k) is None for k in ("macs", "params")):
-        out = _complete_base(out, normalise(pd.read_csv(csv)))
+        out = _complete_base(out, normalise(read_table(csv)))
     return out
 
 
@@ -129,8 +149,9 @@ def write_report(study_dir: str | os.PathLike, base: Mapping[str, Any] | None = 
     """
     study_dir = os.fspath(study_dir)
     csv = _csv_path(study_dir)
-    raw = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    df = normalise(pd.read_csv(csv))
+    columns = ("number", "state", "val_acc")
+    raw = read_table(csv, columns, dtype=str, keep_default_na=False)
+    df = normalise(read_table(csv, columns))
     info = _spec_info(study_dir)
     objectives = info.get("objectives") or ["val_acc", "macs"]
     objective = objectives[1] if len(objectives) > 1 and objectives[1] in OBJECTIVE_COLUMNS else "macs"
@@ -142,20 +163,21 @@ def write_report(study_dir: str | os.PathLike, base: Mapping[str, Any] | None = 
                         ascending=[True, False, True][: 3 if "number" in on.columns else 2], kind="mergesort")
     paths = ReportPaths(*(os.path.join(study_dir, n) for n in ("pareto.csv", "pareto.png", "pareto.html",
                                                                  "report.md")), importance_csv=None)
-    raw.loc[on.index].to_csv(paths.pareto_csv, index=False)
+    with atomic_path(paths.pareto_csv) as tmp:
+        raw.loc[on.index].to_csv(tmp, index=False)
     plot_pareto({study: df}, paths.pareto_png, paths.pareto_html, {study: base}, objective=objective)
     imp_path = os.path.join(study_dir, "importance.csv")
     if importance:
         table = pd.DataFrame({obj: pd.Series(dict(vals), dtype=float) for obj, vals in importance.items()})
         table.index.name = "param"
-        table.sort_values(table.columns[0], ascending=False).to_csv(imp_path)
+        with atomic_path(imp_path) as tmp:
+            table.sort_values(table.columns[0], ascending=False).to_csv(tmp)
     elif os.path.isfile(imp_path):
-        table = pd.read_csv(imp_path, index_col="param")
+        table = read_table(imp_path, ("param",)).set_index("param")
         importance = {c: table[c].dropna().to_dict() for c in table.columns}
     paths = ReportPaths(paths.pareto_csv, paths.pareto_png, paths.pareto_html, paths.report_md,
                         imp_path if importance else None)
-    with open(paths.report_md, "w", encoding="utf-8") as fh:
-        fh.write(_markdown(study, info, df, on, base, objective, importance))
+    write_text(paths.report_md, _markdown(study, info, df, on, base, objective, importance))
     log.info("report written to %s", study_dir)
     return paths
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .files import atomic_path, write_text
 from .pareto import FRACTION_COLUMNS, OBJECTIVE_COLUMNS, _is_true, front_mask
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,8 @@ def _plot_png(groups, colour, multi, base_points, col, div, xlabel, title, out_p
     ax.add_artist(first)
     ax.legend(handles=style_handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, bbox_inches="tight")
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, bbox_inches="tight", format="png")
 
 
 def _plot_html(groups, colour, multi, base_points, col, div, xlabel, title, out_html, out_png) -> None:
@@ -194,10 +196,9 @@ def _plot_html(groups, colour, multi, base_points, col, div, xlabel, title, out_
     except ImportError:
         log.warning("plotly is not installed (pip install 'autoprune[plot]'); %s only shows the PNG", out_html)
         rel = os.path.relpath(os.path.abspath(out_png), os.path.dirname(os.path.abspath(out_html)))
-        with open(out_html, "w", encoding="utf-8") as fh:
-            fh.write(f"<!doctype html><html><body><p>Interactive plot needs plotly: "
-                     f"<code>pip install 'autoprune[plot]'</code>, then <code>autoprune pareto DIR</code>.</p>"
-                     f"<img src=\"{html.escape(rel)}\" alt=\"Pareto front\"></body></html>\n")
+        write_text(out_html, f"<!doctype html><html><body><p>Interactive plot needs plotly: "
+                   f"<code>pip install 'autoprune[plot]'</code>, then <code>autoprune pareto DIR</code>.</p>"
+                   f"<img src=\"{html.escape(rel)}\" alt=\"Pareto front\"></body></html>\n")
         return
     fig = go.Figure()
     symbols = {"front": "circle", "dominated": "circle", "infeasible": "diamond", "early_stopped": "circle-open",
@@ -232,4 +233,5 @@ def _plot_html(groups, colour, multi, base_points, col, div, xlabel, title, out_
                                      text=[f"base model<br>val acc {xy[1]:.2f} %"], hoverinfo="text"))
     fig.update_layout(title=title or "validation accuracy vs " + xlabel.split(" (")[0], xaxis_title=xlabel,
                       yaxis_title="validation accuracy (%)", template="plotly_white")
-    fig.write_html(out_html, include_plotlyjs=PLOTLY_JS, full_html=True)
+    with atomic_path(out_html) as tmp:
+        fig.write_html(tmp, include_plotlyjs=PLOTLY_JS, full_html=True)

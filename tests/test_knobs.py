@@ -45,7 +45,9 @@ SEARCHED = _searched()
 
 def test_the_specs_search_method_parameters():
     assert SPECS and SEARCHED, "no search spec searches any method parameter"
-    assert ("resrep", "penalty") not in SEARCHED  # measured inert in short trials: searched no more
+    # not searched: identical channels and accuracy from 1e-5 to 1e-2 on digits; on Fashion-MNIST only
+    # its top end moved the result, down (forget_by does the forgetting in a short trial)
+    assert ("resrep", "penalty") not in SEARCHED
 
 
 def _outcome(model, spec, data, method: str, params: dict) -> tuple[dict, float]:

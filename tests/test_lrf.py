@@ -327,7 +327,7 @@ def test_feature_fit_compensation_is_least_squares_optimal_through_a_relu(compen
 
 
 def test_feature_greedy_with_one_consumer_equals_the_weight_space_greedy_on_the_same_gram():
-    from autoprune.methods.lrf_features import greedy_order_multi
+    from autoprune.methods.lrf_algebra import greedy_order_multi
 
     g = torch.Generator().manual_seed(5)
     u = torch.randn(10, 6, generator=g, dtype=torch.float64)
@@ -359,3 +359,19 @@ def test_features_fit_on_resnet20_meets_target_and_compensates_every_group():
     with torch.no_grad():
         y = result.model(torch.randn(2, *shape))
     assert y.shape == (2, 10) and torch.isfinite(y).all()
+
+
+def test_feature_stats_are_the_mean_and_covariance_of_what_the_consumer_reads_in_any_chunking(monkeypatch):
+    from autoprune.methods import lrf_features
+
+    model, data = _relu_toy_and_data()
+    groups = [g for g in find_groups(model, (3, 8, 8)) if g.prunable]
+    batches = list(data.train.batches(64))
+    whole = lrf_features.feature_stats(model, groups, batches)["conv1"]
+    with torch.no_grad():
+        x = model.relu(model.bn1(model.conv1(data.train.x))).double().movedim(1, 0).reshape(8, -1)
+    torch.testing.assert_close(whole.mean["conv2"], x.mean(1))
+    torch.testing.assert_close(whole.cov["conv2"], torch.cov(x, correction=0))
+    monkeypatch.setattr(lrf_features, "CHUNK_ELEMENTS", 100)  # one sample at a time
+    small = lrf_features.feature_stats(model, groups, batches)["conv1"]
+    torch.testing.assert_close(small.cov["conv2"], whole.cov["conv2"])

@@ -41,3 +41,16 @@ def test_summary_calls_a_large_gap_significant_and_a_small_one_noise():
     assert "fsm" in out["before FT"]["autoprune best"]  # ResRep trained before surgery: not one-shot
     assert out["after BN recal"]["beyond 2 SE"] == "no"
     assert "resrep" in out["after FT"]["autoprune best"]  # after FT every configuration competes
+
+
+def test_contrasts_compare_named_configurations_at_every_stage():
+    from autoprune.benchmarks.quality_tables import contrasts
+
+    rows = []
+    for s in range(3):
+        rows += [_row("autoprune lrf", s, 0.85, 0.90, 0.92), _row("autoprune lrf, no compensation", s, 0.40, 0.80, 0.92)]
+    out = contrasts(aggregate(rows), 3000, [0.5], [("autoprune lrf", "autoprune lrf, no compensation"),
+                                                    ("autoprune lrf", "missing")])
+    assert [r["stage"] for r in out] == ["before FT", "after BN recal", "after FT"]
+    assert out[0]["diff (points)"] == pytest.approx(45.0) and out[0]["beyond 2 SE"] == "yes"
+    assert out[2]["beyond 2 SE"] == "no"

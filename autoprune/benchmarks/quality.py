@@ -78,9 +78,32 @@ CASES = {
                       epochs=3, lr=0.01, batch_size=64, ft_subset=None),
 }
 
-# label -> (method, allocation mode); default parameters: the search tunes them, this does not.
-OURS = {f"autoprune {m}{'' if a == 'global' else ' (uniform)'}": (m, a)
-        for m in ("l1", "resrep", "lrf", "fsm") for a in ("global", "uniform")}
+# label -> (method, allocation mode, parameters); default parameters: the search tunes them, this does not.
+OURS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    f"autoprune {m}{'' if a == 'global' else ' (uniform)'}": (m, a, {})
+    for m in ("l1", "resrep", "lrf", "fsm") for a in ("global", "uniform")}
+# --ablation: does each method's compensation (or searched knob) earn its place? Global allocation.
+ABLATION: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "autoprune lrf": ("lrf", "global", {}),
+    "autoprune lrf, no compensation": ("lrf", "global", {"compensate": False}),
+    "autoprune lrf, weight-space fit": ("lrf", "global", {"fit": "weights"}),
+    "autoprune lrf, weight-space fit, no compensation": ("lrf", "global", {"fit": "weights", "compensate": False}),
+    "autoprune fsm": ("fsm", "global", {}),
+    "autoprune fsm, no compensation": ("fsm", "global", {"compensation": "none"}),
+    "autoprune fsm, measured compensation": ("fsm", "global", {"compensation": "measured"}),
+    "autoprune resrep": ("resrep", "global", {}),
+    "autoprune resrep, forget_by 0.2": ("resrep", "global", {"forget_by": 0.2}),
+    "autoprune resrep, forget_by 0.8": ("resrep", "global", {"forget_by": 0.8}),
+}
+ABLATION_PAIRS = (
+    ("autoprune lrf", "autoprune lrf, no compensation"),
+    ("autoprune lrf, weight-space fit", "autoprune lrf, weight-space fit, no compensation"),
+    ("autoprune lrf", "autoprune lrf, weight-space fit"),
+    ("autoprune fsm", "autoprune fsm, no compensation"),
+    ("autoprune fsm, measured compensation", "autoprune fsm"),
+    ("autoprune resrep", "autoprune resrep, forget_by 0.2"),
+    ("autoprune resrep, forget_by 0.8", "autoprune resrep"),
+)
 # label -> (importance, global pruning)
 THEIRS = {f"tp {k}{'' if g else ' (uniform)'}": (k, g) for k in ("magnitude", "bnscale", "taylor") for g in (True, False)}
 SEED_DEPENDENT_TP = {"taylor"}  # its calibration batch follows the seed; the others prune the same each seed
@@ -187,12 +210,13 @@ def measure(b: Bench, label: str, target: float, seed: int, model: nn.Module, tr
     return row
 
 
-def run_ours(b: Bench, label: str, method: str, alloc: str, target: float, seed: int) -> dict[str, Any]:
+def run_ours(b: Bench, label: str, method: str, alloc: str, params: dict[str, Any], target: float,
+             seed: int) -> dict[str, Any]:
     impl = get_method(method)
-    k = min(b.case.epochs, max(0, int(impl.training_epochs(make_params(impl, {}), b.case.epochs))))
+    k = min(b.case.epochs, max(0, int(impl.training_epochs(make_params(impl, params), b.case.epochs))))
     start = time.perf_counter()
     res = engine.prune(b.model, method, target, data=b.data, allocation={"mode": alloc}, input_shape=b.shape,
-                       device=b.device, train_cfg=b.cfg(k, seed), recalibrate_batches=0)
+                       device=b.device, train_cfg=b.cfg(k, seed), recalibrate_batches=0, **params)
     return measure(b, label, target, seed, res.model, k, time.perf_counter() - start)
 
 
@@ -248,10 +272,12 @@ def _row_cache(name: str, b: Bench, fresh: bool) -> tuple[Path, dict[tuple[str, 
 
 def run_case(name: str, args: Any, targets: Sequence[float], seeds: Sequence[int]) -> tuple[Bench, list[dict]]:
     b = prepare(name, resolve_device(args.device), args.ft_subset, args.recal_batches)
-    path, done = _row_cache(name, b, args.fresh)
+    path, done = _row_cache(name + ("_ablation" if args.ablation else ""), b, args.fresh)
     cache: dict[tuple[str, float], tuple[nn.Module, float, float]] = {}
     rows = []
-    jobs = [(s, t, label) for s in seeds for t in targets for label in (*OURS, *THEIRS)]
+    ours = ABLATION if args.ablation else OURS
+    labels = list(ours) if args.ablation else [*OURS, *THEIRS]
+    jobs = [(s, t, label) for s in seeds for t in targets for label in labels]
     for i, (seed, target, label) in enumerate(jobs, 1):
         if (label, target, seed) in done:
             rows.append(done[(label, target, seed)])
@@ -259,8 +285,8 @@ def run_case(name: str, args: Any, targets: Sequence[float], seeds: Sequence[int
         log.info("[%d/%d] %s @ %.2f, seed %d", i, len(jobs), label, target, seed)
         common.seed_all(seed)
         try:
-            if label in OURS:
-                row = run_ours(b, label, *OURS[label], target, seed)
+            if label in ours:
+                row = run_ours(b, label, *ours[label], target, seed)
             else:
                 row = run_theirs(b, label, *THEIRS[label], target, seed, cache)
         except Exception as exc:  # noqa: BLE001 - one failing configuration must not lose the others
@@ -284,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--recal-batches", type=int, default=DEFAULT_BATCHES,
                    help=f"BN recalibration batches of {DEFAULT_BATCH_SIZE} images (default {DEFAULT_BATCHES})")
     p.add_argument("--fresh", action="store_true", help="ignore rows cached by an earlier, interrupted run")
+    p.add_argument("--ablation", action="store_true",
+                   help="instead of the comparison: each method with and without its compensation / knob values")
     args = p.parse_args(argv)
     common.setup(args)
     cases = args.data or (["digits"] if args.quick else ["fashionmnist"])
@@ -293,10 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     tables: list[common.Table] = []
     for name in cases:
         b, rows = run_case(name, args, targets, seeds)
-        tables += quality_tables.tables(name, b, rows, targets, seeds, first=not tables)
+        tables += quality_tables.tables(name, b, rows, targets, seeds, first=not tables,
+                                        pairs=ABLATION_PAIRS if args.ablation else (),
+                                        key_prefix=f"{name}_" if len(cases) > 1 or name == "digits" else "")
     tables[-1] = dataclasses.replace(tables[-1], notes=(*tables[-1].notes,
                                                         f"Total benchmark time {time.perf_counter() - start:.0f} s."))
-    suffix = "" if cases == ["digits"] else "_" + "_".join(cases)
+    suffix = ("" if cases == ["digits"] else "_" + "_".join(cases)) + ("_ablation" if args.ablation else "")
     common.write_tables("quality" + suffix, tables, args.out, common.command_line("quality", argv))
     return 0
 

@@ -17,7 +17,9 @@ ACC = ("val acc before FT", "val acc after BN recal", "val acc after FT")
 ONE_SHOT = "0+"
 SUMMARY_NOTE = ("before FT and after BN recal compare one-shot configurations only (ResRep trains before "
                 "surgery). 2 SE: two standard errors of the difference, from the validation sample and the "
-                "seed-to-seed sd.")  # "epochs (train+FT)" of a method that trained nothing before surgery
+                "seed-to-seed sd.")
+CONTRAST_NOTE = ("diff = a - b in accuracy points; 2 SE: two standard errors of the difference (validation "
+                 "sample and seed-to-seed sd). ResRep's 'before FT' is after its compactor training.")  # "epochs (train+FT)" of a method that trained nothing before surgery
 
 
 def accuracy_se(acc: float, n: int) -> float:
@@ -70,18 +72,44 @@ def summary(agg: pd.DataFrame, n_val: int, targets: Sequence[float]) -> list[dic
                 continue
             a, p = ours.loc[ours[col].idxmax()], theirs.loc[theirs[col].idxmax()]
 
-            diff, se_diff = a[col] - p[col], math.hypot(_se(a, col, n_val), _se(p, col, n_val))
             out.append({"target": t, "stage": col.removeprefix("val acc "),
                         "autoprune best": f"{_fmt_acc(a, col)} ({a['method'].removeprefix('autoprune ')})",
                         "TP best": f"{_fmt_acc(p, col)} ({p['method'].removeprefix('tp ')})",
-                        "diff (points)": 100 * diff, "2 SE (points)": 200 * se_diff,
-                        "beyond 2 SE": "yes" if abs(diff) > 2 * se_diff else "no"})
+                        **_verdict(a, p, col, n_val)})
+    return out
+
+
+def _verdict(a: Any, b: Any, col: str, n_val: int) -> dict[str, Any]:
+    diff, se_diff = a[col] - b[col], math.hypot(_se(a, col, n_val), _se(b, col, n_val))
+    return {"diff (points)": 100 * diff, "2 SE (points)": 200 * se_diff,
+            "beyond 2 SE": "yes" if abs(diff) > 2 * se_diff else "no"}
+
+
+def contrasts(agg: pd.DataFrame, n_val: int, targets: Sequence[float],
+              pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """For each (a, b) pair of configurations, target and stage: a - b with the two-standard-error verdict."""
+    out = []
+    for a_label, b_label in pairs:
+        for t in targets:
+            at = agg[agg["target"] == t].set_index("method")
+            if a_label not in at.index or b_label not in at.index:
+                continue
+            a, b = at.loc[a_label], at.loc[b_label]
+            for col in ACC:
+                out.append({"a": a_label.removeprefix("autoprune "), "b": b_label.removeprefix("autoprune "),
+                            "target": t, "stage": col.removeprefix("val acc "), "a acc": _fmt_acc(a, col),
+                            "b acc": _fmt_acc(b, col), **_verdict(a, b, col, n_val)})
     return out
 
 
 def tables(name: str, b: Any, rows: Sequence[Mapping[str, Any]], targets: Sequence[float],
-           seeds: Sequence[int], first: bool) -> list[common.Table]:
-    """The per-configuration table, the summary and the per-seed rows of one case."""
+           seeds: Sequence[int], first: bool, pairs: Sequence[tuple[str, str]] = (),
+           key_prefix: str = "") -> list[common.Table]:
+    """The per-configuration table, the summary (or the contrasts of ``pairs``) and the per-seed rows.
+
+    ``key_prefix`` starts the CSV file suffix of the second and later tables (the case's name when
+    several cases share one output file).
+    """
     c = b.case
     n_val, n_ft = len(b.data.val), len(b.data.train)
     agg = aggregate(rows)
@@ -119,12 +147,19 @@ def tables(name: str, b: Any, rows: Sequence[Mapping[str, Any]], targets: Sequen
     title = f"{name}: {c.model}, {len(seeds)} seeds, {n_val} val images, fine-tune subset {n_ft}"
     cols = ("method", "target", "MACs frac", "MACs frac (TP counter)", "params frac", *ACC, "epochs (train+FT)",
             "prune s", "FT s", "tp_ratio")
-    summ = summary(agg, n_val, targets)
+    verdict = ("diff (points)", "2 SE (points)", "beyond 2 SE")
+    if pairs:
+        second = common.Table(f"{key_prefix}contrasts", f"{name}: configuration a vs configuration b",
+                              ("a", "b", "target", "stage", "a acc", "b acc", *verdict),
+                              tuple(contrasts(agg, n_val, targets, pairs)), (CONTRAST_NOTE,))
+    else:
+        second = common.Table(f"{key_prefix}summary",
+                              f"{name}: best of autoprune vs best of Torch-Pruning per target and stage",
+                              ("target", "stage", "autoprune best", "TP best", *verdict),
+                              tuple(summary(agg, n_val, targets)), (SUMMARY_NOTE,))
     return [
-        common.Table("" if first else name, title, cols, tuple(shown), notes),
-        common.Table(f"{name}_summary", f"{name}: best of autoprune vs best of Torch-Pruning per target and stage",
-                     ("target", "stage", "autoprune best", "TP best", "diff (points)", "2 SE (points)", "beyond 2 SE"),
-                     tuple(summ), (SUMMARY_NOTE,)),
-        common.Table(f"{name}_seeds", f"{name}: every seed", ("method", "target", "seed", *ACC, "MACs frac"),
+        common.Table("" if first else key_prefix.rstrip("_") or name, title, cols, tuple(shown), notes),
+        second,
+        common.Table(f"{key_prefix}seeds", f"{name}: every seed", ("method", "target", "seed", *ACC, "MACs frac"),
                      tuple(rows), ()),
     ]

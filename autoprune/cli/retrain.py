@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..files import one_line_errors
 from . import common_options
 
 
@@ -77,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
+@one_line_errors
 def cmd_retrain(args: argparse.Namespace) -> int:
     from ..retrain import RetrainInterrupted, retrain
 
@@ -134,12 +136,15 @@ def _fmt(value: object) -> str:
         return "-"
 
 
+@one_line_errors
 def cmd_export(args: argparse.Namespace) -> int:
     from ..errors import AutopruneError
     from ..export import default_path, export_checked
     from ..models import ModelSpec
     from ..plan import load_base
 
+    if not args.atol >= 0:  # also catches NaN
+        raise AutopruneError(f"--atol must be >= 0 (the largest allowed |logit difference|), got {args.atol}")
     exporter = args.exporter
     valid = {"onnx": ("auto", "dynamo", "legacy"), "torchscript": ("auto", "trace", "script")}[args.format]
     if exporter not in valid:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import AutopruneError
+from ..files import one_line_errors
 from . import common_options
 
 
@@ -52,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_schema)
 
 
+@one_line_errors
 def cmd_schema(args: argparse.Namespace) -> int:
     import json
 
@@ -68,6 +71,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+@one_line_errors
 def cmd_search(args: argparse.Namespace) -> int:
     from ..search.runner import run_search
     from ..search.spec import load_spec
@@ -86,9 +90,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise AutopruneError("--address, --cpus-per-trial, --gpus-per-trial and --max-concurrent need --backend ray")
     result = run_search(spec, args.out, resume=args.resume, backend=args.backend, progress=not args.no_progress,
                         ray_options=ray_options)
-    counts = result.counts
+    counts = outcome_counts(result.rows)
     summary = ", ".join(f"{counts[s]} {s.replace('_', '-')}" for s in
-                        ("complete", "early_stopped", "failed", "running") if counts.get(s))
+                        ("complete", "early_stopped", "failed", "interrupted", "running") if counts.get(s))
     print(f"study {result.study}: {len(result.rows)} trials ({summary or 'none'}), {result.epochs_run} epochs; "
           f"stopped: {_REASONS.get(result.stop_reason, result.stop_reason)}")
     print_front(result.front, result.base, spec.objectives[1])
@@ -98,7 +102,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     for sub in ("models", "plans"):
         if (result.out_dir / sub).is_dir():
             print(f"  {result.out_dir / sub}/ ({sum(1 for _ in (result.out_dir / sub).iterdir())} files)")
+    if counts.get("failed") and counts["failed"] == sum(counts.values()) - counts.get("interrupted", 0):
+        error, times = Counter(str(r.get("error") or "?") for r in result.rows if _outcome(r) == "failed").most_common(1)[0]
+        raise AutopruneError(f"all {counts['failed']} trials failed; most common error ({times}x): {error}")
     return 0
+
+
+def _outcome(row: Mapping[str, Any]) -> str:
+    """A trials.csv row's state, with interrupted trials (failed, to be run again) apart."""
+    if row.get("state") == "failed" and str(row.get("error") or "").startswith("interrupted"):
+        return "interrupted"
+    return str(row.get("state"))
+
+
+def outcome_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    return dict(Counter(_outcome(r) for r in rows))
 
 
 _REASONS = {"max_trials": "max trials reached", "time": "time budget spent", "device_hours": "device-hours spent",
@@ -134,6 +152,7 @@ def print_front(front: Sequence[Mapping[str, Any]], base: Mapping[str, Any] | No
               + f"  {r.get('model') if isinstance(r.get('model'), str) else ''}")
 
 
+@one_line_errors
 def cmd_pareto(args: argparse.Namespace) -> int:
     import pandas as pd
 

@@ -167,10 +167,10 @@ class FSM(PruningMethod):
     Params = FSMParams
     summary = "feature shift minimisation: BN-modelled mean shift at the consumers, put back as a bias"
     notes = (
-        "compensation=gaussian: the BN model where the network has BNs, means over calibration_batches "
-        "training batches (0 = 8) where it has none; without data those consumers are left uncompensated",
-        "a constant put into the running mean of a BN after the consumer is re-estimated by the engine's BN "
-        "recalibration (on by default with data): there the recalibration does the compensation's work",
+        ("compensation=gaussian: the BN model where the network has BNs, means over calibration_batches "
+        "training batches (0 = 8) where it has none; without data those consumers are left uncompensated"),
+        ("a constant put into the running mean of a BN after the consumer is re-estimated by the engine's BN "
+        "recalibration (on by default with data): there the recalibration does the compensation's work"),
     )
 
     def training_epochs(self, params: FSMParams, total_epochs: int) -> int:

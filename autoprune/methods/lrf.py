@@ -38,7 +38,6 @@ Choices of the weight fit, documented here:
 from __future__ import annotations
 
 import logging
-import math
 import time
 import weakref
 from collections.abc import Iterator
@@ -52,13 +51,16 @@ from torch import Tensor, nn
 from ..errors import AutopruneError
 from ..graph import ChannelGroup
 from .base import MethodOutput, PruneContext, PruningMethod
-from .lrf_features import (
-    FeatureStats,
-    calibration_batches,
-    feature_stats,
+from .lrf_algebra import (  # noqa: F401 - re-exported: the algebra's public names live on lrf too
+    greedy_order,
     greedy_order_multi,
+    joint_fit,
+    loo_fit,
+    loo_residuals,
+    ridge_inverse,
     ridge_inverse_gram,
 )
+from .lrf_features import FeatureStats, calibration_batches, feature_stats
 from .registry import register_method
 
 log = logging.getLogger(__name__)
@@ -89,105 +91,6 @@ class LRFParams:
             raise ValueError(f"fit must be one of {', '.join(FITS)}, got {self.fit!r}")
         if self.calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
-
-
-# --------------------------------------------------------------------------- linear algebra
-
-
-def _ridge_cholesky_inverse(filters: Tensor, eps: float) -> Tensor:
-    """``L^-1`` for ``L L^T = G = U U^T + eps * mean(diag(U U^T)) I`` (float64), rows ``U``."""
-    u = filters.double()
-    gram = u @ u.T
-    scale = float(gram.diagonal().mean()) if gram.numel() else 1.0
-    gram.diagonal().add_(eps * (scale if scale > 0 else 1.0))
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve_triangular(torch.linalg.cholesky(gram), eye, upper=False)
-
-
-def ridge_inverse(filters: Tensor, eps: float) -> Tensor:
-    """``P = G^-1`` with ``G = U U^T + eps * mean(diag(U U^T)) I`` (float64) for filter rows ``U``."""
-    inv_l = _ridge_cholesky_inverse(filters, eps)
-    return inv_l.T @ inv_l
-
-
-def loo_residuals(filters: Tensor, eps: float) -> Tensor:
-    """``1 / diag(G^-1)``: every filter's leave-one-out ridge residual, without forming ``G^-1``."""
-    return 1.0 / _ridge_cholesky_inverse(filters, eps).pow(2).sum(0)
-
-
-def loo_fit(p: Tensor) -> tuple[Tensor, Tensor]:
-    """Leave-one-out ridge fits from ``P = G^-1``: residuals ``1/P_kk`` (n,) and coefficients
-    ``coef[j, k] = -P_jk / P_kk`` of filter j in the fit of filter k (``coef[k, k] = 0``).
-
-    The ridge residual is ``min_lambda ||u_k - sum_j lambda_j u_j||^2 + eps (||lambda||^2 + 1)``:
-    the plain residual of the fit of the filters augmented by ``sqrt(eps) e_k``.
-    """
-    d = p.diagonal()
-    coef = -p / d
-    coef.fill_diagonal_(0)
-    return 1.0 / d, coef
-
-
-def greedy_order(p: Tensor, h: Tensor, n_remove: int, step: int = 1, compensate: bool = True,
-                 block: int = 128) -> list[int]:
-    """Channels in removal order: each step picks the ``step`` lowest ``h_kk / p_kk`` (squared
-    scores) and removes them one by one, updating ``p`` (inverse ridge Gram of the filters) by a
-    Schur complement and, when compensating, ``h`` (consumer Gram) for ``v_j += lambda_j v_k``.
-
-    Removing k: ``P' = P - P_:k P_k: / P_kk``; with ``lambda = -P_:k / P_kk`` (``lambda_k = -1``),
-    ``V' = V + lambda v_k`` so ``H' = H + lambda g^T + g lambda^T``, ``g = H_:k + H_kk lambda / 2``.
-    A removal needs only the diagonals and column k, so the rank-one terms are kept as factors
-    (matrix-vector products per removal) and folded into ``p`` and ``h`` by one matrix product
-    every ``block`` removals, when both also shrink to the live channels. O(n^2) per removal.
-    """
-    p = p.double().clone()
-    h = h.double().clone() if compensate else h
-    dev, n = p.device, p.shape[0]
-    ids = torch.arange(n, device=dev)  # original channel of each current row
-    alive = torch.ones(n, dtype=torch.bool, device=dev)
-    dp = p.diagonal().clone()
-    dh = h.diagonal().double().clone()  # current ||v_k||^2 (fixed without compensation)
-    fu, fl, fg = (torch.empty(block, n, dtype=torch.float64, device=dev) for _ in range(3))  # factor rows
-    t = 0
-    removed: list[int] = []
-    while len(removed) < n_remove:
-        score = (dh / dp).masked_fill(~alive, math.inf)
-        chosen = torch.topk(score, min(step, n_remove - len(removed)), largest=False).indices
-        for cid in ids[chosen].tolist():  # one at a time: equal to removing the set at once
-            k = int(torch.searchsorted(ids, cid))  # its current row (ids stay sorted)
-            if t == block:  # fold the factors in and drop removed rows
-                keep = alive.nonzero().squeeze(1)
-                p = torch.addmm(p, fu.T, fu, alpha=-1.0)[keep][:, keep]
-                dp, ids, alive = p.diagonal().clone(), ids[keep], alive[keep]
-                if compensate:
-                    h = torch.addmm(torch.addmm(h, fl.T, fg), fg.T, fl)[keep][:, keep]
-                    dh = h.diagonal().clone()
-                else:
-                    dh = dh[keep]
-                fu, fl, fg = (f[:, keep] for f in (fu, fl, fg))
-                k, t = int(torch.searchsorted(ids, cid)), 0
-            col = p[:, k] - torch.mv(fu[:t].T, fu[:t, k])  # current P[:, k]
-            pkk = col[k].clamp_min(1e-300)  # > 0 in exact arithmetic (G is SPD)
-            fu[t] = col / pkk.sqrt()
-            dp -= fu[t] * fu[t]
-            if compensate:
-                lam = -col / pkk
-                hk = h[:, k] + torch.mv(fl[:t].T, fg[:t, k]) + torch.mv(fg[:t].T, fl[:t, k])  # current H_:k
-                fl[t], fg[t] = lam, hk + 0.5 * hk[k] * lam
-                dh += 2 * fl[t] * fg[t]
-            t += 1
-            alive[k] = False
-            removed.append(int(ids[k]))
-    return removed
-
-
-def joint_fit(p: Tensor, keep: Tensor, removed: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """Ridge fit of the removed filters by the kept ones, from ``P = G^-1``: ``coef`` (|keep| x
-    |removed|) with ``u_r ~ sum_j coef[j, r] u_j``, i.e. ``G_KK^-1 G_KR = -P_KR P_RR^-1``, and the
-    constants ``delta_r = c_r - sum_j coef[j, r] c_j``. Equal to chaining the greedy's one-at-a-time
-    fits (least squares composes), so consumers are compensated once per group."""
-    coef = -torch.linalg.solve(p[removed][:, removed], p[removed][:, keep]).T
-    return coef, offsets[removed] - coef.T @ offsets[keep]
 
 
 # --------------------------------------------------------------------------- model access
@@ -387,8 +290,8 @@ class LRF(PruningMethod):
     Params = LRFParams
     summary = ("linearly replaceable filters: remove channels the others can replace (fit on calibration "
                "features, or on weights), compensate consumers")
-    notes = ("fit=auto: 'features' when prune() gets data (search trials do), else 'weights'; info.fit records "
-             "which ran",)
+    notes = (("fit=auto: 'features' when prune() gets data (search trials do), else 'weights'; info.fit records "
+             "which ran"),)
 
     def run(self, ctx: PruneContext, params: LRFParams) -> MethodOutput:
         start = time.perf_counter()
@@ -403,8 +306,9 @@ class LRF(PruningMethod):
         batches = calibration_batches(ctx.data, ctx.train_cfg, params.calibration_batches) if fit == "features" else []
         if fit == "features":
             stats = feature_stats(model, groups, batches)
-            scores = {g.name: _feature_score(_gather(model, g, bn_of, {}), stats[g.name], params.eps).float().cpu()
-                      for g in groups}
+            empty = FeatureStats({}, {}, {})
+            scores = {g.name: _feature_score(_gather(model, g, bn_of, {}), stats.get(g.name, empty),
+                                             params.eps).float().cpu() for g in groups}
         else:
             scores = {g.name: _score(_gather(model, g, bn_of, {}), params.eps).float().cpu() for g in groups}
         widths = ctx.allocate(scores)
@@ -471,15 +375,21 @@ def _feature_score(data: _Group, stats: FeatureStats, eps: float) -> Tensor:
     """``sqrt(sum_c ||v_c,k||^2 * residual variance of x_k at consumer c)`` per channel."""
     total = torch.zeros(data.consumer.shape[0], dtype=torch.float64, device=data.consumer.device)
     for (name, _, _), flat in zip(data.slices, data.per_consumer, strict=True):
-        p = ridge_inverse_gram(stats.cov[name].to(flat.device), eps)
-        total += flat.pow(2).sum(1) / p.diagonal().clamp_min(1e-300)
+        if name in stats.cov:  # a consumer that never ran on the calibration batches adds nothing
+            p = ridge_inverse_gram(stats.cov[name].to(flat.device), eps)
+            total += flat.pow(2).sum(1) / p.diagonal().clamp_min(1e-300)
     return total.sqrt()
 
 
 def _remove_features(model: nn.Module, g: ChannelGroup, data: _Group, batches: list, n_remove: int,
                      params: LRFParams, bn_of: dict[str, str]) -> tuple[list[int], int, str]:
     """Feature-space greedy on the model with earlier removals applied: (order, compensated, why not)."""
-    stats = feature_stats(model, [g], batches)[g.name]
+    if not data.slices:  # nothing reads the group: no fit to make, drop the smallest filters
+        return torch.argsort(_magnitude(data).cpu(), stable=True)[:n_remove].tolist(), 0, "no consumer reads it"
+    stats = feature_stats(model, [g], batches).get(g.name)
+    if stats is None or any(name not in stats.cov for name, _, _ in data.slices):
+        return torch.argsort(_magnitude(data).cpu(), stable=True)[:n_remove].tolist(), 0, \
+            "a consumer never ran on the calibration batches"
     dev = data.consumer.device
     ps = [ridge_inverse_gram(stats.cov[name].to(dev), params.eps) for name, _, _ in data.slices]
     hs = []

@@ -23,7 +23,6 @@ which is what surgery will compute), so each fit sees the features it will reall
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from ..graph import ChannelGroup
+
+CHUNK_ELEMENTS = 1 << 23  # feature values gathered at once (64 MiB in float64)
 
 
 @dataclass
@@ -68,12 +69,16 @@ def feature_stats(model: nn.Module, groups: Sequence[ChannelGroup],
 
     def hook(name: str) -> Any:
         def record(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            per_sample = max(1, x[0].numel())
+            chunk = max(1, CHUNK_ELEMENTS // per_sample)  # bounded memory for large feature maps
             for g in by_consumer[name]:
                 key = (g, name)
-                xs = _gather_channels(args[0], index[key])
-                sums[key] = sums.get(key, 0) + xs.sum(1)
-                grams[key] = grams.get(key, 0) + xs @ xs.T
-                counts[key] = counts.get(key, 0) + xs.shape[1]
+                for start in range(0, x.shape[0], chunk):
+                    xs = _gather_channels(x[start:start + chunk], index[key])
+                    sums[key] = sums.get(key, 0) + xs.sum(1)
+                    grams[key] = grams.get(key, 0) + xs @ xs.T
+                    counts[key] = counts.get(key, 0) + xs.shape[1]
         return record
 
     handles = [model.get_submodule(c).register_forward_pre_hook(hook(c)) for c in by_consumer]
@@ -95,46 +100,6 @@ def feature_stats(model: nn.Module, groups: Sequence[ChannelGroup],
         stats = out.setdefault(g, FeatureStats({}, {}, {}))
         stats.mean[c], stats.cov[c], stats.count[c] = mean, 0.5 * (cov + cov.T), k
     return out
-
-
-def ridge_inverse_gram(gram: Tensor, eps: float) -> Tensor:
-    """``(G + eps * mean(diag G) I)^-1`` (float64) for a symmetric PSD ``G``."""
-    g = gram.double().clone()
-    scale = float(g.diagonal().mean()) if g.numel() else 1.0
-    g.diagonal().add_(eps * (scale if scale > 0 else 1.0))
-    return torch.cholesky_inverse(torch.linalg.cholesky(g))
-
-
-def greedy_order_multi(ps: Sequence[Tensor], hs: Sequence[Tensor], n_remove: int, step: int = 1,
-                       compensate: bool = True) -> list[int]:
-    """Removal order shared by several consumers: each step removes the ``step`` channels with the
-    lowest summed squared score ``sum_c H_c,kk / P_c,kk``, one at a time, updating every ``P_c``
-    by the Schur complement and, when compensating, every ``H_c`` for ``v_j += lambda_j v_k``
-    (see :func:`autoprune.methods.lrf.greedy_order`, the single-consumer, blocked version).
-    O(consumers * n^2) per removal."""
-    ps = [p.double().clone() for p in ps]
-    hs = [h.double().clone() for h in hs]
-    n = ps[0].shape[0]
-    alive = torch.ones(n, dtype=torch.bool, device=ps[0].device)
-    removed: list[int] = []
-    while len(removed) < n_remove:
-        score = sum(h.diagonal() / p.diagonal().clamp_min(1e-300) for p, h in zip(ps, hs, strict=True))
-        score = score.masked_fill(~alive, math.inf)
-        chosen = torch.topk(score, min(step, n_remove - len(removed)), largest=False).indices.tolist()
-        for k in chosen:
-            for i, p in enumerate(ps):
-                col = p[:, k].clone()
-                pkk = col[k].clamp_min(1e-300)
-                p.sub_(torch.outer(col, col) / pkk)
-                if compensate:
-                    h = hs[i]
-                    lam = -col / pkk
-                    lam[k] = -1.0
-                    g = h[:, k] + 0.5 * h[k, k] * lam
-                    h.add_(torch.outer(lam, g) + torch.outer(g, lam))
-            alive[k] = False
-            removed.append(int(k))
-    return removed
 
 
 def calibration_batches(data: Any, train_cfg: Any, count: int) -> list[tuple[Tensor, Tensor]]:

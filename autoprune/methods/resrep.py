@@ -285,14 +285,14 @@ class ResRep(PruningMethod):
     Params = ResRepParams
     summary = "ResRep: compactors with penalty gradients and a global mask schedule, folded at the end"
     notes = (
-        "mask_interval is a maximum and growth a minimum: a short run caps the interval so the mask is "
+        ("mask_interval is a maximum and growth a minimum: a short run caps the interval so the mask is "
         "updated about 8 times before `reach` and raises the growth to meet the target by then; "
-        "info.mask_interval and info.mask_growth (metrics.json) record the values used",
-        "allocation: global = ResRep's own global ranking of compactor norms (`normalise`); uniform and "
+        "info.mask_interval and info.mask_growth (metrics.json) record the values used"),
+        ("allocation: global = ResRep's own global ranking of compactor norms (`normalise`); uniform and "
         "searched fix each group's width from the allocation shape and the norms pick the channels; "
-        "info.allocation records which",
-        "penalty barely moves a run of a few epochs when forget_by > 0 (masked rows are driven to zero on "
-        "forget_by's schedule): search forget_by, reach, init or train_share instead",
+        "info.allocation records which"),
+        ("penalty barely moves a run of a few epochs when forget_by > 0 (masked rows are driven to zero on "
+        "forget_by's schedule): search forget_by, reach, init or train_share instead"),
     )
 
     def training_epochs(self, params: ResRepParams, total_epochs: int) -> int:

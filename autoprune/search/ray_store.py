@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..files import write_json
 from .results import TrialResult
 from .store import StoredTrial, TrialStore
 
@@ -53,10 +53,10 @@ class RayStore(TrialStore):
         return _read_json(self.results_dir / _name(number))
 
     def write_claim(self, number: int, data: Mapping[str, Any]) -> None:
-        _write_json(self.claims_dir / _name(number), data)
+        write_json(self.claims_dir / _name(number), data)
 
     def write_result(self, number: int, data: Mapping[str, Any]) -> None:
-        _write_json(self.results_dir / _name(number), data)
+        write_json(self.results_dir / _name(number), data)
 
     def next_number(self) -> int:
         return max([*self.claims(), *self.results()], default=-1) + 1
@@ -111,7 +111,7 @@ class RayStore(TrialStore):
         return _read_json(self.root / META) or {}
 
     def set_meta(self, key: str, value: Any) -> None:
-        _write_json(self.root / META, {**self.meta(), key: value})
+        write_json(self.root / META, {**self.meta(), key: value})
 
     def retries(self) -> list[tuple[int, dict]]:
         """(number, Optuna params) of interrupted trials whose configuration has not been run again."""
@@ -177,10 +177,3 @@ def _read_dir(folder: Path) -> dict[int, dict]:
             if data is not None:
                 out[int(path.stem.split("_")[1])] = data
     return out
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)

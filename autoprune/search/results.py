@@ -9,11 +9,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..files import atomic_path
 
 if TYPE_CHECKING:
     from .spec import SearchSpec
@@ -82,6 +83,12 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
+def nan_head(exc: BaseException) -> str:
+    """What a non-finite-loss error says happened, without the training loop's generic advice (which
+    names options of ``autoprune train``): the caller adds what the user can change from where they are."""
+    return " ".join(str(exc).split("; lower the learning rate")[0].split())
+
+
 def constraint_values(spec: SearchSpec, val_acc: float, params_frac: float, macs_frac: float) -> tuple[float, ...]:
     """Optuna-style constraint values (<= 0 means satisfied), in the order min_val_acc,
     max_params_frac, max_macs_frac, for those the spec sets."""
@@ -132,15 +139,12 @@ def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def write_trials_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Write ``rows`` (sorted by number) atomically: a killed search never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = columns(rows)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         for row in sorted(rows, key=lambda r: r["number"]):
             writer.writerow({k: _cell(row.get(k)) for k in cols})
-    os.replace(tmp, path)
     return path
 
 

@@ -1,7 +1,8 @@
 """The search's front door: ``run_search(spec, out_dir, resume)`` -> results folder -> StudyResult.
 
-Prepares ``<out>`` (resolved ``spec.yaml``; ``base.pt`` copied from the spec's ``base`` or trained
-once and cached), runs a backend (Optuna by default) under the spec's budgets, then computes
+Checks ``<out>`` before any compute (:mod:`autoprune.search.folder`: writable, resumable, study
+storage intact), prepares it (resolved ``spec.yaml``; ``base.pt`` copied from the spec's ``base`` or
+trained once and cached, its fingerprint checked against the study's), runs a backend (Optuna by default) under the spec's budgets, then computes
 parameter importance and writes the report (``pareto.csv/png/html``, ``importance.csv``,
 ``report.md``) through :mod:`autoprune.report`. See DESIGN.md section 5 and the results-folder
 contract.
@@ -10,7 +11,8 @@ Budgets: ``max_trials`` counts every started trial except interrupted ones (thos
 ``time_s`` is wall-clock time of this run, from the call (base training included);
 ``device_hours`` is the summed wall time of all trials of the study, across resumes (each trial
 holds one device, so this is time x devices in use). When a budget is spent no new trial starts,
-running trials finish, and the report is written.
+running trials finish, and the report is written. The budget is computed from the backend's
+:class:`~autoprune.search.store.TrialStore` (:func:`autoprune.search.store.budget_reason`).
 """
 from __future__ import annotations
 
@@ -31,10 +33,10 @@ from ..errors import AutopruneError
 from ..models import ModelSpec, create_model
 from ..plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
 from ..splits import check_split
-from ..train import TrainConfig, evaluate, fit, resolve_device
-from . import optuna_backend
+from ..train import NonFiniteLoss, TrainConfig, evaluate, fit, resolve_device
+from . import folder, optuna_backend
 from .locks import RUN_LOCK, file_lock
-from .results import COST_KEYS
+from .results import COST_KEYS, nan_head, one_line
 from .store import Limits, TrialStore, importance
 from .store import rows as store_rows
 
@@ -47,8 +49,6 @@ log = logging.getLogger(__name__)
 BACKENDS = ("optuna", "ray")
 RESULT_FILES = ("spec.yaml", "base.pt", "study.db", "trials.csv", "pareto.csv", "pareto.png", "pareto.html",
                 "importance.csv", "report.md")
-# Spec keys that may change between a search and its resumption (everything else must match).
-RESUMABLE_KEYS = frozenset({"budget", "workers", "device", "source", "early_stop", "sampler", "seed"})
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
     :mod:`autoprune.search.ray_backend`; ``ray_options`` is its ``RayOptions``).
     """
     start = time.time()
-    out = Path(out_dir) if out_dir is not None else default_out_dir(spec)
+    out = out_dir if out_dir is not None else default_out_dir(spec)
     if backend not in BACKENDS:
         raise AutopruneError(f"unknown search backend {backend!r}; use one of {', '.join(BACKENDS)}")
     budget = spec.budget
@@ -97,26 +97,21 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
     if backend == "ray":
         from . import ray_backend
 
-        ray_backend.check(out, ray_options)  # Ray installed, not an Optuna-backend folder
-    elif (out / "ray").is_dir() and not (out / "study.db").exists():
+        ray_backend.check(out, ray_options)  # Ray installed, not an Optuna-backend folder, address answers
+    elif (Path(out) / "ray").is_dir() and not (Path(out) / "study.db").exists():
         raise AutopruneError(f"{out} holds a search run with the ray backend; resume it with --backend ray or "
                              "choose another --out")
-    existing = [name for name in ("study.db", "trials.csv", "spec.yaml") if (out / name).exists()]
-    if existing and not resume:
-        raise AutopruneError(f"{out} already holds a search ({existing[0]}); pass --resume to continue it or "
-                             "choose another --out")
-    if resume and not existing:
-        log.info("nothing to resume in %s: starting a new search", out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder.check_out(out)
     with file_lock(out / RUN_LOCK, blocking=False) as free:
         if not free:
             raise AutopruneError(f"another search is running on {out}; wait for it or choose another --out")
-        if resume and (out / "spec.yaml").exists():
-            check_resumable(spec, out / "spec.yaml")
+        folder.prepare(spec, out, resume, backend)
         _dump_spec(spec, out / "spec.yaml")
         device = resolve_device(spec.device)
         data = load_data(spec.data, device)
         base = prepare_base(spec, out, data, device, progress)
+        folder.check_fingerprint(open_store(spec, out, backend, create=True), folder.fingerprint(out / "base.pt", data),
+                                 out)
         limits = Limits(
             max_trials=budget.max_trials, deadline=None if budget.time_s is None else start + float(budget.time_s),
             device_seconds=None if budget.device_hours is None else float(budget.device_hours) * 3600.0)
@@ -152,13 +147,13 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
                        front=tuple(read_csv(out / "pareto.csv")), base=base, files=files, importance=imp)
 
 
-def open_store(spec: SearchSpec, out: Path, backend: str) -> TrialStore:
+def open_store(spec: SearchSpec, out: Path, backend: str, create: bool = False) -> TrialStore:
     """The trial store of the results folder ``out`` (as the backend ``backend`` keeps it)."""
     if backend == "ray":
         from .ray_store import RayStore
 
         return RayStore(out)
-    return optuna_backend.open_store(spec, out)
+    return optuna_backend.open_store(spec, out, create=create)
 
 
 def _finish(spec: SearchSpec, out: Path, base: Mapping[str, Any], backend: str, with_importance: bool
@@ -171,36 +166,14 @@ def _finish(spec: SearchSpec, out: Path, base: Mapping[str, Any], backend: str, 
     return rows, imp
 
 
-def check_resumable(spec: SearchSpec, saved_path: Path) -> None:
-    """Resuming with a different model, data, objectives or space would mix incomparable trials."""
-    import yaml
-
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    now = _comparable(spec.to_dict())
-    for key in sorted(set(saved) | set(now)):
-        if key in RESUMABLE_KEYS:
-            continue
-        if _comparable(saved.get(key)) != now.get(key):
-            raise AutopruneError(f"the spec's {key!r} differs from the one this search started with "
-                                 f"({saved_path}); resume with the same spec or choose another --out")
-
-
-def _comparable(value: Any) -> Any:
-    """Normalise for comparison (tuples -> lists, nested mappings -> dicts)."""
-    if isinstance(value, Mapping):
-        return {str(k): _comparable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_comparable(v) for v in value]
-    return value
-
-
 def _dump_spec(spec: SearchSpec, path: Path) -> None:
     from .spec import dump_spec
 
     dump_spec(spec, path)
 
 
-def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.device, progress: bool = False) -> dict[str, Any]:
+def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.device,
+                 progress: bool = False) -> dict[str, Any]:
     """``<out>/base.pt`` with metrics {val_acc, macs, params}: reused, copied from ``spec.base`` or trained."""
     path = out / "base.pt"
     shape = (data.in_channels, data.image_size, data.image_size)
@@ -218,13 +191,23 @@ def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.devic
         else:
             with torch.random.fork_rng(devices=[]):  # the same seed gives the same base model
                 torch.manual_seed(int(spec.seed or 0))
-                model = create_model(model_spec)
+                model = _build(spec, model_spec)
             if spec.base_epochs <= 0:
                 log.warning("base_epochs is 0 and no base checkpoint is given: pruning an untrained model")
             else:
                 log.info("training the base model %s for %d epochs", spec.model, spec.base_epochs)
-                fit(model, data.train, data.val, TrainConfig(epochs=int(spec.base_epochs), lr=float(spec.base_lr),
-                                                             seed=int(spec.seed or 0)), device, progress=progress)
+                cfg = TrainConfig(epochs=int(spec.base_epochs), lr=float(spec.base_lr), seed=int(spec.seed or 0))
+                try:
+                    fit(model, data.train, data.val, cfg, device, progress=progress)
+                except NonFiniteLoss as exc:
+                    raise AutopruneError(f"training the base model failed: {nan_head(exc)}; lower base_lr in "
+                                         f"{spec.source}, or give a trained checkpoint as base:") from None
+                except (AutopruneError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:  # a user model whose forward raises: one line, -v for the traceback
+                    log.debug("training %s failed", spec.model, exc_info=True)
+                    raise AutopruneError(f"training the base model {spec.model!r} failed: {one_line(exc)} "
+                                         "(-v shows the traceback)") from None
         model.to(device)
         metrics = {"val_acc": evaluate(model, data.val, device)["acc"], "macs": count_macs(model, shape, device),
                    "params": count_params(model)}
@@ -234,6 +217,18 @@ def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.devic
     if "latency" in spec.objectives:
         metrics["latency_ms"] = measure_latency(model, shape, 1, device)
     return metrics
+
+
+def _build(spec: SearchSpec, model_spec: ModelSpec) -> torch.nn.Module:
+    """The spec's model, untrained; a model function that raises is one line naming it (-v: the traceback)."""
+    try:
+        return create_model(model_spec)
+    except AutopruneError:
+        raise
+    except Exception as exc:  # a user's package.module:function may raise anything
+        log.debug("building %s failed", spec.model, exc_info=True)
+        raise AutopruneError(f"model {spec.model!r} could not be built: {one_line(exc)}; fix the model function "
+                             f"or the spec's model in {spec.source} (-v shows the traceback)") from None
 
 
 def _load_given_base(spec: SearchSpec, model_spec: ModelSpec) -> torch.nn.Module:

@@ -40,6 +40,7 @@ import yaml
 
 from ..data import DataSpec
 from ..errors import AutopruneError, SpecError
+from ..files import write_text
 from .space import Range, space_to_yaml
 from .validate import SpaceChecker, parse_time
 
@@ -130,7 +131,7 @@ def load_spec(path: str | os.PathLike, overrides: Mapping[str, Any] | None = Non
         raise SpecError(f"{source}: spec file not found")
     try:
         with open(source, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+            raw = yaml.load(fh, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -145,15 +146,29 @@ def load_spec(path: str | os.PathLike, overrides: Mapping[str, Any] | None = Non
     return _build(chk, raw)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (by default the last one wins)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key != "<<" and isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (first at line {seen[key] + 1}); keep one", key_node.start_mark)
+        seen.setdefault(key, key_node.start_mark.line)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def dump_spec(spec: SearchSpec, path: str | os.PathLike) -> None:
     """Write the resolved spec as YAML (``load_spec`` reads it back to an equal spec)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     header = (f"# Resolved search spec for study {spec.study!r} (from {spec.source}).\n"
               "# Every default is filled in; budget.time is in seconds.\n")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(header)
-        yaml.safe_dump(spec.to_dict(), fh, sort_keys=False, default_flow_style=None)
+    write_text(path, header + yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None))
 
 
 # --------------------------------------------------------------------------- building

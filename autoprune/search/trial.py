@@ -17,10 +17,8 @@ mask meets the target), so early stopping can stop it there too. The test split 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,13 +31,14 @@ from torch import nn
 from .. import engine
 from ..cost import measure_latency
 from ..data import Dataset, load_data
+from ..files import FileWriteError, user_error, write_json
 from ..graph import ChannelGroup, find_groups
 from ..methods import EpochReport, PruneStopped, get_method, make_params
 from ..models import ModelSpec
 from ..plan import load_base, save_pruned
-from ..train import Callbacks, TrainConfig, evaluate, fit
+from ..train import Callbacks, NonFiniteLoss, TrainConfig, evaluate, fit
 from . import early_stop
-from .results import COST_KEYS, TrialResult, constraint_values, model_path, one_line, plan_path
+from .results import COST_KEYS, TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
 
 if TYPE_CHECKING:
     from ..engine import PruneResult
@@ -102,14 +101,17 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
     """Run one configuration; never raises for a trial-level problem (it becomes state ``failed``).
 
     ``finished()`` returns ``(cost, curve)`` of the completed trials so far (read at every epoch,
-    so trials finishing in other workers count at once). KeyboardInterrupt propagates.
+    so trials finishing in other workers count at once). KeyboardInterrupt propagates, and so does a
+    :class:`~autoprune.files.FileWriteError` (a full disk or read-only folder fails every trial alike).
     """
     start = time.perf_counter()
     progress = _Progress()
     try:
         result = _run(worker, number, dict(hparams), finished, early_stopping, progress, start)
     except Exception as exc:
-        message = one_line(exc)
+        if isinstance(exc, FileWriteError) or isinstance(user_error(exc), FileWriteError):
+            raise (exc if isinstance(exc, FileWriteError) else user_error(exc)) from None  # no trial can fix it
+        message = _message(exc, worker)
         log.warning("trial %d failed: %s", number, message)
         log.debug("trial %d traceback", number, exc_info=True)
         del exc
@@ -119,6 +121,16 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
                              **progress.measured)
         _free_memory(worker.device)
     return result
+
+
+def _message(exc: Exception, worker: Worker) -> str:
+    """The trial's error in one line; a non-finite loss says what to change in the spec."""
+    if isinstance(exc, NonFiniteLoss):
+        hint = f"lower space.lr in {worker.spec.source}"
+        if worker.device.type == "cuda":
+            hint += ", or set device: cpu to train without mixed precision"
+        return f"{type(exc).__name__}: {nan_head(exc)}; {hint}"
+    return one_line(exc)
 
 
 def _free_memory(device: torch.device) -> None:
@@ -233,11 +245,7 @@ def _save(worker: Worker, number: int, hparams: Mapping[str, Any], model: nn.Mod
                "base_val_acc": worker.base.get("val_acc")}
     save_pruned(worker.out_dir / rel, model, worker.model_spec, pruned.plan, data=worker.spec.data,
                 metrics=metrics, extra={"trial": number, "params": _json_scalars(hparams)})
-    plan_file = worker.out_dir / plan_path(number)
-    plan_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(pruned.plan.to_dict(), indent=1))
-    os.replace(tmp, plan_file)
+    write_json(worker.out_dir / plan_path(number), pruned.plan.to_dict())
     return rel
 
 
