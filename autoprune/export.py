@@ -10,11 +10,17 @@ legacy TorchScript-based one is the fallback (``exporter="auto"``); the file is 
 (weights inside, no external ``.data`` file), input ``input`` (N, C, H, W), output ``logits``.
 TorchScript: ``torch.jit.trace`` by default (works for any model whose forward has no
 data-dependent control flow), ``torch.jit.script`` on request.
+
+With an :class:`autoprune.preprocess.InputRecipe` every export carries its preprocessing: in the
+ONNX ``metadata_props`` / TorchScript extra files (keys ``autoprune.input.<field>``, JSON values)
+and in ``<file>.json`` beside it (e.g. ``model.onnx.json``), so raw data can be fed to the file
+with nothing but the file itself (:func:`read_recipe`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import warnings
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import AutopruneError
+from .preprocess import InputRecipe
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,12 @@ def default_path(model_path: str | Path, fmt: str) -> Path:
     return Path(model_path).with_suffix(SUFFIX[_check_format(fmt)])
 
 
+def sidecar_path(export_path: str | Path) -> Path:
+    """``model.onnx`` -> ``model.onnx.json``: the export's input recipe and names, for humans and tools."""
+    p = Path(export_path)
+    return p.with_name(p.name + ".json")
+
+
 def _cpu_copy(model: nn.Module) -> nn.Module:
     """An fp32, contiguous-format, eval-mode copy on the CPU (training leaves channels-last on CUDA)."""
     m = copy.deepcopy(model).to("cpu", dtype=torch.float32)
@@ -95,13 +108,16 @@ def export_model(
     format: str = "onnx",
     exporter: str = "auto",
     opset: int = OPSET,
+    recipe: InputRecipe | None = None,
 ) -> Path:
     """Write ``model`` (any device; exported from an fp32 CPU copy) to ``path`` as ``format``.
 
     ``input_shape`` is (C, H, W); the batch dimension stays dynamic. ``exporter`` picks the ONNX
     exporter ("auto": torch.export-based, falling back to the legacy one; or "torchscript":
-    "trace"/"script"). Returns the path written. The file is written under a temporary name and
-    moved into place, so a failed export never leaves a broken file behind.
+    "trace"/"script"). ``recipe``: the input preprocessing, written into the file's metadata and
+    into :func:`sidecar_path` (which is written even without a recipe, naming input and output).
+    Returns the path written. The file is written under a temporary name and moved into place, so
+    a failed export never leaves a broken file behind.
     """
     fmt = _check_format(format)
     path = Path(path)
@@ -109,14 +125,20 @@ def export_model(
     tmp = path.with_name(f".{path.name}.tmp")
     m = _cpu_copy(model)
     example = _example(tuple(input_shape), 2, 0)  # batch 2: batch 1 would be specialised by torch.export
+    meta = recipe.to_metadata() if recipe is not None else {}
     try:
         if fmt == "onnx":
             used = _export_onnx(m, example, tmp, exporter, opset)
+            _set_onnx_metadata(tmp, {EXPORTER_KEY: used, **meta}, required=bool(meta))
         else:
-            used = _export_torchscript(m, example, tmp, exporter)
+            used = _export_torchscript(m, example, tmp, exporter, meta)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+    side = {"file": path.name, "format": fmt, "exporter": used, "input_name": INPUT_NAME,
+            "output_name": OUTPUT_NAME, "input_shape": ["batch", *input_shape],
+            "input": recipe.to_dict() if recipe is not None else None}
+    sidecar_path(path).write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8")
     log.info("exported %s (%s, %s) -> %s", type(model).__name__, fmt, used, path)
     return path
 
@@ -153,7 +175,6 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: 
                         opset_version=opset,
                         dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                     )
-            _set_onnx_exporter(path, kind)
             return kind
         except ImportError as exc:
             errors.append(f"{kind}: {exc}")
@@ -166,20 +187,30 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: 
     )
 
 
-def _set_onnx_exporter(path: Path, kind: str) -> None:
-    """Record which exporter wrote the file (metadata ``autoprune.exporter``); best effort."""
+def _set_onnx_metadata(path: Path, meta: dict[str, str], required: bool) -> None:
+    """Add ``meta`` to the file's metadata_props (replacing equal keys).
+
+    Only the exporter's name is a nicety (``required`` False: failures are logged); an input
+    recipe that cannot be written fails the export, which would otherwise be unusable on raw data.
+    """
     try:
         import onnx
 
         proto = onnx.load(str(path))
-        if EXPORTER_KEY not in {p.key for p in proto.metadata_props}:
-            proto.metadata_props.add(key=EXPORTER_KEY, value=kind)
-            onnx.save(proto, str(path))
-    except Exception:
+        kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in meta]
+        del proto.metadata_props[:]
+        for key, value in [*kept, *meta.items()]:
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, str(path))
+    except Exception as exc:
+        if required:
+            raise AutopruneError(f"could not write the input recipe into {path.name} ({type(exc).__name__}: "
+                                 f"{exc}); install onnx (pip install 'autoprune[export]')") from exc
         log.debug("could not write ONNX metadata", exc_info=True)
 
 
-def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, exporter: str) -> str:
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, exporter: str,
+                        meta: dict[str, str]) -> str:
     kind = "trace" if exporter in ("auto", "trace") else exporter
     if kind not in ("trace", "script"):
         raise AutopruneError(f"unknown TorchScript exporter {exporter!r}; use trace or script")
@@ -192,7 +223,7 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, exp
                     if kind == "trace"
                     else torch.jit.script(model)
                 )
-            torch.jit.save(module, str(path), _extra_files={EXPORTER_KEY: kind})
+            torch.jit.save(module, str(path), _extra_files={EXPORTER_KEY: kind, **meta})
     except Exception as exc:
         raise AutopruneError(
             f"TorchScript {kind} of {type(model).__name__} failed "
@@ -218,6 +249,30 @@ def exporter_of(path: str | Path, fmt: str) -> str:
         return value.decode() if isinstance(value, bytes) else str(value)
     except Exception:  # noqa: BLE001 - informational only
         return ""
+
+
+def read_recipe(path: str | Path, fmt: str | None = None) -> InputRecipe:
+    """The input recipe stored in an exported file itself (ONNX metadata or TorchScript extra files).
+
+    ``fmt`` defaults from the suffix (.onnx / .ts). AutopruneError when the file has none.
+    """
+    path = Path(path)
+    fmt = _check_format(fmt or ("onnx" if path.suffix == ".onnx" else "torchscript"))
+    if fmt == "onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    else:
+        from dataclasses import fields
+
+        from .preprocess import META_PREFIX
+
+        extra = {META_PREFIX + f.name: "" for f in fields(InputRecipe)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        props = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in extra.items() if v}
+    return InputRecipe.from_metadata(props)
 
 
 def _runner(path: Path, fmt: str):
@@ -312,9 +367,10 @@ def export_checked(
     format: str = "onnx",
     exporter: str = "auto",
     atol: float = DEFAULT_ATOL,
+    recipe: InputRecipe | None = None,
 ) -> ExportCheck:
     """``export_model`` then ``check_export``; AutopruneError if the logits differ by more than ``atol``."""
-    written = export_model(model, input_shape, path, format, exporter)
+    written = export_model(model, input_shape, path, format, exporter, recipe=recipe)
     check = check_export(model, written, format, input_shape, atol=atol)
     if not check.ok:
         raise AutopruneError(

@@ -20,7 +20,7 @@ import pandas as pd
 from .errors import AutopruneError
 from .files import atomic_path, os_error, write_text
 from .pareto import FRACTION_COLUMNS, OBJECTIVE_COLUMNS, front_hypervolume, front_mask
-from .report_plots import _acc_scale, normalise, plot_pareto
+from .report_plots import _acc_scale, cost_unit, normalise, plot_pareto
 
 __all__ = ["ReportPaths", "load_trials", "plot_pareto", "read_base", "write_report"]
 
@@ -209,10 +209,10 @@ def _markdown(study: str, info: Mapping[str, Any], df: pd.DataFrame, on: pd.Data
         parts = []
         if base.get("val_acc") is not None:
             parts.append(f"val acc {_num(float(base['val_acc']) * (100 if base['val_acc'] <= 1 else 1), '.2f')} %")
-        if base.get("macs") is not None:
-            parts.append(f"{_num(base['macs'] / 1e6, '.4g')} M MACs")
-        if base.get("params") is not None:
-            parts.append(f"{_num(base['params'] / 1e6, '.4g')} M params")
+        for key, what in (("macs", "MACs"), ("params", "params")):
+            if base.get(key) is not None:
+                unit, div = cost_unit(base[key])
+                parts.append(f"{_num(base[key] / div, '.4g')} {unit}{' ' if unit else ''}{what}")
         out.append(f"Base model: {', '.join(parts)}.\n\n")
     states = df["state"].value_counts() if "state" in df.columns else pd.Series({"complete": len(df)})
     counts = ", ".join(f"{s} {int(states.get(s, 0))}" for s in ("complete", "early_stopped", "failed", "running"))
@@ -229,12 +229,16 @@ def _markdown(study: str, info: Mapping[str, Any], df: pd.DataFrame, on: pd.Data
     out.append(f"\n\n## Pareto front ({len(on)} trials)\n\n")
     col = OBJECTIVE_COLUMNS[objective]
     frac = FRACTION_COLUMNS.get(objective)
-    cost_head = "latency (ms)" if objective == "latency" else f"{'MACs' if objective == 'macs' else 'params'} (M)"
+    unit, div = cost_unit(base.get(col)) if objective != "latency" else ("", 1.0)
+    if objective != "latency" and not base.get(col):  # no base: the largest trial stands in for it
+        unit, div = cost_unit(pd.to_numeric(df.get(col), errors="coerce").max() if col in df.columns else None)
+    what = "MACs" if objective == "macs" else "params"
+    cost_head = "latency (ms)" if objective == "latency" else (f"{what} ({unit})" if unit else what)
     header = ["trial", "method", "val acc (%)", cost_head] + (["% of base"] if frac else []) + \
              ["target", "allocation", "epochs", "lr", "model"]
     rows = []
     for _, r in on.iterrows():
-        cost = r.get(col) if objective == "latency" else (r.get(col) or np.nan) / 1e6
+        cost = r.get(col) if objective == "latency" else (r.get(col) or np.nan) / div
         rows.append([_num(r.get("number"), ".0f"), r.get("method", ""), _num(r.get("val_acc", np.nan) * acc, ".2f"),
                      _num(cost)] + ([_num(r.get(frac, np.nan) * 100, ".1f")] if frac else [])
                     + [_num(r.get("target"), ".3g"), r.get("allocation", ""), _num(r.get("epochs"), ".0f"),

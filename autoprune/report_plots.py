@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 
 NUMERIC = ("number", "target", "epochs", "lr", "val_acc", "macs", "macs_frac", "params", "params_frac",
            "latency_ms", "epochs_run", "duration_s")
-METHOD_COLOURS = {"resrep": "#1f77b4", "lrf": "#ff7f0e", "fsm": "#2ca02c", "l1": "#7f7f7f"}
-PALETTE = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+# No grey and no black among method/study colours: faded black means "dominated" in the legend.
+METHOD_COLOURS = {"resrep": "#1f77b4", "lrf": "#ff7f0e", "fsm": "#2ca02c", "l1": "#9467bd"}
+PALETTE = ("#d62728", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#1f77b4", "#ff7f0e", "#2ca02c")
+UNITS = (("", 1.0), ("K", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12))
 PLOTLY_JS: bool | str = True  # embed plotly.js so pareto.html works offline ("cdn" for a small file)
 
 def normalise(df: pd.DataFrame) -> pd.DataFrame:
@@ -49,15 +51,30 @@ def _colours(names: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _axis(objective: str, relative: bool, max_value: float) -> tuple[str, str, float]:
-    """(column, axis label, divisor) for the cost axis."""
+def cost_unit(base_value: float | None) -> tuple[str, float]:
+    """(prefix, divisor) for MACs or params counts of a study, chosen once from the base model's count.
+
+    The largest SI prefix under which the base is at least 1 (1.19e6 MACs -> ("M", 1e6)); the plot,
+    report.md and the CLI all use it, so one study speaks one unit. ("", 1.0) when the base is unknown.
+    """
+    try:
+        value = float(base_value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return UNITS[0]
+    if not math.isfinite(value) or value < 1:
+        return UNITS[0]
+    return [u for u in UNITS if value >= u[1]][-1]
+
+
+def _axis(objective: str, relative: bool, base_value: float | None) -> tuple[str, str, float]:
+    """(column, axis label, divisor) for the cost axis; counts in the unit of the base (:func:`cost_unit`)."""
     if objective == "latency":
         return "latency_ms", "latency (ms)", 1.0
     what = "MACs" if objective == "macs" else "params"
     if relative:
         return FRACTION_COLUMNS[objective], f"{what} (% of base)", 0.01
-    unit, div = next(((u, d) for u, d in (("K", 1e3), ("M", 1e6), ("G", 1e9)) if max_value < d * 1000), ("G", 1e9))
-    return OBJECTIVE_COLUMNS[objective], f"{what} ({unit})", div
+    unit, div = cost_unit(base_value)
+    return OBJECTIVE_COLUMNS[objective], f"{what} ({unit})" if unit else what, div
 
 
 def _acc_scale(df: pd.DataFrame) -> float:
@@ -89,16 +106,21 @@ STYLES = {  # category -> (marker, filled, alpha, size, label)
     "front": ("o", True, 1.0, 70, "Pareto front"),
     "dominated": ("o", True, 0.3, 30, "dominated"),
     "infeasible": ("D", True, 0.3, 25, "infeasible (constraint)"),
-    "early_stopped": ("o", False, 0.7, 35, "early-stopped"),
+    "early_stopped": ("o", False, 0.45, 35, "early-stopped (hollow: accuracy when stopped)"),
     "failed": ("x", True, 0.8, 40, "failed (at the bottom)"),
 }
 
 
 def plot_pareto(dfs: pd.DataFrame | Mapping[str, pd.DataFrame] | Sequence[pd.DataFrame], out_png: str,
                 out_html: str | None = None, base_points: Mapping[str, Mapping[str, Any]] | None = None, *,
-                objective: str = "macs", relative: bool | None = None, title: str | None = None) -> None:
+                objective: str = "macs", relative: bool | None = None, title: str | None = None) -> Any:
     """Accuracy vs cost of one or several studies. One study: colour by method; several: colour by
-    study, cost as % of each base (unless ``relative=False``). ``base_points``: study -> base metrics."""
+    study, cost as % of each base (unless ``relative=False``). ``base_points``: study -> base metrics.
+
+    Absolute costs use the base's unit (:func:`cost_unit`); the accuracy axis never goes above 100 %.
+    Early-stopped trials are drawn hollow and faded (their accuracy is from the epoch they stopped
+    at, not a result). Returns the matplotlib Figure of the PNG.
+    """
     if isinstance(dfs, pd.DataFrame):
         dfs = {str(n): g for n, g in dfs.groupby("study", sort=False)} if "study" in dfs.columns else {"": dfs}
     elif not isinstance(dfs, Mapping):
@@ -111,8 +133,13 @@ def plot_pareto(dfs: pd.DataFrame | Mapping[str, pd.DataFrame] | Sequence[pd.Dat
         relative = False
     base_points = {k: dict(v) for k, v in (base_points or {}).items()}
     all_df = pd.concat(list(dfs.values()), ignore_index=True) if dfs else pd.DataFrame()
-    cost_max = pd.to_numeric(all_df.get(OBJECTIVE_COLUMNS[objective], pd.Series(dtype=float)), errors="coerce").max()
-    col, xlabel, div = _axis(objective, relative, float(cost_max) if pd.notna(cost_max) else 1.0)
+    base_costs = [b.get(OBJECTIVE_COLUMNS[objective]) for b in base_points.values()]
+    base_costs = [float(c) for c in base_costs if isinstance(c, (int, float)) and c > 0]
+    if not base_costs:  # no base known: the largest trial stands in for it
+        cost_max = pd.to_numeric(all_df.get(OBJECTIVE_COLUMNS[objective], pd.Series(dtype=float)),
+                                 errors="coerce").max()
+        base_costs = [float(cost_max)] if pd.notna(cost_max) else []
+    col, xlabel, div = _axis(objective, relative, max(base_costs, default=None))
     colour = _colours(studies if multi else list(all_df.get("method", pd.Series(dtype=str)).dropna().astype(str)))
     groups = []  # (study, df, categories, x, y)
     for study, df in dfs.items():
@@ -120,9 +147,10 @@ def plot_pareto(dfs: pd.DataFrame | Mapping[str, pd.DataFrame] | Sequence[pd.Dat
         x = pd.to_numeric(df[col], errors="coerce") / div if col in df.columns else pd.Series(np.nan, index=df.index)
         y = pd.to_numeric(df["val_acc"], errors="coerce") * _acc_scale(df)
         groups.append((study, df, _categories(df, objective), x, y))
-    _plot_png(groups, colour, multi, base_points, col, div, xlabel, title, out_png)
+    fig = _plot_png(groups, colour, multi, base_points, col, div, xlabel, title, out_png)
     if out_html:
         _plot_html(groups, colour, multi, base_points, col, div, xlabel, title, out_html, out_png)
+    return fig
 
 
 def _base_xy(base: Mapping[str, Any], col: str, div: float, relative_col: bool) -> tuple[float, float] | None:
@@ -133,7 +161,7 @@ def _base_xy(base: Mapping[str, Any], col: str, div: float, relative_col: bool) 
     return (x if relative_col else float(x) / div), float(acc) * (100.0 if float(acc) <= 1.0 else 1.0)
 
 
-def _plot_png(groups, colour, multi, base_points, col, div, xlabel, title, out_png) -> None:
+def _plot_png(groups, colour, multi, base_points, col, div, xlabel, title, out_png) -> Any:
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
     from matplotlib.lines import Line2D
 
@@ -155,7 +183,7 @@ def _plot_png(groups, colour, multi, base_points, col, div, xlabel, title, out_p
                 sel &= y.notna()
                 ax.scatter(x[sel], y[sel], marker=marker, s=size, alpha=alpha, zorder=3 if c == "front" else 2,
                            facecolors=rgb if filled else "none", edgecolors="k" if c == "front" else rgb,
-                           linewidths=1.2 if not filled or c == "front" else 0.5)
+                           linewidths=1.2 if not filled or c == "front" else 0.5, clip_on=False)
         on = cat == "front"
         order = np.argsort(x[on].to_numpy(), kind="stable")
         ax.step(x[on].to_numpy()[order], y[on].to_numpy()[order], where="post", zorder=2.5, lw=1.3,
@@ -163,7 +191,10 @@ def _plot_png(groups, colour, multi, base_points, col, div, xlabel, title, out_p
         xy = _base_xy(base_points.get(study, {}), col, div, col.endswith("_frac"))
         if xy is not None:
             ax.scatter(*xy, marker="*", s=260, c=colour.get(study, "gold") if multi else "gold",
-                       edgecolors="k", linewidths=0.8, zorder=4)
+                       edgecolors="k", linewidths=0.8, zorder=4, clip_on=False)
+    low, high = ax.get_ylim()
+    if high > 100.0:  # accuracy cannot exceed 100 %; markers at 100 are drawn unclipped
+        ax.set_ylim(min(low, 99.0), 100.0)
     if failed:  # no accuracy: drawn on the bottom edge at their MACs
         low = ax.get_ylim()[0]
         ax.scatter([f[0] for f in failed], [low] * len(failed), marker="x", s=40, c=[f[1] for f in failed],
@@ -184,10 +215,12 @@ def _plot_png(groups, colour, multi, base_points, col, div, xlabel, title, out_p
     first = ax.legend(handles=colour_handles, title="study" if multi else "method", fontsize=8,
                       loc="lower left", bbox_to_anchor=(1.01, 0.0))
     ax.add_artist(first)
-    ax.legend(handles=style_handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    second = ax.legend(handles=style_handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    # both legends sit outside the axes: name them, or the tight box crops the one added as an artist
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, bbox_inches="tight", format="png")
+        fig.savefig(tmp, bbox_inches="tight", format="png", bbox_extra_artists=[first, second, ax.title])
+    return fig
 
 
 def _plot_html(groups, colour, multi, base_points, col, div, xlabel, title, out_html, out_png) -> None:
@@ -233,5 +266,10 @@ def _plot_html(groups, colour, multi, base_points, col, div, xlabel, title, out_
                                      text=[f"base model<br>val acc {xy[1]:.2f} %"], hoverinfo="text"))
     fig.update_layout(title=title or "validation accuracy vs " + xlabel.split(" (")[0], xaxis_title=xlabel,
                       yaxis_title="validation accuracy (%)", template="plotly_white")
+    base_ys = [xy[1] for g in groups if (xy := _base_xy(base_points.get(g[0], {}), col, div, col.endswith("_frac")))]
+    top = max(([float(ys_all.max())] if ys_all.notna().any() else []) + base_ys, default=0.0)
+    if top >= 99.0:  # the accuracy axis stops at 100 %; markers there are drawn unclipped
+        fig.update_yaxes(range=[min([bottom, *base_ys]) - 1.0, 100.0])
+        fig.update_traces(cliponaxis=False)
     with atomic_path(out_html) as tmp:
         fig.write_html(tmp, include_plotlyjs=PLOTLY_JS, full_html=True)

@@ -29,15 +29,16 @@ from torch import nn
 
 from .choose import Choice, choose_trial, read_trials, study_name
 from .cost import count_macs, count_params, measure_latency
-from .data import Dataset, DataSpec, load_data
+from .data import Dataset, DataSpec, load_data, parse_augmentation
 from .errors import AutopruneError
 from .export import export_checked
 from .files import write_json, write_text
 from .models import ModelSpec
 from .plan import Plan, load_base, load_pruned, save_pruned
+from .preprocess import recipe_for
 from .retrain_report import plot_widths, summary_markdown
 from .splits import check_split
-from .train import Callbacks, TrainConfig, evaluate, fit, resolve_device
+from .train import Callbacks, TrainConfig, evaluate, fit, prefer_epoch, resolve_device
 
 __all__ = ["Choice", "RetrainInterrupted", "RetrainResult", "choose_trial", "export_all", "finetune", "measure",
            "read_trials", "retrain", "study_name"]
@@ -80,15 +81,17 @@ class RetrainInterrupted(KeyboardInterrupt):
 
 def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None = None, epochs: int = 30,
             lr: float | None = None, batch_size: int | None = None, distill: bool = False,
-            distill_alpha: float = 0.7, augment: bool = False, out_dir: str | Path | None = None,
+            distill_alpha: float = 0.7, augment: bool | str = False, out_dir: str | Path | None = None,
             device: str | torch.device = "auto", seed: int = 0, progress: bool = False,
-            onnx_exporter: str = "auto", latency_repeats: int = 20) -> RetrainResult:
+            onnx_exporter: str = "auto", latency_repeats: int = 20, force: bool = False) -> RetrainResult:
     """Retrain the trial ``rule`` (or ``trial``) selects; writes the output folder, returns its metrics.
 
     ``lr`` and ``batch_size`` default to the trial's own. With ``distill`` the loss mixes
     cross-entropy and distillation from ``<study>/base.pt`` (weight ``distill_alpha``). The
     returned validation accuracy is never below the loaded trial's: epoch 0 (no training) counts
-    as a candidate for the best epoch.
+    as a candidate for the best epoch; ties go to the lower validation loss, then to the later epoch
+    (:func:`autoprune.train.prefer_epoch`), and ``metrics["retrain"]["best_reason"]`` says which rule
+    kept it. An output folder that already holds a model is an AutopruneError unless ``force``.
     """
     if distill and not 0.0 < distill_alpha <= 1.0:
         raise AutopruneError(f"distill_alpha must be in (0, 1], got {distill_alpha}; 0.5..0.9 works well")
@@ -96,6 +99,10 @@ def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None
         raise AutopruneError(f"epochs must be >= 0, got {epochs}")
     study = Path(study_dir)
     choice = choose_trial(study, rule, trial)
+    out = Path(out_dir) if out_dir is not None else study / "retrained" / f"trial_{choice.trial:04d}"
+    if (out / FILES["model"]).exists() and not force:
+        raise AutopruneError(f"{out} already holds a retrained model ({FILES['model']}); pass --force to replace "
+                             "it or choose another --out")
     dev = resolve_device(device)
     model, ckpt = load_pruned(choice.model_path, dev)
     spec = ModelSpec.from_dict(ckpt["model"])
@@ -107,9 +114,9 @@ def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None
     hparams = dict((ckpt.get("extra") or {}).get("params") or {})
     lr = float(lr if lr is not None else hparams.get("lr") or choice.row.get("lr") or 0.01)
     batch_size = int(batch_size if batch_size is not None else hparams.get("batch_size") or 128)
-    cfg = TrainConfig(epochs=int(epochs), lr=lr, batch_size=batch_size, augment=augment, seed=int(seed),
+    cfg = TrainConfig(epochs=int(epochs), lr=lr, batch_size=batch_size, seed=int(seed),
+                      augment=parse_augmentation(augment, data_spec.name),
                       distill_alpha=float(distill_alpha) if distill else 0.0)
-    out = Path(out_dir) if out_dir is not None else study / "retrained" / f"trial_{choice.trial:04d}"
     out.mkdir(parents=True, exist_ok=True)
     for key in ("onnx", "torchscript", "metrics", "widths", "summary"):  # a previous run's, now stale
         (out / FILES[key]).unlink(missing_ok=True)
@@ -128,7 +135,7 @@ def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None
                "preprocessing": {"mean": list(data.mean), "std": list(data.std), "note": "inputs are "
                                  "standardised per channel with these statistics of the train split"}}
     saver.save_final(pruned, base, run)
-    files = {"model": saver.path, **export_all(model, shape, out, onnx_exporter, metrics)}
+    files = {"model": saver.path, **export_all(model, shape, out, onnx_exporter, metrics, recipe_for(data))}
     write_json(out / FILES["metrics"], metrics, indent=2)
     files["metrics"] = out / FILES["metrics"]
     try:
@@ -150,12 +157,15 @@ class _BestSaver:
                  extra: dict[str, Any]) -> None:
         self.path, self.model, self.spec, self.plan, self.data_spec = path, model, spec, plan, data_spec
         self.extra = extra
-        self.epoch, self.val_acc, self.state = 0, -math.inf, _state(model)
+        self.epoch, self.val_acc, self.val_loss, self.state = 0, -math.inf, math.nan, _state(model)
+        self.reason = ""
 
-    def offer(self, epoch: int, val_acc: float) -> None:
-        """Keep the model's current weights if ``val_acc`` beats the best so far."""
-        if val_acc > self.val_acc:
-            self.epoch, self.val_acc, self.state = epoch, val_acc, _state(self.model)
+    def offer(self, epoch: int, val_acc: float, val_loss: float = math.nan) -> None:
+        """Keep the model's current weights if they beat the kept ones (:func:`prefer_epoch`)."""
+        reason = prefer_epoch(val_acc, val_loss, self.val_acc, self.val_loss)
+        if reason:
+            self.epoch, self.val_acc, self.val_loss, self.state = epoch, val_acc, val_loss, _state(self.model)
+            self.reason = reason
             save_pruned(self.path, self.model, self.spec, self.plan, self.data_spec,
                         metrics={"val_acc": val_acc, "epoch": epoch},
                         extra={**self.extra, "retrain": {"best_epoch": epoch, "finished": False}})
@@ -177,11 +187,12 @@ def finetune(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.de
               head: dict[str, Any]) -> dict[str, Any]:
     """fit() keeping the best epoch (epoch 0 = the trial's weights); on Ctrl-C write notes and re-raise."""
     recorded = choice.row.get("val_acc")
-    start_acc = evaluate(model, data.val, device)["acc"]
+    start = evaluate(model, data.val, device)
+    start_acc = start["acc"]
     if recorded is not None and abs(start_acc - float(recorded)) > 1e-6:
         log.warning("trial %d: val_acc measured now %.4f differs from the recorded %.4f (other device or "
                     "data?)", choice.trial, start_acc, float(recorded))
-    saver.offer(0, start_acc)  # model.pt is usable at once, even if the first epoch is interrupted
+    saver.offer(0, start_acc, start["loss"])  # model.pt is usable at once, even if the first epoch is interrupted
     run: dict[str, Any] = {
         "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "schedule": "cosine",
         "augment": cfg.augment, "distill": teacher is not None, "distill_alpha": cfg.distill_alpha,
@@ -191,7 +202,7 @@ def finetune(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.de
     started = time.perf_counter()
 
     def on_epoch_end(epoch: int, metrics: dict) -> bool:
-        saver.offer(epoch, float(metrics["val_acc"]))
+        saver.offer(epoch, float(metrics["val_acc"]), float(metrics["val_loss"]))
         return False
 
     try:
@@ -208,18 +219,20 @@ def finetune(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.de
     saver.restore()
     history = [{k: h[k] for k in ("epoch", "train_loss", "val_acc", "lr")} for h in result.history]
     run.update(epochs_run=result.epochs_run, best_epoch=saver.epoch, best_val_acc=saver.val_acc,
+               best_val_loss=saver.val_loss, best_reason=saver.reason if saver.epoch or not result.epochs_run
+               else "no epoch beat the trial's own weights (epoch 0) on val accuracy, then val loss",
                seconds=time.perf_counter() - started, history=history)
     return run
 
 
 def export_all(model: nn.Module, shape: tuple[int, int, int], out: Path, onnx_exporter: str,
-                metrics: dict[str, Any]) -> dict[str, Path]:
+               metrics: dict[str, Any], recipe: Any = None) -> dict[str, Path]:
     """ONNX and TorchScript files, each checked; a failed export is recorded, not raised."""
     files, metrics["exports"] = {}, {}
     for fmt in ("onnx", "torchscript"):
         try:
             exporter = onnx_exporter if fmt == "onnx" else "auto"
-            check = export_checked(model, shape, out / FILES[fmt], fmt, exporter)
+            check = export_checked(model, shape, out / FILES[fmt], fmt, exporter, recipe=recipe)
             metrics["exports"][fmt] = {**check.to_dict(), "path": FILES[fmt]}
             files[fmt] = out / FILES[fmt]
         except AutopruneError as exc:

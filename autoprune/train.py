@@ -39,7 +39,7 @@ class Split(Protocol):
     def __len__(self) -> int: ...
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                augment: bool = False) -> Iterator[tuple[Tensor, Tensor]]: ...
+                augment: bool | tuple[str, ...] = False) -> Iterator[tuple[Tensor, Tensor]]: ...
 
 
 class NonFiniteLoss(AutopruneError):
@@ -58,10 +58,13 @@ class TrainConfig:
     distill_alpha: float = 0.0      # weight of the distillation term (needs a teacher when > 0)
     distill_temperature: float = 4.0
     amp: bool = True                # mixed precision; used only on CUDA
-    augment: bool = False           # passed to Split.batches for the training split
+    augment: bool | tuple[str, ...] = False  # Split.batches of the training split: names ("crop", "flip")
+    #                                         or True for the legacy rule (autoprune.data.augment_batch)
     seed: int = 0                   # shuffling order and the RNG used during training
 
     def __post_init__(self) -> None:
+        if isinstance(self.augment, (list, tuple)):  # a list from JSON/YAML: keep the config hashable
+            object.__setattr__(self, "augment", tuple(str(a) for a in self.augment))
         checks = {
             "epochs": self.epochs >= 0,
             "lr": self.lr > 0,
@@ -103,6 +106,24 @@ class FitResult:
     history: tuple[dict, ...]       # one metrics dict per epoch run
     best_val_acc: float             # nan when fit had no validation split
     final_val_acc: float
+
+
+def prefer_epoch(acc: float, loss: float, best_acc: float, best_loss: float) -> str | None:
+    """Why an epoch with val ``acc``/``loss`` should replace the kept one, or None to keep the old one.
+
+    Higher accuracy wins; on a tie (common on small validation splits, where accuracy moves in
+    steps of one image) the lower validation loss wins, and on a tie of both the newer epoch, so
+    training is never discarded for nothing. Callers offer epochs in order, oldest first.
+    """
+    if acc > best_acc:
+        return "highest val accuracy"
+    if acc < best_acc:
+        return None
+    if math.isnan(loss) or loss > best_loss:
+        return None
+    if math.isnan(best_loss) or loss < best_loss:
+        return f"val accuracy tied, lower val loss ({loss:.4g} vs {best_loss:.4g})"
+    return "val accuracy and loss tied: the later epoch"
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -202,8 +223,11 @@ def evaluate(model: nn.Module, split: Split, device: str | torch.device, batch_s
 
 def fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, device: str | torch.device,
         callbacks: Callbacks | None = None, teacher: nn.Module | None = None,
-        progress: bool = False) -> FitResult:
+        progress: bool | str = False) -> FitResult:
     """Train model in place on train for cfg.epochs; evaluate on val after every epoch.
+
+    ``progress``: a tqdm bar per epoch (with its ETA); a string also labels the bar with what is
+    being trained (e.g. "base small_cnn on digits").
 
     Moves model (and teacher) to device; on CUDA also to channels-last. Raises NonFiniteLoss
     when the loss becomes NaN/inf (the weights are then unusable: on CUDA the check runs every
@@ -244,7 +268,7 @@ def fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, dev
 
 
 def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, device: torch.device,
-         callbacks: Callbacks, teacher: nn.Module | None, progress: bool) -> FitResult:
+         callbacks: Callbacks, teacher: nn.Module | None, progress: bool | str) -> FitResult:
     on_cuda = device.type == "cuda"
     spe = steps_per_epoch(len(train), cfg.batch_size)
     lr_at = lr_schedule(cfg, spe)
@@ -397,9 +421,9 @@ def _grad_scaler(enabled: bool) -> Any:
     return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
-def _progress_bar(epochs: range, progress: bool) -> Any:
+def _progress_bar(epochs: range, progress: bool | str) -> Any:
     if not progress:
         return epochs
     from tqdm.auto import tqdm
 
-    return tqdm(epochs, desc="fit", unit="epoch")
+    return tqdm(epochs, desc=progress if isinstance(progress, str) else "fit", unit="epoch")

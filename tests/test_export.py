@@ -5,6 +5,7 @@ when the file and the model differ."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -158,3 +159,60 @@ def test_cli_export_of_a_base_model_and_errors(tmp_path, capsys):
     assert "missing.pt does not exist" in err and len(err.strip().splitlines()) == 1
     assert main(["export", str(tmp_path / "base.pt"), "--format", "onnx", "--exporter", "trace"]) == 2
     assert "does not apply" in capsys.readouterr().err
+
+
+def test_onnx_fed_raw_digits_with_only_its_metadata_recipe_reproduces_pytorch_test_accuracy(
+        digits, digits_base, tmp_path):
+    from sklearn.datasets import load_digits
+
+    from autoprune.export import read_recipe, sidecar_path
+    from autoprune.preprocess import recipe_for
+    from autoprune.train import evaluate
+
+    model, _ = digits_base
+    path = export_model(model, (1, 8, 8), tmp_path / "digits.onnx", "onnx", recipe=recipe_for(digits))
+    torch_acc = evaluate(model, digits.test, "cpu")["acc"]
+    raw = load_digits().images[digits.test.indices.numpy()]  # pixels 0..16, N x 8 x 8, as sklearn ships them
+    y = digits.test.y.numpy()
+    recipe = read_recipe(path)  # from the ONNX metadata_props alone
+    assert recipe.scale == pytest.approx(1 / 16) and recipe.classes == tuple("0123456789")
+    assert (recipe.layout, recipe.channels, recipe.height, recipe.width) == ("NCHW", 1, 8, 8)
+    onnx_acc = float((_onnx_logits(path, torch.from_numpy(recipe.apply(raw))).argmax(1) == y).mean())
+    assert torch_acc > 0.9 and onnx_acc == pytest.approx(torch_acc, abs=1e-12)
+    # the recipe matters: mean/std without the 1/16 scale (what metrics.json used to give) fails
+    unscaled = (raw[:, None] - np.asarray(recipe.mean)) / np.asarray(recipe.std)
+    assert float((_onnx_logits(path, torch.from_numpy(unscaled.astype(np.float32))).argmax(1) == y).mean()) \
+        < torch_acc - 0.1
+    side = json.loads(sidecar_path(path).read_text())
+    assert side["file"] == "digits.onnx" and side["input"]["std"] == list(recipe.std)
+    assert side["input_name"] == "input" and side["output_name"] == "logits"
+
+
+def test_torchscript_export_carries_the_recipe_too(digits, digits_base, tmp_path):
+    from autoprune.export import read_recipe
+    from autoprune.preprocess import recipe_for
+
+    model, _ = digits_base
+    path = export_model(model, (1, 8, 8), tmp_path / "digits.ts", "torchscript", recipe=recipe_for(digits))
+    assert read_recipe(path) == recipe_for(digits)
+    bare = export_model(model, (1, 8, 8), tmp_path / "bare.ts", "torchscript")
+    with pytest.raises(AutopruneError, match="no autoprune input recipe"):
+        read_recipe(bare)
+
+
+def test_cli_export_refuses_to_overwrite_without_force_and_writes_the_recipe(digits, digits_base, tmp_path,
+                                                                           capsys):
+    from autoprune.export import read_recipe
+
+    model, spec = digits_base
+    save_base(tmp_path / "base.pt", model, spec, digits.spec, {})
+    out = tmp_path / "base.onnx"
+    assert main(["export", str(tmp_path / "base.pt"), "--exporter", "legacy"]) == 0
+    assert "input recipe" in capsys.readouterr().out
+    assert read_recipe(out).data == "digits" and (tmp_path / "base.onnx.json").is_file()
+    stamp = out.stat().st_mtime_ns
+    assert main(["export", str(tmp_path / "base.pt"), "--exporter", "legacy"]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; pass --force" in err and len(err.strip().splitlines()) == 1
+    assert out.stat().st_mtime_ns == stamp
+    assert main(["export", str(tmp_path / "base.pt"), "--exporter", "legacy", "--force"]) == 0

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 import yaml
@@ -215,10 +216,12 @@ def test_smoke_spec_on_ray_matches_the_optuna_backend(ray_address, tmp_path):
     overlaps = [(a, b) for a in spans for b in spans if a < b
                 and spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]]
     assert overlaps, (spans, took)
-    # the same results folder as the Optuna backend's (less its study.db, plus ray/)
-    for name in ("spec.yaml", "base.pt", "trials.csv", "pareto.csv", "pareto.png", "pareto.html", "report.md"):
+    # the same results folder as the Optuna backend's (plus ray/; study.db is a snapshot for the dashboard)
+    for name in ("spec.yaml", "base.pt", "trials.csv", "pareto.csv", "pareto.png", "pareto.html", "report.md",
+                 "study.db"):
         assert (ray_out / name).is_file(), name
-    assert not (ray_out / "study.db").exists()
+    snapshot = optuna.load_study(study_name=spec.study, storage=f"sqlite:///{ray_out / 'study.db'}")
+    assert snapshot.user_attrs["backend"] == "ray" and len(snapshot.trials) == 4
     header, rows = read_rows(ray_out / "trials.csv")
     optuna_header, optuna_rows = read_rows(optuna_out / "trials.csv")
     assert header == optuna_header

@@ -20,6 +20,7 @@ from autoprune.train import (
     evaluate,
     fit,
     lr_schedule,
+    prefer_epoch,
     resolve_device,
     steps_per_epoch,
 )
@@ -353,3 +354,54 @@ def test_progress_bar_only_when_asked(capsys):
     assert capsys.readouterr().err == ""
     fit(mlp(0), train, None, TrainConfig(epochs=1, batch_size=16), "cpu", progress=True)
     assert "fit" in capsys.readouterr().err
+    fit(mlp(0), train, None, TrainConfig(epochs=2, batch_size=16), "cpu", progress="base mlp on blobs")
+    err = capsys.readouterr().err
+    assert "base mlp on blobs" in err and "2/2" in err  # says what it trains; tqdm shows the count and ETA
+
+
+def test_best_epoch_tie_keeps_training_instead_of_discarding_it():
+    kept = (0, 0.9972, 0.020, "start")  # epoch 0: the trial's weights, as retrain offers them first
+    history = [(1, 0.9944, 0.030), (2, 0.9972, 0.015), (3, 0.9972, 0.015), (4, 0.9972, 0.018)]
+    for epoch, acc, loss in history:
+        reason = prefer_epoch(acc, loss, kept[1], kept[2])
+        if reason:
+            kept = (epoch, acc, loss, reason)
+    assert kept[0] == 3 and "later epoch" in kept[3]  # not epoch 0: same accuracy, lower loss, then newer
+    assert prefer_epoch(0.99, 0.5, 0.98, 0.01) == "highest val accuracy"
+    assert prefer_epoch(0.97, 0.001, 0.98, 0.5) is None
+    assert "lower val loss" in prefer_epoch(0.98, 0.1, 0.98, math.nan)
+    assert prefer_epoch(0.98, math.nan, 0.98, 0.1) is None
+
+
+def test_augmentation_ops_and_per_data_set_defaults():
+    from autoprune.data import augment_batch, default_augmentation, parse_augmentation
+
+    x = torch.randn(64, 1, 28, 28)
+    crop_only = augment_batch(x, torch.Generator().manual_seed(0), ("crop",))
+    flips = augment_batch(x, torch.Generator().manual_seed(0), ("flip",))
+    unchanged = sum(torch.equal(a, b) for a, b in zip(flips, x))
+    mirrored = sum(torch.equal(a, b.flip(-1)) for a, b in zip(flips, x))
+    assert unchanged + mirrored == 64 and 10 < mirrored < 54
+    assert not any(torch.equal(a, b.flip(-1)) for a, b in zip(crop_only, x))  # 28 px digits never mirrored
+    assert torch.equal(augment_batch(x, torch.Generator().manual_seed(0), ()), x)
+    assert default_augmentation("digits") == default_augmentation("mnist") == ("crop",)
+    assert default_augmentation("cifar10") == default_augmentation("imagefolder:/d") == ("crop", "flip")
+    assert parse_augmentation("auto", "mnist") == ("crop",) and parse_augmentation(None, "cifar10") == ()
+    assert parse_augmentation("flip, crop", "digits") == ("flip", "crop")
+    assert parse_augmentation("none", "cifar10") == () and parse_augmentation(True, "cifar100") == ("crop", "flip")
+    with pytest.raises(AutopruneError, match="unknown augmentation 'rotate'"):
+        parse_augmentation("crop,rotate", "digits")
+
+
+def test_fit_with_named_augmentations_matches_split_batches():
+    seen = []
+
+    class Recording(TensorSplit):
+        def batches(self, batch_size, shuffle=False, generator=None, augment=False):
+            seen.append(augment)
+            yield from super().batches(batch_size, shuffle, generator, augment)
+
+    cfg = TrainConfig(epochs=1, batch_size=16, augment=["crop"])
+    assert cfg.augment == ("crop",)  # a YAML/JSON list becomes a tuple: the config stays hashable
+    fit(mlp(0), Recording(blobs(32, 0).x, blobs(32, 0).y), None, cfg, "cpu")
+    assert seen == [("crop",)]

@@ -322,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in cases:
         b, rows = run_case(name, args, targets, seeds)
         tables += quality_tables.tables(name, b, rows, targets, seeds, first=not tables,
-                                        pairs=ABLATION_PAIRS if args.ablation else ())
+                                        pairs=ABLATION_PAIRS if args.ablation else (),
+                                        key_prefix=f"{name}_" if len(cases) > 1 or name == "digits" else "")
     tables[-1] = dataclasses.replace(tables[-1], notes=(*tables[-1].notes,
                                                         f"Total benchmark time {time.perf_counter() - start:.0f} s."))
     suffix = ("" if cases == ["digits"] else "_" + "_".join(cases)) + ("_ablation" if args.ablation else "")

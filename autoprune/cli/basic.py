@@ -11,36 +11,45 @@ from typing import Any
 import torch
 
 from ..errors import AutopruneError
-from . import common_options
+from . import apply_threads, common_options, verbose_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model registry")
+    verbose_option(p)
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("methods", help="list pruning methods and their parameters")
+    p = sub.add_parser("methods", help="list pruning methods and their parameters (one line each)")
+    verbose_option(p)
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("info", help="channel groups, widths, MACs and params of a model")
     p.add_argument("--model", help="registry name, torchvision:<name> or package.module:function")
-    p.add_argument("--data", default="digits", help="data set that fixes input size and classes (default: digits)")
+    p.add_argument("--data", default="digits", help="data set that fixes input size and classes")
     p.add_argument("--base", help="a checkpoint instead of --model/--data")
     p.add_argument("--all", action="store_true", help="list every group (default: first 40)")
     common_options(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="train a base model and save it (spec + state_dict + metrics)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", default="digits")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--augment", action="store_true", help="random crop + flip (images >= 16 px)")
+    p.add_argument("--model", required=True, help="registry name (see `autoprune models`), torchvision:<name> "
+                   "or package.module:function")
+    p.add_argument("--data", default="digits", help="digits | synthetic | npz:<path> | imagefolder:<dir> | "
+                   "cifar10 | cifar100 | mnist | fashionmnist")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (SGD, Nesterov, cosine schedule)")
+    p.add_argument("--batch-size", type=int, default=128, help="samples per optimizer step")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on conv/linear weights (not BN, biases)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss, in [0, 1)")
+    p.add_argument("--augment", nargs="?", const="auto", default="none", metavar="LIST",
+                   help="training augmentation: none, auto (what suits the data set: crop for digits, "
+                        "MNIST, synthetic and npz; crop,flip for CIFAR, Fashion-MNIST, image folders) or a "
+                        "list of crop,flip; --augment alone means auto (default: none)")
     p.add_argument("--split-seed", type=int, default=0,
                    help="data seed fixing the train/val/test split, independent of --seed (default: 0)")
-    p.add_argument("--out", required=True, help="checkpoint path, e.g. base.pt (metrics.json is written beside it)")
+    p.add_argument("--out", required=True, help="checkpoint path, e.g. base.pt (base.metrics.json is written "
+                   "beside it)")
+    p.add_argument("--force", action="store_true", help="overwrite --out and its metrics file if they exist")
     common_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -48,16 +57,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, help="base checkpoint from `autoprune train`")
     p.add_argument("--method", default="l1", help="l1 | resrep | lrf | fsm (see `autoprune methods`)")
     p.add_argument("--target", type=float, default=0.5, help="MACs of the pruned model as a fraction of the base")
-    p.add_argument("--allocation", default="global", help="uniform | global | searched (default: global)")
+    p.add_argument("--allocation", default="global", help="uniform | global | searched")
     p.add_argument("--multipliers", help="searched allocation: comma-separated per-depth multipliers, e.g. 0.6,1,1.4")
     p.add_argument("--min-ratio", type=float, default=0.05, help="never keep fewer than this fraction of a group")
     p.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this (8 suits GPUs)")
     p.add_argument("--epochs", "--finetune-epochs", dest="epochs", type=int, default=3,
-                   help="total epochs: training-time methods (ResRep) use part, the rest fine-tunes (default: 3)")
-    p.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate (default: 0.01)")
+                   help="total epochs: training-time methods (ResRep) use part, the rest fine-tunes")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method parameter, repeatable (e.g. --param penalty=1e-4)")
-    p.add_argument("--out", required=True, help="pruned checkpoint path (metrics.json is written beside it)")
+                   help="a method parameter, repeatable (e.g. --param penalty=1e-4; see `autoprune methods`)")
+    p.add_argument("--out", required=True, help="pruned checkpoint path, e.g. pruned.pt (pruned.metrics.json "
+                   "is written beside it)")
+    p.add_argument("--force", action="store_true", help="overwrite --out and its metrics file if they exist")
     common_options(p)
     p.set_defaults(func=cmd_prune)
 
@@ -77,17 +88,62 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     for name in list_methods():
         method = get_method(name)
-        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(method.Params)) or "-"
         print(f"{name:8s} {method.summary}")
-        print(f"{'':8s} parameters: {params}")
+        fields = dataclasses.fields(method.Params)
+        if not fields:
+            print(f"{'':8s} (no parameters)")
+        notes = param_help(method.Params)
+        width = max((len(f"{f.name}={f.default!r}") for f in fields), default=0)
+        for f in fields:
+            print(f"{'':8s} {f'{f.name}={f.default!r}':{width}s}  {notes.get(f.name, '')}".rstrip())
         for note in method.notes:
             print(f"{'':8s} note: {note}")
     return 0
 
 
+def param_help(params_cls: type) -> dict[str, str]:
+    """One line per parameter of a method's Params dataclass, from the comments at its field.
+
+    The comment that ends a field's line, or else the comment lines just above the field (joined),
+    is the parameter's documentation in the method's source; `autoprune methods` reads it from there
+    instead of keeping a second copy that could drift.
+    """
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        source = inspect.getsource(params_cls)
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(params_cls)}
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, alone on its line)
+    fields_at: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), not tok.line[:tok.start[1]].strip())
+        elif (tok.type == tokenize.NAME and tok.string in names and tok.start[1] == 4
+              and tok.start[0] not in fields_at and not tok.line[:4].strip()):
+            fields_at[tok.start[0]] = tok.string
+    notes: dict[str, str] = {}
+    for line, name in fields_at.items():
+        text, alone = comments.get(line, ("", True))
+        if text and not alone:
+            notes[name] = text
+            continue
+        block, above = [], line - 1
+        while above in comments and comments[above][1]:
+            block.insert(0, comments[above][0])
+            above -= 1
+        if block:
+            notes[name] = " ".join(block)
+    return notes
+
+
 def _seed(args: argparse.Namespace) -> torch.device:
     from ..train import resolve_device
 
+    apply_threads(args)
     torch.manual_seed(args.seed)
     return resolve_device(args.device)
 
@@ -138,38 +194,54 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def metrics_path(checkpoint: Path) -> Path:
+    """``base.pt`` -> ``base.metrics.json``: one metrics file per checkpoint, so two never collide."""
+    return checkpoint.with_name(f"{checkpoint.stem if checkpoint.suffix else checkpoint.name}.metrics.json")
+
+
+def _refuse_overwrite(out: Path, force: bool) -> None:
+    """AutopruneError before any compute when ``out`` or its metrics file exists and ``force`` is off."""
+    existing = [p for p in (out, metrics_path(out)) if p.exists()]
+    if existing and not force:
+        raise AutopruneError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
+
+
 def _write_metrics(out: Path, metrics: dict[str, Any]) -> Path:
-    path = out.with_name("metrics.json") if out.suffix else out / "metrics.json"
+    path = metrics_path(out)
     path.write_text(json.dumps(metrics, indent=2) + "\n")
     return path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..cost import count_macs, count_params
-    from ..data import DataSpec, load_data
+    from ..data import DataSpec, load_data, parse_augmentation
     from ..models import ModelSpec, create_model
     from ..plan import save_base
     from ..train import TrainConfig, evaluate, fit
 
+    out = Path(args.out)
+    _refuse_overwrite(out, args.force)
+    augment = parse_augmentation(args.augment, args.data)
     device = _seed(args)
     data_spec = DataSpec(name=args.data, seed=args.split_seed)  # --seed moves training, never the split
     data = load_data(data_spec, device=device)
     spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size)
     model = create_model(spec).to(device)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-                      label_smoothing=args.label_smoothing, augment=args.augment, seed=args.seed)
+                      label_smoothing=args.label_smoothing, augment=augment, seed=args.seed)
     start = time.perf_counter()
-    result = fit(model, data.train, data.val, cfg, device, progress=True)
+    result = fit(model, data.train, data.val, cfg, device, progress=f"train {args.model} on {args.data}")
     seconds = time.perf_counter() - start
     val = evaluate(model, data.val, device)
     shape = (spec.in_channels, spec.image_size, spec.image_size)
     metrics = {"val_acc": val["acc"], "val_loss": val["loss"], "epochs": result.epochs_run,
                "train_seconds": round(seconds, 2), "macs": count_macs(model, shape, device),
-               "params": count_params(model), "device": str(device), "train_config": dataclasses.asdict(cfg)}
-    out = Path(args.out)
+               "params": count_params(model), "device": str(device), "augment": list(augment),
+               "train_config": {**cfg.to_dict(), "augment": list(augment)}}
     save_base(out, model, spec, data, metrics)
     mpath = _write_metrics(out, metrics)
-    print(f"val accuracy {100 * val['acc']:.2f}% after {result.epochs_run} epochs in {seconds:.1f} s on {device}")
+    print(f"val accuracy {100 * val['acc']:.2f}% after {result.epochs_run} epochs in {seconds:.1f} s on {device} "
+          f"(augmentation: {', '.join(augment) or 'none'})")
     print(f"MACs per sample {_mega(metrics['macs'])}MACs, params {_mega(metrics['params'])}")
     print(f"saved {out} and {mpath}")
     return 0
@@ -196,6 +268,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..plan import load_base, save_pruned
     from ..train import TrainConfig, evaluate, fit
 
+    out = Path(args.out)
+    _refuse_overwrite(out, args.force)
     device = _seed(args)
     model, ckpt = load_base(args.base, device)
     if ckpt["format"] != "autoprune.base/1":
@@ -219,7 +293,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     ft_epochs = args.epochs - method_epochs
     if ft_epochs > 0:
         fit(result.model, data.train, data.val, TrainConfig(epochs=ft_epochs, lr=args.lr, seed=args.seed), device,
-            progress=True)
+            progress=f"fine-tune {args.method} at {args.target:g} of the MACs")
     final_val = evaluate(result.model, data.val, device)["acc"]
     metrics = {
         "method": args.method, "target": args.target, "allocation": args.allocation, "params_used": result.info.get(
@@ -230,7 +304,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "base_params": result.base_params, "params": result.params, "params_frac": result.params_fraction,
         "prune_seconds": round(result.seconds, 2), "info": result.info,
     }
-    out = Path(args.out)
     save_pruned(out, result.model, spec, result.plan, data_spec, metrics)
     mpath = _write_metrics(out, metrics)
     when = (f"after {method_epochs} {args.method} training epoch(s), before fine-tune" if method_epochs

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import AutopruneError
-from . import common_options
+from . import apply_threads, common_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +31,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from ..importing import import_model, restamp
     from ..train import resolve_device
 
+    apply_threads(args)
     device = resolve_device(args.device)
     data = DataSpec(name=args.data, seed=args.split_seed, image_size=args.image_size)
     if args.checkpoint:

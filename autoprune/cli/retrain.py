@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..files import one_line_errors
-from . import common_options
+from . import apply_threads, common_options, verbose_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,8 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0.7,
         help="weight of the distillation loss with --distill (default: 0.7)",
     )
-    p.add_argument("--augment", action="store_true", help="random crop / flip augmentation while fine-tuning")
+    p.add_argument("--augment", nargs="?", const="auto", default="none", metavar="LIST",
+                   help="augmentation while fine-tuning: none, auto (what suits the data set; no flips for "
+                        "digits or MNIST) or a list of crop,flip; --augment alone means auto (default: none)")
     p.add_argument("--out", help="output folder (default: DIR/retrained/trial_NNNN)")
+    p.add_argument("--force", action="store_true", help="replace a model already retrained in the output folder")
     p.add_argument(
         "--exporter",
         choices=("auto", "dynamo", "legacy"),
@@ -60,11 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export",
         help="export a saved model (pruned or base) to ONNX or TorchScript",
         description="Rebuild MODEL (an autoprune checkpoint), write it as ONNX or TorchScript with a "
-        "dynamic batch dimension, and check the file reproduces the PyTorch logits.",
+        "dynamic batch dimension and its input recipe (scale, mean, std, layout, size, class names) in "
+        "the file's metadata and in OUT.json, and check the file reproduces the PyTorch logits.",
     )
     p.add_argument("model", metavar="MODEL", help="autoprune checkpoint (.pt), e.g. DIR/models/trial_0007.pt")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default: onnx")
-    p.add_argument("--out", help="output file (default: MODEL with .onnx / .ts)")
+    p.add_argument("--out", help="output file (default: MODEL with .onnx / .ts); OUT.json is written beside it")
+    p.add_argument("--force", action="store_true", help="overwrite OUT and OUT.json if they exist")
     p.add_argument(
         "--exporter",
         choices=("auto", "dynamo", "legacy", "trace", "script"),
@@ -74,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--atol", type=float, default=1e-4, help="largest allowed |logit difference| (default: 1e-4)"
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    verbose_option(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -82,6 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_retrain(args: argparse.Namespace) -> int:
     from ..retrain import RetrainInterrupted, retrain
 
+    apply_threads(args)
     try:
         result = retrain(
             args.dir,
@@ -98,6 +104,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             onnx_exporter=args.exporter,
+            force=args.force,
         )
     except RetrainInterrupted as exc:
         print(
@@ -118,7 +125,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     r = m["retrain"]
     print(
         f"MACs fraction {p['macs_frac']:.3f}, params fraction {p['params_frac']:.3f}; "
-        f"best epoch {r['best_epoch']} of {r['epochs_run']} "
+        f"kept epoch {r['best_epoch']} of {r['epochs_run']}: {r.get('best_reason', '')} "
         f"(val acc in the search {_fmt(r['trial_val_acc'])})"
     )
     for fmt, info in m["exports"].items():
@@ -138,10 +145,12 @@ def _fmt(value: object) -> str:
 
 @one_line_errors
 def cmd_export(args: argparse.Namespace) -> int:
+    from ..data import DataSpec, load_data
     from ..errors import AutopruneError
-    from ..export import default_path, export_checked
+    from ..export import default_path, export_checked, sidecar_path
     from ..models import ModelSpec
     from ..plan import load_base
+    from ..preprocess import recipe_for
 
     if not args.atol >= 0:  # also catches NaN
         raise AutopruneError(f"--atol must be >= 0 (the largest allowed |logit difference|), got {args.atol}")
@@ -151,9 +160,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise AutopruneError(
             f"--exporter {exporter} does not apply to --format {args.format}; use one of {', '.join(valid)}"
         )
+    out = Path(args.out) if args.out else default_path(args.model, args.format)
+    existing = [p for p in (out, sidecar_path(out)) if p.exists()]
+    if existing and not args.force:
+        raise AutopruneError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
     model, ckpt = load_base(args.model, "cpu")  # base or pruned: load_base rebuilds either
     spec = ModelSpec.from_dict(ckpt["model"])
-    out = Path(args.out) if args.out else default_path(args.model, args.format)
+    recipe = recipe_for(load_data(DataSpec.from_dict(ckpt["data"]))) if ckpt.get("data") else None
+    if recipe is None:
+        print(f"warning: {args.model} records no data set, so the export carries no input recipe",
+              file=sys.stderr)
     check = export_checked(
         model,
         (spec.in_channels, spec.image_size, spec.image_size),
@@ -161,10 +177,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.format,
         exporter,
         atol=args.atol,
+        recipe=recipe,
     )
     print(out)
     print(
         f"max abs logit difference vs PyTorch: {check.max_abs_diff:.3g} (batches {list(check.batch_sizes)}, "
         f"{check.exporter or args.format} exporter, tolerance {args.atol:g})"
     )
+    if recipe is not None:
+        print(f"input recipe (in the file's metadata and {sidecar_path(out)}): raw x {recipe.scale:.6g}, then "
+              f"(x - mean) / std per channel; {recipe.layout} {recipe.channels}x{recipe.height}x{recipe.width}")
     return 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
+import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 
 from ..errors import AutopruneError
 from ..files import one_line_errors
-from . import common_options
+from . import apply_threads, common_options, verbose_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "draw their fronts in one plot under --out.")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="results folders of searches")
     p.add_argument("--out", help="where to write (default: the DIR itself, or results/compare for several)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    verbose_option(p)
     p.set_defaults(func=cmd_pareto)
 
     p = sub.add_parser("schema", help="print the JSON Schema of search spec files (for editors)",
@@ -51,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "spec.schema.json) and start a spec with '# yaml-language-server: "
                                    "$schema=spec.schema.json' for completion and checks in your editor.")
     p.add_argument("--out", help="write it to this file instead of printing it")
+    verbose_option(p)
     p.set_defaults(func=cmd_schema)
 
 
@@ -80,6 +83,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                  "workers": args.workers, "sampler": args.sampler, "device": args.device, "seed": args.seed,
                  "early_stop": False if args.no_early_stop else None}
     spec = load_spec(args.spec, overrides)
+    apply_threads(args, int(spec.workers or 1))
     ray_options = None
     if args.backend == "ray":
         from ..search.ray_backend import RayOptions
@@ -88,8 +92,17 @@ def cmd_search(args: argparse.Namespace) -> int:
                                  gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent)
     elif args.address or args.gpus_per_trial is not None or args.max_concurrent or args.cpus_per_trial != 1.0:
         raise AutopruneError("--address, --cpus-per-trial, --gpus-per-trial and --max-concurrent need --backend ray")
-    result = run_search(spec, args.out, resume=args.resume, backend=args.backend, progress=not args.no_progress,
-                        ray_options=ray_options)
+    out = Path(args.out) if args.out else Path("results") / spec.study
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill`: stop like Ctrl-C, report included
+    try:
+        result = run_search(spec, out, resume=args.resume, backend=args.backend, progress=not args.no_progress,
+                            ray_options=ray_options)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the trials so far and their report are in {out}/ (report.md, pareto.png); "
+              f"continue with:\n  {resume_command(args.argv, out)}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     counts = outcome_counts(result.rows)
     summary = ", ".join(f"{counts[s]} {s.replace('_', '-')}" for s in
                         ("complete", "early_stopped", "failed", "interrupted", "running") if counts.get(s))
@@ -102,10 +115,45 @@ def cmd_search(args: argparse.Namespace) -> int:
     for sub in ("models", "plans"):
         if (result.out_dir / sub).is_dir():
             print(f"  {result.out_dir / sub}/ ({sum(1 for _ in (result.out_dir / sub).iterdir())} files)")
+    if result.front and spec.objectives[1] in ("macs", "params"):
+        print(f"front hypervolume: {_hypervolume(result.out_dir, spec.objectives[1]):.4f} (val acc x "
+              f"{spec.objectives[1]} fraction of the base, reference point (0, 1); 1 is the unreachable ideal)")
     if counts.get("failed") and counts["failed"] == sum(counts.values()) - counts.get("interrupted", 0):
         error, times = Counter(str(r.get("error") or "?") for r in result.rows if _outcome(r) == "failed").most_common(1)[0]
         raise AutopruneError(f"all {counts['failed']} trials failed; most common error ({times}x): {error}")
+    if not counts.get("complete"):
+        why = _REASONS.get(result.stop_reason, result.stop_reason)
+        print(f"error: the search ended with no complete trial ({why}), so there is no front; give it more "
+              f"room and continue it: {resume_command(args.argv, out, '--time-budget', '10m')}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def resume_command(argv: Sequence[str], out: Path, *extra: str) -> str:
+    """The command line that continues this search: the same arguments plus --resume (and --out)."""
+    import shlex
+
+    args = list(argv)
+    for option in extra[::2]:  # drop an earlier value of an option given again in extra
+        while option in args:
+            i = args.index(option)
+            del args[i:i + 2]
+    if "--resume" not in args:
+        args.append("--resume")
+    if "--out" not in args and not any(a.startswith("--out=") for a in args):
+        args += ["--out", str(out)]
+    return shlex.join(["autoprune", *args, *extra])
+
+
+def _hypervolume(out: Path, objective: str) -> float:
+    from ..pareto import front_hypervolume
+    from ..report import load_trials
+
+    return float(front_hypervolume(load_trials([out]), objective))
 
 
 def _outcome(row: Mapping[str, Any]) -> str:
@@ -130,23 +178,36 @@ def _num(value: Any) -> float:
         return math.nan
 
 
+def _cell(value: Any, width: int, fmt: str, div: float = 1.0) -> str:
+    """``value / div`` formatted to ``width``, or "-" when it is missing (never "nan")."""
+    x = _num(value)
+    return f"{x / div:{width}{fmt}}" if math.isfinite(x) else f"{'-':>{width}}"
+
+
 def print_front(front: Sequence[Mapping[str, Any]], base: Mapping[str, Any] | None, objective: str = "macs") -> None:
-    """The Pareto front as a table (one row per trial, by MACs), with the base model first."""
+    """The Pareto front as a table (one row per trial, by MACs), with the base model first.
+
+    MACs are printed in the unit report.md and pareto.png use (chosen from the base's MACs); a base
+    value that is not known prints as "-".
+    """
+    from ..report_plots import cost_unit
+
     if not front:
         print("Pareto front: empty (no feasible complete trial)")
         return
     latency = objective == "latency"
-    head = f"{'trial':>5}  {'method':<8} {'alloc':<8} {'target':>6}  {'val_acc':>7}  {'MMACs':>9}  " \
+    unit, div = cost_unit((base or {}).get("macs") or max((_num(r.get("macs")) for r in front), default=None))
+    head = f"{'trial':>5}  {'method':<8} {'alloc':<8} {'target':>6}  {'val_acc':>7}  {unit + 'MACs':>9}  " \
            f"{'MACs %':>6}  {'params':>9}  {'params %':>8}" + ("  latency ms" if latency else "") + "  model"
     print(f"Pareto front ({len(front)} trials):")
     print(head)
     if base:
-        print(f"{'base':>5}  {'-':<8} {'-':<8} {'-':>6}  {_num(base.get('val_acc')):7.4f}  "
-              f"{_num(base.get('macs')) / 1e6:9.3f}  {100.0:6.1f}  {int(_num(base.get('params'))):9d}  {100.0:8.1f}"
-              + (f"  {_num(base.get('latency_ms')):10.3f}" if latency else ""))
+        print(f"{'base':>5}  {'-':<8} {'-':<8} {'-':>6}  {_cell(base.get('val_acc'), 7, '.4f')}  "
+              f"{_cell(base.get('macs'), 9, '.3f', div)}  {100.0:6.1f}  {_cell(base.get('params'), 9, '.0f')}  "
+              f"{100.0:8.1f}" + (f"  {_cell(base.get('latency_ms'), 10, '.3f')}" if latency else ""))
     for r in front:
         print(f"{r.get('number', ''):>5}  {str(r.get('method', ''))[:8]:<8} {str(r.get('allocation', ''))[:8]:<8} "
-              f"{_num(r.get('target')):6.3f}  {_num(r.get('val_acc')):7.4f}  {_num(r.get('macs')) / 1e6:9.3f}  "
+              f"{_num(r.get('target')):6.3f}  {_num(r.get('val_acc')):7.4f}  {_num(r.get('macs')) / div:9.3f}  "
               f"{100 * _num(r.get('macs_frac')):6.1f}  {int(_num(r.get('params'))):9d}  "
               f"{100 * _num(r.get('params_frac')):8.1f}" + (f"  {_num(r.get('latency_ms')):10.3f}" if latency else "")
               + f"  {r.get('model') if isinstance(r.get('model'), str) else ''}")

@@ -74,7 +74,7 @@ FITS = ("auto", "features", "weights")
 @dataclass(frozen=True)
 class LRFParams:
     eps: float = 1e-3  # ridge, relative to the mean of the Gram diagonal
-    compensate: bool = True
+    compensate: bool = True  # add the least-squares fit of removed channels to the remaining consumer weights
     step: int = 1  # channels chosen per greedy step before scores are refreshed (faster, coarser)
     # what is fit: "features" (each consumer's input over calibration batches: optimal for the data
     # through BN -> ReLU), "weights" (the BN-scaled filters: exact only for a linear layer, no data),

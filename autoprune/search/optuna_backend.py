@@ -15,6 +15,14 @@ How trial outcomes map onto Optuna:
   studies reject Optuna's pruners, but a PRUNED trial is still the honest state: it has no values,
   never enters ``study.best_trials``, and TPE counts it among the bad trials.
 - failed: ``tell(state=FAIL)`` with user attrs ``state="failed"`` and ``error``.
+- per-epoch validation accuracy: Optuna's ``trial.report`` (and so the dashboard's learning curves)
+  exists only for single-objective studies, so every trial is also added to a companion study
+  ``<study>.curves`` in the same ``study.db`` (one objective, val_acc) with the curve as its
+  intermediate values and the search trial's number, method, target and cost as user attrs;
+  optuna-dashboard plots those curves. The main study names its metrics (``set_metric_names``).
+- resumed searches propose what an uninterrupted one would: before every ask the sampler is
+  re-seeded from (spec seed, slot), the trial's place among non-interrupted trials, and a retried
+  trial keeps the slot, and so the training seed, of the trial it replaces (:func:`trial_seed`).
 - interrupted (the process died or was stopped while the trial ran): FAIL with user attr
   ``interrupted=True``; it does not count towards ``max_trials`` and its configuration is enqueued
   again, so a resumed search retries it under a new number. Which RUNNING trials are stale is known
@@ -29,7 +37,9 @@ import datetime as dt
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +51,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..errors import AutopruneError
 from .locks import ASK_LOCK, WORKERS_LOCK, file_lock
 from .results import INTERRUPTED, TrialResult, constraint_names, model_path, one_line, plan_path
-from .store import Limits, StoredTrial, TrialStore, budget_reason, finished_curves, sampler_seed, write_rows
+from .store import Limits, StoredTrial, TrialStore, budget_reason, finished_curves, write_rows
 from .store import rows as store_rows
 from .trial import Worker, run_trial
 
@@ -90,11 +100,73 @@ def open_study(spec: SearchSpec, out_dir: Path, sampler: optuna.samplers.BaseSam
         saved = study.user_attrs.get("objectives")
         if saved is None:
             study.set_user_attr("objectives", list(spec.objectives))
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(list(spec.objectives))  # the dashboard: val_acc / macs, not Objective 0/1
         elif list(saved) != list(spec.objectives):
             raise AutopruneError(f"{out_dir} holds a study with objectives {saved}, the spec asks for "
                                  f"{list(spec.objectives)}; resume with the same spec or choose another --out")
         return study
     return optuna.load_study(study_name=spec.study, storage=storage(out_dir), sampler=sampler)
+
+
+def trial_seed(seed: int | None, slot: int) -> int | None:
+    """The sampler's seed for the trial in ``slot`` (its place among non-interrupted trials).
+
+    A fresh sampler seeded from (spec seed, slot) for every ask makes the proposals a function of
+    the seed and the study's history alone, so a killed and resumed search proposes what the
+    uninterrupted one would (TPE, NSGA-II and random sampling keep no other state between trials:
+    they rebuild everything from the stored trials). None stays unseeded.
+    """
+    if seed is None:
+        return None
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(slot)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def next_slot(study: optuna.Study) -> int:
+    """The slot of the next new trial: how many trials exist that were neither interrupted nor queued."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state != TrialState.WAITING and not t.user_attrs.get("interrupted"))
+
+
+CURVES_SUFFIX = ".curves"
+
+
+def add_curve(study: optuna.Study, result: TrialResult) -> None:
+    """Add ``result``'s per-epoch val accuracy to the companion study ``<study>.curves`` (see the module
+    docstring); best effort: a failure is logged, never fatal to the search."""
+    try:
+        add_curves(study._storage, study.study_name, [(result.number, result.state, result.hparams,
+                                                       result.curve, result.val_acc, result.cost)])
+    except Exception as exc:  # noqa: BLE001 - the curves are for viewing; the search goes on
+        log.warning("could not add trial %d's curve to %s%s: %s", result.number, study.study_name, CURVES_SUFFIX,
+                    one_line(exc))
+
+
+def add_curves(storage: Any, study_name: str, trials: Sequence[tuple[int, str, Mapping[str, Any], Sequence[Any],
+                                                                     float | None, float | None]]) -> None:
+    """(number, state, hparams, curve, val_acc, cost) of search trials -> trials of ``<study_name>.curves``
+    in ``storage``: one objective (val_acc), the curve as intermediate values (epoch 1, 2, ...)."""
+    curves = optuna.create_study(study_name=study_name + CURVES_SUFFIX, storage=storage, direction="maximize",
+                                 load_if_exists=True)
+    if not curves.metric_names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            curves.set_metric_names(["val_acc"])
+        curves.set_user_attr("note", f"per-epoch validation accuracy of the trials of {study_name!r}")
+    states = {"complete": TrialState.COMPLETE, "early_stopped": TrialState.PRUNED}
+    for number, state_name, hparams, curve, val_acc, cost in trials:
+        state = states.get(state_name, TrialState.FAIL)
+        if state == TrialState.COMPLETE and val_acc is None:
+            state = TrialState.FAIL
+        attrs = {"search_trial": number, "state": state_name, "method": hparams.get("method"),
+                 "target": hparams.get("target"), "cost": cost}
+        curves.add_trial(optuna.trial.create_trial(
+            state=state, value=float(val_acc) if state == TrialState.COMPLETE else None,  # type: ignore[arg-type]
+            intermediate_values={i + 1: float(a) for i, a in enumerate(curve) if a is not None},
+            user_attrs={k: v for k, v in attrs.items() if v is not None}))
 
 
 class OptunaStore(TrialStore):
@@ -133,6 +205,7 @@ class OptunaStore(TrialStore):
             self.study.tell(trial, state=TrialState.PRUNED)
         else:
             self.study.tell(trial, state=TrialState.FAIL)
+        add_curve(self.study, result)
 
     def interrupt(self, trial: optuna.Trial) -> None:
         """``trial`` of this process stopped (Ctrl-C, a dead parent, a storage error): interrupted."""
@@ -194,7 +267,10 @@ def mark_interrupted(study: optuna.Study, t: FrozenTrial | optuna.Trial) -> None
     st.set_trial_user_attr(tid, "error", INTERRUPTED)
     study.tell(frozen.number, state=TrialState.FAIL)
     if frozen.params:
-        study.enqueue_trial(dict(frozen.params), user_attrs={"retry_of": frozen.number})
+        retry = {"retry_of": frozen.number}
+        if frozen.user_attrs.get("slot") is not None:  # the retry takes the interrupted trial's place
+            retry["slot"] = frozen.user_attrs["slot"]
+        study.enqueue_trial(dict(frozen.params), user_attrs=retry)
 
 
 # ------------------------------------------------------------------------------------- workers
@@ -204,7 +280,8 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 early_stopping: bool = True, seed: int | None = None,
                 on_trial: Callable[[TrialResult, list[dict]], None] | None = None,
                 parent_pid: int | None = None, data: Dataset | None = None) -> str:
-    """Ask/run/tell until a budget is spent; returns the reason it stopped. ``seed``: the sampler's."""
+    """Ask/run/tell until a budget is spent; returns the reason it stopped. ``seed``: the spec's; the
+    sampler is re-seeded from it and the trial's slot before every ask (:func:`trial_seed`)."""
     from . import space  # the search-space module (owned by the spec layer)
 
     store = open_store(spec, out_dir, sampler=make_sampler(spec.sampler, seed, spec))
@@ -229,10 +306,13 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 reason = budget_reason(store, limits)
                 if reason is not None:
                     return reason
+                slot = next_slot(study)
+                study.sampler = make_sampler(spec.sampler, trial_seed(seed, slot))
                 trial = study.ask()
+                slot = trial.user_attrs.get("slot", slot)  # a retry keeps the slot of the trial it replaces
                 hparams = space.suggest(trial, spec)
-                number = store.claim(hparams, trial, worker=index)
-            result = run_trial(worker, number, hparams, finished, early_stopping)
+                number = store.claim(hparams, trial, worker=index, slot=slot)
+            result = run_trial(worker, number, hparams, finished, early_stopping, seed_index=slot)
             store.record(number, result)
         except BaseException:  # Ctrl-C, Orphaned, storage errors: the trial is interrupted, run again later
             with contextlib.suppress(Exception):
@@ -264,7 +344,7 @@ def _worker_main(spec: SearchSpec, out_dir: str, index: int, limits: Limits, dev
     try:
         with file_lock(Path(out_dir) / WORKERS_LOCK, shared=True):
             reason = worker_loop(spec, Path(out_dir), index, limits, torch.device(device), early_stopping,
-                                 None if seed is None else seed + index, parent_pid=parent_pid)
+                                 seed, parent_pid=parent_pid)
         log.info("worker %d stopped: budget %s spent", index, reason)
     except (KeyboardInterrupt, Orphaned):
         pass
@@ -291,7 +371,7 @@ def run(spec: SearchSpec, out_dir: Path, limits: Limits, device: torch.device, w
                                  "them to finish (or end them) before resuming")
     store = open_store(spec, out_dir, create=True)
     store.recover()
-    seed = sampler_seed(spec, store)  # a resumed search draws new numbers
+    seed = None if spec.seed is None else int(spec.seed)  # re-seeded per slot: a resume continues the search
     try:
         if workers <= 1:
             with file_lock(out_dir / WORKERS_LOCK, shared=True):
@@ -309,7 +389,8 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
                    on_update: Callable[[list[dict]], None] | None) -> str:
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // workers) if device.type == "cpu" else None
+    # per worker: the caller's torch threads (the CLI's --threads), never more than the cores shared out
+    threads = min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) // workers)) if device.type == "cpu" else None
     level = logging.getLogger("autoprune").getEffectiveLevel()
     procs = [ctx.Process(target=_worker_main, name=f"autoprune-worker{i}", daemon=False,
                          args=(spec, str(out_dir), i, limits, str(dev), early_stopping, seed, threads,
@@ -327,6 +408,12 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
                 if key != seen:
                     seen = key
                     on_update(rows)
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; SIGTERM (the CLI's) only this process
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(p.pid, signal.SIGINT)  # each marks its running trial interrupted and stops
+        raise
     finally:
         for p in procs:
             p.join()

@@ -47,7 +47,7 @@ from ..errors import AutopruneError
 from .ray_setup import RayOptions, check, connect, require_ray, resources
 from .ray_store import RayStore, history, make_payload
 from .results import TrialResult, constraint_names, one_line
-from .store import Limits, budget_reason, finished_curves, sampler_seed, write_rows
+from .store import Limits, budget_reason, finished_curves, write_rows
 from .trial import Worker, run_trial
 
 if TYPE_CHECKING:
@@ -207,9 +207,10 @@ def _ray_classes() -> dict[str, type]:
 
         def __init__(self, spec: SearchSpec, key: str, sampler: optuna.samplers.BaseSampler,
                      warm: Sequence[FrozenTrial] = (),
-                     retry: Sequence[tuple[int, dict]] = ()) -> None:
+                     retry: Sequence[tuple[int, dict]] = (), seed: int | None = None) -> None:
             super().__init__(space=_Space(spec), metric=list(METRICS), mode=["max", "min"], sampler=sampler)
             self._autoprune_key = key
+            self._autoprune_sampler, self._autoprune_seed = spec.sampler, seed
             self._autoprune_constraints = constraint_names(spec)
             self._ot_study.add_trials(list(warm))
             for number, params in retry:
@@ -222,6 +223,12 @@ def _ray_classes() -> dict[str, type]:
                 if run is not None:
                     run.reason = reason
                 return Searcher.FINISHED
+            # as the Optuna backend: a sampler seeded from (seed, slot) for every trial (trial_seed)
+            from . import optuna_backend
+
+            slot = sum(1 for t in self._ot_study.get_trials(deepcopy=False) if t.state != TrialState.WAITING)
+            self._ot_study.sampler = optuna_backend.make_sampler(
+                self._autoprune_sampler, optuna_backend.trial_seed(self._autoprune_seed, slot))
             config = super().suggest(trial_id)
             if isinstance(config, dict):
                 meta = config["autoprune"]
@@ -304,13 +311,14 @@ def run(spec: SearchSpec, out_dir: str | Path, limits: Limits, device: Any = Non
         tune_dir = store.root / "tune"
         run_id = f"run_{sum(1 for p in tune_dir.glob('run_*')) if tune_dir.is_dir() else 0:03d}"
         store = RayStore(out, run_id)
-        seed = sampler_seed(spec, store)  # as the Optuna backend
+        seed = None if spec.seed is None else int(spec.seed)  # re-seeded per slot, as the Optuna backend
         live = _Run(spec=spec, store=store, limits=limits, on_update=on_update)
         _RUNS[key] = live
         classes = _ray_classes()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         searcher = classes["AutopruneSearch"](spec, key, optuna_backend.make_sampler(spec.sampler, seed, spec),
-                                              warm=history(store, constraint_names(spec)), retry=store.retries())
+                                              warm=history(store, constraint_names(spec)), retry=store.retries(),
+                                              seed=seed)
         ctx = TrialContext(spec=spec, out_dir=str(out), early_stopping=bool(early_stopping), gpus=gpus,
                            threads=max(1, int(cpus)))
         trainable = tune.with_resources(functools.partial(_trainable, ctx=ctx), {"cpu": cpus, "gpu": gpus})

@@ -62,7 +62,7 @@ def check(out_dir: str | Path, options: RayOptions | None = None) -> None:
     """Before any compute: Ray is installed, ``out_dir`` is not an Optuna-backend search, and a
     ``HOST:PORT`` address answers."""
     require_ray()
-    if (Path(out_dir) / "study.db").exists():
+    if (Path(out_dir) / "study.db").exists() and not (Path(out_dir) / "ray").is_dir():
         raise AutopruneError(f"{out_dir} holds a search run with the optuna backend (study.db); resume it "
                              "without --backend ray or choose another --out")
     probe(None if options is None else options.address)

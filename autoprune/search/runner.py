@@ -8,7 +8,8 @@ parameter importance and writes the report (``pareto.csv/png/html``, ``importanc
 contract.
 
 Budgets: ``max_trials`` counts every started trial except interrupted ones (those are retried);
-``time_s`` is wall-clock time of this run, from the call (base training included);
+``time_s`` is wall-clock time of this run's trials, from when the base model is ready (training the
+base is not charged: on a slow machine it could otherwise eat the whole budget and leave no trial);
 ``device_hours`` is the summed wall time of all trials of the study, across resumes (each trial
 holds one device, so this is time x devices in use). When a budget is spent no new trial starts,
 running trials finish, and the report is written. The budget is computed from the backend's
@@ -101,7 +102,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
         from . import ray_backend
 
         ray_backend.check(out, ray_options)  # Ray installed, not an Optuna-backend folder, address answers
-    elif (Path(out) / "ray").is_dir() and not (Path(out) / "study.db").exists():
+    elif (Path(out) / "ray").is_dir():  # (a Ray folder has a study.db too: a snapshot for optuna-dashboard)
         raise AutopruneError(f"{out} holds a search run with the ray backend; resume it with --backend ray or "
                              "choose another --out")
     out = folder.check_out(out)
@@ -115,15 +116,19 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
         base = prepare_base(spec, out, data, device, progress)
         folder.check_fingerprint(open_store(spec, out, backend, create=True), folder.fingerprint(out / "base.pt", data),
                                  out)
+        trials_start = time.time()  # the time budget starts once the base model is ready
         limits = Limits(
-            max_trials=budget.max_trials, deadline=None if budget.time_s is None else start + float(budget.time_s),
+            max_trials=budget.max_trials,
+            deadline=None if budget.time_s is None else trials_start + float(budget.time_s),
             device_seconds=None if budget.device_hours is None else float(budget.device_hours) * 3600.0)
         workers = max(1, int(spec.workers or 1))
         if workers > 1:  # each worker loads its own copy on its own device
             data = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        bar = _ProgressBar(spec, progress)
+        kept = [r for r in read_csv(out / "trials.csv") if r.get("state") != "running"
+                and "interrupted" not in str(r.get("error"))]
+        bar = _ProgressBar(spec, progress, limits.deadline, already_done=len(kept))
         reason = "interrupted"
         try:
             if backend == "ray":
@@ -144,7 +149,8 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
             raise
         bar.close()
         rows, imp = _finish(spec, out, base, backend, with_importance=True)
-    log.info("search %s stopped (%s): %d trials", spec.study, reason, len(rows))
+    log.info("search %s stopped (%s): %d trials in %.0f s (base model %.0f s)", spec.study, reason, len(rows),
+             time.time() - start, trials_start - start)
     files = {name: out / name for name in RESULT_FILES if (out / name).exists()}
     return StudyResult(out_dir=out, study=spec.study, stop_reason=reason, rows=tuple(rows),
                        front=tuple(read_csv(out / "pareto.csv")), base=base, files=files, importance=imp)
@@ -164,6 +170,13 @@ def _finish(spec: SearchSpec, out: Path, base: Mapping[str, Any], backend: str, 
     """Rows of every trial, parameter importance, and the report (trials.csv is the backend's)."""
     store = open_store(spec, out, backend)
     rows = store_rows(store)
+    if backend == "ray":  # the Ray run's trials as study.db, for optuna-dashboard
+        try:
+            from .ray_study_db import write_study_db
+
+            write_study_db(spec, out, store)
+        except Exception as exc:  # noqa: BLE001 - a viewer's file must not lose the search's report
+            log.warning("could not write %s for optuna-dashboard: %s", out / "study.db", exc)
     imp = importance(store, spec.objectives) if with_importance else {}
     _write_report(out, base, imp or None)
     return rows, imp
@@ -199,9 +212,11 @@ def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.devic
                 log.warning("base_epochs is 0 and no base checkpoint is given: pruning an untrained model")
             else:
                 log.info("training the base model %s for %d epochs", spec.model, spec.base_epochs)
-                cfg = TrainConfig(epochs=int(spec.base_epochs), lr=float(spec.base_lr), seed=int(spec.seed or 0))
+                label = f"base model: train {spec.model} on {spec.data.name}"  # tqdm adds the count and ETA
+                cfg = TrainConfig(epochs=int(spec.base_epochs), lr=float(spec.base_lr), seed=int(spec.seed or 0),
+                                  augment=spec.augment)
                 try:
-                    fit(model, data.train, data.val, cfg, device, progress=progress)
+                    fit(model, data.train, data.val, cfg, device, progress=label if progress else False)
                 except NonFiniteLoss as exc:
                     raise AutopruneError(f"training the base model failed: {nan_head(exc)}; lower base_lr in "
                                          f"{spec.source}, or give a trained checkpoint as base:") from None
@@ -214,6 +229,8 @@ def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.devic
         model.to(device)
         metrics = {"val_acc": evaluate(model, data.val, device)["acc"], "macs": count_macs(model, shape, device),
                    "params": count_params(model)}
+        if not spec.base and spec.base_epochs > 0:
+            metrics["augment"] = list(spec.augment)  # what the base was trained with (trials: spec.yaml)
         save_base(path, model, model_spec, spec.data, metrics)
         log.info("base model: val_acc %.4f, %d MACs, %d params -> %s", metrics["val_acc"], metrics["macs"],
                  metrics["params"], path)
@@ -261,17 +278,34 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 class _ProgressBar:
-    """tqdm over trials in the calling process: done/total, best val acc, front size, states."""
+    """tqdm over trials in the calling process: done/total, best val acc, front size, states, and an
+    ETA that is the sooner of "remaining trials at the pace so far" and the time budget's deadline."""
 
-    def __init__(self, spec: SearchSpec, enabled: bool) -> None:
+    def __init__(self, spec: SearchSpec, enabled: bool, deadline: float | None = None,
+                 already_done: int = 0) -> None:
         self.enabled = enabled
         self.cost_key = COST_KEYS[spec.objectives[1]]
+        self.deadline = deadline
+        self.total = spec.budget.max_trials
+        self.started = time.time()
+        self.already_done = already_done  # trials kept from an earlier run do not set this run's pace
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=spec.budget.max_trials, desc=f"search {spec.study}", unit="trial",
-                            dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, desc=f"search {spec.study}", unit="trial", dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+    def eta(self, done: int, now: float | None = None) -> float | None:
+        """Seconds until the search ends: trials left at the pace of this run, capped by the deadline."""
+        now = time.time() if now is None else now
+        left = []
+        ran = done - self.already_done
+        if self.total is not None and ran > 0:
+            left.append(max(0.0, (self.total - done) * (now - self.started) / ran))
+        if self.deadline is not None:
+            left.append(max(0.0, self.deadline - now))
+        return min(left) if left else None
 
     def update(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if self.bar is None:
@@ -280,7 +314,9 @@ class _ProgressBar:
         self.bar.n = len(done)
         ok = [r for r in done if r["state"] == "complete" and r["feasible"]]
         best = max((float(r["val_acc"]) for r in ok), default=math.nan)
-        self.bar.set_postfix(best_acc=f"{best:.4f}", front=front_size(ok, self.cost_key),
+        eta = self.eta(len(done))
+        self.bar.set_postfix(eta="?" if eta is None else f"{eta / 60:.1f}min", best_acc=f"{best:.4f}",
+                             front=front_size(ok, self.cost_key),
                              stopped=sum(r["state"] == "early_stopped" for r in done),
                              failed=sum(r["state"] == "failed" for r in done),
                              running=sum(r["state"] == "running" for r in rows), refresh=False)

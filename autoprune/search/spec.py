@@ -61,7 +61,7 @@ OVERRIDES = {  # CLI override name -> key path in the spec
     "early_stop": "early_stop.enabled", "sampler": "sampler", "study": "study", "base": "base",
 }
 TOP_KEYS = ("study", "model", "data", "base", "base_epochs", "base_lr", "device", "workers", "seed",
-            "sampler", "objectives", "constraints", "budget", "early_stop", "screen", "allocation", "space")
+            "sampler", "objectives", "constraints", "budget", "early_stop", "screen", "allocation", "space", "augment")
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,7 @@ class SearchSpec:
     screen: Screen = field(default_factory=Screen)
     method_space: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     allocation: Mapping[str, Any] = field(default_factory=dict)
+    augment: tuple[str, ...] = ()  # training augmentation of the base model and the trials (autoprune.data)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -143,6 +144,7 @@ class SearchSpec:
             "early_stop": {f.name: getattr(self.early_stop, f.name) for f in fields(EarlyStop)},
             "screen": {f.name: getattr(self.screen, f.name) for f in fields(Screen)},
             "allocation": dict(self.allocation),
+            "augment": list(self.augment),
             "space": space,
         }
 
@@ -262,7 +264,19 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
         budget=budget, early_stop=_early_stop(chk, raw.get("early_stop", True)),
         space=space, method_space=method_space, allocation=_allocation(chk, raw.get("allocation")),
         screen=_screen(chk, raw.get("screen", False)),
+        augment=_augment(chk, raw.get("augment", "none"), raw["data"]),
     )
+
+
+def _augment(chk: SpaceChecker, value: Any, data: Any) -> tuple[str, ...]:
+    """``augment``: none (default) | auto (what suits the data set) | crop,flip or a list of those."""
+    from ..data import parse_augmentation
+
+    name = data.get("name", "") if isinstance(data, Mapping) else str(data)
+    try:
+        return parse_augmentation(value, str(name))
+    except AutopruneError as exc:
+        raise chk.err("augment", str(exc)) from None
 
 
 def _optional(chk: SpaceChecker, d: Mapping, section: str, key: str, low: float, high: float,

@@ -103,8 +103,11 @@ class _Progress:
 
 
 def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished: Finished | None = None,
-              early_stopping: bool = True) -> TrialResult:
+              early_stopping: bool = True, seed_index: int | None = None) -> TrialResult:
     """Run one configuration; never raises for a trial-level problem (it becomes state ``failed``).
+
+    Training is seeded with ``spec.seed + seed_index`` (default: the trial number); the Optuna
+    backend passes the trial's slot, so a retried trial trains as the one it replaces.
 
     ``finished()`` returns the :class:`~.early_stop.Reference` of the trials so far (read at every epoch,
     so trials finishing in other workers count at once). KeyboardInterrupt propagates, and so does a
@@ -113,7 +116,8 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
     start = time.perf_counter()
     progress = _Progress()
     try:
-        result = _run(worker, number, dict(hparams), finished, early_stopping, progress, start)
+        result = _run(worker, number, dict(hparams), finished, early_stopping, progress, start,
+                      number if seed_index is None else seed_index)
     except Exception as exc:
         if isinstance(exc, FileWriteError) or isinstance(user_error(exc), FileWriteError):
             raise (exc if isinstance(exc, FileWriteError) else user_error(exc)) from None  # no trial can fix it
@@ -146,7 +150,7 @@ def _free_memory(device: torch.device) -> None:
 
 
 def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finished | None,
-         early_stopping: bool, progress: _Progress, start: float) -> TrialResult:
+         early_stopping: bool, progress: _Progress, start: float, seed_index: int) -> TrialResult:
     from . import space  # the search-space module (owned by the spec layer)
 
     spec = worker.spec
@@ -157,7 +161,7 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     phases = early_stop.schedule(epochs, k, method)
     progress.phases = phases
     cfg = TrainConfig(epochs=k, lr=float(lr), batch_size=int(hparams.get("batch_size", 128)),
-                      seed=int(spec.seed) + number)
+                      seed=int(spec.seed) + seed_index, augment=spec.augment)
     objective = spec.objectives[1]
     rule = spec.early_stop
     active = early_stopping and rule.enabled and finished is not None
