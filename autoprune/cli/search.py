@@ -95,8 +95,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results") / spec.study
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill`: stop like Ctrl-C, report included
     try:
-        result = run_search(spec, out, resume=args.resume, backend=args.backend, progress=not args.no_progress,
-                            ray_options=ray_options)
+        result = run_search(spec, args.out, resume=args.resume, backend=args.backend, progress=not args.no_progress,
+                            ray_options=ray_options)  # args.out as given: run_search checks it (e.g. "")
     except KeyboardInterrupt:
         print(f"\ninterrupted: the trials so far and their report are in {out}/ (report.md, pareto.png); "
               f"continue with:\n  {resume_command(args.argv, out)}", file=sys.stderr)
