@@ -78,8 +78,9 @@ class Worker:
         shape = (model_spec.in_channels, model_spec.image_size, model_spec.image_size)
         groups = find_groups(model, shape)
         base = dict(ckpt.get("metrics") or {})
-        residual = spec.space.get("residual")
-        if not isinstance(residual, (int, float)) and not any(g.prunable and g.residual for g in groups):
+        residual, modes = spec.space.get("residual"), spec.space.get("allocation")
+        searched = "searched" in (modes if isinstance(modes, list) else [modes])
+        if searched and not isinstance(residual, (int, float)) and not any(g.prunable and g.residual for g in groups):
             log.warning("%s: space.residual is searched but %s has no prunable residual-coupled channel group; "
                         "set residual: 0 so the sampler does not spend a dimension on it", spec.source,
                         model_spec.name)
