@@ -168,6 +168,8 @@ def allocate(
         down = _fill(prunable, _descend(prunable, above, shape, cost, budget), shape, cost, budget)
         if cost.macs(widths) < cost.macs(down) <= budget:
             widths = down
+    if budget - cost.macs(widths) > TOLERANCE * cost.base_macs:
+        widths = _swap(prunable, widths, shape, cost, budget)
     frac = cost.macs(widths) / cost.base_macs
     if target - frac > TOLERANCE:
         log.warning("allocation reached %.4f of base MACs for target %.4f (width granularity)", frac, target)
@@ -212,6 +214,37 @@ def _descend(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, 
             break
         cheap = [o for o in options if now - o[2] <= now - budget + tol]
         g, widths, now = min(cheap or options, key=lambda o: shape.priority(o[0], o[1][o[0].name]))
+    return widths
+
+
+def _swap(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cost: WidthCost, budget: float,
+          rounds: int = 32) -> dict[str, int]:
+    """Where every group's next channel is too costly (coarse groups, e.g. an SE block's 16 and 32
+    channels at 3-6 % of the MACs each), give one channel of a group back and spend what it frees on
+    the other groups, while that brings the MACs closer to the budget. Small models only: a large one
+    always has a cheap channel left."""
+    if len(groups) > 64:
+        return widths
+    step, tol = shape.cfg.round_to, TOLERANCE * cost.base_macs
+    now = cost.macs(widths)
+    for _ in range(rounds):
+        if budget - now <= tol:
+            break
+        best: tuple[int, dict[str, int]] | None = None
+        for g in groups:
+            low = shape.bounds[g.name][0]
+            if widths[g.name] <= low:
+                continue
+            trial = dict(widths)
+            trial[g.name] = max(low, widths[g.name] - step)
+            others = [h for h in groups if h.name != g.name]
+            trial = _fill(groups, _fill(others, trial, shape, cost, budget), shape, cost, budget)
+            macs = cost.macs(trial)
+            if now < macs <= budget and (best is None or macs > best[0]):
+                best = (macs, trial)
+        if best is None:
+            break
+        now, widths = best
     return widths
 
 

@@ -156,8 +156,9 @@ def find_groups(
     outputs, in eval and in training mode) are never pruned, so the number of classes never changes.
     A layer that runs only in training (an auxiliary head) is traced too: the graph is built in
     training mode then, on a copy; such a layer is cut with the group it reads (``train_consumers``),
-    while methods score and compensate through the eval-mode ``consumers``. Groups touching a layer that forward calls more than once, or a
-    convolution other than ``nn.Conv2d`` (transposed, 1-d, 3-d), are unprunable with the reason.
+    while methods score and compensate through the eval-mode ``consumers``. Groups touching a layer
+    that forward calls more than once, or a convolution other than ``nn.Conv2d`` (transposed, 1-d,
+    3-d), are unprunable with the reason.
     With ``check``, every prunable group is verified by a trial removal (one channel from every group,
     then an eval forward whose MACs must match the analytic count, and a training-mode forward);
     groups that fail are marked unprunable with the reason.

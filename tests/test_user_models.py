@@ -104,6 +104,15 @@ def test_5_every_method_reaches_the_lenet5_target_within_1_percent(method, alloc
     assert result.macs == reference_macs(result.model, (3, 32, 32))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_5_coarse_groups_still_reach_the_target_within_1_percent(method):
+    """SE block + 1x1-conv classifier: one channel of conv1 / conv2 costs 5.9 % / 2.9 % of the MACs, so the
+    greedy fill stops 1.7 % short (L1 and FSM gave 0.4827); trading a channel between groups reaches it."""
+    model = _model(SEConvClassifier)
+    result = autoprune.prune(model, method, 0.5, input_shape=(3, 8, 8))
+    assert 0.49 <= result.macs_fraction <= 0.5
+
+
 def test_6_numpy_metrics_are_stored_as_plain_values(tmp_path):
     model = _model(ProjectionHeadNet)
     spec = ModelSpec("special_models:projection_head_net", 10, 3, 8)

@@ -92,8 +92,10 @@ ABLATION: dict[str, tuple[str, str, dict[str, Any]]] = {
     "autoprune fsm, no compensation": ("fsm", "global", {"compensation": "none"}),
     "autoprune fsm, measured compensation": ("fsm", "global", {"compensation": "measured"}),
     "autoprune resrep": ("resrep", "global", {}),
+    "autoprune l1": ("l1", "global", {}),
     "autoprune resrep, forget_by 0.2": ("resrep", "global", {"forget_by": 0.2}),
     "autoprune resrep, forget_by 0.8": ("resrep", "global", {"forget_by": 0.8}),
+    "autoprune resrep, train_share 0.34": ("resrep", "global", {"train_share": 0.34}),
 }
 ABLATION_PAIRS = (
     ("autoprune lrf", "autoprune lrf, no compensation"),
@@ -103,6 +105,8 @@ ABLATION_PAIRS = (
     ("autoprune fsm, measured compensation", "autoprune fsm"),
     ("autoprune resrep", "autoprune resrep, forget_by 0.2"),
     ("autoprune resrep, forget_by 0.8", "autoprune resrep"),
+    ("autoprune resrep, train_share 0.34", "autoprune resrep"),
+    ("autoprune resrep, train_share 0.34", "autoprune l1"),
 )
 # label -> (importance, global pruning)
 THEIRS = {f"tp {k}{'' if g else ' (uniform)'}": (k, g) for k in ("magnitude", "bnscale", "taylor") for g in (True, False)}
@@ -277,6 +281,8 @@ def run_case(name: str, args: Any, targets: Sequence[float], seeds: Sequence[int
     rows = []
     ours = ABLATION if args.ablation else OURS
     labels = list(ours) if args.ablation else [*OURS, *THEIRS]
+    if args.configs:
+        labels = [label for label in labels if any(c in label for c in args.configs)]
     jobs = [(s, t, label) for s in seeds for t in targets for label in labels]
     for i, (seed, target, label) in enumerate(jobs, 1):
         if (label, target, seed) in done:
@@ -310,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--recal-batches", type=int, default=DEFAULT_BATCHES,
                    help=f"BN recalibration batches of {DEFAULT_BATCH_SIZE} images (default {DEFAULT_BATCHES})")
     p.add_argument("--fresh", action="store_true", help="ignore rows cached by an earlier, interrupted run")
+    p.add_argument("--configs", nargs="+", default=None,
+                   help="run only the configurations whose label contains one of these strings")
     p.add_argument("--ablation", action="store_true",
                    help="instead of the comparison: each method with and without its compensation / knob values")
     args = p.parse_args(argv)
@@ -322,10 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in cases:
         b, rows = run_case(name, args, targets, seeds)
         tables += quality_tables.tables(name, b, rows, targets, seeds, first=not tables,
-                                        pairs=ABLATION_PAIRS if args.ablation else ())
+                                        pairs=ABLATION_PAIRS if args.ablation else (),
+                                        key_prefix=f"{name}_" if len(cases) > 1 or name == "digits" else "")
     tables[-1] = dataclasses.replace(tables[-1], notes=(*tables[-1].notes,
                                                         f"Total benchmark time {time.perf_counter() - start:.0f} s."))
-    suffix = ("" if cases == ["digits"] else "_" + "_".join(cases)) + ("_ablation" if args.ablation else "")
+    suffix = (("" if cases == ["digits"] else "_" + "_".join(cases)) + ("_ablation" if args.ablation else "")
+              + ("_subset" if args.configs else ""))
     common.write_tables("quality" + suffix, tables, args.out, common.command_line("quality", argv))
     return 0
 

@@ -103,8 +103,13 @@ def contrasts(agg: pd.DataFrame, n_val: int, targets: Sequence[float],
 
 
 def tables(name: str, b: Any, rows: Sequence[Mapping[str, Any]], targets: Sequence[float],
-           seeds: Sequence[int], first: bool, pairs: Sequence[tuple[str, str]] = ()) -> list[common.Table]:
-    """The per-configuration table, the summary (or the contrasts of ``pairs``) and the per-seed rows."""
+           seeds: Sequence[int], first: bool, pairs: Sequence[tuple[str, str]] = (),
+           key_prefix: str = "") -> list[common.Table]:
+    """The per-configuration table, the summary (or the contrasts of ``pairs``) and the per-seed rows.
+
+    ``key_prefix`` starts the CSV file suffix of the second and later tables (the case's name when
+    several cases share one output file).
+    """
     c = b.case
     n_val, n_ft = len(b.data.val), len(b.data.train)
     agg = aggregate(rows)
@@ -144,17 +149,17 @@ def tables(name: str, b: Any, rows: Sequence[Mapping[str, Any]], targets: Sequen
             "prune s", "FT s", "tp_ratio")
     verdict = ("diff (points)", "2 SE (points)", "beyond 2 SE")
     if pairs:
-        second = common.Table(f"{name}_contrasts", f"{name}: configuration a vs configuration b",
+        second = common.Table(f"{key_prefix}contrasts", f"{name}: configuration a vs configuration b",
                               ("a", "b", "target", "stage", "a acc", "b acc", *verdict),
                               tuple(contrasts(agg, n_val, targets, pairs)), (CONTRAST_NOTE,))
     else:
-        second = common.Table(f"{name}_summary",
+        second = common.Table(f"{key_prefix}summary",
                               f"{name}: best of autoprune vs best of Torch-Pruning per target and stage",
                               ("target", "stage", "autoprune best", "TP best", *verdict),
                               tuple(summary(agg, n_val, targets)), (SUMMARY_NOTE,))
     return [
-        common.Table("" if first else name, title, cols, tuple(shown), notes),
+        common.Table("" if first else key_prefix.rstrip("_") or name, title, cols, tuple(shown), notes),
         second,
-        common.Table(f"{name}_seeds", f"{name}: every seed", ("method", "target", "seed", *ACC, "MACs frac"),
+        common.Table(f"{key_prefix}seeds", f"{name}: every seed", ("method", "target", "seed", *ACC, "MACs frac"),
                      tuple(rows), ()),
     ]
