@@ -341,3 +341,31 @@ def test_8_a_user_model_that_raises_is_one_line(where, tmp_path, monkeypatch, ca
     spec = write_spec(tmp_path / "s", None, model=f"{name}:build", base_epochs=1)
     assert main(["search", str(spec), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     one_line(capsys, f"{name}:build", f"{where} is broken", "-v shows the traceback")
+
+
+# ----------------------------------------------------------------------------- train / prune / import CLI
+
+
+@pytest.mark.parametrize("value", ["a,b", "1,,2", ","])
+def test_8_prune_multipliers_that_are_not_numbers_are_one_line(base_ckpt, tmp_path, capsys, value):
+    assert main(["prune", "--base", str(base_ckpt), "--allocation", "searched", "--multipliers", value,
+                 "--epochs", "0", "--out", str(tmp_path / "p.pt")]) == 2
+    one_line(capsys, "--multipliers", "comma-separated list of numbers")
+    assert not (tmp_path / "p.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["prune", "train"])
+def test_11_negative_epochs_are_rejected(base_ckpt, tmp_path, capsys, command):
+    args = (["prune", "--base", str(base_ckpt)] if command == "prune" else ["train", "--model", "small_cnn"])
+    assert main([*args, "--epochs", "-1", "--out", str(tmp_path / "m.pt")]) == 2
+    one_line(capsys, "--epochs must be 0 or more")
+
+
+def test_6_a_full_disk_while_saving_a_checkpoint_is_one_line_for_every_command(base_ckpt, tmp_path, capsys,
+                                                                               monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "p.pt"))
+
+    monkeypatch.setattr(torch, "save", full)
+    assert main(["prune", "--base", str(base_ckpt), "--epochs", "0", "--out", str(tmp_path / "p.pt")]) == 2
+    one_line(capsys, "No space left on device")

@@ -28,6 +28,8 @@ def test_pruned_model_reloads_in_a_fresh_process_bit_for_bit(name, tmp_path):
         expected = result.model(x)
     code = (
         "import torch, autoprune, sys\n"
+        # the same intra-op threads as this process: a depthwise conv's reduction order follows them
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
         f"m, _ = autoprune.load_pruned({str(path)!r})\n"
         f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
         "with torch.no_grad(): torch.save(m(x), sys.argv[1])\n"

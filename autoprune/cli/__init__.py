@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import AutopruneError
+from ..files import user_error
 
 _MODULES = ("basic", "search", "retrain", "importer")
 LIBRARY_LOGGER = "autoprune"
@@ -148,6 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
             pass
         return 1
+    except Exception as exc:  # disk, permission and storage errors of every command: one line, exit 2
+        error = user_error(exc)
+        if error is None:  # a bug: show the traceback
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -212,6 +212,23 @@ def _write_metrics(out: Path, metrics: dict[str, Any]) -> Path:
     return path
 
 
+def _non_negative(value: int, option: str) -> None:
+    if value < 0:
+        raise AutopruneError(f"{option} must be 0 or more, got {value}")
+
+
+def _float_list(text: str, option: str) -> tuple[float, ...]:
+    """'0.6,1,1.4' -> (0.6, 1.0, 1.4); an empty item or a non-number is one error naming the option."""
+    items = [item.strip() for item in text.split(",")]
+    try:
+        if any(not item for item in items):
+            raise ValueError("an empty item")
+        return tuple(float(item) for item in items)
+    except ValueError:
+        raise AutopruneError(f"{option} {text!r} is not a comma-separated list of numbers; write e.g. "
+                             f"{option} 0.6,1,1.4") from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ..cost import count_macs, count_params
     from ..data import DataSpec, load_data, parse_augmentation
@@ -219,6 +236,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..plan import save_base
     from ..train import TrainConfig, evaluate, fit
 
+    _non_negative(args.epochs, "--epochs")
     out = Path(args.out)
     _refuse_overwrite(out, args.force)
     augment = parse_augmentation(args.augment, args.data)
@@ -268,6 +286,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..plan import load_base, save_pruned
     from ..train import TrainConfig, evaluate, fit
 
+    _non_negative(args.epochs, "--epochs")
     out = Path(args.out)
     _refuse_overwrite(out, args.force)
     device = _seed(args)
@@ -279,7 +298,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_dict(ckpt["model"])
     data_spec = DataSpec.from_dict(ckpt["data"])
     data = load_data(data_spec, device=device)
-    multipliers = tuple(float(m) for m in args.multipliers.split(",")) if args.multipliers else ()
+    multipliers = _float_list(args.multipliers, "--multipliers") if args.multipliers else ()
     allocation = AllocationConfig(mode=args.allocation, multipliers=multipliers, min_ratio=args.min_ratio,
                                   round_to=args.round_to)
     params = _parse_params(args.param)
