@@ -336,9 +336,16 @@ def discard_files(out_dir: Path, number: int) -> None:
             (Path(out_dir) / rel).unlink()
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def _worker_main(spec: SearchSpec, out_dir: str, index: int, limits: Limits, device: str, early_stopping: bool,
                  seed: int | None, threads: int | None, parent_pid: int, log_level: int, errors: Any) -> None:
     logging.basicConfig(level=log_level, format=f"%(levelname)s worker{index} %(name)s: %(message)s")
+    # SIGTERM from the parent (or anyone) stops the worker like Ctrl-C; SIGINT may be ignored here
+    # (a search started in the background with nohup or `&` inherits an ignored SIGINT)
+    signal.signal(signal.SIGTERM, _interrupt)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -396,10 +403,10 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
                          args=(spec, str(out_dir), i, limits, str(dev), early_stopping, seed, threads,
                                os.getpid(), level, errors))
              for i, dev in enumerate(worker_devices(device, workers))]
-    for p in procs:
-        p.start()
     seen = -1
     try:
+        for p in procs:
+            p.start()
         while any(p.is_alive() for p in procs):
             time.sleep(1.0)
             if on_update is not None:
@@ -408,15 +415,16 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
                 if key != seen:
                     seen = key
                     on_update(rows)
-    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; SIGTERM (the CLI's) only this process
+    except BaseException:  # Ctrl-C, or SIGTERM (the CLI's): stop the workers too, or exit would wait for them
         for p in procs:
-            if p.is_alive() and p.pid is not None:
+            if p.pid is not None and p.is_alive():
                 with contextlib.suppress(OSError):
-                    os.kill(p.pid, signal.SIGINT)  # each marks its running trial interrupted and stops
+                    os.kill(p.pid, signal.SIGTERM)  # each marks its running trial interrupted and stops
         raise
     finally:
         for p in procs:
-            p.join()
+            if p.pid is not None:
+                p.join()
     failures = []
     while not errors.empty():
         failures.append(errors.get())
