@@ -57,6 +57,7 @@ def recalibrate_bn(model: nn.Module, split: Any, batches: int = DEFAULT_BATCHES,
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in bns}
+    saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns}
     model.eval()
     for m in bns:
         m.reset_running_stats()
@@ -78,5 +79,11 @@ def recalibrate_bn(model: nn.Module, split: Any, batches: int = DEFAULT_BATCHES,
             m.training = training
         for m, momentum in momenta.items():
             m.momentum = momentum
+    if seen == 0:  # no usable batch: keep the statistics the model had rather than the reset values
+        for m, (mean, var, count) in saved.items():
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+        log.warning("BN recalibration found no batch of 2 or more images; BN statistics left unchanged")
     log.debug("BN recalibration: %d layers re-estimated on %d images", len(bns), seen)
     return seen

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .allocate import AllocationConfig
-from .calibrate import DEFAULT_BATCHES, recalibrate_bn
+from .calibrate import DEFAULT_BATCHES, has_batchnorm, recalibrate_bn
 from .cost import count_macs, count_params
 from .errors import AutopruneError
 from .graph import ChannelGroup, build_width_cost, find_groups
@@ -108,6 +108,9 @@ def prune(
     plan = Plan.from_keep(out.keep, groups)
     apply_plan(pruned, groups, plan)
     recal_images = 0
+    if data is None and recalibrate_batches and has_batchnorm(pruned):
+        log.warning("prune() got no data: BN statistics are not recalibrated after surgery (one-shot accuracy "
+                    "is often near chance without it); pass data= (an autoprune.data.Dataset)")
     if data is not None and recalibrate_batches:
         seed = int(getattr(train_cfg, "seed", 0) or 0)
         recal_images = recalibrate_bn(pruned, data.train, recalibrate_batches, device=device, seed=seed)

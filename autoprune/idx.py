@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise AutopruneError(f"idx file {str(path)!r} could not be read ({exc}); delete it or replace it "
                              "with the original download") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
@@ -102,9 +103,13 @@ def load_idx_set(files: dict[str, Path]) -> tuple[np.ndarray, np.ndarray, np.nda
     arrays = {key: read_idx(path) for key, path in files.items()}
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or x.dtype != np.uint8:
             raise AutopruneError(f"idx files {str(files[split + '_x'])!r} / {str(files[split + '_y'])!r} do not "
-                                 f"match: images {x.shape}, labels {y.shape}; expected (N, H, W) and (N,)")
+                                 f"match: images {x.shape} {x.dtype}, labels {y.shape}; expected uint8 (N, H, W) "
+                                 "and (N,)")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= 10):
+            raise AutopruneError(f"idx labels {str(files[split + '_y'])!r} hold {int(y.min())}..{int(y.max())}; "
+                                 "MNIST-style labels are 0..9: is it the right file?")
     return arrays["train_x"], arrays["train_y"].astype(np.int64), arrays["test_x"], arrays["test_y"].astype(np.int64)
 
 

@@ -71,3 +71,11 @@ def test_engine_recalibrates_after_surgery_by_default():
     bn_fresh = [m for m in fresh.model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert any(not torch.allclose(a.running_mean, b.running_mean) for a, b in zip(bn_stale, bn_fresh))
     evaluate(fresh.model, data.val, "cpu")  # still a working model
+
+
+def test_no_usable_batch_leaves_the_statistics_as_they_were():
+    model = _net().eval()
+    model[1].running_mean.fill_(0.5)
+    split = TensorSplit(torch.randn(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))  # one image: no variance
+    assert recalibrate_bn(model, split, batches=4) == 0
+    assert torch.all(model[1].running_mean == 0.5)

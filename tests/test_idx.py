@@ -93,3 +93,16 @@ def test_read_idx_rejects_non_idx(tmp_path):
     p.write_bytes(b"PK\x03\x04 not idx")
     with pytest.raises(AutopruneError, match="no idx header"):
         idx.read_idx(p)
+
+
+def test_corrupt_gzip_and_labels_out_of_range_are_clear_errors(no_system_copies):
+    root = no_system_copies / "fm"
+    _fake_set(root)
+    labels = root / "train-labels-idx1-ubyte.gz"
+    raw = labels.read_bytes()
+    labels.write_bytes(raw[:20] + bytes(len(raw) - 20))  # deflate stream destroyed after the gzip header
+    with pytest.raises(AutopruneError, match="could not be read"):
+        load_data(DataSpec("fashionmnist", root=str(root)))
+    _write_idx(root / "train-labels-idx1-ubyte", np.full(60, 200), compress=True)
+    with pytest.raises(AutopruneError, match="0..9"):
+        load_data(DataSpec("fashionmnist", root=str(root)))

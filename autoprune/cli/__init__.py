@@ -24,7 +24,7 @@ LIBRARY_LOGGER = "autoprune"
 def common_options(parser: argparse.ArgumentParser) -> None:
     """Options every computing command accepts (info, train, prune, search, retrain)."""
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when present)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of data splits, training and sampling")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training and sampling; never the data split (see --split-seed / data.seed)")
     parser.add_argument("--threads", default="auto", metavar="N",
                         help="torch CPU threads per process; auto: the cores not busy with other work (load "
                              "average) divided by the worker processes, at least 1")

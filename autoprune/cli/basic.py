@@ -325,8 +325,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     }
     save_pruned(out, result.model, spec, result.plan, data_spec, metrics)
     mpath = _write_metrics(out, metrics)
-    when = (f"after {method_epochs} {args.method} training epoch(s), before fine-tune" if method_epochs
-            else "one-shot, before fine-tune")
+    recal = " + BN recalibration" if result.info.get("bn_recalibration_images") else ""
+    when = (f"after {method_epochs} {args.method} training epoch(s){recal}, before fine-tune" if method_epochs
+            else f"one-shot{recal}, before fine-tune")
     rows = [("val accuracy", f"{100 * base_val:.2f}%", f"{100 * final_val:.2f}%", f"{100 * pruned_val:.2f}% {when}"),
             ("MACs per sample", f"{_mega(result.base_macs)}MACs", f"{_mega(result.macs)}MACs",
              f"{100 * result.macs_fraction:.1f}% of base (target {100 * args.target:.0f}%)"),
