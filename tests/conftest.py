@@ -84,3 +84,15 @@ def base_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("base") / "base.pt"
     save_base(path, model, spec, data.spec, {"val_acc": evaluate(model, data.val, "cpu")["acc"]})
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster.
+
+    Use per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``; the count is restored after.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -39,13 +39,7 @@ class Data:
         self.num_classes, self.in_channels, self.image_size = classes, shape[0], shape[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models on a shared 2-core machine: one intra-op thread is faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spec(model_name: str) -> tuple[ModelSpec, tuple[int, int, int]]:

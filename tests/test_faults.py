@@ -18,12 +18,7 @@ from autoprune.cli import main
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_spec(folder: Path, base: Path | None, **changes) -> Path:

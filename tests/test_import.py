@@ -15,13 +15,7 @@ from autoprune.data import DataSpec, load_data
 from autoprune.errors import AutopruneError, CheckpointError
 from autoprune.plan import load_base, read_checkpoint
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

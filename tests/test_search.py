@@ -35,13 +35,7 @@ CONTRACT_TAIL = ["val_acc", "macs", "macs_frac", "params", "params_frac", "laten
                  "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_spec(folder: Path, base: Path, name: str = "spec.yaml", **changes) -> Path:
