@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .spec import DEFAULT_MAX_TRIALS, SAMPLERS, SECOND_OBJECTIVES, EarlyStop
+from .sections import DEFAULT_MAX_TRIALS, SECOND_OBJECTIVES, EarlyStop
+from .spec import SAMPLERS
 from .validate import Kind, param_kind, space_kinds
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"

@@ -44,17 +44,16 @@ import yaml
 from ..data import DataSpec
 from ..errors import AutopruneError, SpecError
 from ..files import write_text
+from . import sections
+from .sections import Budget, EarlyStop, Screen
 from .space import Range, space_to_yaml
-from .validate import SpaceChecker, parse_time
+from .validate import SpaceChecker
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Budget", "EarlyStop", "Range", "Screen", "SearchSpec", "dump_spec", "load_spec"]
 
 SAMPLERS = ("tpe", "nsga2", "random")
-SECOND_OBJECTIVES = ("macs", "params", "latency")
-DEFAULT_MAX_TRIALS = 20
-DATA_PREFIXES = ("npz:", "imagefolder:")
 OVERRIDES = {  # CLI override name -> key path in the spec
     "max_trials": "budget.max_trials", "time_s": "budget.time", "time": "budget.time",
     "device_hours": "budget.device_hours", "workers": "workers", "seed": "seed", "device": "device",
@@ -62,39 +61,6 @@ OVERRIDES = {  # CLI override name -> key path in the spec
 }
 TOP_KEYS = ("study", "model", "data", "base", "base_epochs", "base_lr", "device", "workers", "seed",
             "sampler", "objectives", "constraints", "budget", "early_stop", "screen", "allocation", "space", "augment")
-
-
-@dataclass(frozen=True)
-class Budget:
-    max_trials: int | None = None
-    time_s: float | None = None
-    device_hours: float | None = None
-
-
-@dataclass(frozen=True)
-class EarlyStop:
-    """Two-objective early stopping (:mod:`autoprune.search.early_stop`)."""
-
-    enabled: bool = True
-    # stop when accuracy is this far below the reference at the same position of the schedule;
-    # None: se_multiple standard errors of an accuracy on the validation split (from its size)
-    margin: float | None = None
-    se_multiple: float = 2.0
-    min_epochs: int = 1  # never stop before this many epochs of the trial
-    min_trials: int = 3  # finished trials needed before anything is compared
-
-
-@dataclass(frozen=True)
-class Screen:
-    """The zero-training fidelity rung (:func:`autoprune.search.early_stop.screen_out`): a candidate is
-    fine-tuned only if its accuracy right after surgery + BN recalibration is in the best ``keep``
-    share of the earlier candidates in its bucket of MACs fraction (``bucket`` wide), once
-    ``min_peers`` of them exist. Screened-out candidates cost seconds and count as trials."""
-
-    enabled: bool = False
-    keep: float = 0.3
-    bucket: float = 0.1
-    min_peers: int = 3
 
 
 @dataclass(frozen=True)
@@ -239,13 +205,13 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
         raise chk.err("sampler", f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
     constraints = raw.get("constraints") or {}
     chk.keys(constraints, "constraints", ("min_val_acc", "max_params_frac", "max_macs_frac"), what="constraint")
-    min_acc = _optional(chk, constraints, "constraints", "min_val_acc", 0.0, 1.0, low_open=False)
-    max_params = _optional(chk, constraints, "constraints", "max_params_frac", 0.0, 1.0)
-    max_macs = _optional(chk, constraints, "constraints", "max_macs_frac", 0.0, 1.0)
+    min_acc = sections.parse_optional(chk, constraints, "constraints", "min_val_acc", 0.0, 1.0, low_open=False)
+    max_params = sections.parse_optional(chk, constraints, "constraints", "max_params_frac", 0.0, 1.0)
+    max_macs = sections.parse_optional(chk, constraints, "constraints", "max_macs_frac", 0.0, 1.0)
     from .validate import parse_space  # the search-space half of the spec
 
     space, method_space = parse_space(chk, raw.get("space"))
-    budget = _budget(chk, raw.get("budget"))
+    budget = sections.parse_budget(chk, raw.get("budget"))
     if sampler == "nsga2":
         from .samplers import nsga2_population
 
@@ -254,208 +220,17 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
         except AutopruneError as exc:
             raise chk.err("sampler", str(exc)) from None
     return SearchSpec(
-        study=study, source=chk.source, model=_model(chk, raw["model"]), data=_data(chk, raw["data"]),
-        base=_base(chk, raw.get("base")), base_epochs=chk.integer(raw.get("base_epochs", 30), "base_epochs", 0),
+        study=study, source=chk.source, model=sections.parse_model(chk, raw["model"]), data=sections.parse_data(chk, raw["data"]),
+        base=sections.parse_base(chk, raw.get("base")), base_epochs=chk.integer(raw.get("base_epochs", 30), "base_epochs", 0),
         base_lr=chk.number(raw.get("base_lr", 0.05), "base_lr", 0.0, low_open=True),
-        device=_device(chk, raw.get("device", "auto")), workers=chk.integer(raw.get("workers", 1), "workers", 1),
+        device=sections.parse_device(chk, raw.get("device", "auto")), workers=chk.integer(raw.get("workers", 1), "workers", 1),
         seed=chk.integer(raw.get("seed", 0), "seed", 0), sampler=sampler,
-        objectives=_objectives(chk, raw.get("objectives", ["val_acc", "macs"])),
+        objectives=sections.parse_objectives(chk, raw.get("objectives", ["val_acc", "macs"])),
         min_val_acc=min_acc, max_params_frac=max_params, max_macs_frac=max_macs,
-        budget=budget, early_stop=_early_stop(chk, raw.get("early_stop", True)),
-        space=space, method_space=method_space, allocation=_allocation(chk, raw.get("allocation")),
-        screen=_screen(chk, raw.get("screen", False)),
-        augment=_augment(chk, raw.get("augment", "none"), raw["data"]),
+        budget=budget, early_stop=sections.parse_early_stop(chk, raw.get("early_stop", True)),
+        space=space, method_space=method_space, allocation=sections.parse_allocation(chk, raw.get("allocation")),
+        screen=sections.parse_screen(chk, raw.get("screen", False)),
+        augment=sections.parse_augment(chk, raw.get("augment", "none"), raw["data"]),
     )
 
 
-def _augment(chk: SpaceChecker, value: Any, data: Any) -> tuple[str, ...]:
-    """``augment``: none (default) | auto (what suits the data set) | crop,flip or a list of those."""
-    from ..data import parse_augmentation
-
-    name = data.get("name", "") if isinstance(data, Mapping) else str(data)
-    try:
-        return parse_augmentation(value, str(name))
-    except AutopruneError as exc:
-        raise chk.err("augment", str(exc)) from None
-
-
-def _optional(chk: SpaceChecker, d: Mapping, section: str, key: str, low: float, high: float,
-              low_open: bool = True) -> float | None:
-    if d.get(key) is None:
-        return None
-    return chk.number(d[key], f"{section}.{key}", low, high, low_open=low_open)
-
-
-def _model(chk: SpaceChecker, value: Any) -> str:
-    from ..models import TORCHVISION_PREFIX, list_models
-
-    name = chk.string(value, "model")
-    if name in list_models():
-        return name
-    if name.startswith(TORCHVISION_PREFIX):
-        import torchvision
-
-        tv = name[len(TORCHVISION_PREFIX):]
-        if tv not in torchvision.models.list_models():
-            raise chk.err("model", f"unknown torchvision model {tv!r}; see torchvision.models.list_models()")
-        return name
-    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name):
-        return name  # package.module:function, imported when the model is built
-    raise chk.err("model", f"unknown model {name!r}; {chk.hint(name, list_models())}; "
-                           "or use torchvision:<name> or package.module:function")
-
-
-def _data(chk: SpaceChecker, value: Any) -> DataSpec:
-    from ..data import TORCHVISION_SETS
-
-    d = {"name": value} if isinstance(value, str) else value
-    if not isinstance(d, dict):
-        raise chk.err("data", f"must be a data set name or a mapping with 'name', got {value!r}")
-    known = [f.name for f in fields(DataSpec)]
-    chk.keys(d, "data", known, what="key")
-    if "name" not in d:
-        raise chk.err("data.name", "missing; e.g. data: {name: digits, seed: 0}")
-    name = chk.string(d["name"], "data.name")
-    plain = ("digits", "synthetic", *TORCHVISION_SETS)
-    prefix = next((p for p in DATA_PREFIXES if name.startswith(p)), None)
-    if prefix is not None:
-        location = name[len(prefix):]
-        if not location:
-            raise chk.err("data.name", f"{prefix}<path> needs a path after {prefix!r}")
-        name = prefix + _relative_to_spec(chk, location)
-    elif name.lower() in plain:
-        name = name.lower()
-    else:
-        raise chk.err("data.name", f"unknown data set {name!r}; {chk.hint(name, list(plain))}; "
-                                   "or npz:<path> or imagefolder:<dir>")
-    out: dict[str, Any] = {"name": name, "seed": chk.integer(d.get("seed", 0), "data.seed", 0)}
-    for key in ("val_fraction", "test_fraction"):
-        if key in d:
-            out[key] = chk.number(d[key], f"data.{key}", 0.0, 1.0, high_open=True, low_open=False)
-    if d.get("image_size") is not None:
-        out["image_size"] = chk.integer(d["image_size"], "data.image_size", 1)
-    if d.get("root") is not None:
-        out["root"] = chk.string(d["root"], "data.root")
-    try:
-        return DataSpec(**out)
-    except AutopruneError as exc:
-        raise chk.err("data", str(exc)) from None
-
-
-def _relative_to_spec(chk: SpaceChecker, path: str) -> str:
-    """Paths in a spec are relative to the spec file (an override's path is already absolute)."""
-    path = os.path.expanduser(path)
-    if os.path.isabs(path):
-        return os.path.normpath(path)
-    return os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(chk.source)), path))
-
-
-def _base(chk: SpaceChecker, value: Any) -> str | None:
-    if value is None:
-        return None
-    path = _relative_to_spec(chk, chk.string(value, "base"))
-    if not os.path.isfile(path):
-        raise chk.err("base", f"checkpoint {path} not found; fix the path or set base: null to train one")
-    return path
-
-
-def _device(chk: SpaceChecker, value: Any) -> str:
-    device = chk.string(value, "device").lower()
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
-        raise chk.err("device", f"{device!r} is not a device; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def _objectives(chk: SpaceChecker, value: Any) -> tuple[str, str]:
-    if isinstance(value, str):
-        value = ["val_acc", value]
-    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, str) for v in value):
-        raise chk.err("objectives", f"must be two names [val_acc, macs|params|latency], got {value!r}")
-    first, second = value
-    if first != "val_acc":
-        raise chk.err("objectives", f"the first objective must be val_acc (maximised), got {first!r}")
-    if second not in SECOND_OBJECTIVES:
-        raise chk.err("objectives", f"unknown objective {second!r}; the second is one of "
-                                    f"{', '.join(SECOND_OBJECTIVES)} (minimised)")
-    return ("val_acc", second)
-
-
-def _budget(chk: SpaceChecker, value: Any) -> Budget:
-    value = value or {}
-    chk.keys(value, "budget", ("max_trials", "time", "device_hours"), what="key")
-    max_trials = value.get("max_trials")
-    if max_trials is not None:
-        max_trials = chk.integer(max_trials, "budget.max_trials", 1)
-    time_s = value.get("time")
-    if time_s is not None:
-        try:
-            time_s = parse_time(time_s)
-        except ValueError as exc:
-            raise chk.err("budget.time", str(exc)) from None
-    hours = value.get("device_hours")
-    if hours is not None:
-        hours = chk.number(hours, "budget.device_hours", 0.0, low_open=True)
-    if max_trials is None and time_s is None and hours is None:
-        max_trials = DEFAULT_MAX_TRIALS
-    return Budget(max_trials=max_trials, time_s=time_s, device_hours=hours)
-
-
-def _early_stop(chk: SpaceChecker, value: Any) -> EarlyStop:
-    if isinstance(value, bool):
-        value = {"enabled": value}
-    value = value or {}
-    chk.keys(value, "early_stop", [f.name for f in fields(EarlyStop)], what="key")
-    d = EarlyStop()
-    margin = value.get("margin", d.margin)
-    if margin is not None:
-        margin = chk.number(margin, "early_stop.margin", 0.0, 1.0, high_open=True)
-    return EarlyStop(
-        enabled=chk.boolean(value.get("enabled", d.enabled), "early_stop.enabled"),
-        margin=margin,
-        se_multiple=chk.number(value.get("se_multiple", d.se_multiple), "early_stop.se_multiple", 0.0),
-        min_epochs=chk.integer(value.get("min_epochs", d.min_epochs), "early_stop.min_epochs", 0),
-        min_trials=chk.integer(value.get("min_trials", d.min_trials), "early_stop.min_trials", 1),
-    )
-
-
-def _screen(chk: SpaceChecker, value: Any) -> Screen:
-    if value is None:
-        value = False
-    if isinstance(value, bool):
-        value = {"enabled": value}
-    value = value or {}
-    chk.keys(value, "screen", [f.name for f in fields(Screen)], what="key")
-    d = Screen()
-    return Screen(
-        enabled=chk.boolean(value.get("enabled", True), "screen.enabled"),
-        keep=chk.number(value.get("keep", d.keep), "screen.keep", 0.0, 1.0, low_open=True),
-        bucket=chk.number(value.get("bucket", d.bucket), "screen.bucket", 0.0, 1.0, low_open=True),
-        min_peers=chk.integer(value.get("min_peers", d.min_peers), "screen.min_peers", 1),
-    )
-
-
-def _allocation(chk: SpaceChecker, value: Any) -> dict[str, Any]:
-    """Fixed AllocationConfig fields (mode and multipliers are searched in ``space``)."""
-    from ..allocate import AllocationConfig
-    from .space import SEARCHED_ALLOCATION
-
-    value = value or {}
-    defaults = {f.name: getattr(AllocationConfig(), f.name) for f in fields(AllocationConfig)
-                if f.name not in SEARCHED_ALLOCATION}
-    chk.keys(value, "allocation", list(defaults), what="key",
-             extra="; mode and multipliers are searched: set them under space")
-    out: dict[str, Any] = {}
-    for key, default in defaults.items():
-        v = value.get(key, default)
-        path = f"allocation.{key}"
-        if isinstance(default, int):
-            out[key] = chk.integer(v, path, 1)
-        elif isinstance(default, float):
-            out[key] = chk.number(v, path, 0.0, 1.0, low_open=False)
-        else:
-            out[key] = chk.string(v, path)
-    try:
-        AllocationConfig(mode="global", **out)
-    except AutopruneError as exc:
-        raise chk.err("allocation", str(exc)) from None
-    return out
