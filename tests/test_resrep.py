@@ -111,17 +111,24 @@ def test_fold_sets_bn_statistics_of_the_folded_channels():
     assert _rel(train_out, eval_out) < 0.2
 
 
-def _penalty_run(forget: bool, steps: int = 24):
-    """Train small_cnn's compactors with the penalty rule; channels 0..3 of every group are masked."""
+def _masked_compactors() -> tuple[torch.nn.Module, Compactors, torch.optim.Optimizer]:
+    """small_cnn with compactors, channels 0..3 of every group masked, and an SGD with the compactors'
+    own momentum group (not yet attached)."""
     torch.manual_seed(0)
     model = create_model(ModelSpec("small_cnn", 4, 1, 8))
     groups = find_groups(model, (1, 8, 8), check=False)
     sites, _ = find_sites(model, groups, (1, 8, 8))
     comp = Compactors(model, sites, momentum=0.99, nesterov=True)
     comp.set_masks({g: set(range(4)) for g in sites})
-    params = comp.parameters()
-    opt = torch.optim.SGD([{"params": [p for p in model.parameters() if all(p is not q for q in params)]},
-                           {"params": params, "momentum": 0.99}], lr=0.05, momentum=0.9, nesterov=True)
+    own = comp.parameters()
+    opt = torch.optim.SGD([{"params": [p for p in model.parameters() if all(p is not q for q in own)]},
+                           {"params": own, "momentum": 0.99}], lr=0.05, momentum=0.9, nesterov=True)
+    return model, comp, opt
+
+
+def _penalty_run(forget: bool, steps: int = 24):
+    """Train small_cnn's compactors with the penalty rule; channels 0..3 of every group are masked."""
+    model, comp, opt = _masked_compactors()
     comp.attach_optimizer(opt)
     data = Data(32, (1, 8, 8))
     x, y = data.train.x, data.train.y
@@ -290,15 +297,7 @@ def test_forced_forgetting_reads_the_optimizer_state_so_a_skipped_step_changes_n
     """A GradScaler skips optimizer.step() on an fp16 overflow. The forced update reads the optimizer's
     real momentum buffer, so a skipped step leaves nothing stale: masked rows still reach zero on
     time (a mirrored buffer advanced on the skipped step left them at ~6e-3)."""
-    torch.manual_seed(0)
-    model = create_model(ModelSpec("small_cnn", 4, 1, 8))
-    groups = find_groups(model, (1, 8, 8), check=False)
-    sites, _ = find_sites(model, groups, (1, 8, 8))
-    comp = Compactors(model, sites, momentum=0.99, nesterov=True)
-    comp.set_masks({g: set(range(4)) for g in sites})
-    own = comp.parameters()
-    opt = torch.optim.SGD([{"params": [p for p in model.parameters() if all(p is not q for q in own)]},
-                           {"params": own, "momentum": 0.99}], lr=0.05, momentum=0.9, nesterov=True)
+    model, comp, opt = _masked_compactors()
     with pytest.raises(ValueError, match="attach_optimizer"):
         comp.apply_penalty(1e-4, lr=0.05, forget=0.5)
     comp.attach_optimizer(opt)
