@@ -179,8 +179,8 @@ def prepare(name: str, device: torch.device, ft_subset: int | None = -1,
         save_base(path, model, spec, case.data, base)
         log.info("base %s on %s: val %.4f test %.4f after %d epochs (%.0f s), cached in %s", case.model, name,
                  base["val_acc"], base["test_acc"], case.base_epochs, base["seconds"], path)
-    base["macs"], base["params"] = count_macs(model, (spec.in_channels, spec.image_size, spec.image_size)), \
-        count_params(model)
+    shape = (spec.in_channels, spec.image_size, spec.image_size)
+    base["macs"], base["params"], base["tp_macs"] = count_macs(model, shape), count_params(model), tp_macs(model, shape)
     train = _subset(full.train, case.ft_subset, seed=1234)  # type: ignore[arg-type]
     data = dataclasses.replace(full, train=train)
     return Bench(case, data, model.eval(), spec, base, device, recal_batches)
@@ -205,7 +205,7 @@ def measure(b: Bench, label: str, target: float, seed: int, model: nn.Module, tr
     after = evaluate(model, b.data.val, b.device)["acc"]
     macs = count_macs(model, b.shape)
     row = {"method": label, "target": target, "seed": seed, "MACs frac": macs / b.base["macs"],
-           "MACs frac (TP counter)": tp_macs(model, b.shape) / tp_macs(b.model, b.shape),
+           "MACs frac (TP counter)": tp_macs(model, b.shape) / b.base["tp_macs"],
            "params frac": count_params(model) / b.base["params"],
            "val acc before FT": before, "val acc after BN recal": recal, "val acc after FT": after,
            "epochs (train+FT)": f"{train_epochs}+{max(ft, 0)}", "prune s": prune_s + recal_s, "FT s": ft_s, **extra}
