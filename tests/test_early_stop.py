@@ -160,3 +160,19 @@ def test_screen_keeps_the_best_share_of_each_cost_bucket():
     assert not screen_out(0.35, 0.81, earlier, keep=0.01) and screen_out(0.35, 0.79, earlier, keep=0.01)
     with pytest.raises(ValueError):
         screen_out(0.35, 0.5, earlier, keep=0.0)
+
+
+def test_a_peer_a_fraction_of_a_percent_more_expensive_still_counts():
+    """Trials at one MACs target land just above or below it; the one 0.5 % above still judges."""
+    peers = [Peer(100.5, (0.90, 0.92, 0.93))]
+    assert stop(100.0, 1, 0.80, finished=peers, phases=FT3)  # default tolerance 1 %
+    assert not stop(100.0, 1, 0.80, finished=peers, phases=FT3, cost_tolerance=0.0)
+    assert not stop(100.0, 1, 0.80, finished=[Peer(102.0, (0.90, 0.92, 0.93))], phases=FT3)  # 2 % dearer: not a peer
+
+
+def test_screening_window_is_centred_on_the_candidate():
+    """Candidates just below and just above one target share its window (fixed bins would split them)."""
+    earlier = [Candidate(0.299, 0.9), Candidate(0.301, 0.8), Candidate(0.2995, 0.7)]
+    assert screen_out(0.3005, 0.5, earlier, keep=0.3, bucket=0.1, min_peers=3)
+    assert not screen_out(0.3005, 0.95, earlier, keep=0.3, bucket=0.1, min_peers=3)
+    assert not screen_out(0.36, 0.5, earlier, keep=0.3, bucket=0.1, min_peers=3)  # 0.06 away: other window

@@ -16,8 +16,8 @@ fine-tune function, epochs, lr and batch size for both sides):
   The search runs in chunks (``--resume``) until the budget is reached; trials are then counted in
   order while they fit (the last one that crosses the budget is dropped).
 - **Early stopping off**: the same search (same seed, same number of trials as counted above) with
-  early stopping off, for the epochs early stopping saves and its cost in hypervolume; the methods
-  on each front.
+  the epoch rungs off (screening on), and with neither the epoch rungs nor the fidelity rung
+  (screening): the epochs each saves and its cost in hypervolume; the methods on each front.
 - **Fidelity**: Spearman rank correlation of the accuracy right after pruning + BN recalibration
   with the accuracy after fine-tuning, over the complete trials of both runs (one-shot methods; ResRep's
   fidelity is taken after its compactor epochs).
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 REFERENCE = (0.0, 1.0)
 QUICK_THEIRS = ("tp magnitude", "tp bnscale")
+TARGET_STEP = 0.1  # the search samples the MACs target on this grid (it holds every swept target)
 TOL = 0.005  # a point counts as "at" a MACs fraction up to this above it (allocation granularity)
 METHOD_SPACE = {"resrep": {"forget_by": {"low": 0.25, "high": 0.9}},  # the demo's; its penalty is inert in short trials
                 "lrf": {"compensate": [True, False]}, "fsm": {"compensation": ["gaussian", "measured"]}}
@@ -82,15 +83,20 @@ def tp_points(rows: Sequence[Mapping[str, Any]], label: str) -> np.ndarray:
 
 
 def search_spec(b: Bench, base: Path, study: str, targets: Sequence[float], seed: int, max_trials: int,
-                early_stop: bool) -> dict[str, Any]:
+                early_stop: bool, screen: bool = True, target_step: float | None = TARGET_STEP) -> dict[str, Any]:
+    """The search both runs use; ``target_step``: the MACs target is sampled on this grid from the
+    sweep's lowest to its highest target (None: continuous)."""
     residual = 0 if b.case.model == "small_cnn" else {"low": -1, "high": 1}
+    target: dict[str, Any] = {"low": min(targets), "high": max(targets)}
+    if target_step:
+        target["step"] = target_step
     return {
         "study": study, "model": b.case.model, "data": b.case.data.to_dict(), "base": str(base), "device": "cpu",
         "seed": seed, "sampler": "tpe", "budget": {"max_trials": max_trials},
         "early_stop": {"enabled": early_stop, "min_epochs": 1, "min_trials": 1},
-        "screen": {"keep": 0.3, "bucket": 0.1, "min_peers": 2},
+        "screen": {"enabled": screen, "keep": 0.3, "bucket": 0.1, "min_peers": 2},
         "allocation": {"min_ratio": 0.05, "round_to": 1},
-        "space": {"method": ["resrep", "lrf", "fsm", "l1"], "target": {"low": min(targets), "high": max(targets)},
+        "space": {"method": ["resrep", "lrf", "fsm", "l1"], "target": target,
                   "allocation": ["uniform", "global", "searched"], "buckets": 3, "log_ratio": {"low": -1, "high": 1},
                   "residual": residual, "epochs": b.case.epochs, "lr": b.case.lr, "batch_size": b.case.batch_size,
                   "methods": METHOD_SPACE},
@@ -229,20 +235,34 @@ def run_seed(b: Bench, work: Path, labels: Sequence[str], targets: Sequence[floa
     off_rows, off_s = run_search_for(b, work, f"off_s{seed}",
                                      search_spec(b, base, f"off_s{seed}", targets, seed, 4, False), None, epoch_s,
                                      trials=len(on_rows))
+    none_rows, _ = run_search_for(b, work, f"none_s{seed}",
+                                  search_spec(b, base, f"none_s{seed}", targets, seed, 4, False, screen=False), None,
+                                  epoch_s, trials=len(on_rows))
     ours, theirs = our_points(on_rows), by_label[best_label]
     rho_on, n_on = fidelity_rho(on_rows)
-    rho_all, n_all = fidelity_rho(list(on_rows) + list(off_rows))
+    rho_all, n_all = fidelity_rho(list(on_rows) + list(off_rows) + list(none_rows))
     return {
-        "seed": seed, "tp_rows": tp_rows, "on_rows": on_rows, "off_rows": off_rows, "ours": ours,
+        "seed": seed, "tp_rows": tp_rows, "on_rows": on_rows, "off_rows": off_rows, "none_rows": none_rows,
+        "ours": ours,
         "theirs": theirs, "best_label": best_label, "epoch_s": epoch_s, "tp_cost": tp_cost,
         "our_cost": sum(epoch_equivalents(r, epoch_s) for r in on_rows), "tp_s": tp_s, "on_s": on_s, "off_s": off_s,
         "hv_ours": hv(ours), "hv_tp": hv(theirs), "hv_tp_all": {k: hv(v) for k, v in by_label.items()},
-        "hv_off": hv(our_points(off_rows)),
+        "hv_off": hv(our_points(off_rows)), "hv_none": hv(our_points(none_rows)),
         "epochs_on": sum(int(r["epochs_run"] or 0) for r in on_rows),
         "epochs_off": sum(int(r["epochs_run"] or 0) for r in off_rows),
+        "epochs_none": sum(int(r["epochs_run"] or 0) for r in none_rows),
         "rho": rho_all, "rho_n": n_all, "rho_on": rho_on, "rho_on_n": n_on,
         "front_on": front_methods(on_rows), "front_off": front_methods(off_rows),
+        "front_none": front_methods(none_rows),
     }
+
+
+def _saved(used: int, reference: int) -> str | None:
+    return f"{100 * (1 - used / reference):.0f} %" if reference else None
+
+
+def _change(value: float, reference: float) -> str | None:
+    return f"{100 * (value - reference) / reference:+.2f} %" if reference else None
 
 
 def _fmt_pct(a: float | None, b: float | None) -> str | None:
@@ -267,14 +287,15 @@ def tables(name: str, b: Bench, results: Sequence[Mapping[str, Any]], labels: Se
             row[f"points at {t:g}"] = _fmt_pct(a, c)
         row["TP criterion"] = r["best_label"]
         main_rows.append(row)
-        saved = 1 - r["epochs_on"] / r["epochs_off"] if r["epochs_off"] else None
         es_rows.append({
-            "seed": r["seed"], "trials": len(r["off_rows"]), "epochs on": r["epochs_on"], "epochs off": r["epochs_off"],
-            "epochs saved": None if saved is None else f"{100 * saved:.0f} %",
-            "HV on": r["hv_ours"], "HV off": r["hv_off"],
-            "HV change": f"{100 * (r['hv_ours'] - r['hv_off']) / r['hv_off']:+.2f} %" if r["hv_off"] else None,
-            "methods on front (on)": ", ".join(sorted(r["front_on"])),
-            "methods on front (off)": ", ".join(sorted(r["front_off"])),
+            "seed": r["seed"], "trials": len(r["off_rows"]), "epochs: both rungs": r["epochs_on"],
+            "epochs: screening only": r["epochs_off"], "epochs: neither": r["epochs_none"],
+            "saved by both": _saved(r["epochs_on"], r["epochs_none"]),
+            "saved by epoch rungs": _saved(r["epochs_on"], r["epochs_off"]),
+            "HV both": r["hv_ours"], "HV screening only": r["hv_off"], "HV neither": r["hv_none"],
+            "HV change (both vs neither)": _change(r["hv_ours"], r["hv_none"]),
+            "methods on front (both)": ", ".join(sorted(r["front_on"])),
+            "methods on front (neither)": ", ".join(sorted(r["front_none"])),
             "fidelity Spearman (n)": f"{r['rho']:.3f} ({r['rho_n']})",
         })
     cols = ["seed", "epoch-equivalents (ours / TP)", "wall s (ours / TP)", "trials (ours)", "complete", "screened out", "HV ours",
@@ -299,16 +320,20 @@ def tables(name: str, b: Bench, results: Sequence[Mapping[str, Any]], labels: Se
         f"Total benchmark time {total_s:.0f} s.",
     )
     es_notes = (
-        ("Same search (same seed, the same number of trials as counted above) with early stopping off; screening on "
-         "in both. Epochs include ResRep's compactor epochs; screened-out trials run none."),
+        ("The same search (same seed, the same number of trials as counted above) three times: with both rungs of "
+         "early stopping (the zero-training fidelity rung, i.e. screening, and the epoch rungs), with screening "
+         "only, and with neither. 'saved': fine-tune epochs not run, relative to the run named. Epochs include "
+         "ResRep's compactor epochs; screened-out trials run none."),
         ("Fidelity: Spearman rank correlation of the val accuracy right after pruning + BN recalibration with the "
          "accuracy after fine-tuning, over the complete one-shot (l1, lrf, fsm) trials of both runs."),
     )
     return [common.Table("", "Our search vs the best Torch-Pruning criterion at the same compute",
                          tuple(cols), tuple(main_rows), notes),
             common.Table("early_stop", "Early stopping and the zero-training fidelity",
-                         ("seed", "trials", "epochs on", "epochs off", "epochs saved", "HV on", "HV off", "HV change",
-                          "methods on front (on)", "methods on front (off)", "fidelity Spearman (n)"),
+                         ("seed", "trials", "epochs: both rungs", "epochs: screening only", "epochs: neither",
+                          "saved by both", "saved by epoch rungs", "HV both", "HV screening only", "HV neither",
+                          "HV change (both vs neither)", "methods on front (both)", "methods on front (neither)",
+                          "fidelity Spearman (n)"),
                          tuple(es_rows), es_notes)]
 
 

@@ -24,13 +24,20 @@ skipped.
 validation split, ``sqrt(p (1 - p) / n_val)`` at the reference accuracy p (clipped to one image
 from 0 and 1): on 359 images and p = 0.97 two standard errors are 1.8 points, on 3000 images 0.6.
 
+**Cost tolerance.** A finished trial up to ``cost_tolerance`` (relative, default 1 %) more expensive
+still counts as "no more expensive": trials sampled at the same MACs target land a fraction of a
+percent above or below it (channel granularity), and excluding the ones that happen to land 0.1 %
+higher would let a trial that is beaten at its own target run on. A point that much cheaper adds
+at most ``cost_tolerance`` x its cost x its accuracy to the front's hypervolume.
+
 A trial cheaper than everything finished is never stopped (nothing to compare with), so the
 low-cost end of the front is always explored. The last epoch is never a stopping point: stopping
 there saves nothing and would hide a finished result. Early-stopped trials never reach the front.
 
 **Screening** (:func:`screen_out`) is the zero-training rung of the same idea: a candidate's fidelity
-is compared with the fidelities of the candidates already screened in its bucket of cost fraction
-(width ``bucket``); unless it is among the best ``keep`` share of them, it is not fine-tuned.
+is compared with the fidelities of the candidates already screened within ``bucket / 2`` of its cost
+fraction (a window centred on it, so candidates at one MACs target always share it); unless it is
+among the best ``keep`` share of them, it is not fine-tuned.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ from dataclasses import dataclass
 
 FINETUNE = "finetune"
 DEFAULT_SE_MULTIPLE = 2.0
+DEFAULT_COST_TOLERANCE = 0.01
 
 
 def train_phase(method: str) -> str:
@@ -104,11 +112,13 @@ def peer_accuracy(peer: Peer, phase: str, fraction: float) -> float | None:
     return None
 
 
-def peers_at(cost: float, phase: str, fraction: float, finished: Iterable[Peer | tuple]) -> list[float]:
-    """Accuracies at (``phase``, ``fraction``) of the finished trials with cost <= ``cost`` that measured it."""
+def peers_at(cost: float, phase: str, fraction: float, finished: Iterable[Peer | tuple],
+             cost_tolerance: float = 0.0) -> list[float]:
+    """Accuracies at (``phase``, ``fraction``) of the finished trials with cost <= ``cost`` x (1 +
+    ``cost_tolerance``) that measured it."""
     out = []
     for peer in map(_as_peer, finished):
-        if peer.cost is None or not peer.cost <= cost:
+        if peer.cost is None or not peer.cost <= cost * (1.0 + cost_tolerance):
             continue
         acc = peer_accuracy(peer, phase, fraction)
         if acc is not None:
@@ -136,9 +146,9 @@ def margin_for(reference: float, n_val: int | None, margin: float | None,
 
 def threshold(cost: float, phase: str, fraction: float, finished: Iterable[Peer | tuple], *,
               margin: float | None = None, n_val: int | None = None, se_multiple: float = DEFAULT_SE_MULTIPLE,
-              min_trials: int = 3) -> float | None:
+              min_trials: int = 3, cost_tolerance: float = DEFAULT_COST_TOLERANCE) -> float | None:
     """The accuracy a trial must reach at (``phase``, ``fraction``) to continue, or None (no rule yet)."""
-    peers = peers_at(cost, phase, fraction, finished)
+    peers = peers_at(cost, phase, fraction, finished, cost_tolerance)
     if len(peers) < max(1, min_trials):
         return None
     best = max(peers)
@@ -147,7 +157,8 @@ def threshold(cost: float, phase: str, fraction: float, finished: Iterable[Peer 
 
 def should_stop(cost: float, epoch: int, acc: float, finished: Iterable[Peer | tuple], *,
                 phases: Sequence[str], margin: float | None = None, n_val: int | None = None,
-                se_multiple: float = DEFAULT_SE_MULTIPLE, min_epochs: int = 1, min_trials: int = 3) -> bool:
+                se_multiple: float = DEFAULT_SE_MULTIPLE, min_epochs: int = 1, min_trials: int = 3,
+                cost_tolerance: float = DEFAULT_COST_TOLERANCE) -> bool:
     """True when a trial of ``cost`` (schedule ``phases``) with accuracy ``acc`` after ``epoch`` should stop.
 
     ``finished`` holds the COMPLETE trials only (:class:`Peer`, or ``(cost, curve)`` of an all-fine-tune
@@ -158,7 +169,7 @@ def should_stop(cost: float, epoch: int, acc: float, finished: Iterable[Peer | t
         return False
     phase, fraction = position(phases, epoch)
     bar = threshold(cost, phase, fraction, finished, margin=margin, n_val=n_val, se_multiple=se_multiple,
-                    min_trials=min_trials)
+                    min_trials=min_trials, cost_tolerance=cost_tolerance)
     if bar is None:
         return False
     return not math.isfinite(acc) or acc < bar
@@ -187,7 +198,7 @@ class Reference:
 def screen_out(cost_frac: float, fidelity: float, earlier: Iterable[Candidate], *, keep: float,
                bucket: float = 0.1, min_peers: int = 3, phase: str = "oneshot") -> bool:
     """True when a candidate should NOT be fine-tuned: among the ``earlier`` candidates of the same
-    ``phase`` whose cost fraction falls in its bucket (``floor(cost_frac / bucket)``), at least
+    ``phase`` whose cost fraction is within ``bucket / 2`` of its own, at least
     ``min_peers`` exist and it is not in the best ``keep`` share of them and itself (the best of a
     bucket is always kept). A successive-halving first rung that is valid for two
     objectives: candidates compete only with candidates of about the same cost. A non-finite
@@ -197,9 +208,8 @@ def screen_out(cost_frac: float, fidelity: float, earlier: Iterable[Candidate], 
         raise ValueError(f"screen keep share {keep} must be in (0, 1]")
     if keep >= 1:
         return False
-    box = math.floor(cost_frac / bucket + 1e-9)
     same = [c.fidelity for c in earlier
-            if c.phase == phase and math.floor(c.cost_frac / bucket + 1e-9) == box and math.isfinite(c.fidelity)]
+            if c.phase == phase and abs(c.cost_frac - cost_frac) <= bucket / 2 + 1e-9 and math.isfinite(c.fidelity)]
     if len(same) < max(1, min_peers):
         return False
     if not math.isfinite(fidelity):

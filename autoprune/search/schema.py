@@ -141,6 +141,7 @@ def build_schema() -> dict[str, Any]:
                        "description": "null: se_multiple standard errors of a validation accuracy"}
                       if f.name == "margin" else
                       {"type": "number", "minimum": 0} if f.name == "se_multiple" else
+                      {"type": "number", "minimum": 0, "maximum": 0.5} if f.name == "cost_tolerance" else
                       {"type": "integer", "minimum": 0}) for f in dataclasses.fields(EarlyStop)}
     screen = _closed({"enabled": {"type": "boolean"}, "keep": _number(0, 1, low_open=True),
                       "bucket": _number(0, 1, low_open=True), "min_peers": {"type": "integer", "minimum": 1}},

@@ -41,13 +41,15 @@ class EarlyStop:
     se_multiple: float = 2.0
     min_epochs: int = 1  # never stop before this many epochs of the trial
     min_trials: int = 3  # finished trials needed before anything is compared
+    # a finished trial up to this much (relative) more expensive still counts as no more expensive
+    cost_tolerance: float = 0.01
 
 
 @dataclass(frozen=True)
 class Screen:
     """The zero-training fidelity rung (:func:`autoprune.search.early_stop.screen_out`): a candidate is
     fine-tuned only if its accuracy right after surgery + BN recalibration is in the best ``keep``
-    share of the earlier candidates in its bucket of MACs fraction (``bucket`` wide), once
+    share of the earlier candidates within ``bucket / 2`` of its MACs fraction, once
     ``min_peers`` of them exist. Screened-out candidates cost seconds and count as trials."""
 
     enabled: bool = False
@@ -203,6 +205,8 @@ def parse_early_stop(chk: SpaceChecker, value: Any) -> EarlyStop:
         se_multiple=chk.number(value.get("se_multiple", d.se_multiple), "early_stop.se_multiple", 0.0),
         min_epochs=chk.integer(value.get("min_epochs", d.min_epochs), "early_stop.min_epochs", 0),
         min_trials=chk.integer(value.get("min_trials", d.min_trials), "early_stop.min_trials", 1),
+        cost_tolerance=chk.number(value.get("cost_tolerance", d.cost_tolerance), "early_stop.cost_tolerance",
+                                  0.0, 0.5),
     )
 
 

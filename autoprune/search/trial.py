@@ -179,7 +179,8 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
         nonlocal stopped
         if active and early_stop.should_stop(cost, e, acc, reference().peers, phases=phases, margin=rule.margin,
                                              n_val=n_val, se_multiple=rule.se_multiple,
-                                             min_epochs=rule.min_epochs, min_trials=rule.min_trials):
+                                             min_epochs=rule.min_epochs, min_trials=rule.min_trials,
+                                             cost_tolerance=rule.cost_tolerance):
             log.info("trial %d early-stopped at epoch %d/%d: val_acc %.4f behind cheaper finished trials",
                      number, e, epochs, acc)
             stopped = True
