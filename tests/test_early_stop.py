@@ -120,9 +120,10 @@ def test_automatic_margin_is_standard_errors_of_a_validation_accuracy():
     assert accuracy_se(1.0, 100) == pytest.approx(math.sqrt(0.01 * 0.99 / 100))  # clipped one image from 1
     assert margin_for(0.9, 100, None, 2.0) == pytest.approx(0.06)
     assert margin_for(0.9, 100, 0.01, 2.0) == 0.01  # a fixed margin wins
-    # bar at epoch 2 (3-epoch trial) for cost 450: 0.90 - 2 * sqrt(0.9 * 0.1 / n)
-    assert not stop(450.0, 2, 0.85, phases=FT3, margin=None, n_val=100)  # bar 0.84
-    assert stop(450.0, 2, 0.85, phases=FT3, margin=None, n_val=10_000)  # bar 0.894
+    # bar at epoch 2 (3-epoch trial) for cost 450: 0.90 - k * sqrt(0.9 * 0.1 / n)
+    assert not stop(450.0, 2, 0.85, phases=FT3, margin=None, n_val=100, se_multiple=2.0)  # bar 0.84
+    assert stop(450.0, 2, 0.85, phases=FT3, margin=None, n_val=10_000, se_multiple=2.0)  # bar 0.894
+    assert stop(450.0, 2, 0.85, phases=FT3, margin=None, n_val=100)  # default one SE: bar 0.87
     with pytest.raises(ValueError, match="n_val"):
         stop(450.0, 2, 0.85, phases=FT3, margin=None)
 

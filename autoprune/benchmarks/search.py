@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_single:
         for m in METHODS:
             configs[f"TPE, {m} only"] = {"method": m}
-    spec_margin = demo_raw()["early_stop"].get("margin")  # None: two standard errors of a val accuracy
+    spec_margin = demo_raw()["early_stop"].get("margin")  # None: one standard error of a val accuracy
     spec_margin = None if spec_margin is None else float(spec_margin)
     margins = [spec_margin, *sorted(set(args.margins or []) - {spec_margin})]
     for m in margins:

@@ -20,9 +20,14 @@ its fine-tune phase starts at fraction 0 with its *fidelity* (accuracy right aft
 recalibration) when that was measured. A peer that measured nothing at or before the position is
 skipped.
 
-**Margin.** ``margin=None`` (the default) is ``se_multiple`` standard errors of an accuracy on the
-validation split, ``sqrt(p (1 - p) / n_val)`` at the reference accuracy p (clipped to one image
-from 0 and 1): on 359 images and p = 0.97 two standard errors are 1.8 points, on 3000 images 0.6.
+**Margin.** ``margin=None`` (the default) is ``se_multiple`` (default 1) standard errors of an
+accuracy on the validation split, ``sqrt(p (1 - p) / n_val)`` at the reference accuracy p (clipped
+to one image from 0 and 1): 0.9 points on 359 images at p = 0.97, 0.55 points on 3000 at p = 0.9.
+One standard error, not two: the margin only has to protect a trial that is truly *ahead* of the
+cheaper peer (a trial truly equal to it is dominated and adds nothing to the front); one truly
+ahead by one standard error is stopped about 8 % of the time. Measured by replaying a 40-trial
+Fashion-MNIST search with every epoch recorded: 1 SE saves 40 % of the fine-tune epochs at -0.10 %
+hypervolume, 2 SE 34 % at -0.05 %.
 
 **Cost tolerance.** A finished trial up to ``cost_tolerance`` (relative, default 1 %) more expensive
 still counts as "no more expensive": trials sampled at the same MACs target land a fraction of a
@@ -47,7 +52,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 FINETUNE = "finetune"
-DEFAULT_SE_MULTIPLE = 2.0
+DEFAULT_SE_MULTIPLE = 1.0
 DEFAULT_COST_TOLERANCE = 0.01
 
 

@@ -38,7 +38,7 @@ class EarlyStop:
     # stop when accuracy is this far below the reference at the same position of the schedule;
     # None: se_multiple standard errors of an accuracy on the validation split (from its size)
     margin: float | None = None
-    se_multiple: float = 2.0
+    se_multiple: float = 1.0
     min_epochs: int = 1  # never stop before this many epochs of the trial
     min_trials: int = 3  # finished trials needed before anything is compared
     # a finished trial up to this much (relative) more expensive still counts as no more expensive

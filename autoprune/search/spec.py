@@ -14,7 +14,7 @@ is the commented example)::
     sampler [tpe | nsga2 | random]   objectives [[val_acc, macs]]: second is macs | params | latency
     constraints: {min_val_acc, max_params_frac, max_macs_frac} [none]
     budget: {max_trials, time ("30m", "1h30m" or seconds), device_hours} [max_trials: 20]
-    early_stop: {enabled [true], margin [null: se_multiple standard errors of a val accuracy], se_multiple [2],
+    early_stop: {enabled [true], margin [null: se_multiple standard errors of a val accuracy], se_multiple [1],
                  min_epochs [1], min_trials [3], cost_tolerance [0.01]}  (or just true/false)
     screen: {enabled [true when the key is given], keep [0.3], bucket [0.1], min_peers [3]}  [off]
     allocation: fixed AllocationConfig fields {min_channels, min_ratio, max_prune_ratio, round_to, normalise}
