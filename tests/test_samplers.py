@@ -57,3 +57,15 @@ def test_tpe_is_multivariate_and_grouped(tmp_path, recwarn):
         params = suggest(trial, spec)
         study.tell(trial, [0.5 + 0.4 * params["target"], params["target"]])
     assert len(study.trials) == 14
+
+
+def test_the_sampler_asked_for_each_trial_keeps_the_spec_sizing(tmp_path):
+    """Both backends re-seed the sampler before every ask; the fresh one must still be sized to the
+    spec's budget (NSGA-II population) and workers (TPE constant liar), not to the defaults."""
+    from autoprune.search.optuna_backend import trial_sampler
+
+    sampler = trial_sampler(load_spec(spec_file(tmp_path, "nsga2", 30)), 0, 5)
+    assert isinstance(sampler, optuna.samplers.NSGAIISampler) and sampler._population_size == 7
+    path = tmp_path / "w.yaml"
+    path.write_text("model: small_cnn\ndata: digits\nworkers: 2\nbudget: {max_trials: 20}\n")
+    assert trial_sampler(load_spec(str(path)), 0, 5)._constant_liar

@@ -7,7 +7,6 @@ its trials. Neither implementation needs Ray installed (the Ray store is plain J
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -17,13 +16,11 @@ from autoprune.search.optuna_backend import OptunaStore, storage
 from autoprune.search.ray_store import RayStore
 from autoprune.search.results import INTERRUPTED, TrialResult, make_row
 from autoprune.search.store import (
-    SEED_STRIDE,
     Limits,
     budget_reason,
     finished_curves,
     importance,
     rows,
-    sampler_seed,
     write_rows,
 )
 
@@ -137,13 +134,3 @@ def test_importance_from_either_store(impl):
     for values in imp.values():
         assert set(values) == {"target", "allocation"}
         assert values["target"] > values["allocation"] and sum(values.values()) == pytest.approx(1.0)
-
-
-def test_a_resumed_search_draws_new_sampler_seeds(impl):
-    store = impl.open(0)
-    spec = SimpleNamespace(seed=7)
-    assert sampler_seed(spec, store) == 7
-    for i in range(3):
-        store.claim(hparams(), impl.ask())
-    assert sampler_seed(spec, store, worker=1) == 7 + 1 + 3 * SEED_STRIDE
-    assert sampler_seed(SimpleNamespace(seed=None), store) is None

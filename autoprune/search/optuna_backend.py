@@ -110,6 +110,12 @@ def open_study(spec: SearchSpec, out_dir: Path, sampler: optuna.samplers.BaseSam
     return optuna.load_study(study_name=spec.study, storage=storage(out_dir), sampler=sampler)
 
 
+def trial_sampler(spec: SearchSpec, seed: int | None, slot: int) -> optuna.samplers.BaseSampler:
+    """The sampler that proposes the trial in ``slot``: ``spec``'s sampler, sized to its budget and
+    workers (NSGA-II population, TPE constant liar), seeded from (seed, slot) (:func:`trial_seed`)."""
+    return make_sampler(spec.sampler, trial_seed(seed, slot), spec)
+
+
 def trial_seed(seed: int | None, slot: int) -> int | None:
     """The sampler's seed for the trial in ``slot`` (its place among non-interrupted trials).
 
@@ -307,7 +313,7 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 if reason is not None:
                     return reason
                 slot = next_slot(study)
-                study.sampler = make_sampler(spec.sampler, trial_seed(seed, slot))
+                study.sampler = trial_sampler(spec, seed, slot)
                 trial = study.ask()
                 slot = trial.user_attrs.get("slot", slot)  # a retry keeps the slot of the trial it replaces
                 hparams = space.suggest(trial, spec)

@@ -210,7 +210,7 @@ def _ray_classes() -> dict[str, type]:
                      retry: Sequence[tuple[int, dict]] = (), seed: int | None = None) -> None:
             super().__init__(space=_Space(spec), metric=list(METRICS), mode=["max", "min"], sampler=sampler)
             self._autoprune_key = key
-            self._autoprune_sampler, self._autoprune_seed = spec.sampler, seed
+            self._autoprune_spec, self._autoprune_seed = spec, seed
             self._autoprune_constraints = constraint_names(spec)
             self._ot_study.add_trials(list(warm))
             for number, params in retry:
@@ -227,8 +227,7 @@ def _ray_classes() -> dict[str, type]:
             from . import optuna_backend
 
             slot = sum(1 for t in self._ot_study.get_trials(deepcopy=False) if t.state != TrialState.WAITING)
-            self._ot_study.sampler = optuna_backend.make_sampler(
-                self._autoprune_sampler, optuna_backend.trial_seed(self._autoprune_seed, slot))
+            self._ot_study.sampler = optuna_backend.trial_sampler(self._autoprune_spec, self._autoprune_seed, slot)
             config = super().suggest(trial_id)
             if isinstance(config, dict):
                 meta = config["autoprune"]

@@ -10,8 +10,9 @@ facts (objectives, the base model's fingerprint) are :meth:`~TrialStore.meta` / 
 
 Everything a search decides from its trials is computed here, for both backends: the budget
 (:func:`budget_reason`), the early-stopping reference (:func:`finished_curves`), the ``trials.csv``
-rows (:func:`rows`, :func:`write_rows`), parameter importance (:func:`importance`) and the sampler
-seed of a resumed search (:func:`sampler_seed`). ``tests/test_store.py`` runs one contract over
+rows (:func:`rows`, :func:`write_rows`) and parameter importance (:func:`importance`); the
+sampler of each trial is seeded from (spec seed, slot) by
+:func:`autoprune.search.optuna_backend.trial_seed`. ``tests/test_store.py`` runs one contract over
 both implementations (Optuna's style: one test over every plugin).
 
 Trial states: complete | early_stopped | failed | running. An *interrupted* trial (its process stopped
@@ -35,11 +36,7 @@ if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-    from .spec import SearchSpec
-
 log = logging.getLogger(__name__)
-
-SEED_STRIDE = 1009  # a resumed search's sampler seed moves by this per trial already started
 
 
 @dataclass(frozen=True)
@@ -161,13 +158,6 @@ def budget_reason(store: TrialStore, limits: Limits, now: float | None = None) -
     if limits.device_seconds is not None and sum(t.seconds for t in trials) >= limits.device_seconds:
         return "device_hours"
     return None
-
-
-def sampler_seed(spec: SearchSpec, store: TrialStore, worker: int = 0) -> int | None:
-    """The sampler seed of worker ``worker``: a resumed search draws new numbers, not the first run's."""
-    if spec.seed is None:
-        return None
-    return int(spec.seed) + worker + len(store.trials()) * SEED_STRIDE
 
 
 def importance(store: TrialStore, objectives: Sequence[str]) -> dict[str, dict[str, float]]:
