@@ -28,6 +28,9 @@ def test_fronts_use_only_complete_feasible_trials():
             row(2, "fsm", "early_stopped", 0.99, 0.1, 1, 0.1), row(3, "resrep", "complete", 0.97, 0.6, 3, 0.1),
             row(4, "l1", "complete", 0.99, 0.2, 3, 0.1, feasible=False)]
     assert front_methods(rows) == {"lrf", "resrep"}
+    # a far worse point a hair cheaper than another (same target) does not put its method on the front
+    hair = [row(0, "lrf", "complete", 0.87, 0.2003, 3, 0.1), row(1, "l1", "complete", 0.81, 0.1995, 3, 0.1)]
+    assert front_methods(hair) == {"lrf"} and front_methods(hair, tol=0.0) == {"lrf", "l1"}
     pts = np.array([[0.95, 0.3], [0.97, 0.6]])
     assert hv(pts) == pytest.approx(0.95 * (0.6 - 0.3) + 0.97 * (1 - 0.6))  # strips of MACs, best accuracy in each
     assert best_at(pts, 0.3) == 0.95 and best_at(pts, 0.2) is None and best_at(pts, 0.6) == 0.97
