@@ -21,7 +21,7 @@ fine-tune function, epochs, lr and batch size for both sides):
   the epoch rungs off (screening on), and with neither the epoch rungs nor the fidelity rung
   (screening): the epochs each saves and its cost in hypervolume; the methods on each front.
 - **Fidelity**: Spearman rank correlation of the accuracy right after pruning + BN recalibration
-  with the accuracy after fine-tuning, over the complete trials of both runs (one-shot methods; ResRep's
+  with the accuracy after fine-tuning, over the complete trials of all three runs (one-shot methods; ResRep's
   fidelity is taken after its compactor epochs).
 
 Hypervolume in (val acc up, MACs fraction down) with reference (0, 1). One plot with both fronts
