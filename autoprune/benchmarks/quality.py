@@ -96,6 +96,8 @@ ABLATION: dict[str, tuple[str, str, dict[str, Any]]] = {
     "autoprune resrep, forget_by 0.2": ("resrep", "global", {"forget_by": 0.2}),
     "autoprune resrep, forget_by 0.8": ("resrep", "global", {"forget_by": 0.8}),
     "autoprune resrep, train_share 0.34": ("resrep", "global", {"train_share": 0.34}),
+    "autoprune resrep, reach 0.1, forget_by 0.2": ("resrep", "global", {"reach": 0.1, "forget_by": 0.2}),
+    "autoprune resrep, init identity": ("resrep", "global", {"init": "identity"}),
 }
 ABLATION_PAIRS = (
     ("autoprune lrf", "autoprune lrf, no compensation"),
@@ -107,6 +109,8 @@ ABLATION_PAIRS = (
     ("autoprune resrep, forget_by 0.8", "autoprune resrep"),
     ("autoprune resrep, train_share 0.34", "autoprune resrep"),
     ("autoprune resrep, train_share 0.34", "autoprune l1"),
+    ("autoprune resrep, reach 0.1, forget_by 0.2", "autoprune l1"),
+    ("autoprune resrep", "autoprune resrep, init identity"),
 )
 # label -> (importance, global pruning)
 THEIRS = {f"tp {k}{'' if g else ' (uniform)'}": (k, g) for k in ("magnitude", "bnscale", "taylor") for g in (True, False)}

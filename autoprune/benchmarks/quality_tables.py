@@ -81,7 +81,7 @@ def summary(agg: pd.DataFrame, n_val: int, targets: Sequence[float]) -> list[dic
 
 def _verdict(a: Any, b: Any, col: str, n_val: int) -> dict[str, Any]:
     diff, se_diff = a[col] - b[col], math.hypot(_se(a, col, n_val), _se(b, col, n_val))
-    return {"diff (points)": 100 * diff, "2 SE (points)": 200 * se_diff,
+    return {"diff (points)": float(100 * diff), "2 SE (points)": float(200 * se_diff),
             "beyond 2 SE": "yes" if abs(diff) > 2 * se_diff else "no"}
 
 
