@@ -358,12 +358,15 @@ def tables(name: str, b: Bench, results: Sequence[Mapping[str, Any]], labels: Se
                          tuple(es_rows), es_notes)]
 
 
-def _seed_job(job: tuple[str, Sequence[str], Sequence[float], int], b: Bench | None = None) -> dict[str, Any]:
-    """One seed in its own work folder (a worker process prepares its own copy of the cached base)."""
-    name, labels, targets, seed = job
+def _seed_job(job: tuple[str, Sequence[str], Sequence[float], int, str | None],
+              b: Bench | None = None) -> dict[str, Any]:
+    """One seed in its own work folder (a worker process prepares its own copy of the cached base);
+    the folder is kept under ``keep`` when given (for :mod:`.es_replay`), else temporary."""
+    name, labels, targets, seed, keep = job
     b = b or prepare(name, torch.device("cpu"))
     with tempfile.TemporaryDirectory(prefix="autoprune_bench_search_vs_tp_") as tmp:
-        work = Path(tmp)
+        work = Path(keep) / f"seed{seed}" if keep else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         save_base(work / "base.pt", b.model, b.spec, b.case.data,
                   {k: b.base[k] for k in ("val_acc", "macs", "params")})
         return run_seed(b, work, labels, targets, seed)
@@ -378,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"MACs targets of the sweep (default {TARGETS}; --quick 0.5 0.3 0.2)")
     p.add_argument("--jobs", type=int, default=1,
                    help="seeds run in parallel processes, each with --threads torch threads (default 1)")
+    p.add_argument("--work", default=None,
+                   help="keep each seed's search folders under this folder (default: temporary); its none_s<seed> "
+                        "searches ran every epoch and can be replayed with autoprune.benchmarks.es_replay")
     args = p.parse_args(argv)
     common.setup(args)
     name = args.data or ("digits" if args.quick else "fashionmnist")
@@ -392,9 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         with ProcessPoolExecutor(min(args.jobs, len(seeds)), mp_context=multiprocessing.get_context("spawn"),
                                  initializer=common.setup, initargs=(args,)) as pool:
-            results = list(pool.map(_seed_job, [(name, labels, targets, s) for s in seeds]))
+            results = list(pool.map(_seed_job, [(name, labels, targets, s, args.work) for s in seeds]))
     else:
-        results = [_seed_job((name, labels, targets, s), b) for s in seeds]
+        results = [_seed_job((name, labels, targets, s, args.work), b) for s in seeds]
     out = Path(args.out)
     suffix = f"search_vs_tp_{name}"
     plot(out / f"{suffix}.png", {r["seed"]: r["ours"] for r in results},
