@@ -29,3 +29,11 @@ def test_each_rung_saves_the_dominated_trials_epochs_and_keeps_the_front():
     stopped = replay(RUNS, Rules(keep=1.0, se_multiple=1.0), n_val=1000)
     assert screened == (6, pytest.approx(full[1]))  # the second trial ran no epoch
     assert stopped == (7, pytest.approx(full[1]))  # it ran one epoch, then fell behind the cheaper peer
+
+
+def test_a_folder_without_a_search_is_one_line(tmp_path, capsys):
+    from autoprune.benchmarks.es_replay import main
+
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no study.db and spec.yaml" in err and str(tmp_path) in err

@@ -17,6 +17,7 @@ its trials differ (``search_vs_tp`` measures that end to end).
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,11 +111,11 @@ def load_runs(folder: Path) -> tuple[list[Run], int]:
     runs = []
     for t in sorted(store.trials(), key=lambda t: t.number):
         rec = t.record
-        if t.state != "complete" or t.cost is None:
-            continue
-        if rec.get("stopped_at") or any(a is None for a in t.curve[-1:]):
+        if t.state == "early_stopped" or (t.state == "complete" and any(a is None for a in t.curve[-1:])):
             raise AutopruneError(f"{folder}: trial {t.number} did not run every epoch; replay a search run with "
                                  "early_stop: false and no screen")
+        if t.state != "complete" or t.cost is None:
+            continue
         fid = rec.get("fidelity")
         runs.append(Run(float(t.cost), float(rec["macs_frac"]), None if fid is None else float(fid), tuple(t.curve),
                         tuple(rec.get("phases") or ()), float(t.curve[-1])))
@@ -135,7 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--min-peers", type=int, default=2, help="screening min_peers (default 2)")
     args = p.parse_args(argv)
     common.setup(args)
-    runs, n_val = load_runs(args.folder)
+    try:
+        runs, n_val = load_runs(args.folder)
+    except AutopruneError as exc:  # a wrong folder: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     full_epochs, full_hv = replay(runs, Rules(keep=1.0, se_multiple=None), n_val)
     rows = []
     for keep, se in itertools.product(KEEPS, (None, *SE_MULTIPLES)):
