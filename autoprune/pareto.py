@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -77,6 +78,26 @@ def hypervolume_2d(points: np.ndarray | Sequence, maximize: Sequence[bool], refe
     return float(np.sum((xs - pts[:, 0]) * (ref[1] - pts[:, 1])))
 
 
+ACC_COST_REFERENCE = (0.0, 1.0)  # (val acc, cost as a fraction of the base): 1.0 = 100 % at zero cost
+
+
+def acc_cost_hypervolume(points: np.ndarray | Sequence) -> float:
+    """Hypervolume of (val acc, cost fraction of the base) points (n x 2): accuracy up, cost down,
+    reference :data:`ACC_COST_REFERENCE`; 0.0 for no points."""
+    return hypervolume_2d(points, [True, False], ACC_COST_REFERENCE)
+
+
+def feasible_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The complete, feasible trials among trials.csv-style ``rows`` (the only ones a front may hold)."""
+    return [r for r in rows if r["state"] == "complete" and _is_true(r["feasible"])]
+
+
+def feasible_points(rows: Sequence[Mapping[str, Any]], column: str = "macs_frac") -> np.ndarray:
+    """(val_acc, ``column``) of :func:`feasible_rows` (n x 2)."""
+    ok = feasible_rows(rows)
+    return np.asarray([(float(r["val_acc"]), float(r[column])) for r in ok], dtype=float).reshape(-1, 2)
+
+
 # --------------------------------------------------------------------------- trial tables
 
 OBJECTIVE_COLUMNS = {"macs": "macs", "params": "params", "latency": "latency_ms"}  # trials.csv column
@@ -109,7 +130,7 @@ def front_hypervolume(df: pd.DataFrame, objective: str = "macs") -> float:
     on = df[front_mask(df, objective)]
     pts = np.column_stack([pd.to_numeric(on["val_acc"], errors="coerce").to_numpy(dtype=float),
                            pd.to_numeric(on[col], errors="coerce").to_numpy(dtype=float)])
-    return hypervolume_2d(pts, [True, False], (0.0, 1.0))
+    return acc_cost_hypervolume(pts)
 
 
 # --------------------------------------------------------------------------- picking

@@ -7,7 +7,7 @@ from autoprune.benchmarks.es_replay import Rules, Run, replay
 
 
 def run(cost, acc_curve, fidelity):
-    return Run(cost=cost, frac=cost / 1000, fidelity=fidelity, curve=tuple(acc_curve), phases=(), final=acc_curve[-1])
+    return Run(cost=cost, frac=cost / 1000, fidelity=fidelity, curve=tuple(acc_curve), phases=())
 
 
 RUNS = [

@@ -22,11 +22,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import AutopruneError
-from ..pareto import hypervolume_2d
-from ..search.early_stop import FINETUNE, Candidate, Peer, screen_out, should_stop
+from ..pareto import acc_cost_hypervolume
+from ..search.early_stop import FINETUNE, Candidate, Peer, screen_out, screening_phase, should_stop
 from . import common
 
 SE_MULTIPLES = (2.0, 1.0, 0.0)
@@ -40,9 +38,12 @@ class Run:
     cost: float  # the early-stopping cost (MACs)
     frac: float  # MACs fraction of the base (screening windows, hypervolume)
     fidelity: float | None
-    curve: tuple[float | None, ...]
+    curve: tuple[float | None, ...]  # every epoch measured; the last is the trial's final accuracy
     phases: tuple[str, ...]
-    final: float
+
+    @property
+    def final(self) -> float:
+        return float(self.curve[-1])  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def replay(runs: Sequence[Run], rules: Rules, n_val: int) -> tuple[int, float]:
         epochs += ran
         if stopped:
             continue
-        phase = phases[0] if k else "oneshot"
+        phase = screening_phase(phases)
         if r.fidelity is not None:
             out = rules.keep < 1 and screen_out(r.frac, r.fidelity, candidates, keep=rules.keep, bucket=rules.bucket,
                                                 min_peers=rules.min_peers, phase=phase)
@@ -82,8 +83,7 @@ def replay(runs: Sequence[Run], rules: Rules, n_val: int) -> tuple[int, float]:
             continue
         peers.append(Peer(r.cost, r.curve, phases, r.fidelity))
         points.append((r.final, r.frac))
-    hv = hypervolume_2d(np.asarray(points).reshape(-1, 2), [True, False], (0.0, 1.0)) if points else 0.0
-    return epochs, hv
+    return epochs, acc_cost_hypervolume(points)
 
 
 def _run_epochs(r: Run, phases: Sequence[str], epochs: Iterable[int], peers: Sequence[Peer], rules: Rules,
@@ -107,7 +107,8 @@ def load_runs(folder: Path) -> tuple[list[Run], int]:
 
     if not (folder / "study.db").is_file() or not (folder / "spec.yaml").is_file():
         raise AutopruneError(f"{folder}: no study.db and spec.yaml; give the results folder of a finished search")
-    store = open_store(load_spec(folder / "spec.yaml"), folder)
+    spec = load_spec(folder / "spec.yaml")
+    store = open_store(spec, folder)
     runs = []
     for t in sorted(store.trials(), key=lambda t: t.number):
         rec = t.record
@@ -118,16 +119,10 @@ def load_runs(folder: Path) -> tuple[list[Run], int]:
             continue
         fid = rec.get("fidelity")
         runs.append(Run(float(t.cost), float(rec["macs_frac"]), None if fid is None else float(fid), tuple(t.curve),
-                        tuple(rec.get("phases") or ()), float(t.curve[-1])))
-    return runs, _n_val(folder)
-
-
-def _n_val(folder: Path) -> int:
+                        tuple(rec.get("phases") or ())))
     from ..data import load_data
-    from ..search.spec import load_spec
 
-    spec = load_spec(folder / "spec.yaml")
-    return len(load_data(spec.data, "cpu").val)
+    return runs, len(load_data(spec.data, "cpu").val)  # the margin's standard error needs the split's size
 
 
 def main(argv: Sequence[str] | None = None) -> int:

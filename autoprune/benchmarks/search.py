@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..cost import count_macs, count_params
-from ..pareto import hypervolume_2d, pareto_mask
+from ..pareto import acc_cost_hypervolume, feasible_points, pareto_mask
 from ..plan import save_base
 from . import common
 from .common import DEMO_SPEC, demo_raw, demo_spec
@@ -40,7 +40,6 @@ from .common import DEMO_SPEC, demo_raw, demo_spec
 log = logging.getLogger(__name__)
 
 METHODS = ("resrep", "lrf", "fsm", "l1")
-REFERENCE = (0.0, 1.0)  # (val acc, MACs fraction)
 
 
 def run_one(spec_dict: Mapping[str, Any], work: Path, name: str) -> tuple[list[dict[str, Any]], float]:
@@ -59,24 +58,19 @@ def run_one(spec_dict: Mapping[str, Any], work: Path, name: str) -> tuple[list[d
     return list(result.rows), seconds
 
 
-def _points(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    ok = [r for r in rows if r["state"] == "complete" and str(r["feasible"]) in ("True", "true", "1")]
-    return np.asarray([(float(r["val_acc"]), float(r["macs_frac"])) for r in ok], dtype=float).reshape(-1, 2)
-
-
 def hypervolume(rows: Sequence[Mapping[str, Any]], first: int | None = None) -> float:
     """Hypervolume of the feasible complete trials among the first ``first`` trials (by number)."""
     rows = sorted(rows, key=lambda r: int(r["number"]))[:first]
-    return hypervolume_2d(_points(rows), [True, False], REFERENCE)
+    return acc_cost_hypervolume(feasible_points(rows))
 
 
 def front_size(rows: Sequence[Mapping[str, Any]]) -> int:
-    pts = _points(rows)
+    pts = feasible_points(rows)
     return int(np.asarray(pareto_mask(pts, [True, False])).sum()) if len(pts) else 0
 
 
 def best_under(rows: Sequence[Mapping[str, Any]], macs_frac: float) -> float | None:
-    pts = _points(rows)
+    pts = feasible_points(rows)
     under = pts[pts[:, 1] <= macs_frac] if len(pts) else pts
     return float(under[:, 0].max()) if len(under) else None
 

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..pareto import hypervolume_2d, pareto_mask
+from ..pareto import acc_cost_hypervolume, feasible_points, feasible_rows, pareto_mask
 from ..plan import save_base
 from ..report import spearman
 from . import common
@@ -51,7 +51,6 @@ from .quality import TARGETS, THEIRS, Bench, prepare, run_theirs
 
 log = logging.getLogger(__name__)
 
-REFERENCE = (0.0, 1.0)
 QUICK_THEIRS = ("tp magnitude", "tp bnscale")
 TARGET_STEP = 0.1  # the search samples the MACs target on this grid (it holds every swept target)
 TOL = 0.005  # a point counts as "at" a MACs fraction up to this above it (allocation granularity)
@@ -150,16 +149,10 @@ def run_search_for(b: Bench, work: Path, name: str, spec: dict[str, Any], budget
     return counted, time.perf_counter() - start
 
 
-def our_points(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    ok = [r for r in rows if r["state"] == "complete" and str(r["feasible"]) in ("True", "true", "1")]
-    return np.asarray([(float(r["val_acc"]), float(r["macs_frac"])) for r in ok], dtype=float).reshape(-1, 2)
-
-
 # ----------------------------------------------------------------------------- measures
 
 
-def hv(points: np.ndarray) -> float:
-    return hypervolume_2d(points, [True, False], REFERENCE) if len(points) else 0.0
+hv = acc_cost_hypervolume  # (val acc, MACs fraction) points -> hypervolume, reference (0, 1)
 
 
 def best_at(points: np.ndarray, macs: float) -> float | None:
@@ -172,8 +165,8 @@ def front_methods(rows: Sequence[Mapping[str, Any]], tol: float = TOL) -> set[st
     MACs at most ``tol`` above its own: trials at one target land a hair either side of it, and a point
     0.0005 cheaper than a far better one is 'on the front' only by that hair (the same tolerance as
     'best acc <= X')."""
-    ok = [r for r in rows if r["state"] == "complete" and str(r["feasible"]) in ("True", "true", "1")]
-    pts = our_points(ok)
+    ok = feasible_rows(rows)
+    pts = feasible_points(ok)
     on = [not np.any((pts[:, 0] > a) & (pts[:, 1] <= m + tol)) for a, m in pts]
     return {r["method"] for r, keep in zip(ok, on) if keep}
 
@@ -243,7 +236,7 @@ def run_seed(b: Bench, work: Path, labels: Sequence[str], targets: Sequence[floa
     none_rows, _ = run_search_for(b, work, f"none_s{seed}",
                                   search_spec(b, base, f"none_s{seed}", targets, seed, 4, False, screen=False), None,
                                   epoch_s, trials=len(on_rows))
-    ours, theirs = our_points(on_rows), by_label[best_label]
+    ours, theirs = feasible_points(on_rows), by_label[best_label]
     rho_on, n_on = fidelity_rho(on_rows)
     rho_all, n_all = fidelity_rho(list(on_rows) + list(off_rows) + list(none_rows))
     return {
@@ -252,7 +245,7 @@ def run_seed(b: Bench, work: Path, labels: Sequence[str], targets: Sequence[floa
         "theirs": theirs, "best_label": best_label, "epoch_s": epoch_s, "tp_cost": tp_cost,
         "our_cost": sum(epoch_equivalents(r, epoch_s) for r in on_rows), "tp_s": tp_s, "on_s": on_s, "off_s": off_s,
         "hv_ours": hv(ours), "hv_tp": hv(theirs), "hv_tp_all": {k: hv(v) for k, v in by_label.items()},
-        "hv_off": hv(our_points(off_rows)), "hv_none": hv(our_points(none_rows)),
+        "hv_off": hv(feasible_points(off_rows)), "hv_none": hv(feasible_points(none_rows)),
         "epochs_on": sum(int(r["epochs_run"] or 0) for r in on_rows),
         "epochs_off": sum(int(r["epochs_run"] or 0) for r in off_rows),
         "epochs_none": sum(int(r["epochs_run"] or 0) for r in none_rows),
@@ -364,12 +357,17 @@ def _seed_job(job: tuple[str, Sequence[str], Sequence[float], int, str | None],
     the folder is kept under ``keep`` when given (for :mod:`.es_replay`), else temporary."""
     name, labels, targets, seed, keep = job
     b = b or prepare(name, torch.device("cpu"))
-    with tempfile.TemporaryDirectory(prefix="autoprune_bench_search_vs_tp_") as tmp:
-        work = Path(keep) / f"seed{seed}" if keep else Path(tmp)
+
+    def in_folder(work: Path) -> dict[str, Any]:
         work.mkdir(parents=True, exist_ok=True)
         save_base(work / "base.pt", b.model, b.spec, b.case.data,
                   {k: b.base[k] for k in ("val_acc", "macs", "params")})
         return run_seed(b, work, labels, targets, seed)
+
+    if keep:
+        return in_folder(Path(keep) / f"seed{seed}")
+    with tempfile.TemporaryDirectory(prefix="autoprune_bench_search_vs_tp_") as tmp:
+        return in_folder(Path(tmp))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -53,6 +53,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 FINETUNE = "finetune"
+ONESHOT = "oneshot"  # the screening phase of a candidate that did not train before surgery
 DEFAULT_SE_MULTIPLE = 1.0
 DEFAULT_COST_TOLERANCE = 0.01
 
@@ -76,6 +77,12 @@ def schedule(total_epochs: int, training_epochs: int = 0, method: str = "") -> t
     """The phase of each epoch of a trial: ``training_epochs`` of ``train:<method>``, then fine-tune."""
     k = max(0, min(int(training_epochs), int(total_epochs)))
     return (train_phase(method),) * k + (FINETUNE,) * (int(total_epochs) - k)
+
+
+def screening_phase(phases: Sequence[str]) -> str:
+    """The phase a candidate's fidelity belongs to: ``oneshot``, or ``train:<method>`` when it trained
+    before surgery (ResRep's compactor epochs), so it is screened only against its own kind."""
+    return phases[0] if phases and phases[0] != FINETUNE else ONESHOT
 
 
 def position(phases: Sequence[str], epoch: int) -> tuple[str, float]:
@@ -190,7 +197,7 @@ class Candidate:
 
     cost_frac: float
     fidelity: float
-    phase: str = "oneshot"  # "oneshot" (no training before surgery) or train:<method> (after its training)
+    phase: str = ONESHOT  # ONESHOT (no training before surgery) or train:<method> (after its training)
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,7 @@ class Reference:
 
 
 def screen_out(cost_frac: float, fidelity: float, earlier: Iterable[Candidate], *, keep: float,
-               bucket: float = 0.1, min_peers: int = 3, phase: str = "oneshot") -> bool:
+               bucket: float = 0.1, min_peers: int = 3, phase: str = ONESHOT) -> bool:
     """True when a candidate should NOT be fine-tuned: among the ``earlier`` candidates of the same
     ``phase`` whose cost fraction is within ``bucket / 2`` of its own, at least
     ``min_peers`` exist and it is not in the best ``keep`` share of them and itself (the best of a

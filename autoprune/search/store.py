@@ -123,7 +123,7 @@ def finished_curves(store: TrialStore) -> Reference:
     """The early-stopping and screening reference: the complete trials as :class:`~.early_stop.Peer`
     (cost, per-epoch val acc, the phase of each epoch, fidelity), and every trial that measured a
     fidelity (complete, early-stopped or screened out) as a screening :class:`~.early_stop.Candidate`."""
-    from .early_stop import FINETUNE, Candidate, Peer
+    from .early_stop import Candidate, Peer, screening_phase
 
     peers, candidates = [], []
     for t in store.trials():
@@ -134,8 +134,7 @@ def finished_curves(store: TrialStore) -> Reference:
             peers.append(Peer(float(t.cost), tuple(t.curve), phases, None if fidelity is None else float(fidelity)))
         frac = rec.get(_FRACTION.get(store_objective(t), "macs_frac")) or rec.get("macs_frac")
         if t.state in ("complete", "early_stopped") and fidelity is not None and frac is not None:
-            phase = phases[0] if phases and phases[0] != FINETUNE else "oneshot"
-            candidates.append(Candidate(float(frac), float(fidelity), phase))
+            candidates.append(Candidate(float(frac), float(fidelity), screening_phase(phases)))
     return Reference(tuple(peers), tuple(candidates))
 
 

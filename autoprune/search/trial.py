@@ -214,9 +214,9 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     screen = spec.screen
     if finished is not None and screen.enabled and epochs > k:
         frac = m["params_frac"] if objective == "params" else m["macs_frac"]
-        phase = phases[0] if k else "oneshot"
         if early_stop.screen_out(frac, m["fidelity"], reference().candidates, keep=screen.keep,
-                                 bucket=screen.bucket, min_peers=screen.min_peers, phase=phase):
+                                 bucket=screen.bucket, min_peers=screen.min_peers,
+                                 phase=early_stop.screening_phase(phases)):
             log.info("trial %d screened out: fidelity %.4f not in the best %.0f %% of its MACs bucket", number,
                      m["fidelity"], 100 * screen.keep)
             return _result(worker, number, hparams, "early_stopped", m["fidelity"], progress, start,
