@@ -87,3 +87,64 @@ def recalibrate_bn(model: nn.Module, split: Any, batches: int = DEFAULT_BATCHES,
         log.warning("BN recalibration found no batch of 2 or more images; BN statistics left unchanged")
     log.debug("BN recalibration: %d layers re-estimated on %d images", len(bns), seen)
     return seen
+
+
+@torch.no_grad()
+def restat_bn(model: nn.Module, bns: list[nn.Module], split: Any, batches: int = DEFAULT_BATCHES,
+              batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None,
+              seed: int = 0) -> int:
+    """Give ``bns`` the running statistics of their inputs without changing the model's eval function.
+
+    The model runs in eval mode on ``batches`` shuffled training batches (as :func:`recalibrate_bn`);
+    each listed BN's per-channel input mean mu' and (biased) variance v' are measured exactly, and its
+    affine absorbs the change: the eval map y = s x + t (s = gamma / sqrt(v + eps), t = beta - s mu)
+    is kept by gamma' = s sqrt(v' + eps), beta' = t + s mu'. Why: a BN whose statistics are not its
+    input's (a folded one, see :func:`autoprune.methods.compactor._fold_bn`) changes the function when
+    a later :func:`recalibrate_bn` or a train-mode fine-tune replaces them; after this step both
+    leave it (up to sampling) as it is. Returns the number of images measured (0: nothing changed).
+    """
+    if batch_size < 1 or batches < 0:
+        raise ValueError(f"restat_bn needs batches >= 0 and batch_size >= 1, got {batches}, {batch_size}")
+    bns = [m for m in bns if isinstance(m, _BN) and m.track_running_stats and m.affine]
+    if batches == 0 or not bns:
+        return 0
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sums: dict[nn.Module, list[torch.Tensor]] = {}
+
+    def hook(m: nn.Module, inp: tuple, _out: torch.Tensor) -> None:
+        x = inp[0].double().transpose(0, 1).reshape(inp[0].shape[1], -1)
+        n = torch.tensor(float(x.shape[1]), dtype=torch.float64, device=x.device)
+        s = sums.setdefault(m, [torch.zeros_like(n), torch.zeros_like(x[:, 0]), torch.zeros_like(x[:, 0])])
+        s[0] += n
+        s[1] += x.sum(1)
+        s[2] += x.square().sum(1)
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_hook(hook) for m in bns]
+    seen = 0
+    gdev = getattr(split, "device", torch.device("cpu"))
+    gen = torch.Generator(device=gdev if torch.device(gdev).type == "cuda" else "cpu").manual_seed(seed)
+    try:
+        model.eval()
+        for i, (x, _) in enumerate(split.batches(batch_size, shuffle=True, generator=gen)):
+            if i >= batches:
+                break
+            model(x.to(device, non_blocking=True))
+            seen += int(x.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    for m, (n, total, squares) in sums.items():
+        mean = total / n
+        var = (squares / n - mean.square()).clamp_min(0)
+        scale = m.weight.double() / torch.sqrt(m.running_var.double() + m.eps)
+        shift = m.bias.double() - scale * m.running_mean.double()
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_(var.to(m.running_var.dtype))
+        m.weight.copy_((scale * torch.sqrt(var + m.eps)).to(m.weight.dtype))
+        m.bias.copy_((shift + scale * mean).to(m.bias.dtype))
+    log.debug("BN re-statistics: %d layers measured on %d images, eval function kept", len(sums), seen)
+    return seen

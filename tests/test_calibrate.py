@@ -6,7 +6,7 @@ from conftest import TensorSplit
 from torch import nn
 
 from autoprune import engine
-from autoprune.calibrate import recalibrate_bn
+from autoprune.calibrate import recalibrate_bn, restat_bn
 from autoprune.data import DataSpec, load_data
 from autoprune.models import ModelSpec, create_model
 from autoprune.train import evaluate
@@ -79,3 +79,34 @@ def test_no_usable_batch_leaves_the_statistics_as_they_were():
     split = TensorSplit(torch.randn(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))  # one image: no variance
     assert recalibrate_bn(model, split, batches=4) == 0
     assert torch.all(model[1].running_mean == 0.5)
+
+
+def test_restat_keeps_the_eval_function_and_makes_a_later_recalibration_a_no_op():
+    """A BN whose running statistics are not its input's (as after a fold): recalibrating it changes
+    what the model computes; restat_bn measures the statistics and moves the difference into the
+    affine, so the function stays and a recalibration afterwards changes (almost) nothing."""
+    model = _net().eval()
+    x = torch.randn(128, 1, 8, 8) * 2 + 0.5
+    split = TensorSplit(x, torch.zeros(128, dtype=torch.long))
+    with torch.no_grad():
+        for bn in (model[1], model[5]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.2, 3)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        before = model(x)
+    plain = _net().eval()
+    plain.load_state_dict(model.state_dict())
+    recalibrate_bn(plain, split, batches=4, batch_size=32)
+    with torch.no_grad():
+        assert (plain(x) - before).norm() / before.norm() > 0.1  # the stale statistics mattered
+
+    assert restat_bn(model, [model[1], model[5]], split, batches=4, batch_size=32) == 128
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
+        h = model[0](x)
+    torch.testing.assert_close(model[1].running_mean, h.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
+    recalibrate_bn(model, split, batches=4, batch_size=32)
+    with torch.no_grad():
+        assert (model(x) - before).norm() / before.norm() < 0.02
+    assert restat_bn(model, [], split) == 0 and restat_bn(model, [model[1]], split, batches=0) == 0

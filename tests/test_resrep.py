@@ -218,13 +218,16 @@ def test_mask_schedule_final_extends_an_unfinished_mask():
 
 def test_params_and_training_share():
     method = get_method("resrep")
-    assert method.training_epochs(make_params(method, {}), 4) == 3
+    assert method.training_epochs(make_params(method, {}), 4) == 4  # default: the whole budget (paper)
+    assert method.training_epochs(make_params(method, {"train_share": 0.75}), 4) == 3
     assert method.training_epochs(make_params(method, {"train_share": 0.1}), 2) == 1
     assert method.training_epochs(make_params(method, {}), 0) == 0
     with pytest.raises(SpecError, match="normalise"):
         make_params(method, {"normalise": "l2"})
     with pytest.raises(SpecError, match="warmup"):
         make_params(method, {"warmup": 0.8, "reach": 0.5})
+    with pytest.raises(SpecError, match="prior 'bn' is unknown"):
+        make_params(method, {"prior": "bn"})
 
 
 def test_prune_digits_meets_the_target_and_runs(digits, digits_base):
@@ -240,12 +243,14 @@ def test_prune_digits_meets_the_target_and_runs(digits, digits_base):
 
 def test_epoch_reports_are_the_model_resrep_returns(digits, digits_base):
     """Each compactor epoch reports the masked model: its accuracy is what folding and cutting give,
-    so the last report equals the returned model's val accuracy and MACs (round_to 1, mask complete)."""
+    so the last report equals the returned model's val accuracy and MACs (round_to 1, mask complete;
+    restat off: it re-measures BN statistics after the last report)."""
     model, spec = digits_base
     reports = []
     # recalibration off: the report is the folded and cut model itself, before the engine's BN step
     result = autoprune.prune(model, "resrep", 0.4, data=digits, spec=spec, train_cfg=TrainConfig(epochs=3),
-                             on_epoch=lambda r: reports.append(r) or False, recalibrate_batches=0)
+                             on_epoch=lambda r: reports.append(r) or False, recalibrate_batches=0,
+                             reach=0.2, forget_by=0.4, restat=False)
     assert [r.epoch for r in reports] == [1, 2, 3]
     # forget_by 0.4 of 3 epochs: masked rows reach zero during epoch 2; no accuracy before that
     assert reports[0].val_acc is None and all(r.val_acc is not None for r in reports[1:])
@@ -261,8 +266,28 @@ def test_on_epoch_true_stops_resrep_and_leaves_the_model(digits, digits_base):
         autoprune.prune(model, "resrep", 0.4, data=digits, spec=spec, train_cfg=TrainConfig(epochs=3),
                         on_epoch=lambda r: r.val_acc is not None)
     rep = info.value.report
-    assert rep.epoch == 2 and 0 < rep.val_acc <= 1 and rep.macs <= 0.4 * rep.base_macs
+    assert rep.epoch == 1 and 0 < rep.val_acc <= 1 and rep.macs <= 0.4 * rep.base_macs
     assert not hasattr(model, ATTR) and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("restat", [True, False])
+def test_restat_makes_the_engine_recalibration_keep_the_resrep_model(restat):
+    """The fold sets assumed BN variances; the engine's recalibration then replaces them and changes
+    the function unless restat measured them first (and kept the function while doing so)."""
+    data = Data(128, (3, 8, 8))
+    torch.manual_seed(0)
+    model = create_model(ModelSpec("resnet20", 4, 3, 8))
+    result = autoprune.prune(model, "resrep", 0.4, data=data, input_shape=(3, 8, 8), restat=restat,
+                             train_cfg=TrainConfig(epochs=2, batch_size=32, lr=0.05), recalibrate_batches=0)
+    x = data.train.x[:64]
+    pruned = result.model.eval()
+    with torch.no_grad():
+        before = pruned(x)
+    from autoprune.calibrate import recalibrate_bn
+    recalibrate_bn(pruned, data.train, batches=4, batch_size=32)
+    with torch.no_grad():
+        change = _rel(pruned(x), before)
+    assert change < 0.05 if restat else change > 0.05
 
 
 def test_residual_groups_pruned_with_shared_masks_and_rounding():

@@ -242,13 +242,13 @@ def test_resrep_trial_can_stop_during_its_compactor_epochs(base_ckpt, tmp_path, 
     run_search(spec, tmp_path / "out", progress=False)
     _, rows = read_rows(tmp_path / "out" / "trials.csv")
     assert [r["state"] for r in rows] == ["complete", "early_stopped"]
-    # 3 compactor epochs (train_share 0.75): the masked model is measured from epoch 2 (masked rows
-    # zero by 40 % of the steps) and the second trial stops there, before surgery and fine-tuning
-    assert [int(r["epochs_run"]) for r in rows] == [4, 2]
+    # 4 compactor epochs (train_share 1): the masked model is measured from epoch 1 (masked rows zero
+    # by 5 % of the steps) and the second trial stops there, before surgery
+    assert [int(r["epochs_run"]) for r in rows] == [4, 1]
     stopped = rows[1]
     assert stopped["model"] == "" and 0 < float(stopped["macs_frac"]) <= 0.5 and 0 < float(stopped["val_acc"])
     curves = [t.user_attrs["curve"] for t in load_study(tmp_path / "out").trials]
-    assert curves[0][0] is None and all(a is not None for a in curves[0][1:]) and len(curves[1]) == 2
+    assert all(a is not None for a in curves[0]) and len(curves[0]) == 4 and len(curves[1]) == 1
 
 
 def test_screening_fine_tunes_only_the_best_candidates_of_a_macs_bucket(base_ckpt, tmp_path, monkeypatch):

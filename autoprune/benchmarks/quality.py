@@ -93,11 +93,19 @@ ABLATION: dict[str, tuple[str, str, dict[str, Any]]] = {
     "autoprune fsm, measured compensation": ("fsm", "global", {"compensation": "measured"}),
     "autoprune resrep": ("resrep", "global", {}),
     "autoprune l1": ("l1", "global", {}),
-    "autoprune resrep, forget_by 0.2": ("resrep", "global", {"forget_by": 0.2}),
+    "autoprune resrep, forget_by 0.4": ("resrep", "global", {"forget_by": 0.4}),
     "autoprune resrep, forget_by 0.8": ("resrep", "global", {"forget_by": 0.8}),
-    "autoprune resrep, train_share 0.34": ("resrep", "global", {"train_share": 0.34}),
-    "autoprune resrep, reach 0.1, forget_by 0.2": ("resrep", "global", {"reach": 0.1, "forget_by": 0.2}),
-    "autoprune resrep, init identity": ("resrep", "global", {"init": "identity"}),
+    "autoprune resrep, no restat": ("resrep", "global", {"restat": False}),
+    "autoprune resrep, prior none": ("resrep", "global", {"prior": "none"}),
+    "autoprune resrep, init scaled, prior none": ("resrep", "global", {"init": "scaled", "prior": "none"}),
+    "autoprune resrep, compactor_momentum 0.99": ("resrep", "global", {"compactor_momentum": 0.99}),
+    "autoprune resrep, train_share 0.75": ("resrep", "global", {"train_share": 0.75}),
+    "autoprune resrep, reach 0.2, forget_by 0.4": ("resrep", "global", {"warmup": 0.05, "reach": 0.2, "forget_by": 0.4}),
+    # the defaults before this table: the ranking carried by scaled compactors, the paper's momentum,
+    # a quarter of the budget as a restarted fine-tune, a slower schedule, no measured BN statistics
+    "autoprune resrep, previous defaults": ("resrep", "global", {
+        "init": "scaled", "prior": "none", "compactor_momentum": 0.99, "train_share": 0.75, "warmup": 0.05,
+        "reach": 0.2, "forget_by": 0.4, "restat": False}),
 }
 ABLATION_PAIRS = (
     ("autoprune lrf", "autoprune lrf, no compensation"),
@@ -105,12 +113,16 @@ ABLATION_PAIRS = (
     ("autoprune lrf", "autoprune lrf, weight-space fit"),
     ("autoprune fsm", "autoprune fsm, no compensation"),
     ("autoprune fsm, measured compensation", "autoprune fsm"),
-    ("autoprune resrep", "autoprune resrep, forget_by 0.2"),
-    ("autoprune resrep, forget_by 0.8", "autoprune resrep"),
-    ("autoprune resrep, train_share 0.34", "autoprune resrep"),
-    ("autoprune resrep, train_share 0.34", "autoprune l1"),
-    ("autoprune resrep, reach 0.1, forget_by 0.2", "autoprune l1"),
-    ("autoprune resrep", "autoprune resrep, init identity"),
+    ("autoprune resrep", "autoprune l1"),
+    ("autoprune resrep", "autoprune resrep, previous defaults"),
+    ("autoprune resrep", "autoprune resrep, no restat"),
+    ("autoprune resrep", "autoprune resrep, prior none"),
+    ("autoprune resrep", "autoprune resrep, init scaled, prior none"),
+    ("autoprune resrep", "autoprune resrep, compactor_momentum 0.99"),
+    ("autoprune resrep", "autoprune resrep, train_share 0.75"),
+    ("autoprune resrep", "autoprune resrep, reach 0.2, forget_by 0.4"),
+    ("autoprune resrep", "autoprune resrep, forget_by 0.4"),
+    ("autoprune resrep, forget_by 0.4", "autoprune resrep, forget_by 0.8"),
 )
 # label -> (importance, global pruning)
 THEIRS = {f"tp {k}{'' if g else ' (uniform)'}": (k, g) for k in ("magnitude", "bnscale", "taylor") for g in (True, False)}

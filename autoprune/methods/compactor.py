@@ -310,13 +310,16 @@ class Compactors:
             w.grad = grad.reshape_as(w).to(w.dtype)
 
     @torch.no_grad()
-    def fold(self) -> None:
+    def fold(self) -> list[nn.Module]:
         """Merge every compactor (and the BN before it) into the conv/BN it follows; then remove them.
 
         The model keeps the base architecture and, in eval mode, computes what it computed with
-        the compactors (to float rounding).
+        the compactors (to float rounding). Returns the BNs whose running statistics the fold set
+        by assumption (:func:`_fold_bn`): give them measured ones with
+        :func:`autoprune.calibrate.restat_bn` before anything recalibrates or fine-tunes them.
         """
         modules = dict(self.model.named_modules())
+        rewritten = []
         for s in self.sites:
             q = self.layers[self._key(s)].weight.detach().double().reshape(len(s.rows), -1)
             conv, site = modules[s.conv], modules[s.module]
@@ -326,7 +329,9 @@ class Compactors:
                 _fold_conv(conv, q)
             else:
                 _fold_bn(conv, site, q)
+                rewritten.append(site)
         self.remove()
+        return rewritten
 
     def remove(self) -> None:
         """Detach the compactors without folding (idempotent). Scales moved into the compactors
