@@ -217,11 +217,13 @@ def write_tables(name: str, tables: Sequence[Table], out_dir: str | Path = RESUL
 
 
 def command_line(module: str, argv: Sequence[str] | None) -> str:
-    """The command that reproduces a run, for the .md file."""
+    """The command that reproduces a run, for the .md file (arguments shell-quoted: a config label
+    with spaces stays one argument)."""
+    import shlex
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
-    return " ".join(["python -m", f"autoprune.benchmarks.{module}", *args])
+    return " ".join(["python -m", f"autoprune.benchmarks.{module}", shlex.join(args)]).rstrip()
 
 
 # ----------------------------------------------------------------------------- the demo spec
