@@ -8,6 +8,8 @@ near chance into a usable one, and that the recalibrated accuracy ranks candidat
 
 This is an engine step shared by every method (``engine.prune(..., recalibrate_batches=N)``); it
 never changes a weight, only ``running_mean`` / ``running_var`` / ``num_batches_tracked``.
+:func:`restat_bn` is its function-preserving variant for BNs whose statistics were set by
+assumption (ResRep's fold): it also rewrites their affine so that the eval output stays the same.
 """
 from __future__ import annotations
 
@@ -130,6 +132,8 @@ def restat_bn(model: nn.Module, bns: list[nn.Module], split: Any, batches: int =
         for i, (x, _) in enumerate(split.batches(batch_size, shuffle=True, generator=gen)):
             if i >= batches:
                 break
+            if x.shape[0] < 2:  # one sample: a (N, C) BN input would measure a variance of 0
+                continue
             model(x.to(device, non_blocking=True))
             seen += int(x.shape[0])
     finally:

@@ -110,3 +110,5 @@ def test_restat_keeps_the_eval_function_and_makes_a_later_recalibration_a_no_op(
     with torch.no_grad():
         assert (model(x) - before).norm() / before.norm() < 0.02
     assert restat_bn(model, [], split) == 0 and restat_bn(model, [model[1]], split, batches=0) == 0
+    one = TensorSplit(x[:1], torch.zeros(1, dtype=torch.long))  # a variance needs two samples: nothing measured
+    assert restat_bn(model, [model[1]], one, batches=2, batch_size=1) == 0

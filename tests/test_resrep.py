@@ -228,6 +228,9 @@ def test_params_and_training_share():
         make_params(method, {"warmup": 0.8, "reach": 0.5})
     with pytest.raises(SpecError, match="prior 'bn' is unknown"):
         make_params(method, {"prior": "bn"})
+    with pytest.raises(SpecError, match="set prior: none"):
+        make_params(method, {"init": "scaled"})
+    assert make_params(method, {"init": "scaled", "prior": "none"}).init == "scaled"
 
 
 def test_prune_digits_meets_the_target_and_runs(digits, digits_base):
@@ -270,15 +273,18 @@ def test_on_epoch_true_stops_resrep_and_leaves_the_model(digits, digits_base):
     assert not hasattr(model, ATTR) and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("restat", [True, False])
-def test_restat_makes_the_engine_recalibration_keep_the_resrep_model(restat):
+@pytest.mark.parametrize("restat,forget_by", [(True, 0.05), (True, 0.0), (False, 0.05)])
+def test_restat_makes_the_engine_recalibration_keep_the_resrep_model(restat, forget_by):
     """The fold sets assumed BN variances; the engine's recalibration then replaces them and changes
-    the function unless restat measured them first (and kept the function while doing so)."""
+    the function unless restat measured them first (and kept the function while doing so). With
+    forget_by 0 masked rows are not zero at the end: the fold must still fold the masked model."""
     data = Data(128, (3, 8, 8))
     torch.manual_seed(0)
     model = create_model(ModelSpec("resnet20", 4, 3, 8))
     result = autoprune.prune(model, "resrep", 0.4, data=data, input_shape=(3, 8, 8), restat=restat,
-                             train_cfg=TrainConfig(epochs=2, batch_size=32, lr=0.05), recalibrate_batches=0)
+                             forget_by=forget_by, train_cfg=TrainConfig(epochs=2, batch_size=32, lr=0.05),
+                             recalibrate_batches=0)
+    assert result.info["restat_images"] == (128 if restat else 0)
     x = data.train.x[:64]
     pruned = result.model.eval()
     with torch.no_grad():

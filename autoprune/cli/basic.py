@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-ratio", type=float, default=0.05, help="never keep fewer than this fraction of a group")
     p.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this (8 suits GPUs)")
     p.add_argument("--epochs", "--finetune-epochs", dest="epochs", type=int, default=3,
-                   help="total epochs: training-time methods (ResRep) use part, the rest fine-tunes")
+                   help="total epochs: training-time methods (ResRep) use their share (train_share, default all), the rest fine-tunes")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a method parameter, repeatable (e.g. --param penalty=1e-4; see `autoprune methods`)")
