@@ -122,6 +122,28 @@ def test_sigterm_writes_the_report_and_prints_the_resume_command(tmp_path):
     assert "Traceback" not in err
 
 
+def test_a_sigterm_whose_interrupt_was_swallowed_still_stops_the_search(tmp_path, monkeypatch, capsys):
+    """A SIGTERM handler's KeyboardInterrupt raised inside a finaliser is printed and dropped by Python;
+    the stop request it also records ends the search at the next check, as an interrupt (exit 130)."""
+    real = optuna_backend.run_trial
+
+    def run_then_swallowed_sigterm(*a, **kw):
+        result = real(*a, **kw)
+        optuna_backend.request_stop()  # what the handler records before its (here lost) KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(optuna_backend, "run_trial", run_then_swallowed_sigterm)
+    out = tmp_path / "swallowed"
+    try:
+        code = main(["search", SMOKE, "--out", str(out), "--no-progress", "--max-trials", "4"])
+    finally:
+        optuna_backend.clear_stop()
+    err = capsys.readouterr().err
+    assert code == 130 and "--resume" in err
+    states = [line.split(",") for line in (out / "trials.csv").read_text().splitlines()]
+    assert len(states) == 2  # the header and the one trial that finished before the stop
+
+
 def test_eta_is_the_sooner_of_pace_and_deadline():
     spec = SimpleNamespace(objectives=["val_acc", "macs"], budget=SimpleNamespace(max_trials=30), study="s")
     bar = runner._ProgressBar(spec, enabled=False, deadline=None, already_done=10)

@@ -93,10 +93,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     elif args.address or args.gpus_per_trial is not None or args.max_concurrent or args.cpus_per_trial != 1.0:
         raise AutopruneError("--address, --cpus-per-trial, --gpus-per-trial and --max-concurrent need --backend ray")
     out = Path(args.out) if args.out else Path("results") / spec.study
+    from ..search import optuna_backend
+
+    optuna_backend.clear_stop()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill`: stop like Ctrl-C, report included
     try:
         result = run_search(spec, args.out, resume=args.resume, backend=args.backend, progress=not args.no_progress,
                             ray_options=ray_options)  # args.out as given: run_search checks it (e.g. "")
+        if optuna_backend.stop_requested():  # a SIGTERM whose KeyboardInterrupt Python swallowed
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         print(f"\ninterrupted: the trials so far and their report are in {out}/ (report.md, pareto.png); "
               f"continue with:\n  {resume_command(args.argv, out)}", file=sys.stderr)
@@ -130,6 +135,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
+    from ..search import optuna_backend
+
+    optuna_backend.request_stop()  # if this KeyboardInterrupt is swallowed, the worker loop still stops
     raise KeyboardInterrupt
 
 

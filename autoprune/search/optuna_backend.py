@@ -297,6 +297,8 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
     def check_parent() -> None:
         if parent_pid is not None and os.getppid() != parent_pid:
             raise Orphaned()
+        if _stop_requested:
+            raise KeyboardInterrupt
 
     def finished() -> list[tuple[float, list]]:
         check_parent()
@@ -342,7 +344,28 @@ def discard_files(out_dir: Path, number: int) -> None:
             (Path(out_dir) / rel).unlink()
 
 
+_stop_requested = False  # set by a SIGTERM handler; survives a KeyboardInterrupt Python swallowed
+
+
+def request_stop() -> None:
+    """Ask every worker loop of this process to stop as after Ctrl-C, at its next check (the start of
+    a trial, an epoch's end). A signal handler's KeyboardInterrupt alone can be lost: raised inside a
+    finaliser (e.g. SQLAlchemy's weakref cleanup) Python prints it and carries on."""
+    global _stop_requested
+    _stop_requested = True
+
+
+def stop_requested() -> bool:
+    return _stop_requested
+
+
+def clear_stop() -> None:
+    global _stop_requested
+    _stop_requested = False
+
+
 def _interrupt(signum: int, frame: Any) -> None:
+    request_stop()
     raise KeyboardInterrupt
 
 
@@ -351,6 +374,7 @@ def _worker_main(spec: SearchSpec, out_dir: str, index: int, limits: Limits, dev
     logging.basicConfig(level=log_level, format=f"%(levelname)s worker{index} %(name)s: %(message)s")
     # SIGTERM from the parent (or anyone) stops the worker like Ctrl-C; SIGINT may be ignored here
     # (a search started in the background with nohup or `&` inherits an ignored SIGINT)
+    clear_stop()
     signal.signal(signal.SIGTERM, _interrupt)
     if threads:
         torch.set_num_threads(threads)
