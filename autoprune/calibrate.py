@@ -14,6 +14,7 @@ assumption (ResRep's fold): it also rewrites their affine so that the eval outpu
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,6 +28,18 @@ DEFAULT_BATCHES = 32
 DEFAULT_BATCH_SIZE = 64
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _batches(split: Any, batches: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """The inputs of the first ``batches`` shuffled batches of ``split`` (seeded, no augmentation),
+    skipping any of one image: BN cannot estimate a variance from one sample."""
+    gdev = getattr(split, "device", torch.device("cpu"))
+    gen = torch.Generator(device=gdev if torch.device(gdev).type == "cuda" else "cpu").manual_seed(seed)
+    for i, (x, _) in enumerate(split.batches(batch_size, shuffle=True, generator=gen)):
+        if i >= batches:
+            return
+        if x.shape[0] >= 2:
+            yield x
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -66,14 +79,8 @@ def recalibrate_bn(model: nn.Module, split: Any, batches: int = DEFAULT_BATCHES,
         m.momentum = None  # cumulative moving average: every batch weighs the same
         m.train()
     seen = 0
-    gdev = getattr(split, "device", torch.device("cpu"))
-    gen = torch.Generator(device=gdev if torch.device(gdev).type == "cuda" else "cpu").manual_seed(seed)
     try:
-        for i, (x, _) in enumerate(split.batches(batch_size, shuffle=True, generator=gen)):
-            if i >= batches:
-                break
-            if x.shape[0] < 2:  # BN cannot estimate a variance from one sample
-                continue
+        for x in _batches(split, batches, batch_size, seed):
             model(x.to(device, non_blocking=True))
             seen += int(x.shape[0])
     finally:
@@ -125,15 +132,9 @@ def restat_bn(model: nn.Module, bns: list[nn.Module], split: Any, batches: int =
     modes = {m: m.training for m in model.modules()}
     handles = [m.register_forward_hook(hook) for m in bns]
     seen = 0
-    gdev = getattr(split, "device", torch.device("cpu"))
-    gen = torch.Generator(device=gdev if torch.device(gdev).type == "cuda" else "cpu").manual_seed(seed)
     try:
         model.eval()
-        for i, (x, _) in enumerate(split.batches(batch_size, shuffle=True, generator=gen)):
-            if i >= batches:
-                break
-            if x.shape[0] < 2:  # one sample: a (N, C) BN input would measure a variance of 0
-                continue
+        for x in _batches(split, batches, batch_size, seed):
             model(x.to(device, non_blocking=True))
             seen += int(x.shape[0])
     finally:

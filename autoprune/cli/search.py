@@ -96,7 +96,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from ..search import optuna_backend
 
     optuna_backend.clear_stop()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill`: stop like Ctrl-C, report included
+    previous = signal.signal(signal.SIGTERM, optuna_backend.interrupt)  # `kill`: stop like Ctrl-C, report included
     try:
         result = run_search(spec, args.out, resume=args.resume, backend=args.backend, progress=not args.no_progress,
                             ray_options=ray_options)  # args.out as given: run_search checks it (e.g. "")
@@ -132,13 +132,6 @@ def cmd_search(args: argparse.Namespace) -> int:
               f"room and continue it: {resume_command(args.argv, out, '--time-budget', '10m')}", file=sys.stderr)
         return 1
     return 0
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    from ..search import optuna_backend
-
-    optuna_backend.request_stop()  # if this KeyboardInterrupt is swallowed, the worker loop still stops
-    raise KeyboardInterrupt
 
 
 def resume_command(argv: Sequence[str], out: Path, *extra: str) -> str:

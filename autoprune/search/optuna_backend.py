@@ -364,7 +364,9 @@ def clear_stop() -> None:
     _stop_requested = False
 
 
-def _interrupt(signum: int, frame: Any) -> None:
+def interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM handler: stop like Ctrl-C (a KeyboardInterrupt now, and a stop request in case Python
+    swallows it)."""
     request_stop()
     raise KeyboardInterrupt
 
@@ -375,7 +377,7 @@ def _worker_main(spec: SearchSpec, out_dir: str, index: int, limits: Limits, dev
     # SIGTERM from the parent (or anyone) stops the worker like Ctrl-C; SIGINT may be ignored here
     # (a search started in the background with nohup or `&` inherits an ignored SIGINT)
     clear_stop()
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     if threads:
         torch.set_num_threads(threads)
     try:
