@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 
-from .engine import PruneResult, prune
-from .importing import import_model
-from .plan import Plan, load_base, load_pruned, save_base
+from .engine.plan import Plan, load_base, load_pruned, save_base
+from .engine.pruning import PruneResult, prune
+from .models.importing import import_model
 
 __all__ = ["Plan", "PruneResult", "import_model", "load_base", "load_pruned", "prune", "save_base"]
 __version__ = "0.1.0"

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoprune.errors import AutopruneError
+from .errors import AutopruneError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _CUDA_CHECK_EVERY = 25
 
 
 class Split(Protocol):
-    """What fit/evaluate need from a data split (see autoprune.data.Split)."""
+    """What fit/evaluate need from a data split (see autoprune.data.datasets.Split)."""
 
     def __len__(self) -> int: ...
 
@@ -59,7 +59,7 @@ class TrainConfig:
     distill_temperature: float = 4.0
     amp: bool = True                # mixed precision; used only on CUDA
     augment: bool | tuple[str, ...] = False  # Split.batches of the training split: names ("crop", "flip")
-    #                                         or True for the legacy rule (autoprune.data.augment_batch)
+    #                                         or True for the legacy rule (autoprune.data.datasets.augment_batch)
     seed: int = 0                   # shuffling order and the RNG used during training
 
     def __post_init__(self) -> None:

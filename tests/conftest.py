@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoprune.data import DataSpec, load_data
-from autoprune.models import ModelSpec, create_model
-from autoprune.plan import save_base
+from autoprune.data.datasets import DataSpec, load_data
+from autoprune.engine.plan import save_base
+from autoprune.models.registry import ModelSpec, create_model
 from autoprune.train import TrainConfig, evaluate, fit
 
 # The registry models the engine must handle, with an input size that keeps tests fast.
@@ -18,7 +18,7 @@ TORCHVISION_MODELS = ["torchvision:resnet18", "torchvision:resnet50", "torchvisi
 
 
 class TensorSplit:
-    """Duck-typed stand-in for autoprune.data.Split over in-memory tensors."""
+    """Duck-typed stand-in for autoprune.data.datasets.Split over in-memory tensors."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = x, y

@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import model_input
 
-from autoprune.allocate import AllocationConfig, allocate, select
+from autoprune.engine.allocate import AllocationConfig, allocate, select
+from autoprune.engine.graph import build_width_cost, find_groups
 from autoprune.errors import AutopruneError
-from autoprune.graph import build_width_cost, find_groups
-from autoprune.models import create_model, list_models
+from autoprune.models.registry import create_model, list_models
 
 TARGETS = (0.7, 0.5, 0.3, 0.15)
 

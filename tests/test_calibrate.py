@@ -5,10 +5,10 @@ import torch
 from conftest import TensorSplit
 from torch import nn
 
-from autoprune import engine
-from autoprune.calibrate import recalibrate_bn, restat_bn
-from autoprune.data import DataSpec, load_data
-from autoprune.models import ModelSpec, create_model
+from autoprune.data.datasets import DataSpec, load_data
+from autoprune.engine import pruning as engine
+from autoprune.engine.calibrate import recalibrate_bn, restat_bn
+from autoprune.models.registry import ModelSpec, create_model
 from autoprune.train import evaluate
 
 

@@ -17,11 +17,11 @@ from conftest import CIFAR_MODELS, TORCHVISION_MODELS, TensorSplit, model_input
 from special_models import SPECIAL
 
 import autoprune
-from autoprune.cost import reference_macs
-from autoprune.graph import build_width_cost, find_groups
+from autoprune.engine.cost import reference_macs
+from autoprune.engine.graph import build_width_cost, find_groups
+from autoprune.engine.plan import load_pruned, save_pruned
 from autoprune.methods import list_methods
-from autoprune.models import ModelSpec, create_model
-from autoprune.plan import load_pruned, save_pruned
+from autoprune.models.registry import ModelSpec, create_model
 from autoprune.train import TrainConfig
 
 TARGET = 0.5

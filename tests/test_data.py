@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from autoprune.data import DataSpec, TensorSplit, augment_batch, list_datasets, load_data, split_indices
+from autoprune.data.datasets import (
+    DataSpec,
+    TensorSplit,
+    augment_batch,
+    list_datasets,
+    load_data,
+    split_indices,
+)
 from autoprune.errors import AutopruneError
 
 

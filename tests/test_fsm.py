@@ -11,21 +11,16 @@ from conftest import randomise_bn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from autoprune.allocate import AllocationConfig
-from autoprune.data import TensorSplit
-from autoprune.engine import prune
+from autoprune.data.datasets import TensorSplit
+from autoprune.engine.allocate import AllocationConfig
+from autoprune.engine.graph import build_width_cost, find_groups
+from autoprune.engine.plan import Plan, apply_plan, load_pruned, save_pruned
+from autoprune.engine.pruning import prune
 from autoprune.errors import AutopruneError, SpecError
-from autoprune.graph import build_width_cost, find_groups
 from autoprune.methods import PruneContext, get_method, list_methods, make_params
 from autoprune.methods.fsm import FSM, FSMParams
-from autoprune.methods.moments import (
-    clipped_normal_moments,
-    expected_relu,
-    gaussian_inputs,
-    measured_inputs,
-)
-from autoprune.models import ModelSpec, create_model
-from autoprune.plan import Plan, apply_plan, load_pruned, save_pruned
+from autoprune.methods.moments import clipped_normal_moments, expected_relu, gaussian_inputs, measured_inputs
+from autoprune.models.registry import ModelSpec, create_model
 from autoprune.train import TrainConfig, evaluate
 
 
@@ -263,8 +258,8 @@ def test_measured_and_layerwise_without_data_are_clear_errors():
 
 def _no_bn_net(digits) -> nn.Module:
     """small_cnn's layout without BN (biased convs and ReLUs), trained on digits (about 98.6 % val)."""
+    from autoprune.models.zoo import kaiming_init
     from autoprune.train import fit
-    from autoprune.zoo import kaiming_init
 
     torch.manual_seed(0)
 

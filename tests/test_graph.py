@@ -8,9 +8,9 @@ import torch
 from conftest import TORCHVISION_MODELS, model_input, randomise_bn
 from torch.utils.flop_counter import FlopCounterMode
 
-from autoprune.cost import count_macs, count_params
-from autoprune.graph import build_width_cost, find_groups, remove_channels
-from autoprune.models import ModelSpec, create_model, list_models
+from autoprune.engine.cost import count_macs, count_params
+from autoprune.engine.graph import build_width_cost, find_groups, remove_channels
+from autoprune.models.registry import ModelSpec, create_model, list_models
 
 
 @pytest.mark.parametrize("name", list_models() + TORCHVISION_MODELS)

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from autoprune import data as data_mod
-from autoprune import idx
-from autoprune.data import DataSpec, load_data
+from autoprune.data import datasets as data_mod
+from autoprune.data.datasets import DataSpec, idx, load_data
 from autoprune.errors import AutopruneError
 
 

@@ -11,9 +11,9 @@ import yaml
 
 import autoprune
 from autoprune.cli import main
-from autoprune.data import DataSpec, load_data
+from autoprune.data.datasets import DataSpec, load_data
+from autoprune.engine.plan import load_base, read_checkpoint
 from autoprune.errors import AutopruneError, CheckpointError
-from autoprune.plan import load_base, read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,7 +72,7 @@ def test_import_round_trip_torchvision_resnet18_then_a_search(tiny_npz, tmp_path
 def test_import_in_memory_module_and_public_save_base(tmp_path):
     data = load_data(DataSpec("digits"))
     torch.manual_seed(0)
-    model = autoprune.models.create_model(autoprune.models.ModelSpec("small_cnn", 10, 1, 8)).eval()
+    model = autoprune.models.registry.create_model(autoprune.models.registry.ModelSpec("small_cnn", 10, 1, 8)).eval()
     result = autoprune.import_model(model, data, tmp_path / "base.pt", name="small_cnn")
     loaded, ckpt = load_base(result.path)
     x = torch.randn(3, 1, 8, 8)
@@ -86,12 +86,12 @@ def test_import_in_memory_module_and_public_save_base(tmp_path):
 
 def test_import_refuses_what_it_cannot_rebuild(tmp_path):
     data = load_data(DataSpec("digits"))
-    model = autoprune.models.create_model(autoprune.models.ModelSpec("small_cnn", 10, 1, 8))
+    model = autoprune.models.registry.create_model(autoprune.models.registry.ModelSpec("small_cnn", 10, 1, 8))
     with pytest.raises(AutopruneError, match="needs name="):
         autoprune.import_model(model, data, tmp_path / "b.pt")
     with pytest.raises(AutopruneError, match="no weights for small_cnn"):
         autoprune.import_model("small_cnn", data, tmp_path / "b.pt")
-    wrong = autoprune.models.create_model(autoprune.models.ModelSpec("small_cnn", 7, 1, 8))
+    wrong = autoprune.models.registry.create_model(autoprune.models.registry.ModelSpec("small_cnn", 7, 1, 8))
     torch.save(wrong.state_dict(), tmp_path / "w.pt")
     with pytest.raises(CheckpointError, match="weights do not fit the architecture"):
         autoprune.import_model("small_cnn", data, tmp_path / "b.pt", state_dict=tmp_path / "w.pt")

@@ -9,12 +9,12 @@ from conftest import model_input, randomise_bn
 from torch import nn
 
 import autoprune
-from autoprune.allocate import AllocationConfig
-from autoprune.graph import build_width_cost, find_groups
+from autoprune.engine.allocate import AllocationConfig
+from autoprune.engine.graph import build_width_cost, find_groups
+from autoprune.engine.plan import Plan, apply_plan
 from autoprune.methods import PruneContext, get_method, make_params
 from autoprune.methods.lrf import greedy_order, joint_fit, loo_fit, loo_residuals, ridge_inverse
-from autoprune.models import create_model
-from autoprune.plan import Plan, apply_plan
+from autoprune.models.registry import create_model
 
 
 def _augmented(u: torch.Tensor, eps: float) -> torch.Tensor:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from autoprune import models
 from autoprune.errors import AutopruneError
-from autoprune.models import ModelSpec, classifier_name, create_model, list_models, register
-from autoprune.zoo import PadShortcut
+from autoprune.models import registry as models
+from autoprune.models.registry import ModelSpec, classifier_name, create_model, list_models, register
+from autoprune.models.zoo import PadShortcut
 
 
 def _convs(model: nn.Module, kernel: int) -> list[nn.Conv2d]:

@@ -1,4 +1,4 @@
-"""Tests for autoprune.pareto: Pareto masks, hypervolume and pick, on hand-made points."""
+"""Tests for autoprune.report.pareto: Pareto masks, hypervolume and pick, on hand-made points."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from autoprune.errors import AutopruneError
-from autoprune.pareto import front_hypervolume, front_mask, hypervolume_2d, pareto_mask, pick
+from autoprune.report.pareto import front_hypervolume, front_mask, hypervolume_2d, pareto_mask, pick
 
 MAXMIN = [True, False]  # accuracy up, MACs down
 
@@ -177,7 +177,7 @@ def test_pick_errors():
 def test_pick_shorthands_from_the_issue_mean_fractions_and_val_acc():
     import pandas as pd
 
-    from autoprune.pareto import pick
+    from autoprune.report.pareto import pick
 
     df = pd.DataFrame({"number": [0, 1, 2], "state": ["complete"] * 3, "feasible": [True] * 3,
                        "val_acc": [0.97, 0.95, 0.99], "macs": [400_000, 600_000, 900_000],

@@ -10,9 +10,9 @@ import torch
 from conftest import model_input, randomise_bn
 
 import autoprune
+from autoprune.engine.plan import Plan, apply_plan, load_pruned, read_checkpoint, save_pruned
 from autoprune.errors import AutopruneError, CheckpointError
-from autoprune.models import create_model
-from autoprune.plan import Plan, apply_plan, load_pruned, read_checkpoint, save_pruned
+from autoprune.models.registry import create_model
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "small_cnn"])
@@ -58,7 +58,7 @@ def test_plan_json_round_trip_and_mismatch_errors():
     assert plan == result.plan
     other_spec, other_shape = model_input("resnet56")
     other = create_model(other_spec)
-    from autoprune.graph import find_groups
+    from autoprune.engine.graph import find_groups
 
     bad = Plan(keep={"layer9.conv": (0,)}, channels={"layer9.conv": 16})
     with pytest.raises(AutopruneError, match="another architecture"):

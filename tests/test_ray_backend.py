@@ -23,10 +23,10 @@ import pytest
 import torch
 import yaml
 
-from autoprune.cost import count_macs
+from autoprune.engine.cost import count_macs
+from autoprune.engine.plan import load_pruned
 from autoprune.errors import AutopruneError
-from autoprune.pareto import pareto_mask
-from autoprune.plan import load_pruned
+from autoprune.report.pareto import pareto_mask
 from autoprune.search import ray_backend
 from autoprune.search.early_stop import Peer
 from autoprune.search.ray_backend import RayOptions
@@ -242,7 +242,7 @@ def test_smoke_spec_on_ray_matches_the_optuna_backend(ray_address, tmp_path):
     assert sorted(int(r["number"]) for r in front) == [i for i, on in enumerate(pareto_mask(pts, [True, False])) if on]
     # the tools that read a results folder work on it unchanged
     from autoprune.cli import main
-    from autoprune.retrain import choose_trial
+    from autoprune.report.retrain import choose_trial
 
     assert main(["pareto", str(ray_out)]) == 0
     assert choose_trial(ray_out, "best").trial in {int(r["number"]) for r in front}

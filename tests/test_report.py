@@ -1,4 +1,4 @@
-"""Tests for autoprune.report: files written from a hand-made trials.csv."""
+"""Tests for autoprune.report.tables: files written from a hand-made trials.csv."""
 from __future__ import annotations
 
 import sys
@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from autoprune import report_plots
 from autoprune.errors import AutopruneError
-from autoprune.report import load_trials, plot_pareto, read_base, write_report
+from autoprune.report import plots as report_plots
+from autoprune.report.tables import load_trials, plot_pareto, read_base, write_report
 
 COLUMNS = ["number", "state", "method", "target", "allocation", "epochs", "lr", "param_penalty", "param_compensate",
            "param_mult_0", "val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",

@@ -6,8 +6,8 @@ import random
 import optuna
 import pytest
 
-from autoprune.report import _importance_md, spearman
-from autoprune.report_importance import MIN_TRIALS, by_construction, param_importance
+from autoprune.report.importance import MIN_TRIALS, by_construction, param_importance
+from autoprune.report.tables import _importance_md, spearman
 
 
 def synthetic_trials(n: int, seed: int = 0) -> list[optuna.trial.FrozenTrial]:

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from autoprune import report_plots
-from autoprune.report import write_report
-from autoprune.report_plots import METHOD_COLOURS, cost_unit, plot_pareto
+from autoprune.report import plots as report_plots
+from autoprune.report.plots import METHOD_COLOURS, cost_unit, plot_pareto
+from autoprune.report.tables import write_report
 
 COLUMNS = ["number", "state", "method", "target", "allocation", "val_acc", "macs", "macs_frac", "params",
            "params_frac", "feasible", "epochs_run"]

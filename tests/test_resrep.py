@@ -10,13 +10,13 @@ from conftest import TensorSplit, randomise_bn
 from torch import nn
 
 import autoprune
-from autoprune.allocate import AllocationConfig, width_bounds
+from autoprune.engine.allocate import AllocationConfig, width_bounds
+from autoprune.engine.graph import build_width_cost, find_groups
 from autoprune.errors import AutopruneError, SpecError
-from autoprune.graph import build_width_cost, find_groups
 from autoprune.methods import PruneStopped, get_method, make_params
 from autoprune.methods.compactor import ATTR, Compactors, find_sites
 from autoprune.methods.resrep import MaskSchedule, ResRepParams
-from autoprune.models import ModelSpec, create_model
+from autoprune.models.registry import ModelSpec, create_model
 from autoprune.train import TrainConfig, evaluate
 
 
@@ -289,7 +289,7 @@ def test_restat_makes_the_engine_recalibration_keep_the_resrep_model(restat, for
     pruned = result.model.eval()
     with torch.no_grad():
         before = pruned(x)
-    from autoprune.calibrate import recalibrate_bn
+    from autoprune.engine.calibrate import recalibrate_bn
     recalibrate_bn(pruned, data.train, batches=4, batch_size=32)
     with torch.no_grad():
         change = _rel(pruned(x), before)
@@ -348,7 +348,7 @@ def test_forced_forgetting_reads_the_optimizer_state_so_a_skipped_step_changes_n
 
 @pytest.mark.parametrize("mode", ["uniform", "searched"])
 def test_resrep_honours_a_fixed_allocation_and_records_it(mode):
-    from autoprune.allocate import allocate
+    from autoprune.engine.allocate import allocate
 
     data = Data(96, (3, 8, 8))
     model = create_model(ModelSpec("resnet20", 4, 3, 8))

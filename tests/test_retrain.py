@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
-import autoprune.retrain as rt
+import autoprune.report.retrain as rt
 from autoprune import prune
 from autoprune.cli import main
+from autoprune.engine.plan import load_pruned, save_base, save_pruned
 from autoprune.errors import AutopruneError
-from autoprune.plan import load_pruned, save_base, save_pruned
-from autoprune.retrain import RetrainInterrupted, choose_trial, retrain
+from autoprune.report.retrain import RetrainInterrupted, choose_trial, retrain
 from autoprune.search.results import make_row, model_path, write_trials_csv
 from autoprune.train import TrainConfig, evaluate, fit
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 import yaml
 
-from autoprune.cost import count_macs
+from autoprune.engine.cost import count_macs
+from autoprune.engine.plan import load_pruned
 from autoprune.errors import AutopruneError
-from autoprune.pareto import pareto_mask
-from autoprune.plan import load_pruned
+from autoprune.report.pareto import pareto_mask
 from autoprune.search import early_stop
 from autoprune.search import trial as trial_mod
 from autoprune.search.results import INTERRUPTED

@@ -10,7 +10,7 @@ import textwrap
 import optuna
 import pytest
 
-from autoprune.allocate import AllocationConfig
+from autoprune.engine.allocate import AllocationConfig
 from autoprune.errors import SpecError
 from autoprune.methods import get_method
 from autoprune.search.space import Range, suggest, to_prune_args

@@ -6,12 +6,12 @@ import pytest
 import yaml
 
 from autoprune.cli import main
-from autoprune.data import DataSpec, load_data
+from autoprune.data.datasets import DataSpec, load_data
+from autoprune.data.splits import check_split
+from autoprune.engine.plan import read_checkpoint
 from autoprune.errors import AutopruneError
-from autoprune.plan import read_checkpoint
 from autoprune.search.runner import run_search
 from autoprune.search.spec import load_spec
-from autoprune.splits import check_split
 
 
 def test_training_seed_does_not_move_the_split(tmp_path):

@@ -374,7 +374,7 @@ def test_best_epoch_tie_keeps_training_instead_of_discarding_it():
 
 
 def test_augmentation_ops_and_per_data_set_defaults():
-    from autoprune.data import augment_batch, default_augmentation, parse_augmentation
+    from autoprune.data.datasets import augment_batch, default_augmentation, parse_augmentation
 
     x = torch.randn(64, 1, 28, 28)
     crop_only = augment_batch(x, torch.Generator().manual_seed(0), ("crop",))

@@ -18,11 +18,11 @@ from torch import nn
 
 import autoprune
 from autoprune.cli import main
-from autoprune.cost import count_macs, reference_macs
+from autoprune.engine.cost import count_macs, reference_macs
+from autoprune.engine.graph import find_groups
+from autoprune.engine.plan import load_base, load_pruned, read_checkpoint, save_base, save_pruned
 from autoprune.errors import AutopruneError, CheckpointError
-from autoprune.graph import find_groups
-from autoprune.models import ModelSpec
-from autoprune.plan import load_base, load_pruned, read_checkpoint, save_base, save_pruned
+from autoprune.models.registry import ModelSpec
 
 METHODS = ("l1", "lrf", "fsm")
 

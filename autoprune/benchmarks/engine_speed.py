@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from .. import engine
-from ..allocate import AllocationConfig, allocate, select
-from ..graph import build_width_cost, find_groups
+from ..engine import pruning as engine
+from ..engine.allocate import AllocationConfig, allocate, select
+from ..engine.graph import build_width_cost, find_groups
+from ..engine.plan import Plan, apply_plan
 from ..methods import PruneContext, get_method, list_methods, make_params
-from ..models import ModelSpec, create_model
-from ..plan import Plan, apply_plan
+from ..models.registry import ModelSpec, create_model
 from . import common
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AutopruneError
-from ..pareto import acc_cost_hypervolume
+from ..report.pareto import acc_cost_hypervolume
 from ..search.early_stop import FINETUNE, Candidate, Peer, screen_out, screening_phase, should_stop
 from . import common
 
@@ -120,7 +120,7 @@ def load_runs(folder: Path) -> tuple[list[Run], int]:
         fid = rec.get("fidelity")
         runs.append(Run(float(t.cost), float(rec["macs_frac"]), None if fid is None else float(fid), tuple(t.curve),
                         tuple(rec.get("phases") or ())))
-    from ..data import load_data
+    from ..data.datasets import load_data
 
     return runs, len(load_data(spec.data, "cpu").val)  # the margin's standard error needs the split's size
 

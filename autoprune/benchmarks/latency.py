@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import engine
-from ..cost import count_macs, count_params, measure_latency
-from ..graph import find_groups
-from ..models import ModelSpec, create_model
+from ..engine import pruning as engine
+from ..engine.cost import count_macs, count_params, measure_latency
+from ..engine.graph import find_groups
+from ..models.registry import ModelSpec, create_model
 from . import common
 
 log = logging.getLogger(__name__)

@@ -38,13 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import engine
-from ..calibrate import DEFAULT_BATCH_SIZE, DEFAULT_BATCHES, recalibrate_bn
-from ..cost import count_macs, count_params
-from ..data import Dataset, DataSpec, TensorSplit, load_data
+from ..data.datasets import Dataset, DataSpec, TensorSplit, load_data
+from ..engine import pruning as engine
+from ..engine.calibrate import DEFAULT_BATCH_SIZE, DEFAULT_BATCHES, recalibrate_bn
+from ..engine.cost import count_macs, count_params
+from ..engine.plan import load_base, save_base
 from ..methods import get_method, make_params
-from ..models import ModelSpec, create_model
-from ..plan import load_base, save_base
+from ..models.registry import ModelSpec, create_model
 from ..train import TrainConfig, evaluate, fit, resolve_device
 from . import common, quality_tables
 from .tp_baseline import bisect_ratio, tp_macs, tp_prune

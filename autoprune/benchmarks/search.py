@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cost import count_macs, count_params
-from ..pareto import acc_cost_hypervolume, feasible_points, pareto_mask
-from ..plan import save_base
+from ..engine.cost import count_macs, count_params
+from ..engine.plan import save_base
+from ..report.pareto import acc_cost_hypervolume, feasible_points, pareto_mask
 from . import common
 from .common import DEMO_SPEC, demo_raw, demo_spec
 

@@ -43,9 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..pareto import acc_cost_hypervolume, feasible_points, feasible_rows, pareto_mask
-from ..plan import save_base
-from ..report import spearman
+from ..engine.plan import save_base
+from ..report.pareto import acc_cost_hypervolume, feasible_points, feasible_rows, pareto_mask
+from ..report.tables import spearman
 from . import common
 from .quality import TARGETS, THEIRS, Bench, prepare, run_theirs
 

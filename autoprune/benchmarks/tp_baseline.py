@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from ..models import classifier_name
+from ..models.registry import classifier_name
 
 log = logging.getLogger(__name__)
 

@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from ..models import list_models
+    from ..models.registry import list_models
 
     for name in list_models():
         print(name)
@@ -149,7 +149,7 @@ def _seed(args: argparse.Namespace) -> torch.device:
 
 
 def _dataset(name: str, seed: int, device: torch.device | str = "cpu") -> Any:
-    from ..data import DataSpec, load_data
+    from ..data.datasets import DataSpec, load_data
 
     return load_data(DataSpec(name=name, seed=seed), device=device)
 
@@ -159,10 +159,10 @@ def _mega(n: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..cost import count_macs, count_params
-    from ..graph import find_groups
-    from ..models import ModelSpec, create_model
-    from ..plan import load_base
+    from ..engine.cost import count_macs, count_params
+    from ..engine.graph import find_groups
+    from ..engine.plan import load_base
+    from ..models.registry import ModelSpec, create_model
 
     device = _seed(args)
     if args.base:
@@ -230,10 +230,10 @@ def _float_list(text: str, option: str) -> tuple[float, ...]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..cost import count_macs, count_params
-    from ..data import DataSpec, load_data, parse_augmentation
-    from ..models import ModelSpec, create_model
-    from ..plan import save_base
+    from ..data.datasets import DataSpec, load_data, parse_augmentation
+    from ..engine.cost import count_macs, count_params
+    from ..engine.plan import save_base
+    from ..models.registry import ModelSpec, create_model
     from ..train import TrainConfig, evaluate, fit
 
     _non_negative(args.epochs, "--epochs")
@@ -278,12 +278,12 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from ..allocate import AllocationConfig
-    from ..data import DataSpec, load_data
-    from ..engine import prune
+    from ..data.datasets import DataSpec, load_data
+    from ..engine.allocate import AllocationConfig
+    from ..engine.plan import load_base, save_pruned
+    from ..engine.pruning import prune
     from ..methods import get_method, make_params
-    from ..models import ModelSpec
-    from ..plan import load_base, save_pruned
+    from ..models.registry import ModelSpec
     from ..train import TrainConfig, evaluate, fit
 
     _non_negative(args.epochs, "--epochs")

@@ -1,4 +1,4 @@
-"""Subcommand ``import``: a model trained elsewhere becomes a base checkpoint (``autoprune.importing``)."""
+"""Subcommand ``import``: a model trained elsewhere becomes a base checkpoint (``autoprune.models.importing``)."""
 from __future__ import annotations
 
 import argparse
@@ -27,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from ..data import DataSpec
-    from ..importing import import_model, restamp
+    from ..data.datasets import DataSpec
+    from ..models.importing import import_model, restamp
     from ..train import resolve_device
 
     apply_threads(args)

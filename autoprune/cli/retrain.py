@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @one_line_errors
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from ..retrain import RetrainInterrupted, retrain
+    from ..report.retrain import RetrainInterrupted, retrain
 
     apply_threads(args)
     try:
@@ -145,12 +145,12 @@ def _fmt(value: object) -> str:
 
 @one_line_errors
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..data import DataSpec, load_data
+    from ..data.datasets import DataSpec, load_data
+    from ..data.preprocess import recipe_for
+    from ..engine.plan import load_base
     from ..errors import AutopruneError
-    from ..export import default_path, export_checked, sidecar_path
-    from ..models import ModelSpec
-    from ..plan import load_base
-    from ..preprocess import recipe_for
+    from ..models.registry import ModelSpec
+    from ..report.export import default_path, export_checked, sidecar_path
 
     if not args.atol >= 0:  # also catches NaN
         raise AutopruneError(f"--atol must be >= 0 (the largest allowed |logit difference|), got {args.atol}")

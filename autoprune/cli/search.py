@@ -151,8 +151,8 @@ def resume_command(argv: Sequence[str], out: Path, *extra: str) -> str:
 
 
 def _hypervolume(out: Path, objective: str) -> float:
-    from ..pareto import front_hypervolume
-    from ..report import load_trials
+    from ..report.pareto import front_hypervolume
+    from ..report.tables import load_trials
 
     return float(front_hypervolume(load_trials([out]), objective))
 
@@ -191,7 +191,7 @@ def print_front(front: Sequence[Mapping[str, Any]], base: Mapping[str, Any] | No
     MACs are printed in the unit report.md and pareto.png use (chosen from the base's MACs); a base
     value that is not known prints as "-".
     """
-    from ..report_plots import cost_unit
+    from ..report.plots import cost_unit
 
     if not front:
         print("Pareto front: empty (no feasible complete trial)")
@@ -218,8 +218,8 @@ def print_front(front: Sequence[Mapping[str, Any]], base: Mapping[str, Any] | No
 def cmd_pareto(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .. import report
-    from ..pareto import front_hypervolume, front_mask
+    from ..report import tables as report
+    from ..report.pareto import front_hypervolume, front_mask
     from ..search.runner import read_csv
 
     dirs = [Path(d) for d in args.dirs]

@@ -24,10 +24,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..allocate import AllocationConfig, allocate, select
-from ..cost import WidthCost
+from ..engine.allocate import AllocationConfig, allocate, select
+from ..engine.cost import WidthCost
+from ..engine.graph import ChannelGroup
 from ..errors import SpecError
-from ..graph import ChannelGroup
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class PruneContext:
     allocation: AllocationConfig
     device: torch.device
     input_shape: tuple[int, int, int]
-    data: Any = None  # autoprune.data.Dataset: train split for methods that train or calibrate
+    data: Any = None  # autoprune.data.datasets.Dataset: train split for methods that train or calibrate
     train_cfg: Any = None  # autoprune.train.TrainConfig: budget for methods that train while pruning
     progress: bool = False
     info: dict[str, Any] = field(default_factory=dict)
@@ -78,7 +78,7 @@ class PruneContext:
         return self.model.get_submodule(name)
 
     def allocate(self, scores: Mapping[str, torch.Tensor] | None) -> dict[str, int]:
-        """Widths per prunable group meeting the MACs target (see :func:`autoprune.allocate.allocate`)."""
+        """Widths per prunable group meeting the MACs target (see :func:`autoprune.engine.allocate.allocate`)."""
         return allocate(self.groups, scores, self.cost, self.target, self.allocation)
 
     def select(self, scores: Mapping[str, torch.Tensor], widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:

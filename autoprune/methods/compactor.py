@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..graph import ChannelGroup
+from ..engine.graph import ChannelGroup
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class Compactors:
         The model keeps the base architecture and, in eval mode, computes what it computed with
         the compactors (to float rounding). Returns the BNs whose running statistics the fold set
         by assumption (:func:`_fold_bn`): give them measured ones with
-        :func:`autoprune.calibrate.restat_bn` before anything recalibrates or fine-tunes them.
+        :func:`autoprune.engine.calibrate.restat_bn` before anything recalibrates or fine-tunes them.
         """
         modules = dict(self.model.named_modules())
         rewritten = []

@@ -46,8 +46,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..engine.graph import ChannelGroup
 from ..errors import AutopruneError
-from ..graph import ChannelGroup
 from .base import MethodOutput, PruneContext, PruningMethod
 from .moments import ConsumerInputs, fallback_mean, gaussian_inputs, measured_inputs
 from .registry import register_method

@@ -48,8 +48,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..engine.graph import ChannelGroup
 from ..errors import AutopruneError
-from ..graph import ChannelGroup
 from .base import MethodOutput, PruneContext, PruningMethod
 from .lrf_algebra import (  # noqa: F401 - re-exported: the algebra's public names live on lrf too
     greedy_order,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..graph import ChannelGroup
+from ..engine.graph import ChannelGroup
 
 CHUNK_ELEMENTS = 1 << 23  # feature values gathered at once (64 MiB in float64)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..graph import ChannelGroup
+from ..engine.graph import ChannelGroup
 
 log = logging.getLogger(__name__)
 

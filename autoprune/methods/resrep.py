@@ -34,7 +34,7 @@ default 0.869 / 0.843):
   fine-tune: 0.866 / 0.817 (2.5 points lost at 0.2, beyond two standard errors);
 * ``restat``: after training, BN statistics are re-estimated for the model this run returns
   (masked rows zero), and the BNs the fold rewrites get measured statistics with their eval
-  function kept (:func:`autoprune.calibrate.restat_bn`). Without it the engine's BN recalibration
+  function kept (:func:`autoprune.engine.calibrate.restat_bn`). Without it the engine's BN recalibration
   replaces the fold's assumed variances and changes the function (a test ResNet-20's outputs by
   37 %; on the benchmark 0.869 / 0.839, within noise);
 * ``compactor_momentum=0.9``: the paper's 0.99 averages over ~100 steps, longer than a trial
@@ -55,8 +55,8 @@ from typing import Any
 
 import torch
 
-from ..allocate import width_bounds
-from ..calibrate import recalibrate_bn, restat_bn
+from ..engine.allocate import width_bounds
+from ..engine.calibrate import recalibrate_bn, restat_bn
 from ..errors import AutopruneError, SpecError
 from .base import EpochReport, MethodOutput, PruneContext, PruneStopped, PruningMethod
 from .compactor import Compactors, find_sites
@@ -158,7 +158,7 @@ class ResRep(PruningMethod):
 
         if ctx.data is None:
             raise AutopruneError("method 'resrep' trains while pruning: pass data= (a Dataset from "
-                                 "autoprune.data.load_data) to prune()")
+                                 "autoprune.data.datasets.load_data) to prune()")
         cfg = ctx.train_cfg if ctx.train_cfg is not None else TrainConfig()
         sites, skipped = find_sites(ctx.model, ctx.groups, ctx.input_shape, residual=params.residual)
         if not sites:

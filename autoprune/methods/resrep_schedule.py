@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..allocate import AllocationConfig, allocate
-from ..cost import WidthCost
+from ..engine.allocate import AllocationConfig, allocate
+from ..engine.cost import WidthCost
+from ..engine.graph import ChannelGroup
 from ..errors import AutopruneError
-from ..graph import ChannelGroup
 
 if TYPE_CHECKING:
     from .resrep import ResRepParams

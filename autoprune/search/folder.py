@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..data.splits import split_hash_of
 from ..errors import AutopruneError
 from ..files import os_error
-from ..splits import split_hash_of
 
 if TYPE_CHECKING:
-    from ..data import Dataset
+    from ..data.datasets import Dataset
     from .spec import SearchSpec
     from .store import TrialStore
 
@@ -155,7 +155,7 @@ def _comparable(value: Any) -> Any:
 
 
 def fingerprint(base_path: Path, data: Dataset | None) -> dict[str, str]:
-    """Short SHA-256 digests of the base model's weights and of the data split (:mod:`autoprune.splits`)."""
+    """Short SHA-256 digests of the base model's weights and of the data split (:mod:`autoprune.data.splits`)."""
     ckpt = torch.load(base_path, map_location="cpu", weights_only=True)
     h = hashlib.sha256()
     for key, value in sorted((ckpt.get("state_dict") or {}).items()):

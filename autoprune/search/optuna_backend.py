@@ -56,7 +56,7 @@ from .store import rows as store_rows
 from .trial import Worker, run_trial
 
 if TYPE_CHECKING:
-    from ..data import Dataset
+    from ..data.datasets import Dataset
     from .spec import SearchSpec
 
 log = logging.getLogger(__name__)

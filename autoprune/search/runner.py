@@ -4,7 +4,7 @@ Checks ``<out>`` before any compute (:mod:`autoprune.search.folder`: writable, r
 storage intact), prepares it (resolved ``spec.yaml``; ``base.pt`` copied from the spec's ``base`` or
 trained once and cached, its fingerprint checked against the study's), runs a backend (Optuna by default) under the spec's budgets, then computes
 parameter importance and writes the report (``pareto.csv/png/html``, ``importance.csv``,
-``report.md``) through :mod:`autoprune.report`. See DESIGN.md section 5 and the results-folder
+``report.md``) through :mod:`autoprune.report.tables`. See DESIGN.md section 5 and the results-folder
 contract.
 
 Budgets: ``max_trials`` counts every started trial except interrupted ones (those are retried);
@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..cost import count_macs, count_params, measure_latency
-from ..data import Dataset, load_data
+from ..data.datasets import Dataset, load_data
+from ..data.splits import check_split
+from ..engine.cost import count_macs, count_params, measure_latency
+from ..engine.plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
 from ..errors import AutopruneError
-from ..models import ModelSpec, create_model
-from ..plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
-from ..splits import check_split
+from ..models.registry import ModelSpec, create_model
 from ..train import NonFiniteLoss, TrainConfig, evaluate, fit, resolve_device
 from . import folder, optuna_backend
 from .locks import RUN_LOCK, file_lock
@@ -265,7 +265,7 @@ def _load_given_base(spec: SearchSpec, model_spec: ModelSpec) -> torch.nn.Module
 
 
 def _write_report(out: Path, base: Mapping[str, Any], importance: Mapping[str, Any] | None) -> None:
-    from .. import report
+    from ..report import tables as report
 
     report.write_report(out, dict(base), importance)
 
@@ -330,7 +330,7 @@ class _ProgressBar:
 def front_size(rows: Sequence[Mapping[str, Any]], cost_key: str) -> int:
     import numpy as np
 
-    from ..pareto import pareto_mask
+    from ..report.pareto import pareto_mask
 
     pts = [(float(r["val_acc"]), float(r[cost_key])) for r in rows if r.get(cost_key) not in (None, "")]
     if not pts:

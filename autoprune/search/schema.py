@@ -1,8 +1,8 @@
 """The JSON Schema of a search spec (``autoprune schema > spec.schema.json``), for editors.
 
 Built from the same tables the checker uses (:func:`autoprune.search.validate.space_kinds`, each
-method's ``Params`` dataclass, the spec's key lists, :class:`~autoprune.data.DataSpec`,
-:class:`~autoprune.allocate.AllocationConfig`), so it cannot drift from :func:`load_spec`. With
+method's ``Params`` dataclass, the spec's key lists, :class:`~autoprune.data.datasets.DataSpec`,
+:class:`~autoprune.engine.allocate.AllocationConfig`), so it cannot drift from :func:`load_spec`. With
 the YAML language server (VS Code's YAML extension, Neovim's yamlls) put
 ``# yaml-language-server: $schema=spec.schema.json`` on a spec's first line for completion,
 hover text and red squiggles. The schema is the shape; :func:`load_spec` still does the checks a
@@ -93,7 +93,7 @@ def _method_params() -> dict[str, Any]:
 
 
 def _model() -> dict[str, Any]:
-    from ..models import list_models
+    from ..models.registry import list_models
 
     return {"description": "a registry model, torchvision:<name>, or package.module:function",
             "anyOf": [{"enum": list(list_models())}, {"type": "string", "pattern": r"^torchvision:\w+$"},
@@ -101,7 +101,7 @@ def _model() -> dict[str, Any]:
 
 
 def _data() -> dict[str, Any]:
-    from ..data import TORCHVISION_SETS
+    from ..data.datasets import TORCHVISION_SETS
 
     name = {"anyOf": [{"enum": ["digits", "synthetic", *TORCHVISION_SETS]},
                       {"type": "string", "pattern": "^(npz|imagefolder):.+"}]}
@@ -113,7 +113,7 @@ def _data() -> dict[str, Any]:
 
 
 def _allocation() -> dict[str, Any]:
-    from ..allocate import NORMALISATIONS, AllocationConfig
+    from ..engine.allocate import NORMALISATIONS, AllocationConfig
     from .space import SEARCHED_ALLOCATION
 
     props: dict[str, Any] = {}

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..data import DataSpec
+from ..data.datasets import DataSpec
 from ..errors import AutopruneError
 from .validate import SpaceChecker, parse_time
 
@@ -60,7 +60,7 @@ class Screen:
 
 def parse_augment(chk: SpaceChecker, value: Any, data: Any) -> tuple[str, ...]:
     """``augment``: none (default) | auto (what suits the data set) | crop,flip or a list of those."""
-    from ..data import parse_augmentation
+    from ..data.datasets import parse_augmentation
 
     name = data.get("name", "") if isinstance(data, Mapping) else str(data)
     try:
@@ -77,7 +77,7 @@ def parse_optional(chk: SpaceChecker, d: Mapping, section: str, key: str, low: f
 
 
 def parse_model(chk: SpaceChecker, value: Any) -> str:
-    from ..models import TORCHVISION_PREFIX, list_models
+    from ..models.registry import TORCHVISION_PREFIX, list_models
 
     name = chk.string(value, "model")
     if name in list_models():
@@ -96,7 +96,7 @@ def parse_model(chk: SpaceChecker, value: Any) -> str:
 
 
 def parse_data(chk: SpaceChecker, value: Any) -> DataSpec:
-    from ..data import TORCHVISION_SETS
+    from ..data.datasets import TORCHVISION_SETS
 
     d = {"name": value} if isinstance(value, str) else value
     if not isinstance(d, dict):
@@ -228,7 +228,7 @@ def parse_screen(chk: SpaceChecker, value: Any) -> Screen:
 
 def parse_allocation(chk: SpaceChecker, value: Any) -> dict[str, Any]:
     """Fixed AllocationConfig fields (mode and multipliers are searched in ``space``)."""
-    from ..allocate import AllocationConfig
+    from ..engine.allocate import AllocationConfig
     from .space import SEARCHED_ALLOCATION
 
     value = value or {}

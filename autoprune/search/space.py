@@ -31,7 +31,7 @@ from ..errors import AutopruneError
 if typing.TYPE_CHECKING:
     import optuna
 
-    from ..allocate import AllocationConfig
+    from ..engine.allocate import AllocationConfig
     from .spec import SearchSpec
 
 # search parameters every trial has; a method parameter with one of these names is kept as "<method>.<name>"
@@ -117,7 +117,7 @@ def to_prune_args(params: Mapping[str, Any], allocation: Mapping[str, Any] | Non
     ``allocation`` holds the spec's fixed AllocationConfig fields (``spec.allocation``). In a
     trials.csv row, method parameters are the ``param_*`` columns; blanks are skipped.
     """
-    from ..allocate import AllocationConfig
+    from ..engine.allocate import AllocationConfig
     from ..methods import get_method
 
     csv_row = any(str(k).startswith("param_") for k in params)

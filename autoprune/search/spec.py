@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from ..data import DataSpec
+from ..data.datasets import DataSpec
 from ..errors import AutopruneError, SpecError
 from ..files import write_text
 from . import sections
@@ -86,7 +86,7 @@ class SearchSpec:
     screen: Screen = field(default_factory=Screen)
     method_space: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     allocation: Mapping[str, Any] = field(default_factory=dict)
-    augment: tuple[str, ...] = ()  # training augmentation of the base model and the trials (autoprune.data)
+    augment: tuple[str, ...] = ()  # training augmentation of the base model and the trials (autoprune.data.datasets)
 
     @property
     def methods(self) -> tuple[str, ...]:

@@ -161,8 +161,8 @@ def budget_reason(store: TrialStore, limits: Limits, now: float | None = None) -
 
 def importance(store: TrialStore, objectives: Sequence[str]) -> dict[str, dict[str, float]]:
     """Parameter importance per objective (objective -> parameter -> fANOVA share of its variance) over
-    the complete trials; {} below :data:`autoprune.report_importance.MIN_TRIALS` of them. See
-    :func:`autoprune.report_importance.param_importance`."""
-    from ..report_importance import param_importance
+    the complete trials; {} below :data:`autoprune.report.importance.MIN_TRIALS` of them. See
+    :func:`autoprune.report.importance.param_importance`."""
+    from ..report.importance import param_importance
 
     return param_importance(store.importance_trials(), objectives, ["maximize", "minimize"])

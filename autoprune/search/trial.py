@@ -28,20 +28,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .. import engine
-from ..cost import measure_latency
-from ..data import Dataset, load_data
+from ..data.datasets import Dataset, load_data
+from ..engine import pruning as engine
+from ..engine.cost import measure_latency
+from ..engine.graph import ChannelGroup, find_groups
+from ..engine.plan import load_base, save_pruned
 from ..files import FileWriteError, user_error, write_json
-from ..graph import ChannelGroup, find_groups
 from ..methods import EpochReport, PruneStopped, get_method, make_params
-from ..models import ModelSpec
-from ..plan import load_base, save_pruned
+from ..models.registry import ModelSpec
 from ..train import Callbacks, NonFiniteLoss, TrainConfig, evaluate, fit
 from . import early_stop
 from .results import COST_KEYS, TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
 
 if TYPE_CHECKING:
-    from ..engine import PruneResult
+    from ..engine.pruning import PruneResult
     from .spec import SearchSpec
 
 log = logging.getLogger(__name__)

@@ -200,7 +200,7 @@ def parse_value(chk: SpaceChecker, v: Any, path: str, kind: Kind) -> ParamSpace:
 
 
 def space_kinds() -> dict[str, Kind]:
-    from ..allocate import MODES
+    from ..engine.allocate import MODES
     from ..methods import list_methods
 
     return {

@@ -1,6 +1,6 @@
 """Step 1 of a retrain: pick one trial of a finished search (by rule or number) from its trials.csv.
 
-The choice is :func:`autoprune.pareto.pick`'s (by default the most accurate complete, feasible trial
+The choice is :func:`autoprune.report.pareto.pick`'s (by default the most accurate complete, feasible trial
 satisfying the rule; deterministic); this module reads the table and finds the trial's saved model.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from .errors import AutopruneError
+from ..errors import AutopruneError
 from .pareto import pick
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,14 @@ def read_trials(study_dir: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise AutopruneError(f"{path} not found; {study} is not a search results folder (run "
                              f"`autoprune search SPEC --out {study}` first, or resume it with --resume)")
-    from .report import read_table
+    from .tables import read_table
 
     df = read_table(path)
     return df
 
 
 def choose_trial(study_dir: str | Path, rule: str | None = None, trial: int | None = None) -> Choice:
-    """Select one trial by ``rule`` (see :func:`autoprune.pareto.pick`) or by number; deterministic."""
+    """Select one trial by ``rule`` (see :func:`autoprune.report.pareto.pick`) or by number; deterministic."""
     if rule is not None and trial is not None:
         raise AutopruneError("give either a trial number or a pick rule, not both")
     if rule is not None and not rule.replace(",", " ").strip():

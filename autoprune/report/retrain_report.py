@@ -5,9 +5,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .graph import find_groups
-from .models import ModelSpec, create_model
-from .plan import Plan
+from ..engine.graph import find_groups
+from ..engine.plan import Plan
+from ..models.registry import ModelSpec, create_model
 
 
 def plot_widths(path: str | Path, spec: ModelSpec, plan: Plan, title: str = "") -> Path:

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AutopruneError
+from ..errors import AutopruneError
 
 FORMAT = "autoprune.input_recipe/1"
 META_PREFIX = "autoprune.input."  # ONNX metadata_props keys: autoprune.input.<field>, JSON values
 
-# What "raw" means for each source, and the factor that maps it to [0, 1] (autoprune.data).
+# What "raw" means for each source, and the factor that maps it to [0, 1] (autoprune.data.datasets).
 _RAW = {
     "digits": (1 / 16, "sklearn.datasets.load_digits().images: float 0..16, N x 8 x 8"),
     "mnist": (1 / 255, "torchvision MNIST .data: uint8 0..255, N x 28 x 28"),
@@ -51,7 +51,7 @@ class InputRecipe:
     layout: str = "NCHW"
     dtype: str = "float32"
     raw: str = ""                      # what the raw data is (source, value range, shape)
-    data: str = ""                     # the data set name (autoprune.data.DataSpec.name)
+    data: str = ""                     # the data set name (autoprune.data.datasets.DataSpec.name)
     format: str = FORMAT
 
     def __post_init__(self) -> None:
@@ -120,7 +120,7 @@ class InputRecipe:
 
 
 def recipe_for(data: Any) -> InputRecipe:
-    """The recipe of an :class:`autoprune.data.Dataset` (its spec, shape, train statistics, classes)."""
+    """The recipe of an :class:`autoprune.data.datasets.Dataset` (its spec, shape, train statistics, classes)."""
     name = data.spec.name
     key = name.split(":", 1)[0].lower()
     scale, raw = _RAW.get(key, (1.0, ""))
@@ -133,7 +133,7 @@ def recipe_for(data: Any) -> InputRecipe:
 
 
 def _npz_scale(path: str) -> tuple[float, str]:
-    """npz arrays: uint8 images are divided by 255 (autoprune.data._npz), other numbers used as they are."""
+    """npz arrays: uint8 images are divided by 255 (autoprune.data.datasets._npz), other numbers used as they are."""
     try:
         with np.load(os.path.expanduser(path), allow_pickle=False) as arrays:
             dtype = arrays["x"].dtype

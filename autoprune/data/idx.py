@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AutopruneError
+from ..errors import AutopruneError
 
 FILES = {
     "train_x": "train-images-idx3-ubyte",

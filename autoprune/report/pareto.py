@@ -1,6 +1,6 @@
 """Pareto fronts, hypervolume and picking a trial by rule: pure functions over numbers and tables.
 
-Nothing here draws or reads files (that is :mod:`autoprune.report`), so tests check the data on
+Nothing here draws or reads files (that is :mod:`autoprune.report.tables`), so tests check the data on
 hand-made points. Conventions: a point *dominates* another when it is at least as good in every
 objective and strictly better in one. Rows with a NaN objective are never on the front.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import AutopruneError
+from ..errors import AutopruneError
 
 _TERM = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|<|>|==|=)\s*([^\s].*?)\s*$")
 _OPS = {"<=": np.less_equal, ">=": np.greater_equal, "<": np.less, ">": np.greater}

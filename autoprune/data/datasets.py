@@ -4,13 +4,13 @@ Sources: ``digits`` (scikit-learn's bundled 8x8 digits, offline), ``synthetic`` 
 seed), ``npz:<path>`` (arrays ``x`` and ``y``), ``imagefolder:<dir>`` (torchvision ImageFolder) and
 the torchvision sets ``cifar10``, ``cifar100``, ``mnist``, ``fashionmnist`` (downloaded into
 ``DataSpec.root``; MNIST and Fashion-MNIST are first looked for offline as idx files, see
-:mod:`autoprune.idx`, e.g. from Debian's ``dataset-fashion-mnist`` package). Inputs are standardised per channel with statistics of the train split only.
+:mod:`autoprune.data.idx`, e.g. from Debian's ``dataset-fashion-mnist`` package). Inputs are standardised per channel with statistics of the train split only.
 
 Small sets are :class:`TensorSplit`: tensors held in memory (on the GPU when ``device`` is CUDA),
 batched by slicing, augmented on the device. ImageFolder sets are :class:`LoaderSplit`: a
 DataLoader over the files. Splits never overlap and are fully determined by ``DataSpec.seed``, the
 data (split) seed, which is separate from any training seed; ``Dataset.split_hash`` fingerprints
-the split's indices and every checkpoint records it (see :mod:`autoprune.splits`).
+the split's indices and every checkpoint records it (see :mod:`autoprune.data.splits`).
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from autoprune import idx
-from autoprune.augment import AUGMENTATIONS, augment_batch, default_augmentation, parse_augmentation
-from autoprune.data_checks import check_tensors, unreadable
-from autoprune.errors import AutopruneError, did_you_mean
-from autoprune.splits import hash_splits, remember
+from ..errors import AutopruneError, did_you_mean
+from . import idx
+from .augment import AUGMENTATIONS, augment_batch, default_augmentation, parse_augmentation
+from .checks import check_tensors, unreadable
+from .splits import hash_splits, remember
 
 __all__ = [
     "AUGMENTATIONS",
@@ -356,7 +356,7 @@ def _imagefolder(spec: DataSpec, root: str, device: torch.device) -> Dataset:
 
 def _torchvision_set(spec: DataSpec, device: torch.device) -> Dataset:
     root = os.path.expanduser(spec.root or DEFAULT_ROOT)
-    if spec.name in idx.SETS:  # MNIST-style: look for the idx files offline first (autoprune.idx)
+    if spec.name in idx.SETS:  # MNIST-style: look for the idx files offline first (autoprune.data.idx)
         files = idx.find_idx(spec.name, spec.root, DEFAULT_ROOT)
         if files is not None:
             x_np, y_np, xt_np, yt_np = idx.load_idx_set(files)

@@ -52,7 +52,7 @@ def recalibrate_bn(model: nn.Module, split: Any, batches: int = DEFAULT_BATCHES,
                    seed: int = 0) -> int:
     """Reset every BN's running statistics and re-estimate them on ``batches`` training batches.
 
-    ``split`` is an :class:`autoprune.data.Split` (batches of ``(x (N, C, H, W) float, y)``), read
+    ``split`` is an :class:`autoprune.data.datasets.Split` (batches of ``(x (N, C, H, W) float, y)``), read
     shuffled with ``seed`` and without augmentation. Statistics are the exact average over the
     batches seen (BN ``momentum=None`` during the pass), not an exponential average. Only BN layers
     run in train mode; dropout and every other module stay in eval mode, and every module's mode and

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import AutopruneError
+from ..errors import AutopruneError
 
 AUGMENTATIONS = ("crop", "flip")
 # Per data set: horizontal flips only where a mirrored image keeps its class. Digits and other

@@ -1,6 +1,6 @@
 """Architectures of the built-in model registry (CIFAR-style networks and a small CNN).
 
-Pure ``nn.Module`` definitions, no registry logic: :mod:`autoprune.models` registers them.
+Pure ``nn.Module`` definitions, no registry logic: :mod:`autoprune.models.registry` registers them.
 
 * CIFAR ResNets (He et al. 2016, section 4.2): a 3x3 stem with 16 channels, three stages of
   ``n`` BasicBlocks with 16/32/64 channels, global average pooling and a Linear; depth ``6n + 2``.

@@ -2,7 +2,7 @@
 
 A checkpoint is a dict of plain types and tensors, loadable with ``torch.load(weights_only=True)``:
 ``{"format", "model" (ModelSpec), "data" (DataSpec), "split_hash" (of the data's train/val/test
-indices, see :mod:`autoprune.splits`), "plan" (pruned only), "state_dict", "metrics"}``.
+indices, see :mod:`autoprune.data.splits`), "plan" (pruned only), "state_dict", "metrics"}``.
 A pruned model is rebuilt by creating the base architecture, applying the Plan, and loading the
 state dict: no pickled modules, so files survive refactors and cannot run code when loaded.
 """
@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AutopruneError, CheckpointError
+from ..data.splits import split_hash_of
+from ..errors import AutopruneError, CheckpointError
+from ..models.registry import ModelSpec, create_model
 from .graph import ChannelGroup, find_groups, remove_channels
-from .models import ModelSpec, create_model
-from .splits import split_hash_of
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ def save_base(path: str | Path, model: nn.Module, spec: ModelSpec, data: Any = N
               metrics: Mapping[str, Any] | None = None, split_hash: str | None = None) -> None:
     """Save a base (unpruned) model: spec + state_dict + data spec + metrics (+ the split's hash).
 
-    ``data`` is a :class:`~autoprune.data.DataSpec` (or its dict), or a loaded
-    :class:`~autoprune.data.Dataset`, whose split hash is then recorded too (``split_hash`` overrides it).
+    ``data`` is a :class:`~autoprune.data.datasets.DataSpec` (or its dict), or a loaded
+    :class:`~autoprune.data.datasets.Dataset`, whose split hash is then recorded too (``split_hash`` overrides it).
     Metrics may hold numpy scalars and arrays: they are stored as Python numbers and lists, so the
     file loads with ``torch.load(weights_only=True)``. Raises ``CheckpointError`` for a metric value
     that cannot be stored safely (named by its key).

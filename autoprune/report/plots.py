@@ -1,6 +1,6 @@
 """Pareto plots of one or several studies: pareto.png (matplotlib, headless) and pareto.html (plotly).
 
-Split from :mod:`autoprune.report` (which writes the tables and report.md) so plot changes and table
+Split from :mod:`autoprune.report.tables` (which writes the tables and report.md) so plot changes and table
 changes do not touch one file. plotly is an optional extra (``pip install autoprune[plot]``) imported
 only when an HTML plot is written: without it pareto.html is a short note showing the PNG.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .files import atomic_path, write_text
+from ..files import atomic_path, write_text
 from .pareto import FRACTION_COLUMNS, OBJECTIVE_COLUMNS, _is_true, front_mask
 
 log = logging.getLogger(__name__)

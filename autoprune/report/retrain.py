@@ -1,7 +1,7 @@
 """Pick a trial of a finished search, fine-tune it longer, report honest numbers, export it.
 
 ``retrain(study_dir, rule)`` runs four steps, each usable on its own: **pick**
-(:func:`autoprune.choose.choose_trial`: by default the most accurate complete, feasible trial
+(:func:`autoprune.report.choose.choose_trial`: by default the most accurate complete, feasible trial
 satisfying the rule), **fine-tune** (:func:`finetune`: the trial's pruned model rebuilt from its
 checkpoint, cosine schedule, optionally distilling from the study's base model, keeping the weights
 of the best validation epoch), **test** (:func:`measure`: validation and, once, the held-out test
@@ -27,18 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.datasets import Dataset, DataSpec, load_data, parse_augmentation
+from ..data.preprocess import recipe_for
+from ..data.splits import check_split
+from ..engine.cost import count_macs, count_params, measure_latency
+from ..engine.plan import Plan, load_base, load_pruned, save_pruned
+from ..errors import AutopruneError
+from ..files import write_json, write_text
+from ..models.registry import ModelSpec
+from ..train import Callbacks, TrainConfig, evaluate, fit, prefer_epoch, resolve_device
 from .choose import Choice, choose_trial, read_trials, study_name
-from .cost import count_macs, count_params, measure_latency
-from .data import Dataset, DataSpec, load_data, parse_augmentation
-from .errors import AutopruneError
 from .export import export_checked
-from .files import write_json, write_text
-from .models import ModelSpec
-from .plan import Plan, load_base, load_pruned, save_pruned
-from .preprocess import recipe_for
 from .retrain_report import plot_widths, summary_markdown
-from .splits import check_split
-from .train import Callbacks, TrainConfig, evaluate, fit, prefer_epoch, resolve_device
 
 __all__ = ["Choice", "RetrainInterrupted", "RetrainResult", "choose_trial", "export_all", "finetune", "measure",
            "read_trials", "retrain", "study_name"]

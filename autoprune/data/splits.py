@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import AutopruneError
+from ..errors import AutopruneError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def describe(ckpt_data: Mapping[str, Any] | None, split_hash: str | None) -> str
 def check_split(ckpt: Mapping[str, Any], data: Any, label: str, allow_mismatch: bool = False) -> None:
     """Raise ``AutopruneError`` if checkpoint ``ckpt`` (named ``label``) was made on another split than ``data``.
 
-    ``data`` is a loaded :class:`~autoprune.data.Dataset`. Compares split hashes when both exist;
+    ``data`` is a loaded :class:`~autoprune.data.datasets.Dataset`. Compares split hashes when both exist;
     for an older checkpoint without one, compares the split-defining fields of the data specs
     (name, seed, fractions, image size). ``allow_mismatch`` turns the error into a warning.
     """

@@ -1,7 +1,7 @@
 """Study reports: read trials.csv, write pareto.csv / importance.csv / report.md (and, through
-:mod:`autoprune.report_plots`, pareto.png / pareto.html).
+:mod:`autoprune.report.plots`, pareto.png / pareto.html).
 
-The numbers come from :mod:`autoprune.pareto` (pure); this module only reads and writes files, each
+The numbers come from :mod:`autoprune.report.pareto` (pure); this module only reads and writes files, each
 written to a temporary name and renamed (:mod:`autoprune.files`): a full disk leaves the previous
 file, never a truncated one, and says so in one line.
 """
@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import AutopruneError
-from .files import atomic_path, os_error, write_text
+from ..errors import AutopruneError
+from ..files import atomic_path, os_error, write_text
 from .pareto import FRACTION_COLUMNS, OBJECTIVE_COLUMNS, front_hypervolume, front_mask
-from .report_plots import _acc_scale, cost_unit, normalise, plot_pareto
+from .plots import _acc_scale, cost_unit, normalise, plot_pareto
 
 __all__ = ["ReportPaths", "load_trials", "plot_pareto", "read_base", "write_report"]
 
@@ -264,7 +264,7 @@ def _complete(df: pd.DataFrame) -> pd.DataFrame:
 def _importance_md(df: pd.DataFrame, importance: Mapping[str, Mapping[str, float]] | None, objective: str) -> str:
     """The importance table with its label, or why there is none; parameters that set an objective by
     construction (the MACs target and MACs) are named below the table."""
-    from .report_importance import LABEL, MIN_TRIALS, by_construction
+    from .importance import LABEL, MIN_TRIALS, by_construction
 
     out = ["\n## Parameter importance\n\n"]
     done = _complete(df)

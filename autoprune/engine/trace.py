@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import AutopruneError
 from .cost import MAC_LAYERS
-from .errors import AutopruneError
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> ModelTrace:
     merged = {n: max(calls.get(n, 0), train_calls.get(n, 0)) for n in {*calls, *train_calls}}
     outs = tuple(dict.fromkeys([*outputs, *train_outputs]))
     if not outs:  # outputs computed without autograd: fall back to the last layer registered
-        from .models import classifier_name
+        from ..models.registry import classifier_name
 
         outs = (classifier_name(model),)
     if train_only:

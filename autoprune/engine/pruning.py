@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import AutopruneError
+from ..methods import EpochReport, PruneContext, get_method, make_params
 from .allocate import AllocationConfig
 from .calibrate import DEFAULT_BATCHES, has_batchnorm, recalibrate_bn
 from .cost import count_macs, count_params
-from .errors import AutopruneError
 from .graph import ChannelGroup, build_width_cost, find_groups
-from .methods import EpochReport, PruneContext, get_method, make_params
 from .plan import Plan, apply_plan
 from .trace import safe_copy
 
@@ -76,14 +76,14 @@ def prune(
 ) -> PruneResult:
     """Prune a copy of ``model`` to ``target`` x its MACs with ``method``; the input model is untouched.
 
-    ``data`` (an :class:`autoprune.data.Dataset`) is needed by methods that train or calibrate
+    ``data`` (an :class:`autoprune.data.datasets.Dataset`) is needed by methods that train or calibrate
     (ResRep, FSM with measured compensation). ``params`` are the method's parameters (see
     ``autoprune methods``). ``groups`` may pass channel groups found earlier for this architecture.
     ``on_epoch`` receives each training epoch of a method that trains while pruning (ResRep) as an
     :class:`~autoprune.methods.EpochReport`; returning True stops it with
     :class:`~autoprune.methods.PruneStopped`.
     ``recalibrate_batches``: after surgery, BN running statistics are re-estimated on this many
-    training batches of ``data`` (adaptive BN, EagleEye, ECCV 2020; see :mod:`autoprune.calibrate`);
+    training batches of ``data`` (adaptive BN, EagleEye, ECCV 2020; see :mod:`autoprune.engine.calibrate`);
     0, or no ``data``, skips it. ``info["bn_recalibration_images"]`` records how many images it used.
     Returns the pruned model, its Plan and its measured MACs / params next to the base ones.
     """
@@ -110,7 +110,7 @@ def prune(
     recal_images = 0
     if data is None and recalibrate_batches and has_batchnorm(pruned):
         log.warning("prune() got no data: BN statistics are not recalibrated after surgery (one-shot accuracy "
-                    "is often near chance without it); pass data= (an autoprune.data.Dataset)")
+                    "is often near chance without it); pass data= (an autoprune.data.datasets.Dataset)")
     if data is not None and recalibrate_batches:
         seed = int(getattr(train_cfg, "seed", 0) or 0)
         recal_images = recalibrate_bn(pruned, data.train, recalibrate_batches, device=device, seed=seed)

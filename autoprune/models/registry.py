@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from autoprune import zoo
-from autoprune.errors import AutopruneError, did_you_mean
+from ..errors import AutopruneError, did_you_mean
+from . import zoo
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Bring your own trained model: turn it into a base checkpoint a search can start from.
 
 A base checkpoint is ``model spec + state_dict + data spec + split hash + metrics`` (see
-:mod:`autoprune.plan`): the spec must rebuild the architecture, so a model comes as a name
+:mod:`autoprune.engine.plan`): the spec must rebuild the architecture, so a model comes as a name
 (``torchvision:<name>``, ``package.module:function`` or a registry name) plus its weights: torchvision's
 pretrained weights (downloaded by torchvision), a state_dict file, or an in-memory ``nn.Module`` of
 that architecture. The model's validation accuracy on the chosen data is measured once and stored,
-together with the hash of that data's split (:mod:`autoprune.splits`).
+together with the hash of that data's split (:mod:`autoprune.data.splits`).
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cost import count_macs, count_params
-from .data import DataSpec, load_data
-from .errors import AutopruneError, CheckpointError
-from .models import TORCHVISION_PREFIX, ModelSpec, create_model
-from .plan import BASE_FORMAT, load_base, read_checkpoint, save_base
-from .splits import check_split
-from .train import evaluate
+from ..data.datasets import DataSpec, load_data
+from ..data.splits import check_split
+from ..engine.cost import count_macs, count_params
+from ..engine.plan import BASE_FORMAT, load_base, read_checkpoint, save_base
+from ..errors import AutopruneError, CheckpointError
+from ..train import evaluate
+from .registry import TORCHVISION_PREFIX, ModelSpec, create_model
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ legacy TorchScript-based one is the fallback (``exporter="auto"``); the file is 
 TorchScript: ``torch.jit.trace`` by default (works for any model whose forward has no
 data-dependent control flow), ``torch.jit.script`` on request.
 
-With an :class:`autoprune.preprocess.InputRecipe` every export carries its preprocessing: in the
+With an :class:`autoprune.data.preprocess.InputRecipe` every export carries its preprocessing: in the
 ONNX ``metadata_props`` / TorchScript extra files (keys ``autoprune.input.<field>``, JSON values)
 and in ``<file>.json`` beside it (e.g. ``model.onnx.json``), so raw data can be fed to the file
 with nothing but the file itself (:func:`read_recipe`).
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import AutopruneError
-from .preprocess import InputRecipe
+from ..data.preprocess import InputRecipe
+from ..errors import AutopruneError
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def read_recipe(path: str | Path, fmt: str | None = None) -> InputRecipe:
     else:
         from dataclasses import fields
 
-        from .preprocess import META_PREFIX
+        from ..data.preprocess import META_PREFIX
 
         extra = {META_PREFIX + f.name: "" for f in fields(InputRecipe)}
         with warnings.catch_warnings():

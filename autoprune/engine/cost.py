@@ -170,7 +170,7 @@ class WidthCost:
 
     Each layer's channel counts are affine in the number of channels removed from each group,
     so MACs of any assignment take microseconds: this is what makes bisection in the allocator
-    cheap. Built by :func:`autoprune.graph.build_width_cost`.
+    cheap. Built by :func:`autoprune.engine.graph.build_width_cost`.
     """
 
     def __init__(

@@ -20,8 +20,8 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner.function import PrunerBox
 
+from ..errors import AutopruneError
 from .cost import MAC_LAYERS, LayerGeom, Term, WidthCost, count_macs, count_params, layer_geometry
-from .errors import AutopruneError
 from .trace import ModelTrace, keep_rng, safe_copy, trace_model
 
 log = logging.getLogger(__name__)

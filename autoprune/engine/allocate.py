@@ -12,7 +12,7 @@ Shared by every method (DESIGN.md section 3). Three shapes:
   ResRep and FSM papers do by pruning only internal layers.
 
 Each shape has one free scalar (ratio or threshold) that moves MACs monotonically; we bisect it
-with the analytic :class:`~autoprune.cost.WidthCost` (microseconds per evaluation), then fill the
+with the analytic :class:`~autoprune.engine.cost.WidthCost` (microseconds per evaluation), then fill the
 remaining gap channel by channel in priority order. The result is at most the target and, unless
 the width granularity forbids it, within 1 % of the base MACs below it.
 """
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import AutopruneError
 from .cost import WidthCost
-from .errors import AutopruneError
 from .graph import ChannelGroup
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Checks of a data set's arrays on load, each failing with one line that names the data set.
 
-Called by :mod:`autoprune.data` for every in-memory data set (``npz:``, digits, synthetic): pixel
+Called by :mod:`autoprune.data.datasets` for every in-memory data set (``npz:``, digits, synthetic): pixel
 values must be finite (a NaN would surface much later as "loss became nan", an inf would train
 silently), there must be enough samples for a train / val / test split, at least two classes, and
 labels must be class indices (a stray label of 100000 would otherwise make a 100001-way classifier).
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import AutopruneError
+from ..errors import AutopruneError
 
 MIN_SAMPLES = 10  # fewer cannot give a train, a validation and a test split worth the name
 
