@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AutopruneError
-from .cost import WidthCost
+from .cost import WidthObjective
 from .graph import ChannelGroup
 
 log = logging.getLogger(__name__)
@@ -128,62 +128,65 @@ class _Shape:
 def allocate(
     groups: Sequence[ChannelGroup],
     scores: Mapping[str, torch.Tensor] | None,
-    cost: WidthCost,
+    cost: WidthObjective,
     target: float,
     cfg: AllocationConfig | None = None,
 ) -> dict[str, int]:
-    """Channels to keep per prunable group so that MACs <= ``target`` x base MACs, as close as possible.
+    """Channels to keep per prunable group so that cost <= ``target`` x the base's cost, as close as possible.
+
+    ``cost`` is any :class:`~autoprune.engine.cost.WidthObjective`: analytic MACs (:class:`WidthCost`)
+    by default, or a latency model of the device.
 
     ``scores`` maps group name -> per-channel importance (higher keeps); only the ``global`` mode
     reads them. An unreachable target raises ``AutopruneError`` naming the smallest reachable fraction.
     """
     cfg = cfg or AllocationConfig()
     if not 0 < target <= 1:
-        raise AutopruneError(f"MACs target {target} must be a fraction in (0, 1]")
+        raise AutopruneError(f"{cost.unit} target {target} must be a fraction in (0, 1]")
     prunable = [g for g in groups if g.prunable]
     if cfg.mode == "global":
         missing = [g.name for g in prunable if scores is None or g.name not in scores]
         if missing:
             raise AutopruneError(f"global allocation needs scores for every prunable group; missing {missing[0]!r}")
     shape = _Shape(prunable, scores or {}, cfg)
-    budget = target * cost.base_macs
+    budget = target * cost.base
     lowest = {g.name: shape.bounds[g.name][0] for g in prunable}
-    floor = cost.macs(lowest)
+    floor = cost.value(lowest)
     if floor > budget:
         raise AutopruneError(
-            f"MACs target {target:.3f} is unreachable: the smallest reachable fraction is "
-            f"{floor / cost.base_macs:.3f} (min widths, unprunable groups); raise the target or lower min_ratio")
+            f"{cost.unit} target {target:.3f} is unreachable: the smallest reachable fraction is "
+            f"{floor / cost.base:.3f} (min widths, unprunable groups); raise the target or lower min_ratio")
     above = None
-    if cost.macs(shape.widths(1.0)) <= budget:
+    if cost.value(shape.widths(1.0)) <= budget:
         widths = shape.widths(1.0)
     else:
         lo, hi = 0.0, 1.0  # macs(widths(lo)) <= budget < macs(widths(hi)) once lo is valid
-        widths = lowest if cost.macs(shape.widths(0.0)) > budget else shape.widths(0.0)
+        widths = lowest if cost.value(shape.widths(0.0)) > budget else shape.widths(0.0)
         for _ in range(50):
             mid = (lo + hi) / 2
             w = shape.widths(mid)
-            if cost.macs(w) <= budget:
+            if cost.value(w) <= budget:
                 lo, widths = mid, w
             else:
                 hi = mid
         above = shape.widths(hi)
     widths = _fill(prunable, widths, shape, cost, budget)
-    if above is not None and budget - cost.macs(widths) > TOLERANCE * cost.base_macs:
+    if above is not None and budget - cost.value(widths) > TOLERANCE * cost.base:
         # The scalar jumped over the target: one step of x moved a costly channel (LeNet's conv1 under
         # FSM scores: 3 -> 2 of 6 channels is 15 % of the MACs) and the cheap groups were already full.
         # Come down from the widths just above instead, through the cheap channels.
         down = _fill(prunable, _descend(prunable, above, shape, cost, budget), shape, cost, budget)
-        if cost.macs(widths) < cost.macs(down) <= budget:
+        if cost.value(widths) < cost.value(down) <= budget:
             widths = down
-    if budget - cost.macs(widths) > TOLERANCE * cost.base_macs:
+    if budget - cost.value(widths) > TOLERANCE * cost.base:
         widths = _swap(prunable, widths, shape, cost, budget)
-    frac = cost.macs(widths) / cost.base_macs
+    frac = cost.value(widths) / cost.base
     if target - frac > TOLERANCE:
-        log.warning("allocation reached %.4f of base MACs for target %.4f (width granularity)", frac, target)
+        log.warning("allocation reached %.4f of base %s for target %.4f (width granularity)", frac, cost.unit, target)
     return widths
 
 
-def _fill(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cost: WidthCost,
+def _fill(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cost: WidthObjective,
           budget: float) -> dict[str, int]:
     """Add channels, best priority first, while MACs stay within budget."""
     widths = dict(widths)
@@ -193,7 +196,7 @@ def _fill(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cos
         g = max(open_groups.values(), key=lambda grp: shape.priority(grp, widths[grp.name]))
         trial = dict(widths)
         trial[g.name] = min(g.channels, widths[g.name] + step)
-        if cost.macs(trial) <= budget:
+        if cost.value(trial) <= budget:
             widths = trial
             if widths[g.name] >= g.channels:
                 del open_groups[g.name]
@@ -202,13 +205,13 @@ def _fill(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cos
     return widths
 
 
-def _descend(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cost: WidthCost,
+def _descend(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cost: WidthObjective,
              budget: float) -> dict[str, int]:
     """Remove channels, worst priority first, until MACs are within budget; a channel that costs more
     than the remaining excess (plus the tolerance) is removed only when no cheaper one is left."""
     widths = dict(widths)
-    step, tol = shape.cfg.round_to, TOLERANCE * cost.base_macs
-    now = cost.macs(widths)
+    step, tol = shape.cfg.round_to, TOLERANCE * cost.base
+    now = cost.value(widths)
     while now > budget:
         options = []
         for g in groups:
@@ -216,7 +219,7 @@ def _descend(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, 
             if widths[g.name] > low:
                 trial = dict(widths)
                 trial[g.name] = max(low, widths[g.name] - step)
-                options.append((g, trial, cost.macs(trial)))
+                options.append((g, trial, cost.value(trial)))
         if not options:
             break
         cheap = [o for o in options if now - o[2] <= now - budget + tol]
@@ -224,7 +227,7 @@ def _descend(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, 
     return widths
 
 
-def _swap(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cost: WidthCost, budget: float,
+def _swap(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cost: WidthObjective, budget: float,
           rounds: int = 32) -> dict[str, int]:
     """Where every group's next channel is too costly (coarse groups, e.g. an SE block's 16 and 32
     channels at 3-6 % of the MACs each), give one channel of a group back and spend what it frees on
@@ -232,8 +235,8 @@ def _swap(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cos
     always has a cheap channel left."""
     if len(groups) > 64:
         return widths
-    step, tol = shape.cfg.round_to, TOLERANCE * cost.base_macs
-    now = cost.macs(widths)
+    step, tol = shape.cfg.round_to, TOLERANCE * cost.base
+    now = cost.value(widths)
     for _ in range(rounds):
         if budget - now <= tol:
             break
@@ -246,7 +249,7 @@ def _swap(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cos
             trial[g.name] = max(low, widths[g.name] - step)
             others = [h for h in groups if h.name != g.name]
             trial = _fill(groups, _fill(others, trial, shape, cost, budget), shape, cost, budget)
-            macs = cost.macs(trial)
+            macs = cost.value(trial)
             if now < macs <= budget and (best is None or macs > best[0]):
                 best = (macs, trial)
         if best is None:

@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -165,6 +166,23 @@ class Term:
     mult: int
 
 
+class WidthObjective(Protocol):
+    """What the allocator bisects against: a cost of a width assignment (group name -> kept channels).
+
+    ``value(widths)`` is the cost with those widths (groups not named keep all channels), ``base`` the
+    cost of the unpruned model, ``unit`` names it in messages ("MACs", "latency"). Must be monotone
+    non-decreasing in every width. Implemented by :class:`WidthCost` (analytic MACs) and by latency
+    models of a device.
+    """
+
+    unit: str
+
+    @property
+    def base(self) -> float: ...
+
+    def value(self, widths: Mapping[str, int]) -> float: ...
+
+
 class WidthCost:
     """Analytic MACs and parameters of a width assignment (group name -> kept channels).
 
@@ -189,6 +207,17 @@ class WidthCost:
         self._bn_channels = dict(bn_channels)  # group -> number of affine BN channels per group channel
         self.base_params = base_params
         self.base_macs = self.macs({})
+
+    unit = "MACs"
+
+    @property
+    def base(self) -> float:
+        """The base model's MACs (the :class:`WidthObjective` view)."""
+        return float(self.base_macs)
+
+    def value(self, widths: Mapping[str, int]) -> float:
+        """MACs of ``widths`` (the :class:`WidthObjective` view)."""
+        return float(self.macs(widths))
 
     def _shapes(self, widths: Mapping[str, int]) -> dict[str, tuple[int, int]]:
         shapes = {n: [g.in_ch, g.out_ch] for n, g in self.layers.items()}
