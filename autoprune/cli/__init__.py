@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from ..errors import AutopruneError
 from ..files import user_error
 
-_MODULES = ("basic", "search", "retrain", "importer")
+_MODULES = ("basic", "search", "retrain", "importer", "latency")
 LIBRARY_LOGGER = "autoprune"
 
 
