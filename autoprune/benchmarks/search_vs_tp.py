@@ -48,6 +48,7 @@ from ..search.early_stop import accuracy_se
 from . import common
 from .quality import CASES, TARGETS, THEIRS, Bench, Case, prepare
 from .search_vs_tp_runs import (
+    SINGLE,
     Side,
     add_test_column,
     rerun_stopped,
@@ -136,9 +137,9 @@ def best_side(sides: Mapping[str, Side]) -> Side:
 
 
 def run_seed(b: Bench, work: Path, labels: Sequence[str], targets: Sequence[float], seed: int, rerun: int,
-             es_ablation: bool) -> dict[str, Any]:
+             es_ablation: bool, singles_of: Sequence[str] = SINGLE) -> dict[str, Any]:
     tp = tp_sweep(b, labels, targets, seed)
-    singles = single_methods(b, targets, seed)
+    singles = single_methods(b, targets, seed, singles_of)
     budget_s = sum(sd.work_s for sd in tp.values())
     base = work / "base.pt"
     name = f"on_s{seed}"
@@ -235,9 +236,9 @@ def tables(name: str, b: Bench, results: Sequence[Mapping[str, Any]], labels: Se
          f"{100 * accuracy_se(0.9, n_val):.2f} points; '2 SE' columns: two standard errors of a difference of two "
          "accuracies)."),
         (f"Torch-Pruning sweep: {', '.join(labels)} at {', '.join(f'{t:g}' for t in targets)}; its measured seconds "
-         "(every criterion, every target) are the search's budget.compute. 'single': each of l1, lrf, fsm, resrep "
-         "alone (global, default parameters) at the same targets; the best one's front. Seconds: process CPU time "
-         "(1 torch thread) around all of a point's work, the search's screening round included."),
+         f"(every criterion, every target) are the search's budget.compute. 'single': each of "
+         f"{', '.join(sorted(results[0]['singles']))} alone (global, default parameters) at the same targets; the "
+         "best one's front. Seconds: process CPU time (1 torch thread) around all of a point's work, the search's screening round included."),
         f"Total benchmark wall time {total_s:.0f} s (a shared machine).",
     )
     test_notes = (("Each side's validation front, each point's model read once on the test split; 'best at <= X' "
@@ -269,6 +270,31 @@ def write_trials(path: Path, results: Sequence[Mapping[str, Any]]) -> None:
         pd.concat(frames, ignore_index=True).to_csv(path, index=False)
 
 
+def small_base(name: str, case: Case | None, images: int) -> Path:
+    """A base trained on a fixed ``images``-image part of the training split (the case's epochs, lr and
+    batch; validation and test splits unchanged), cached: a quicker base for a shared machine."""
+    from ..data.datasets import load_data, subset_split
+    from ..models.registry import ModelSpec, create_model
+    from ..train import TrainConfig, evaluate, fit
+    from .quality import CACHE, _case_key
+
+    case = case or CASES[name]
+    path = CACHE / f"base_{Path(name).stem}_{_case_key(dataclasses.replace(case, ft_subset=None))}_{images}img.pt"
+    if path.is_file():
+        return path
+    full = load_data(case.data, "cpu")
+    spec = ModelSpec(case.model, full.num_classes, full.in_channels, full.image_size)
+    torch.manual_seed(0)
+    model = create_model(spec)
+    fit(model, subset_split(full.train, images, seed=0), None, TrainConfig(
+        epochs=case.base_epochs, lr=case.base_lr, batch_size=case.base_batch_size, seed=0), "cpu", progress=True)
+    acc = evaluate(model.eval(), full.val, "cpu")["acc"]
+    log.info("base %s trained on %d images: val acc %.4f -> %s", case.model, images, acc, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_base(path, model, spec, case.data, {"val_acc": acc, "train_images": images})
+    return path
+
+
 def custom_case(data: str, model: str, ft_subset: int | None) -> Case:
     """A case for any data set (``npz:...`` / ``imagefolder:...``): the Fashion-MNIST case's schedule."""
     ref = CASES["fashionmnist"]
@@ -278,14 +304,14 @@ def custom_case(data: str, model: str, ft_subset: int | None) -> Case:
 
 def _seed_job(job: tuple, b: Bench | None = None) -> dict[str, Any]:
     """One seed in its own work folder (kept under ``keep`` when given, for :mod:`.es_replay`)."""
-    _, labels, targets, seed, keep, rerun, es_ablation, prep = job
+    _, labels, targets, seed, keep, rerun, es_ablation, prep, singles_of = job
     b = b or prepare(*prep)
 
     def in_folder(work: Path) -> dict[str, Any]:
         work.mkdir(parents=True, exist_ok=True)
         save_base(work / "base.pt", b.model, b.spec, b.case.data,
                   {k: b.base[k] for k in ("val_acc", "macs", "params")})
-        return run_seed(b, work, labels, targets, seed, rerun, es_ablation)
+        return run_seed(b, work, labels, targets, seed, rerun, es_ablation, singles_of)
 
     if keep:
         return in_folder(Path(keep) / f"seed{seed}")
@@ -307,9 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"MACs targets of the sweep (default {TARGETS}; --quick 0.5 0.3 0.2)")
     p.add_argument("--theirs", nargs="+", default=None, choices=tuple(THEIRS),
                    help="Torch-Pruning criteria (default all six; --quick magnitude and bnscale)")
+    p.add_argument("--singles", nargs="+", default=list(SINGLE), choices=SINGLE,
+                   help="our methods run alone at the targets (default all four)")
     p.add_argument("--rerun", type=int, default=8, help="early-stopped trials to re-run to the end (default 8)")
     p.add_argument("--es-ablation", action="store_true",
                    help="also the same number of trials with neither rung (none_s<seed>, for es_replay)")
+    p.add_argument("--base-images", type=int, default=None,
+                   help="train the base on this many training images only (a quicker base; cached)")
     p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)")
     p.add_argument("--work", default=None, help="keep each seed's search folders under this folder")
     args = p.parse_args(argv)
@@ -320,10 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = tuple(args.theirs or (QUICK_THEIRS if args.quick else THEIRS))
     case = None if name in CASES else custom_case(name, args.model, 1000)
     start = time.perf_counter()
-    b = prepare(name, torch.device("cpu"), args.ft_subset, case=case, base_path=args.base)
+    base_path = args.base or (str(small_base(name, case, args.base_images)) if args.base_images else None)
+    b = prepare(name, torch.device("cpu"), args.ft_subset, case=case, base_path=base_path)
     prep = (name, torch.device("cpu"), args.ft_subset)
-    jobs = [(name, labels, targets, s, args.work, args.rerun, args.es_ablation, prep) for s in seeds]
-    if args.jobs > 1 and len(seeds) > 1 and case is None and not args.base:
+    jobs = [(name, labels, targets, s, args.work, args.rerun, args.es_ablation, prep, tuple(args.singles))
+            for s in seeds]
+    if args.jobs > 1 and len(seeds) > 1 and case is None and not base_path:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
