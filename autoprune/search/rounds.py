@@ -16,7 +16,8 @@ queues, in this order, the trials the sampler runs first:
 The round's fidelities join the screening reference (later one-shot candidates within a window are
 screened against them), its measured seconds count against ``budget.compute`` (study meta
 ``round_work_s``), and it runs once per study (study meta ``round``). Targets: the grid of a stepped
-target range, the choices of a categorical one, else points ``screen.bucket`` apart. Optuna backend only.
+target range, the choices of a categorical one, else points ``screen.bucket`` apart. Optuna backend
+only; not with the latency objective (its targets are latency fractions).
 """
 from __future__ import annotations
 
@@ -121,6 +122,10 @@ def run_round(worker: Worker, store: TrialStore, study: optuna.Study) -> list[di
     """Run the round once per study (see the module docstring); returns its points ([] when it ran before)."""
     spec = worker.spec
     if store.meta().get("round") is not None:
+        return []
+    if spec.objectives[1] == "latency":  # targets are latency fractions there: the round probes MACs targets
+        log.info("screening round skipped: the latency objective's targets are not MACs targets")
+        store.set_meta("round", [])
         return []
     epochs = int(spec.space["epochs"]) if not isinstance(spec.space["epochs"], (list, Range)) else 3
     one_shot = [m for m in spec.methods if is_one_shot(m, epochs)]

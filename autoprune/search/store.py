@@ -187,7 +187,7 @@ def same_config(store: TrialStore, hparams: Mapping[str, Any], before: int | Non
     return None
 
 
-_FRACTION = {"macs": "macs_frac", "params": "params_frac"}  # latency: screened by MACs fraction
+_FRACTION = {"macs": "macs_frac", "params": "params_frac", "latency": "latency_frac"}  # screening windows
 
 
 def store_objective(t: StoredTrial) -> str:
