@@ -28,8 +28,8 @@ fetch)
 run)
     shift
     mode=(--quick)
-    limit=240
-    if [ "${1:-}" = "--full" ]; then mode=(); limit=500; shift; fi
+    limit=300
+    if [ "${1:-}" = "--full" ]; then mode=(); limit=540; shift; fi
     mode+=("$@")  # anything else goes to the benchmark (e.g. --dry-run to try this script without a GPU)
     out=${OUT:-/tmp/autoprune_gpu_out}
     mkdir -p "$out"
