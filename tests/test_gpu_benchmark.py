@@ -107,3 +107,18 @@ def test_device_wrapper_installs_runs_and_packs_the_tables(tmp_path):
     with tarfile.open(out / "gpu_tables.tar.gz") as tar:
         assert {"./gpu_dry_run_status.csv", "./gpu_dry_run_latency.csv"} <= set(tar.getnames())
     assert "commit" in (out / "gpu_dry_run.md").read_text()
+
+
+def test_a_copied_tree_without_git_takes_the_commit_from_the_environment(monkeypatch):
+    import subprocess
+
+    from autoprune.benchmarks import common
+
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.delenv("AUTOPRUNE_COMMIT", raising=False)
+    assert common._git_commit() == "no git"
+    monkeypatch.setenv("AUTOPRUNE_COMMIT", "abc1234+changes")
+    assert common._git_commit() == "commit abc1234+changes (copied tree)"
