@@ -11,7 +11,6 @@ different ``base.pt`` is refused instead of comparing new trials with old ones.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import logging
 import os
@@ -24,9 +23,12 @@ import torch
 from ..data.splits import split_hash_of
 from ..errors import AutopruneError
 from ..files import os_error
+from .results import TRIALS_CSV, count_rows
+from .study import STORAGE
 
 if TYPE_CHECKING:
     from ..data.datasets import Dataset
+    from .backends import Backend
     from .spec import SearchSpec
     from .store import TrialStore
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 # Spec keys that may change between a search and its resumption (everything else must match).
 RESUMABLE_KEYS = frozenset({"budget", "workers", "device", "source", "early_stop", "screen", "sampler", "seed"})
 BASE_KEYS = ("model", "data", "base", "base_epochs", "base_lr")  # what base.pt was made from
-STATE_FILES = ("study.db", "trials.csv", "spec.yaml")
+STATE_FILES = (STORAGE, TRIALS_CSV, "spec.yaml")
 
 
 def check_out(out_dir: str | os.PathLike) -> Path:
@@ -57,49 +59,17 @@ def check_out(out_dir: str | os.PathLike) -> Path:
 
 def csv_rows(out: Path) -> int:
     """Data rows of ``trials.csv`` (0 when missing or unreadable)."""
-    try:
-        with open(out / "trials.csv", newline="", encoding="utf-8") as fh:
-            return sum(1 for _ in csv.DictReader(fh))
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return 0
+    return count_rows(out / TRIALS_CSV)
 
 
-def study_trials(out: Path, backend: str) -> int:
-    """Trials the folder's study storage holds; a missing or unreadable storage next to a non-empty
-    trials.csv is refused (resuming would rebuild trials.csv from nothing)."""
-    rows = csv_rows(out)
-    if backend == "ray":
-        from .ray_store import RayStore
-
-        return len(RayStore(out).trials())
-    db = out / "study.db"
-    if not db.exists():
-        if rows:
-            raise AutopruneError(f"{db} is missing but trials.csv holds {rows} trials: restore study.db to resume, "
-                                 "or start a new --out (trials.csv, models/ and the report are left as they are)")
-        return 0
-    import optuna
-    import sqlalchemy.exc
-
-    try:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
-        n = sum(len(storage.get_all_trials(s._study_id, deepcopy=False)) for s in storage.get_all_studies())
-    except (sqlalchemy.exc.SQLAlchemyError, RuntimeError, ValueError) as exc:
-        kind = type(getattr(exc, "orig", None) or exc).__name__
-        raise AutopruneError(f"{db} is not a readable Optuna study ({kind}); trials.csv ({rows} trials) is "
-                             "intact: restore study.db to resume, or start a new --out") from None
-    return n
-
-
-def prepare(spec: SearchSpec, out: Path, resume: bool, backend: str) -> None:
+def prepare(spec: SearchSpec, out: Path, resume: bool, backend: Backend) -> None:
     """Refuse what cannot run in ``out``; clear a search that never started a trial. Caller holds RUN_LOCK."""
     existing = [name for name in STATE_FILES if (out / name).exists()]
     if not existing:
         if resume:
             log.info("nothing to resume in %s: starting a new search", out)
         return
-    trials = study_trials(out, backend)
+    trials = backend.stored_trials(out)
     if trials == 0 and csv_rows(out) == 0:  # it stopped before its first trial (e.g. the base failed)
         saved = _saved_spec(out / "spec.yaml")
         log.warning("%s holds a search that never started a trial; starting it again", out)

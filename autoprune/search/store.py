@@ -12,7 +12,7 @@ Everything a search decides from its trials is computed here, for both backends:
 (:func:`budget_reason`), the early-stopping reference (:func:`finished_curves`), the ``trials.csv``
 rows (:func:`rows`, :func:`write_rows`) and parameter importance (:func:`importance`); the
 sampler of each trial is seeded from (spec seed, slot) by
-:func:`autoprune.search.optuna_backend.trial_seed`. ``tests/test_store.py`` runs one contract over
+:func:`autoprune.search.samplers.trial_seed`. ``tests/test_store.py`` runs one contract over
 both implementations (Optuna's style: one test over every plugin).
 
 Trial states: complete | early_stopped | failed | running. An *interrupted* trial (its process stopped
