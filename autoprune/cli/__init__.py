@@ -21,7 +21,7 @@ from ..errors import AutopruneError
 from ..files import user_error
 from ..trust import ALL, ENV, granting
 
-_MODULES = ("basic", "search", "retrain", "importer")
+_MODULES = ("basic", "search", "retrain", "importer", "latency")
 LIBRARY_LOGGER = "autoprune"
 
 
