@@ -16,6 +16,7 @@ def _rows(path):
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow  # ~10 s on 2 idle cores, ~25 s on busy ones (CI runs it: it runs every test)
 def test_dry_run_runs_every_part_and_writes_its_tables(tmp_path):
     assert gpu.main(["--dry-run", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "gpu_dry_run.md").read_text()
@@ -38,7 +39,12 @@ def test_dry_run_runs_every_part_and_writes_its_tables(tmp_path):
     search = _rows(tmp_path / "gpu_dry_run_search.csv")
     assert [(r["backend"], r["workers"], r["trials done"], r["failed"]) for r in search] == [("optuna", "1", "2", "0")]
     assert float(search[0]["trials/min (wall)"]) > 0 and search[0]["note"] == "stopped: max_trials"
-    assert _rows(tmp_path / "gpu_dry_run_latency.csv")
+    latency = _rows(tmp_path / "gpu_dry_run_latency.csv")
+    row = latency[0]
+    assert [r["batch"] for r in latency] == ["1"] and not row["note"]
+    assert float(row["base ms"]) > 0 and -1 <= float(row["Spearman"]) <= 1 and float(row["MACs 0.5: latency frac"]) > 0
+    assert float(row["predicted latency frac"]) <= float(row["latency target"]) + 1e-6  # the allocator met it
+    assert float(row["measured latency frac"]) > 0
 
 
 def test_a_failing_part_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):

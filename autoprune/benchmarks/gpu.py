@@ -68,14 +68,17 @@ class Sizes:
     trials: int
     workers: tuple[int, ...]
     search_epochs: int
+    latency_batches: tuple[int, ...]
+    latency_points: int
+    latency_validate: int
     budget_s: float
 
 
 FULL = Sizes("resnet56", 32, ("fp32", "bf16", "fp16"), (128, 512), 30, 3, (1, 32, 256), 5, 0.1, 5120, 128,
-             6000, 8, (1, 2, 4), 2, 450.0)
+             6000, 8, (1, 2, 4), 2, (1, 32, 256), 5, 20, 450.0)
 QUICK = Sizes("resnet56", 32, ("fp32", "bf16", "fp16"), (128, 512), 12, 2, (1, 32, 256), 3, 0.05, 2560, 128,
-              3000, 8, (1, 2, 4), 1, 200.0)
-DRY = Sizes("small_cnn", 8, ("fp32", "fp16"), (8,), 2, 1, (1, 8), 1, 0.001, 64, 32, 200, 2, (1,), 1, 120.0)
+              3000, 8, (1, 2, 4), 1, (1, 256), 3, 10, 200.0)
+DRY = Sizes("small_cnn", 8, ("fp32", "fp16"), (8,), 2, 1, (1, 8), 1, 0.001, 64, 32, 200, 2, (1,), 1, (1,), 2, 3, 120.0)
 
 
 class Budget:
@@ -276,9 +279,23 @@ def part_search(run: Run) -> common.Table:
 def part_latency(run: Run) -> common.Table:
     from .gpu_search import latency_rows
 
-    rows = latency_rows(run.device)
-    return common.Table("latency", "Latency model and latency-targeted pruning", ("check", "result"), tuple(rows),
-                        ("Runs only where autoprune.engine.latency exists in this checkout.",))
+    s = run.sizes
+    rows = latency_rows(s.model, s.image, s.latency_batches, s.latency_points, s.rounds, s.latency_validate,
+                        run.device, run.budget.left)
+    notes = (("The latency model of the device (autoprune.engine.latency: per-layer tables over widths, "
+              f"{s.latency_points} grid points per varying width, {s.rounds} timing rounds, end-to-end fit; built "
+              "afresh, no cache) for the base model at each batch size; base ms: measured / predicted per forward."),
+             (f"median / p90 error, Spearman: |predicted - measured| / measured on {s.latency_validate} random "
+              "held-out width assignments, and the rank correlation of predicted and measured."),
+             ("MACs 0.5: L1 + global allocation to 0.5 of the MACs, its measured latency over the base's. "
+              "latency-targeted: the same aimed at the latency target (0.5 of the predicted base latency, or 0.1 "
+              "above the model's floor where narrow layers cannot get below 0.5: launch-bound small batches): its "
+              "MACs, predicted and measured latency fractions. Latency measured with the latency model's runner "
+              "(on CUDA: bf16 autocast, channels-last), interleaved rounds."))
+    return common.Table("latency", "Latency model and latency-targeted pruning",
+                        ("batch", "build s", "base ms", "base ms predicted", "median error", "p90 error", "Spearman",
+                         "MACs 0.5: latency frac", "latency target", "latency-targeted: MACs frac",
+                         "predicted latency frac", "measured latency frac", "note"), tuple(rows), notes)
 
 
 FUNCTIONS = {"training": part_training, "inference": part_inference, "methods": part_methods,

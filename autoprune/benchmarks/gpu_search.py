@@ -10,8 +10,10 @@ its own spawned process so that the GPU memory it holds is its own; meanwhile th
 search (worker start-up, the report included) and over the span in which trials ran (first trial
 start to last trial end, from the study's timestamps).
 
-Part 5 exercises the latency model and latency-targeted pruning on the device when
-``autoprune.engine.latency`` exists; otherwise it records that it is not available.
+Part 5 builds the latency model (:mod:`autoprune.engine.latency`, measured without its cache) on the
+device for each batch size, measures its error on random held-out width assignments, and compares
+L1 pruning to 0.5 targeted at the MACs with the same targeted at the predicted latency, each pruned
+model's latency measured there (the latency model's own runner: bf16 autocast, channels-last).
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..search.results import one_line
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +95,6 @@ def _child(spec_path: str, out: str, backend: str, workers: int, queue: Any) -> 
         result = run_search(load_spec(spec_path), out_dir=out, progress=False, backend=backend, ray_options=options)
         queue.put(("ok", result.stop_reason))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which records it
-        from ..search.results import one_line
-
         queue.put(("error", one_line(exc, 240)))
 
 
@@ -250,9 +252,65 @@ def search_rows(work: Path, model: str, images: int, image: int, trials: int, ep
     return rows
 
 
-def latency_rows(device: torch.device) -> list[dict[str, Any]]:
-    """Part 5: the latency model and latency-targeted pruning on the device, when the module exists."""
+def latency_rows(model: str, image: int, batches: Sequence[int], points: int, rounds: int, n_validate: int,
+                 device: torch.device, time_left: Callable[[], float]) -> list[dict[str, Any]]:
+    """Part 5: per batch size, the latency model built on ``device`` (no cache), its error on random held-out
+    widths, and L1 to 0.5 targeted at MACs vs at latency with the latency each really has there."""
     if importlib.util.find_spec("autoprune.engine.latency") is None:
-        return [{"check": "latency model (autoprune.engine.latency)", "result": "not available in this checkout"}]
-    return [{"check": "latency model (autoprune.engine.latency)",
-             "result": "present, but this benchmark has no part for its API yet"}]
+        return [{"batch": None, "note": "not available: autoprune.engine.latency is not in this checkout"}]
+    from ..engine.graph import find_groups
+    from ..models.registry import ModelSpec, create_model
+
+    shape = (3, image, image)
+    torch.manual_seed(0)
+    base = create_model(ModelSpec(model, 10, 3, image)).eval()
+    groups = find_groups(base, shape)
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        row: dict[str, Any] = {"batch": batch}
+        rows.append(row)
+        if time_left() <= 0:
+            row["note"] = "skipped: time budget"
+            continue
+        try:
+            _latency_row(row, base, groups, shape, batch, points, rounds, n_validate, device)
+        except Exception as exc:  # noqa: BLE001 - one batch size's failure is a row, the others still run
+            row["note"] = f"FAILED: {one_line(exc, 240)}"
+    return rows
+
+
+def _latency_row(row: dict[str, Any], base: Any, groups: Any, shape: tuple[int, int, int], batch: int, points: int,
+                 rounds: int, n_validate: int, device: torch.device) -> None:
+    from ..engine import pruning as engine
+    from ..engine.allocate import AllocationConfig, width_bounds
+    from ..engine.latency import build_latency_model, measure_models, validate
+    from ..engine.latency_table import LatencyConfig
+    from ..errors import AutopruneError
+
+    cfg = LatencyConfig(device=str(device), batch_size=batch, points=points, rounds=rounds, use_cache=False)
+    start = time.perf_counter()
+    lm = build_latency_model(base, groups, shape, cfg)
+    row.update({"build s": time.perf_counter() - start, "base ms": lm.measured_base_ms, "base ms predicted": lm.base})
+    v = validate(base, groups, lm, shape, cfg, n=n_validate)
+    row.update({"median error": v.median_rel_err, "p90 error": v.p90_rel_err, "Spearman": v.spearman})
+    floor = lm.fraction({g.name: width_bounds(g, AllocationConfig(mode="global"))[0] for g in groups if g.prunable})
+    target = max(0.5, round(floor + 0.1, 2))  # launch-bound small batches: the latency floor can sit near 1
+    row["latency target"] = target
+    pruned = {}
+    for label, objective, t in (("MACs", None, 0.5), ("latency", lm, target)):
+        if t > 0.95:
+            row["note"] = f"latency floor {floor:.2f} of the base: no latency-targeted prune"
+            continue
+        try:
+            pruned[label] = engine.prune(base, "l1", t, input_shape=shape, groups=groups,
+                                         allocation={"mode": "global"}, objective=objective, recalibrate_batches=0)
+        except AutopruneError as exc:
+            row["note"] = f"{label} target: {one_line(exc, 240)}"
+    ms = dict(zip(["base", *pruned], measure_models([base, *(r.model for r in pruned.values())], shape, cfg,
+                                                    "latency of pruned models")))
+    if "MACs" in pruned:
+        row["MACs 0.5: latency frac"] = ms["MACs"] / ms["base"]
+    if "latency" in pruned:
+        row.update({"latency-targeted: MACs frac": pruned["latency"].macs_fraction,
+                    "predicted latency frac": lm.fraction(pruned["latency"].plan.widths()),
+                    "measured latency frac": ms["latency"] / ms["base"]})

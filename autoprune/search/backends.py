@@ -38,9 +38,10 @@ class Backend(abc.ABC):
         """Before any compute: this backend can run here (installed, the folder is not the other's)."""
 
     @abc.abstractmethod
-    def stored_trials(self, out: Path) -> int:
-        """Trials the folder's study storage holds; AutopruneError when it is missing or unreadable
-        next to a non-empty trials.csv (resuming would rebuild trials.csv from nothing)."""
+    def stored_trials(self, out: Path, study: str | None = None) -> int:
+        """Trials the folder's study storage holds (of ``study`` where the storage names studies);
+        AutopruneError when it is missing or unreadable next to a non-empty trials.csv (resuming would
+        rebuild trials.csv from nothing) or holds another search's study."""
 
     @abc.abstractmethod
     def open_store(self, spec: SearchSpec, out: Path, create: bool = False) -> TrialStore:
@@ -69,26 +70,10 @@ class OptunaBackend(Backend):
             raise AutopruneError(f"{out} holds a search run with the ray backend; resume it with --backend ray or "
                                  "choose another --out")
 
-    def stored_trials(self, out: Path) -> int:
-        import sqlalchemy.exc
+    def stored_trials(self, out: Path, study: str | None = None) -> int:
+        from .folder import study_trials
 
-        from .results import TRIALS_CSV, count_rows
-        from .study import STORAGE, count_trials
-
-        db = Path(out) / STORAGE
-        rows = count_rows(Path(out) / TRIALS_CSV)
-        if not db.exists():
-            if rows:
-                raise AutopruneError(f"{db} is missing but {TRIALS_CSV} holds {rows} trials: restore {STORAGE} to "
-                                     "resume, or start a new --out (trials.csv, models/ and the report are left as "
-                                     "they are)")
-            return 0
-        try:
-            return count_trials(db)
-        except (sqlalchemy.exc.SQLAlchemyError, RuntimeError, ValueError) as exc:
-            kind = type(getattr(exc, "orig", None) or exc).__name__
-            raise AutopruneError(f"{db} is not a readable Optuna study ({kind}); {TRIALS_CSV} ({rows} trials) is "
-                                 f"intact: restore {STORAGE} to resume, or start a new --out") from None
+        return study_trials(Path(out), study)
 
     def open_store(self, spec: SearchSpec, out: Path, create: bool = False) -> TrialStore:
         from . import optuna_backend
@@ -114,7 +99,7 @@ class RayBackend(Backend):
 
         check(out, options)  # Ray installed, not an Optuna-backend folder, address answers
 
-    def stored_trials(self, out: Path) -> int:
+    def stored_trials(self, out: Path, study: str | None = None) -> int:
         from .ray_store import RayStore
 
         return len(RayStore(out).trials())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -109,6 +110,9 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
     # unknown sampler, too small a budget: fail before any compute
     make_sampler(spec.sampler, 0, spec.budget.max_trials, spec.workers)
     search_backend.check(Path(out), ray_options)
+    if resume and os.fspath(out).strip() and not Path(out).exists():
+        raise AutopruneError(f"--resume: {out} does not exist, so there is no search to continue; check --out, or "
+                             "drop --resume to start a new search there")
     out = folder.check_out(out)
     with file_lock(out / RUN_LOCK, blocking=False) as free:
         if not free:
@@ -119,7 +123,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
         data = load_data(spec.data, device) if data is None else data
         base = prepare_base(spec, out, data, device, progress)
         folder.check_fingerprint(search_backend.open_store(spec, out, create=True),
-                                 folder.fingerprint(out / "base.pt", data), out)
+                                 folder.fingerprint(out / "base.pt", data), out, spec)
         trials_start = time.time()  # the time budget starts once the base model is ready
         limits = Limits(
             max_trials=budget.max_trials,

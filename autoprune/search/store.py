@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .early_stop import Reference
-from .results import INTERRUPTED, TrialResult, make_row, write_trials_csv
+from .results import INTERRUPTED, TRIALS_CSV, TrialResult, make_row, write_trials_csv
 
 if TYPE_CHECKING:
     import optuna
@@ -115,7 +115,7 @@ def rows(store: TrialStore) -> list[dict[str, Any]]:
 def write_rows(store: TrialStore, out_dir: str | Path) -> list[dict[str, Any]]:
     """Rewrite ``<out_dir>/trials.csv`` (atomically) from the store; returns the rows."""
     current = rows(store)
-    write_trials_csv(Path(out_dir) / "trials.csv", current)
+    write_trials_csv(Path(out_dir) / TRIALS_CSV, current)
     return current
 
 

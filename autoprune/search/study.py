@@ -178,14 +178,3 @@ def add_curves(storage: Any, study_name: str, trials: Sequence[tuple[int, str, M
             intermediate_values={i + 1: float(a) for i, a in enumerate(curve) if a is not None},
             user_attrs={k: v for k, v in attrs.items() if v is not None}))
 
-
-def count_trials(db: Path) -> int:
-    """Trials of every study in the SQLite file ``db`` (raises sqlalchemy / ValueError when unreadable)."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    st = optuna.storages.RDBStorage(f"sqlite:///{Path(db).resolve()}")
-    try:
-        return sum(len(st.get_all_trials(s._study_id, deepcopy=False)) for s in st.get_all_studies())
-    finally:
-        st.engine.dispose()
