@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import AutopruneError
+from .models.outputs import logits_of
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def evaluate(model: nn.Module, split: Split, device: str | torch.device, batch_s
     try:
         for x, y in split.batches(batch_size, shuffle=False):
             x, y = _to_device(x, device), y.to(device, non_blocking=True)
-            logits = model(x).float()
+            logits = logits_of(model, model(x)).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(dim=1) == y).sum()
     finally:
@@ -304,8 +305,8 @@ def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, de
                 teacher_logits = None
                 if teacher is not None:
                     with torch.no_grad():
-                        teacher_logits = teacher(x)
-                loss = _loss(model(x), y, cfg, teacher_logits)
+                        teacher_logits = logits_of(teacher, teacher(x))
+                loss = _loss(logits_of(model, model(x)), y, cfg, teacher_logits)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)

@@ -22,6 +22,7 @@ from torch_pruning.pruner.function import PrunerBox
 
 from ..errors import AutopruneError
 from .cost import MAC_LAYERS, LayerGeom, Term, WidthCost, count_macs, count_params, layer_geometry
+from .reshapes import watch_reshapes
 from .trace import ModelTrace, keep_rng, safe_copy, trace_model
 
 log = logging.getLogger(__name__)
@@ -83,16 +84,24 @@ def _is_depthwise(module: nn.Module) -> bool:
 
 def _build_group(
     tp_group, names: dict[nn.Module, str], order: dict[str, int], n_layers: int, depthwise: set[str],
-    shared: Mapping[str, int], train_only: Sequence[str] = (),
+    shared: Mapping[str, int], train_only: Sequence[str] = (), mixing: Mapping[object, str] | None = None,
 ) -> ChannelGroup:
     slices: dict[tuple[str, str], dict[int, set[int]]] = {}
     kinds: dict[str, str] = {}
     unsafe: list[str] = []
+    mixed: list[str] = []
     grouped: list[str] = []
     other_convs: list[str] = []
+    norms: list[str] = []
     for item in tp_group:
         dep = item.dep
         module = dep.target.module
+        if isinstance(module, nn.GroupNorm) and 1 < module.num_groups and module in names:
+            norms.append(f"GroupNorm {names[module]!r} ({module.num_groups} groups of "
+                         f"{module.num_channels // module.num_groups} channels)")
+        for node in (dep.source, dep.target):
+            if mixing and node.grad_fn in mixing and mixing[node.grad_fn] not in mixed:
+                mixed.append(mixing[node.grad_fn])
         if module not in names:  # a functional op (add, reshape, concat, pad ...)
             op = str(dep.target.name)
             if any(u in op for u in _UNSAFE_OPS):
@@ -130,6 +139,12 @@ def _build_group(
     elif reused:
         reason = (f"touches layer {reused[0]!r}, which forward calls {shared[reused[0]]} times "
                   "(a shared module: its channels cannot be followed)")
+    elif mixed:
+        reason = (f"crosses a reshape that moves channels between dimensions ({mixed[0]}; a channel shuffle, "
+                  "pixel shuffle or head split): Torch-Pruning cannot map its channel indices")
+    elif norms:
+        reason = (f"touches {norms[0]}: removing single channels would change its groups, and autoprune does not "
+                  "prune GroupNorm in whole-group steps")
     elif other_convs:
         reason = f"touches a {other_convs[0]} (only Conv2d and Linear layers are pruned)"
     elif unsafe:
@@ -185,19 +200,24 @@ def _groups_from_trace(model: nn.Module, input_shape: Sequence[int], info: Model
     try:
         batch = 2 if info.train_only else 1  # BN in training mode needs more than one value per channel
         example = torch.ones(batch, *input_shape, device=_device(model))  # no RNG use: grouping must not shift seeds
-        with torch.enable_grad(), keep_rng(example.device):  # TP traces autograd, even inside no_grad()
+        with torch.enable_grad(), keep_rng(example.device), watch_reshapes() as watch:  # TP traces autograd
             # Torch-Pruning switches to eval mode before its forward; forward_fn switches back when needed
             train = bool(info.train_only)
-            dg = tp.DependencyGraph().build_dependency(traced, example_inputs=example,
-                                                       forward_fn=lambda m, x: m.train(train)(x))
-        tp_groups = list(dg.get_all_groups(ignored_layers=ignore, root_module_types=[nn.Conv2d, nn.Linear]))
+
+            def forward(m: nn.Module, x: torch.Tensor) -> object:
+                with watch:
+                    return m.train(train)(x)
+
+            dg = tp.DependencyGraph().build_dependency(traced, example_inputs=example, forward_fn=forward)
+            tp_groups = list(dg.get_all_groups(ignored_layers=ignore, root_module_types=[nn.Conv2d, nn.Linear]))
     except Exception as exc:
         first = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise AutopruneError(f"could not trace {type(model).__name__} for channel groups "
                              f"({type(exc).__name__}: {first})") from exc
     finally:
         traced.train(was_training)
-    groups = [_build_group(g, names, order, len(layers), depthwise, info.calls, info.train_only) for g in tp_groups]
+    groups = [_build_group(g, names, order, len(layers), depthwise, info.calls, info.train_only, watch.found)
+              for g in tp_groups]
     groups.sort(key=lambda g: (g.depth, g.name))
     seen: set[str] = set()
     for g in groups:
@@ -229,7 +249,7 @@ def _trial(model: nn.Module, groups: list[ChannelGroup], cost: WidthCost, input_
             with torch.no_grad(), keep_rng(_device(model)):
                 trial.train()(torch.ones(2, *input_shape, device=_device(model)))
     except Exception as exc:  # noqa: BLE001 - any failure means "not prunable"
-        return f"trial removal failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        return f"trial removal failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
     expected = cost.macs({g.name: g.channels - 1 for g in groups})
     if macs != expected:
         return f"trial removal gave {macs} MACs, analytic count {expected}"
@@ -307,4 +327,15 @@ def remove_channels(model: nn.Module, groups: Sequence[ChannelGroup], keep: Mapp
         if pruner is None:
             raise AutopruneError(f"layer {name!r} ({type(module).__name__}) is not supported by channel surgery")
         fn = pruner.prune_out_channels if dim == "out" else pruner.prune_in_channels
+        stats = _running_stats(module)
         fn(module, sorted(idxs))
+        for buffer_name, values in stats.items():  # Torch-Pruning slices InstanceNorm's affine, not its statistics
+            kept = [i for i in range(values.shape[0]) if i not in idxs]
+            setattr(module, buffer_name, values[kept].clone())
+
+
+def _running_stats(module: nn.Module) -> dict[str, torch.Tensor]:
+    """An InstanceNorm's per-channel running statistics (``track_running_stats=True``), else {}."""
+    if not isinstance(module, nn.modules.instancenorm._InstanceNorm) or not module.track_running_stats:
+        return {}
+    return {k: getattr(module, k) for k in ("running_mean", "running_var") if getattr(module, k) is not None}

@@ -99,7 +99,10 @@ def prune(
         groups = find_groups(work, shape)
     cost = build_width_cost(work, groups, shape)
     if not any(g.prunable for g in groups):
-        raise AutopruneError(f"{type(model).__name__} has no prunable channel group; see `autoprune info`")
+        first = next((g for g in groups if g.reason), None)
+        why = f" (group {first.name!r} {first.reason})" if first is not None else ""
+        raise AutopruneError(f"{type(model).__name__} has no prunable channel group{why}; `autoprune info` "
+                             "lists every group and why")
     ctx = PruneContext(model=work, groups=groups, cost=cost, target=target, allocation=allocation, device=device,
                        input_shape=shape, data=data, train_cfg=train_cfg, progress=progress,
                        on_epoch=on_epoch)

@@ -154,6 +154,9 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> ModelTrace:
         device = next(model.parameters()).device
     except StopIteration:
         raise AutopruneError(f"{type(model).__name__} has no parameters: nothing autoprune can prune") from None
+    from ..models.registry import check_float32
+
+    check_float32(model, type(model).__name__)
     calls, outputs, macs, reference = _run(model, input_shape, device, train=False, count_flops=True)
     if not calls:
         raise AutopruneError(f"{type(model).__name__} has no nn.Conv or nn.Linear layer: nothing autoprune can prune")

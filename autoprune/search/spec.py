@@ -60,7 +60,7 @@ OVERRIDES = {  # CLI override name -> key path in the spec
     "early_stop": "early_stop.enabled", "sampler": "sampler", "study": "study", "base": "base",
 }
 TOP_KEYS = ("study", "model", "data", "base", "base_epochs", "base_lr", "device", "workers", "seed",
-            "sampler", "objectives", "constraints", "budget", "early_stop", "screen", "allocation", "space", "augment")
+            "sampler", "objectives", "constraints", "budget", "early_stop", "screen", "allocation", "space", "augment", "output")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class SearchSpec:
     method_space: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     allocation: Mapping[str, Any] = field(default_factory=dict)
     augment: tuple[str, ...] = ()  # training augmentation of the base model and the trials (autoprune.data.datasets)
+    output: int | str | None = None  # which model output is the logits (autoprune.models.outputs); None: the rule
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -112,7 +113,7 @@ class SearchSpec:
             "allocation": dict(self.allocation),
             "augment": list(self.augment),
             "space": space,
-        }
+        } | ({"output": self.output} if self.output is not None else {})
 
 
 def load_spec(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> SearchSpec:
@@ -231,6 +232,7 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
         space=space, method_space=method_space, allocation=sections.parse_allocation(chk, raw.get("allocation")),
         screen=sections.parse_screen(chk, raw.get("screen", False)),
         augment=sections.parse_augment(chk, raw.get("augment", "none"), raw["data"]),
+        output=sections.parse_output(chk, raw.get("output")),
     )
 
 
