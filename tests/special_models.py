@@ -237,6 +237,15 @@ class DataBranchNet(nn.Module):
         return self.fc(F.relu(self.head(h)).mean((2, 3)))
 
 
+class RareBranchNet(DataBranchNet):
+    """``branch_a`` runs only for inputs with a mean above 2: neither probe (ones, standard normal) takes it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = F.relu(self.bn(self.conv(x)))
+        h = self.branch_a(f) if x.mean() > 2 else self.branch_b(f)
+        return self.fc(F.relu(self.head(h)).mean((2, 3)))
+
+
 class NormNet(nn.Module):
     """Conv -> ``norm`` -> ReLU twice, then a Linear; ``norm`` is InstanceNorm with running statistics,
     GroupNorm (4 groups, then 1 group) or LayerNorm over channels (case 5)."""
@@ -321,6 +330,10 @@ def data_branch_net(num_classes: int, in_channels: int, image_size: int) -> nn.M
     return DataBranchNet(num_classes, in_channels)
 
 
+def rare_branch_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return RareBranchNet(num_classes, in_channels)
+
+
 def instance_norm_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return NormNet(num_classes, in_channels, "instance")
 
@@ -348,12 +361,16 @@ SPECIAL = {
     "tensor_attr": ("tensor_attr_net", (3, 8, 8)),
 }
 
+# issue 29's torchvision models, built at CIFAR size (3x32x32): channel shuffle, state-dict versions, a namedtuple output
+TV_KINDS = ["torchvision:shufflenet_v2_x0_5", "torchvision:mnasnet0_5", "torchvision:googlenet"]
+
 # issue 29's kinds: outputs that are not one tensor, channel shuffle, a data-dependent branch, norms
 KINDS = {
     "tuple_out": ("tuple_out_net", (3, 8, 8)),
     "dict_out": ("dict_out_net", (3, 8, 8)),
     "namedtuple_out": ("namedtuple_out_net", (3, 8, 8)),
     "shuffle_unit": ("shuffle_unit_net", (3, 8, 8)),
+    "data_branch": ("data_branch_net", (3, 8, 8)),
     "instance_norm": ("instance_norm_net", (3, 8, 8)),
     "group_norm": ("group_norm_net", (3, 8, 8)),
     "layer_norm": ("layer_norm_net", (3, 8, 8)),

@@ -3,7 +3,9 @@
 Methods come from the registry, models from the model registry (CIFAR and torchvision models at
 32x32) plus the issue-17 special models: a transposed conv, a shared module, a training-only branch,
 a 1x1-conv classifier after an SE block, a projection head registered after ``fc``, LeNet-5
-with a hard-coded ``view`` and a tensor attribute with autograd history. For each pair, at a MACs
+with a hard-coded ``view`` and a tensor attribute with autograd history; and issue 29's kinds: tuple,
+dict and namedtuple outputs, a channel shuffle, a branch chosen by the data, InstanceNorm, GroupNorm,
+LayerNorm over channels, and torchvision's ShuffleNetV2, MNASNet and GoogLeNet. For each pair, at a MACs
 target of 0.5: the measured MACs are at most the target and within 1 % of the base below it (or
 within one channel where a single prunable channel costs more than 1 %), equal half of torch's
 FlopCounterMode FLOPs, the number of classes is kept, the input model is untouched, and a
@@ -14,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CIFAR_MODELS, TORCHVISION_MODELS, TensorSplit, model_input
-from special_models import KINDS, SPECIAL
+from special_models import KINDS, SPECIAL, TV_KINDS
 
 import autoprune
 from autoprune.engine.cost import reference_macs
@@ -26,7 +28,7 @@ from autoprune.models.registry import ModelSpec, create_model
 from autoprune.train import TrainConfig
 
 TARGET = 0.5
-SLOW_MODELS = {"resnet56", "resnet56_a", "vgg16_bn", "mobilenetv2", *TORCHVISION_MODELS}
+SLOW_MODELS = {"resnet56", "resnet56_a", "vgg16_bn", "mobilenetv2", *TORCHVISION_MODELS, *TV_KINDS}
 
 
 class Data:
@@ -40,7 +42,7 @@ class Data:
         self.num_classes, self.in_channels, self.image_size = classes, shape[0], shape[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "trust_special_models")
 
 
 def _spec(model_name: str) -> tuple[ModelSpec, tuple[int, int, int]]:
@@ -54,7 +56,7 @@ def _spec(model_name: str) -> tuple[ModelSpec, tuple[int, int, int]]:
 
 
 def _cases() -> list:
-    models = ["small_cnn", *CIFAR_MODELS, *TORCHVISION_MODELS, *SPECIAL, *KINDS]
+    models = ["small_cnn", *CIFAR_MODELS, *TORCHVISION_MODELS, *SPECIAL, *KINDS, *TV_KINDS]
     out = []
     for model_name in models:
         for method in list_methods():

@@ -6,20 +6,32 @@ from collections import namedtuple
 import pytest
 import torch
 from conftest import TensorSplit
-from special_models import DictOutNet, NamedTupleOutNet, NormNet, ShuffleUnitNet, TupleOutNet, TwoHeadDictNet
+from special_models import (
+    KINDS,
+    TV_KINDS,
+    DataBranchNet,
+    DictOutNet,
+    NamedTupleOutNet,
+    NormNet,
+    RareBranchNet,
+    ShuffleUnitNet,
+    TupleOutNet,
+    TwoHeadDictNet,
+)
 
 import autoprune
 from autoprune.cli import main
 from autoprune.engine.cost import reference_macs
 from autoprune.engine.graph import find_groups
 from autoprune.engine.plan import load_base, load_pruned, save_base, save_pruned
+from autoprune.engine.trace import trace_batches
 from autoprune.errors import AutopruneError
 from autoprune.models.outputs import select_logits, set_output
 from autoprune.models.registry import ModelSpec, create_model
 from autoprune.report.export import export_checked
 from autoprune.train import TrainConfig, evaluate, fit
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "trust_special_models")
 SHAPE = (3, 8, 8)
 
 
@@ -195,3 +207,129 @@ def test_layer_norm_over_channels_is_pruned():
     model = NormNet(norm="layer").eval()
     result = autoprune.prune(model, "l1", 0.5, input_shape=SHAPE)
     assert result.model.norm1.normalized_shape == (result.model.conv1.out_channels,) and result.model.conv1.out_channels < 16
+
+
+def _shifted(shift: float) -> Data:
+    data = Data()
+    data.train.x = data.train.x + shift
+    data.val.x = data.val.x + shift
+    return data
+
+
+def test_a_branch_the_data_chooses_is_traced_and_both_branches_are_cut_together():
+    torch.manual_seed(0)
+    model = DataBranchNet().eval()  # constant probes take branch_b only (was pruned blind, then a shape error)
+    groups = {g.name: g for g in find_groups(model, SHAPE)}
+    assert set(groups["conv"].consumers) == {"branch_a.0", "branch_b.0"}
+    assert set(groups["branch_a.0"].leaders) == {"branch_a.0", "branch_b.0"} and groups["branch_a.0"].prunable
+    result = autoprune.prune(model, "l1", 0.5, data=Data(), input_shape=SHAPE)
+    assert 0.49 <= result.macs_fraction <= 0.5
+    with torch.no_grad():
+        for shift in (0.0, 3.0):  # either branch runs on the pruned model
+            assert result.model(torch.randn(4, *SHAPE) * (1 + shift)).shape == (4, 10)
+
+
+def test_a_branch_only_real_data_takes_is_traced_from_the_data(recwarn):
+    torch.manual_seed(0)
+    model = RareBranchNet().eval()  # branch_a only for inputs with a mean above 2
+    blind = {g.name: g for g in find_groups(model, SHAPE)}
+    warned = [str(w.message) for w in recwarn if "never ran" in str(w.message)]
+    assert len(warned) == 1 and "branch_a.0" in warned[0]
+    assert not blind["conv"].prunable and "never ran in any trace (branch_a.0)" in blind["conv"].reason
+    assert not blind["branch_b.0"].prunable and blind["head"].prunable
+    data = _shifted(3.0)
+    seen = {g.name: g for g in find_groups(model, SHAPE, batches=trace_batches(data, "cpu"))}
+    assert seen["conv"].prunable and set(seen["conv"].consumers) == {"branch_a.0", "branch_b.0"}
+    result = autoprune.prune(model, "fsm", 0.5, data=data, input_shape=SHAPE, allocation={"mode": "uniform"})
+    assert 0.49 <= result.macs_fraction <= 0.5 and result.model.conv.out_channels < 16  # was a raw RuntimeError
+    assert evaluate(result.model, data.val, "cpu")["acc"] >= 0
+
+
+def test_prune_turns_a_failure_after_surgery_into_one_line(monkeypatch):
+    from autoprune.engine import pruning
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("expected input[2, 11, 16, 16] to have 16 channels\nmore")
+
+    monkeypatch.setattr(pruning, "recalibrate_bn", broken)
+    with pytest.raises(AutopruneError, match=r"pruning TupleOutNet with l1 failed \(RuntimeError: expected") as info:
+        autoprune.prune(TupleOutNet(), "l1", 0.5, data=Data(), input_shape=SHAPE)
+    assert "\n" not in str(info.value)
+
+
+def _kind(name: str) -> tuple[ModelSpec, tuple[int, int, int]]:
+    if name in TV_KINDS:
+        return ModelSpec(name, 10, 3, 32), (3, 32, 32)
+    factory, shape = KINDS[name]
+    return ModelSpec(f"special_models:{factory}", 10, shape[0], shape[1]), shape
+
+
+LOAD_ELSEWHERE = """
+import sys, torch
+from autoprune.engine.plan import load_pruned
+from autoprune.models.outputs import logits_of
+expected = torch.load(sys.argv[1], weights_only=True)
+x = expected.pop("input")
+for path, logits in expected.items():
+    model, _ = load_pruned(path)
+    with torch.no_grad():
+        assert torch.allclose(logits_of(model, model(x)), logits, atol=1e-5), path
+print("loaded", len(expected))
+"""
+
+
+@pytest.mark.slow  # 4 methods x 10 models, each trained, saved, exported; one fresh process loads them all (~90 s)
+@pytest.mark.parametrize("names", [sorted(KINDS), TV_KINDS], ids=["own", "torchvision"])
+def test_every_kind_and_method_prunes_trains_saves_loads_elsewhere_and_exports(names, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from autoprune.methods import list_methods
+    from autoprune.models.outputs import logits_of
+
+    expected: dict[str, torch.Tensor] = {}
+    for name in names:
+        spec, shape = _kind(name)
+        torch.manual_seed(0)
+        model, data = create_model(spec).eval(), Data(shape)
+        x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
+        for method in list_methods():
+            params = {"fit": "weights"} if method == "lrf" and name in TV_KINDS else {}
+            result = autoprune.prune(model, method, 0.5, data=data, spec=spec,
+                                     train_cfg=TrainConfig(epochs=1, batch_size=16, lr=0.01), **params)
+            assert 0.49 <= result.macs_fraction <= 0.5, (name, method, result.macs_fraction)
+            fit(result.model, data.train, data.val, TrainConfig(epochs=1, batch_size=16, lr=0.01), "cpu")
+            path = tmp_path / f"{name.replace(':', '_')}_{method}.pt"
+            save_pruned(path, result.model, spec, result.plan)
+            with torch.no_grad():
+                expected[str(path)] = logits_of(result.model, result.model.eval()(x))
+            fmt = "onnx" if method == "l1" else "torchscript"
+            assert export_checked(result.model, shape, path.with_suffix("." + fmt), fmt).ok
+    expected["input"] = x
+    torch.save(expected, tmp_path / "expected.pt")
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+           "AUTOPRUNE_TRUST_CODE": "special_models"}
+    done = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, str(tmp_path / "expected.pt")], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"loaded {len(expected) - 1}" in done.stdout
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_cli_paths_exit_0_or_2_for_every_kind(name, tmp_path, capsys):
+    base, pruned = tmp_path / "base.pt", tmp_path / "pruned.pt"
+    model = _kind(name)[0].name
+    common = ["--device", "cpu", "--trust-code", "special_models"]
+    assert main(["info", "--model", model, "--data", "digits", *common]) == 0
+    assert main(["train", "--model", model, "--data", "digits", "--epochs", "1", "--out", str(base), *common]) == 0
+    assert main(["prune", "--base", str(base), "--epochs", "1", "--out", str(pruned), *common]) == 0
+    assert main(["export", str(pruned), "--format", "torchscript", "--trust-code", "special_models"]) == 0
+    out = capsys.readouterr().out
+    assert "output: trains and evaluates on" in out
+    if name == "group_norm":  # every unprunable group is listed with its full reason
+        assert "conv1 (16 channels): touches GroupNorm 'norm1' (4 groups of 4 channels)" in out
+    if name == "shuffle_unit":
+        assert "stem (16 channels): crosses a reshape that moves channels between dimensions" in out

@@ -163,7 +163,8 @@ def _build_group(
 
 
 def find_groups(
-    model: nn.Module, input_shape: Sequence[int], check: bool = True, ignored: Sequence[str] = ()
+    model: nn.Module, input_shape: Sequence[int], check: bool = True, ignored: Sequence[str] = (),
+    batches: Sequence[torch.Tensor] = (),
 ) -> list[ChannelGroup]:
     """Channel groups of ``model`` for inputs of shape ``input_shape`` (C, H, W), in forward order.
 
@@ -177,18 +178,31 @@ def find_groups(
     With ``check``, every prunable group is verified by a trial removal (one channel from every group,
     then an eval forward whose MACs must match the analytic count, and a training-mode forward);
     groups that fail are marked unprunable with the reason.
+    ``batches``: real inputs (:func:`~autoprune.engine.trace.trace_batches`) traced besides the probes; an
+    input that takes another branch adds its graph, and the groups are merged
+    (:mod:`autoprune.engine.branches`); layers no input ran are named in one warning, and the groups that
+    may feed them stay unpruned. The trial removal runs every such input too.
     Raises ``AutopruneError`` if the model cannot be traced.
     """
-    info = trace_model(model, input_shape)
+    from .branches import mark_never_ran, merge_groups
+
+    info = trace_model(model, input_shape, batches)
     groups = _groups_from_trace(model, input_shape, info, ignored)
+    if len(info.examples) > 1:
+        extra = [_groups_from_trace(model, input_shape, info, ignored, example=x) for x in info.examples[1:]]
+        groups = merge_groups([groups, *extra])
+    groups = mark_never_ran(model, groups, info.never_ran, with_data=bool(batches))
     if check:
         groups = _check_groups(model, groups, input_shape, info)
     return groups
 
 
 def _groups_from_trace(model: nn.Module, input_shape: Sequence[int], info: ModelTrace,
-                       ignored: Sequence[str]) -> list[ChannelGroup]:
-    traced = safe_copy(model) if info.train_only else model  # a training-mode trace must not touch BN stats
+                       ignored: Sequence[str], example: torch.Tensor | None = None) -> list[ChannelGroup]:
+    """Groups of one Torch-Pruning graph, traced on a constant probe (in training mode when some layer runs
+    only then) or, given ``example``, on that input in eval mode."""
+    train = bool(info.train_only) and example is None
+    traced = safe_copy(model) if train else model  # a training-mode trace must not touch BN stats
     names = {m: n for n, m in traced.named_modules()}
     modules = dict(traced.named_modules())
     layers = [n for n, m in traced.named_modules() if isinstance(m, MAC_LAYERS)]
@@ -196,13 +210,12 @@ def _groups_from_trace(model: nn.Module, input_shape: Sequence[int], info: Model
     depthwise = {n for n, m in traced.named_modules() if _is_depthwise(m)}
     ignore = [modules[n] for n in (*info.outputs, *ignored)]
     was_training = traced.training
-    traced.train(bool(info.train_only))
+    traced.train(train)
     try:
-        batch = 2 if info.train_only else 1  # BN in training mode needs more than one value per channel
-        example = torch.ones(batch, *input_shape, device=_device(model))  # no RNG use: grouping must not shift seeds
+        if example is None:  # no RNG use: grouping must not shift seeds
+            example = torch.ones(2 if train else 1, *input_shape, device=_device(model))  # BN in training: 2
         with torch.enable_grad(), keep_rng(example.device), watch_reshapes() as watch:  # TP traces autograd
             # Torch-Pruning switches to eval mode before its forward; forward_fn switches back when needed
-            train = bool(info.train_only)
 
             def forward(m: nn.Module, x: torch.Tensor) -> object:
                 with watch:
@@ -238,13 +251,16 @@ def _mark(group: ChannelGroup, reason: str) -> ChannelGroup:
 
 
 def _trial(model: nn.Module, groups: list[ChannelGroup], cost: WidthCost, input_shape: Sequence[int],
-           train_forward: bool) -> str:
+           train_forward: bool, examples: Sequence[torch.Tensor] = ()) -> str:
     """Remove one channel from each of ``groups`` in a copy; '' if it works, else what went wrong."""
     trial = safe_copy(model)
     keep = {g.name: range(1, g.channels) for g in groups}
     try:
         remove_channels(trial, groups, keep)
         macs = count_macs(trial, input_shape, device=_device(model))
+        with torch.no_grad():
+            for x in examples[1:]:  # inputs taking other branches than the constant probe
+                trial.eval()(x)
         if train_forward:  # a branch that runs only in training must still fit
             with torch.no_grad(), keep_rng(_device(model)):
                 trial.train()(torch.ones(2, *input_shape, device=_device(model)))
@@ -264,7 +280,7 @@ def _check_groups(model: nn.Module, groups: list[ChannelGroup], input_shape: Seq
     def search(candidates: list[ChannelGroup]) -> None:  # bisect to the groups that fail alone
         if not candidates:
             return
-        problem = _trial(model, candidates, cost, input_shape, bool(info.train_only))
+        problem = _trial(model, candidates, cost, input_shape, bool(info.train_only), info.examples)
         if not problem:
             return
         if len(candidates) == 1:

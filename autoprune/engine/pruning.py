@@ -18,10 +18,10 @@ from ..errors import AutopruneError
 from ..methods import EpochReport, PruneContext, get_method, make_params
 from .allocate import AllocationConfig
 from .calibrate import DEFAULT_BATCHES, has_batchnorm, recalibrate_bn
-from .cost import count_macs, count_params
+from .cost import WidthObjective, count_macs, count_params
 from .graph import ChannelGroup, build_width_cost, find_groups
 from .plan import Plan, apply_plan
-from .trace import safe_copy
+from .trace import safe_copy, trace_batches
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def prune(
     progress: bool = False,
     on_epoch: Callable[[EpochReport], bool] | None = None,
     recalibrate_batches: int = DEFAULT_BATCHES,
+    objective: WidthObjective | None = None,
     **params: Any,
 ) -> PruneResult:
     """Prune a copy of ``model`` to ``target`` x its MACs with ``method``; the input model is untouched.
@@ -85,6 +86,9 @@ def prune(
     ``recalibrate_batches``: after surgery, BN running statistics are re-estimated on this many
     training batches of ``data`` (adaptive BN, EagleEye, ECCV 2020; see :mod:`autoprune.engine.calibrate`);
     0, or no ``data``, skips it. ``info["bn_recalibration_images"]`` records how many images it used.
+    ``objective``: what ``target`` is a fraction of; None means MACs, a latency model of the device
+    (:func:`autoprune.engine.latency.build_latency_model` of this model) makes it a latency target, and
+    ``info`` then records the predicted latency fraction and how the latency model was measured.
     Returns the pruned model, its Plan and its measured MACs / params next to the base ones.
     """
     start = time.perf_counter()
@@ -95,37 +99,67 @@ def prune(
     device = torch.device(device)
     shape = _input_shape(spec, data, input_shape)
     work = safe_copy(model).to(device).eval()
+    real = trace_batches(data, device)  # real inputs: the graph sees the branches the data takes
     if groups is None:
-        groups = find_groups(work, shape)
+        groups = find_groups(work, shape, batches=real)
     cost = build_width_cost(work, groups, shape)
     if not any(g.prunable for g in groups):
         first = next((g for g in groups if g.reason), None)
         why = f" (group {first.name!r} {first.reason})" if first is not None else ""
         raise AutopruneError(f"{type(model).__name__} has no prunable channel group{why}; `autoprune info` "
                              "lists every group and why")
+    _check_objective(objective, groups)
     ctx = PruneContext(model=work, groups=groups, cost=cost, target=target, allocation=allocation, device=device,
                        input_shape=shape, data=data, train_cfg=train_cfg, progress=progress,
-                       on_epoch=on_epoch)
-    out = impl.run(ctx, method_params)
-    pruned = out.model
-    plan = Plan.from_keep(out.keep, groups)
-    apply_plan(pruned, groups, plan)
-    recal_images = 0
-    if data is None and recalibrate_batches and has_batchnorm(pruned):
-        log.warning("prune() got no data: BN statistics are not recalibrated after surgery (one-shot accuracy "
-                    "is often near chance without it); pass data= (an autoprune.data.datasets.Dataset)")
-    if data is not None and recalibrate_batches:
-        seed = int(getattr(train_cfg, "seed", 0) or 0)
-        recal_images = recalibrate_bn(pruned, data.train, recalibrate_batches, device=device, seed=seed)
-    macs = count_macs(pruned, shape, device)
+                       on_epoch=on_epoch, objective=objective)
+    try:  # torch's errors (a shape mismatch after surgery) become one line naming the model and the cause
+        out = impl.run(ctx, method_params)
+        pruned = out.model
+        plan = Plan.from_keep(out.keep, groups)
+        apply_plan(pruned, groups, plan)
+        with torch.no_grad():
+            for x in real:
+                pruned.eval()(x)
+        recal_images = _recalibrate(pruned, data, recalibrate_batches, device, train_cfg)
+        macs = count_macs(pruned, shape, device)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise AutopruneError(f"pruning {type(model).__name__} with {method} failed ({type(exc).__name__}: {first}); "
+                             "a layer may read channels no traced input tied to their producer (a branch the "
+                             "probes and data did not take); `autoprune info` lists the groups") from exc
     expected = cost.macs(plan.widths())
     if macs != expected:  # the analytic model and the surgery must agree; if not, allocation is wrong
         raise AutopruneError(f"internal: pruned model has {macs} MACs, analytic count {expected}; please report")
     info = {"method": method, "params": _plain(method_params), **out.info,
-            "bn_recalibration_images": recal_images}
+            "bn_recalibration_images": recal_images, "cost": "macs" if objective is None else objective.unit}
+    if objective is not None:
+        info["predicted_frac"] = objective.value(plan.widths()) / objective.base
+        info["latency_model"] = dict(getattr(objective, "info", {}))
     return PruneResult(model=pruned.eval(), plan=plan, macs=macs, params=count_params(pruned),
                        base_macs=cost.base_macs, base_params=cost.base_params, method=method, target=target,
                        info=info, seconds=time.perf_counter() - start)
+
+
+def _recalibrate(pruned: nn.Module, data: Any, batches: int, device: torch.device, train_cfg: Any) -> int:
+    """BN recalibration after surgery (see :mod:`autoprune.engine.calibrate`); the number of images used."""
+    if data is None and batches and has_batchnorm(pruned):
+        log.warning("prune() got no data: BN statistics are not recalibrated after surgery (one-shot accuracy "
+                    "is often near chance without it); pass data= (an autoprune.data.datasets.Dataset)")
+    if data is None or not batches:
+        return 0
+    seed = int(getattr(train_cfg, "seed", 0) or 0)
+    return recalibrate_bn(pruned, data.train, batches, device=device, seed=seed)
+
+
+def _check_objective(objective: WidthObjective | None, groups: list[ChannelGroup]) -> None:
+    """A latency model made for another architecture would allocate nonsense: refuse it."""
+    known = getattr(objective, "multiples", None)
+    if known is None:
+        return
+    names = {g.name for g in groups if g.prunable}
+    if set(known) != names:
+        raise AutopruneError("the latency model was built for another model (its channel groups differ); "
+                             "build it with build_latency_model() of this model")
 
 
 def _plain(params: Any) -> dict[str, Any]:
