@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import AutopruneError
+from ..models.outputs import OUTPUT_HELP
 from . import apply_threads, common_options, verbose_option
 from .latency import check_early, latency_config, latency_options, shown_progress
 
@@ -29,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="digits", help="data set that fixes input size and classes")
     p.add_argument("--base", help="a checkpoint instead of --model/--data")
     p.add_argument("--all", action="store_true", help="list every group (default: first 40)")
-    output_option(p)
+    p.add_argument("--output", metavar="INDEX|KEY", help=OUTPUT_HELP)
     common_options(p)
     p.set_defaults(func=cmd_info)
 
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="checkpoint path, e.g. base.pt (base.metrics.json is written "
                    "beside it)")
     p.add_argument("--force", action="store_true", help="overwrite --out and its metrics file if they exist")
-    output_option(p)
+    p.add_argument("--output", metavar="INDEX|KEY", help=OUTPUT_HELP)
     common_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -81,12 +82,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     latency_options(p)
     common_options(p)
     p.set_defaults(func=cmd_prune)
-
-
-def output_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", metavar="INDEX|KEY", help="which of the model's outputs are the logits when forward "
-                   "returns several: an index of a tuple/list or a key of a dict (default: a tensor; the first "
-                   "tensor of a tuple/list; the 'logits' key or the only tensor of a dict); kept in the checkpoint")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -179,6 +174,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..engine.graph import find_groups
     from ..engine.plan import load_base
     from ..engine.trace import trace_batches
+    from ..models.outputs import describe_model
     from ..models.registry import ModelSpec, create_model
 
     device = _seed(args)
@@ -198,8 +194,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     macs, params = count_macs(model, shape, device), count_params(model)
     print(f"model {spec.name}: input {shape[0]}x{shape[1]}x{shape[2]}, {spec.num_classes} classes")
     print(f"MACs per sample: {_mega(macs)}MACs ({_mega(2 * macs)}FLOPs)   params: {_mega(params)}")
-    for line in describe_outputs(model, shape, device):
-        print(line)
+    print(*describe_model(model, shape, device), sep="\n")
     prunable = [g for g in groups if g.prunable]
     print(f"channel groups: {len(groups)} ({len(prunable)} prunable, "
           f"{sum(g.channels for g in prunable)} prunable channels)")
@@ -211,33 +206,10 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{'yes' if g.residual else '':>3s}  {state}")
     if len(shown) < len(groups):
         print(f"... {len(groups) - len(shown)} more (--all lists them)")
-    refused = [g for g in groups if not g.prunable]
-    if refused:
-        print(f"unprunable groups ({len(refused)}), each kept at full width:")
-        for g in refused:
-            print(f"  {g.name} ({g.channels} channels): {g.reason}")
+    for i, g in enumerate(g for g in groups if not g.prunable):  # every reason in full
+        print(("unprunable groups, each kept at full width:\n" if i == 0 else "") + f"  {g.name} ({g.channels} channels): {g.reason}")
     return 0
 
-
-def describe_outputs(model: torch.nn.Module, shape: tuple[int, int, int], device: torch.device) -> list[str]:
-    """Lines naming what forward returns and which output autoprune trains on, in eval and training mode."""
-    from ..engine.trace import keep_rng, safe_copy
-    from ..models.outputs import describe, output_selector
-
-    selector = output_selector(model)
-    found = {}
-    for mode in ("eval", "training"):
-        copy = safe_copy(model).train(mode == "training")  # a training-mode forward moves BN statistics
-        try:
-            with torch.no_grad(), keep_rng(device):
-                found[mode] = describe(copy(torch.zeros(2, *shape, device=device)), selector)
-        except Exception as exc:  # noqa: BLE001 - reported, not raised: info still lists the groups
-            found[mode] = f"none: forward fails ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-    chosen = f" (--output {selector!r})" if selector is not None else ""
-    if found["eval"] == found["training"]:
-        return [f"output{chosen}: trains and evaluates on {found['eval']}"]
-    return [f"output{chosen}: trains on {found['training']} (training mode)",
-            f"output{chosen}: evaluates and exports {found['eval']} (eval mode)"]
 
 
 def metrics_path(checkpoint: Path) -> Path:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import AutopruneError
+from ..models.outputs import OUTPUT_HELP
 from . import apply_threads, common_options
-from .basic import output_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="data seed fixing the train/val/test split (default: 0)")
     p.add_argument("--image-size", type=int, help="resize images to this size (default: the data set's own)")
     p.add_argument("--out", required=True, help="base checkpoint path, e.g. base.pt")
-    output_option(p)
+    p.add_argument("--output", metavar="INDEX|KEY", help=OUTPUT_HELP)
     common_options(p)
     p.set_defaults(func=cmd_import)
 

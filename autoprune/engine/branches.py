@@ -15,10 +15,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from torch import nn
 
-from .graph import ChannelGroup
+# A :class:`autoprune.engine.graph.ChannelGroup` (graph.py calls this module, so it is not imported here).
+ChannelGroup = Any
 
 _DIFFERS = "is coupled differently in the branches different inputs take (data-dependent control flow)"
 

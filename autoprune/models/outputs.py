@@ -28,6 +28,9 @@ from ..errors import AutopruneError
 
 Selector = int | str | None
 _ATTR = "_autoprune_output"  # where set_output keeps a model's selector (deep copies keep it)
+OUTPUT_HELP = ("which of the model's outputs are the logits when forward returns several: an index of a tuple/list "
+               "or a key of a dict (default: a tensor; the first tensor of a tuple/list; the 'logits' key or the "
+               "only tensor of a dict); kept in the checkpoint")
 HOW = "choose it with `output: <index|key>` in the search spec or --output on the command line"
 
 
@@ -131,6 +134,26 @@ def describe(out: Any, selector: Selector = None) -> str:
         return f"none: {exc}"
 
 
+def describe_model(model: nn.Module, shape: tuple[int, ...], device: torch.device | str = "cpu") -> list[str]:
+    """Lines saying which output ``model`` trains and evaluates on (one forward of zeros of ``shape`` (C, H, W)
+    in eval mode and one in training mode, on copies: BN statistics and the random state are unchanged)."""
+    import copy
+
+    selector, found = output_selector(model), {}
+    for mode in ("eval", "training"):
+        twin = copy.deepcopy(model).train(mode == "training")
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                found[mode] = describe(twin(torch.zeros(2, *shape, device=device)), selector)
+        except Exception as exc:  # noqa: BLE001 - reported, not raised: `info` still lists the groups
+            found[mode] = f"none: forward fails ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    chosen = f" (--output {selector!r})" if selector is not None else ""
+    if found["eval"] == found["training"]:
+        return [f"output{chosen}: trains and evaluates on {found['eval']}"]
+    return [f"output{chosen}: trains on {found['training']} (training mode)",
+            f"output{chosen}: evaluates and exports {found['eval']} (eval mode)"]
+
+
 class LogitsOnly(nn.Module):
     """``model`` with forward returning only its logits (for export: one named ONNX output)."""
 
@@ -141,3 +164,14 @@ class LogitsOnly(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return select_logits(self.model(x), self.selector)
+
+
+def single_output(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``model``, or :class:`LogitsOnly` around it when forward returns more than the logits (a tuple, a
+    dict): what an export writes, with one output. AutopruneError when the rule finds no logits."""
+    with torch.no_grad():
+        out = model(example)
+    if isinstance(out, torch.Tensor) and output_selector(model) is None:
+        return model
+    logits_of(model, out)
+    return LogitsOnly(model).eval()

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..data.preprocess import InputRecipe
 from ..errors import AutopruneError
-from ..models.outputs import LogitsOnly, logits_of, output_selector
+from ..models.outputs import logits_of, single_output
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +98,6 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
     return m.eval()
 
 
-def _logits_only(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """``model``, or :class:`LogitsOnly` around it when forward returns more than the logits (a tuple,
-    a dict): the file has one output, the logits picked by :mod:`autoprune.models.outputs`."""
-    with torch.no_grad():
-        out = model(example)
-    if isinstance(out, torch.Tensor) and output_selector(model) is None:
-        return model
-    logits_of(model, out)  # AutopruneError when the rule finds no logits
-    return LogitsOnly(model).eval()
-
-
 def _example(input_shape: tuple[int, ...], batch: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, *input_shape, generator=g)
@@ -137,7 +126,7 @@ def export_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     example = _example(tuple(input_shape), 2, 0)  # batch 2: batch 1 would be specialised by torch.export
-    m = _logits_only(_cpu_copy(model), example)
+    m = single_output(_cpu_copy(model), example)
     meta = recipe.to_metadata() if recipe is not None else {}
     try:
         if fmt == "onnx":
@@ -314,22 +303,18 @@ def _runner(path: Path, fmt: str):
 
 
 def _runtime_refusal(path: Path, fmt: str, exc: Exception, what: str) -> str:
-    """One line saying why the runtime (onnxruntime, torch.jit) could not take the exported graph.
-
-    A graph computing in half precision (``torch.autocast`` or ``.half()`` inside forward) is the common
-    case: onnxruntime's CPU kernels refuse a bfloat16/float16 Conv, and re-exporting cannot change that."""
+    """One line saying why the runtime could not take the exported graph: most often it computes in half
+    precision (``torch.autocast`` or ``.half()`` in forward), which re-exporting cannot change."""
     import re
 
-    text = " ".join(str(exc).split())
-    runtime = "onnxruntime" if fmt == "onnx" else "torch.jit"
+    text, runtime = " ".join(str(exc).split()), "onnxruntime" if fmt == "onnx" else "torch.jit"
     low = re.search(r"tensor\((bfloat16|float16)\)|\b(BFloat16|Half)\b", text)
     if low:
-        dtype = {"BFloat16": "bfloat16", "Half": "float16"}.get(low.group(2), low.group(1) or low.group(2))
+        dtype = low.group(1) or {"BFloat16": "bfloat16", "Half": "float16"}[low.group(2)]
         return (f"{path}: {runtime} cannot run this graph: it computes in {dtype} (the model changes precision "
-                f"inside forward, e.g. torch.autocast or .half()), which {runtime}'s CPU kernels do not take "
-                f"({text[:240]}); export a model that computes in float32 (drop the autocast from forward)"
-                f"{' or use --format torchscript' if fmt == 'onnx' else ''}")
-    if "NOT_IMPLEMENTED" in text or "INVALID_GRAPH" in text or "Could not find an implementation" in text:
+                f"inside forward, e.g. torch.autocast or .half()) ({text[:240]}); export a model that computes in "
+                f"float32 (drop the autocast from forward){' or use --format torchscript' if fmt == 'onnx' else ''}")
+    if any(k in text for k in ("NOT_IMPLEMENTED", "INVALID_GRAPH", "Could not find an implementation")):
         return (f"{path}: {runtime} cannot run this graph (an operator or type it does not implement: "
                 f"{text[:300]}); try the other exporter (--exporter legacy|dynamo) or --format torchscript")
     return f"{path} could not be {what} as {fmt} ({type(exc).__name__}: {text[:300]}); re-export it"
