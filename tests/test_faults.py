@@ -334,7 +334,7 @@ def test_8_a_user_model_that_raises_is_one_line(where, tmp_path, monkeypatch, ca
         "    return M()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = write_spec(tmp_path / "s", None, model=f"{name}:build", base_epochs=1)
-    assert main(["search", str(spec), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert main(["search", str(spec), "--out", str(tmp_path / "out"), "--no-progress", "--trust-code", name]) == 2
     one_line(capsys, f"{name}:build", f"{where} is broken", "-v shows the traceback")
 
 

@@ -91,8 +91,9 @@ def prune(
     ``data`` (an :class:`autoprune.data.datasets.Dataset`) is needed by methods that train or calibrate
     (ResRep, FSM with measured compensation). ``params`` are the method's parameters (see
     ``autoprune methods``). ``groups`` may pass channel groups found earlier for this architecture.
-    ``objective``: what ``target`` is a fraction of (a :class:`~autoprune.engine.cost.WidthObjective`,
-    e.g. a latency model); default the analytic MACs.
+    ``objective``: what ``target`` is a fraction of; None means MACs, a latency model of the device
+    (:func:`autoprune.engine.latency.build_latency_model` of this model) makes it a latency target, and
+    ``info`` then records the predicted latency fraction and how the latency model was measured.
     A method that trains while pruning (ResRep, FSM layerwise) trains in the engine's loop:
     ``on_epoch(epoch, metrics)`` receives each of its epochs (``val_acc`` of the model the method
     would return at that point, its ``macs`` and ``params`` where the method knows them); returning
@@ -116,6 +117,7 @@ def prune(
     cost = build_width_cost(work, groups, shape)
     if not any(g.prunable for g in groups):
         raise AutopruneError(f"{type(model).__name__} has no prunable channel group; see `autoprune info`")
+    _check_objective(objective, groups)
     ctx = PruneContext(model=work, groups=groups, cost=cost, target=target, allocation=allocation, device=device,
                        input_shape=shape, data=data, train_cfg=train_cfg, progress=progress, objective=objective)
     run = run_method(impl, ctx, method_params, on_epoch, should_stop)
@@ -128,7 +130,7 @@ def prune(
     if macs != expected:  # the analytic model and the surgery must agree; if not, allocation is wrong
         raise AutopruneError(f"internal: pruned model has {macs} MACs, analytic count {expected}; please report")
     info = {"method": method, "params": dataclasses.asdict(method_params), **run.output.info,
-            "bn_recalibration_images": recal_images}
+            "bn_recalibration_images": recal_images, **_objective_info(objective, plan)}
     return PruneResult(model=pruned.eval(), plan=plan, macs=macs, params=count_params(pruned),
                        base_macs=cost.base_macs, base_params=cost.base_params, method=method, target=target,
                        info=info, seconds=time.perf_counter() - start,
@@ -144,3 +146,23 @@ def _recalibrate(pruned: nn.Module, data: Dataset | None, batches: int, device: 
     if data is None or not batches:
         return 0
     return recalibrate_bn(pruned, data.train, batches, device=device, seed=seed)
+
+
+def _objective_info(objective: WidthObjective | None, plan: Plan) -> dict[str, Any]:
+    """What ``info`` records about the target's cost: its unit, and for a latency model the predicted
+    fraction and how the model was measured."""
+    if objective is None:
+        return {"cost": "macs"}
+    return {"cost": objective.unit, "predicted_frac": objective.value(plan.widths()) / objective.base,
+            "latency_model": dict(getattr(objective, "info", {}))}
+
+
+def _check_objective(objective: WidthObjective | None, groups: list[ChannelGroup]) -> None:
+    """A latency model made for another architecture would allocate nonsense: refuse it."""
+    known = getattr(objective, "multiples", None)
+    if known is None:
+        return
+    names = {g.name for g in groups if g.prunable}
+    if set(known) != names:
+        raise AutopruneError("the latency model was built for another model (its channel groups differ); "
+                             "build it with build_latency_model() of this model")

@@ -58,7 +58,7 @@ class PruneContext:
         return [g for g in self.groups if g.prunable]
 
     @property
-    def width_objective(self) -> WidthObjective:
+    def target_cost(self) -> WidthObjective:
         """The cost the allocator meets the target in: ``objective`` if given, else analytic MACs."""
         return self.objective if self.objective is not None else self.cost
 
@@ -74,7 +74,7 @@ class PruneContext:
                  groups: list[ChannelGroup] | None = None) -> dict[str, int]:
         """Widths per prunable group (of ``groups``, default all) meeting the target
         (see :func:`autoprune.engine.allocate.allocate`)."""
-        return allocate(self.groups if groups is None else groups, scores, self.width_objective, self.target,
+        return allocate(self.groups if groups is None else groups, scores, self.target_cost, self.target,
                         self.allocation)
 
     def select(self, scores: Mapping[str, torch.Tensor], widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:

@@ -143,7 +143,7 @@ class _Run:
         self.steps = cfg.epochs * spe
         self.prior = _prior(ctx, params.prior, [g.name for g in self.groups])  # before compactors move a scale
         start = {g.name: self.prior.get(g.name, torch.ones(g.channels, dtype=torch.float64)) for g in self.groups}
-        self.schedule = MaskSchedule(self.groups, ctx.width_objective, ctx.target, self.steps, params,
+        self.schedule = MaskSchedule(self.groups, ctx.target_cost, ctx.target, self.steps, params,
                                      ctx.allocation, self._weigh(start))
         lr_at = lr_schedule(cfg, spe)
         self.lrs = [lr_at(t) for t in range(self.steps)]
@@ -155,7 +155,7 @@ class _Run:
 
     def _weigh(self, norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         weighted = {g: n * self.prior[g] for g, n in norms.items()} if self.prior else norms
-        return rank_scores(weighted, self.params.normalise, self.ctx.width_objective,
+        return rank_scores(weighted, self.params.normalise, self.ctx.target_cost,
                            {g.name: g.channels for g in self.groups})
 
     def ranking(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

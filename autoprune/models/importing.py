@@ -24,6 +24,7 @@ from ..engine.cost import count_macs, count_params
 from ..engine.plan import BASE_FORMAT, load_base, read_checkpoint, save_base
 from ..errors import AutopruneError, CheckpointError
 from ..train import evaluate
+from ..trust import TrustCode, accepts_trust_code
 from .registry import TORCHVISION_PREFIX, ModelSpec, create_model
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def _fit_weights(model: nn.Module, state: Mapping[str, torch.Tensor], label: str
                               "for the data's classes and channels") from exc
 
 
+@accepts_trust_code
 def import_model(
     source: str | nn.Module,
     data: DataSpec | Any,
@@ -105,6 +107,7 @@ def import_model(
     state_dict: str | Path | Mapping[str, torch.Tensor] | None = None,
     weights: str | None = None,
     device: str | torch.device = "cpu",
+    trust_code: TrustCode = None,
 ) -> ImportResult:
     """Save a trained model as a base checkpoint at ``out`` after measuring its val accuracy on ``data``.
 
@@ -114,7 +117,8 @@ def import_model(
     mapping), ``weights`` (torchvision's pretrained weights, e.g. ``"DEFAULT"``; downloaded), or the
     module itself. ``data`` is a :class:`DataSpec` or a loaded Dataset; the model is built for its
     classes, channels and image size. Raises ``AutopruneError`` for a missing source of weights, weights
-    that do not fit, or a model whose outputs differ from the data's classes.
+    that do not fit, or a model whose outputs differ from the data's classes. ``trust_code``: modules a
+    ``package.module:function`` name may import (:mod:`autoprune.trust`).
     """
     dataset = load_data(data, device) if isinstance(data, DataSpec) else data
     module = source if isinstance(source, nn.Module) else None

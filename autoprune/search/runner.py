@@ -35,6 +35,7 @@ from ..engine.plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
 from ..errors import AutopruneError
 from ..models.registry import ModelSpec, create_model
 from ..train import NonFiniteLoss, TrainConfig, evaluate, fit, resolve_device
+from ..trust import TrustCode, TrustError, accepts_trust_code, check_name, needs_trust
 from . import folder, optuna_backend
 from .locks import RUN_LOCK, file_lock
 from .results import COST_KEYS, nan_head, one_line
@@ -79,18 +80,25 @@ def default_out_dir(spec: SearchSpec) -> Path:
     return Path("results") / spec.study
 
 
+@accepts_trust_code
 def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool = False, backend: str = "optuna",
-               progress: bool = True, ray_options: RayOptions | None = None, data: Dataset | None = None
-               ) -> StudyResult:
+               progress: bool = True, ray_options: RayOptions | None = None, data: Dataset | None = None,
+               *, trust_code: TrustCode = None) -> StudyResult:
     """Run (or resume) the search ``spec`` describes; returns what it wrote. See the module docstring.
 
     ``backend``: ``optuna`` (default: embedded, ``study.db``) or ``ray`` (Ray Tune, see
     :mod:`autoprune.search.ray_backend`; ``ray_options`` is its ``RayOptions``). ``data``: the data set
     already loaded on the device (e.g. a benchmark's fixed training subset; one worker, Optuna
-    backend); by default the spec's data set is loaded.
+    backend); by default the spec's data set is loaded. ``trust_code``: the modules a
+    ``package.module:function`` model may import (:mod:`autoprune.trust`), in this process and its workers.
     """
     start = time.time()
     out = out_dir if out_dir is not None else default_out_dir(spec)
+    if needs_trust(spec.model):  # before anything is written or computed
+        try:
+            check_name(spec.model)
+        except TrustError as exc:
+            raise TrustError(f"{spec.source}: {exc}") from None
     if backend not in BACKENDS:
         raise AutopruneError(f"unknown search backend {backend!r}; use one of {', '.join(BACKENDS)}")
     budget = spec.budget
