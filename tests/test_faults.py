@@ -79,7 +79,7 @@ def test_1_missing_or_corrupt_study_storage_is_refused_and_nothing_is_lost(study
     assert (out / "trials.csv").read_text() == before
     (out / "study.db").write_bytes(b"SQLite format 3\x00" + b"\x00" * 50)  # truncated
     assert main(["search", str(spec), "--out", str(out), "--resume", "--no-progress"]) == 2
-    one_line(capsys, "not a readable Optuna study", "trials.csv (2 trials) is intact")
+    one_line(capsys, "damaged or unreadable", "trials.csv (2 trials) is intact")
     assert (out / "trials.csv").read_text() == before and len(list((out / "models").iterdir())) == 2
 
 

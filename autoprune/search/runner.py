@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,6 +114,9 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
     elif (Path(out) / "ray").is_dir():  # (a Ray folder has a study.db too: a snapshot for optuna-dashboard)
         raise AutopruneError(f"{out} holds a search run with the ray backend; resume it with --backend ray or "
                              "choose another --out")
+    if resume and os.fspath(out).strip() and not Path(out).exists():
+        raise AutopruneError(f"--resume: {out} does not exist, so there is no search to continue; check --out, or "
+                             "drop --resume to start a new search there")
     out = folder.check_out(out)
     with file_lock(out / RUN_LOCK, blocking=False) as free:
         if not free:
@@ -123,7 +127,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
         data = load_data(spec.data, device) if data is None else data
         base = prepare_base(spec, out, data, device, progress)
         folder.check_fingerprint(open_store(spec, out, backend, create=True), folder.fingerprint(out / "base.pt", data),
-                                 out)
+                                 out, spec)
         trials_start = time.time()  # the time budget starts once the base model is ready
         limits = Limits(
             max_trials=budget.max_trials,
