@@ -31,7 +31,7 @@ import torch
 
 from ..data.datasets import Dataset, load_data
 from ..data.splits import check_split
-from ..engine.cost import count_macs, count_params, measure_latency
+from ..engine.cost import count_macs, count_params
 from ..engine.plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
 from ..errors import AutopruneError
 from ..models.registry import ModelSpec, create_model
@@ -246,8 +246,13 @@ def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.devic
         save_base(path, model, model_spec, spec.data, metrics)
         log.info("base model: val_acc %.4f, %d MACs, %d params -> %s", metrics["val_acc"], metrics["macs"],
                  metrics["params"], path)
-    if "latency" in spec.objectives:
-        metrics["latency_ms"] = measure_latency(model, shape, 1, device)
+    if "latency" in spec.objectives:  # the report's base row; each worker measures it again for its trials
+        from ..engine.latency import measure_models
+        from . import latency_objective
+
+        cfg = latency_objective.config(spec, device)
+        metrics["latency_ms"] = measure_models([model], shape, cfg, "base latency")[0]
+        metrics.update(latency_objective.record(cfg))
     return metrics
 
 

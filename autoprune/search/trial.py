@@ -32,14 +32,14 @@ from torch import nn
 
 from ..data.datasets import Dataset, load_data
 from ..engine import pruning as engine
-from ..engine.cost import measure_latency
 from ..engine.graph import ChannelGroup, find_groups
+from ..engine.latency import measure_models
 from ..engine.plan import load_base, save_pruned
 from ..files import FileWriteError, user_error, write_json
 from ..methods import get_method, make_params
 from ..models.registry import ModelSpec
 from ..train import Callbacks, NonFiniteLoss, TrainConfig, evaluate, fit
-from . import early_stop
+from . import early_stop, latency_objective
 from .results import COST_KEYS, TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ class Worker:
     model_spec: ModelSpec
     groups: list[ChannelGroup]
     base: dict[str, Any]  # val_acc, macs, params (+ latency_ms when latency is an objective)
+    latency: Any = None  # objective latency: the LatencyModel of this device (autoprune.engine.latency)
+    latency_cfg: Any = None  # and the LatencyConfig it was measured with
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -86,13 +88,19 @@ class Worker:
             log.warning("%s: space.residual is searched but %s has no prunable residual-coupled channel group; "
                         "set residual: 0 so the sampler does not spend a dimension on it", spec.source,
                         model_spec.name)
+        lm = lat_cfg = None
         if "latency" in spec.objectives:  # device-specific: measured by each worker on its own device
-            base["latency_ms"] = measure_latency(model, shape, 1, device)
+            lat_cfg = latency_objective.config(spec, device)
+            lm = latency_objective.build_for_worker(out_dir, model, groups, shape, lat_cfg)
+            with latency_objective.measuring(out_dir):
+                base["latency_ms"] = measure_models([model], shape, lat_cfg, "base latency")[0]
+            base.update(latency_objective.record(lat_cfg, lm.base))
+            latency_objective.warn_unreachable(spec, groups, lm)
         log.info("worker ready on %s: %s, %d prunable channel groups, base val_acc %.4f, %d MACs", device,
                  model_spec.name, sum(g.prunable for g in groups), base.get("val_acc", math.nan),
                  base.get("macs", 0))
         return cls(spec=spec, out_dir=out_dir, device=device, data=data, model=model, model_spec=model_spec,
-                   groups=groups, base=base)
+                   groups=groups, base=base, latency=lm, latency_cfg=lat_cfg)
 
 
 @dataclass
@@ -169,7 +177,8 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
                     early_stopping and spec.early_stop.enabled and finished is not None, finished)
     pruned = engine.prune(worker.model, method, target, data=worker.data, allocation=allocation,
                           spec=worker.model_spec, device=worker.device, train_cfg=cfg, groups=worker.groups,
-                          on_epoch=epoch.end, **method_params)
+                          on_epoch=epoch.end, objective=worker.latency if epoch.objective == "latency" else None,
+                          **method_params)
     model = pruned.model
     m = progress.measured
     m.update(macs=pruned.macs, macs_frac=pruned.macs / pruned.base_macs, params=pruned.params,
@@ -177,8 +186,12 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     # the fidelity rung: the pruned (and BN-recalibrated) model before any fine-tuning costs one evaluation
     m["fidelity"] = float(evaluate(model, worker.data.val, worker.device)["acc"])
     m["prune_s"] = time.perf_counter() - start
-    if epoch.objective == "latency":
-        m["latency_ms"] = measure_latency(model, worker.input_shape, 1, worker.device)
+    if epoch.objective == "latency":  # timed interleaved with the base, the other workers paused
+        pruned_ms, base_ms = latency_objective.measure_trial(worker.out_dir, worker.model, model, worker.input_shape,
+                                                             worker.latency_cfg)
+        m["latency_frac"] = pruned_ms / base_ms
+        m["latency_ms"] = m["latency_frac"] * float(worker.base["latency_ms"])
+        m["predicted_latency_frac"] = float(pruned.info["predicted_frac"])
     m["cost"] = epoch.cost = float(m[COST_KEYS[epoch.objective]])
     done = pruned.trained_epochs if pruned.stopped_early else k
     progress.curve = (progress.curve + [None] * done)[:done]
@@ -186,8 +199,9 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     if not epoch.stopped and epochs > k and _screened_out(worker, number, epoch, phases, m):
         return _result(worker, number, hparams, "early_stopped", m["fidelity"], progress, start, stopped_at="screen")
     if not epoch.stopped and epochs > k:
+        epoch.pause = latency_objective.PausePoint(worker.out_dir) if worker.spec.workers > 1 else None
         fit(model, worker.data.train, worker.data.val, replace(cfg, epochs=epochs - k), worker.device,
-            Callbacks(on_epoch_end=epoch.end))
+            Callbacks(on_epoch_end=epoch.end, after_backward=epoch.pause))
     if epochs <= k or pruned.stopped_early:  # no fine-tune: the pruned model as the method returned it
         progress.curve = progress.curve or [None]
         progress.curve[-1] = m["fidelity"]
@@ -214,6 +228,7 @@ class _Epochs:
         self.offset = 0  # epochs before the running fit: a fine-tune's first epoch is epoch k + 1
         self.cost: float | None = None  # known after surgery; before it, the method's reading says
         self.stopped = False
+        self.pause: Callable[..., None] | None = None  # latency objective, several workers: a pause point
 
     def reference(self) -> early_stop.Reference:
         ref = self.finished() if self.finished is not None else early_stop.Reference()
@@ -222,6 +237,8 @@ class _Epochs:
         return ref
 
     def end(self, epoch: int, metrics: dict) -> bool:
+        if self.pause is not None:
+            self.pause()
         e = self.offset + epoch
         acc = metrics.get("val_acc")
         acc = None if acc is None or math.isnan(acc) else float(acc)
@@ -246,12 +263,14 @@ def _screened_out(worker: Worker, number: int, epoch: _Epochs, phases: tuple[str
     screen = worker.spec.screen
     if epoch.finished is None or not screen.enabled:
         return False
-    frac = m["params_frac"] if epoch.objective == "params" else m["macs_frac"]
+    objective = epoch.objective
+    frac = {"params": m["params_frac"], "latency": m.get("latency_frac")}.get(objective) or m["macs_frac"]
     if early_stop.screen_out(frac, m["fidelity"], epoch.reference().candidates, keep=screen.keep,
                              bucket=screen.bucket, min_peers=screen.min_peers,
                              phase=early_stop.screening_phase(phases)):
-        log.info("trial %d screened out: fidelity %.4f not in the best %.0f %% of its MACs bucket", number,
-                 m["fidelity"], 100 * screen.keep)
+        log.info("trial %d screened out: fidelity %.4f not in the best %.0f %% of its %s-fraction bucket",
+                 number, m["fidelity"], 100 * screen.keep, "params" if objective == "params" else
+                 "latency" if objective == "latency" else "MACs")
         return True
     return False
 
