@@ -51,9 +51,9 @@ from optuna.trial import FrozenTrial, TrialState
 from ..errors import AutopruneError
 from .locks import ASK_LOCK, WORKERS_LOCK, file_lock
 from .results import INTERRUPTED, TrialResult, constraint_names, model_path, one_line, plan_path
-from .store import Limits, StoredTrial, TrialStore, budget_reason, finished_curves, write_rows
+from .store import Limits, StoredTrial, TrialStore, budget_reason, finished_curves, same_config, write_rows
 from .store import rows as store_rows
-from .trial import Worker, run_trial
+from .trial import Worker, reused_result, run_trial
 
 if TYPE_CHECKING:
     from ..data.datasets import Dataset
@@ -65,6 +65,9 @@ STORAGE = "study.db"
 SAMPLERS = ("tpe", "nsga2", "random")
 _STATE_OF = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "early_stopped", TrialState.FAIL: "failed",
              TrialState.RUNNING: "running"}
+
+
+MAX_REPEATS = 25  # configurations that already ran, proposed in a row, before a worker stops
 
 
 class Orphaned(BaseException):
@@ -305,6 +308,7 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
         return finished_curves(store)
 
     ask_lock = out_dir / ASK_LOCK
+    repeats = 0  # duplicates sampled in a row (a small space the sampler has exhausted)
     while True:
         check_parent()
         trial: optuna.Trial | None = None
@@ -320,7 +324,13 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 slot = trial.user_attrs.get("slot", slot)  # a retry keeps the slot of the trial it replaces
                 hparams = space.suggest(trial, spec)
                 number = store.claim(hparams, trial, worker=index, slot=slot)
-            result = run_trial(worker, number, hparams, finished, early_stopping, seed_index=slot)
+                prior = same_config(store, hparams, before=number)
+            if prior is not None:  # run already: reuse its result, tell the sampler the same
+                result = reused_result(spec, number, hparams, prior)
+                repeats += 1
+            else:
+                result = run_trial(worker, number, hparams, finished, early_stopping, seed_index=slot)
+                repeats = 0
             store.record(number, result)
         except BaseException:  # Ctrl-C, Orphaned, storage errors: the trial is interrupted, run again later
             with contextlib.suppress(Exception):
@@ -335,6 +345,10 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
             rows = write_rows(store, out_dir)
         if on_trial is not None:
             on_trial(result, rows)
+        if repeats >= MAX_REPEATS:
+            log.warning("the sampler proposed %d configurations in a row that already ran; the search space "
+                        "looks exhausted: stopping", repeats)
+            return "exhausted"
 
 
 def discard_files(out_dir: Path, number: int) -> None:
@@ -410,6 +424,10 @@ def run(spec: SearchSpec, out_dir: Path, limits: Limits, device: torch.device, w
                                  "them to finish (or end them) before resuming")
     store = open_store(spec, out_dir, create=True)
     store.recover()
+    if spec.screen.enabled and spec.screen.round and store.meta().get("round") is None:
+        from .rounds import run_round  # which method wins where: every one-shot method at each target window
+
+        run_round(Worker.load(spec, out_dir, device, data=data), store, store.study)
     seed = None if spec.seed is None else int(spec.seed)  # re-seeded per slot: a resume continues the search
     try:
         if workers <= 1:

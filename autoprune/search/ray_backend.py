@@ -47,8 +47,8 @@ from ..errors import AutopruneError
 from .ray_setup import RayOptions, check, connect, require_ray, resources
 from .ray_store import RayStore, history, make_payload
 from .results import TrialResult, constraint_names, one_line
-from .store import Limits, budget_reason, finished_curves, write_rows
-from .trial import Worker, run_trial
+from .store import Limits, budget_reason, finished_curves, same_config, write_rows
+from .trial import Worker, reused_result, run_trial
 
 if TYPE_CHECKING:
     import optuna
@@ -89,8 +89,12 @@ def run_one(config: Mapping[str, Any], ctx: TrialContext) -> dict[str, Any]:
         return payload
     started = time.time()
     try:
-        worker = _load_worker(ctx)
-        result = run_trial(worker, number, hparams, lambda: finished_curves(store), ctx.early_stopping)
+        prior = same_config(store, hparams, before=number)
+        if prior is not None:  # run already: its result is reused and reported to the searcher again
+            result = reused_result(ctx.spec, number, hparams, prior)
+        else:
+            worker = _load_worker(ctx)
+            result = run_trial(worker, number, hparams, lambda: finished_curves(store), ctx.early_stopping)
     except Exception as exc:  # noqa: BLE001 - a worker that cannot load fails this trial, the search goes on
         log.warning("trial %d failed: %s", number, one_line(exc))
         result = TrialResult(number=number, state="failed", hparams=hparams, error=one_line(exc),

@@ -23,10 +23,13 @@ STATES = ("complete", "early_stopped", "failed", "running")
 HEAD_COLUMNS = ("number", "state", "method", "target", "allocation", "epochs", "lr")
 TAIL_COLUMNS = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
                 "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at", "latency_frac",
-                "predicted_latency_frac")
+                "predicted_latency_frac", "work_s", "duplicate_of")
 # fidelity: val acc right after surgery + BN recalibration (before fine-tuning; ResRep: after its
 # compactor epochs); prune_s: seconds to prune, recalibrate and measure it; stopped_at: "" (ran every
-# epoch), "screen" (not fine-tuned: screened out at the fidelity rung) or "epoch N" (early-stopped)
+# epoch), "screen" (not fine-tuned: screened out at the fidelity rung) or "epoch N" (early-stopped);
+# work_s: measured seconds of the trial's work (this process's CPU time, or CUDA-synchronised wall time
+# on a GPU: pruning, recalibration, fidelity, every training epoch, evaluations); duplicate_of: the
+# earlier trial of the same configuration whose result this one reuses (nothing was run; work_s 0)
 COST_KEYS = {"macs": "macs", "params": "params", "latency": "latency_ms"}
 INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
 
@@ -64,11 +67,13 @@ class TrialResult:
     prune_s: float | None = None  # seconds of pruning (ResRep: its training included) + recalibration + fidelity
     phases: tuple[str, ...] = ()  # the phase of each epoch (early_stop.schedule): what a curve entry means
     stopped_at: str = ""  # "" | "screen" | "epoch N"
+    work_s: float | None = None  # measured seconds of work (CPU time, or synchronised GPU wall time)
+    duplicate_of: int | None = None  # the earlier trial of the same configuration this one reuses
 
     @property
     def feasible(self) -> bool:
         """Complete and meets every constraint (an early-stopped or failed trial never is)."""
-        return self.state == "complete" and all(c <= 0 for c in self.constraints)
+        return self.state == "complete" and self.duplicate_of is None and all(c <= 0 for c in self.constraints)
 
     @property
     def values(self) -> tuple[float, float] | None:
@@ -85,7 +90,8 @@ class TrialResult:
                 "epochs_run": self.epochs_run, "duration_s": round(self.duration_s, 3),
                 "feasible": self.feasible, "error": self.error, "model": self.model,
                 "fidelity": self.fidelity, "prune_s": None if self.prune_s is None else round(self.prune_s, 3),
-                "stopped_at": self.stopped_at, "phases": list(self.phases), "objective": self.objectives[1]}
+                "stopped_at": self.stopped_at, "phases": list(self.phases), "objective": self.objectives[1],
+                "work_s": None if self.work_s is None else round(self.work_s, 3), "duplicate_of": self.duplicate_of}
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

@@ -103,7 +103,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
     if backend not in BACKENDS:
         raise AutopruneError(f"unknown search backend {backend!r}; use one of {', '.join(BACKENDS)}")
     budget = spec.budget
-    if budget.max_trials is None and budget.time_s is None and budget.device_hours is None:
+    if budget.max_trials is None and budget.time_s is None and budget.device_hours is None and budget.compute_s is None:
         raise AutopruneError(f"search {spec.study!r} has no budget; set budget.max_trials, budget.time_s or "
                              f"budget.device_hours in {spec.source}, or pass --max-trials / --time-budget")
     optuna_backend.make_sampler(spec.sampler, 0, spec)  # unknown sampler, too small a budget: fail before any compute
@@ -132,7 +132,8 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
         limits = Limits(
             max_trials=budget.max_trials,
             deadline=None if budget.time_s is None else trials_start + float(budget.time_s),
-            device_seconds=None if budget.device_hours is None else float(budget.device_hours) * 3600.0)
+            device_seconds=None if budget.device_hours is None else float(budget.device_hours) * 3600.0,
+            work_seconds=budget.compute_s)
         workers = max(1, int(spec.workers or 1))
         if workers > 1:  # each worker loads its own copy on its own device
             data = None

@@ -15,6 +15,10 @@ stream as the papers do, fixed 0 for a model without residual groups). Trials of
 ``mult_0..mult_{K-1}`` still load. Fixed values are returned but never handed to Optuna, so they
 do not dilute parameter importance. Checking the values a spec gives is
 :mod:`autoprune.search.validate`'s job.
+
+Distillation (``space.distill``: the weight of the KL term to the base model's logits in the fine-tune
+after surgery, 0 = off, default; ``space.distill_temperature``, sampled only when the weight is not 0):
+a trial's parameters hold ``distill`` only when the space can turn it on.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ if typing.TYPE_CHECKING:
     from .spec import SearchSpec
 
 # search parameters every trial has; a method parameter with one of these names is kept as "<method>.<name>"
-TRIAL_KEYS = ("method", "target", "allocation", "epochs", "lr", "batch_size")
+TRIAL_KEYS = ("method", "target", "allocation", "epochs", "lr", "batch_size", "distill", "distill_temperature")
 _MULT = re.compile(r"mult_(\d+)")  # older studies: one multiplier per bucket
 _SHAPE = re.compile(r"shape_(\d+)")
 RESIDUAL = "shape_residual"
@@ -100,6 +104,10 @@ def suggest(trial: optuna.trial.BaseTrial, spec: SearchSpec) -> dict[str, Any]:
         out[RESIDUAL] = _sample(trial, RESIDUAL, space["residual"])
     for key in ("epochs", "lr", "batch_size"):
         out[key] = _sample(trial, key, space[key])
+    if space.get("distill", 0.0) != 0.0:  # distillation from the base model (off by default: no key at all)
+        out["distill"] = _sample(trial, "distill", space["distill"])
+        if out["distill"]:
+            out["distill_temperature"] = _sample(trial, "distill_temperature", space.get("distill_temperature", 4.0))
     method = out["method"]
     for pname, value in spec.method_space.get(method, {}).items():
         out[param_name(method, pname)] = _sample(trial, f"{method}.{pname}", value)

@@ -45,6 +45,7 @@ from .results import COST_KEYS, TrialResult, constraint_values, model_path, nan_
 if TYPE_CHECKING:
     from ..engine.pruning import PruneResult
     from .spec import SearchSpec
+    from .store import StoredTrial
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ class Worker:
         model_spec = ModelSpec.from_dict(ckpt["model"])
         if data is None:
             data = load_data(spec.data, device)
+        if spec.train_subset is not None:  # trials see a fixed part of the training split
+            from ..data.datasets import subset_split
+
+            data = replace(data, train=subset_split(data.train, spec.train_subset, seed=spec.data.seed))
         shape = (model_spec.in_channels, model_spec.image_size, model_spec.image_size)
         groups = find_groups(model, shape)
         base = dict(ckpt.get("metrics") or {})
@@ -125,10 +130,13 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
     :class:`~autoprune.files.FileWriteError` (a full disk or read-only folder fails every trial alike).
     """
     start = time.perf_counter()
+    clock = work_clock(worker.device)
+    work_start = clock()
     progress = _Progress()
     try:
         result = _run(worker, number, dict(hparams), finished, early_stopping, progress, start,
                       number if seed_index is None else seed_index)
+        result = replace(result, work_s=clock() - work_start)
     except Exception as exc:
         if isinstance(exc, FileWriteError) or isinstance(user_error(exc), FileWriteError):
             raise (exc if isinstance(exc, FileWriteError) else user_error(exc)) from None  # no trial can fix it
@@ -139,9 +147,42 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
         result = TrialResult(number=number, state="failed", hparams=dict(hparams), error=message,
                              epochs_run=progress.epochs_run, duration_s=time.perf_counter() - start,
                              curve=tuple(progress.curve), objectives=tuple(worker.spec.objectives),
-                             phases=progress.phases, **progress.measured)
+                             phases=progress.phases, work_s=clock() - work_start, **progress.measured)
         _free_memory(worker.device)
     return result
+
+
+def work_clock(device: torch.device) -> Callable[[], float]:
+    """A clock of measured work in seconds: CUDA-synchronised wall time on a GPU (queued kernels are
+    waited for), this process's CPU time (every thread, not sleep or waiting for a shared core)
+    elsewhere. What ``work_s`` and ``budget.compute`` count; the benchmarks measure baselines with it."""
+    if device.type == "cuda":
+        def cuda_time() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return cuda_time
+    return time.process_time
+
+
+def reused_result(spec: SearchSpec, number: int, hparams: Mapping[str, Any], prior: StoredTrial) -> TrialResult:
+    """Trial ``number`` sampled the configuration ``prior`` already ran: its outcome, reused (nothing
+    runs; ``work_s`` 0, no model saved, never on the front twice, ``duplicate_of`` names ``prior``).
+    The sampler is told the same values (or state) as for ``prior``."""
+    rec = prior.record
+    fields_ = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "fidelity", "prune_s")
+    measured = {k: rec.get(k) for k in fields_}
+    acc = rec.get("val_acc")
+    constraints: tuple[float, ...] = ()
+    if acc is not None and rec.get("params_frac") is not None and rec.get("macs_frac") is not None:
+        constraints = constraint_values(spec, float(acc), float(rec["params_frac"]), float(rec["macs_frac"]))
+    log.info("trial %d: the configuration of trial %d again; its result is reused, nothing runs", number,
+             prior.number)
+    return TrialResult(number=number, state=prior.state, hparams=dict(hparams), epochs_run=0, duration_s=0.0,
+                       constraints=constraints, curve=tuple(prior.curve), cost=prior.cost,
+                       objectives=tuple(spec.objectives), phases=tuple(rec.get("phases") or ()),
+                       stopped_at=str(rec.get("stopped_at") or ""), error=prior.error, work_s=0.0,
+                       duplicate_of=prior.number, **measured)
 
 
 def _message(exc: Exception, worker: Worker) -> str:
@@ -200,8 +241,11 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
         return _result(worker, number, hparams, "early_stopped", m["fidelity"], progress, start, stopped_at="screen")
     if not epoch.stopped and epochs > k:
         epoch.pause = latency_objective.PausePoint(worker.out_dir) if worker.spec.workers > 1 else None
-        fit(model, worker.data.train, worker.data.val, replace(cfg, epochs=epochs - k), worker.device,
-            Callbacks(on_epoch_end=epoch.end, after_backward=epoch.pause))
+        alpha = float(hparams.get("distill") or 0.0)  # distillation from the base model (the teacher)
+        ft_cfg = replace(cfg, epochs=epochs - k, distill_alpha=alpha,
+                         distill_temperature=float(hparams.get("distill_temperature") or 4.0))
+        fit(model, worker.data.train, worker.data.val, ft_cfg, worker.device,
+            Callbacks(on_epoch_end=epoch.end, after_backward=epoch.pause), teacher=worker.model if alpha > 0 else None)
     if epochs <= k or pruned.stopped_early:  # no fine-tune: the pruned model as the method returned it
         progress.curve = progress.curve or [None]
         progress.curve[-1] = m["fidelity"]
@@ -267,7 +311,8 @@ def _screened_out(worker: Worker, number: int, epoch: _Epochs, phases: tuple[str
     frac = {"params": m["params_frac"], "latency": m.get("latency_frac")}.get(objective) or m["macs_frac"]
     if early_stop.screen_out(frac, m["fidelity"], epoch.reference().candidates, keep=screen.keep,
                              bucket=screen.bucket, min_peers=screen.min_peers,
-                             phase=early_stop.screening_phase(phases)):
+                             phase=early_stop.screening_phase(phases), n_val=len(worker.data.val),
+                             se_multiple=screen.se_multiple):
         log.info("trial %d screened out: fidelity %.4f not in the best %.0f %% of its %s-fraction bucket",
                  number, m["fidelity"], 100 * screen.keep, "params" if objective == "params" else
                  "latency" if objective == "latency" else "MACs")
