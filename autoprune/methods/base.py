@@ -133,12 +133,6 @@ class PruningMethod(ABC, Generic[P]):
         widths = ctx.allocate(scores)
         return MethodOutput(keep=ctx.select(scores, widths), model=ctx.model)
 
-    def run(self, ctx: PruneContext, params: P) -> MethodOutput:
-        """prepare, train (through the engine's loop) and finalize, without epoch reports."""
-        from ..engine.training import run_method
-
-        return run_method(self, ctx, params).output
-
     def training_epochs(self, params: P, total_epochs: int) -> int:
         """How many of a trial's ``total_epochs`` this method trains while pruning (ResRep); the
         rest are fine-tuning after surgery. Scoring methods train none, so all epochs fine-tune."""

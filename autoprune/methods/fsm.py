@@ -51,7 +51,6 @@ from ..errors import AutopruneError
 from ..train import Callbacks, TrainConfig, segment_schedule, steps_per_epoch
 from .base import MethodOutput, PruneContext, PruningMethod, Training
 from .moments import ConsumerInputs, fallback_mean, gaussian_inputs, measured_inputs
-from .registry import register_method
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +142,6 @@ def _zero_channels(model: nn.Module, g: ChannelGroup, removed: Sequence[int]) ->
     return frozen
 
 
-@register_method
 class FSM(PruningMethod[FSMParams]):
     name = "fsm"
     Params = FSMParams

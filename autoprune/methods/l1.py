@@ -11,10 +11,8 @@ from __future__ import annotations
 import torch
 
 from .base import NoParams, PruneContext, PruningMethod
-from .registry import register_method
 
 
-@register_method
 class L1(PruningMethod[NoParams]):
     name = "l1"
     Params = NoParams

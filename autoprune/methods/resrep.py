@@ -62,7 +62,6 @@ from ..errors import AutopruneError, SpecError
 from ..train import Callbacks, TrainConfig, default_param_groups, lr_schedule, steps_per_epoch
 from .base import MethodOutput, PruneContext, PruningMethod, Training
 from .compactor import Compactors, find_sites
-from .registry import register_method
 from .resrep_schedule import Mask, MaskSchedule, rank_scores
 
 log = logging.getLogger(__name__)
@@ -247,7 +246,6 @@ class _Run:
         return info
 
 
-@register_method
 class ResRep(PruningMethod[ResRepParams]):
     name = "resrep"
     Params = ResRepParams

@@ -38,9 +38,10 @@ from ..engine.plan import load_base, save_pruned
 from ..files import FileWriteError, user_error, write_json
 from ..methods import get_method, make_params
 from ..models.registry import ModelSpec
+from ..report.pareto import OBJECTIVE_COLUMNS
 from ..train import Callbacks, NonFiniteLoss, TrainConfig, evaluate, fit
 from . import early_stop, latency_objective
-from .results import COST_KEYS, TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
+from .results import TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
 
 if TYPE_CHECKING:
     from ..engine.pruning import PruneResult
@@ -233,7 +234,7 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
         m["latency_frac"] = pruned_ms / base_ms
         m["latency_ms"] = m["latency_frac"] * float(worker.base["latency_ms"])
         m["predicted_latency_frac"] = float(pruned.info["predicted_frac"])
-    m["cost"] = epoch.cost = float(m[COST_KEYS[epoch.objective]])
+    m["cost"] = epoch.cost = float(m[OBJECTIVE_COLUMNS[epoch.objective]])
     done = pruned.trained_epochs if pruned.stopped_early else k
     progress.curve = (progress.curve + [None] * done)[:done]
     progress.epochs_run = epoch.offset = done
@@ -288,7 +289,7 @@ class _Epochs:
         acc = None if acc is None or math.isnan(acc) else float(acc)
         self.progress.curve.append(acc)
         self.progress.epochs_run = e
-        cost = self.cost if self.cost is not None else metrics.get(COST_KEYS[self.objective])
+        cost = self.cost if self.cost is not None else metrics.get(OBJECTIVE_COLUMNS[self.objective])
         if acc is None or cost is None or not self.active:  # latency: known after surgery only
             return False
         rule = self.worker.spec.early_stop
