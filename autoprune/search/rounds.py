@@ -27,6 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .. import progress
 from ..files import FileWriteError
 from ..methods import get_method, make_params
 from ..train import TrainConfig, evaluate
@@ -134,19 +135,22 @@ def run_round(worker: Worker, store: TrialStore, study: optuna.Study) -> list[di
     targets = round_targets(spec)
     points: list[dict[str, Any]] = []
     work = 0.0
-    for target in targets:
-        for method in one_shot:
-            try:
-                p = probe(worker, method, target, allocation)
-            except FileWriteError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a method that cannot prune here is left out of the round
-                log.warning("screening round: %s at %.2f failed: %s", method, target, one_line(exc))
-                continue
-            work += p["work_s"]
-            points.append(p)
-            log.info("screening round: %s at %.2f -> fidelity %.4f (%.3f of base MACs)", method, target,
-                     p["fidelity"], p["macs_frac"])
+    with progress.phase("screening round", total=len(targets) * len(one_shot), unit="candidate") as bar:
+        for target in targets:
+            for method in one_shot:
+                try:
+                    p = probe(worker, method, target, allocation)
+                except FileWriteError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a method that cannot prune here is left out of the round
+                    log.warning("screening round: %s at %.2f failed: %s", method, target, one_line(exc))
+                    continue
+                finally:
+                    bar.advance()
+                work += p["work_s"]
+                points.append(p)
+                log.info("screening round: %s at %.2f -> fidelity %.4f (%.3f of base MACs)", method, target,
+                         p["fidelity"], p["macs_frac"])
     queue: list[dict[str, Any]] = []
     n_val = len(worker.data.val)
     for target in targets:
