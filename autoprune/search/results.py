@@ -1,7 +1,8 @@
 """What a trial's outcome is and how it is written down, shared by every backend and free of torch.
 
 :class:`TrialResult` (one trial's outcome), the constraint values Optuna stores with it, and the
-``trials.csv`` row format and writer. :mod:`autoprune.search.trial` produces results,
+``trials.csv`` row format, writer and reader (:func:`read_rows`; the report reads it as a table with
+:func:`autoprune.report.tables.read_table`). :mod:`autoprune.search.trial` produces results,
 :mod:`autoprune.search.store` keeps them, this module says what they mean on disk.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ TAIL_COLUMNS = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latenc
 # work_s: measured seconds of the trial's work (this process's CPU time, or CUDA-synchronised wall time
 # on a GPU: pruning, recalibration, fidelity, every training epoch, evaluations); duplicate_of: the
 # earlier trial of the same configuration whose result this one reuses (nothing was run; work_s 0)
-COST_KEYS = {"macs": "macs", "params": "params", "latency": "latency_ms"}
+TRIALS_CSV = "trials.csv"  # in the results folder
 INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
 
 
@@ -176,3 +177,21 @@ def _cell(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return json.dumps(list(value))
     return value
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV table the search wrote (``trials.csv``, ``pareto.csv``) as strings; [] when the
+    file does not exist (OSError, csv.Error or UnicodeDecodeError when it cannot be read)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def count_rows(path: str | Path) -> int:
+    """Data rows of ``path`` (0 when missing or unreadable)."""
+    try:
+        return len(read_rows(path))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return 0

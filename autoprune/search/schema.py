@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .samplers import SAMPLERS
 from .sections import DEFAULT_MAX_TRIALS, SECOND_OBJECTIVES, EarlyStop
-from .spec import SAMPLERS
 from .validate import Kind, param_kind, space_kinds
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"

@@ -28,7 +28,7 @@ import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import AutopruneError
 
@@ -36,7 +36,6 @@ if typing.TYPE_CHECKING:
     import optuna
 
     from ..engine.allocate import AllocationConfig
-    from .spec import SearchSpec
 
 # search parameters every trial has; a method parameter with one of these names is kept as "<method>.<name>"
 TRIAL_KEYS = ("method", "target", "allocation", "epochs", "lr", "batch_size", "distill", "distill_temperature")
@@ -57,6 +56,17 @@ class Range:
 
 # a fixed value | a list of categorical choices | a numeric Range (tuples: a fixed sequence parameter)
 ParamSpace = Range | list | tuple | str | int | float | bool | None
+
+
+class SpaceSpec(Protocol):
+    """What :func:`suggest` reads of a :class:`~autoprune.search.spec.SearchSpec` (a protocol, so that
+    this module, below the spec in the import graph, never imports it)."""
+
+    @property
+    def space(self) -> Mapping[str, ParamSpace]: ...
+
+    @property
+    def method_space(self) -> Mapping[str, Mapping[str, ParamSpace]]: ...
 
 
 def space_to_yaml(value: ParamSpace) -> Any:
@@ -92,7 +102,7 @@ def _shape_key(key: str) -> bool:
     return bool(_MULT.fullmatch(key) or _SHAPE.fullmatch(key) or key == RESIDUAL)
 
 
-def suggest(trial: optuna.trial.BaseTrial, spec: SearchSpec) -> dict[str, Any]:
+def suggest(trial: optuna.trial.BaseTrial, spec: SpaceSpec) -> dict[str, Any]:
     """One trial's parameters, sampled in a fixed order (deterministic under a seeded sampler)."""
     space = spec.space
     out: dict[str, Any] = {"method": _sample(trial, "method", space["method"]),

@@ -58,6 +58,7 @@ from ..errors import AutopruneError, SpecError
 from ..files import write_text
 from . import sections
 from .latency_objective import parse_latency
+from .samplers import SAMPLERS
 from .sections import Budget, EarlyStop, Screen
 from .space import Range, space_to_yaml
 from .validate import SpaceChecker
@@ -66,7 +67,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Budget", "EarlyStop", "Range", "Screen", "SearchSpec", "dump_spec", "load_spec"]
 
-SAMPLERS = ("tpe", "nsga2", "random")
 OVERRIDES = {  # CLI override name -> key path in the spec
     "max_trials": "budget.max_trials", "time_s": "budget.time", "time": "budget.time",
     "device_hours": "budget.device_hours", "workers": "workers", "seed": "seed", "device": "device",

@@ -12,7 +12,7 @@ Everything a search decides from its trials is computed here, for both backends:
 (:func:`budget_reason`), the early-stopping reference (:func:`finished_curves`), the ``trials.csv``
 rows (:func:`rows`, :func:`write_rows`) and parameter importance (:func:`importance`); the
 sampler of each trial is seeded from (spec seed, slot) by
-:func:`autoprune.search.optuna_backend.trial_seed`. ``tests/test_store.py`` runs one contract over
+:func:`autoprune.search.samplers.trial_seed`. ``tests/test_store.py`` runs one contract over
 both implementations (Optuna's style: one test over every plugin).
 
 Trial states: complete | early_stopped | failed | running. An *interrupted* trial (its process stopped
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .early_stop import Reference
-from .results import INTERRUPTED, TrialResult, make_row, write_trials_csv
+from .results import INTERRUPTED, TRIALS_CSV, TrialResult, make_row, write_trials_csv
 
 if TYPE_CHECKING:
     import optuna
@@ -118,7 +118,7 @@ def rows(store: TrialStore) -> list[dict[str, Any]]:
 def write_rows(store: TrialStore, out_dir: str | Path) -> list[dict[str, Any]]:
     """Rewrite ``<out_dir>/trials.csv`` (atomically) from the store; returns the rows."""
     current = rows(store)
-    write_trials_csv(Path(out_dir) / "trials.csv", current)
+    write_trials_csv(Path(out_dir) / TRIALS_CSV, current)
     return current
 
 

@@ -36,9 +36,10 @@ from ..engine.plan import load_base, save_pruned
 from ..files import FileWriteError, user_error, write_json
 from ..methods import EpochReport, PruneStopped, get_method, make_params
 from ..models.registry import ModelSpec
+from ..report.pareto import OBJECTIVE_COLUMNS
 from ..train import Callbacks, NonFiniteLoss, TrainConfig, evaluate, fit
 from . import early_stop, latency_objective
-from .results import COST_KEYS, TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
+from .results import TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
 
 if TYPE_CHECKING:
     from ..engine.pruning import PruneResult
@@ -261,7 +262,7 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
         m["latency_frac"] = pruned_ms / base_ms
         m["latency_ms"] = m["latency_frac"] * float(worker.base["latency_ms"])
         m["predicted_latency_frac"] = float(pruned.info["predicted_frac"])
-    cost = float(m[COST_KEYS[objective]])
+    cost = float(m[OBJECTIVE_COLUMNS[objective]])
     m["cost"] = cost
     progress.curve = (progress.curve + [None] * k)[:k]
     progress.epochs_run = k
@@ -334,7 +335,7 @@ def _stopped_while_pruning(worker: Worker, number: int, hparams: dict[str, Any],
     spec = worker.spec
     m: dict[str, Any] = {"macs": rep.macs, "macs_frac": rep.macs / rep.base_macs, "params": rep.params,
                          "params_frac": rep.params / rep.base_params}
-    m["cost"] = float(m[COST_KEYS[spec.objectives[1]]])
+    m["cost"] = float(m[OBJECTIVE_COLUMNS[spec.objectives[1]]])
     acc = float(rep.val_acc) if rep.val_acc is not None else math.nan
     result = TrialResult(number=number, state="early_stopped", hparams=hparams, val_acc=acc,
                          epochs_run=rep.epoch, duration_s=time.perf_counter() - start,
