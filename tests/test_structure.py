@@ -24,7 +24,6 @@ OVER_SIZE = {
     "autoprune/methods/lrf.py": "issue 26: the engine helper is splitting methods/ modules",
     "autoprune/train.py": "issue 26: the engine's one training loop is being reshaped",
     "autoprune/data/datasets.py": "predates the size rule; one job (the data set registry)",
-    "autoprune/benchmarks/search_vs_tp.py": "a benchmark script: setup, two searches, tables",
     "autoprune/engine/latency.py": "the latency model (issue 27), landed over the limit",
 }
 # Type-only circles (imports under ``if TYPE_CHECKING:``, never executed) still present.
