@@ -21,7 +21,16 @@ from torch import nn
 from torch_pruning.pruner.function import PrunerBox
 
 from ..errors import AutopruneError
-from .cost import MAC_LAYERS, LayerGeom, Term, WidthCost, count_macs, count_params, layer_geometry
+from .cost import (
+    MAC_LAYERS,
+    LayerGeom,
+    Term,
+    WidthCost,
+    count_macs,
+    count_params,
+    is_depthwise,
+    layer_geometry,
+)
 from .trace import ModelTrace, keep_rng, safe_copy, trace_model
 
 log = logging.getLogger(__name__)
@@ -77,10 +86,6 @@ def _kind(module: nn.Module) -> str:
     return "other"
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels == module.out_channels
-
-
 def _build_group(
     tp_group, names: dict[nn.Module, str], order: dict[str, int], n_layers: int, depthwise: set[str],
     shared: Mapping[str, int], train_only: Sequence[str] = (),
@@ -100,7 +105,7 @@ def _build_group(
             continue
         name = names[module]
         dim = "out" if "out" in dep.handler.__name__ else "in"
-        if _is_depthwise(module):
+        if isinstance(module, nn.Conv2d) and is_depthwise(module):
             dim = "out"  # in and out are the same channels
         elif isinstance(module, nn.Conv2d) and module.groups > 1:
             grouped.append(name)
@@ -123,28 +128,34 @@ def _build_group(
     readers = [m.module for m in members if m.dim == "in" and m.kind in ("conv", "linear", "otherconv")]
     consumers = tuple(c for c in readers if c not in train_only)
     train_consumers = tuple(c for c in readers if c in train_only)
-    reused = sorted({m.module for m in members if shared.get(m.module, 1) > 1})
-    reason = ""
-    if leaders and all(name in train_only for name in leaders):
-        reason = "is produced only in training (an auxiliary branch): it costs no MACs at inference"
-    elif reused:
-        reason = (f"touches layer {reused[0]!r}, which forward calls {shared[reused[0]]} times "
-                  "(a shared module: its channels cannot be followed)")
-    elif other_convs:
-        reason = f"touches a {other_convs[0]} (only Conv2d and Linear layers are pruned)"
-    elif unsafe:
-        reason = f"crosses an op Torch-Pruning cannot follow ({', '.join(sorted(set(unsafe)))})"
-    elif grouped:
-        reason = f"touches a grouped convolution ({grouped[0]})"
-    elif not leaders:
-        reason = "has no conv or linear producing its channels"
-    elif any(len({len(ix) for ix in m.index}) != 1 or not m.index[0] for m in members):
-        reason = "maps channels unevenly onto a layer"
+    reason = _unprunable(members, leaders, train_only, shared, other_convs, unsafe, grouped)
     name = leaders[0] if leaders else members[0].module
     depth = order.get(name, 0) / max(1, n_layers - 1)
     return ChannelGroup(name=name, channels=channels, leaders=leaders, bns=bns, passthrough=passthrough,
                         consumers=consumers, members=tuple(members), residual=len(leaders) > 1,
                         prunable=not reason, reason=reason, depth=depth, train_consumers=train_consumers)
+
+
+def _unprunable(members: list[Member], leaders: tuple[str, ...], train_only: Sequence[str],
+                shared: Mapping[str, int], other_convs: list[str], unsafe: list[str], grouped: list[str]) -> str:
+    """Why a group cannot be pruned ("" if it can)."""
+    reused = sorted({m.module for m in members if shared.get(m.module, 1) > 1})
+    if leaders and all(name in train_only for name in leaders):
+        return "is produced only in training (an auxiliary branch): it costs no MACs at inference"
+    if reused:
+        return (f"touches layer {reused[0]!r}, which forward calls {shared[reused[0]]} times "
+                "(a shared module: its channels cannot be followed)")
+    if other_convs:
+        return f"touches a {other_convs[0]} (only Conv2d and Linear layers are pruned)"
+    if unsafe:
+        return f"crosses an op Torch-Pruning cannot follow ({', '.join(sorted(set(unsafe)))})"
+    if grouped:
+        return f"touches a grouped convolution ({grouped[0]})"
+    if not leaders:
+        return "has no conv or linear producing its channels"
+    if any(len({len(ix) for ix in m.index}) != 1 or not m.index[0] for m in members):
+        return "maps channels unevenly onto a layer"
+    return ""
 
 
 def find_groups(
@@ -178,7 +189,7 @@ def _groups_from_trace(model: nn.Module, input_shape: Sequence[int], info: Model
     modules = dict(traced.named_modules())
     layers = [n for n, m in traced.named_modules() if isinstance(m, MAC_LAYERS)]
     order = {n: i for i, n in enumerate(layers)}
-    depthwise = {n for n, m in traced.named_modules() if _is_depthwise(m)}
+    depthwise = {n for n, m in traced.named_modules() if isinstance(m, nn.Conv2d) and is_depthwise(m)}
     ignore = [modules[n] for n in (*info.outputs, *ignored)]
     was_training = traced.training
     traced.train(bool(info.train_only))

@@ -15,6 +15,7 @@ training mode (BN statistics and the random state are restored) with hooks on ev
   conv/linear hooks (functional ``F.conv2d``, ``torch.matmul``): a model with any is refused, since
   the analytic MACs of a width assignment could not include them.
 
+:func:`direct_bns` finds the BatchNorm that directly reads each conv/linear layer.
 :func:`safe_copy` deep-copies a model even when a module attribute holds a tensor with autograd
 history (``copy.deepcopy`` refuses those).
 """
@@ -23,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -184,3 +187,50 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> ModelTrace:
     if train_only:
         log.info("layers running only in training mode: %s", ", ".join(train_only))
     return ModelTrace(outputs=outs, calls=merged, train_only=train_only, macs=macs)
+
+
+@dataclass(frozen=True)
+class DirectBNs:
+    """Which BatchNorm directly reads each conv/linear layer, from one eval-mode forward pass."""
+
+    bn_of: dict[str, str]  # layer name -> the BN whose input is that layer's very output, unmodified
+    calls: dict[str, int]  # conv/linear/BN name -> times forward called it
+
+
+@torch.no_grad()
+def direct_bns(model: nn.Module, input_shape: Sequence[int]) -> DirectBNs:
+    """The BN that directly reads each conv/linear layer (nothing in between), and call counts.
+
+    The one home of this question (ResRep's compactor sites, LRF's and FSM's compensation targets).
+    A BN reads a layer directly when its input is the very tensor the layer returned, unmodified: an
+    in-place op in between (``ReLU(inplace=True)``) bumps the tensor's version and does not count.
+    Parameters, buffers and modes are unchanged.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    produced: dict[int, tuple[str, Any, int]] = {}
+    found: dict[str, str] = {}
+    calls: dict[str, int] = {}
+
+    def after(module: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        calls[names[module]] = calls.get(names[module], 0) + 1
+        if isinstance(out, torch.Tensor):
+            produced[id(out)] = (names[module], weakref.ref(out), out._version)
+
+    def before(module: nn.Module, inp: tuple) -> None:
+        calls[names[module]] = calls.get(names[module], 0) + 1
+        hit = produced.get(id(inp[0])) if inp else None
+        if hit is not None and hit[1]() is inp[0] and inp[0]._version == hit[2]:
+            found[hit[0]] = names[module]
+
+    hooks = [m.register_forward_hook(after) for m in model.modules() if isinstance(m, MAC_LAYERS)]
+    hooks += [m.register_forward_pre_hook(before) for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for hk in hooks:
+            hk.remove()
+    return DirectBNs(found, calls)

@@ -149,7 +149,8 @@ def build_schema() -> dict[str, Any]:
                       {"type": "integer", "minimum": 0}) for f in dataclasses.fields(EarlyStop)}
     screen = _closed({"enabled": {"type": "boolean"}, "keep": _number(0, 1, low_open=True),
                       "bucket": _number(0, 1, low_open=True), "min_peers": {"type": "integer", "minimum": 1},
-                      "se_multiple": {"type": "number", "minimum": 0}, "round": {"type": "boolean"}},
+                      "se_multiple": {"type": "number", "minimum": 0}, "round": {"type": "boolean"},
+                      "sensitivity": {"type": "boolean"}},
                      description="fine-tune only candidates whose accuracy right after pruning is in the best "
                                  "`keep` share of their MACs bucket")
     props: dict[str, Any] = {

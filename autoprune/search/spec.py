@@ -27,7 +27,7 @@ is the commented example)::
     early_stop: {enabled [true], margin [null: se_multiple standard errors of a val accuracy], se_multiple [1],
                  min_epochs [1], min_trials [3], cost_tolerance [0.01]}  (or just true/false)
     screen: {enabled [true when the key is given], keep [0.3], bucket [0.1], min_peers [3], se_multiple [1],
-             round [true]}  [off]
+             round [true], sensitivity [false]}  [off]
     allocation: fixed AllocationConfig fields {min_channels, min_ratio, max_prune_ratio, round_to, normalise}
     space: {method [all], target [0.2..0.8], allocation [uniform, global, searched], buckets [3],
             log_ratio [-1..1] (shape_1..shape_{K-1}), residual [-1..1] (shape_residual), epochs [3],
