@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import AutopruneError
+from .models.outputs import logits_of
 from .train_support import (
+    CUDA_CHECK_EVERY,
     LossMonitor,
     NonFiniteLoss,
     autocast,
@@ -43,10 +45,6 @@ __all__ = ["AMP_DTYPES", "Callbacks", "FitResult", "NonFiniteLoss", "Split", "Tr
 
 logger = logging.getLogger(__name__)
 
-# On CUDA, reading the loss every step forces a host/device sync that stalls the kernel queue;
-# small models on GPU-resident data lose a noticeable share of throughput to it. We look at the
-# losses every few steps instead (a NaN is still reported with its exact step).
-_CUDA_CHECK_EVERY = 25
 AMP_DTYPES = ("auto", "bf16", "fp16")
 
 
@@ -193,7 +191,7 @@ def evaluate(model: nn.Module, split: Split, device: str | torch.device, batch_s
     try:
         for x, y in split.batches(batch_size, shuffle=False):
             x, y = to_device(x, device), y.to(device, non_blocking=True)
-            logits = model(x).float()
+            logits = logits_of(model, model(x)).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(dim=1) == y).sum()
     finally:
@@ -277,7 +275,7 @@ class _Loop:
         self.amp_dtype = amp_dtype_for(cfg, device)
         self.scaler = grad_scaler(enabled=self.amp_dtype is torch.float16)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.monitor = LossMonitor(_CUDA_CHECK_EVERY if device.type == "cuda" else 1)
+        self.monitor = LossMonitor(CUDA_CHECK_EVERY if device.type == "cuda" else 1)
         self.step = 0
         self.signalled = False  # should_stop said so
 
@@ -353,8 +351,8 @@ class _Loop:
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = self.teacher(x)
-            loss = _loss(self.model(x), y, self.cfg, teacher_logits)
+                    teacher_logits = logits_of(self.teacher, self.teacher(x))
+            loss = _loss(logits_of(self.model, self.model(x)), y, self.cfg, teacher_logits)
         opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(opt)

@@ -22,7 +22,7 @@ from .calibrate import DEFAULT_BATCHES, has_batchnorm, recalibrate_bn
 from .cost import WidthObjective, count_macs, count_params
 from .graph import ChannelGroup, build_width_cost, find_groups
 from .plan import Plan, apply_plan
-from .trace import safe_copy
+from .trace import safe_copy, trace_batches
 from .training import EpochCallback, run_method
 
 if TYPE_CHECKING:
@@ -112,20 +112,33 @@ def prune(
     device = torch.device(device)
     shape = _input_shape(spec, data, input_shape)
     work = safe_copy(model).to(device).eval()
+    real = trace_batches(data, device)  # real inputs: the graph sees the branches the data takes
     if groups is None:
-        groups = find_groups(work, shape)
+        groups = find_groups(work, shape, batches=real)
     cost = build_width_cost(work, groups, shape)
     if not any(g.prunable for g in groups):
-        raise AutopruneError(f"{type(model).__name__} has no prunable channel group; see `autoprune info`")
+        first = next((g for g in groups if g.reason), None)
+        why = f" (group {first.name!r} {first.reason})" if first is not None else ""
+        raise AutopruneError(f"{type(model).__name__} has no prunable channel group{why}; `autoprune info` "
+                             "lists every group and why")
     _check_objective(objective, groups)
     ctx = PruneContext(model=work, groups=groups, cost=cost, target=target, allocation=allocation, device=device,
                        input_shape=shape, data=data, train_cfg=train_cfg, progress=progress, objective=objective)
-    run = run_method(impl, ctx, method_params, on_epoch, should_stop)
-    pruned = run.output.model
-    plan = Plan.from_keep(run.output.keep, groups)
-    apply_plan(pruned, groups, plan)
-    recal_images = _recalibrate(pruned, data, recalibrate_batches, device, ctx.seed)
-    macs = count_macs(pruned, shape, device)
+    try:  # torch's errors (a shape mismatch after surgery) become one line naming the model and the cause
+        run = run_method(impl, ctx, method_params, on_epoch, should_stop)
+        pruned = run.output.model
+        plan = Plan.from_keep(run.output.keep, groups)
+        apply_plan(pruned, groups, plan)
+        with torch.no_grad():
+            for x in real:
+                pruned.eval()(x)
+        recal_images = _recalibrate(pruned, data, recalibrate_batches, device, ctx.seed)
+        macs = count_macs(pruned, shape, device)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise AutopruneError(f"pruning {type(model).__name__} with {method} failed ({type(exc).__name__}: {first}); "
+                             "a layer may read channels no traced input tied to their producer (a branch the "
+                             "probes and data did not take); `autoprune info` lists the groups") from exc
     expected = cost.macs(plan.widths())
     if macs != expected:  # the analytic model and the surgery must agree; if not, allocation is wrong
         raise AutopruneError(f"internal: pruned model has {macs} MACs, analytic count {expected}; please report")

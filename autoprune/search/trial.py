@@ -35,6 +35,7 @@ from ..engine import pruning as engine
 from ..engine.graph import ChannelGroup, find_groups
 from ..engine.latency import measure_models
 from ..engine.plan import load_base, save_pruned
+from ..engine.trace import trace_batches
 from ..files import FileWriteError, user_error, write_json
 from ..methods import get_method, make_params
 from ..models.registry import ModelSpec
@@ -86,7 +87,7 @@ class Worker:
 
             data = replace(data, train=subset_split(data.train, spec.train_subset, seed=spec.data.seed))
         shape = (model_spec.in_channels, model_spec.image_size, model_spec.image_size)
-        groups = find_groups(model, shape)
+        groups = find_groups(model, shape, batches=trace_batches(data, device))  # real batches: data-chosen branches
         base = dict(ckpt.get("metrics") or {})
         residual, modes = spec.space.get("residual"), spec.space.get("allocation")
         searched = "searched" in (modes if isinstance(modes, list) else [modes])
