@@ -272,7 +272,8 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
         if early_stop.screen_out(frac, m["fidelity"], reference().candidates, keep=screen.keep,
                                  bucket=screen.bucket, min_peers=screen.min_peers,
                                  phase=early_stop.screening_phase(phases), n_val=n_val,
-                                 se_multiple=screen.se_multiple):
+                                 se_multiple=screen.se_multiple,
+                                 config=early_stop.round_key(method, target, allocation.mode)):
             log.info("trial %d screened out: fidelity %.4f not in the best %.0f %% of its %s-fraction bucket",
                      number, m["fidelity"], 100 * screen.keep, "params" if objective == "params" else
                      "latency" if objective == "latency" else "MACs")
