@@ -66,6 +66,17 @@ class Screen:
     sensitivity: bool = False  # the round also queues a searched trial with a sensitivity-seeded shape
 
 
+def parse_output(chk: SpaceChecker, value: Any) -> int | str | None:
+    """``output``: which model output is the logits, an index or a key (default: the rule of
+    :mod:`autoprune.models.outputs`)."""
+    from ..models.outputs import parse_selector
+
+    try:
+        return parse_selector(value)
+    except AutopruneError as exc:
+        raise chk.err("output", str(exc)) from None
+
+
 def parse_augment(chk: SpaceChecker, value: Any, data: Any) -> tuple[str, ...]:
     """``augment``: none (default) | auto (what suits the data set) | crop,flip or a list of those."""
     from ..data.datasets import parse_augmentation

@@ -74,7 +74,7 @@ OVERRIDES = {  # CLI override name -> key path in the spec
 }
 TOP_KEYS = ("study", "model", "data", "base", "base_epochs", "base_lr", "device", "workers", "seed",
             "sampler", "objectives", "constraints", "budget", "early_stop", "screen", "allocation", "space", "augment",
-            "latency", "train_subset")
+            "latency", "train_subset", "output")
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ class SearchSpec:
     augment: tuple[str, ...] = ()  # training augmentation of the base model and the trials (autoprune.data.datasets)
     latency: Mapping[str, Any] = field(default_factory=dict)  # objective latency: batch_size, runtime, threads
     train_subset: int | None = None  # training images each trial sees (a fixed seeded subset); None: all
+    output: int | str | None = None  # which model output is the logits (autoprune.models.outputs); None: the rule
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -130,7 +131,7 @@ class SearchSpec:
             "latency": dict(self.latency),
             "train_subset": self.train_subset,
             "space": space,
-        }
+        } | ({"output": self.output} if self.output is not None else {})
 
 
 def load_spec(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> SearchSpec:
@@ -256,6 +257,7 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
         augment=sections.parse_augment(chk, raw.get("augment", "none"), raw["data"]),
         latency=parse_latency(chk, raw.get("latency")),
         train_subset=None if raw.get("train_subset") is None else chk.integer(raw["train_subset"], "train_subset", 1),
+        output=sections.parse_output(chk, raw.get("output")),
     )
 
 
