@@ -150,6 +150,28 @@ def test_the_graph_sees_lazy_relative_and_package_imports(tmp_path: Path) -> Non
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+# Arrows point one way (README's Architecture, DESIGN.md section 2): importer prefix -> packages it never imports.
+FORBIDDEN = {
+    "autoprune.engine": ("autoprune.methods", "autoprune.search", "autoprune.report", "autoprune.cli"),
+    "autoprune.methods": ("autoprune.search", "autoprune.report", "autoprune.cli", "autoprune.engine.pruning"),
+    "autoprune.report": ("autoprune.search", "autoprune.cli"),
+    "autoprune.search": ("autoprune.cli",),
+}
+ABOVE_METHODS = ("autoprune.engine.pruning",)  # prune(): the one engine module that calls the methods
+
+
+def test_layers_point_one_way() -> None:
+    wrong = []
+    for name in MODULES:
+        if name in ABOVE_METHODS:
+            continue
+        for prefix, banned in FORBIDDEN.items():
+            if name == prefix or name.startswith(prefix + "."):
+                wrong += [f"{name} -> {t}" for t in sorted(imports(name))
+                          if any(t == b or t.startswith(b + ".") for b in banned)]
+    assert not wrong, "imports against the layering: " + "; ".join(wrong)
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_module_size(name: str) -> None:
     rel = MODULES[name].relative_to(ROOT).as_posix()
