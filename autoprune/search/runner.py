@@ -34,6 +34,7 @@ from ..data.splits import check_split
 from ..engine.cost import count_macs, count_params, measure_latency
 from ..engine.plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
 from ..errors import AutopruneError
+from ..files import clean_temps
 from ..models.registry import ModelSpec, create_model
 from ..train import NonFiniteLoss, TrainConfig, evaluate, fit, resolve_device
 from ..trust import TrustCode, TrustError, accepts_trust_code, check_name, needs_trust
@@ -122,6 +123,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
         if not free:
             raise AutopruneError(f"another search is running on {out}; wait for it or choose another --out")
         folder.prepare(spec, out, resume, backend)
+        clean_temps(out, ("models", "plans"))  # what a killed or failed write left (we hold the run lock)
         _dump_spec(spec, out / "spec.yaml")
         device = resolve_device(spec.device)
         data = load_data(spec.data, device) if data is None else data
