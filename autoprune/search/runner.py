@@ -17,7 +17,6 @@ running trials finish, and the report is written. The budget is computed from th
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -31,27 +30,30 @@ import torch
 
 from ..data.datasets import Dataset, load_data
 from ..data.splits import check_split
-from ..engine.cost import count_macs, count_params, measure_latency
+from ..engine.cost import count_macs, count_params
 from ..engine.plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
 from ..errors import AutopruneError
 from ..files import clean_temps
 from ..models.registry import ModelSpec, create_model
+from ..report.pareto import OBJECTIVE_COLUMNS
 from ..train import NonFiniteLoss, TrainConfig, evaluate, fit, resolve_device
 from ..trust import TrustCode, TrustError, accepts_trust_code, check_name, needs_trust
-from . import folder, optuna_backend
+from . import folder
+from .backends import Backend, get_backend
 from .locks import RUN_LOCK, file_lock
-from .results import COST_KEYS, nan_head, one_line
+from .results import TRIALS_CSV, nan_head, one_line, read_rows
+from .samplers import make_sampler
 from .store import Limits, TrialStore, importance
 from .store import rows as store_rows
+from .study import STORAGE
 
 if TYPE_CHECKING:
-    from .ray_backend import RayOptions
+    from .ray_setup import RayOptions
     from .spec import SearchSpec
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("optuna", "ray")
-RESULT_FILES = ("spec.yaml", "base.pt", "study.db", "trials.csv", "pareto.csv", "pareto.png", "pareto.html",
+RESULT_FILES = ("spec.yaml", "base.pt", STORAGE, TRIALS_CSV, "pareto.csv", "pareto.png", "pareto.html",
                 "importance.csv", "report.md")
 
 
@@ -83,9 +85,9 @@ def default_out_dir(spec: SearchSpec) -> Path:
 
 
 @accepts_trust_code
-def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool = False, backend: str = "optuna",
-               progress: bool = True, ray_options: RayOptions | None = None, data: Dataset | None = None,
-               *, trust_code: TrustCode = None) -> StudyResult:
+def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool = False,
+               backend: str | Backend = "optuna", progress: bool = True, ray_options: RayOptions | None = None,
+               data: Dataset | None = None, *, trust_code: TrustCode = None) -> StudyResult:
     """Run (or resume) the search ``spec`` describes; returns what it wrote. See the module docstring.
 
     ``backend``: ``optuna`` (default: embedded, ``study.db``) or ``ray`` (Ray Tune, see
@@ -101,20 +103,14 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
             check_name(spec.model)
         except TrustError as exc:
             raise TrustError(f"{spec.source}: {exc}") from None
-    if backend not in BACKENDS:
-        raise AutopruneError(f"unknown search backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    search_backend = get_backend(backend)
     budget = spec.budget
-    if budget.max_trials is None and budget.time_s is None and budget.device_hours is None:
+    if budget.max_trials is None and budget.time_s is None and budget.device_hours is None and budget.compute_s is None:
         raise AutopruneError(f"search {spec.study!r} has no budget; set budget.max_trials, budget.time_s or "
                              f"budget.device_hours in {spec.source}, or pass --max-trials / --time-budget")
-    optuna_backend.make_sampler(spec.sampler, 0, spec)  # unknown sampler, too small a budget: fail before any compute
-    if backend == "ray":
-        from . import ray_backend
-
-        ray_backend.check(out, ray_options)  # Ray installed, not an Optuna-backend folder, address answers
-    elif (Path(out) / "ray").is_dir():  # (a Ray folder has a study.db too: a snapshot for optuna-dashboard)
-        raise AutopruneError(f"{out} holds a search run with the ray backend; resume it with --backend ray or "
-                             "choose another --out")
+    # unknown sampler, too small a budget: fail before any compute
+    make_sampler(spec.sampler, 0, spec.budget.max_trials, spec.workers)
+    search_backend.check(Path(out), ray_options)
     if resume and os.fspath(out).strip() and not Path(out).exists():
         raise AutopruneError(f"--resume: {out} does not exist, so there is no search to continue; check --out, or "
                              "drop --resume to start a new search there")
@@ -122,75 +118,60 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
     with file_lock(out / RUN_LOCK, blocking=False) as free:
         if not free:
             raise AutopruneError(f"another search is running on {out}; wait for it or choose another --out")
-        folder.prepare(spec, out, resume, backend)
+        folder.prepare(spec, out, resume, search_backend)
         clean_temps(out, ("models", "plans"))  # what a killed or failed write left (we hold the run lock)
         _dump_spec(spec, out / "spec.yaml")
         device = resolve_device(spec.device)
         data = load_data(spec.data, device) if data is None else data
         base = prepare_base(spec, out, data, device, progress)
-        folder.check_fingerprint(open_store(spec, out, backend, create=True), folder.fingerprint(out / "base.pt", data),
-                                 out, spec)
+        folder.check_fingerprint(search_backend.open_store(spec, out, create=True),
+                                 folder.fingerprint(out / "base.pt", data), out, spec)
         trials_start = time.time()  # the time budget starts once the base model is ready
         limits = Limits(
             max_trials=budget.max_trials,
             deadline=None if budget.time_s is None else trials_start + float(budget.time_s),
-            device_seconds=None if budget.device_hours is None else float(budget.device_hours) * 3600.0)
+            device_seconds=None if budget.device_hours is None else float(budget.device_hours) * 3600.0,
+            work_seconds=budget.compute_s)
         workers = max(1, int(spec.workers or 1))
         if workers > 1:  # each worker loads its own copy on its own device
             data = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        kept = [r for r in read_csv(out / "trials.csv") if r.get("state") != "running"
+        kept = [r for r in read_rows(out / TRIALS_CSV) if r.get("state") != "running"
                 and "interrupted" not in str(r.get("error"))]
         bar = _ProgressBar(spec, progress, limits.deadline, already_done=len(kept))
         reason = "interrupted"
         try:
-            if backend == "ray":
-                from . import ray_backend
-
-                reason = ray_backend.run(spec, out, limits, device, options=ray_options,
-                                         early_stopping=bool(spec.early_stop.enabled), on_update=bar.update)
-            else:
-                reason = optuna_backend.run(spec, out, limits, device, workers=workers,
-                                            early_stopping=bool(spec.early_stop.enabled), on_update=bar.update,
-                                            data=data)
+            reason = search_backend.run(spec, out, limits, device, workers=workers,
+                                early_stopping=bool(spec.early_stop.enabled), on_update=bar.update, data=data,
+                                options=ray_options)
         except BaseException:
             bar.close()
             try:  # a stopped search still leaves its report
-                _finish(spec, out, base, backend, with_importance=False)
+                _finish(spec, out, base, search_backend, with_importance=False)
             except Exception as exc:  # noqa: BLE001 - do not hide the error that stopped the search
                 log.warning("could not write the report of the stopped search: %s", exc)
             raise
         bar.close()
-        rows, imp = _finish(spec, out, base, backend, with_importance=True)
+        rows, imp = _finish(spec, out, base, search_backend, with_importance=True)
     log.info("search %s stopped (%s): %d trials in %.0f s (base model %.0f s)", spec.study, reason, len(rows),
              time.time() - start, trials_start - start)
     files = {name: out / name for name in RESULT_FILES if (out / name).exists()}
     return StudyResult(out_dir=out, study=spec.study, stop_reason=reason, rows=tuple(rows),
-                       front=tuple(read_csv(out / "pareto.csv")), base=base, files=files, importance=imp)
+                       front=tuple(read_rows(out / "pareto.csv")), base=base, files=files, importance=imp)
 
 
-def open_store(spec: SearchSpec, out: Path, backend: str, create: bool = False) -> TrialStore:
+def open_store(spec: SearchSpec, out: Path, backend: str | Backend, create: bool = False) -> TrialStore:
     """The trial store of the results folder ``out`` (as the backend ``backend`` keeps it)."""
-    if backend == "ray":
-        from .ray_store import RayStore
-
-        return RayStore(out)
-    return optuna_backend.open_store(spec, out, create=create)
+    return get_backend(backend).open_store(spec, out, create=create)
 
 
-def _finish(spec: SearchSpec, out: Path, base: Mapping[str, Any], backend: str, with_importance: bool
+def _finish(spec: SearchSpec, out: Path, base: Mapping[str, Any], backend: Backend, with_importance: bool
             ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
     """Rows of every trial, parameter importance, and the report (trials.csv is the backend's)."""
-    store = open_store(spec, out, backend)
+    store = backend.open_store(spec, out)
     rows = store_rows(store)
-    if backend == "ray":  # the Ray run's trials as study.db, for optuna-dashboard
-        try:
-            from .ray_study_db import write_study_db
-
-            write_study_db(spec, out, store)
-        except Exception as exc:  # noqa: BLE001 - a viewer's file must not lose the search's report
-            log.warning("could not write %s for optuna-dashboard: %s", out / "study.db", exc)
+    backend.finish(spec, out, store)
     imp = importance(store, spec.objectives) if with_importance else {}
     _write_report(out, base, imp or None)
     return rows, imp
@@ -248,8 +229,13 @@ def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.devic
         save_base(path, model, model_spec, spec.data, metrics)
         log.info("base model: val_acc %.4f, %d MACs, %d params -> %s", metrics["val_acc"], metrics["macs"],
                  metrics["params"], path)
-    if "latency" in spec.objectives:
-        metrics["latency_ms"] = measure_latency(model, shape, 1, device)
+    if "latency" in spec.objectives:  # the report's base row; each worker measures it again for its trials
+        from ..engine.latency import measure_models
+        from . import latency_objective
+
+        cfg = latency_objective.config(spec, device)
+        metrics["latency_ms"] = measure_models([model], shape, cfg, "base latency")[0]
+        metrics.update(latency_objective.record(cfg))
     return metrics
 
 
@@ -284,13 +270,6 @@ def _write_report(out: Path, base: Mapping[str, Any], importance: Mapping[str, A
     report.write_report(out, dict(base), importance)
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 class _ProgressBar:
     """tqdm over trials in the calling process: done/total, best val acc, front size, states, and an
     ETA that is the sooner of "remaining trials at the pace so far" and the time budget's deadline."""
@@ -298,7 +277,7 @@ class _ProgressBar:
     def __init__(self, spec: SearchSpec, enabled: bool, deadline: float | None = None,
                  already_done: int = 0) -> None:
         self.enabled = enabled
-        self.cost_key = COST_KEYS[spec.objectives[1]]
+        self.cost_key = OBJECTIVE_COLUMNS[spec.objectives[1]]
         self.deadline = deadline
         self.total = spec.budget.max_trials
         self.started = time.time()
