@@ -104,6 +104,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
         except TrustError as exc:
             raise TrustError(f"{spec.source}: {exc}") from None
     search_backend = get_backend(backend)
+    _preload_report()
     budget = spec.budget
     if budget.max_trials is None and budget.time_s is None and budget.device_hours is None and budget.compute_s is None:
         raise AutopruneError(f"search {spec.study!r} has no budget; set budget.max_trials, budget.time_s or "
@@ -264,10 +265,22 @@ def _load_given_base(spec: SearchSpec, model_spec: ModelSpec) -> torch.nn.Module
     return model
 
 
+def _preload_report() -> None:
+    """Import the report's libraries (pandas, matplotlib) before the trials: a search whose trials used all
+    the memory there is must not then fail to import them (issue 30: a MemoryError after 8 good trials)."""
+    from matplotlib.figure import Figure  # noqa: F401
+
+    from ..report import tables  # noqa: F401
+
+
 def _write_report(out: Path, base: Mapping[str, Any], importance: Mapping[str, Any] | None) -> None:
     from ..report import tables as report
 
-    report.write_report(out, dict(base), importance)
+    try:
+        report.write_report(out, dict(base), importance)
+    except MemoryError:
+        raise AutopruneError(f"out of memory while writing the report; the trials are safe in {out} (trials.csv, "
+                             f"study.db): write the report later with `autoprune pareto {out}`") from None
 
 
 class _ProgressBar:
