@@ -222,7 +222,8 @@ def work_used(store: TrialStore, trials: Sequence[StoredTrial] | None = None) ->
 
 
 def importance(store: TrialStore, objectives: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Parameter importance per objective (objective -> parameter -> fANOVA share of its variance) over
+    """Parameter importance per objective (objective -> parameter -> normalised fANOVA share: main-effect
+    variance over the sum of the main effects) over
     the complete trials; {} below :data:`autoprune.report.importance.MIN_TRIALS` of them. See
     :func:`autoprune.report.importance.param_importance`."""
     from ..report.importance import param_importance
