@@ -166,6 +166,22 @@ def test_the_searcher_tells_optuna_values_only_for_complete_trials(tmp_path):
     assert {c["run"] for c in claims.values()} == {"run_000"}
 
 
+def test_a_stop_request_stops_the_ray_driver_at_its_next_step():
+    """The stop request a SIGTERM records (in case its KeyboardInterrupt is lost) is polled by the Ray
+    driver too: Tune calls the callback's on_step_begin at every step of its loop."""
+    pytest.importorskip("ray")
+    from autoprune.search import stop
+
+    callback = ray_backend.AutopruneCallback("nothing")
+    callback.on_step_begin(0, [])  # nothing requested: the loop goes on
+    stop.request_stop()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            callback.on_step_begin(1, [])
+    finally:
+        stop.clear_stop()
+
+
 def test_an_optuna_backend_folder_is_refused(tmp_path):
     pytest.importorskip("ray")
     (tmp_path / "study.db").write_text("")
