@@ -149,7 +149,7 @@ def test_resrep_epoch_readings_are_the_model_it_would_return(digits, digits_base
     for stop_at in (1, 2):
         readings = []
 
-        def on_epoch(epoch, metrics, stop_at=stop_at):
+        def on_epoch(epoch, metrics, stop_at=stop_at, readings=readings):
             readings.append(metrics["val_acc"])
             return epoch >= stop_at
 
