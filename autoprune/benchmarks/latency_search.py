@@ -73,15 +73,9 @@ def tp_round8(model: nn.Module, shape: tuple[int, int, int], macs_frac: float) -
     return bisect_ratio(make, lambda m: count_macs(m, shape), macs_frac * base_macs, iters=9)[1]
 
 
-def clock_for(args: Any, threads: int) -> str:
-    """``--clock auto``: the thread's CPU time for one thread (robust to other work on a shared machine), wall
-    clock for more (CPU time would add the threads up)."""
-    return ("cpu" if threads == 1 else "wall") if args.clock == "auto" else args.clock
-
-
 def _cfg(args: Any, batch: int, threads: int) -> LatencyConfig:
     return LatencyConfig(batch_size=batch, threads=threads, rounds=args.rounds, points=args.points,
-                         cache_dir=args.cache_dir, clock=clock_for(args, threads))
+                         cache_dir=args.cache_dir, clock=common.clock_for(args, threads))
 
 
 def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Sequence[int]
