@@ -35,11 +35,13 @@ from torch import nn
 from ..engine import pruning as engine
 from ..engine.cost import count_macs
 from ..engine.graph import find_groups
-from ..engine.latency import build_latency_model, measure_models, validate
+from ..engine.latency import build_latency_model, measure_models
 from ..engine.latency_table import LatencyConfig, device_name
+from ..engine.latency_validate import validate
 from ..errors import AutopruneError
 from ..models.registry import ModelSpec, create_model
 from . import common
+from .latency_search_runs import clock_for, run_search_part
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +221,6 @@ def _run(args: Any, names: Sequence[str], batches: Sequence[int], threads_list: 
         tables.append(_target_table(tgt_rows, where))
     preamble: list[str] = []
     if "search" in args.parts:
-        from .latency_search_runs import run_search_part
-
         table, notes = run_search_part(args)
         tables.append(table)
         preamble += notes

@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 MIN_RATIO = 0.05
 
 
+def clock_for(args: Any, threads: int) -> str:
+    """``--clock auto``: the thread's CPU time for one thread (robust to other work on a shared machine), wall
+    clock for more (CPU time would add the threads up)."""
+    return ("cpu" if threads == 1 else "wall") if args.clock == "auto" else args.clock
+
+
 def _spec(b: Any, base: Path, objective: str, low: float, args: Any, threads: int) -> dict[str, Any]:
     return {
         "study": f"resnet20_{objective}", "model": b.case.model, "data": b.case.data.to_dict(), "base": str(base),
