@@ -263,9 +263,3 @@ def demo_spec(study: str, model: str, data: Mapping[str, Any], base: str, trials
     if target_low is not None:
         space["target"] = {**space["target"], "low": target_low}
     return raw
-
-
-def clock_for(args: Any, threads: int) -> str:
-    """``--clock auto``: the thread's CPU time for one thread (robust to other work on a shared machine), wall
-    clock for more (CPU time would add the threads up)."""
-    return ("cpu" if threads == 1 else "wall") if args.clock == "auto" else args.clock

@@ -77,7 +77,7 @@ def tp_round8(model: nn.Module, shape: tuple[int, int, int], macs_frac: float) -
 
 def _cfg(args: Any, batch: int, threads: int) -> LatencyConfig:
     return LatencyConfig(batch_size=batch, threads=threads, rounds=args.rounds, points=args.points,
-                         cache_dir=args.cache_dir, clock=common.clock_for(args, threads))
+                         cache_dir=args.cache_dir, clock=clock_for(args, threads))
 
 
 def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Sequence[int]

@@ -46,7 +46,7 @@ def _spec(b: Any, base: Path, objective: str, low: float, args: Any, threads: in
         "study": f"resnet20_{objective}", "model": b.case.model, "data": b.case.data.to_dict(), "base": str(base),
         "device": "cpu", "seed": args.seed, "sampler": "tpe", "objectives": ["val_acc", objective],
         "latency": {"batch_size": 1, "runtime": "torch", "threads": threads, "rounds": args.rounds,
-                    "points": args.points, "clock": common.clock_for(args, threads)},
+                    "points": args.points, "clock": clock_for(args, threads)},
         "budget": {"max_trials": args.trials}, "allocation": {"min_ratio": MIN_RATIO},
         "space": {"method": "l1", "target": {"low": round(low, 2), "high": 0.9},
                   "allocation": ["uniform", "global", "searched"], "buckets": 3, "log_ratio": {"low": -1, "high": 1},
@@ -120,7 +120,7 @@ def run_search_part(args: Any) -> tuple[common.Table, list[str]]:
             base = work / "base.pt"
             save_base(base, b.model, b.spec, b.case.data, {k: b.base[k] for k in ("val_acc", "macs", "params")})
             cfg = LatencyConfig(batch_size=1, threads=threads, rounds=args.rounds, points=args.points,
-                                clock=common.clock_for(args, threads))
+                                clock=clock_for(args, threads))
             groups = find_groups(b.model, shape)
             lm = build_latency_model(b.model, groups, shape, cfg)
             floor = lm.value({g.name: max(1, math.ceil(MIN_RATIO * g.channels)) for g in groups if g.prunable}) / lm.base
