@@ -33,6 +33,7 @@ from ..data.splits import check_split
 from ..engine.cost import count_macs, count_params
 from ..engine.plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
 from ..errors import AutopruneError
+from ..files import clean_temps
 from ..models.registry import ModelSpec, create_model
 from ..report.pareto import OBJECTIVE_COLUMNS
 from ..train import NonFiniteLoss, TrainConfig, evaluate, fit, resolve_device
@@ -103,6 +104,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
         except TrustError as exc:
             raise TrustError(f"{spec.source}: {exc}") from None
     search_backend = get_backend(backend)
+    _preload_report()
     budget = spec.budget
     if budget.max_trials is None and budget.time_s is None and budget.device_hours is None and budget.compute_s is None:
         raise AutopruneError(f"search {spec.study!r} has no budget; set budget.max_trials, budget.time_s or "
@@ -118,6 +120,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
         if not free:
             raise AutopruneError(f"another search is running on {out}; wait for it or choose another --out")
         folder.prepare(spec, out, resume, search_backend)
+        clean_temps(out, ("models", "plans"))  # what a killed or failed write left (we hold the run lock)
         _dump_spec(spec, out / "spec.yaml")
         device = resolve_device(spec.device)
         data = load_data(spec.data, device) if data is None else data
@@ -195,30 +198,8 @@ def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.devic
         if not {"val_acc", "macs", "params"} <= set(metrics):
             metrics = {}
     if not metrics:
-        if spec.base:
-            model = _load_given_base(spec, model_spec)
-        else:
-            with torch.random.fork_rng(devices=[]):  # the same seed gives the same base model
-                torch.manual_seed(int(spec.seed or 0))
-                model = _build(spec, model_spec)
-            if spec.base_epochs <= 0:
-                log.warning("base_epochs is 0 and no base checkpoint is given: pruning an untrained model")
-            else:
-                log.info("training the base model %s for %d epochs", spec.model, spec.base_epochs)
-                label = f"base model: train {spec.model} on {spec.data.name}"  # tqdm adds the count and ETA
-                cfg = TrainConfig(epochs=int(spec.base_epochs), lr=float(spec.base_lr), seed=int(spec.seed or 0),
-                                  augment=spec.augment)
-                try:
-                    fit(model, data.train, data.val, cfg, device, progress=label if progress else False)
-                except NonFiniteLoss as exc:
-                    raise AutopruneError(f"training the base model failed: {nan_head(exc)}; lower base_lr in "
-                                         f"{spec.source}, or give a trained checkpoint as base:") from None
-                except (AutopruneError, KeyboardInterrupt):
-                    raise
-                except Exception as exc:  # a user model whose forward raises: one line, -v for the traceback
-                    log.debug("training %s failed", spec.model, exc_info=True)
-                    raise AutopruneError(f"training the base model {spec.model!r} failed: {one_line(exc)} "
-                                         "(-v shows the traceback)") from None
+        model = _load_given_base(spec, model_spec) if spec.base else _train_base(spec, model_spec, data, device,
+                                                                                   progress)
         model.to(device)
         metrics = {"val_acc": evaluate(model, data.val, device)["acc"], "macs": count_macs(model, shape, device),
                    "params": count_params(model)}
@@ -235,6 +216,34 @@ def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.devic
         metrics["latency_ms"] = measure_models([model], shape, cfg, "base latency")[0]
         metrics.update(latency_objective.record(cfg))
     return metrics
+
+
+def _train_base(spec: SearchSpec, model_spec: ModelSpec, data: Dataset, device: torch.device,
+                progress: bool) -> torch.nn.Module:
+    """The spec's model trained for ``base_epochs`` from a seeded initialisation (the same seed gives the
+    same base model); a training failure is one line naming what to change."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(spec.seed or 0))
+        model = _build(spec, model_spec)
+    if spec.base_epochs <= 0:
+        log.warning("base_epochs is 0 and no base checkpoint is given: pruning an untrained model")
+        return model
+    log.info("training the base model %s for %d epochs", spec.model, spec.base_epochs)
+    label = f"base model: train {spec.model} on {spec.data.name}"  # tqdm adds the count and ETA
+    cfg = TrainConfig(epochs=int(spec.base_epochs), lr=float(spec.base_lr), seed=int(spec.seed or 0),
+                      augment=spec.augment)
+    try:
+        fit(model, data.train, data.val, cfg, device, progress=label if progress else False)
+    except NonFiniteLoss as exc:
+        raise AutopruneError(f"training the base model failed: {nan_head(exc)}; lower base_lr in "
+                             f"{spec.source}, or give a trained checkpoint as base:") from None
+    except (AutopruneError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a user model whose forward raises: one line, -v for the traceback
+        log.debug("training %s failed", spec.model, exc_info=True)
+        raise AutopruneError(f"training the base model {spec.model!r} failed: {one_line(exc)} "
+                             "(-v shows the traceback)") from None
+    return model
 
 
 def _build(spec: SearchSpec, model_spec: ModelSpec) -> torch.nn.Module:
@@ -262,10 +271,22 @@ def _load_given_base(spec: SearchSpec, model_spec: ModelSpec) -> torch.nn.Module
     return model
 
 
+def _preload_report() -> None:
+    """Import the report's libraries (pandas, matplotlib) before the trials: a search whose trials used all
+    the memory there is must not then fail to import them (issue 30: a MemoryError after 8 good trials)."""
+    from matplotlib.figure import Figure  # noqa: F401
+
+    from ..report import tables  # noqa: F401
+
+
 def _write_report(out: Path, base: Mapping[str, Any], importance: Mapping[str, Any] | None) -> None:
     from ..report import tables as report
 
-    report.write_report(out, dict(base), importance)
+    try:
+        report.write_report(out, dict(base), importance)
+    except MemoryError:
+        raise AutopruneError(f"out of memory while writing the report; the trials are safe in {out} (trials.csv, "
+                             f"study.db): write the report later with `autoprune pareto {out}`") from None
 
 
 class _ProgressBar:

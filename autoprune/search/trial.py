@@ -142,7 +142,7 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
     except Exception as exc:
         if isinstance(exc, FileWriteError) or isinstance(user_error(exc), FileWriteError):
             raise (exc if isinstance(exc, FileWriteError) else user_error(exc)) from None  # no trial can fix it
-        message = _message(exc, worker)
+        message = _message(exc, worker, hparams)
         log.warning("trial %d failed: %s", number, message)
         log.debug("trial %d traceback", number, exc_info=True)
         del exc
@@ -187,8 +187,21 @@ def reused_result(spec: SearchSpec, number: int, hparams: Mapping[str, Any], pri
                        duplicate_of=prior.number, **measured)
 
 
-def _message(exc: Exception, worker: Worker) -> str:
-    """The trial's error in one line; a non-finite loss says what to change in the spec."""
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: MemoryError, torch's OutOfMemoryError (CUDA), or the CPU
+    allocator's "can't allocate memory" RuntimeError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def _message(exc: Exception, worker: Worker, hparams: Mapping[str, Any] | None = None) -> str:
+    """The trial's error in one line; a non-finite loss and running out of memory say what to change."""
+    if out_of_memory(exc):
+        batch = int((hparams or {}).get("batch_size") or 128)
+        return (f"out of memory at batch size {batch} on {worker.device}: lower space.batch_size in "
+                f"{worker.spec.source} (e.g. {max(1, batch // 2)}), or the image size or --workers")
     if isinstance(exc, NonFiniteLoss):
         hint = f"lower space.lr in {worker.spec.source}"
         if worker.device.type == "cuda":
@@ -239,7 +252,8 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     done = pruned.trained_epochs if pruned.stopped_early else k
     progress.curve = (progress.curve + [None] * done)[:done]
     progress.epochs_run = epoch.offset = done
-    if not epoch.stopped and epochs > k and _screened_out(worker, number, epoch, phases, m):
+    own = early_stop.round_key(method, target, allocation.mode)  # the screening round's key of this configuration
+    if not epoch.stopped and epochs > k and _screened_out(worker, number, epoch, phases, m, own):
         return _result(worker, number, hparams, "early_stopped", m["fidelity"], progress, start, stopped_at="screen")
     if not epoch.stopped and epochs > k:
         epoch.pause = latency_objective.PausePoint(worker.out_dir) if worker.spec.workers > 1 else None
@@ -304,8 +318,10 @@ class _Epochs:
         return self.stopped
 
 
-def _screened_out(worker: Worker, number: int, epoch: _Epochs, phases: tuple[str, ...], m: dict[str, Any]) -> bool:
-    """The fidelity screen before fine-tuning: the pruned model is not in the best share of its bucket."""
+def _screened_out(worker: Worker, number: int, epoch: _Epochs, phases: tuple[str, ...], m: dict[str, Any],
+                  config: str = "") -> bool:
+    """The fidelity screen before fine-tuning: the pruned model is not in the best share of its bucket
+    (never against the screening round's measurement of its own ``config``)."""
     screen = worker.spec.screen
     if epoch.finished is None or not screen.enabled:
         return False
@@ -314,7 +330,7 @@ def _screened_out(worker: Worker, number: int, epoch: _Epochs, phases: tuple[str
     if early_stop.screen_out(frac, m["fidelity"], epoch.reference().candidates, keep=screen.keep,
                              bucket=screen.bucket, min_peers=screen.min_peers,
                              phase=early_stop.screening_phase(phases), n_val=len(worker.data.val),
-                             se_multiple=screen.se_multiple):
+                             se_multiple=screen.se_multiple, config=config):
         log.info("trial %d screened out: fidelity %.4f not in the best %.0f %% of its %s-fraction bucket",
                  number, m["fidelity"], 100 * screen.keep, "params" if objective == "params" else
                  "latency" if objective == "latency" else "MACs")
