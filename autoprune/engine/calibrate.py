@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import warn
+
 log = logging.getLogger(__name__)
 
 # 32 batches of 64 = 2048 training images, the same order as EagleEye's 50 x 100 on ImageNet; the
@@ -93,7 +95,7 @@ def recalibrate_bn(model: nn.Module, split: Any, batches: int = DEFAULT_BATCHES,
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(count)
-        log.warning("BN recalibration found no batch of 2 or more images; BN statistics left unchanged")
+        warn("BN recalibration found no batch of 2 or more images; BN statistics left unchanged")
     log.debug("BN recalibration: %d layers re-estimated on %d images", len(bns), seen)
     return seen
 

@@ -84,7 +84,13 @@ def study_trials(out: Path, backend: str) -> int:
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
-        n = sum(len(storage.get_all_trials(s._study_id, deepcopy=False)) for s in storage.get_all_studies())
+        from optuna.trial import TrialState
+
+        from .optuna_backend import CURVES_SUFFIX
+
+        # the search's own trials: not the `.curves` companion study, not queued retries
+        n = sum(1 for s in storage.get_all_studies() if not s.study_name.endswith(CURVES_SUFFIX)
+                for t in storage.get_all_trials(s._study_id, deepcopy=False) if t.state != TrialState.WAITING)
     except (sqlalchemy.exc.SQLAlchemyError, RuntimeError, ValueError) as exc:
         kind = type(getattr(exc, "orig", None) or exc).__name__
         raise AutopruneError(f"{db} is not a readable Optuna study ({kind}); trials.csv ({rows} trials) is "
