@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import progress as _progress
 from .errors import AutopruneError
 
 logger = logging.getLogger(__name__)
@@ -226,8 +227,9 @@ def fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, dev
         progress: bool | str = False) -> FitResult:
     """Train model in place on train for cfg.epochs; evaluate on val after every epoch.
 
-    ``progress``: a tqdm bar per epoch (with its ETA); a string also labels the bar with what is
-    being trained (e.g. "base small_cnn on digits").
+    Progress goes to :mod:`autoprune.progress` (the caller's reporter renders it): a phase named
+    ``progress`` when it is a string (e.g. "base small_cnn on digits"), else "train", counting epochs,
+    and inside it one phase per epoch (``epoch 3/20``) counting optimizer steps.
 
     Moves model (and teacher) to device; on CUDA also to channels-last. Raises NonFiniteLoss
     when the loss becomes NaN/inf (the weights are then unusable: on CUDA the check runs every
@@ -290,51 +292,22 @@ def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, de
     history: list[dict] = []
     stopped_early = False
     global_step = 0
-    epochs = _progress_bar(range(1, cfg.epochs + 1), progress)
-    for epoch in epochs:
-        start = time.perf_counter()
-        model.train()
-        for step, (x, y) in enumerate(train.batches(cfg.batch_size, shuffle=True, generator=generator,
-                                                    augment=cfg.augment), start=1):
-            factor = lr_at(global_step) / cfg.lr
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * factor
-            x, y = _to_device(x, device), y.to(device, non_blocking=True)
-            with _autocast(amp_dtype):
-                teacher_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(x)
-                loss = _loss(model(x), y, cfg, teacher_logits)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if callbacks.after_backward is not None:
-                callbacks.after_backward(model, global_step)
-            scaler.step(optimizer)
-            scaler.update()
-            monitor.add(loss.detach(), len(y), (epoch, step, global_step))
-            global_step += 1
-            _raise_if_bad(monitor, lr_at)
-        monitor.flush()
-        _raise_if_bad(monitor, lr_at)
-        train_loss = monitor.epoch_mean()
-        val_metrics = evaluate(model, val, device) if val is not None else {"acc": math.nan, "loss": math.nan}
-        metrics = {"epoch": epoch, "train_loss": train_loss, "val_acc": val_metrics["acc"],
-                   "val_loss": val_metrics["loss"], "lr": lr_at(max(0, global_step - 1)),
-                   "seconds": time.perf_counter() - start}
-        history.append(metrics)
-        logger.info("epoch %d/%d train_loss %.4f val_acc %.4f val_loss %.4f lr %.3g (%.1f s)", epoch,
-                    cfg.epochs, train_loss, metrics["val_acc"], metrics["val_loss"], metrics["lr"],
-                    metrics["seconds"])
-        if progress:
-            epochs.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{metrics['val_acc']:.4f}")
-        if callbacks.on_epoch_end is not None and callbacks.on_epoch_end(epoch, dict(metrics)):
-            stopped_early = epoch < cfg.epochs
-            logger.info("stopped after epoch %d by on_epoch_end", epoch)
-            break
-    if progress:
-        epochs.close()
+    label = progress if isinstance(progress, str) else "train"
+    with _progress.phase(label, total=cfg.epochs, unit="epoch") as run:
+        for epoch in range(1, cfg.epochs + 1):
+            with _progress.phase(f"epoch {epoch}/{cfg.epochs}", total=spe, unit="step") as ep:
+                global_step, metrics = _epoch(model, train, val, cfg, device, callbacks, teacher, optimizer, base_lrs,
+                                              lr_at, amp_dtype, scaler, generator, monitor, epoch, global_step, ep)
+                ep.postfix = run.postfix = f"loss {metrics['train_loss']:.4f}, val_acc {metrics['val_acc']:.4f}"
+            run.advance()
+            history.append(metrics)
+            logger.info("epoch %d/%d train_loss %.4f val_acc %.4f val_loss %.4f lr %.3g (%.1f s)", epoch,
+                        cfg.epochs, metrics["train_loss"], metrics["val_acc"], metrics["val_loss"], metrics["lr"],
+                        metrics["seconds"])
+            if callbacks.on_epoch_end is not None and callbacks.on_epoch_end(epoch, dict(metrics)):
+                stopped_early = epoch < cfg.epochs
+                logger.info("stopped after epoch %d by on_epoch_end", epoch)
+                break
     optimizer.zero_grad(set_to_none=True)  # do not keep a gradient-sized copy of the model alive
 
     if history:
@@ -346,6 +319,45 @@ def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, de
         best = final
     return FitResult(epochs_run=len(history), stopped_early=stopped_early, history=tuple(history),
                      best_val_acc=best, final_val_acc=final)
+
+
+def _epoch(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, device: torch.device,
+           callbacks: Callbacks, teacher: nn.Module | None, optimizer: torch.optim.Optimizer, base_lrs: list[float],
+           lr_at: Callable[[int], float], amp_dtype: torch.dtype | None, scaler: Any, generator: torch.Generator,
+           monitor: _LossMonitor, epoch: int, global_step: int, phase: _progress.Phase) -> tuple[int, dict]:
+    """One epoch of :func:`_fit`: the steps (each advances ``phase``), then validation; (global step, metrics)."""
+    start = time.perf_counter()
+    model.train()
+    for step, (x, y) in enumerate(train.batches(cfg.batch_size, shuffle=True, generator=generator,
+                                                augment=cfg.augment), start=1):
+        factor = lr_at(global_step) / cfg.lr
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        x, y = _to_device(x, device), y.to(device, non_blocking=True)
+        with _autocast(amp_dtype):
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+            loss = _loss(model(x), y, cfg, teacher_logits)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if callbacks.after_backward is not None:
+            callbacks.after_backward(model, global_step)
+        scaler.step(optimizer)
+        scaler.update()
+        monitor.add(loss.detach(), len(y), (epoch, step, global_step))
+        global_step += 1
+        _raise_if_bad(monitor, lr_at)
+        phase.advance()
+    monitor.flush()
+    _raise_if_bad(monitor, lr_at)
+    train_loss = monitor.epoch_mean()
+    val_metrics = evaluate(model, val, device) if val is not None else {"acc": math.nan, "loss": math.nan}
+    return global_step, {"epoch": epoch, "train_loss": train_loss, "val_acc": val_metrics["acc"],
+                         "val_loss": val_metrics["loss"], "lr": lr_at(max(0, global_step - 1)),
+                         "seconds": time.perf_counter() - start}
 
 
 def _loss(logits: Tensor, y: Tensor, cfg: TrainConfig, teacher_logits: Tensor | None) -> Tensor:
@@ -420,10 +432,3 @@ def _grad_scaler(enabled: bool) -> Any:
         return torch.amp.GradScaler("cuda", enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled)
 
-
-def _progress_bar(epochs: range, progress: bool | str) -> Any:
-    if not progress:
-        return epochs
-    from tqdm.auto import tqdm
-
-    return tqdm(epochs, desc=progress if isinstance(progress, str) else "fit", unit="epoch")

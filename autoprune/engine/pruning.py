@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AutopruneError
+from .. import progress as _progress
+from ..errors import AutopruneError, warn
 from ..methods import EpochReport, PruneContext, get_method, make_params
 from .allocate import AllocationConfig
 from .calibrate import DEFAULT_BATCHES, has_batchnorm, recalibrate_bn
@@ -96,24 +97,28 @@ def prune(
     shape = _input_shape(spec, data, input_shape)
     work = safe_copy(model).to(device).eval()
     if groups is None:
-        groups = find_groups(work, shape)
+        with _progress.phase("grouping"):
+            groups = find_groups(work, shape)
     cost = build_width_cost(work, groups, shape)
     if not any(g.prunable for g in groups):
         raise AutopruneError(f"{type(model).__name__} has no prunable channel group; see `autoprune info`")
     ctx = PruneContext(model=work, groups=groups, cost=cost, target=target, allocation=allocation, device=device,
                        input_shape=shape, data=data, train_cfg=train_cfg, progress=progress,
                        on_epoch=on_epoch)
-    out = impl.run(ctx, method_params)
+    with _progress.phase(f"scoring ({method})"):  # allocation is a phase inside it (PruneContext.allocate)
+        out = impl.run(ctx, method_params)
     pruned = out.model
-    plan = Plan.from_keep(out.keep, groups)
-    apply_plan(pruned, groups, plan)
+    with _progress.phase("surgery"):
+        plan = Plan.from_keep(out.keep, groups)
+        apply_plan(pruned, groups, plan)
     recal_images = 0
     if data is None and recalibrate_batches and has_batchnorm(pruned):
-        log.warning("prune() got no data: BN statistics are not recalibrated after surgery (one-shot accuracy "
-                    "is often near chance without it); pass data= (an autoprune.data.datasets.Dataset)")
+        warn("prune() got no data: BN statistics are not recalibrated after surgery (one-shot accuracy "
+             "is often near chance without it); pass data= (an autoprune.data.datasets.Dataset)")
     if data is not None and recalibrate_batches:
         seed = int(getattr(train_cfg, "seed", 0) or 0)
-        recal_images = recalibrate_bn(pruned, data.train, recalibrate_batches, device=device, seed=seed)
+        with _progress.phase("BN recalibration"):
+            recal_images = recalibrate_bn(pruned, data.train, recalibrate_batches, device=device, seed=seed)
     macs = count_macs(pruned, shape, device)
     expected = cost.macs(plan.widths())
     if macs != expected:  # the analytic model and the surgery must agree; if not, allocation is wrong

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import progress
 from ..engine.allocate import AllocationConfig, allocate, select
 from ..engine.cost import WidthCost
 from ..engine.graph import ChannelGroup
@@ -79,7 +80,8 @@ class PruneContext:
 
     def allocate(self, scores: Mapping[str, torch.Tensor] | None) -> dict[str, int]:
         """Widths per prunable group meeting the MACs target (see :func:`autoprune.engine.allocate.allocate`)."""
-        return allocate(self.groups, scores, self.cost, self.target, self.allocation)
+        with progress.phase("allocation"):
+            return allocate(self.groups, scores, self.cost, self.target, self.allocation)
 
     def select(self, scores: Mapping[str, torch.Tensor], widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         return select(scores, widths)

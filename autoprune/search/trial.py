@@ -36,8 +36,9 @@ from ..engine.plan import load_base, save_pruned
 from ..files import FileWriteError, user_error, write_json
 from ..methods import EpochReport, PruneStopped, get_method, make_params
 from ..models.registry import ModelSpec
+from ..progress import phase
 from ..train import Callbacks, NonFiniteLoss, TrainConfig, evaluate, fit
-from . import early_stop
+from . import early_stop, live
 from .results import COST_KEYS, TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
 
 if TYPE_CHECKING:
@@ -117,8 +118,9 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
     start = time.perf_counter()
     progress = _Progress()
     try:
-        result = _run(worker, number, dict(hparams), finished, early_stopping, progress, start,
-                      number if seed_index is None else seed_index)
+        with live.trial_progress(worker.out_dir, number, hparams):  # what the search display shows of it
+            result = _run(worker, number, dict(hparams), finished, early_stopping, progress, start,
+                          number if seed_index is None else seed_index)
     except Exception as exc:
         if isinstance(exc, FileWriteError) or isinstance(user_error(exc), FileWriteError):
             raise (exc if isinstance(exc, FileWriteError) else user_error(exc)) from None  # no trial can fix it
@@ -203,10 +205,12 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     m.update(macs=pruned.macs, macs_frac=pruned.macs / pruned.base_macs, params=pruned.params,
              params_frac=pruned.params / pruned.base_params)
     # the fidelity rung: the pruned (and BN-recalibrated) model before any fine-tuning costs one evaluation
-    m["fidelity"] = float(evaluate(model, worker.data.val, worker.device)["acc"])
+    with phase("fidelity"):
+        m["fidelity"] = float(evaluate(model, worker.data.val, worker.device)["acc"])
     m["prune_s"] = time.perf_counter() - start
     if objective == "latency":
-        m["latency_ms"] = measure_latency(model, worker.input_shape, 1, worker.device)
+        with phase("latency"):
+            m["latency_ms"] = measure_latency(model, worker.input_shape, 1, worker.device)
     cost = float(m[COST_KEYS[objective]])
     m["cost"] = cost
     progress.curve = (progress.curve + [None] * k)[:k]
@@ -231,7 +235,7 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
 
     if epochs > k:
         fit(model, worker.data.train, worker.data.val, replace(cfg, epochs=epochs - k), worker.device,
-            Callbacks(on_epoch_end=on_epoch_end))
+            Callbacks(on_epoch_end=on_epoch_end), progress="fine-tune")
         val_acc = next(a for a in reversed(progress.curve) if a is not None)
     else:  # nothing left to fine-tune: the pruned model as it is
         val_acc = m["fidelity"]
@@ -242,7 +246,8 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     state = "early_stopped" if stopped else "complete"
     saved = ""
     if state == "complete":
-        saved = _save(worker, number, hparams, model, pruned, val_acc)
+        with phase("save"):
+            saved = _save(worker, number, hparams, model, pruned, val_acc)
     result = _result(worker, number, hparams, state, val_acc, progress, start, model=saved,
                      stopped_at=f"epoch {progress.epochs_run}" if stopped else "")
     log.info("trial %d %s: %s target %.2f -> val_acc %.4f (fidelity %.4f), %d MACs (%.3f of base), %d epochs, "
