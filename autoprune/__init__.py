@@ -13,6 +13,23 @@ reporter a caller installs (:mod:`autoprune.progress`, :mod:`autoprune.progress_
 from __future__ import annotations
 
 import logging
+import os
+import sys
+
+
+def _drop_working_directory() -> None:
+    """Under ``python -m autoprune`` (``sys.argv[0]`` is "-m" while Python locates ``__main__``), take
+    the current directory off the import path before anything else is imported, unless autoprune
+    itself lives there (a source checkout). ``python -m`` puts it first on ``sys.path``, so a ``.py``
+    file in a received results folder could otherwise shadow a library (``yaml.py``) or be imported
+    by a model name; a user's own model package is found through PYTHONPATH or an installed package."""
+    if sys.argv[:1] == ["-m"] and sys.path and sys.path[0] in ("", os.getcwd()):
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.abspath(sys.path[0] or ".") != here:
+            del sys.path[0]
+
+
+_drop_working_directory()
 
 from . import search  # callable: autoprune.search(spec, out=...)
 from .engine.plan import Plan, load_base, load_pruned, save_base

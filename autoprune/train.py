@@ -7,7 +7,8 @@ backward and the optimizer step, e.g. ResRep's group-lasso on compactors) and
 
 Recipe: SGD + Nesterov momentum, weight decay on conv/linear weights only, cosine learning
 rate per step with optional linear warm-up, label smoothing, optional distillation.
-On CUDA: mixed precision (bf16, or fp16 with a GradScaler) and channels-last; on CPU plain fp32.
+On CUDA: mixed precision (bf16, or fp16 with a GradScaler; ``TrainConfig.amp_dtype`` picks, default
+bf16 where supported) and channels-last (``TrainConfig.channels_last``); on CPU plain fp32.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 # small models on GPU-resident data lose a noticeable share of throughput to it. We look at the
 # losses every few steps instead (a NaN is still reported with its exact step).
 _CUDA_CHECK_EVERY = 25
+AMP_DTYPES = ("auto", "bf16", "fp16")
 
 
 class Split(Protocol):
@@ -59,6 +61,9 @@ class TrainConfig:
     distill_alpha: float = 0.0      # weight of the distillation term (needs a teacher when > 0)
     distill_temperature: float = 4.0
     amp: bool = True                # mixed precision; used only on CUDA
+    amp_dtype: str = "auto"         # "auto" (bf16 where the GPU supports it, else fp16), "bf16" or "fp16"
+    #                                 (fp16 with a GradScaler); read only when amp is on, on CUDA
+    channels_last: bool = True      # on CUDA: model and batches in channels-last memory format
     augment: bool | tuple[str, ...] = False  # Split.batches of the training split: names ("crop", "flip")
     #                                         or True for the legacy rule (autoprune.data.datasets.augment_batch)
     seed: int = 0                   # shuffling order and the RNG used during training
@@ -84,6 +89,9 @@ class TrainConfig:
             if not ok:
                 raise AutopruneError(f"training setting {name}={getattr(self, name)!r} is invalid; "
                                      f"it must be {allowed[name]}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise AutopruneError(f"training setting amp_dtype={self.amp_dtype!r} is invalid; "
+                                 f"it must be one of {', '.join(AMP_DTYPES)}")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -245,17 +253,18 @@ def fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, dev
                              "pass a teacher or set distill_alpha to 0")
     if teacher is not None and cfg.distill_alpha == 0:
         teacher = None  # its logits would be multiplied by zero: do not pay for them
-    on_cuda = device.type == "cuda"
+    channels_last = device.type == "cuda" and cfg.channels_last
     model.to(device)
-    if on_cuda:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     modes = {m: m.training for m in model.modules()}
     teacher_modes = {m: m.training for m in teacher.modules()} if teacher is not None else {}
     if teacher is not None:
         teacher.to(device)
-        if on_cuda:
+        if channels_last:
             teacher.to(memory_format=torch.channels_last)
         teacher.eval()
+    on_cuda = device.type == "cuda"
     fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if on_cuda else []
     try:
         with torch.random.fork_rng(devices=fork_devices):
@@ -282,9 +291,7 @@ def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, de
         callbacks.on_optimizer(optimizer)
     # Groups may carry their own lr: the schedule scales each group's base rate by the same factor.
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    amp_dtype = None
-    if on_cuda and cfg.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = amp_dtype_for(cfg, device)
     scaler = _grad_scaler(enabled=amp_dtype is torch.float16)
     generator = torch.Generator().manual_seed(cfg.seed)
     monitor = _LossMonitor(_CUDA_CHECK_EVERY if on_cuda else 1)
@@ -333,7 +340,7 @@ def _epoch(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, 
         factor = lr_at(global_step) / cfg.lr
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
-        x, y = _to_device(x, device), y.to(device, non_blocking=True)
+        x, y = _to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
         with _autocast(amp_dtype):
             teacher_logits = None
             if teacher is not None:
@@ -416,9 +423,21 @@ def _raise_if_bad(monitor: _LossMonitor, lr_at: Callable[[int], float]) -> None:
                         "epochs, or disable mixed precision")
 
 
-def _to_device(x: Tensor, device: torch.device) -> Tensor:
+def amp_dtype_for(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype fit trains with: None (fp32) on CPU or with ``amp`` off, else bf16 / fp16 as
+    ``cfg.amp_dtype`` says ("auto": bf16 where the GPU supports it, fp16 elsewhere, e.g. V100/T4)."""
+    if device.type != "cuda" or not cfg.amp:
+        return None
+    if cfg.amp_dtype == "bf16":
+        return torch.bfloat16
+    if cfg.amp_dtype == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _to_device(x: Tensor, device: torch.device, channels_last: bool = True) -> Tensor:
     x = x.to(device, non_blocking=True)
-    if device.type == "cuda" and x.dim() == 4:
+    if channels_last and device.type == "cuda" and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 

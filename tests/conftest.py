@@ -96,3 +96,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def trust_special_models(monkeypatch):
+    """Trust tests/special_models.py, whose factories tests name as ``special_models:<name>`` (autoprune.trust)."""
+    monkeypatch.setenv("AUTOPRUNE_TRUST_CODE", "special_models")

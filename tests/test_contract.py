@@ -39,7 +39,7 @@ class Data:
         self.num_classes, self.in_channels, self.image_size = classes, shape[0], shape[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "trust_special_models")
 
 
 def _spec(model_name: str) -> tuple[ModelSpec, tuple[int, int, int]]:

@@ -79,7 +79,7 @@ def test_1_missing_or_corrupt_study_storage_is_refused_and_nothing_is_lost(study
     assert (out / "trials.csv").read_text() == before
     (out / "study.db").write_bytes(b"SQLite format 3\x00" + b"\x00" * 50)  # truncated
     assert main(["search", str(spec), "--out", str(out), "--resume", "--no-progress"]) == 2
-    one_line(capsys, "not a readable Optuna study", "trials.csv (2 trials) is intact")
+    one_line(capsys, "damaged or unreadable", "trials.csv (2 trials) is intact")
     assert (out / "trials.csv").read_text() == before and len(list((out / "models").iterdir())) == 2
 
 
@@ -334,7 +334,7 @@ def test_8_a_user_model_that_raises_is_one_line(where, tmp_path, monkeypatch, ca
         "    return M()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = write_spec(tmp_path / "s", None, model=f"{name}:build", base_epochs=1)
-    assert main(["search", str(spec), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert main(["search", str(spec), "--out", str(tmp_path / "out"), "--no-progress", "--trust-code", name]) == 2
     one_line(capsys, f"{name}:build", f"{where} is broken", "-v shows the traceback")
 
 

@@ -183,7 +183,8 @@ def test_compensation_removes_the_mean_shift_of_the_consumer_output(bn_after):
     assert shift["measured"] < 0.02 * shift["none"], shift
 
 
-def test_compensation_bias_survives_save_and_load(tmp_path):
+def test_compensation_bias_survives_save_and_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOPRUNE_TRUST_CODE", "test_fsm")  # the checkpoint names test_fsm:gaussian_net
     shape = (3, 10, 10)
     model = _gaussian_setup(bn_after=False)
     res = prune(model, "fsm", 0.5, input_shape=shape)

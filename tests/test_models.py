@@ -154,6 +154,9 @@ def test_user_model_from_package_module_function(tmp_path, monkeypatch):
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, module_name, raising=False)
+    with pytest.raises(AutopruneError, match=f"--trust-code {module_name}"):  # autoprune.trust
+        create_model(ModelSpec(f"{module_name}:build", num_classes=4, in_channels=2, image_size=5))
+    monkeypatch.setenv("AUTOPRUNE_TRUST_CODE", f"{module_name},no_such_module_xyz")
     model = create_model(ModelSpec(f"{module_name}:build", num_classes=4, in_channels=2, image_size=5))
     assert model(torch.randn(3, 2, 5, 5)).shape == (3, 4)
     assert classifier_name(model) == "1"

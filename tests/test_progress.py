@@ -29,15 +29,15 @@ class Clock:
 
 def test_line_reporter_prints_each_phase_once_and_progress_at_most_every_interval():
     out, clock = io.StringIO(), Clock()
-    with progress.use(LineReporter(out, interval=30.0, grace=0, clock=clock)):
-        with progress.phase("fine-tune", total=2, unit="epoch") as run:
-            for e in (1, 2):
-                with progress.phase(f"epoch {e}/2", total=1000, unit="step") as ep:
-                    for _ in range(1000):  # 1000 steps over 50 s of the fake clock: one progress line
-                        clock.t += 0.05
-                        ep.advance()
-                    ep.postfix = "val_acc 0.9"
-                run.advance()
+    reporter = LineReporter(out, interval=30.0, grace=0, clock=clock)
+    with progress.use(reporter), progress.phase("fine-tune", total=2, unit="epoch") as run:
+        for e in (1, 2):
+            with progress.phase(f"epoch {e}/2", total=1000, unit="step") as ep:
+                for _ in range(1000):  # 1000 steps over 50 s of the fake clock: one progress line
+                    clock.t += 0.05
+                    ep.advance()
+                ep.postfix = "val_acc 0.9"
+            run.advance()
     text = out.getvalue()
     lines = text.splitlines()
     assert "\r" not in text
@@ -52,12 +52,11 @@ def test_line_reporter_prints_each_phase_once_and_progress_at_most_every_interva
 def test_bar_reporter_nests_bars_and_closes_them():
     out = io.StringIO()
     rep = BarReporter(out)
-    with progress.use(rep):
-        with progress.phase("train", total=2, unit="epoch") as run:
-            with progress.phase("epoch 1/2", total=3, unit="step") as ep:
-                for _ in range(3):
-                    ep.advance()
-            run.advance()
+    with progress.use(rep), progress.phase("train", total=2, unit="epoch") as run:
+        with progress.phase("epoch 1/2", total=3, unit="step") as ep:
+            for _ in range(3):
+                ep.advance()
+        run.advance()
     assert not rep._bars and "train" in out.getvalue() and "epoch 1/2" in out.getvalue()
 
 
@@ -66,10 +65,9 @@ def test_cli_console_prints_autoprune_warnings_as_one_line(capsys):
 
     from autoprune.errors import warn
 
-    with console(LineReporter()):
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warn("prune() got no data: BN statistics are not recalibrated")
+    with console(LineReporter()), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warn("prune() got no data: BN statistics are not recalibrated")
     assert capsys.readouterr().err.strip() == "warning: prune() got no data: BN statistics are not recalibrated"
 
 
@@ -165,5 +163,5 @@ def test_line_reporter_announces_a_phase_only_once_it_has_run_a_while():
         with progress.phase("LRF feature fit"):
             time.sleep(0.8)
     lines = out.getvalue().splitlines()
-    assert [line.split("] ", 1)[1] for line in lines][0] == "LRF feature fit ..."
+    assert next(line.split("] ", 1)[1] for line in lines) == "LRF feature fit ..."
     assert "LRF feature fit done in" in lines[-1] and len(lines) == 2

@@ -32,7 +32,8 @@ from autoprune.search.spec import load_spec
 
 CONTRACT_HEAD = ["number", "state", "method", "target", "allocation", "epochs", "lr"]
 CONTRACT_TAIL = ["val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
-                 "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at"]
+                 "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at", "latency_frac",
+                 "predicted_latency_frac"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,6 +16,7 @@ from autoprune.train import (
     FitResult,
     NonFiniteLoss,
     TrainConfig,
+    amp_dtype_for,
     default_param_groups,
     evaluate,
     fit,
@@ -412,3 +413,17 @@ def test_fit_with_named_augmentations_matches_split_batches():
     assert cfg.augment == ("crop",)  # a YAML/JSON list becomes a tuple: the config stays hashable
     fit(mlp(0), Recording(blobs(32, 0).x, blobs(32, 0).y), None, cfg, "cpu")
     assert seen == [("crop",)]
+
+
+def test_amp_dtype_picks_the_autocast_precision(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert amp_dtype_for(TrainConfig(amp_dtype="fp16"), cpu) is None  # CPU trains in fp32 whatever is asked
+    assert amp_dtype_for(TrainConfig(amp=False, amp_dtype="bf16"), cuda) is None
+    assert amp_dtype_for(TrainConfig(amp_dtype="fp16"), cuda) is torch.float16
+    assert amp_dtype_for(TrainConfig(amp_dtype="bf16"), cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert amp_dtype_for(TrainConfig(), cuda) is torch.float16  # auto: fp16 where bf16 is not supported
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_dtype_for(TrainConfig(), cuda) is torch.bfloat16
+    with pytest.raises(AutopruneError, match="amp_dtype='fp8' is invalid; it must be one of auto, bf16, fp16"):
+        TrainConfig(amp_dtype="fp8")

@@ -25,6 +25,7 @@ from autoprune.errors import AutopruneError, CheckpointError
 from autoprune.models.registry import ModelSpec
 
 METHODS = ("l1", "lrf", "fsm")
+pytestmark = pytest.mark.usefixtures("trust_special_models")
 
 
 def _model(cls: type[nn.Module]) -> nn.Module:
@@ -89,7 +90,7 @@ def test_4_output_layer_comes_from_the_graph_not_registration_order(cls, head, m
 def test_4_cli_trains_and_prunes_a_model_with_a_projection_head(tmp_path, capsys):
     base, pruned = tmp_path / "base.pt", tmp_path / "pruned.pt"
     assert main(["train", "--model", "special_models:projection_head_net", "--data", "digits", "--epochs", "1",
-                 "--out", str(base), "--device", "cpu"]) == 0
+                 "--out", str(base), "--device", "cpu", "--trust-code", "special_models"]) == 0
     assert main(["prune", "--base", str(base), "--method", "fsm", "--target", "0.5", "--epochs", "1",
                  "--out", str(pruned), "--device", "cpu"]) == 0  # was IndexError: Target 5 is out of bounds
     model, _ = load_pruned(pruned)
@@ -177,7 +178,8 @@ def test_a_model_that_cannot_run_in_training_mode_is_still_pruned(caplog):
 
 
 def test_2_cli_info_lists_the_shared_module_groups_with_the_reason(capsys):
-    assert main(["info", "--model", "special_models:shared_conv_net", "--data", "synthetic", "--device", "cpu"]) == 0
+    assert main(["info", "--model", "special_models:shared_conv_net", "--data", "synthetic", "--device", "cpu",
+                 "--trust-code", "special_models"]) == 0
     out = capsys.readouterr().out
     assert out.count("which forward calls 2 times") == 2 and "head" in out
 

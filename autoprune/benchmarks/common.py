@@ -187,8 +187,9 @@ def _csv_cell(value: Any) -> Any:
 
 
 def write_tables(name: str, tables: Sequence[Table], out_dir: str | Path = RESULTS_DIR, command: str = "",
-                 preamble: Sequence[str] = ()) -> Path:
-    """Print ``tables`` and write ``<out_dir>/<name>.md`` plus one CSV per table; returns the .md path."""
+                 preamble: Sequence[str] = (), echo: bool = True) -> Path:
+    """Print ``tables`` (unless ``echo`` is False: e.g. a benchmark saving what it has after each part) and
+    write ``<out_dir>/<name>.md`` plus one CSV per table; returns the .md path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts = [f"# Benchmark: {name}", "", machine_header(), ""]
@@ -211,7 +212,8 @@ def write_tables(name: str, tables: Sequence[Table], out_dir: str | Path = RESUL
     text = "\n".join(parts).rstrip() + "\n"
     md_path = out / f"{name}.md"
     md_path.write_text(text, encoding="utf-8")
-    print(text)  # benchmarks print their table (see the contracts: allowed in these scripts)
+    if echo:
+        print(text)  # benchmarks print their table (see the contracts: allowed in these scripts)
     log.info("wrote %s", md_path)
     return md_path
 

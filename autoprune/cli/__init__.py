@@ -4,6 +4,8 @@ Each module in this package owns a few subcommands and exposes ``register(subpar
 its parsers with ``set_defaults(func=handler)``; ``handler(args) -> int`` returns the exit code.
 User errors (:class:`autoprune.errors.AutopruneError`) print one line and exit with code 2.
 Every option's help shows its default (:class:`DefaultsFormatter`, set on every subcommand).
+Every subcommand takes ``--trust-code PREFIXES``: the only way a model name ``package.module:function``
+found in a checkpoint, results folder or spec may import code (:mod:`autoprune.trust`).
 """
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ..errors import AutopruneError
 from ..files import user_error
+from ..trust import ALL, ENV, granting
 
-_MODULES = ("basic", "search", "retrain", "importer")
+_MODULES = ("basic", "search", "retrain", "importer", "latency")
 LIBRARY_LOGGER = "autoprune"
 
 
@@ -101,8 +105,15 @@ def _version() -> str:
         return __version__
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``error: autoprune search: ...; see ... --help``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="autoprune", description="Search how to prune a CNN: Pareto fronts of accuracy vs MACs.",
         formatter_class=DefaultsFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
@@ -113,7 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"autoprune.cli.{name}").register(sub)
     for subparser in sub.choices.values():  # argparse reads formatter_class when it formats help
         subparser.formatter_class = DefaultsFormatter
+        trust_option(subparser)
     return parser
+
+
+def trust_option(parser: argparse.ArgumentParser) -> None:
+    """``--trust-code PREFIXES``: modules a ``package.module:function`` model name may import."""
+    parser.add_argument("--trust-code", action="append", default=[], metavar="PREFIXES",
+                        help="let model names package.module:function import these modules (comma-separated "
+                             f"prefixes, repeatable; {ALL}: any module); without it a checkpoint, results folder "
+                             f"or spec naming such a model is refused, nothing imported (also: {ENV}=PREFIXES)")
 
 
 def configure_logging(verbose: bool) -> None:
@@ -137,11 +157,16 @@ def _console(args: argparse.Namespace) -> contextlib.AbstractContextManager:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help and --version exit 0 as argparse does; a usage error returns 2
+        if exc.code == 2:
+            return 2
+        raise
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for commands that print how to re-run
     configure_logging(bool(getattr(args, "verbose", False)))
     try:
-        with _console(args):
+        with granting(getattr(args, "trust_code", None) or None), _console(args):
             code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe raises here, inside the handler below, not at interpreter exit
         return code

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import AutopruneError
 from . import apply_threads, common_options, verbose_option
+from .latency import check_early, latency_config, latency_options, shown_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,14 +54,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     common_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("prune", help="prune a base model to a MACs target with one method, then fine-tune")
+    p = sub.add_parser("prune", help="prune a base model to a MACs or latency target with one method, then "
+                       "fine-tune")
     p.add_argument("--base", required=True, help="base checkpoint from `autoprune train`")
     p.add_argument("--method", default="l1", help="l1 | resrep | lrf | fsm (see `autoprune methods`)")
-    p.add_argument("--target", type=float, default=0.5, help="MACs of the pruned model as a fraction of the base")
+    p.add_argument("--target", type=float, default=0.5, help="MACs (or with --cost latency: latency on this "
+                   "device) of the pruned model as a fraction of the base")
+    p.add_argument("--cost", default="macs", choices=("macs", "latency"),
+                   help="what --target is a fraction of: analytic MACs, or latency measured on this device "
+                        "(a latency model is measured once and cached)")
     p.add_argument("--allocation", default="global", help="uniform | global | searched")
     p.add_argument("--multipliers", help="searched allocation: comma-separated per-depth multipliers, e.g. 0.6,1,1.4")
     p.add_argument("--min-ratio", type=float, default=0.05, help="never keep fewer than this fraction of a group")
-    p.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this (8 suits GPUs)")
+    p.add_argument("--round-to", default="1", help="keep widths multiples of this (8 suits GPUs), or auto: per "
+                   "layer the multiple the latency model finds fastest on this device (needs --cost latency)")
     p.add_argument("--epochs", "--finetune-epochs", dest="epochs", type=int, default=3,
                    help="total epochs: training-time methods (ResRep) use their share (train_share, default all), the rest fine-tunes")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate")
@@ -69,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="pruned checkpoint path, e.g. pruned.pt (pruned.metrics.json "
                    "is written beside it)")
     p.add_argument("--force", action="store_true", help="overwrite --out and its metrics file if they exist")
+    latency_options(p)
     common_options(p)
     p.set_defaults(func=cmd_prune)
 
@@ -266,6 +274,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _round_to(text: str) -> int | str:
+    """``--round-to``: a positive integer or auto."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise AutopruneError(f"--round-to {text!r} must be a positive integer (1, 8, 16, 32) or auto")
+    return n
+
+
 def _parse_params(pairs: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -281,6 +302,8 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..data.datasets import DataSpec, load_data
     from ..engine.allocate import AllocationConfig
+    from ..engine.graph import find_groups
+    from ..engine.latency import build_latency_model, measure_models
     from ..engine.plan import load_base, save_pruned
     from ..engine.pruning import prune
     from ..methods import get_method, make_params
@@ -289,6 +312,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, evaluate, fit
 
     _non_negative(args.epochs, "--epochs")
+    round_to = _round_to(args.round_to)
+    latency = args.cost == "latency"
+    if latency:
+        check_early(args, [args.latency_batch_size])
+    elif round_to == "auto":
+        raise AutopruneError("--round-to auto needs --cost latency (the multiples come from this device's latency "
+                             "model); with MACs use 1, 8, 16 or 32")
     out = Path(args.out)
     _refuse_overwrite(out, args.force)
     device = _seed(args)
@@ -302,15 +332,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
     data = load_data(data_spec, device=device)
     multipliers = _float_list(args.multipliers, "--multipliers") if args.multipliers else ()
     allocation = AllocationConfig(mode=args.allocation, multipliers=multipliers, min_ratio=args.min_ratio,
-                                  round_to=args.round_to)
+                                  round_to=round_to)
     params = _parse_params(args.param)
     method = get_method(args.method)
     method_epochs = method.training_epochs(make_params(method, params), args.epochs)
     train_cfg = TrainConfig(epochs=method_epochs, lr=args.lr, seed=args.seed)
     base_val = evaluate(model, data.val, device)["acc"]
-    with phase(f"prune with {args.method} to {args.target:g} of the MACs"):
+    shape = (spec.in_channels, spec.image_size, spec.image_size)
+    groups = find_groups(model, shape)
+    objective = lat_cfg = None
+    if latency:
+        lat_cfg = latency_config(args, args.latency_batch_size, device, torch.get_num_threads())
+        with shown_progress():
+            objective = build_latency_model(model, groups, shape, lat_cfg)
+    with phase(f"prune with {args.method} to {args.target:g} of the {'latency' if latency else 'MACs'}"):
         result = prune(model, args.method, args.target, data=data, allocation=allocation, spec=spec,
-                       device=device, train_cfg=train_cfg, progress=True, **params)
+                       device=device, train_cfg=train_cfg, progress=True, groups=groups, objective=objective,
+                       **params)
     pruned_val = evaluate(result.model, data.val, device)["acc"]
     ft_epochs = args.epochs - method_epochs
     if ft_epochs > 0:
@@ -324,8 +362,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "method_epochs": method_epochs, "finetune_epochs": ft_epochs,
         "base_macs": result.base_macs, "macs": result.macs, "macs_frac": result.macs_fraction,
         "base_params": result.base_params, "params": result.params, "params_frac": result.params_fraction,
-        "prune_seconds": round(result.seconds, 2), "info": result.info,
+        "prune_seconds": round(result.seconds, 2), "info": result.info, "cost": args.cost,
     }
+    if latency:
+        with shown_progress():
+            base_ms, pruned_ms = measure_models([model, result.model], shape, lat_cfg, "latency of base and pruned")
+        metrics.update(latency_ms=pruned_ms, base_latency_ms=base_ms, latency_frac=pruned_ms / base_ms,
+                       predicted_latency_frac=result.info["predicted_frac"],
+                       latency_batch_size=lat_cfg.batch_size, latency_runtime=lat_cfg.runtime,
+                       latency_threads=lat_cfg.n_threads, latency_device=objective.info["device_name"])
     save_pruned(out, result.model, spec, result.plan, data_spec, metrics)
     mpath = _write_metrics(out, metrics)
     recal = " + BN recalibration" if result.info.get("bn_recalibration_images") else ""
@@ -333,8 +378,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
             else f"one-shot{recal}, before fine-tune")
     rows = [("val accuracy", f"{100 * base_val:.2f}%", f"{100 * final_val:.2f}%", f"{100 * pruned_val:.2f}% {when}"),
             ("MACs per sample", f"{_mega(result.base_macs)}MACs", f"{_mega(result.macs)}MACs",
-             f"{100 * result.macs_fraction:.1f}% of base (target {100 * args.target:.0f}%)"),
+             f"{100 * result.macs_fraction:.1f}% of base" + ("" if latency else f" (target {100 * args.target:.0f}%)")),
             ("params", _mega(result.base_params), _mega(result.params), f"{100 * result.params_fraction:.1f}% of base")]
+    if latency:
+        note = (f"{100 * metrics['latency_frac']:.1f}% of base measured, {100 * metrics['predicted_latency_frac']:.1f}% "
+                f"predicted (target {100 * args.target:.0f}%; {lat_cfg.runtime}, {lat_cfg.n_threads} thread(s))")
+        rows.append((f"latency b{lat_cfg.batch_size} (ms)", f"{metrics['base_latency_ms']:.3f}",
+                     f"{metrics['latency_ms']:.3f}", note))
     print(f"{'':16s} {'base':>14s} {'pruned':>14s}")
     for name, before, after, note in rows:
         print(f"{name:16s} {before:>14s} {after:>14s}   {note}")

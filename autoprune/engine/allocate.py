@@ -44,7 +44,9 @@ class AllocationConfig:
     min_channels: int = 1
     min_ratio: float = 0.05  # never keep fewer than this fraction of a group
     max_prune_ratio: float = 0.95  # never remove more than this fraction of a group
-    round_to: int = 1  # widths are multiples of this (8 suits GPUs), unless the group is smaller
+    # widths are multiples of this (8 suits GPUs) unless the group is smaller; "auto": per group, the
+    # multiple the latency model found fastest on the device (needs a latency objective)
+    round_to: int | str = 1
     normalise: str = "mean"  # global mode: per-group score normalisation
 
     def __post_init__(self) -> None:
@@ -59,19 +61,42 @@ class AllocationConfig:
             raise AutopruneError(f"allocation residual_multiplier must be > 0, got {self.residual_multiplier}")
         if not 0 <= self.min_ratio <= 1 or not 0 <= self.max_prune_ratio < 1:
             raise AutopruneError("allocation min_ratio must be in [0, 1] and max_prune_ratio in [0, 1)")
-        if self.min_channels < 1 or self.round_to < 1:
-            raise AutopruneError("allocation min_channels and round_to must be at least 1")
+        if self.min_channels < 1:
+            raise AutopruneError("allocation min_channels must be at least 1")
+        if self.round_to != "auto" and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                        or self.round_to < 1):
+            raise AutopruneError(f"allocation round_to must be a positive integer (1, 8, 16, 32) or auto, "
+                                 f"got {self.round_to!r}")
 
 
 def _round_up(n: int, step: int, cap: int) -> int:
     return min(cap, step * math.ceil(n / step)) if cap >= step else cap
 
 
-def width_bounds(g: ChannelGroup, cfg: AllocationConfig) -> tuple[int, int]:
-    """(fewest, most) channels ``g`` may keep under ``cfg`` (minimum width and ratio, rounding)."""
+def round_steps(groups: Sequence[ChannelGroup], cfg: AllocationConfig, cost: object = None) -> dict[str, int]:
+    """Per group, the multiple its width is rounded to: ``cfg.round_to``, or with ``round_to: auto`` the
+    multiple ``cost.round_multiples()`` (a latency model) found fastest for the group's layers.
+
+    Raises ``AutopruneError`` for ``auto`` with a cost that has no such multiples (MACs).
+    """
+    if cfg.round_to != "auto":
+        return {g.name: int(cfg.round_to) for g in groups}
+    multiples = getattr(cost, "round_multiples", None)
+    if multiples is None:
+        raise AutopruneError("allocation round_to auto needs a latency model of the device (--cost latency); "
+                             "with MACs use round_to 1, 8, 16 or 32")
+    found = multiples()
+    return {g.name: max(1, int(found.get(g.name, 1))) for g in groups}
+
+
+def width_bounds(g: ChannelGroup, cfg: AllocationConfig, step: int | None = None) -> tuple[int, int]:
+    """(fewest, most) channels ``g`` may keep under ``cfg`` (minimum width and ratio, rounding to ``step``,
+    default ``cfg.round_to``): the fewest is the minimum rounded up, never below it."""
     low = max(cfg.min_channels, math.ceil(cfg.min_ratio * g.channels),
               math.ceil((1 - cfg.max_prune_ratio) * g.channels))
-    return _round_up(min(low, g.channels), cfg.round_to, g.channels), g.channels
+    if step is None:
+        step = 1 if cfg.round_to == "auto" else int(cfg.round_to)
+    return _round_up(min(low, g.channels), step, g.channels), g.channels
 
 
 def _normalised(scores: torch.Tensor, how: str) -> torch.Tensor:
@@ -86,9 +111,10 @@ def _normalised(scores: torch.Tensor, how: str) -> torch.Tensor:
 class _Shape:
     """Widths as a monotone function of one scalar ``x`` in [0, 1]: larger x keeps more channels."""
 
-    def __init__(self, groups: list[ChannelGroup], scores: Mapping[str, torch.Tensor], cfg: AllocationConfig):
-        self.groups, self.cfg = groups, cfg
-        self.bounds = {g.name: width_bounds(g, cfg) for g in groups}
+    def __init__(self, groups: list[ChannelGroup], scores: Mapping[str, torch.Tensor], cfg: AllocationConfig,
+                 steps: Mapping[str, int]):
+        self.groups, self.cfg, self.steps = groups, cfg, dict(steps)
+        self.bounds = {g.name: width_bounds(g, cfg, self.steps[g.name]) for g in groups}
         if cfg.mode == "global":
             self.sorted = {g.name: torch.sort(_normalised(scores[g.name], cfg.normalise), descending=True).values
                            for g in groups}
@@ -112,7 +138,7 @@ class _Shape:
         out = {}
         for g in self.groups:
             low, high = self.bounds[g.name]
-            w = _round_up(max(1, math.ceil(self.ratio(g, x) * g.channels - 1e-9)), self.cfg.round_to, high)
+            w = _round_up(max(1, math.ceil(self.ratio(g, x) * g.channels - 1e-9)), self.steps[g.name], high)
             out[g.name] = min(high, max(low, w))
         return out
 
@@ -148,7 +174,7 @@ def allocate(
         missing = [g.name for g in prunable if scores is None or g.name not in scores]
         if missing:
             raise AutopruneError(f"global allocation needs scores for every prunable group; missing {missing[0]!r}")
-    shape = _Shape(prunable, scores or {}, cfg)
+    shape = _Shape(prunable, scores or {}, cfg, round_steps(prunable, cfg, cost))
     budget = target * cost.base
     lowest = {g.name: shape.bounds[g.name][0] for g in prunable}
     floor = cost.value(lowest)
@@ -190,12 +216,11 @@ def _fill(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cos
           budget: float) -> dict[str, int]:
     """Add channels, best priority first, while MACs stay within budget."""
     widths = dict(widths)
-    step = shape.cfg.round_to
     open_groups = {g.name: g for g in groups if widths[g.name] < g.channels}
     while open_groups:
         g = max(open_groups.values(), key=lambda grp: shape.priority(grp, widths[grp.name]))
         trial = dict(widths)
-        trial[g.name] = min(g.channels, widths[g.name] + step)
+        trial[g.name] = min(g.channels, widths[g.name] + shape.steps[g.name])
         if cost.value(trial) <= budget:
             widths = trial
             if widths[g.name] >= g.channels:
@@ -210,7 +235,7 @@ def _descend(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, 
     """Remove channels, worst priority first, until MACs are within budget; a channel that costs more
     than the remaining excess (plus the tolerance) is removed only when no cheaper one is left."""
     widths = dict(widths)
-    step, tol = shape.cfg.round_to, TOLERANCE * cost.base
+    tol = TOLERANCE * cost.base
     now = cost.value(widths)
     while now > budget:
         options = []
@@ -218,7 +243,7 @@ def _descend(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, 
             low = shape.bounds[g.name][0]
             if widths[g.name] > low:
                 trial = dict(widths)
-                trial[g.name] = max(low, widths[g.name] - step)
+                trial[g.name] = max(low, widths[g.name] - shape.steps[g.name])
                 options.append((g, trial, cost.value(trial)))
         if not options:
             break
@@ -235,7 +260,7 @@ def _swap(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cos
     always has a cheap channel left."""
     if len(groups) > 64:
         return widths
-    step, tol = shape.cfg.round_to, TOLERANCE * cost.base
+    tol = TOLERANCE * cost.base
     now = cost.value(widths)
     for _ in range(rounds):
         if budget - now <= tol:
@@ -246,7 +271,7 @@ def _swap(groups: list[ChannelGroup], widths: dict[str, int], shape: _Shape, cos
             if widths[g.name] <= low:
                 continue
             trial = dict(widths)
-            trial[g.name] = max(low, widths[g.name] - step)
+            trial[g.name] = max(low, widths[g.name] - shape.steps[g.name])
             others = [h for h in groups if h.name != g.name]
             trial = _fill(groups, _fill(others, trial, shape, cost, budget), shape, cost, budget)
             macs = cost.value(trial)

@@ -234,6 +234,10 @@ class WidthCost:
                 shapes[n][0] = shapes[n][1] = min(shapes[n])
         return {n: (s[0], s[1]) for n, s in shapes.items()}
 
+    def layer_shapes(self, widths: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+        """Per conv / linear layer, its (input, output) channels when the groups keep ``widths``."""
+        return self._shapes(widths)
+
     def macs(self, widths: Mapping[str, int]) -> int:
         """MACs for one sample when each group in ``widths`` keeps that many channels."""
         return sum(self.layers[n].macs(i, o) for n, (i, o) in self._shapes(widths).items())

@@ -20,6 +20,7 @@ from torch import nn
 from ..data.splits import split_hash_of
 from ..errors import AutopruneError, CheckpointError
 from ..models.registry import ModelSpec, create_model
+from ..trust import TrustCode, TrustError, accepts_trust_code
 from .graph import ChannelGroup, find_groups, remove_channels
 
 log = logging.getLogger(__name__)
@@ -181,25 +182,40 @@ def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path)
         raise CheckpointError(f"{path}: weights do not fit the architecture ({first})") from exc
 
 
-def load_base(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a base model (or a pruned one) from a checkpoint; returns (model, checkpoint dict)."""
+@accepts_trust_code
+def load_base(path: str | Path, device: str | torch.device = "cpu", *, trust_code: TrustCode = None
+              ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a base model (or a pruned one) from a checkpoint; returns (model, checkpoint dict).
+
+    A checkpoint naming a ``package.module:function`` model imports it only if the user trusts that
+    module (``trust_code``, see :mod:`autoprune.trust`); otherwise ``TrustError``, nothing imported."""
     ckpt = read_checkpoint(path)
     if ckpt["format"] == PRUNED_FORMAT:
         return load_pruned(path, device)
     spec = ModelSpec.from_dict(ckpt["model"])
-    model = create_model(spec)
+    model = _create(spec, path)
     _load_state(model, ckpt["state_dict"], Path(path))
     return model.to(device).eval(), ckpt
 
 
-def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a pruned model: base architecture -> apply its Plan -> load its state_dict."""
+def _create(spec: ModelSpec, path: str | Path) -> nn.Module:
+    try:
+        return create_model(spec)
+    except TrustError as exc:
+        raise TrustError(f"checkpoint {path}: {exc}") from None
+
+
+@accepts_trust_code
+def load_pruned(path: str | Path, device: str | torch.device = "cpu", *, trust_code: TrustCode = None
+                ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a pruned model: base architecture -> apply its Plan -> load its state_dict (``trust_code``:
+    as in :func:`load_base`)."""
     path = Path(path)
     ckpt = read_checkpoint(path)
     if ckpt["format"] != PRUNED_FORMAT:
         raise CheckpointError(f"{path} holds a base model, not a pruned one; use load_base")
     spec = ModelSpec.from_dict(ckpt["model"])
-    model = create_model(spec).eval()
+    model = _create(spec, path).eval()
     plan = Plan.from_dict(ckpt["plan"])
     groups = find_groups(model, (spec.in_channels, spec.image_size, spec.image_size), check=False)
     apply_plan(model, groups, plan)

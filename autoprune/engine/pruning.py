@@ -19,7 +19,7 @@ from ..errors import AutopruneError, warn
 from ..methods import EpochReport, PruneContext, get_method, make_params
 from .allocate import AllocationConfig
 from .calibrate import DEFAULT_BATCHES, has_batchnorm, recalibrate_bn
-from .cost import count_macs, count_params
+from .cost import WidthObjective, count_macs, count_params
 from .graph import ChannelGroup, build_width_cost, find_groups
 from .plan import Plan, apply_plan
 from .trace import safe_copy
@@ -73,6 +73,7 @@ def prune(
     progress: bool = False,
     on_epoch: Callable[[EpochReport], bool] | None = None,
     recalibrate_batches: int = DEFAULT_BATCHES,
+    objective: WidthObjective | None = None,
     **params: Any,
 ) -> PruneResult:
     """Prune a copy of ``model`` to ``target`` x its MACs with ``method``; the input model is untouched.
@@ -86,6 +87,9 @@ def prune(
     ``recalibrate_batches``: after surgery, BN running statistics are re-estimated on this many
     training batches of ``data`` (adaptive BN, EagleEye, ECCV 2020; see :mod:`autoprune.engine.calibrate`);
     0, or no ``data``, skips it. ``info["bn_recalibration_images"]`` records how many images it used.
+    ``objective``: what ``target`` is a fraction of; None means MACs, a latency model of the device
+    (:func:`autoprune.engine.latency.build_latency_model` of this model) makes it a latency target, and
+    ``info`` then records the predicted latency fraction and how the latency model was measured.
     Returns the pruned model, its Plan and its measured MACs / params next to the base ones.
     """
     start = time.perf_counter()
@@ -102,9 +106,10 @@ def prune(
     cost = build_width_cost(work, groups, shape)
     if not any(g.prunable for g in groups):
         raise AutopruneError(f"{type(model).__name__} has no prunable channel group; see `autoprune info`")
+    _check_objective(objective, groups)
     ctx = PruneContext(model=work, groups=groups, cost=cost, target=target, allocation=allocation, device=device,
                        input_shape=shape, data=data, train_cfg=train_cfg, progress=progress,
-                       on_epoch=on_epoch)
+                       on_epoch=on_epoch, objective=objective)
     with _progress.phase(f"scoring ({method})"):  # allocation is a phase inside it (PruneContext.allocate)
         out = impl.run(ctx, method_params)
     pruned = out.model
@@ -124,10 +129,24 @@ def prune(
     if macs != expected:  # the analytic model and the surgery must agree; if not, allocation is wrong
         raise AutopruneError(f"internal: pruned model has {macs} MACs, analytic count {expected}; please report")
     info = {"method": method, "params": _plain(method_params), **out.info,
-            "bn_recalibration_images": recal_images}
+            "bn_recalibration_images": recal_images, "cost": "macs" if objective is None else objective.unit}
+    if objective is not None:
+        info["predicted_frac"] = objective.value(plan.widths()) / objective.base
+        info["latency_model"] = dict(getattr(objective, "info", {}))
     return PruneResult(model=pruned.eval(), plan=plan, macs=macs, params=count_params(pruned),
                        base_macs=cost.base_macs, base_params=cost.base_params, method=method, target=target,
                        info=info, seconds=time.perf_counter() - start)
+
+
+def _check_objective(objective: WidthObjective | None, groups: list[ChannelGroup]) -> None:
+    """A latency model made for another architecture would allocate nonsense: refuse it."""
+    known = getattr(objective, "multiples", None)
+    if known is None:
+        return
+    names = {g.name for g in groups if g.prunable}
+    if set(known) != names:
+        raise AutopruneError("the latency model was built for another model (its channel groups differ); "
+                             "build it with build_latency_model() of this model")
 
 
 def _plain(params: Any) -> dict[str, Any]:

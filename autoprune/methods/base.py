@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import progress
 from ..engine.allocate import AllocationConfig, allocate, select
-from ..engine.cost import WidthCost
+from ..engine.cost import WidthCost, WidthObjective
 from ..engine.graph import ChannelGroup
 from ..errors import SpecError
 
@@ -70,6 +70,14 @@ class PruneContext:
     progress: bool = False
     info: dict[str, Any] = field(default_factory=dict)
     on_epoch: Callable[[EpochReport], bool] | None = None  # return True to stop (see the module docstring)
+    # what ``target`` is a fraction of: None means analytic MACs (``cost``); a latency model of the device
+    # (autoprune.engine.latency.LatencyModel) makes it a latency target. Every method allocates against it.
+    objective: WidthObjective | None = None
+
+    @property
+    def target_cost(self) -> WidthObjective:
+        """The :class:`~autoprune.engine.cost.WidthObjective` the target is a fraction of (MACs by default)."""
+        return self.objective if self.objective is not None else self.cost
 
     @property
     def prunable(self) -> list[ChannelGroup]:
@@ -79,9 +87,10 @@ class PruneContext:
         return self.model.get_submodule(name)
 
     def allocate(self, scores: Mapping[str, torch.Tensor] | None) -> dict[str, int]:
-        """Widths per prunable group meeting the MACs target (see :func:`autoprune.engine.allocate.allocate`)."""
+        """Widths per prunable group meeting the target of :attr:`target_cost` (MACs or latency; see
+        :func:`autoprune.engine.allocate.allocate`)."""
         with progress.phase("allocation"):
-            return allocate(self.groups, scores, self.cost, self.target, self.allocation)
+            return allocate(self.groups, scores, self.target_cost, self.target, self.allocation)
 
     def select(self, scores: Mapping[str, torch.Tensor], widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         return select(scores, widths)

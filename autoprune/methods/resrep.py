@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from ..engine.allocate import width_bounds
+from ..engine.allocate import round_steps, width_bounds
 from ..engine.calibrate import recalibrate_bn, restat_bn
 from ..errors import AutopruneError, SpecError
 from .base import EpochReport, MethodOutput, PruneContext, PruneStopped, PruningMethod
@@ -165,15 +165,17 @@ class ResRep(PruningMethod):
             why = "; ".join(skipped.values())
             raise AutopruneError(f"resrep found no channel group it can attach compactors to ({why})")
         groups = [g for g in ctx.prunable if g.name in sites]
-        bounds = {g.name: width_bounds(g, ctx.allocation) for g in groups}
-        floor = ctx.cost.macs({n: low for n, (low, _) in bounds.items()})
-        if floor > ctx.target * ctx.cost.base_macs:
+        objective = ctx.target_cost  # MACs, or the device's latency model
+        steps_of = round_steps(groups, ctx.allocation, objective)
+        bounds = {g.name: width_bounds(g, ctx.allocation, steps_of[g.name]) for g in groups}
+        floor = objective.value({n: low for n, (low, _) in bounds.items()})
+        if floor > ctx.target * objective.base:
             extra = f" ({len(skipped)} groups left unpruned)" if skipped else ""
-            raise AutopruneError(f"MACs target {ctx.target:.3f} is unreachable for resrep: the smallest "
-                                 f"reachable fraction is {floor / ctx.cost.base_macs:.3f}{extra}; raise the target")
+            raise AutopruneError(f"{objective.unit} target {ctx.target:.3f} is unreachable for resrep: the smallest "
+                                 f"reachable fraction is {floor / objective.base:.3f}{extra}; raise the target")
         spe = steps_per_epoch(len(ctx.data.train), cfg.batch_size)
         steps = cfg.epochs * spe
-        schedule = MaskSchedule(groups, bounds, ctx.cost, ctx.target, steps, params, ctx.allocation)
+        schedule = MaskSchedule(groups, bounds, objective, ctx.target, steps, params, ctx.allocation)
         lr_at = lr_schedule(cfg, spe)
         lrs = [lr_at(t) for t in range(steps)]
         forget = schedule.forget_fractions(lrs, params.forget_by) if params.forget_by > 0 else None
@@ -241,9 +243,9 @@ class ResRep(PruningMethod):
                     raise PruneStopped(stop[-1])
             norms, scores = ranking()
             masked = schedule.finish(scores)
-            if ctx.allocation.round_to > 1 and schedule.fixed is None:  # fixed widths are already rounded
-                masked = round_widths(masked, scores, groups, bounds, ctx.allocation.round_to, ctx.cost,
-                                      ctx.target * ctx.cost.base_macs)
+            if max(steps_of.values(), default=1) > 1 and schedule.fixed is None:  # fixed: already rounded
+                masked = round_widths(masked, scores, groups, bounds, steps_of, objective,
+                                      ctx.target * objective.base)
             comp.set_masks(masked)
             with comp.masked():  # fold the model this run returns: masked rows zero even if not yet decayed
                 if params.restat and steps:  # its BN statistics, measured

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..engine.allocate import AllocationConfig, allocate
-from ..engine.cost import WidthCost
+from ..engine.cost import WidthCost, WidthObjective
 from ..engine.graph import ChannelGroup
 from ..errors import AutopruneError
 
@@ -39,11 +39,11 @@ def rank_scores(norms: Mapping[str, torch.Tensor], how: str, cost: WidthCost) ->
 class MaskSchedule:
     """Which channels are masked at each step; every update recomputes the mask from scratch."""
 
-    def __init__(self, groups: list[ChannelGroup], bounds: Mapping[str, tuple[int, int]], cost: WidthCost,
+    def __init__(self, groups: list[ChannelGroup], bounds: Mapping[str, tuple[int, int]], cost: WidthObjective,
                  target: float, steps: int, params: ResRepParams,
                  allocation: AllocationConfig | None = None) -> None:
         self.groups, self.bounds, self.cost = groups, dict(bounds), cost
-        self.budget = target * cost.base_macs
+        self.budget = target * cost.base  # MACs or latency (any WidthObjective)
         self.params = params
         self.start = min(steps - 1, math.floor(params.warmup * steps)) if steps else 0
         self.reach = max(self.start, math.ceil(params.reach * steps) - 1)
@@ -106,12 +106,12 @@ class MaskSchedule:
 
     def _needed(self, order: list[tuple[str, int]]) -> int:
         """Length of the shortest prefix of ``order`` whose masking meets the budget (bisection)."""
-        if self.cost.macs(self._widths(order)) > self.budget:
+        if self.cost.value(self._widths(order)) > self.budget:
             return len(order)
         lo, hi = -1, len(order)  # macs(prefix lo) > budget >= macs(prefix hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self.cost.macs(self._widths(order[:mid])) <= self.budget:
+            if self.cost.value(self._widths(order[:mid])) <= self.budget:
                 hi = mid
             else:
                 lo = mid
@@ -154,19 +154,19 @@ class MaskSchedule:
                 extra = [c for c in ranked if c not in self.masked[g.name]]
                 chosen += [(g.name, c) for c in extra[: self.fixed[g.name] - len(self.masked[g.name])]]
             self._set(chosen)
-            if self.cost.macs(self._widths(chosen)) > self.budget:
-                raise AutopruneError("internal: resrep could not meet the MACs target; please report")
+            if self.cost.value(self._widths(chosen)) > self.budget:
+                raise AutopruneError("internal: resrep could not meet the target; please report")
             return self.masked
         widths = self._widths(chosen)
         for n, c in self._rest(scores):
-            if self.cost.macs(widths) <= self.budget:
+            if self.cost.value(widths) <= self.budget:
                 break
             if widths[n] > self.bounds[n][0]:
                 widths[n] -= 1
                 chosen.append((n, c))
         self._set(chosen)
-        if self.cost.macs(widths) > self.budget:
-            raise AutopruneError("internal: resrep could not meet the MACs target; please report")
+        if self.cost.value(widths) > self.budget:
+            raise AutopruneError("internal: resrep could not meet the target; please report")
         return self.masked
 
     def _rest(self, scores: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
@@ -182,12 +182,13 @@ class MaskSchedule:
 
 
 def round_widths(masked: dict[str, set[int]], scores: Mapping[str, torch.Tensor], groups: list[ChannelGroup],
-                 bounds: Mapping[str, tuple[int, int]], step: int, cost: WidthCost,
+                 bounds: Mapping[str, tuple[int, int]], step: int | Mapping[str, int], cost: WidthObjective,
                  budget: float) -> dict[str, set[int]]:
     """Make every width a multiple of ``step`` (allocation ``round_to``) without exceeding the budget:
     round widths down, then give back ``step`` channels (strongest masked first) while the budget allows."""
     masked = {n: set(cs) for n, cs in masked.items()}
     size = {g.name: g.channels for g in groups}
+    steps = dict(step) if isinstance(step, Mapping) else {g.name: int(step) for g in groups}
 
     def strongest_masked(n: str) -> list[int]:
         return sorted(masked[n], key=lambda c: -float(scores[n][c]))
@@ -197,7 +198,7 @@ def round_widths(masked: dict[str, set[int]], scores: Mapping[str, torch.Tensor]
 
     for n in masked:
         width = size[n] - len(masked[n])
-        target = max(bounds[n][0], step * (width // step)) if width < size[n] else width
+        target = max(bounds[n][0], steps[n] * (width // steps[n])) if width < size[n] else width
         masked[n].update(weakest_kept(n)[: width - target] if width > target else [])
     widths = {n: size[n] - len(cs) for n, cs in masked.items()}
     while True:
@@ -206,14 +207,14 @@ def round_widths(masked: dict[str, set[int]], scores: Mapping[str, torch.Tensor]
             if not cs:
                 continue
             trial = dict(widths)
-            trial[n] = min(size[n], widths[n] + step)
-            if cost.macs(trial) <= budget:
+            trial[n] = min(size[n], widths[n] + steps[n])
+            if cost.value(trial) <= budget:
                 prio = float(scores[n][strongest_masked(n)[0]])
                 if best is None or prio > best[0]:
                     best = (prio, n)
         if best is None:
             return masked
         n = best[1]
-        for c in strongest_masked(n)[: min(step, len(masked[n]))]:
+        for c in strongest_masked(n)[: min(steps[n], len(masked[n]))]:
             masked[n].discard(c)
         widths[n] = size[n] - len(masked[n])

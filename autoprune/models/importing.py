@@ -25,6 +25,7 @@ from ..engine.plan import BASE_FORMAT, load_base, read_checkpoint, save_base
 from ..errors import AutopruneError, CheckpointError
 from ..progress import phase
 from ..train import evaluate
+from ..trust import TrustCode, accepts_trust_code, check_name, needs_trust
 from .registry import TORCHVISION_PREFIX, ModelSpec, create_model
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def _fit_weights(model: nn.Module, state: Mapping[str, torch.Tensor], label: str
                               "for the data's classes and channels") from exc
 
 
+@accepts_trust_code
 def import_model(
     source: str | nn.Module,
     data: DataSpec | Any,
@@ -106,6 +108,7 @@ def import_model(
     state_dict: str | Path | Mapping[str, torch.Tensor] | None = None,
     weights: str | None = None,
     device: str | torch.device = "cpu",
+    trust_code: TrustCode = None,
 ) -> ImportResult:
     """Save a trained model as a base checkpoint at ``out`` after measuring its val accuracy on ``data``.
 
@@ -115,8 +118,12 @@ def import_model(
     mapping), ``weights`` (torchvision's pretrained weights, e.g. ``"DEFAULT"``; downloaded), or the
     module itself. ``data`` is a :class:`DataSpec` or a loaded Dataset; the model is built for its
     classes, channels and image size. Raises ``AutopruneError`` for a missing source of weights, weights
-    that do not fit, or a model whose outputs differ from the data's classes.
+    that do not fit, or a model whose outputs differ from the data's classes. ``trust_code``: modules a
+    ``package.module:function`` name may import (:mod:`autoprune.trust`).
     """
+    named = name if isinstance(source, nn.Module) else source
+    if isinstance(named, str) and needs_trust(named):
+        check_name(named)  # an untrusted module is refused before anything else
     if isinstance(state_dict, (str, Path)) and not Path(state_dict).is_file():
         read_state_dict(state_dict)  # a missing file: its one-line error before the data is loaded
     with phase("load data"):

@@ -1,6 +1,10 @@
 """Model registry: built-in CIFAR networks, any ``torchvision:<name>`` or ``timm:<name>``, user
 ``package.module:function``.
 
+A ``package.module:function`` name imports code, so it resolves only when the user trusts the module
+where autoprune runs (``--trust-code``, ``AUTOPRUNE_TRUST_CODE`` or ``trust_code=``; see
+:mod:`autoprune.trust`), never because a checkpoint or spec names it.
+
 A model is described by a :class:`ModelSpec` (plain data, stored in checkpoints) and built by
 :func:`create_model`. Registry factories have the signature
 ``fn(num_classes, in_channels, image_size) -> nn.Module``; add one with :func:`register`::
@@ -21,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import AutopruneError, did_you_mean
+from ..trust import TrustCode, accepts_trust_code, check_name
 from . import zoo
 
 logger = logging.getLogger(__name__)
@@ -84,8 +89,12 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(spec: ModelSpec) -> nn.Module:
-    """Build the (randomly initialised) model described by ``spec``."""
+@accepts_trust_code
+def create_model(spec: ModelSpec, *, trust_code: TrustCode = None) -> nn.Module:
+    """Build the (randomly initialised) model described by ``spec``.
+
+    ``trust_code``: modules a ``package.module:function`` name may import (see :mod:`autoprune.trust`);
+    an untrusted one raises ``TrustError`` before anything is imported."""
     name = spec.name
     if name in _REGISTRY:
         model = _REGISTRY[name](spec.num_classes, spec.in_channels, spec.image_size)
@@ -190,9 +199,8 @@ def _replace_input_conv(model: nn.Module, in_channels: int, label: str) -> None:
 
 
 def _user_model(name: str, spec: ModelSpec) -> nn.Module:
-    module_name, _, fn_name = name.partition(":")
-    if not module_name or not fn_name:
-        raise AutopruneError(f"bad model name {name!r}: expected package.module:function")
+    module_name = check_name(name)  # TrustError unless the user trusts the module: nothing is imported
+    fn_name = name.partition(":")[2]
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or any error raised while importing user code

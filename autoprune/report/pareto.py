@@ -101,7 +101,8 @@ def feasible_points(rows: Sequence[Mapping[str, Any]], column: str = "macs_frac"
 # --------------------------------------------------------------------------- trial tables
 
 OBJECTIVE_COLUMNS = {"macs": "macs", "params": "params", "latency": "latency_ms"}  # trials.csv column
-FRACTION_COLUMNS = {"macs": "macs_frac", "params": "params_frac"}  # the same as a fraction of the base
+FRACTION_COLUMNS = {"macs": "macs_frac", "params": "params_frac",  # the same as a fraction of the base
+                    "latency": "latency_frac"}  # measured, interleaved with the base
 
 
 def front_mask(df: pd.DataFrame, objective: str = "macs") -> np.ndarray:

@@ -69,10 +69,14 @@ def cost_unit(base_value: float | None) -> tuple[str, float]:
     return [u for u in UNITS if value >= u[1]][-1]
 
 
-def _axis(objective: str, relative: bool, base_value: float | None) -> tuple[str, str, float]:
-    """(column, axis label, divisor) for the cost axis; counts in the unit of the base (:func:`cost_unit`)."""
+def _axis(objective: str, relative: bool, base_value: float | None, note: str = "") -> tuple[str, str, float]:
+    """(column, axis label, divisor) for the cost axis; counts in the unit of the base (:func:`cost_unit`);
+    ``note``: how latency was measured (batch, runtime, threads, device)."""
     if objective == "latency":
-        return "latency_ms", "latency (ms)", 1.0
+        where = f"; {note}" if note else ""
+        if relative:
+            return "latency_frac", f"latency (% of base{where})", 0.01
+        return "latency_ms", f"latency (ms{where})", 1.0
     what = "MACs" if objective == "macs" else "params"
     if relative:
         return FRACTION_COLUMNS[objective], f"{what} (% of base)", 0.01
@@ -142,7 +146,8 @@ def plot_pareto(dfs: pd.DataFrame | Mapping[str, pd.DataFrame] | Sequence[pd.Dat
         cost_max = pd.to_numeric(all_df.get(OBJECTIVE_COLUMNS[objective], pd.Series(dtype=float)),
                                  errors="coerce").max()
         base_costs = [float(cost_max)] if pd.notna(cost_max) else []
-    col, xlabel, div = _axis(objective, relative, max(base_costs, default=None))
+    note = next((str(b["latency_setting"]) for b in base_points.values() if b.get("latency_setting")), "")
+    col, xlabel, div = _axis(objective, relative, max(base_costs, default=None), note)
     colour = _colours(studies if multi else list(all_df.get("method", pd.Series(dtype=str)).dropna().astype(str)))
     groups = []  # (study, df, categories, x, y)
     for study, df in dfs.items():

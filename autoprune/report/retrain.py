@@ -37,6 +37,7 @@ from ..files import write_json, write_text
 from ..models.registry import ModelSpec
 from ..progress import phase
 from ..train import Callbacks, TrainConfig, evaluate, fit, prefer_epoch, resolve_device
+from ..trust import TrustCode, accepts_trust_code
 from .choose import Choice, choose_trial, read_trials, study_name
 from .export import export_checked
 from .retrain_report import plot_widths, summary_markdown
@@ -80,11 +81,13 @@ class RetrainInterrupted(KeyboardInterrupt):
 # ------------------------------------------------------------------------------------------ retraining
 
 
+@accepts_trust_code
 def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None = None, epochs: int = 30,
             lr: float | None = None, batch_size: int | None = None, distill: bool = False,
             distill_alpha: float = 0.7, augment: bool | str = False, out_dir: str | Path | None = None,
             device: str | torch.device = "auto", seed: int = 0, progress: bool = False,
-            onnx_exporter: str = "auto", latency_repeats: int = 20, force: bool = False) -> RetrainResult:
+            onnx_exporter: str = "auto", latency_repeats: int = 20, force: bool = False,
+            trust_code: TrustCode = None) -> RetrainResult:
     """Retrain the trial ``rule`` (or ``trial``) selects; writes the output folder, returns its metrics.
 
     ``lr`` and ``batch_size`` default to the trial's own. With ``distill`` the loss mixes
@@ -93,6 +96,7 @@ def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None
     as a candidate for the best epoch; ties go to the lower validation loss, then to the later epoch
     (:func:`autoprune.train.prefer_epoch`), and ``metrics["retrain"]["best_reason"]`` says which rule
     kept it. An output folder that already holds a model is an AutopruneError unless ``force``.
+    ``trust_code``: modules a ``package.module:function`` model may import (:mod:`autoprune.trust`).
     """
     if distill and not 0.0 < distill_alpha <= 1.0:
         raise AutopruneError(f"distill_alpha must be in (0, 1], got {distill_alpha}; 0.5..0.9 works well")

@@ -235,7 +235,8 @@ def _markdown(study: str, info: Mapping[str, Any], df: pd.DataFrame, on: pd.Data
     if objective != "latency" and not base.get(col):  # no base: the largest trial stands in for it
         unit, div = cost_unit(pd.to_numeric(df.get(col), errors="coerce").max() if col in df.columns else None)
     what = "MACs" if objective == "macs" else "params"
-    cost_head = "latency (ms)" if objective == "latency" else (f"{what} ({unit})" if unit else what)
+    setting = f"; {base['latency_setting']}" if base.get("latency_setting") else ""
+    cost_head = f"latency (ms{setting})" if objective == "latency" else (f"{what} ({unit})" if unit else what)
     header = ["trial", "method", "val acc (%)", cost_head] + (["% of base"] if frac else []) + \
              ["target", "allocation", "epochs", "lr", "model"]
     rows = []

@@ -64,9 +64,10 @@ def csv_rows(out: Path) -> int:
         return 0
 
 
-def study_trials(out: Path, backend: str) -> int:
-    """Trials the folder's study storage holds; a missing or unreadable storage next to a non-empty
-    trials.csv is refused (resuming would rebuild trials.csv from nothing)."""
+def study_trials(out: Path, backend: str, study: str | None = None) -> int:
+    """Trials the folder's study storage holds (of ``study``, or of every study); a missing or
+    unreadable storage next to a non-empty trials.csv is refused (resuming would rebuild trials.csv
+    from nothing)."""
     rows = csv_rows(out)
     if backend == "ray":
         from .ray_store import RayStore
@@ -78,34 +79,40 @@ def study_trials(out: Path, backend: str) -> int:
             raise AutopruneError(f"{db} is missing but trials.csv holds {rows} trials: restore study.db to resume, "
                                  "or start a new --out (trials.csv, models/ and the report are left as they are)")
         return 0
-    import optuna
-    import sqlalchemy.exc
+    from .optuna_backend import CURVES_SUFFIX
+    from .study_db import StudyDbError, read_study_db
 
+    if rows == 0 and db.stat().st_size == 0:
+        return 0  # an empty file and no trials: nothing to lose, the folder is started again
     try:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
-        from optuna.trial import TrialState
+        info = read_study_db(db)
+    except StudyDbError as exc:
+        raise AutopruneError(f"{db} {exc}; trials.csv ({rows} trials) is intact: restore study.db to resume, "
+                             "or start a new --out") from None
+    if study is not None and any(info.trials[name] for name in info.studies() if name not in own_studies(study)):
+        foreign = [name for name in info.studies() if name not in own_studies(study)]
+        raise AutopruneError(f"{db} holds study {foreign[0]!r}, not {study!r} (the spec's study:): it belongs to "
+                             "another search; restore this search's study.db, or start a new --out")
+    own = [name for name in info.studies() if name == study or study is None and not name.endswith(CURVES_SUFFIX)]
+    return sum(len(info.trials[name]) for name in own)  # never the `.curves` companion study's trials
 
-        from .optuna_backend import CURVES_SUFFIX
 
-        # the search's own trials: not the `.curves` companion study, not queued retries
-        n = sum(1 for s in storage.get_all_studies() if not s.study_name.endswith(CURVES_SUFFIX)
-                for t in storage.get_all_trials(s._study_id, deepcopy=False) if t.state != TrialState.WAITING)
-    except (sqlalchemy.exc.SQLAlchemyError, RuntimeError, ValueError) as exc:
-        kind = type(getattr(exc, "orig", None) or exc).__name__
-        raise AutopruneError(f"{db} is not a readable Optuna study ({kind}); trials.csv ({rows} trials) is "
-                             "intact: restore study.db to resume, or start a new --out") from None
-    return n
+def own_studies(study: str) -> tuple[str, str]:
+    from .optuna_backend import CURVES_SUFFIX
+
+    return study, study + CURVES_SUFFIX
 
 
 def prepare(spec: SearchSpec, out: Path, resume: bool, backend: str) -> None:
-    """Refuse what cannot run in ``out``; clear a search that never started a trial. Caller holds RUN_LOCK."""
+    """Refuse what cannot run in ``out``; clear a search that never started a trial. Caller holds RUN_LOCK.
+
+    Nothing in ``out`` is changed by a refusal: the study storage is only read (:mod:`.study_db`)."""
     existing = [name for name in STATE_FILES if (out / name).exists()]
     if not existing:
         if resume:
             log.info("nothing to resume in %s: starting a new search", out)
         return
-    trials = study_trials(out, backend)
+    trials = study_trials(out, backend, spec.study)
     if trials == 0 and csv_rows(out) == 0:  # it stopped before its first trial (e.g. the base failed)
         saved = _saved_spec(out / "spec.yaml")
         log.warning("%s holds a search that never started a trial; starting it again", out)
@@ -124,6 +131,68 @@ def prepare(spec: SearchSpec, out: Path, resume: bool, backend: str) -> None:
     if not (out / "base.pt").exists() and spec.base is None:
         raise AutopruneError(f"{out / 'base.pt'} is missing; this study's trials were pruned from it: restore it, "
                              "set base: in the spec to the same checkpoint, or start a new --out")
+    if backend != "ray":
+        check_study_db(spec, out)
+
+
+def check_study_db(spec: SearchSpec, out: Path) -> None:
+    """Before a resume touches anything: ``study.db`` holds this spec's study, every trial trials.csv
+    lists (finished where trials.csv says so: not an older copy), the same spec hash, and the
+    fingerprint of the ``base.pt`` in the folder."""
+    from .study_db import FINISHED, read_study_db
+
+    db = out / "study.db"
+    info = read_study_db(db)  # study_trials has refused an unreadable one
+    if spec.study not in info.trials:
+        raise AutopruneError(f"{db} holds no study {spec.study!r} (it holds {info.studies() or 'none'}); restore "
+                             "this search's study.db, or start a new --out")
+    held = info.trials[spec.study]
+    listed = _csv_states(out)
+    missing = sorted(n for n in listed if n not in held)
+    unfinished = sorted(n for n, state in listed.items()
+                        if state != "running" and n in held and held[n] not in FINISHED)
+    if missing or unfinished:
+        which = f"trials {missing[:5]} are missing" if missing else f"trials {unfinished[:5]} are not finished"
+        raise AutopruneError(f"{db} is older than trials.csv: it holds {len(held)} trials, trials.csv lists "
+                             f"{len(listed)} and {which} in study.db; restore the study.db of this search (nothing "
+                             "was changed), or start a new --out")
+    attrs = info.attrs.get(spec.study, {})
+    saved_hash = attrs.get("spec_hash")
+    if saved_hash is not None and saved_hash != spec_hash(spec):
+        raise AutopruneError(f"{db} was made by a different spec (hash {saved_hash} vs {spec_hash(spec)}): its "
+                             "model, data, objectives or space differ; resume with that search's spec or start a new "
+                             "--out")
+    saved_fp = attrs.get("base_fingerprint")
+    if isinstance(saved_fp, Mapping) and held and (out / "base.pt").exists():
+        current = base_fingerprint(out / "base.pt")
+        for key in ("weights", "split"):
+            if key in saved_fp and current.get(key) and saved_fp[key] != current[key]:
+                what = "weights" if key == "weights" else "data split"
+                raise AutopruneError(f"{out / 'base.pt'} differs from the base model this study's {len(held)} trials "
+                                     f"were pruned from ({what} {current[key]} vs {saved_fp[key]}); restore the "
+                                     "original base.pt, or start a new --out")
+
+
+def _csv_states(out: Path) -> dict[int, str]:
+    """trials.csv's trial number -> state (rows without a number are skipped)."""
+    try:
+        with open(out / "trials.csv", newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return {}
+    out_states = {}
+    for row in rows:
+        with contextlib.suppress(TypeError, ValueError):
+            out_states[int(row.get("number") or "")] = str(row.get("state") or "")
+    return out_states
+
+
+def spec_hash(spec: SearchSpec) -> str:
+    """A short SHA-256 of what makes a study's trials comparable: every spec key but :data:`RESUMABLE_KEYS`."""
+    import json
+
+    kept = {k: v for k, v in _comparable(spec.to_dict()).items() if k not in RESUMABLE_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _saved_spec(path: Path) -> dict[str, Any]:
@@ -160,25 +229,46 @@ def _comparable(value: Any) -> Any:
 # ----------------------------------------------------------------------------- the base's fingerprint
 
 
-def fingerprint(base_path: Path, data: Dataset | None) -> dict[str, str]:
-    """Short SHA-256 digests of the base model's weights and of the data split (:mod:`autoprune.data.splits`)."""
-    ckpt = torch.load(base_path, map_location="cpu", weights_only=True)
+def base_fingerprint(base_path: Path) -> dict[str, str]:
+    """:func:`fingerprint` of ``base_path`` with the split its checkpoint records (no data loaded)."""
+    from ..engine.plan import read_checkpoint
+
+    ckpt = read_checkpoint(base_path)
+    out = {"weights": _weights_digest(ckpt)}
+    if ckpt.get("split_hash"):
+        out["split"] = str(ckpt["split_hash"])
+    return out
+
+
+def _weights_digest(ckpt: Mapping[str, Any]) -> str:
     h = hashlib.sha256()
     for key, value in sorted((ckpt.get("state_dict") or {}).items()):
         h.update(key.encode())
         if isinstance(value, torch.Tensor):
             h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    out = {"weights": h.hexdigest()[:16]}
+    return h.hexdigest()[:16]
+
+
+def fingerprint(base_path: Path, data: Dataset | None) -> dict[str, str]:
+    """Short SHA-256 digests of the base model's weights and of the data split (:mod:`autoprune.data.splits`)."""
+    from ..engine.plan import read_checkpoint
+
+    out = {"weights": _weights_digest(read_checkpoint(base_path))}
     split = None if data is None else split_hash_of(data)
     if split:
         out["split"] = split
     return out
 
 
-def check_fingerprint(store: TrialStore, current: Mapping[str, str], out: Path) -> None:
-    """Record the base's fingerprint in a new study; refuse a study whose trials came from another base."""
-    saved = store.meta().get("base_fingerprint")
+def check_fingerprint(store: TrialStore, current: Mapping[str, str], out: Path, spec: SearchSpec | None = None
+                      ) -> None:
+    """Record the base's fingerprint (and ``spec``'s :func:`spec_hash`) in a new study; refuse a study whose
+    trials came from another base."""
+    meta = store.meta()
+    saved = meta.get("base_fingerprint")
     n = sum(1 for _ in store.trials())
+    if spec is not None and (n == 0 or "spec_hash" not in meta):
+        store.set_meta("spec_hash", spec_hash(spec))
     if saved is None or n == 0:
         store.set_meta("base_fingerprint", dict(current))
         return

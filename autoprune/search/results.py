@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 STATES = ("complete", "early_stopped", "failed", "interrupted", "running")  # interrupted: stopped, run again
 HEAD_COLUMNS = ("number", "state", "method", "target", "allocation", "epochs", "lr")
 TAIL_COLUMNS = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
-                "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at")
+                "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at", "latency_frac",
+                "predicted_latency_frac")
 # fidelity: val acc right after surgery + BN recalibration (before fine-tuning; ResRep: after its
 # compactor epochs); prune_s: seconds to prune, recalibrate and measure it; stopped_at: "" (ran every
 # epoch), "screen" (not fine-tuned: screened out at the fidelity rung) or "epoch N" (early-stopped)
@@ -48,7 +49,9 @@ class TrialResult:
     macs_frac: float | None = None
     params: int | None = None
     params_frac: float | None = None
-    latency_ms: float | None = None
+    latency_ms: float | None = None  # objective latency: latency_frac x the base's ms measured at worker start
+    latency_frac: float | None = None  # measured, interleaved with the base in the same rounds
+    predicted_latency_frac: float | None = None  # the latency model's prediction the allocation aimed at
     epochs_run: int = 0
     duration_s: float = 0.0
     constraints: tuple[float, ...] = ()  # Optuna convention: feasible when every value <= 0
@@ -78,6 +81,7 @@ class TrialResult:
         """JSON-serialisable summary, stored with the trial by the backend; :func:`make_row` reads it."""
         return {"state": self.state, "val_acc": self.val_acc, "macs": self.macs, "macs_frac": self.macs_frac,
                 "params": self.params, "params_frac": self.params_frac, "latency_ms": self.latency_ms,
+                "latency_frac": self.latency_frac, "predicted_latency_frac": self.predicted_latency_frac,
                 "epochs_run": self.epochs_run, "duration_s": round(self.duration_s, 3),
                 "feasible": self.feasible, "error": self.error, "model": self.model,
                 "fidelity": self.fidelity, "prune_s": None if self.prune_s is None else round(self.prune_s, 3),

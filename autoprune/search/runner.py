@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,11 +30,12 @@ import torch
 
 from ..data.datasets import Dataset, load_data
 from ..data.splits import check_split
-from ..engine.cost import count_macs, count_params, measure_latency
+from ..engine.cost import count_macs, count_params
 from ..engine.plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
 from ..errors import AutopruneError
 from ..models.registry import ModelSpec, create_model
 from ..train import NonFiniteLoss, TrainConfig, evaluate, fit, resolve_device
+from ..trust import TrustCode, TrustError, accepts_trust_code, check_name, needs_trust
 from . import folder, live, optuna_backend
 from .locks import RUN_LOCK, file_lock
 from .optuna_backend import SAMPLERS
@@ -79,9 +81,10 @@ def default_out_dir(spec: SearchSpec) -> Path:
     return Path("results") / spec.study
 
 
+@accepts_trust_code
 def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool = False, backend: str = "optuna",
                progress: bool | str = True, ray_options: RayOptions | None = None, data: Dataset | None = None,
-               sampler: Any = None) -> StudyResult:
+               sampler: Any = None, *, trust_code: TrustCode = None) -> StudyResult:
     """Run (or resume) the search ``spec`` describes; returns what it wrote. See the module docstring.
 
     ``backend``: ``optuna`` (default: embedded, ``study.db``) or ``ray`` (Ray Tune, see
@@ -90,9 +93,16 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
     backend); by default the spec's data set is loaded. ``progress``: the live display
     (:func:`view_mode`): the search line and each running trial's phase, on stderr. ``sampler``: an
     Optuna sampler object used instead of ``spec.sampler`` (see :func:`autoprune.search.api.search`).
+    ``trust_code``: the modules a ``package.module:function`` model may import (:mod:`autoprune.trust`),
+    in this process and its workers.
     """
     start = time.time()
     out = out_dir if out_dir is not None else default_out_dir(spec)
+    if needs_trust(spec.model):  # before anything is written or computed
+        try:
+            check_name(spec.model)
+        except TrustError as exc:
+            raise TrustError(f"{spec.source}: {exc}") from None
     if backend not in BACKENDS:
         raise AutopruneError(f"unknown search backend {backend!r}; use one of {', '.join(BACKENDS)}")
     budget = spec.budget
@@ -111,6 +121,9 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
     elif (Path(out) / "ray").is_dir():  # (a Ray folder has a study.db too: a snapshot for optuna-dashboard)
         raise AutopruneError(f"{out} holds a search run with the ray backend; resume it with --backend ray or "
                              "choose another --out")
+    if resume and os.fspath(out).strip() and not Path(out).exists():
+        raise AutopruneError(f"--resume: {out} does not exist, so there is no search to continue; check --out, or "
+                             "drop --resume to start a new search there")
     out = folder.check_out(out)
     with file_lock(out / RUN_LOCK, blocking=False) as free:
         if not free:
@@ -121,7 +134,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
         data = load_data(spec.data, device) if data is None else data
         base = prepare_base(spec, out, data, device, progress)
         folder.check_fingerprint(open_store(spec, out, backend, create=True), folder.fingerprint(out / "base.pt", data),
-                                 out)
+                                 out, spec)
         trials_start = time.time()  # the time budget starts once the base model is ready
         limits = Limits(
             max_trials=budget.max_trials,
@@ -254,8 +267,13 @@ def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.devic
         save_base(path, model, model_spec, spec.data, metrics)
         log.info("base model: val_acc %.4f, %d MACs, %d params -> %s", metrics["val_acc"], metrics["macs"],
                  metrics["params"], path)
-    if "latency" in spec.objectives:
-        metrics["latency_ms"] = measure_latency(model, shape, 1, device)
+    if "latency" in spec.objectives:  # the report's base row; each worker measures it again for its trials
+        from ..engine.latency import measure_models
+        from . import latency_objective
+
+        cfg = latency_objective.config(spec, device)
+        metrics["latency_ms"] = measure_models([model], shape, cfg, "base latency")[0]
+        metrics.update(latency_objective.record(cfg))
     return metrics
 
 

@@ -123,6 +123,10 @@ def _allocation() -> dict[str, Any]:
             continue
         if f.name == "normalise":
             props[f.name] = {"enum": list(NORMALISATIONS)}
+        elif f.name == "round_to":
+            props[f.name] = {"anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}],
+                             "description": "widths in multiples of this; auto: the fastest multiple per layer "
+                                            "on this device (objective latency)"}
         elif isinstance(default, int):
             props[f.name] = {"type": "integer", "minimum": 1}
         else:
@@ -177,6 +181,13 @@ def build_schema() -> dict[str, Any]:
         "early_stop": {"anyOf": [{"type": "boolean"}, _closed(early)]},
         "screen": {"anyOf": [{"type": "boolean"}, {"type": "null"}, screen]},
         "allocation": _allocation(),
+        "latency": _closed({"batch_size": {"type": "integer", "minimum": 1},
+                            "runtime": {"enum": ["torch", "onnxruntime"]},
+                            "threads": {"type": ["integer", "null"], "minimum": 1},
+                            "rounds": {"type": "integer", "minimum": 1},
+                            "points": {"type": "integer", "minimum": 2}},
+                           description="objective latency: how it is measured on this device (default batch 1, "
+                                       "torch, the search's threads)"),
         "space": _closed(space_props, description="every searchable value: fixed | [choices] | {low, high, log}"),
     }
     return {"$schema": DRAFT, "title": "autoprune search spec",

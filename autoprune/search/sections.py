@@ -240,7 +240,9 @@ def parse_allocation(chk: SpaceChecker, value: Any) -> dict[str, Any]:
     for key, default in defaults.items():
         v = value.get(key, default)
         path = f"allocation.{key}"
-        if isinstance(default, int):
+        if key == "round_to" and str(v).strip().lower() == "auto":
+            out[key] = "auto"  # per layer, the fastest multiple the latency model finds (objective latency)
+        elif isinstance(default, int):
             out[key] = chk.integer(v, path, 1)
         elif isinstance(default, float):
             out[key] = chk.number(v, path, 0.0, 1.0, low_open=False)

@@ -12,6 +12,9 @@ is the commented example)::
     study [file name]   model   data: NAME | {name, seed [0], val_fraction, test_fraction, image_size, root}
     base [null: train one]  base_epochs [30]  base_lr [0.05]  device [auto]  workers [1]  seed [0]
     sampler [tpe | nsga2 | random]   objectives [[val_acc, macs]]: second is macs | params | latency
+    latency: {batch_size [1], runtime [torch | onnxruntime], threads [null: the search's], rounds [5], points [5]}
+             (objective latency:
+             the sampled target is a fraction of the base's latency on this device)
     constraints: {min_val_acc, max_params_frac, max_macs_frac} [none]
     budget: {max_trials, time ("30m", "1h30m" or seconds), device_hours} [max_trials: 20]
     early_stop: {enabled [true], margin [null: se_multiple standard errors of a val accuracy], se_multiple [1],
@@ -45,6 +48,7 @@ from ..data.datasets import DataSpec
 from ..errors import AutopruneError, SpecError
 from ..files import write_text
 from . import sections
+from .latency_objective import parse_latency
 from .sections import Budget, EarlyStop, Screen
 from .space import Range, space_to_yaml
 from .validate import SpaceChecker
@@ -60,7 +64,8 @@ OVERRIDES = {  # CLI override name -> key path in the spec
     "early_stop": "early_stop.enabled", "sampler": "sampler", "study": "study", "base": "base",
 }
 TOP_KEYS = ("study", "model", "data", "base", "base_epochs", "base_lr", "device", "workers", "seed",
-            "sampler", "objectives", "constraints", "budget", "early_stop", "screen", "allocation", "space", "augment")
+            "sampler", "objectives", "constraints", "budget", "early_stop", "screen", "allocation", "space", "augment",
+            "latency")
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class SearchSpec:
     method_space: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     allocation: Mapping[str, Any] = field(default_factory=dict)
     augment: tuple[str, ...] = ()  # training augmentation of the base model and the trials (autoprune.data.datasets)
+    latency: Mapping[str, Any] = field(default_factory=dict)  # objective latency: batch_size, runtime, threads
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -111,6 +117,7 @@ class SearchSpec:
             "screen": {f.name: getattr(self.screen, f.name) for f in fields(Screen)},
             "allocation": dict(self.allocation),
             "augment": list(self.augment),
+            "latency": dict(self.latency),
             "space": space,
         }
 
@@ -219,18 +226,24 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
             nsga2_population(budget.max_trials)
         except AutopruneError as exc:
             raise chk.err("sampler", str(exc)) from None
+    objectives = sections.parse_objectives(chk, raw.get("objectives", ["val_acc", "macs"]))
+    allocation = sections.parse_allocation(chk, raw.get("allocation"))
+    if allocation.get("round_to") == "auto" and objectives[1] != "latency":
+        raise chk.err("allocation.round_to", "auto needs objectives: [val_acc, latency] (the multiples come from the "
+                                             "device's latency model); use 1, 8, 16 or 32")
     return SearchSpec(
         study=study, source=chk.source, model=sections.parse_model(chk, raw["model"]), data=sections.parse_data(chk, raw["data"]),
         base=sections.parse_base(chk, raw.get("base")), base_epochs=chk.integer(raw.get("base_epochs", 30), "base_epochs", 0),
         base_lr=chk.number(raw.get("base_lr", 0.05), "base_lr", 0.0, low_open=True),
         device=sections.parse_device(chk, raw.get("device", "auto")), workers=chk.integer(raw.get("workers", 1), "workers", 1),
         seed=chk.integer(raw.get("seed", 0), "seed", 0), sampler=sampler,
-        objectives=sections.parse_objectives(chk, raw.get("objectives", ["val_acc", "macs"])),
+        objectives=objectives,
         min_val_acc=min_acc, max_params_frac=max_params, max_macs_frac=max_macs,
         budget=budget, early_stop=sections.parse_early_stop(chk, raw.get("early_stop", True)),
-        space=space, method_space=method_space, allocation=sections.parse_allocation(chk, raw.get("allocation")),
+        space=space, method_space=method_space, allocation=allocation,
         screen=sections.parse_screen(chk, raw.get("screen", False)),
         augment=sections.parse_augment(chk, raw.get("augment", "none"), raw["data"]),
+        latency=parse_latency(chk, raw.get("latency")),
     )
 
 

@@ -139,7 +139,7 @@ def finished_curves(store: TrialStore) -> Reference:
     return Reference(tuple(peers), tuple(candidates))
 
 
-_FRACTION = {"macs": "macs_frac", "params": "params_frac"}  # latency: screened by MACs fraction
+_FRACTION = {"macs": "macs_frac", "params": "params_frac", "latency": "latency_frac"}  # screening windows
 
 
 def store_objective(t: StoredTrial) -> str:

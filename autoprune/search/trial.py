@@ -30,15 +30,15 @@ from torch import nn
 
 from ..data.datasets import Dataset, load_data
 from ..engine import pruning as engine
-from ..engine.cost import measure_latency
 from ..engine.graph import ChannelGroup, find_groups
+from ..engine.latency import measure_models
 from ..engine.plan import load_base, save_pruned
 from ..files import FileWriteError, user_error, write_json
 from ..methods import EpochReport, PruneStopped, get_method, make_params
 from ..models.registry import ModelSpec
 from ..progress import phase
 from ..train import Callbacks, NonFiniteLoss, TrainConfig, evaluate, fit
-from . import early_stop, live
+from . import early_stop, latency_objective, live
 from .results import COST_KEYS, TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
 
 if TYPE_CHECKING:
@@ -62,6 +62,8 @@ class Worker:
     model_spec: ModelSpec
     groups: list[ChannelGroup]
     base: dict[str, Any]  # val_acc, macs, params (+ latency_ms when latency is an objective)
+    latency: Any = None  # objective latency: the LatencyModel of this device (autoprune.engine.latency)
+    latency_cfg: Any = None  # and the LatencyConfig it was measured with
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -85,13 +87,19 @@ class Worker:
             log.warning("%s: space.residual is searched but %s has no prunable residual-coupled channel group; "
                         "set residual: 0 so the sampler does not spend a dimension on it", spec.source,
                         model_spec.name)
+        lm = lat_cfg = None
         if "latency" in spec.objectives:  # device-specific: measured by each worker on its own device
-            base["latency_ms"] = measure_latency(model, shape, 1, device)
+            lat_cfg = latency_objective.config(spec, device)
+            lm = latency_objective.build_for_worker(out_dir, model, groups, shape, lat_cfg)
+            with latency_objective.measuring(out_dir):
+                base["latency_ms"] = measure_models([model], shape, lat_cfg, "base latency")[0]
+            base.update(latency_objective.record(lat_cfg, lm.base))
+            latency_objective.warn_unreachable(spec, groups, lm)
         log.info("worker ready on %s: %s, %d prunable channel groups, base val_acc %.4f, %d MACs", device,
                  model_spec.name, sum(g.prunable for g in groups), base.get("val_acc", math.nan),
                  base.get("macs", 0))
         return cls(spec=spec, out_dir=out_dir, device=device, data=data, model=model, model_spec=model_spec,
-                   groups=groups, base=base)
+                   groups=groups, base=base, latency=lm, latency_cfg=lat_cfg)
 
 
 @dataclass
@@ -197,7 +205,8 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     try:
         pruned = engine.prune(worker.model, method, target, data=worker.data, allocation=allocation,
                               spec=worker.model_spec, device=worker.device, train_cfg=cfg, groups=worker.groups,
-                              on_epoch=on_prune_epoch, **method_params)
+                              on_epoch=on_prune_epoch, objective=worker.latency if objective == "latency" else None,
+                              **method_params)
     except PruneStopped as exc:
         return _stopped_while_pruning(worker, number, hparams, exc.report, progress, start)
     model = pruned.model
@@ -208,21 +217,26 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     with phase("fidelity"):
         m["fidelity"] = float(evaluate(model, worker.data.val, worker.device)["acc"])
     m["prune_s"] = time.perf_counter() - start
-    if objective == "latency":
+    if objective == "latency":  # timed interleaved with the base, the other workers paused
         with phase("latency"):
-            m["latency_ms"] = measure_latency(model, worker.input_shape, 1, worker.device)
+            pruned_ms, base_ms = latency_objective.measure_trial(worker.out_dir, worker.model, model,
+                                                                 worker.input_shape, worker.latency_cfg)
+        m["latency_frac"] = pruned_ms / base_ms
+        m["latency_ms"] = m["latency_frac"] * float(worker.base["latency_ms"])
+        m["predicted_latency_frac"] = float(pruned.info["predicted_frac"])
     cost = float(m[COST_KEYS[objective]])
     m["cost"] = cost
     progress.curve = (progress.curve + [None] * k)[:k]
     progress.epochs_run = k
     screen = spec.screen
     if finished is not None and screen.enabled and epochs > k:
-        frac = m["params_frac"] if objective == "params" else m["macs_frac"]
+        frac = {"params": m["params_frac"], "latency": m.get("latency_frac")}.get(objective) or m["macs_frac"]
         if early_stop.screen_out(frac, m["fidelity"], reference().candidates, keep=screen.keep,
                                  bucket=screen.bucket, min_peers=screen.min_peers,
                                  phase=early_stop.screening_phase(phases)):
-            log.info("trial %d screened out: fidelity %.4f not in the best %.0f %% of its MACs bucket", number,
-                     m["fidelity"], 100 * screen.keep)
+            log.info("trial %d screened out: fidelity %.4f not in the best %.0f %% of its %s-fraction bucket",
+                     number, m["fidelity"], 100 * screen.keep, "params" if objective == "params" else
+                     "latency" if objective == "latency" else "MACs")
             return _result(worker, number, hparams, "early_stopped", m["fidelity"], progress, start,
                            stopped_at="screen")
 
@@ -234,8 +248,15 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
         return behind(cost, e, acc)
 
     if epochs > k:
+        pause = latency_objective.PausePoint(worker.out_dir) if worker.spec.workers > 1 else None
+
+        def on_epoch(epoch: int, metrics: dict) -> bool:
+            if pause is not None:
+                pause()
+            return on_epoch_end(epoch, metrics)
+
         fit(model, worker.data.train, worker.data.val, replace(cfg, epochs=epochs - k), worker.device,
-            Callbacks(on_epoch_end=on_epoch_end), progress="fine-tune")
+            Callbacks(on_epoch_end=on_epoch, after_backward=pause), progress="fine-tune")
         val_acc = next(a for a in reversed(progress.curve) if a is not None)
     else:  # nothing left to fine-tune: the pruned model as it is
         val_acc = m["fidelity"]

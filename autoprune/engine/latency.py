@@ -1,0 +1,445 @@
+"""A latency model of the device: predicted latency of any width assignment, measured once per machine.
+
+The engine's second cost model (DESIGN.md section 7, "Latency as a target"), after HALP (Shen et al.,
+NeurIPS 2022; NVlabs/HALP: a per-layer latency lookup table measured on the target device, pruning
+under a latency budget) and NetAdapt (Yang et al., ECCV 2018: empirical measurements, not proxies).
+
+For each conv / linear layer (with the BatchNorm and activation that follow it; see
+:func:`~.latency_table.layer_blocks`) a small table of measured latencies over (input, output) widths
+is built on this machine, for one runtime, batch size and thread count; layers of equal geometry
+share a table. Kernels work on blocks of channels (oneDNN on AVX-512: 16 floats), so latency is a
+step function of width: a probe per table finds the block ``B`` (the smallest multiple of 1 / 8 / 16
+/ 32 whose removal saves latency in proportion), the grid is measured at multiples of ``B`` and a
+width is rounded up to its block before bilinear interpolation. The predicted latency of a width
+assignment is ``scale x sum(layer latencies) + const``, where ``scale`` and ``const`` (the unpruned
+rest: pooling, additions, framework overhead) are fitted to the measured end-to-end latency of a
+few uniformly pruned copies of the model. :class:`LatencyModel` implements
+:class:`~.cost.WidthObjective` (unit "latency", in ms), so the shared allocator hits a latency
+target with any method. :func:`validate` measures its error on random held-out width assignments.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import progress
+from .cost import WidthCost
+from .graph import ChannelGroup
+from .latency_table import (
+    BlockGeom,
+    LatencyConfig,
+    cache_key,
+    device_name,
+    layer_blocks,
+    load_cached,
+    make_runner,
+    save_cached,
+    time_runners,
+)
+
+log = logging.getLogger(__name__)
+
+PROBE_MULTIPLES = (1, 8, 16, 32)
+CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.3)  # uniform width fractions fitting scale and const
+
+
+def _round_up(n: int, step: int, cap: int) -> int:
+    return min(cap, step * math.ceil(n / step))
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """Measured latency (ms) of one block geometry over a grid of (input, output) widths."""
+
+    in_pts: tuple[int, ...]
+    out_pts: tuple[int, ...]
+    ms: tuple[tuple[float, ...], ...]  # ms[i][j]: in_pts[i] inputs, out_pts[j] outputs (monotone)
+    block: int  # widths are rounded up to a multiple of this before interpolation
+    depthwise: bool = False
+    spread: float = 0.0  # median spread of the measurements (rounds' range / median)
+
+    def at(self, cin: int, cout: int) -> float:
+        if self.depthwise:
+            cin = cout = min(cin, cout)
+        return _bilinear(self.in_pts, self.out_pts, self.ms, _round_up(cin, self.block, self.in_pts[-1]),
+                         _round_up(cout, self.block, self.out_pts[-1]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"in": list(self.in_pts), "out": list(self.out_pts), "ms": [list(r) for r in self.ms],
+                "block": self.block, "depthwise": self.depthwise, "spread": self.spread}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerTable:
+        return cls(tuple(int(v) for v in d["in"]), tuple(int(v) for v in d["out"]),
+                   tuple(tuple(float(v) for v in r) for r in d["ms"]), int(d["block"]), bool(d["depthwise"]),
+                   float(d.get("spread", 0.0)))
+
+
+def _interp_axis(pts: Sequence[int], x: float) -> tuple[int, int, float]:
+    if len(pts) == 1 or x <= pts[0]:
+        return 0, 0, 0.0
+    if x >= pts[-1]:
+        return len(pts) - 1, len(pts) - 1, 0.0
+    j = bisect.bisect_right(pts, x)
+    i = j - 1
+    return i, j, (x - pts[i]) / (pts[j] - pts[i])
+
+
+def _bilinear(xs: Sequence[int], ys: Sequence[int], v: Sequence[Sequence[float]], x: float, y: float) -> float:
+    i0, i1, tx = _interp_axis(xs, x)
+    j0, j1, ty = _interp_axis(ys, y)
+    top = v[i0][j0] * (1 - ty) + v[i0][j1] * ty
+    bottom = v[i1][j0] * (1 - ty) + v[i1][j1] * ty
+    return top * (1 - tx) + bottom * tx
+
+
+class LatencyModel:
+    """Predicted latency (ms per batch) of a width assignment: a :class:`~.cost.WidthObjective`.
+
+    ``value(widths)`` = ``scale`` x the sum of per-layer table latencies + ``const``; ``base`` is the
+    prediction for the unpruned model, ``measured_base_ms`` its measured latency. ``info`` records the
+    device name, runtime, threads and batch size it was measured with.
+    """
+
+    unit = "latency"
+
+    def __init__(self, cost: WidthCost, layers: Mapping[str, Sequence[str]], tables: Mapping[str, LayerTable],
+                 scale: float, const: float, measured_base_ms: float, info: Mapping[str, Any],
+                 multiples: Mapping[str, int]) -> None:
+        self.cost = cost
+        self.layers = {n: tuple(ks) for n, ks in layers.items()}  # layer name -> table keys, one per call
+        self.tables = dict(tables)
+        self.scale, self.const = float(scale), float(const)
+        self.measured_base_ms = float(measured_base_ms)
+        self.info = dict(info)
+        self.multiples = dict(multiples)  # group -> the fastest multiple the probes found (round_to auto)
+        self._base = self.value({})
+
+    @property
+    def base(self) -> float:
+        return self._base
+
+    def layer_ms(self, widths: Mapping[str, int]) -> dict[str, float]:
+        """Per layer, its table latency (ms, before ``scale``) at ``widths``."""
+        shapes = self.cost.layer_shapes(widths)
+        return {n: sum(self.tables[k].at(*shapes[n]) for k in keys) for n, keys in self.layers.items()}
+
+    def value(self, widths: Mapping[str, int]) -> float:
+        """Predicted ms per forward of a ``batch_size`` batch when the groups keep ``widths`` channels."""
+        return self.scale * sum(self.layer_ms(widths).values()) + self.const
+
+    def fraction(self, widths: Mapping[str, int]) -> float:
+        return self.value(widths) / self.base
+
+    def round_multiples(self) -> dict[str, int]:
+        """Per group, the width multiple ``round_to: auto`` uses."""
+        return dict(self.multiples)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": {n: list(ks) for n, ks in self.layers.items()},
+                "tables": {k: t.to_dict() for k, t in self.tables.items()}, "scale": self.scale,
+                "const": self.const, "measured_base_ms": self.measured_base_ms, "info": self.info,
+                "multiples": self.multiples}
+
+
+# --------------------------------------------------------------------------- building
+
+
+def structure_hash(blocks: Mapping[str, Sequence[BlockGeom]], groups: Sequence[ChannelGroup]) -> str:
+    """A digest of the model's measured structure: every layer's block geometry and the channel groups."""
+    data = {"blocks": {n: [b.key() for b in bs] for n, bs in sorted(blocks.items())},
+            "groups": [[g.name, g.channels, g.prunable, sorted(m.module + ":" + m.dim for m in g.members)]
+                       for g in groups]}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def lowest_widths(groups: Sequence[ChannelGroup]) -> dict[str, int]:
+    """The narrowest widths the table must cover: 5 % of each prunable group, at least 1 channel."""
+    return {g.name: max(1, math.ceil(0.05 * g.channels)) for g in groups if g.prunable}
+
+
+def _ranges(cost: WidthCost, blocks: Mapping[str, Sequence[BlockGeom]],
+            groups: Sequence[ChannelGroup]) -> dict[str, tuple[BlockGeom, int, int]]:
+    """Per distinct block key: (geometry, lowest input width, lowest output width) over the layers."""
+    lo = cost.layer_shapes(lowest_widths(groups))
+    out: dict[str, tuple[BlockGeom, int, int]] = {}
+    for name, bs in blocks.items():
+        lin, lout = lo.get(name, (bs[0].in_ch, bs[0].out_ch))
+        for b in bs:
+            k = b.key()
+            prev = out.get(k, (b, b.in_ch, b.out_ch))
+            out[k] = (b, min(prev[1], lin), min(prev[2], lout))
+    return out
+
+
+def _probe_dim(b: BlockGeom, lin: int, lout: int) -> str:
+    return "out" if lout < b.out_ch else ("in" if lin < b.in_ch else "")
+
+
+def _probe_points(b: BlockGeom, dim: str) -> tuple[int, list[int]]:
+    """(reference width w, widths to measure: w and w - m for the candidate multiples m < M)."""
+    c = b.out_ch if dim == "out" else b.in_ch
+    big = [m for m in (32, 16, 8) if 2 * m <= c]
+    if not big:
+        return c, []
+    top = big[0]
+    w = top * min(4, c // top)
+    return w, [w] + [w - m for m in PROBE_MULTIPLES if m <= top]
+
+
+def _block_from_probe(w: int, ms: Mapping[int, float]) -> int:
+    """The smallest multiple m whose removal (w -> w - m) saves at least half the latency that
+    proportional scaling of the largest probed multiple's saving predicts."""
+    top = max(w - x for x in ms if x < w)
+    full = ms[w]
+    drop_top = (full - ms[w - top]) / full
+    if drop_top <= 0.02:  # no measurable change: the layer is too small to tell
+        return 1
+    for m in sorted(w - x for x in ms if x < w):
+        if (full - ms[w - m]) / full >= 0.5 * drop_top * m / top:
+            return m
+    return top
+
+
+def _axis(full: int, lo: int, block: int, points: int, varies: bool) -> tuple[int, ...]:
+    if not varies:
+        return (full,)
+    lo = _round_up(max(1, lo), block, full)
+    pts = {full, lo} | {_round_up(round(lo + (full - lo) * i / (points - 1)), block, full) for i in range(points)}
+    return tuple(sorted(pts))
+
+
+def _runner(b: BlockGeom, cin: int, cout: int, cfg: LatencyConfig) -> Callable[[], Any]:
+    if b.groups > 1 and not b.depthwise:  # a grouped conv keeps its groups: widths in multiples of them
+        cin, cout = _round_up(cin, b.groups, 10**9), _round_up(cout, b.groups, 10**9)
+    torch.manual_seed(0)
+    module, shape = b.build(cin, cout)
+    return make_runner(module, shape, cfg)
+
+
+def _measure(points: list[tuple[BlockGeom, int, int]], cfg: LatencyConfig,
+             name: str) -> tuple[list[float], list[float]]:
+    runners = [_runner(b, i, o, cfg) for b, i, o in points]
+    with progress.phase(name, total=cfg.rounds, unit="round") as p:
+        timings = time_runners(runners, cfg, on_round=p.advance)
+    return [t.ms for t in timings], [t.spread for t in timings]
+
+
+def _tables(ranges: Mapping[str, tuple[BlockGeom, int, int]], cfg: LatencyConfig) -> dict[str, LayerTable]:
+    """Probe each geometry's block, then measure its grid (both in interleaved rounds)."""
+    probes: list[tuple[str, int, list[int], str]] = []
+    for k, (b, lin, lout) in ranges.items():
+        dim = _probe_dim(b, lin, lout)
+        w, pts = _probe_points(b, dim) if dim else (0, [])
+        if pts:
+            probes.append((k, w, pts, dim))
+    flat = []
+    for k, _, pts, dim in probes:
+        b = ranges[k][0]
+        flat += [(b, b.in_ch, x) if dim == "out" else (b, x, b.out_ch) for x in pts]
+    ms, _ = _measure(flat, cfg, "latency probes") if flat else ([], [])
+    blocks: dict[str, int] = {}
+    i = 0
+    for k, w, pts, _dim in probes:
+        blocks[k] = _block_from_probe(w, dict(zip(pts, ms[i:i + len(pts)])))
+        i += len(pts)
+    grid: list[tuple[str, int, int]] = []
+    axes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for k, (b, lin, lout) in ranges.items():
+        blk = blocks.get(k, 1)
+        outs = _axis(b.out_ch, lout, blk, cfg.points, lout < b.out_ch)
+        ins = outs if b.depthwise else _axis(b.in_ch, lin, blk, cfg.points, lin < b.in_ch)
+        axes[k] = (ins, outs)
+        grid += [(k, ci, co) for ci in ins for co in outs if not b.depthwise or ci == co]
+    ms, spreads = _measure([(ranges[k][0], ci, co) for k, ci, co in grid], cfg, "latency table")
+    found = {(k, ci, co): (t, s) for (k, ci, co), t, s in zip(grid, ms, spreads)}
+    tables = {}
+    for k, (ins, outs) in axes.items():
+        dw = ranges[k][0].depthwise
+        vals = [[found[(k, ci, ci if dw else co)][0] for co in outs] for ci in ins]
+        for r in range(len(ins)):  # monotone non-decreasing in both widths (noise must not invert order)
+            for c in range(len(outs)):
+                vals[r][c] = max([vals[r][c]] + ([vals[r - 1][c]] if r else []) + ([vals[r][c - 1]] if c else []))
+        spread = statistics.median(found[(k, ci, ci if dw else co)][1] for ci in ins for co in outs)
+        tables[k] = LayerTable(ins, outs, tuple(tuple(r) for r in vals), blocks.get(k, 1), dw, spread)
+    return tables
+
+
+def pruned_copy(model: nn.Module, groups: Sequence[ChannelGroup], widths: Mapping[str, int]) -> nn.Module:
+    """A copy of ``model`` whose groups keep their first ``widths[g]`` channels (for timing only)."""
+    from .plan import Plan, apply_plan
+    from .trace import safe_copy
+
+    keep = {n: tuple(range(int(w))) for n, w in widths.items()}
+    copy = safe_copy(model).cpu().eval()
+    return apply_plan(copy, list(groups), Plan.from_keep(keep, list(groups))).eval()
+
+
+def uniform_widths(groups: Sequence[ChannelGroup], fraction: float) -> dict[str, int]:
+    return {g.name: max(1, round(fraction * g.channels)) for g in groups if g.prunable}
+
+
+def measure_models(models: Sequence[nn.Module], input_shape: Sequence[int], cfg: LatencyConfig,
+                   name: str = "latency end-to-end") -> list[float]:
+    """Median ms per forward of each model, in interleaved rounds (see :func:`time_runners`)."""
+    runners = [make_runner(m, input_shape, cfg) for m in models]
+    budget = max(cfg.budget_s, 0.1)
+    with progress.phase(name, total=cfg.rounds, unit="round") as p:
+        return [t.ms for t in time_runners(runners, cfg, budget_s=budget, on_round=p.advance)]
+
+
+def _fit(sums: Sequence[float], e2e: Sequence[float]) -> tuple[float, float]:
+    """Least squares ``e2e = scale x sum + const``; scale kept in [0.5, 2] (else 1 and the mean gap)."""
+    n = len(sums)
+    mx, my = sum(sums) / n, sum(e2e) / n
+    var = sum((x - mx) ** 2 for x in sums)
+    scale = sum((x - mx) * (y - my) for x, y in zip(sums, e2e)) / var if var > 0 else 1.0
+    if not 0.5 <= scale <= 2.0:
+        scale = 1.0
+    return scale, my - scale * mx
+
+
+def build_latency_model(model: nn.Module, groups: Sequence[ChannelGroup], input_shape: Sequence[int],
+                        cfg: LatencyConfig | None = None, cost: WidthCost | None = None) -> LatencyModel:
+    """Measure (or load from the cache) the latency model of ``model`` on this machine under ``cfg``.
+
+    Takes seconds (CIFAR ResNet-56, batch 1) to minutes (ResNet-50 at 224, batch 32) the first time;
+    announces its phases through :mod:`autoprune.progress`. Raises ``AutopruneError`` for a bad
+    ``cfg`` (see :class:`~.latency_table.LatencyConfig`).
+    """
+    from .graph import build_width_cost
+
+    cfg = cfg or LatencyConfig()
+    work = model.eval()
+    cost = cost or build_width_cost(work, list(groups), tuple(input_shape))
+    blocks = layer_blocks(work, tuple(input_shape))
+    key = cache_key(cfg, input_shape, structure_hash(blocks, groups))
+    layers = {n: [b.key() for b in bs] for n, bs in blocks.items() if n in cost.layers}
+    cached = load_cached(cfg, key)
+    if cached is not None:
+        log.info("latency model from the cache (%s, %s, batch %d, %d threads)", key["device_name"], cfg.runtime,
+                 cfg.batch_size, cfg.n_threads)
+        tables = {k: LayerTable.from_dict(t) for k, t in cached["tables"].items()}
+        return LatencyModel(cost, layers, tables, cached["scale"], cached["const"], cached["measured_base_ms"],
+                            {**cached["info"], "from_cache": True}, cached["multiples"])
+    start = time.perf_counter()
+    tables = _tables(_ranges(cost, blocks, groups), cfg)
+    calib = [uniform_widths(groups, f) for f in CALIBRATION_FRACTIONS]
+    e2e = measure_models([pruned_copy(work, groups, w) for w in calib], input_shape, cfg, "latency end-to-end fit")
+    probe = LatencyModel(cost, layers, tables, 1.0, 0.0, e2e[0], {}, {})
+    scale, const = _fit([probe.value(w) for w in calib], e2e)
+    multiples = _group_multiples(groups, blocks, tables)
+    info = {"device_name": key["device_name"], "runtime": cfg.runtime, "device": key["device"],
+            "threads": cfg.n_threads, "batch_size": int(cfg.batch_size), "input_shape": list(input_shape),
+            "tables": len(tables), "layers": len(layers), "measure_s": round(time.perf_counter() - start, 1),
+            "spread": statistics.median(t.spread for t in tables.values()) if tables else 0.0,
+            "calibration_ms": e2e, "from_cache": False}
+    lm = LatencyModel(cost, layers, tables, scale, const, e2e[0], info, multiples)
+    save_cached(cfg, key, lm.to_dict())
+    return lm
+
+
+def _group_multiples(groups: Sequence[ChannelGroup], blocks: Mapping[str, Sequence[BlockGeom]],
+                     tables: Mapping[str, LayerTable]) -> dict[str, int]:
+    """Per prunable group, the largest block of the layers that produce its channels (its leaders)."""
+    out = {}
+    for g in groups:
+        if not g.prunable:
+            continue
+        found = [tables[b.key()].block for n in g.leaders for b in blocks.get(n, ()) if b.key() in tables]
+        out[g.name] = min(g.channels, max(found, default=1))
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def random_widths(groups: Sequence[ChannelGroup], rng: random.Random) -> dict[str, int]:
+    """A random assignment: an overall fraction in [0.2, 1], each group jittered by x0.7..1.3 (odd widths
+    included, nothing rounded)."""
+    f = rng.uniform(0.2, 1.0)
+    return {g.name: min(g.channels, max(1, round(g.channels * f * rng.uniform(0.7, 1.3))))
+            for g in groups if g.prunable}
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    den = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / den if den > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Error of the latency model on held-out random width assignments (measured end to end)."""
+
+    n: int
+    median_rel_err: float  # |predicted - measured| / measured, ms
+    p90_rel_err: float
+    spearman: float
+    median_frac_err: float  # the same on fractions of the base measured in the same rounds
+    predicted_ms: tuple[float, ...] = ()
+    measured_ms: tuple[float, ...] = ()
+
+
+def _quantile(v: Sequence[float], q: float) -> float:
+    s = sorted(v)
+    pos = q * (len(s) - 1)
+    i = int(pos)
+    return s[i] if i + 1 >= len(s) else s[i] + (s[i + 1] - s[i]) * (pos - i)
+
+
+def validate(model: nn.Module, groups: Sequence[ChannelGroup], lm: LatencyModel, input_shape: Sequence[int],
+             cfg: LatencyConfig, n: int = 30, seed: int = 1234) -> Validation:
+    """Measure ``n`` random width assignments (and the base, interleaved) and compare with ``lm``."""
+    rng = random.Random(seed)
+    assignments = [random_widths(groups, rng) for _ in range(n)]
+    models = [model.eval()]
+    models += [pruned_copy(model, groups, w) for w in assignments]
+    measured = measure_models(models, input_shape, replace(cfg, budget_s=min(cfg.budget_s, 0.05)),
+                              "latency validation")
+    predicted = [lm.value(w) for w in assignments]
+    rel = [abs(p - m) / m for p, m in zip(predicted, measured[1:])]
+    frac = [abs(p / lm.base - m / measured[0]) / (m / measured[0]) for p, m in zip(predicted, measured[1:])]
+    return Validation(n=n, median_rel_err=statistics.median(rel), p90_rel_err=_quantile(rel, 0.9),
+                      spearman=spearman(predicted, measured[1:]), median_frac_err=statistics.median(frac),
+                      predicted_ms=tuple(predicted), measured_ms=tuple(measured[1:]))
+
+
+def describe(lm: LatencyModel) -> str:
+    """One line: where and how the model was measured."""
+    i = lm.info
+    return (f"{i.get('runtime')} on {i.get('device_name')}, batch {i.get('batch_size')}, {i.get('threads')} "
+            f"thread(s): base {lm.measured_base_ms:.3f} ms measured, {lm.base:.3f} ms predicted")
+
+
+__all__ = ["LatencyConfig", "LatencyModel", "LayerTable", "Validation", "build_latency_model", "describe",
+           "device_name", "measure_models", "pruned_copy", "random_widths", "spearman", "uniform_widths",
+           "validate"]

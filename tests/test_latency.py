@@ -1,0 +1,265 @@
+"""The latency model as the allocator's objective, width rounding, the cache key, and bad latency input."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import model_input
+
+import autoprune
+from autoprune.cli import main
+from autoprune.engine import latency_table
+from autoprune.engine.allocate import AllocationConfig, allocate
+from autoprune.engine.graph import build_width_cost, find_groups
+from autoprune.engine.latency import LatencyModel, LayerTable, build_latency_model, spearman
+from autoprune.engine.latency_table import LatencyConfig, cache_key, key_digest
+from autoprune.errors import AutopruneError
+from autoprune.models.registry import create_model
+
+
+def _synthetic(name: str, block: int = 1, multiple: int = 8, rest: float = 0.1):
+    """A LatencyModel whose tables are a known function: latency of a layer = 1e-6 x blocked MACs + 0.01 ms,
+    with widths rounded up to ``block`` (a step function, like oneDNN's channel blocks); the unpruned
+    rest is ``rest`` of the base latency."""
+    spec, shape = model_input(name)
+    torch.manual_seed(0)
+    model = create_model(spec).eval()
+    groups = find_groups(model, shape, check=False)
+    cost = build_width_cost(model, groups, shape)
+    tables, layers = {}, {}
+    for n, g in cost.layers.items():
+        ins = tuple(sorted({1, g.in_ch}))
+        outs = tuple(sorted({1, g.out_ch}))
+
+        def f(ci: int, co: int, g=g) -> float:
+            return 1e-6 * g.macs(ci, co) + 0.01
+
+        tables[n] = LayerTable(ins, outs, tuple(tuple(f(ci, co) for co in outs) for ci in ins), block, g.depthwise)
+        layers[n] = (n,)
+    multiples = {g.name: min(g.channels, multiple) for g in groups if g.prunable}
+    layer_sum = LatencyModel(cost, layers, tables, 1.0, 0.0, 1.0, {}, multiples).base
+    const = layer_sum * rest / (1 - rest)
+    lm = LatencyModel(cost, layers, tables, 1.0, const, 1.0, {"device_name": "synthetic"}, multiples)
+    gen = torch.Generator().manual_seed(0)
+    scores = {g.name: torch.rand(g.channels, generator=gen) for g in groups if g.prunable}
+    return model, shape, groups, cost, lm, scores
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+@pytest.mark.parametrize("mode", ["uniform", "global", "searched"])
+def test_allocator_hits_a_predicted_latency_target(name, mode):
+    _, _, groups, cost, lm, scores = _synthetic(name, block=8)
+    cfg = AllocationConfig(mode=mode, multipliers=(0.6, 1.0, 1.4))
+    for target in (0.7, 0.5, 0.3):
+        widths = allocate(groups, scores, lm, target, cfg)
+        frac = lm.value(widths) / lm.base
+        assert target - 0.02 <= frac <= target, (target, frac)
+        # latency is not MACs: the constant and the blocks make them disagree
+        assert abs(cost.macs_fraction(widths) - frac) > 0.02
+
+
+@pytest.mark.parametrize("round_to", [8, 16, "auto"])
+def test_round_to_never_exceeds_the_target_nor_drops_below_the_minimum(round_to):
+    _, _, groups, _, lm, scores = _synthetic("resnet56", block=8, multiple=16)
+    cfg = AllocationConfig(mode="global", round_to=round_to, min_ratio=0.2)
+    for target in (0.85, 0.7, 0.55):  # round_to 16 leaves 16-channel groups whole: 0.505 is the floor
+        widths = allocate(groups, scores, lm, target, cfg)
+        assert lm.value(widths) <= target * lm.base
+        for g in groups:
+            if not g.prunable:
+                continue
+            step = min(g.channels, 16) if round_to == "auto" else round_to
+            w = widths[g.name]
+            assert w % step == 0 or w == g.channels, (g.name, w, step)
+            assert w >= math.ceil(0.2 * g.channels)
+
+
+def test_round_to_auto_needs_a_latency_model():
+    _, _, groups, cost, _, scores = _synthetic("resnet20")
+    with pytest.raises(AutopruneError, match="round_to auto needs a latency model"):
+        allocate(groups, scores, cost, 0.5, AllocationConfig(round_to="auto"))
+
+
+def test_every_method_gets_the_latency_objective():
+    model, shape, groups, _, lm, _ = _synthetic("resnet20", block=8)
+    res = autoprune.prune(model, "l1", 0.5, input_shape=shape, groups=groups, objective=lm, recalibrate_batches=0)
+    assert 0.48 <= res.info["predicted_frac"] <= 0.5
+    assert res.info["cost"] == "latency"
+    assert abs(res.macs_fraction - 0.5) > 0.01  # aimed at latency, not MACs
+
+
+def test_resrep_gets_the_latency_objective():
+    from test_resrep import Data
+
+    model, shape, groups, _, lm, _ = _synthetic("resnet20", block=8)
+    data = Data(64, shape, classes=10)
+    cfg = autoprune.train.TrainConfig(epochs=1, batch_size=32, lr=0.01)
+    res = autoprune.prune(model, "resrep", 0.5, data=data, input_shape=shape, groups=groups, objective=lm,
+                          train_cfg=cfg, recalibrate_batches=0, allocation={"round_to": "auto"})
+    assert res.info["predicted_frac"] <= 0.5
+    assert all(len(k) % 8 == 0 or len(k) == next(g.channels for g in groups if g.name == n)
+               for n, k in res.plan.keep.items())
+
+
+def test_a_latency_target_below_the_fastest_reachable_fraction_names_it():
+    _, _, groups, _, lm, scores = _synthetic("resnet20", rest=0.5)  # the unpruned rest: half the latency
+    with pytest.raises(AutopruneError, match=r"latency target 0\.100 is unreachable: the smallest reachable "
+                                             r"fraction is 0\.\d+"):
+        allocate(groups, scores, lm, 0.1, AllocationConfig())
+
+
+def test_the_cache_key_changes_with_device_runtime_batch_and_threads():
+    base = LatencyConfig(batch_size=1, threads=1)
+    key = cache_key(base, (3, 32, 32), "s", device="cpu A @ host")
+    variants = [cache_key(base, (3, 32, 32), "s", device="cpu B @ host"),
+                cache_key(LatencyConfig(batch_size=32, threads=1), (3, 32, 32), "s", device="cpu A @ host"),
+                cache_key(LatencyConfig(batch_size=1, threads=2), (3, 32, 32), "s", device="cpu A @ host"),
+                cache_key(base, (3, 64, 64), "s", device="cpu A @ host"),
+                cache_key(base, (3, 32, 32), "other model", device="cpu A @ host")]
+    pytest.importorskip("onnxruntime")
+    variants.append(cache_key(LatencyConfig(runtime="onnxruntime", batch_size=1, threads=1), (3, 32, 32), "s",
+                              device="cpu A @ host"))
+    digests = {key_digest(k) for k in [key, *variants]}
+    assert len(digests) == len(variants) + 1
+
+
+def test_a_cache_from_another_machine_is_not_used(tmp_path, monkeypatch):
+    spec, shape = model_input("small_cnn")
+    model = create_model(spec).eval()
+    groups = find_groups(model, shape)
+    cfg = LatencyConfig(threads=1, rounds=1, points=2, budget_s=0.001, cache_dir=str(tmp_path))
+    lm = build_latency_model(model, groups, shape, cfg)
+    assert not lm.info["from_cache"] and lm.base > 0
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    assert build_latency_model(model, groups, shape, cfg).info["from_cache"]
+    # the same file, as if copied from another machine: its recorded key no longer matches
+    data = json.loads(files[0].read_text())
+    data["key"]["device_name"] = "another cpu @ elsewhere"
+    files[0].write_text(json.dumps(data))
+    assert not build_latency_model(model, groups, shape, cfg).info["from_cache"]
+    monkeypatch.setattr(latency_table, "device_name", lambda device: "a third cpu @ host")
+    assert not build_latency_model(model, groups, shape, cfg).info["from_cache"]
+
+
+def test_the_measured_model_predicts_the_base_and_is_monotone(tmp_path):
+    spec, shape = model_input("small_cnn")
+    model = create_model(spec).eval()
+    groups = find_groups(model, shape)
+    cfg = LatencyConfig(threads=1, rounds=2, points=3, budget_s=0.002, use_cache=False)
+    lm = build_latency_model(model, groups, shape, cfg)
+    assert lm.base == pytest.approx(lm.measured_base_ms, rel=0.5)
+    full = {g.name: g.channels for g in groups if g.prunable}
+    half = {n: max(1, c // 2) for n, c in full.items()}
+    assert lm.value(half) <= lm.value(full)
+    assert set(lm.round_multiples()) == set(full)
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lat") / "base.pt"
+    assert main(["train", "--model", "small_cnn", "--epochs", "1", "--out", str(path), "--threads", "1"]) == 0
+    return path
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--runtime", "tensorrt"], "unknown latency runtime 'tensorrt'; use one of torch, onnxruntime"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--target", "0.01"], "latency target 0.010 is unreachable: the smallest reachable fraction is"),
+])
+def test_bad_latency_input_is_one_line_and_exit_2(base_ckpt, tmp_path, capsys, extra, message):
+    code = main(["prune", "--base", str(base_ckpt), "--cost", "latency", "--out", str(tmp_path / "p.pt"),
+                 "--epochs", "0", "--threads", "1", "--latency-rounds", "1", "--latency-points", "2",
+                 "--no-latency-cache", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len([line for line in err if line.startswith("error:")]) == 1 and message in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_onnxruntime_without_the_extra_names_it(base_ckpt, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name.startswith("onnxruntime"):
+            raise ImportError("no onnxruntime")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    for cmd in (["prune", "--cost", "latency", "--out", str(tmp_path / "p.pt")], ["latency"]):
+        code = main([*cmd, "--base", str(base_ckpt), "--runtime", "onnxruntime"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0
+        assert "needs the 'export' extra: pip install 'autoprune[export]'" in err
+
+
+def test_prune_with_a_latency_target_records_measured_and_predicted_latency(base_ckpt, tmp_path, capsys):
+    out = tmp_path / "p.pt"
+    assert main(["prune", "--base", str(base_ckpt), "--cost", "latency", "--target", "0.6", "--out", str(out),
+                 "--epochs", "0", "--threads", "1", "--latency-rounds", "1", "--latency-points", "2",
+                 "--no-latency-cache", "--round-to", "auto"]) == 0
+    m = json.loads((tmp_path / "p.metrics.json").read_text())
+    for key in ("latency_ms", "base_latency_ms", "latency_frac", "predicted_latency_frac", "latency_batch_size",
+                "latency_runtime", "latency_threads", "latency_device"):
+        assert key in m, key
+    assert m["predicted_latency_frac"] <= 0.6 and m["latency_batch_size"] == 1 and m["latency_threads"] == 1
+    assert m["latency_frac"] == pytest.approx(m["latency_ms"] / m["base_latency_ms"])
+    assert "latency b1 (ms)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_search_with_a_latency_objective_aims_at_and_records_latency(base_ckpt, tmp_path, monkeypatch):
+    import csv
+
+    import yaml
+
+    from autoprune.search.runner import run_search
+    from autoprune.search.spec import load_spec
+
+    monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path / "cache"))
+    spec = {"study": "t", "model": "small_cnn", "data": "digits", "base": str(base_ckpt), "device": "cpu",
+            "objectives": ["val_acc", "latency"], "latency": {"batch_size": 2, "threads": 1, "rounds": 2, "points": 3},
+            "budget": {"max_trials": 2}, "early_stop": {"enabled": False},
+            "space": {"method": "l1", "target": {"low": 0.85, "high": 0.95}, "allocation": "global", "epochs": 1}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_search(load_spec(path), out, progress=False)
+    finally:
+        torch.set_num_threads(n)
+    with open(out / "trials.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["state"] == "complete"]
+    assert rows
+    for r in rows:
+        assert float(r["predicted_latency_frac"]) <= float(r["target"]) + 1e-9
+        assert float(r["latency_frac"]) > 0 and float(r["latency_ms"]) > 0
+    report = (out / "report.md").read_text()
+    assert "batch 2, torch, 1 thread(s)" in report
+    assert list((tmp_path / "cache").rglob("*.json"))  # measured once, cached
+
+
+def test_a_spec_with_a_bad_latency_section_is_one_line(tmp_path):
+    import yaml
+
+    from autoprune.errors import SpecError
+    from autoprune.search.spec import load_spec
+
+    for latency, message in (({"runtime": "tvm"}, "latency.runtime: unknown latency runtime 'tvm'"),
+                             ({"batch_size": 0}, "latency.batch_size"), ({"batchsize": 2}, "batchsize")):
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump({"model": "small_cnn", "data": "digits", "objectives": ["val_acc", "latency"],
+                                        "latency": latency}))
+        with pytest.raises(SpecError, match=message):
+            load_spec(path)
