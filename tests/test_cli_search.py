@@ -18,7 +18,7 @@ import torch
 
 from autoprune.cli import build_parser, main, resolve_threads
 from autoprune.errors import AutopruneError
-from autoprune.search import live, optuna_backend, runner
+from autoprune.search import live, optuna_backend, runner, stop
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "search_spaces" / "smoke.yaml")
@@ -129,7 +129,7 @@ def test_a_sigterm_whose_interrupt_was_swallowed_still_stops_the_search(tmp_path
 
     def run_then_swallowed_sigterm(*a, **kw):
         result = real(*a, **kw)
-        optuna_backend.request_stop()  # what the handler records before its (here lost) KeyboardInterrupt
+        stop.request_stop()  # what the handler records before its (here lost) KeyboardInterrupt
         return result
 
     monkeypatch.setattr(optuna_backend, "run_trial", run_then_swallowed_sigterm)
@@ -137,7 +137,7 @@ def test_a_sigterm_whose_interrupt_was_swallowed_still_stops_the_search(tmp_path
     try:
         code = main(["search", SMOKE, "--out", str(out), "--no-progress", "--max-trials", "4"])
     finally:
-        optuna_backend.clear_stop()
+        stop.clear_stop()
     err = capsys.readouterr().err
     assert code == 130 and "--resume" in err
     states = [line.split(",") for line in (out / "trials.csv").read_text().splitlines()]

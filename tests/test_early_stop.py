@@ -86,7 +86,8 @@ def test_resrep_compactor_epochs_are_compared_only_with_resrep():
     # a ResRep trial in its compactor phase: only the ResRep peer counts
     assert peers_at(200.0, "train:resrep", 2 / 3, [resrep_peer, other]) == [0.6]
     assert not stop(200.0, 2, 0.59, finished=[resrep_peer, other], phases=rr)
-    assert stop(200.0, 2, 0.5, finished=[resrep_peer, other], phases=rr)
+    assert stop(200.0, 2, 0.5, finished=[resrep_peer, other], phases=rr, judged_at_end=())
+    assert not stop(200.0, 2, 0.5, finished=[resrep_peer, other], phases=rr)  # judged at its end only
     # the ResRep peer's 1-epoch fine-tune phase is fine-tune fraction 1.0
     assert peer_accuracy(resrep_peer, FINETUNE, 1.0) == 0.9
     # an l1 trial at fine-tune fraction 0.25 is not compared with ResRep's compactor epochs
@@ -177,3 +178,42 @@ def test_screening_window_is_centred_on_the_candidate():
     assert screen_out(0.3005, 0.5, earlier, keep=0.3, bucket=0.1, min_peers=3)
     assert not screen_out(0.3005, 0.95, earlier, keep=0.3, bucket=0.1, min_peers=3)
     assert not screen_out(0.36, 0.5, earlier, keep=0.3, bucket=0.1, min_peers=3)  # 0.06 away: other window
+
+
+def test_resrep_compactor_epochs_are_never_a_stopping_point():
+    """Issue 25: a ResRep trial read 14 % after its first compactor epoch and finished at 59.4 %,
+    5.7 points above the cheaper trial it was judged behind. Its training epochs are not judged."""
+    phases = schedule(3, 3, "resrep")
+    resrep_peer = Peer(100.0, (0.50, 0.55, 0.537), phases)
+    finished = [resrep_peer, Peer(90.0, (0.40, 0.50, 0.537))]
+    # near chance at its first compactor epoch, far below the ResRep peer's reading there
+    assert not should_stop(100.0, 1, 0.14, finished, phases=phases, margin=0.01, min_trials=1)
+    assert not should_stop(100.0, 2, 0.14, finished, phases=phases, margin=0.01, min_trials=1)
+    # the same schedule for a method whose reading is honest mid-way is judged
+    assert should_stop(100.0, 1, 0.14, [Peer(100.0, (0.5, 0.55, 0.6), schedule(3, 3, "other"))],
+                       phases=schedule(3, 3, "other"), margin=0.01, min_trials=1)
+    assert should_stop(100.0, 1, 0.14, finished, phases=phases, margin=0.01, min_trials=1, judged_at_end=())
+    # ResRep's fine-tune epochs after the fold are judged like any other trial's
+    mixed = schedule(4, 2, "resrep")
+    assert should_stop(100.0, 3, 0.1, [Peer(100.0, (None, None, 0.6, 0.7), mixed)], phases=mixed, margin=0.01,
+                       min_trials=1)
+
+
+def test_a_trial_truly_ahead_at_the_end_is_not_stopped_by_noise():
+    """With the automatic margin (standard errors on 3,000 images) a trial one or a few images behind a
+    cheaper peer mid-way is not stopped; the margin is never one image."""
+    peers = [Peer(100.0, (0.600, 0.650, 0.660))]
+    n = 3000
+    assert not stop(100.0, 1, 0.600 - 1 / n, peers, phases=FT3, margin=None, n_val=n)
+    assert not stop(100.0, 1, 0.600 - 20 / n, peers, phases=FT3, margin=None, n_val=n)
+    assert stop(100.0, 1, 0.600 - 40 / n, peers, phases=FT3, margin=None, n_val=n)  # beyond 1 SE (0.89 points)
+
+
+def test_screening_acts_only_beyond_the_margin():
+    """Issue 25: a candidate was screened out by one image in 3,000 (0.2327 vs 0.2330)."""
+    earlier = [Candidate(0.3, 0.2330)]
+    assert screen_out(0.3, 0.2327, earlier, keep=0.3, min_peers=1)  # the old rule: any difference
+    assert not screen_out(0.3, 0.2327, earlier, keep=0.3, min_peers=1, n_val=3000, se_multiple=1.0)
+    se = accuracy_se(0.20, 3000)
+    assert not screen_out(0.3, 0.2330 - 0.9 * se, earlier, keep=0.3, min_peers=1, n_val=3000, se_multiple=1.0)
+    assert screen_out(0.3, 0.2330 - 1.5 * se, earlier, keep=0.3, min_peers=1, n_val=3000, se_multiple=1.0)

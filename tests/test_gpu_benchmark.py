@@ -76,3 +76,49 @@ def test_budget_shares_what_is_left_among_the_parts_still_to_run():
     assert b.left() == pytest.approx(100 * 0.25 / 0.7, abs=1.0)
     b.start("latency", ["latency"])
     assert b.left() == pytest.approx(100, abs=1.0)
+
+
+def test_device_wrapper_installs_runs_and_packs_the_tables(tmp_path):
+    """gpu_device.sh run, as the device tool calls it, with pip stubbed out (no wheels needed) and --dry-run."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    root = Path(gpu.__file__).resolve().parents[2]
+    shim = tmp_path / "python"
+    shim.write_text(f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && exit 0\nexec {sys.executable} "$@"\n')
+    shim.chmod(0o755)
+    work = tmp_path / "tree"
+    (work / ".whl").mkdir(parents=True)
+    (work / ".whl" / "fake-0-py3-none-any.whl").write_bytes(b"")
+    (work / ".whl" / "COMMIT").write_text("abc1234\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(shim), "PYTHONPATH": str(root)}
+    proc = subprocess.run(["bash", str(root / "autoprune/benchmarks/gpu_device.sh"), "run", "--dry-run", "--parts",
+                           "latency"], cwd=work, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "benchmark exit code 0" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_dry_run.md", "gpu_tables.tar.gz", "log.txt"]
+    with tarfile.open(out / "gpu_tables.tar.gz") as tar:
+        assert {"./gpu_dry_run_status.csv", "./gpu_dry_run_latency.csv"} <= set(tar.getnames())
+    assert "commit" in (out / "gpu_dry_run.md").read_text()
+
+
+def test_a_copied_tree_without_git_takes_the_commit_from_the_environment(monkeypatch):
+    import subprocess
+
+    from autoprune.benchmarks import common
+
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.delenv("AUTOPRUNE_COMMIT", raising=False)
+    assert common._git_commit() == "no git"
+    monkeypatch.setenv("AUTOPRUNE_COMMIT", "abc1234+changes")
+    assert common._git_commit() == "commit abc1234+changes (copied tree)"

@@ -114,9 +114,10 @@ def test_rows_from_claims_and_results(tmp_path):
     assert live[1]["error"] == INTERRUPTED and live[2]["error"] == ""
     after = rows(RayStore(tmp_path))  # the run is over: nothing is running any more
     assert [r["state"] for r in after] == ["complete", "failed", "failed"]
-    assert store.retries() == [(1, {"target": 0.5}), (2, {"target": 0.5})]
-    store.write_claim(3, {"number": 3, "trial_id": "t3", "run": "run_002", "hparams": hp, "retry_of": 1})
-    assert [n for n, _ in store.retries()] == [2, 3]
+    assert store.retries() == [(1, {"target": 0.5}, {"retry_of": 1}), (2, {"target": 0.5}, {"retry_of": 2})]
+    store.write_claim(3, {"number": 3, "trial_id": "t3", "run": "run_002", "hparams": hp, "retry_of": 1, "slot": 1})
+    assert [n for n, _, _ in store.retries()] == [2, 3]
+    assert store.retries()[1][2] == {"retry_of": 3, "slot": 1}  # a retry of a retry keeps the first one's slot
     assert store.next_number() == 4 and finished_curves(store).peers == (Peer(10.0, (0.9,)),)
 
 

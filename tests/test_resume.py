@@ -13,7 +13,7 @@ from autoprune.search.runner import run_search
 from autoprune.search.spec import load_spec
 
 SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
-VOLATILE = {"number", "duration_s", "prune_s", "model", "error"}  # numbers shift by the interrupted one; times vary
+VOLATILE = {"number", "duration_s", "prune_s", "work_s", "model", "error"}  # numbers shift by the interrupted one; times vary
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ from autoprune.search.spec import load_spec
 CONTRACT_HEAD = ["number", "state", "method", "target", "allocation", "epochs", "lr"]
 CONTRACT_TAIL = ["val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
                  "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at", "latency_frac",
-                 "predicted_latency_frac"]
+                 "predicted_latency_frac", "work_s", "duplicate_of"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -211,7 +211,8 @@ def test_early_stopped_trials_never_enter_the_front(base_ckpt, tmp_path, monkeyp
     # same architecture every trial (fixed target and allocation), so every finished trial is a peer
     spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 4},
                                 early_stop={"enabled": enabled, "min_trials": 1},
-                                space={"target": 0.5, "allocation": "uniform", "epochs": 2, "lr": [0.01, 0.02]}))
+                                space={"target": 0.5, "allocation": "uniform", "epochs": 2,
+                                       "lr": {"low": 0.005, "high": 0.02}}))
     result = run_search(spec, tmp_path / "out", progress=False)
     _, rows = read_rows(tmp_path / "out" / "trials.csv")
     _, front = read_rows(tmp_path / "out" / "pareto.csv")
@@ -232,24 +233,59 @@ def test_early_stopped_trials_never_enter_the_front(base_ckpt, tmp_path, monkeyp
     assert [(epoch, n) for _, epoch, n in seen] == [(1, 0), (2, 0), (1, 1), (1, 1), (1, 1)]
 
 
-def test_resrep_trial_can_stop_during_its_compactor_epochs(base_ckpt, tmp_path, monkeypatch):
+def test_resrep_trial_is_judged_only_at_its_end(base_ckpt, tmp_path, monkeypatch):
+    """Issue 25: ResRep's compactor-epoch readings are not the model it returns, so its training epochs
+    are never a stopping point (early_stop.JUDGED_AT_END), even against a rule that always stops."""
     real = early_stop.should_stop
     monkeypatch.setattr(early_stop, "should_stop",
                         lambda *a, **kw: real(*a, **{**kw, "margin": -1.0}))  # always behind a peer
     spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 2},
                                 early_stop={"enabled": True, "min_trials": 1},
-                                space={"method": "resrep", "target": 0.5, "allocation": "global", "epochs": 4,
-                                       "lr": 0.01}))
+                                space={"method": "resrep", "target": 0.5, "allocation": "global", "epochs": 3,
+                                       "lr": {"low": 0.005, "high": 0.02}}))
     run_search(spec, tmp_path / "out", progress=False)
     _, rows = read_rows(tmp_path / "out" / "trials.csv")
-    assert [r["state"] for r in rows] == ["complete", "early_stopped"]
-    # 4 compactor epochs (train_share 1): the masked model is measured from epoch 1 (masked rows zero
-    # by 5 % of the steps) and the second trial stops there, before surgery
-    assert [int(r["epochs_run"]) for r in rows] == [4, 1]
-    stopped = rows[1]
-    assert stopped["model"] == "" and 0 < float(stopped["macs_frac"]) <= 0.5 and 0 < float(stopped["val_acc"])
+    assert [r["state"] for r in rows] == ["complete", "complete"]
+    assert [int(r["epochs_run"]) for r in rows] == [3, 3]
+    # the masked model is still measured every compactor epoch (the curve), just never judged there
     curves = [t.user_attrs["curve"] for t in load_study(tmp_path / "out").trials]
-    assert all(a is not None for a in curves[0]) and len(curves[0]) == 4 and len(curves[1]) == 1
+    assert all(len(c) == 3 and all(a is not None for a in c) for c in curves)
+
+
+def test_a_configuration_that_ran_is_not_run_again(base_ckpt, tmp_path, monkeypatch):
+    """Issue 25: TPE ran (l1, uniform, 0.2) three times in 17 trials. A repeat reuses the earlier
+    result: nothing runs, work_s 0, duplicate_of names the trial, the sampler is told the same values,
+    it is never on the front twice and it counts against no max_trials budget."""
+    calls = []
+    real = trial_mod._run
+    monkeypatch.setattr(trial_mod, "_run", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 3},
+                                space={"target": [0.5, 0.7], "allocation": "uniform", "epochs": 1}))
+    result = run_search(spec, tmp_path / "out", progress=False)
+    _, rows = read_rows(tmp_path / "out" / "trials.csv")
+    reused = [r for r in rows if r["duplicate_of"]]
+    ran = [r for r in rows if not r["duplicate_of"]]
+    assert len(ran) == 2 and len(calls) == 2  # only two configurations exist: the space is exhausted
+    assert result.stop_reason == "exhausted" and len(reused) == 25
+    for r in reused:
+        first = next(x for x in ran if x["number"] == r["duplicate_of"])
+        assert r["target"] == first["target"] and r["val_acc"] == first["val_acc"]
+        assert float(r["work_s"]) == 0 and r["feasible"] == "False" and r["model"] == ""
+    assert all(float(r["work_s"]) > 0 for r in ran)
+    values = {tuple(t.values) for t in load_study(tmp_path / "out").trials if t.values}
+    assert len(values) == 2  # the sampler saw the same two outcomes again
+    _, front = read_rows(tmp_path / "out" / "pareto.csv")
+    assert {r["number"] for r in front} <= {r["number"] for r in ran}
+
+
+def test_compute_budget_counts_measured_seconds(base_ckpt, tmp_path):
+    """budget.compute: measured seconds of trial work (CPU time here); every trial records work_s."""
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": None, "compute": 1e-6}))
+    assert spec.budget.compute_s == 1e-6 and spec.budget.max_trials is None
+    result = run_search(spec, tmp_path / "out", progress=False)
+    assert result.stop_reason == "compute" and len(result.rows) == 1
+    assert float(result.rows[0]["work_s"]) > 0
+    assert "Measured work in all" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_screening_fine_tunes_only_the_best_candidates_of_a_macs_bucket(base_ckpt, tmp_path, monkeypatch):
@@ -265,7 +301,8 @@ def test_screening_fine_tunes_only_the_best_candidates_of_a_macs_bucket(base_ckp
     monkeypatch.setattr(trial_mod, "evaluate", scripted)
     spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 4},
                                 screen={"keep": 0.01, "bucket": 0.5, "min_peers": 1},
-                                space={"target": 0.5, "allocation": "uniform", "epochs": 2, "lr": [0.01, 0.02]}))
+                                space={"target": 0.5, "allocation": "uniform", "epochs": 2,
+                                       "lr": {"low": 0.005, "high": 0.02}}))
     assert spec.screen.enabled and spec.screen.keep == 0.01
     run_search(spec, tmp_path / "out", progress=False)
     _, rows = read_rows(tmp_path / "out" / "trials.csv")

@@ -1,12 +1,15 @@
-"""The search-vs-Torch-Pruning benchmark's accounting: compute in epoch-equivalents, fronts, fidelity."""
+"""The search-vs-Torch-Pruning benchmark: measured compute, fronts, 2-SE differences, the test column,
+and one tiny end-to-end run on npz data with a given base."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+import torch
 
-from autoprune.benchmarks.search_vs_tp import best_at, epoch_equivalents, fidelity_rho, front_methods, hv
+from autoprune.benchmarks.search_vs_tp import _diff, _test_at, best_at, fidelity_rho, front_methods, hv
+from autoprune.benchmarks.search_vs_tp_runs import Side
 
 
 def row(number, method, state, acc, macs, epochs, prune_s, fidelity=None, feasible=None):
@@ -15,14 +18,49 @@ def row(number, method, state, acc, macs, epochs, prune_s, fidelity=None, feasib
             "epochs_run": epochs, "prune_s": prune_s, "fidelity": fidelity, "feasible": str(feasible)}
 
 
-def test_epoch_equivalents_count_screening_but_not_resrep_twice():
-    assert epoch_equivalents(row(0, "l1", "complete", 0.9, 0.5, 3, 0.5), epoch_s=2.0) == 3.25
-    assert epoch_equivalents(row(1, "fsm", "early_stopped", 0.5, 0.5, 0, 1.0), epoch_s=2.0) == 0.5  # screened out
-    # ResRep's pruning time is its compactor epochs, already in epochs_run
-    assert epoch_equivalents(row(2, "resrep", "complete", 0.9, 0.5, 3, 5.0), epoch_s=2.0) == 3.0
-    assert epoch_equivalents(row(3, "l1", "failed", None, None, 0, ""), epoch_s=2.0) == 0.0
+def test_sides_count_measured_seconds_and_the_round():
+    side = Side("x", rows=[{"val_acc": 0.9, "macs_frac": 0.5, "work_s": 2.0, "epochs": 3},
+                           {"val_acc": None, "macs_frac": 0.3, "work_s": 0.5, "epochs": 0}], extra_work_s=1.0)
+    assert side.work_s == 3.5 and side.epochs == 3
+    assert side.points().tolist() == [[0.9, 0.5]]  # a trial without a result is no point
 
 
+def test_differences_are_judged_against_two_standard_errors_and_test_follows_the_val_choice():
+    assert _diff(0.60, 0.59, 3000).endswith("noise)") and _diff(0.60, 0.55, 3000).endswith("beyond 2 SE)")
+    assert _diff(None, 0.5, 3000) is None
+    side = Side("x", rows=[{"val_acc": 0.9, "macs_frac": 0.3, "test_acc": 0.80},
+                           {"val_acc": 0.8, "macs_frac": 0.29, "test_acc": 0.85}])
+    assert _test_at(side, 0.3) == 0.80  # chosen on validation, whatever the test says
+
+
+def test_any_data_and_base(tmp_path, base_ckpt):
+    """The benchmark end to end on an npz data set with a given base: every table, the commit in the header,
+    the test column, and the screening round; tiny (digits as npz, 1 epoch, one criterion, two targets)."""
+    from autoprune.benchmarks import search_vs_tp as bench
+    from autoprune.data.datasets import DataSpec, load_data
+    from autoprune.engine.plan import save_base
+    from autoprune.models.registry import ModelSpec, create_model
+    from autoprune.train import TrainConfig, fit
+
+    digits = load_data(DataSpec("digits"))
+    x = np.concatenate([digits.train.x, digits.val.x, digits.test.x]).astype(np.float32)
+    y = np.concatenate([digits.train.y, digits.val.y, digits.test.y])
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    case = bench.custom_case(f"npz:{tmp_path / 'd.npz'}", "small_cnn", None)
+    data = load_data(case.data)
+    spec = ModelSpec("small_cnn", data.num_classes, data.in_channels, data.image_size)
+    torch.manual_seed(0)
+    model = create_model(spec)
+    fit(model, data.train, None, TrainConfig(epochs=3, lr=0.05, seed=0), "cpu")
+    save_base(tmp_path / "base.pt", model, spec, case.data, {"val_acc": 0.0})
+    assert bench.main(["--data", f"npz:{tmp_path / 'd.npz'}", "--base", str(tmp_path / "base.pt"), "--model",
+                       "small_cnn", "--ft-subset", "0", "--seeds", "0", "--targets", "0.5", "0.3",
+                       "--theirs", "tp magnitude", "tp bnscale", "--rerun", "1", "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "search_vs_tp_d_ftall.md").read_text()
+    main_row = next(line for line in md.splitlines() if line.startswith("| 0 |"))
+    assert " | 0 (0 / " not in main_row  # the search ran trials within the sweep's measured seconds
+    assert "commit" in md.lower() and "The fronts on the test split" in md and "screening round" in md
+    assert "measured s (ours / TP sweep / singles)" in md
 def test_fronts_use_only_complete_feasible_trials():
     rows = [row(0, "l1", "complete", 0.90, 0.5, 3, 0.1), row(1, "lrf", "complete", 0.95, 0.3, 3, 0.1),
             row(2, "fsm", "early_stopped", 0.99, 0.1, 1, 0.1), row(3, "resrep", "complete", 0.97, 0.6, 3, 0.1),

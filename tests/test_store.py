@@ -12,10 +12,11 @@ import optuna
 import pytest
 
 from autoprune.search.early_stop import Peer
-from autoprune.search.optuna_backend import OptunaStore, storage
+from autoprune.search.optuna_backend import OptunaStore
 from autoprune.search.ray_store import RayStore
 from autoprune.search.results import INTERRUPTED, TrialResult, make_row
 from autoprune.search.store import Limits, budget_reason, finished_curves, importance, rows, write_rows
+from autoprune.search.study import storage
 
 CONSTRAINTS = ("max_macs_frac",)
 

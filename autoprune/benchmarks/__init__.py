@@ -7,5 +7,8 @@ prints its table and writes ``results/benchmarks/<name>.md`` and ``.csv``:
 - ``latency``: measured latency of pruned vs base models next to their MACs ratio;
 - ``quality``: autoprune's methods against Torch-Pruning's own pruners at equal MACs and budget;
 - ``search``: hypervolume of the search vs random sampling vs single methods, and what early
-  stopping saves.
+  stopping saves;
+- ``gpu``: the CUDA paths on one GPU (trial throughput, pruned speed-up, every method on the
+  device, workers sharing a GPU, the latency model); ``--dry-run`` runs it on the CPU. Not yet
+  run on a GPU.
 """

@@ -116,7 +116,8 @@ def machine_header() -> str:
 
 
 def _git_commit() -> str:
-    """The checkout's commit (with '+changes' when the tree differs from it), or 'no git'."""
+    """The checkout's commit (with '+changes' when the tree differs from it); where there is no git
+    repository (a copy of the tree on another machine) the commit in ``$AUTOPRUNE_COMMIT``, else 'no git'."""
     import subprocess
 
     here = Path(__file__).resolve().parent
@@ -126,7 +127,8 @@ def _git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "no git"
+        given = os.environ.get("AUTOPRUNE_COMMIT", "").strip()
+        return f"commit {given} (copied tree)" if given else "no git"
     return f"commit {head}{'+changes' if dirty else ''}"
 
 

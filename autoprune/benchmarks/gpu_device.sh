@@ -2,7 +2,8 @@
 # The GPU benchmark (python -m autoprune.benchmarks.gpu) on a lent GPU machine whose image has torch
 # but not optuna or torch-pruning (this workplace's 'cuda' image: Python 3.12, x86-64).
 #
-# 1. Here, once, in the repository root (needs pip and the network; .whl/ is git-ignored, ~6 MB):
+# 1. Here, in the repository root, before each device call (needs pip and the network; .whl/ is git-ignored,
+#    ~6 MB; it also records the commit in .whl/COMMIT, since the copied tree has no .git):
 #        bash autoprune/benchmarks/gpu_device.sh fetch
 # 2. On the device machine, from the repository root, with .whl carried (device tool: command
 #    "bash autoprune/benchmarks/gpu_device.sh run", carry [".whl"], timeout_s 600):
@@ -19,12 +20,17 @@ case "${1:-run}" in
 fetch)
     "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl "${WHEELS[@]}"
+        -d .whl "${WHEELS[@]}" || exit 2
+    # the copied tree has no .git: record the commit for the tables' header (run fetch before each device call)
+    mkdir -p .whl
+    echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- || echo +changes)" > .whl/COMMIT
     ;;
 run)
+    shift
     mode=(--quick)
-    limit=240
-    if [ "${2:-}" = "--full" ]; then mode=(); limit=500; fi
+    limit=300
+    if [ "${1:-}" = "--full" ]; then mode=(); limit=540; shift; fi
+    mode+=("$@")  # anything else goes to the benchmark (e.g. --dry-run to try this script without a GPU)
     out=${OUT:-/tmp/autoprune_gpu_out}
     mkdir -p "$out"
     if ! ls .whl/*.whl >/dev/null 2>&1; then
@@ -34,6 +40,7 @@ run)
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 2
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+    if [ -f .whl/COMMIT ]; then export AUTOPRUNE_COMMIT="$(cat .whl/COMMIT)"; fi
     { nvidia-smi || true; } > "$out/log.txt" 2>&1
     # SIGINT well inside the device tool's limit: the benchmark rewrites its tables after every part,
     # so a run stopped early still leaves what it measured
@@ -41,7 +48,7 @@ run)
         | tee -a "$out/log.txt"
     rc=${PIPESTATUS[0]}
     if [ -d "$out/tables" ]; then
-        cp "$out/tables/gpu.md" "$out/" 2>/dev/null
+        cp "$out"/tables/gpu*.md "$out/" 2>/dev/null
         tar -C "$out/tables" -czf "$out/gpu_tables.tar.gz" .
         rm -rf "$out/tables"  # at most 8 files come back from $OUT
     fi
@@ -49,7 +56,7 @@ run)
     exit "$rc"
     ;;
 *)
-    echo "usage: bash autoprune/benchmarks/gpu_device.sh fetch | run [--full]" >&2
+    echo "usage: bash autoprune/benchmarks/gpu_device.sh fetch | run [--full] [benchmark options]" >&2
     exit 2
     ;;
 esac

@@ -207,12 +207,15 @@ def run_one(work: Path, base: dict[str, Any], backend: str, workers: int, trials
         note = f"FAILED: {note}" if status != "ok" else f"stopped: {note}"
     rows = read_csv(out / "trials.csv")
     done = [r for r in rows if r.get("state") in ("complete", "early_stopped")]
+    failed = [r for r in rows if r.get("state") == "failed"]
+    if failed:  # a trial-level error (out of memory, say) is the finding: name it
+        note = ("FAILED: " if not done else "") + f"{note}; {len(failed)} trial(s) failed: {failed[0].get('error')}"
     span = _trial_span(out, study) if backend == "optuna" else None
     busy = sum(float(r.get("duration_s") or 0) for r in done)
     per_pid = sorted(mem.per_pid.values(), reverse=True)
     row: dict[str, Any] = {
         "backend": backend, "workers": workers, "trials done": len(done),
-        "failed": sum(r.get("state") == "failed" for r in rows), "wall s": wall,
+        "failed": len(failed), "wall s": wall,
         "trials/min (wall)": 60.0 * len(done) / wall if wall > 0 else None,
         "trials/min (running)": 60.0 * len(done) / span if span else None,
         "mean trials at once": busy / span if span else None,

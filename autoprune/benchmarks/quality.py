@@ -39,10 +39,12 @@ import torch
 from torch import nn
 
 from ..data.datasets import Dataset, DataSpec, TensorSplit, load_data
+from ..data.splits import check_split
 from ..engine import pruning as engine
 from ..engine.calibrate import DEFAULT_BATCH_SIZE, DEFAULT_BATCHES, recalibrate_bn
 from ..engine.cost import count_macs, count_params
 from ..engine.plan import load_base, save_base
+from ..errors import AutopruneError
 from ..methods import get_method, make_params
 from ..models.registry import ModelSpec, create_model
 from ..train import TrainConfig, evaluate, fit, resolve_device
@@ -167,17 +169,30 @@ def _subset(split: TensorSplit, n: int | None, seed: int) -> TensorSplit:
 
 
 def prepare(name: str, device: torch.device, ft_subset: int | None = -1,
-            recal_batches: int = DEFAULT_BATCHES) -> Bench:
+            recal_batches: int = DEFAULT_BATCHES, case: Case | None = None, base_path: str | None = None) -> Bench:
     """Load the data, train (or load the cached) base, cut the fine-tune subset.
 
     ``ft_subset``: -1 keeps the case's subset, 0 or None fine-tunes on the whole training split.
+    ``case``: instead of ``CASES[name]`` (any data set); ``base_path``: a trained base checkpoint of
+    ``case.model`` on this data (its split is checked) instead of the cached or trained one.
     """
-    case = CASES[name] if ft_subset == -1 else dataclasses.replace(CASES[name], ft_subset=ft_subset or None)
+    case = case or CASES[name]
+    case = case if ft_subset == -1 else dataclasses.replace(case, ft_subset=ft_subset or None)
     full = load_data(case.data, device)
     spec = ModelSpec(case.model, full.num_classes, full.in_channels, full.image_size)
     base_case = dataclasses.replace(case, epochs=0, lr=0.0, batch_size=0, ft_subset=None)  # what the base depends on
-    path = CACHE / f"base_{name}_{_case_key(base_case)}.pt"
-    if path.is_file():
+    path = Path(base_path) if base_path else CACHE / f"base_{name}_{_case_key(base_case)}.pt"
+    if base_path and not path.is_file():
+        raise AutopruneError(f"base checkpoint {path} not found; fix --base")
+    if base_path:
+        model, ckpt = load_base(path, device)
+        if ModelSpec.from_dict(ckpt["model"]) != spec:
+            raise AutopruneError(f"base checkpoint {path} holds {ModelSpec.from_dict(ckpt['model'])}, this data needs "
+                                 f"{spec}; fix --base or --model")
+        check_split(ckpt, case.data, f"base checkpoint {path}")  # its training set must not hold our val/test
+        base = {"val_acc": evaluate(model, full.val, device)["acc"]}
+        log.info("base %s on %s from %s: val acc %.4f", case.model, name, path, base["val_acc"])
+    elif path.is_file():
         model, ckpt = load_base(path, device)
         base = dict(ckpt["metrics"])
         log.info("base %s on %s from cache %s: val acc %.4f", case.model, name, path, base["val_acc"])
@@ -206,8 +221,9 @@ def prepare(name: str, device: torch.device, ft_subset: int | None = -1,
 
 
 def measure(b: Bench, label: str, target: float, seed: int, model: nn.Module, train_epochs: int,
-            prune_s: float, **extra: Any) -> dict[str, Any]:
-    """Before / after BN recalibration / after fine-tuning, for one pruned model and seed."""
+            prune_s: float, keep: list[nn.Module] | None = None, **extra: Any) -> dict[str, Any]:
+    """Before / after BN recalibration / after fine-tuning, for one pruned model and seed (the fine-tuned
+    model is appended to ``keep`` when given)."""
     before = evaluate(model, b.data.val, b.device)["acc"]
     start = time.perf_counter()
     recalibrate_bn(model, b.data.train, b.recal_batches, DEFAULT_BATCH_SIZE, b.device, seed=seed)
@@ -227,21 +243,24 @@ def measure(b: Bench, label: str, target: float, seed: int, model: nn.Module, tr
            "epochs (train+FT)": f"{train_epochs}+{max(ft, 0)}", "prune s": prune_s + recal_s, "FT s": ft_s, **extra}
     log.info("%s @ %.2f seed %d: MACs %.3f, acc %.4f -> recal %.4f -> FT %.4f", label, target, seed,
              row["MACs frac"], before, recal, after)
+    if keep is not None:
+        keep.append(model)
     return row
 
 
 def run_ours(b: Bench, label: str, method: str, alloc: str, params: dict[str, Any], target: float,
-             seed: int) -> dict[str, Any]:
+             seed: int, keep: list[nn.Module] | None = None) -> dict[str, Any]:
     impl = get_method(method)
     k = min(b.case.epochs, max(0, int(impl.training_epochs(make_params(impl, params), b.case.epochs))))
     start = time.perf_counter()
     res = engine.prune(b.model, method, target, data=b.data, allocation={"mode": alloc}, input_shape=b.shape,
                        device=b.device, train_cfg=b.cfg(k, seed), recalibrate_batches=0, **params)
-    return measure(b, label, target, seed, res.model, k, time.perf_counter() - start)
+    return measure(b, label, target, seed, res.model, k, time.perf_counter() - start, keep)
 
 
 def run_theirs(b: Bench, label: str, kind: str, global_pruning: bool, target: float, seed: int,
-               cache: dict[tuple[str, float], tuple[nn.Module, float, float]]) -> dict[str, Any]:
+               cache: dict[tuple[str, float], tuple[nn.Module, float, float]],
+               keep: list[nn.Module] | None = None) -> dict[str, Any]:
     key = (label, target)
     if key not in cache or kind in SEED_DEPENDENT_TP:
         start = time.perf_counter()
@@ -252,7 +271,7 @@ def run_theirs(b: Bench, label: str, kind: str, global_pruning: bool, target: fl
                                     lambda m: count_macs(m, b.shape), budget)
         cache[key] = (model, ratio, time.perf_counter() - start)
     model, ratio, seconds = cache[key]
-    return measure(b, label, target, seed, copy.deepcopy(model), 0, seconds, tp_ratio=ratio)
+    return measure(b, label, target, seed, copy.deepcopy(model), 0, seconds, keep, tp_ratio=ratio)
 
 
 # --------------------------------------------------------------------------- driver

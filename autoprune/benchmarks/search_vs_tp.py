@@ -1,39 +1,36 @@
-"""Search vs a hand-tuned Torch-Pruning sweep at the same compute (issue 16's benchmark).
+"""Search vs a hand-tuned Torch-Pruning sweep and vs each of our methods alone, at equal measured compute.
 
-On the quality benchmark's cached base and fine-tune subset (:func:`.quality.prepare`; the same
-fine-tune function, epochs, lr and batch size for both sides):
+On one base model, validation split and fine-tune set (the quality benchmark's cached Fashion-MNIST
+or digits case, or any ``--data npz:...|imagefolder:...`` with ``--base``; ``--ft-subset`` picks
+the fine-tune regime), with the same fine-tune function, epochs, lr and batch size for every side:
 
 - **Torch-Pruning sweep**: each criterion (MetaPruner with magnitude, BN-scale, Taylor importance,
-  global or uniform; :mod:`.tp_baseline`) at each MACs target, its ratio bisected to the target,
-  BN recalibrated and fine-tuned E epochs. Its compute is every criterion's every point: what a user
-  who sweeps by hand spends before knowing which criterion is best. Its front is the BEST criterion's
-  (highest hypervolume), chosen after the fact: an advantage to Torch-Pruning.
-- **Our search** (TPE over method, MACs target on a 0.1 grid over the same range, allocation shape
-  incl. the per-layer log-ratios and the residual multiplier, method parameters; screening at the
-  zero-training fidelity: the best 30 % of the candidates within 0.05 of its MACs fraction, from
-  the second candidate on; two-objective early stopping with the default margin, one standard
-  error) gets the same compute in epoch-equivalents:
-  fine-tune epochs run (ResRep's compactor epochs included) plus each trial's pruning, BN
-  recalibration and fidelity evaluation converted at the measured seconds of one fine-tune epoch.
-  The search runs in chunks (``--resume``) until the budget is reached; trials are then counted in
-  order while they fit (the last one that crosses the budget is dropped).
-- **Early stopping off**: the same search (same seed, same number of trials as counted above) with
-  the epoch rungs off (screening on), and with neither the epoch rungs nor the fidelity rung
-  (screening): the epochs each saves and its cost in hypervolume; the methods on each front.
-- **Fidelity**: Spearman rank correlation of the accuracy right after pruning + BN recalibration
-  with the accuracy after fine-tuning, over the complete trials of all three runs (one-shot methods; ResRep's
-  fidelity is taken after its compactor epochs).
+  global or uniform; :mod:`.tp_baseline`) at each MACs target, its ratio bisected to the target, BN
+  recalibrated and fine-tuned E epochs. Its compute is every criterion's every point (what a user
+  who sweeps by hand spends before knowing which is best); its front is the BEST criterion's,
+  chosen after the fact: an advantage to Torch-Pruning.
+- **Each of our methods alone** (l1, lrf, fsm, resrep; global allocation, default parameters) at
+  the same targets: the search must not lose to its own best single method.
+- **Our search** (TPE over method, MACs target on a 0.1 grid over the swept range, allocation incl.
+  the per-layer shape, method parameters; the screening round, screening and early stopping with
+  margins in standard errors) with ``budget.compute`` = the sweep's measured seconds; trials are
+  counted in order while they fit. Seconds are measured, not counted: process CPU time (or
+  synchronised GPU time) around everything a point costs (pruning, recalibration, fidelity, every
+  epoch, evaluations); epochs are the second column.
+- **Early-stopped trials re-run to the end** (``--rerun``): how many would have finished ahead of
+  the best complete trial at no more MACs (what they were judged against).
+- **Test column**: each side's validation front, then read once on the test split (never used to choose).
 
-Hypervolume in (val acc up, MACs fraction down) with reference (0, 1). One plot with both fronts
-(``search_vs_tp_<data>.png``). Validation split only; the test split is never read.
+Hypervolume in (val acc up, MACs fraction down) with reference (0, 1).
 
-    python -m autoprune.benchmarks.search_vs_tp --data fashionmnist --seeds 0 1 2 --jobs 3  # ~30 min, 2 CPU cores
-    python -m autoprune.benchmarks.search_vs_tp --quick                              # digits, 1 seed, minutes
+    python -m autoprune.benchmarks.search_vs_tp --data fashionmnist --seeds 0 --targets 0.5 0.3 0.2
+    python -m autoprune.benchmarks.search_vs_tp --data npz:my.npz --base base.pt --ft-subset 0
+    python -m autoprune.benchmarks.search_vs_tp --quick                              # digits, minutes
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -43,110 +40,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.datasets import DataSpec
 from ..engine.plan import save_base
 from ..report.pareto import acc_cost_hypervolume, feasible_points, feasible_rows, pareto_mask
 from ..report.tables import spearman
+from ..search.early_stop import accuracy_se
 from . import common
-from .quality import TARGETS, THEIRS, Bench, prepare, run_theirs
+from .quality import CASES, TARGETS, THEIRS, Bench, Case, prepare
+from .search_vs_tp_runs import (
+    SINGLE,
+    Side,
+    add_test_column,
+    rerun_stopped,
+    run_search_side,
+    search_spec,
+    single_methods,
+    tp_sweep,
+)
 
 log = logging.getLogger(__name__)
 
 QUICK_THEIRS = ("tp magnitude", "tp bnscale")
-TARGET_STEP = 0.1  # the search samples the MACs target on this grid (it holds every swept target)
 TOL = 0.005  # a point counts as "at" a MACs fraction up to this above it (allocation granularity)
-METHOD_SPACE = {"resrep": {"forget_by": {"low": 0.25, "high": 0.9}},  # the demo's; its penalty is inert in short trials
-                "lrf": {"compensate": [True, False]}, "fsm": {"compensation": ["gaussian", "measured"]}}
-
-
-# ----------------------------------------------------------------------------- Torch-Pruning side
-
-
-def tp_sweep(b: Bench, labels: Sequence[str], targets: Sequence[float], seed: int) -> list[dict[str, Any]]:
-    """Every criterion at every target (pruned, recalibrated, fine-tuned): quality's rows."""
-    cache: dict = {}
-    rows = []
-    for label in labels:
-        for target in targets:
-            common.seed_all(seed)
-            try:
-                rows.append(run_theirs(b, label, *THEIRS[label], target, seed, cache))
-            except Exception as exc:  # noqa: BLE001 - a failed point is reported, the sweep goes on
-                log.error("%s @ %.2f failed: %s", label, target, exc)
-    return rows
-
-
-def tp_points(rows: Sequence[Mapping[str, Any]], label: str) -> np.ndarray:
-    pts = [(r["val acc after FT"], r["MACs frac"]) for r in rows if r["method"] == label]
-    return np.asarray(pts, dtype=float).reshape(-1, 2)
-
-
-# ----------------------------------------------------------------------------- our side
-
-
-def search_spec(b: Bench, base: Path, study: str, targets: Sequence[float], seed: int, max_trials: int,
-                early_stop: bool, screen: bool = True, target_step: float | None = TARGET_STEP) -> dict[str, Any]:
-    """The search both runs use; ``target_step``: the MACs target is sampled on this grid from the
-    sweep's lowest to its highest target (None: continuous)."""
-    residual = 0 if b.case.model == "small_cnn" else {"low": -1, "high": 1}
-    target: dict[str, Any] = {"low": min(targets), "high": max(targets)}
-    if target_step:
-        target["step"] = target_step
-    return {
-        "study": study, "model": b.case.model, "data": b.case.data.to_dict(), "base": str(base), "device": "cpu",
-        "seed": seed, "sampler": "tpe", "budget": {"max_trials": max_trials},
-        "early_stop": {"enabled": early_stop, "min_epochs": 1, "min_trials": 1},
-        "screen": {"enabled": screen, "keep": 0.3, "bucket": 0.1, "min_peers": 1},
-        "allocation": {"min_ratio": 0.05, "round_to": 1},
-        "space": {"method": ["resrep", "lrf", "fsm", "l1"], "target": target,
-                  "allocation": ["uniform", "global", "searched"], "buckets": 3, "log_ratio": {"low": -1, "high": 1},
-                  "residual": residual, "epochs": b.case.epochs, "lr": b.case.lr, "batch_size": b.case.batch_size,
-                  "methods": METHOD_SPACE},
-    }
-
-
-def epoch_equivalents(row: Mapping[str, Any], epoch_s: float) -> float:
-    """A trial's compute: epochs run plus (one-shot methods) pruning + recalibration + fidelity seconds
-    in fine-tune epochs (ResRep's pruning time is its compactor epochs, already counted)."""
-    epochs = float(row.get("epochs_run") or 0)
-    prune_s = row.get("prune_s")
-    if row.get("method") == "resrep" or prune_s in (None, ""):
-        return epochs
-    return epochs + float(prune_s) / epoch_s
-
-
-def run_search_for(b: Bench, work: Path, name: str, spec: dict[str, Any], budget: float | None, epoch_s: float,
-                   trials: int | None = None) -> tuple[list[dict[str, Any]], float]:
-    """Run our search until ``budget`` epoch-equivalents are spent (or exactly ``trials`` trials); returns
-    the counted rows (in trial order, those that fit) and wall seconds."""
-    import yaml
-
-    from ..search.runner import run_search
-    from ..search.spec import load_spec
-
-    start = time.perf_counter()
-    n = trials or max(4, int(budget / b.case.epochs))  # type: ignore[operator]
-    resume = False
-    while True:
-        spec["budget"] = {"max_trials": n}
-        path = work / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        result = run_search(load_spec(path), out_dir=work / name, resume=resume, progress=False, data=b.data)
-        rows = sorted(result.rows, key=lambda r: int(r["number"]))
-        if trials is not None:
-            return rows, time.perf_counter() - start
-        used = sum(epoch_equivalents(r, epoch_s) for r in rows)
-        if used >= budget:  # type: ignore[operator]
-            break
-        left = budget - used  # type: ignore[operator]
-        n = len(rows) + max(1, int(left / b.case.epochs))
-        resume = True
-    counted, total = [], 0.0
-    for r in rows:
-        total += epoch_equivalents(r, epoch_s)
-        if total > budget:  # type: ignore[operator]
-            break
-        counted.append(r)
-    return counted, time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------- measures
@@ -179,20 +94,18 @@ def fidelity_rho(rows: Sequence[Mapping[str, Any]], oneshot: bool = True) -> tup
     return spearman([float(r["fidelity"]) for r in done], [float(r["val_acc"]) for r in done]), len(done)
 
 
-def plot(path: Path, ours: Mapping[int, np.ndarray], theirs: Mapping[int, tuple[str, np.ndarray]], title: str) -> None:
+def plot(path: Path, fronts: Mapping[str, np.ndarray], title: str) -> None:
+    """One attainment curve per side (label -> (val acc, MACs fraction) points)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    right = max([float(p[:, 1].max()) for p in [*ours.values(), *(t for _, t in theirs.values())] if len(p)],
-                default=1.0)
-    for i, (seed, pts) in enumerate(sorted(ours.items())):
-        _front(ax, pts, "tab:blue", f"autoprune search (seed {seed})", "o-", 1.0 - 0.25 * i, right)
-    for i, (seed, (label, pts)) in enumerate(sorted(theirs.items())):
-        _front(ax, pts, "tab:red", f"best Torch-Pruning sweep: {label} (seed {seed})", "s--", 1.0 - 0.25 * i,
-               right)
+    right = max([float(p[:, 1].max()) for p in fronts.values() if len(p)], default=1.0)
+    for (label, pts), (color, style) in zip(fronts.items(), (("tab:blue", "o-"), ("tab:red", "s--"),
+                                                            ("tab:green", "^:"), ("tab:gray", "x-."))):
+        _front(ax, pts, color, label, style, 1.0, right)
     ax.set_xlabel("MACs (fraction of the base)")
     ax.set_ylabel("val accuracy after fine-tuning")
     ax.set_title(title, fontsize=9)
@@ -219,150 +132,186 @@ def _front(ax: Any, pts: np.ndarray, color: str, label: str, style: str, alpha: 
 # ----------------------------------------------------------------------------- driver
 
 
-def run_seed(b: Bench, work: Path, labels: Sequence[str], targets: Sequence[float], seed: int) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    tp_rows = tp_sweep(b, labels, targets, seed)
-    tp_s = time.perf_counter() - t0
-    epoch_s = statistics.median(r["FT s"] / b.case.epochs for r in tp_rows)
-    tp_cost = sum(b.case.epochs + r["prune s"] / epoch_s for r in tp_rows)
-    by_label = {label: tp_points(tp_rows, label) for label in labels}
-    best_label = max(by_label, key=lambda k: hv(by_label[k]))
+def best_side(sides: Mapping[str, Side]) -> Side:
+    return max(sides.values(), key=lambda sd: hv(sd.points()))
+
+
+def run_seed(b: Bench, work: Path, labels: Sequence[str], targets: Sequence[float], seed: int, rerun: int,
+             es_ablation: bool, singles_of: Sequence[str] = SINGLE) -> dict[str, Any]:
+    tp = tp_sweep(b, labels, targets, seed)
+    singles = single_methods(b, targets, seed, singles_of)
+    budget_s = sum(sd.work_s for sd in tp.values())
     base = work / "base.pt"
-    on_rows, on_s = run_search_for(b, work, f"on_s{seed}", search_spec(b, base, f"on_s{seed}", targets, seed, 4, True),
-                                   tp_cost, epoch_s)
-    off_rows, off_s = run_search_for(b, work, f"off_s{seed}",
-                                     search_spec(b, base, f"off_s{seed}", targets, seed, 4, False), None, epoch_s,
-                                     trials=len(on_rows))
-    none_rows, _ = run_search_for(b, work, f"none_s{seed}",
-                                  search_spec(b, base, f"none_s{seed}", targets, seed, 4, False, screen=False), None,
-                                  epoch_s, trials=len(on_rows))
-    ours, theirs = feasible_points(on_rows), by_label[best_label]
-    rho_on, n_on = fidelity_rho(on_rows)
-    rho_all, n_all = fidelity_rho(list(on_rows) + list(off_rows) + list(none_rows))
-    return {
-        "seed": seed, "tp_rows": tp_rows, "on_rows": on_rows, "off_rows": off_rows, "none_rows": none_rows,
-        "ours": ours,
-        "theirs": theirs, "best_label": best_label, "epoch_s": epoch_s, "tp_cost": tp_cost,
-        "our_cost": sum(epoch_equivalents(r, epoch_s) for r in on_rows), "tp_s": tp_s, "on_s": on_s, "off_s": off_s,
-        "hv_ours": hv(ours), "hv_tp": hv(theirs), "hv_tp_all": {k: hv(v) for k, v in by_label.items()},
-        "hv_off": hv(feasible_points(off_rows)), "hv_none": hv(feasible_points(none_rows)),
-        "epochs_on": sum(int(r["epochs_run"] or 0) for r in on_rows),
-        "epochs_off": sum(int(r["epochs_run"] or 0) for r in off_rows),
-        "epochs_none": sum(int(r["epochs_run"] or 0) for r in none_rows),
-        "rho": rho_all, "rho_n": n_all, "rho_on": rho_on, "rho_on_n": n_on,
-        "front_on": front_methods(on_rows), "front_off": front_methods(off_rows),
-        "front_none": front_methods(none_rows),
-    }
+    name = f"on_s{seed}"
+    ours, counted, store = run_search_side(b, work, name, search_spec(b, base, name, targets, seed, compute_s=budget_s),
+                                           budget_s)
+    reruns = rerun_stopped(b, work, name, counted, store, rerun)
+    best_tp, best_single = best_side(tp), best_side(singles)
+    for side in (ours, best_tp, best_single):
+        add_test_column(b, side)
+    out = {"seed": seed, "tp": tp, "singles": singles, "ours": ours, "best_tp": best_tp, "best_single": best_single,
+           "counted": counted, "reruns": reruns, "round": store.meta().get("round") or [], "budget_s": budget_s,
+           "tp_work_s": budget_s, "single_work_s": sum(sd.work_s for sd in singles.values())}
+    if es_ablation:  # the same number of trials with neither rung (for es_replay)
+        none = f"none_s{seed}"
+        spec = search_spec(b, base, none, targets, seed, compute_s=None, max_trials=max(1, len(counted)),
+                           early_stop=False, screen=False)
+        side, none_rows, _ = run_search_side(b, work, none, spec, None)
+        out["none"], out["none_rows"] = side, none_rows
+    return out
 
 
-def write_trials(path: Path, results: Sequence[Mapping[str, Any]]) -> None:
-    """Every trial of every run (``run``: both rungs / screening only / neither), for re-analysis."""
-    import pandas as pd
-
-    frames = [pd.DataFrame(r[key]).assign(seed=r["seed"], run=run) for r in results
-              for key, run in (("on_rows", "both"), ("off_rows", "screening only"), ("none_rows", "neither"))
-              if r[key]]
-    if frames:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+def _pts(side: Side, key: str = "val_acc") -> np.ndarray:
+    return side.points(key)
 
 
-def _saved(used: int, reference: int) -> str | None:
-    return f"{100 * (1 - used / reference):.0f} %" if reference else None
+def _test_at(side: Side, macs: float) -> float | None:
+    """Test accuracy of the point chosen on validation as the best at MACs <= ``macs``."""
+    rows = [r for r in side.rows if r.get("val_acc") is not None and r["macs_frac"] <= macs + TOL]
+    if not rows:
+        return None
+    return max(rows, key=lambda r: r["val_acc"]).get("test_acc")
 
 
-def _change(value: float, reference: float) -> str | None:
-    return f"{100 * (value - reference) / reference:+.2f} %" if reference else None
+def _diff(a: float | None, c: float | None, n: int) -> str | None:
+    """Difference in points with two standard errors of a difference of two accuracies."""
+    if a is None or c is None:
+        return None
+    se2 = 2 * (2 ** 0.5) * accuracy_se((a + c) / 2, n)
+    verdict = "beyond 2 SE" if abs(a - c) > se2 else "noise"
+    return f"{100 * (a - c):+.2f} ({100 * se2:.2f}, {verdict})"
 
 
-def _fmt_pct(a: float | None, b: float | None) -> str | None:
-    return None if a is None or b is None else f"{100 * (a - b):+.2f}"
+def _hv_test(side: Side) -> float:
+    return hv(_pts(side, "test_acc"))
+
+
+def seed_rows(r: Mapping[str, Any], low: Sequence[float], n_val: int, n_test: int) -> tuple[dict, dict]:
+    ours, tp, single = r["ours"], r["best_tp"], r["best_single"]
+    counted = r["counted"]
+    main = {"seed": r["seed"],
+            "measured s (ours / TP sweep / singles)": f"{ours.work_s:.0f} / {r['tp_work_s']:.0f} / {r['single_work_s']:.0f}",
+            "epochs (ours / TP / singles)": f"{ours.epochs} / {sum(sd.epochs for sd in r['tp'].values())} / "
+                                            f"{sum(sd.epochs for sd in r['singles'].values())}",
+            "trials (complete / screened / stopped / reused)":
+                f"{len(counted)} ({sum(x['state'] == 'complete' and not x.get('duplicate_of') for x in counted)} / "
+                f"{sum(x.get('stopped_at') == 'screen' for x in counted)} / "
+                f"{sum(str(x.get('stopped_at', '')).startswith('epoch') for x in counted)} / "
+                f"{sum(bool(x.get('duplicate_of')) for x in counted)})",
+            "HV ours": hv(_pts(ours)), "HV TP best": hv(_pts(tp)), "TP criterion": tp.label,
+            "HV single best": hv(_pts(single)), "single method": single.label,
+            "HV ours - TP": f"{hv(_pts(ours)) - hv(_pts(tp)):+.4f}",
+            "HV ours - single": f"{hv(_pts(ours)) - hv(_pts(single)):+.4f}"}
+    test = {"seed": r["seed"], "test HV ours": _hv_test(ours), "test HV TP best": _hv_test(tp),
+            "test HV single best": _hv_test(single),
+            "sign agrees (HV vs TP)": np.sign(_hv_test(ours) - _hv_test(tp)) == np.sign(hv(_pts(ours)) - hv(_pts(tp)))}
+    for t in low:
+        a, c, s = best_at(_pts(ours), t), best_at(_pts(tp), t), best_at(_pts(single), t)
+        main[f"<= {t:g}: ours / TP / single"] = " / ".join("-" if v is None else f"{v:.4f}" for v in (a, c, s))
+        main[f"<= {t:g}: ours - TP (2 SE)"] = _diff(a, c, n_val)
+        main[f"<= {t:g}: ours - single (2 SE)"] = _diff(a, s, n_val)
+        ta, tc = _test_at(ours, t), _test_at(tp, t)
+        test[f"<= {t:g} test: ours / TP"] = " / ".join("-" if v is None else f"{v:.4f}" for v in (ta, tc))
+        test[f"<= {t:g} test: ours - TP (2 SE)"] = _diff(ta, tc, n_test)
+        test[f"<= {t:g} sign agrees"] = None if None in (a, c, ta, tc) or a == c else bool(np.sign(a - c) == np.sign(ta - tc))
+    return main, test
 
 
 def tables(name: str, b: Bench, results: Sequence[Mapping[str, Any]], labels: Sequence[str],
            targets: Sequence[float], total_s: float) -> list[common.Table]:
     low = sorted(targets)[:2]
-    main_rows, es_rows = [], []
+    n_val, n_test = len(b.data.val), len(b.data.test)
+    mains, tests, reruns, rounds = [], [], [], []
     for r in results:
-        row = {"seed": r["seed"], "epoch-equivalents (ours / TP)": f"{r['our_cost']:.1f} / {r['tp_cost']:.1f}",
-               "wall s (ours / TP)": f"{r['on_s']:.0f} / {r['tp_s']:.0f}",
-               "trials (ours)": len(r["on_rows"]), "complete": sum(x["state"] == "complete" for x in r["on_rows"]),
-               "screened out": sum(x.get("stopped_at") == "screen" for x in r["on_rows"]),
-               "HV ours": r["hv_ours"], f"HV TP ({r['best_label']})": None, "HV TP best": r["hv_tp"],
-               "HV difference": f"{r['hv_ours'] - r['hv_tp']:+.4f}"}
-        for t in low:
-            a, c = best_at(r["ours"], t), best_at(r["theirs"], t)
-            row[f"best acc <= {t:g} ours"] = a
-            row[f"best acc <= {t:g} TP"] = c
-            row[f"points at {t:g}"] = _fmt_pct(a, c)
-        row["TP criterion"] = r["best_label"]
-        main_rows.append(row)
-        es_rows.append({
-            "seed": r["seed"], "trials": len(r["off_rows"]), "epochs: both rungs": r["epochs_on"],
-            "epochs: screening only": r["epochs_off"], "epochs: neither": r["epochs_none"],
-            "saved by both": _saved(r["epochs_on"], r["epochs_none"]),
-            "saved by epoch rungs": _saved(r["epochs_on"], r["epochs_off"]),
-            "HV both": r["hv_ours"], "HV screening only": r["hv_off"], "HV neither": r["hv_none"],
-            "HV change (both vs neither)": _change(r["hv_ours"], r["hv_none"]),
-            "methods on front (both)": ", ".join(sorted(r["front_on"])),
-            "methods on front (neither)": ", ".join(sorted(r["front_none"])),
-            "fidelity Spearman (n)": f"{r['rho']:.3f} ({r['rho_n']})",
-        })
-    cols = ["seed", "epoch-equivalents (ours / TP)", "wall s (ours / TP)", "trials (ours)", "complete", "screened out", "HV ours",
-            "HV TP best", "HV difference"]
-    for t in low:
-        cols += [f"best acc <= {t:g} ours", f"best acc <= {t:g} TP", f"points at {t:g}"]
-    cols.append("TP criterion")
-    r0 = results[0]
-    hv_means = (statistics.mean(r["hv_ours"] for r in results), statistics.mean(r["hv_tp"] for r in results))
+        m, t = seed_rows(r, low, n_val, n_test)
+        mains.append(m)
+        tests.append(t)
+        reruns += [{"seed": r["seed"], **x} for x in r["reruns"]]
+        rounds += [{"seed": r["seed"], "method": p["method"], "target": p["target"], "fidelity": p["fidelity"],
+                    "MACs frac": p["macs_frac"], "work s": p["work_s"]} for p in r["round"]]
+    ft = len(b.data.train)
     notes = (
-        (f"{name}: {b.case.model}, base val acc {b.base_acc:.4f}; fine-tune subset {len(b.data.train)} images, "
-         f"{b.case.epochs} epochs, lr {b.case.lr}, batch {b.case.batch_size}, val split {len(b.data.val)} images "
-         f"(standard error of one accuracy at 90 %: {100 * (0.09 / len(b.data.val)) ** 0.5:.2f} points)."),
-        (f"Torch-Pruning sweep: {', '.join(labels)} at targets {', '.join(f'{t:g}' for t in targets)}; its compute "
-         "(every criterion, every target) is our budget. 'HV TP best' is the best criterion's front, chosen after "
-         "the fact. Epoch-equivalents: fine-tune epochs plus pruning, BN recalibration and (ours) the fidelity "
-         f"evaluation, in units of one fine-tune epoch ({r0['epoch_s']:.2f} s, median over the sweep). Not in them: "
-         "validation passes (ours: one per epoch, for early stopping; Torch-Pruning's: three per point); the wall "
-         "times include everything (a shared machine: noisy)."),
-        (f"Mean over seeds: HV ours {hv_means[0]:.4f}, HV TP best {hv_means[1]:.4f}. 'points at X': our best "
-         f"accuracy at MACs <= X minus Torch-Pruning's, in points (a point counts up to {TOL} above X)."),
-        f"Total benchmark time {total_s:.0f} s.",
+        (f"{name}: {b.case.model}, base val acc {b.base_acc:.4f}; fine-tune set {ft} images, {b.case.epochs} epochs, "
+         f"lr {b.case.lr}, batch {b.case.batch_size}; val split {n_val} images (one accuracy's standard error at 90 %: "
+         f"{100 * accuracy_se(0.9, n_val):.2f} points; '2 SE' columns: two standard errors of a difference of two "
+         "accuracies)."),
+        (f"Torch-Pruning sweep: {', '.join(labels)} at {', '.join(f'{t:g}' for t in targets)}; its measured seconds "
+         f"(every criterion, every target) are the search's budget.compute. 'single': each of "
+         f"{', '.join(sorted(results[0]['singles']))} alone (global, default parameters) at the same targets; the "
+         "best one's front. Seconds: process CPU time (1 torch thread) around all of a point's work, the search's screening round included."),
+        f"Total benchmark wall time {total_s:.0f} s (a shared machine).",
     )
-    pooled_on, pooled_none = sum(r["epochs_on"] for r in results), sum(r["epochs_none"] for r in results)
-    es_notes = (
-        ("The same search (same seed, the same number of trials as counted above) three times: with both rungs of "
-         "early stopping (the zero-training fidelity rung, i.e. screening, and the epoch rungs), with screening "
-         "only, and with neither. 'saved': fine-tune epochs not run, relative to the run named. Epochs include "
-         "ResRep's compactor epochs; screened-out trials run none."),
-        (f"Methods on front: the methods of the front's points, a point counting only if no point is more accurate "
-         f"at MACs at most {TOL} above its own (trials at one target land a hair either side of it). Pooled over "
-         f"seeds: both rungs {pooled_on} epochs, neither {pooled_none}: {_saved(pooled_on, pooled_none)} saved."),
-        ("Fidelity: Spearman rank correlation of the val accuracy right after pruning + BN recalibration with the "
-         "accuracy after fine-tuning, over the complete one-shot (l1, lrf, fsm) trials of all three runs."),
-    )
-    return [common.Table("", "Our search vs the best Torch-Pruning criterion at the same compute",
-                         tuple(cols), tuple(main_rows), notes),
-            common.Table("early_stop", "Early stopping and the zero-training fidelity",
-                         ("seed", "trials", "epochs: both rungs", "epochs: screening only", "epochs: neither",
-                          "saved by both", "saved by epoch rungs", "HV both", "HV screening only", "HV neither",
-                          "HV change (both vs neither)", "methods on front (both)", "methods on front (neither)",
-                          "fidelity Spearman (n)"),
-                         tuple(es_rows), es_notes)]
+    test_notes = (("Each side's validation front, each point's model read once on the test split; 'best at <= X' "
+                   "is the point chosen on validation. Never used to choose anything."),)
+    rerun_notes = (("Every early-stopped trial of the search (epoch stops first, then screened-out ones, up to --rerun) "
+                   "re-run to the end with the same configuration and training seed, against the best complete trial "
+                   "at no more MACs (1 % tolerance). 'ahead beyond 2 SE': by more than two standard errors of a "
+                   f"difference. Would have finished ahead: {sum(bool(x['ahead']) for x in reruns)} of {len(reruns)}."),)
+    out = [common.Table("", "Our search vs the best Torch-Pruning criterion and our best single method, equal measured "
+                        "compute", tuple(mains[0]), tuple(mains), notes),
+           common.Table("test", "The fronts on the test split", tuple(tests[0]), tuple(tests), test_notes)]
+    if reruns:
+        out.append(common.Table("rerun", "Early-stopped trials run to the end", tuple(reruns[0]), tuple(reruns),
+                                rerun_notes))
+    if rounds:
+        out.append(common.Table("round", "The screening round (zero-training fidelity after BN recalibration)",
+                                tuple(rounds[0]), tuple(rounds), ()))
+    return out
 
 
-def _seed_job(job: tuple[str, Sequence[str], Sequence[float], int, str | None],
-              b: Bench | None = None) -> dict[str, Any]:
-    """One seed in its own work folder (a worker process prepares its own copy of the cached base);
-    the folder is kept under ``keep`` when given (for :mod:`.es_replay`), else temporary."""
-    name, labels, targets, seed, keep = job
-    b = b or prepare(name, torch.device("cpu"))
+def write_trials(path: Path, results: Sequence[Mapping[str, Any]]) -> None:
+    """Every trial of the search (and of the no-early-stopping search with --es-ablation)."""
+    import pandas as pd
+
+    frames = [pd.DataFrame(r[key]).assign(seed=r["seed"], run=run) for r in results
+              for key, run in (("counted", "search"), ("none_rows", "neither rung")) if r.get(key)]
+    if frames:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+
+
+def small_base(name: str, case: Case | None, images: int) -> Path:
+    """A base trained on a fixed ``images``-image part of the training split (the case's epochs, lr and
+    batch; validation and test splits unchanged), cached: a quicker base for a shared machine."""
+    from ..data.datasets import load_data, subset_split
+    from ..models.registry import ModelSpec, create_model
+    from ..train import TrainConfig, evaluate, fit
+    from .quality import CACHE, _case_key
+
+    case = case or CASES[name]
+    path = CACHE / f"base_{Path(name).stem}_{_case_key(dataclasses.replace(case, ft_subset=None))}_{images}img.pt"
+    if path.is_file():
+        return path
+    full = load_data(case.data, "cpu")
+    spec = ModelSpec(case.model, full.num_classes, full.in_channels, full.image_size)
+    torch.manual_seed(0)
+    model = create_model(spec)
+    fit(model, subset_split(full.train, images, seed=0), None, TrainConfig(
+        epochs=case.base_epochs, lr=case.base_lr, batch_size=case.base_batch_size, seed=0), "cpu", progress=True)
+    acc = evaluate(model.eval(), full.val, "cpu")["acc"]
+    log.info("base %s trained on %d images: val acc %.4f -> %s", case.model, images, acc, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_base(path, model, spec, case.data, {"val_acc": acc, "train_images": images})
+    return path
+
+
+def custom_case(data: str, model: str, ft_subset: int | None) -> Case:
+    """A case for any data set (``npz:...`` / ``imagefolder:...``): the Fashion-MNIST case's schedule."""
+    ref = CASES["fashionmnist"]
+    return dataclasses.replace(ref, model=model, data=DataSpec(data, seed=0, val_fraction=0.1, test_fraction=0.1),
+                               ft_subset=ft_subset)
+
+
+def _seed_job(job: tuple, b: Bench | None = None) -> dict[str, Any]:
+    """One seed in its own work folder (kept under ``keep`` when given, for :mod:`.es_replay`)."""
+    _, labels, targets, seed, keep, rerun, es_ablation, prep, singles_of = job
+    b = b or prepare(*prep)
 
     def in_folder(work: Path) -> dict[str, Any]:
         work.mkdir(parents=True, exist_ok=True)
         save_base(work / "base.pt", b.model, b.spec, b.case.data,
                   {k: b.base[k] for k in ("val_acc", "macs", "params")})
-        return run_seed(b, work, labels, targets, seed)
+        return run_seed(b, work, labels, targets, seed, rerun, es_ablation, singles_of)
 
     if keep:
         return in_folder(Path(keep) / f"seed{seed}")
@@ -372,42 +321,60 @@ def _seed_job(job: tuple[str, Sequence[str], Sequence[float], int, str | None],
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--data", choices=("digits", "fashionmnist"), default=None,
-                   help="data set (default fashionmnist; --quick: digits)")
+    p.add_argument("--data", default=None, help="digits | fashionmnist | npz:PATH | imagefolder:DIR "
+                                                "(default fashionmnist; --quick: digits)")
+    p.add_argument("--base", default=None, help="a trained base checkpoint for this data (default: the cached one; "
+                                                "npz/imagefolder: trained here)")
+    p.add_argument("--model", default="resnet20", help="model of npz/imagefolder data (default resnet20)")
+    p.add_argument("--ft-subset", type=int, default=-1,
+                   help="fine-tune images (the regime): default the case's (Fashion-MNIST 1000), 0 = the whole split")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick 0)")
     p.add_argument("--targets", type=float, nargs="+", default=None,
                    help=f"MACs targets of the sweep (default {TARGETS}; --quick 0.5 0.3 0.2)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="seeds run in parallel processes, each with --threads torch threads (default 1)")
-    p.add_argument("--work", default=None,
-                   help="keep each seed's search folders under this folder (default: temporary); its none_s<seed> "
-                        "searches ran every epoch and can be replayed with autoprune.benchmarks.es_replay")
+    p.add_argument("--theirs", nargs="+", default=None, choices=tuple(THEIRS),
+                   help="Torch-Pruning criteria (default all six; --quick magnitude and bnscale)")
+    p.add_argument("--singles", nargs="+", default=list(SINGLE), choices=SINGLE,
+                   help="our methods run alone at the targets (default all four)")
+    p.add_argument("--rerun", type=int, default=8, help="early-stopped trials to re-run to the end (default 8)")
+    p.add_argument("--es-ablation", action="store_true",
+                   help="also the same number of trials with neither rung (none_s<seed>, for es_replay)")
+    p.add_argument("--base-images", type=int, default=None,
+                   help="train the base on this many training images only (a quicker base; cached)")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)")
+    p.add_argument("--work", default=None, help="keep each seed's search folders under this folder")
     args = p.parse_args(argv)
     common.setup(args)
     name = args.data or ("digits" if args.quick else "fashionmnist")
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     targets = tuple(args.targets or ((0.5, 0.3, 0.2) if args.quick else TARGETS))
-    labels = QUICK_THEIRS if args.quick else tuple(THEIRS)
+    labels = tuple(args.theirs or (QUICK_THEIRS if args.quick else THEIRS))
+    case = None if name in CASES else custom_case(name, args.model, 1000)
     start = time.perf_counter()
-    b = prepare(name, torch.device("cpu"))
-    if args.jobs > 1 and len(seeds) > 1:  # one process per seed (each with --threads torch threads)
+    base_path = args.base or (str(small_base(name, case, args.base_images)) if args.base_images else None)
+    b = prepare(name, torch.device("cpu"), args.ft_subset, case=case, base_path=base_path)
+    prep = (name, torch.device("cpu"), args.ft_subset)
+    jobs = [(name, labels, targets, s, args.work, args.rerun, args.es_ablation, prep, tuple(args.singles))
+            for s in seeds]
+    if args.jobs > 1 and len(seeds) > 1 and case is None and not base_path:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(min(args.jobs, len(seeds)), mp_context=multiprocessing.get_context("spawn"),
                                  initializer=common.setup, initargs=(args,)) as pool:
-            results = list(pool.map(_seed_job, [(name, labels, targets, s, args.work) for s in seeds]))
+            results = list(pool.map(_seed_job, jobs))
     else:
-        results = [_seed_job((name, labels, targets, s, args.work), b) for s in seeds]
+        results = [_seed_job(job, b) for job in jobs]
     out = Path(args.out)
-    suffix = f"search_vs_tp_{name}"
-    plot(out / f"{suffix}.png", {r["seed"]: r["ours"] for r in results},
-         {r["seed"]: (r["best_label"], r["theirs"]) for r in results},
-         f"{b.case.model} on {name}: our search vs the best Torch-Pruning criterion at the same compute")
+    tag = name if name in CASES else Path(name.split(":", 1)[1]).stem
+    suffix = f"search_vs_tp_{tag}" + ("" if args.ft_subset == -1 else f"_ft{args.ft_subset or 'all'}")
+    r0 = results[0]
+    plot(out / f"{suffix}.png", {f"autoprune search (seed {r0['seed']})": _pts(r0["ours"]),
+                                 f"best Torch-Pruning: {r0['best_tp'].label}": _pts(r0["best_tp"]),
+                                 f"best single: {r0['best_single'].label}": _pts(r0["best_single"])},
+         f"{b.case.model} on {tag}: search vs Torch-Pruning vs our best single method, equal measured compute")
     write_trials(out / f"{suffix}_trials.csv", results)
     common.write_tables(suffix, tables(name, b, results, labels, targets, time.perf_counter() - start), out,
-                        common.command_line("search_vs_tp", argv),
-                        preamble=(f"![both fronts]({suffix}.png)",))
+                        common.command_line("search_vs_tp", argv), preamble=(f"![fronts]({suffix}.png)",))
     return 0
 
 

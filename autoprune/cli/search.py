@@ -16,6 +16,9 @@ from . import apply_threads, common_options, verbose_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..search.backends import BACKENDS
+    from ..search.samplers import SAMPLERS
+
     p = sub.add_parser("search", help="search pruning configurations: a Pareto front of accuracy vs MACs",
                        description="Run (or --resume) the search a spec file describes; results go to "
                                    "--out (default results/<study>). Options given here override the spec; "
@@ -27,10 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-hours", type=float, help="budget in device-hours (summed trial time)")
     p.add_argument("--resume", action="store_true", help="continue the search in --out (finished trials are kept)")
     p.add_argument("--workers", type=int, help="worker processes on this machine (spread over its GPUs)")
-    p.add_argument("--sampler", choices=("tpe", "nsga2", "random"), help="Optuna sampler (default: the spec's, tpe)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler (default: the spec's, tpe)")
     p.add_argument("--no-early-stop", action="store_true", help="run every trial to its last epoch")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    p.add_argument("--backend", choices=("optuna", "ray"), default="optuna",
+    p.add_argument("--backend", choices=tuple(BACKENDS), default="optuna",
                    help="optuna: embedded study in OUT/study.db (default); ray: Ray Tune (pip install 'autoprune[ray]')")
     ray = p.add_argument_group("ray backend")
     ray.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: a local Ray in this process)")
@@ -93,14 +96,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     elif args.address or args.gpus_per_trial is not None or args.max_concurrent or args.cpus_per_trial != 1.0:
         raise AutopruneError("--address, --cpus-per-trial, --gpus-per-trial and --max-concurrent need --backend ray")
     out = Path(args.out) if args.out else Path("results") / spec.study
-    from ..search import optuna_backend
+    from ..search import stop
 
-    optuna_backend.clear_stop()
-    previous = signal.signal(signal.SIGTERM, optuna_backend.interrupt)  # `kill`: stop like Ctrl-C, report included
+    stop.clear_stop()
+    previous = signal.signal(signal.SIGTERM, stop.interrupt)  # `kill`: stop like Ctrl-C, report included
     try:
         result = run_search(spec, args.out, resume=args.resume, backend=args.backend, progress=not args.no_progress,
                             ray_options=ray_options)  # args.out as given: run_search checks it (e.g. "")
-        if optuna_backend.stop_requested():  # a SIGTERM whose KeyboardInterrupt Python swallowed
+        if stop.stop_requested():  # a SIGTERM whose KeyboardInterrupt Python swallowed
             raise KeyboardInterrupt
     except KeyboardInterrupt:
         print(f"\ninterrupted: the trials so far and their report are in {out}/ (report.md, pareto.png); "
@@ -220,16 +223,16 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
     from ..report import tables as report
     from ..report.pareto import front_hypervolume, front_mask
-    from ..search.runner import read_csv
+    from ..search.results import TRIALS_CSV, read_rows
 
     dirs = [Path(d) for d in args.dirs]
     for d in dirs:
-        if not (d / "trials.csv").is_file():
-            raise AutopruneError(f"{d} has no trials.csv; give results folders written by `autoprune search`")
+        if not (d / TRIALS_CSV).is_file():
+            raise AutopruneError(f"{d} has no {TRIALS_CSV}; give results folders written by `autoprune search`")
     objective = _objective(dirs[0])
     if len(dirs) == 1 and (args.out is None or Path(args.out).resolve() == dirs[0].resolve()):
         paths = report.write_report(dirs[0])
-        print_front(read_csv(dirs[0] / "pareto.csv"), report.read_base(dirs[0]), objective)
+        print_front(read_rows(dirs[0] / "pareto.csv"), report.read_base(dirs[0]), objective)
         written = [paths.pareto_csv, paths.pareto_png, paths.pareto_html, paths.report_md]
     else:
         out = Path(args.out) if args.out else Path("results") / "compare"

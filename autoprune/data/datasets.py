@@ -437,3 +437,19 @@ def load_data(spec: DataSpec, device: str | torch.device = "cpu") -> Dataset:
                 len(data.val), len(data.test), data.num_classes, data.in_channels, data.image_size, data.image_size,
                 data.split_hash)
     return data
+
+
+def subset_split(split: Split, n: int | None, seed: int = 0) -> Split:
+    """A fixed random ``n`` rows of ``split`` (drawn with ``seed``, kept in their original order); the
+    split itself when ``n`` is None or not smaller. Tensor splits stay tensors; file-backed splits
+    read only those files. Used for trials that train on part of the training split."""
+    if n is None or n >= len(split):
+        return split
+    rows = torch.randperm(len(split), generator=torch.Generator().manual_seed(int(seed)))[: int(n)].sort().values
+    if isinstance(split, TensorSplit):
+        index = rows.to(split.x.device)
+        indices = None if split.indices is None else split.indices[rows.to(split.indices.device)]
+        return TensorSplit(split.x[index], split.y[index], split.mean, split.std, indices)
+    if isinstance(split, LoaderSplit):
+        return LoaderSplit(torch.utils.data.Subset(split.dataset, rows.tolist()), split.device, split.num_workers)
+    raise AutopruneError(f"cannot take a subset of a {type(split).__name__}")

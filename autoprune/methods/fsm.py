@@ -50,7 +50,6 @@ from ..engine.graph import ChannelGroup
 from ..errors import AutopruneError
 from .base import MethodOutput, PruneContext, PruningMethod
 from .moments import ConsumerInputs, fallback_mean, gaussian_inputs, measured_inputs
-from .registry import register_method
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,6 @@ def _zero_channels(model: nn.Module, g: ChannelGroup, removed: Sequence[int]) ->
     return frozen
 
 
-@register_method
 class FSM(PruningMethod):
     name = "fsm"
     Params = FSMParams

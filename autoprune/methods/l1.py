@@ -13,10 +13,8 @@ from typing import Any
 import torch
 
 from .base import NoParams, PruneContext, ScoringMethod
-from .registry import register_method
 
 
-@register_method
 class L1(ScoringMethod):
     name = "l1"
     Params = NoParams

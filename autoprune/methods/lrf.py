@@ -61,7 +61,6 @@ from .lrf_algebra import (  # noqa: F401 - re-exported: the algebra's public nam
     ridge_inverse_gram,
 )
 from .lrf_features import FeatureStats, calibration_batches, feature_stats
-from .registry import register_method
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +283,6 @@ def _single_threaded(device: torch.device) -> Iterator[None]:
 # --------------------------------------------------------------------------- the method
 
 
-@register_method
 class LRF(PruningMethod):
     name = "lrf"
     Params = LRFParams

@@ -1,4 +1,8 @@
-"""Registry of pruning methods (a dict and a decorator, in the style of timm's model registry)."""
+"""Registry of pruning methods (a dict and a function, in the style of timm's model registry).
+
+The built-in methods are registered by the package's ``__init__`` (:mod:`autoprune.methods`), which
+imports this module and the method modules; this module imports none of them.
+"""
 from __future__ import annotations
 
 from ..errors import AutopruneError, did_you_mean
@@ -8,6 +12,7 @@ _METHODS: dict[str, type[PruningMethod]] = {}
 
 
 def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Make ``cls`` available by ``cls.name`` (usable as a class decorator); a name taken twice is a ValueError."""
     if cls.name in _METHODS:
         raise ValueError(f"pruning method {cls.name!r} registered twice")
     _METHODS[cls.name] = cls
@@ -15,7 +20,6 @@ def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
 
 
 def get_method(name: str) -> PruningMethod:
-    _load_builtin()
     key = name.lower()
     if key not in _METHODS:
         raise AutopruneError(f"unknown pruning method {name!r}; {did_you_mean(name, list(_METHODS))}")
@@ -23,10 +27,4 @@ def get_method(name: str) -> PruningMethod:
 
 
 def list_methods() -> list[str]:
-    _load_builtin()
     return sorted(_METHODS)
-
-
-def _load_builtin() -> None:
-    """Import the built-in methods so their ``@register_method`` runs (lazily: they import train.py)."""
-    from . import fsm, l1, lrf, resrep  # noqa: F401

@@ -60,7 +60,6 @@ from ..engine.calibrate import recalibrate_bn, restat_bn
 from ..errors import AutopruneError, SpecError
 from .base import EpochReport, MethodOutput, PruneContext, PruneStopped, PruningMethod
 from .compactor import Compactors, find_sites
-from .registry import register_method
 from .resrep_schedule import MaskSchedule, rank_scores, round_widths
 
 log = logging.getLogger(__name__)
@@ -123,7 +122,6 @@ def _prior(ctx: PruneContext, how: str, names: list[str]) -> dict[str, torch.Ten
     return {n: (scores[n] / scores[n].mean().clamp_min(1e-12)).clamp_min(1e-6) for n in names}
 
 
-@register_method
 class ResRep(PruningMethod):
     name = "resrep"
     Params = ResRepParams

@@ -224,6 +224,9 @@ def _markdown(study: str, info: Mapping[str, Any], df: pd.DataFrame, on: pd.Data
         out.append(f" Epochs run in all: {_num(df['epochs_run'].sum(), '.0f')}.")
     if "duration_s" in df.columns:
         out.append(f" Trial time in all: {_num(df['duration_s'].sum() / 60, '.1f')} min.")
+    if "work_s" in df.columns and pd.to_numeric(df["work_s"], errors="coerce").notna().any():
+        out.append(f" Measured work in all (CPU time, or GPU time on a GPU): "
+                   f"{_num(pd.to_numeric(df['work_s'], errors='coerce').sum() / 60, '.1f')} min.")
     hv = front_hypervolume(df, objective)
     if not math.isnan(hv):
         out.append(f"\n\nHypervolume of the front (val acc x {objective} fraction of base, reference (0, 1)): "

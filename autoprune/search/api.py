@@ -98,7 +98,7 @@ class SearchResult:
         """The Optuna study in ``study.db`` (with Ray, the snapshot written for optuna-dashboard)."""
         import optuna
 
-        from .optuna_backend import storage
+        from .study import storage
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         return optuna.load_study(study_name=self.spec.study, storage=storage(self.folder))
@@ -165,7 +165,7 @@ def search(spec: str | os.PathLike | Mapping[str, Any] | SearchSpec, out: str | 
     """
     from .. import progress as _progress
     from .. import progress_view
-    from . import optuna_backend
+    from . import stop
     from .runner import default_out_dir, run_search
 
     name = sampler if isinstance(sampler, str) else None
@@ -175,7 +175,7 @@ def search(spec: str | os.PathLike | Mapping[str, Any] | SearchSpec, out: str | 
     folder = Path(out) if out is not None else default_out_dir(resolved)
     if resume is None:
         resume = _holds_search(folder)
-    optuna_backend.clear_stop()
+    stop.clear_stop()
     show = bool(progress) and _progress.installed() is None  # a caller's own reporter wins
     with progress_view.console() if show else _nothing():
         result = run_search(resolved, folder, resume=bool(resume), backend=backend, progress=progress,

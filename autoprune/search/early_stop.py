@@ -36,6 +36,12 @@ percent above or below it (channel granularity), and excluding the ones that hap
 higher would let a trial that is beaten at its own target run on. A point that much cheaper adds
 at most ``cost_tolerance`` x its cost x its accuracy to the front's hypervolume.
 
+**Judged only at the end.** A training-time method whose per-epoch reading is not yet the model it
+would return is never stopped during its training phase (:data:`JUDGED_AT_END`): ResRep's compactor
+epochs read 12-16 % on a natural-image set where the same trial finished at 59 % (issue 25), so
+comparing them would stop trials that are ahead. Its fine-tune epochs after the fold (if any) and
+its result are judged as any other trial's.
+
 A trial cheaper than everything finished is never stopped (nothing to compare with), so the
 low-cost end of the front is always explored. The last epoch is never a stopping point: stopping
 there saves nothing and would hide a finished result. Early-stopped trials never reach the front.
@@ -43,7 +49,10 @@ there saves nothing and would hide a finished result. Early-stopped trials never
 **Screening** (:func:`screen_out`) is the zero-training rung of the same idea: a candidate's fidelity
 is compared with the fidelities of the candidates already screened within ``bucket / 2`` of its cost
 fraction (a window centred on it, so candidates at one MACs target always share it); unless it is
-among the best ``keep`` share of them, it is not fine-tuned.
+among the best ``keep`` share of them, it is not fine-tuned. As for early stopping, only differences
+beyond the margin count: a candidate is screened out only if enough candidates are ahead of it by
+more than ``se_multiple`` standard errors of an accuracy on the validation split (never by one
+image in 3,000).
 """
 from __future__ import annotations
 
@@ -56,6 +65,9 @@ FINETUNE = "finetune"
 ONESHOT = "oneshot"  # the screening phase of a candidate that did not train before surgery
 DEFAULT_SE_MULTIPLE = 1.0
 DEFAULT_COST_TOLERANCE = 0.01
+# training-time methods whose mid-training reading is not (yet) the model they would return: their
+# training epochs are never a stopping point (issue 25: ResRep's compactor epochs read near chance)
+JUDGED_AT_END: frozenset[str] = frozenset({"resrep"})
 
 
 def train_phase(method: str) -> str:
@@ -77,6 +89,11 @@ def schedule(total_epochs: int, training_epochs: int = 0, method: str = "") -> t
     """The phase of each epoch of a trial: ``training_epochs`` of ``train:<method>``, then fine-tune."""
     k = max(0, min(int(training_epochs), int(total_epochs)))
     return (train_phase(method),) * k + (FINETUNE,) * (int(total_epochs) - k)
+
+
+def judged_midway(phase: str, judged_at_end: Iterable[str] = JUDGED_AT_END) -> bool:
+    """False for the training phase of a method in ``judged_at_end`` (no stopping inside it)."""
+    return not (phase.startswith("train:") and phase[len("train:"):] in set(judged_at_end))
 
 
 def screening_phase(phases: Sequence[str]) -> str:
@@ -171,7 +188,8 @@ def threshold(cost: float, phase: str, fraction: float, finished: Iterable[Peer 
 def should_stop(cost: float, epoch: int, acc: float, finished: Iterable[Peer | tuple], *,
                 phases: Sequence[str], margin: float | None = None, n_val: int | None = None,
                 se_multiple: float = DEFAULT_SE_MULTIPLE, min_epochs: int = 1, min_trials: int = 3,
-                cost_tolerance: float = DEFAULT_COST_TOLERANCE) -> bool:
+                cost_tolerance: float = DEFAULT_COST_TOLERANCE,
+                judged_at_end: Iterable[str] = JUDGED_AT_END) -> bool:
     """True when a trial of ``cost`` (schedule ``phases``) with accuracy ``acc`` after ``epoch`` should stop.
 
     ``finished`` holds the COMPLETE trials only (:class:`Peer`, or ``(cost, curve)`` of an all-fine-tune
@@ -181,6 +199,8 @@ def should_stop(cost: float, epoch: int, acc: float, finished: Iterable[Peer | t
     if epoch < min_epochs or epoch >= len(phases):
         return False
     phase, fraction = position(phases, epoch)
+    if not judged_midway(phase, judged_at_end):
+        return False
     bar = threshold(cost, phase, fraction, finished, margin=margin, n_val=n_val, se_multiple=se_multiple,
                     min_trials=min_trials, cost_tolerance=cost_tolerance)
     if bar is None:
@@ -209,11 +229,14 @@ class Reference:
 
 
 def screen_out(cost_frac: float, fidelity: float, earlier: Iterable[Candidate], *, keep: float,
-               bucket: float = 0.1, min_peers: int = 3, phase: str = ONESHOT) -> bool:
+               bucket: float = 0.1, min_peers: int = 3, phase: str = ONESHOT, n_val: int | None = None,
+               se_multiple: float = 0.0) -> bool:
     """True when a candidate should NOT be fine-tuned: among the ``earlier`` candidates of the same
     ``phase`` whose cost fraction is within ``bucket / 2`` of its own, at least
     ``min_peers`` exist and it is not in the best ``keep`` share of them and itself (the best of a
-    bucket is always kept). A successive-halving first rung that is valid for two
+    bucket is always kept). Only candidates ahead by more than ``se_multiple`` standard errors (of an
+    accuracy at ``fidelity`` on ``n_val`` validation images; 0 or no ``n_val``: any difference) count
+    as ahead, so a candidate one image behind is never screened out. A successive-halving first rung that is valid for two
     objectives: candidates compete only with candidates of about the same cost. A non-finite
     fidelity is screened out once peers exist.
     """
@@ -227,5 +250,6 @@ def screen_out(cost_frac: float, fidelity: float, earlier: Iterable[Candidate], 
         return False
     if not math.isfinite(fidelity):
         return True
-    rank = 1 + sum(1 for f in same if f > fidelity)  # among the earlier ones and itself
+    m = margin_for(fidelity, n_val, None, se_multiple) if (n_val and se_multiple > 0) else 0.0
+    rank = 1 + sum(1 for f in same if f > fidelity + m)  # clearly ahead of it, among the earlier ones and itself
     return rank > max(1.0, keep * (len(same) + 1))  # the best of a bucket always goes on

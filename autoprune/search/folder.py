@@ -17,13 +17,15 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from ..data.splits import split_hash_of
 from ..errors import AutopruneError
 from ..files import os_error
+from .results import TRIALS_CSV, count_rows, read_rows
+from .study import CURVES_SUFFIX, STORAGE
 
 if TYPE_CHECKING:
     from ..data.datasets import Dataset
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 # Spec keys that may change between a search and its resumption (everything else must match).
 RESUMABLE_KEYS = frozenset({"budget", "workers", "device", "source", "early_stop", "screen", "sampler", "seed"})
 BASE_KEYS = ("model", "data", "base", "base_epochs", "base_lr")  # what base.pt was made from
-STATE_FILES = ("study.db", "trials.csv", "spec.yaml")
+STATE_FILES = (STORAGE, TRIALS_CSV, "spec.yaml")
 
 
 def check_out(out_dir: str | os.PathLike) -> Path:
@@ -57,29 +59,26 @@ def check_out(out_dir: str | os.PathLike) -> Path:
 
 def csv_rows(out: Path) -> int:
     """Data rows of ``trials.csv`` (0 when missing or unreadable)."""
-    try:
-        with open(out / "trials.csv", newline="", encoding="utf-8") as fh:
-            return sum(1 for _ in csv.DictReader(fh))
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return 0
+    return count_rows(out / TRIALS_CSV)
 
 
-def study_trials(out: Path, backend: str, study: str | None = None) -> int:
-    """Trials the folder's study storage holds (of ``study``, or of every study); a missing or
+class StoredTrials(Protocol):
+    """What :func:`prepare` asks of the backend (:class:`autoprune.search.backends.Backend`)."""
+
+    def stored_trials(self, out: Path, study: str | None = None) -> int: ...
+
+
+def study_trials(out: Path, study: str | None = None) -> int:
+    """Trials the folder's Optuna study storage holds (of ``study``, or of every study); a missing or
     unreadable storage next to a non-empty trials.csv is refused (resuming would rebuild trials.csv
-    from nothing)."""
+    from nothing). The Optuna backend's :meth:`~autoprune.search.backends.Backend.stored_trials`."""
     rows = csv_rows(out)
-    if backend == "ray":
-        from .ray_store import RayStore
-
-        return len(RayStore(out).trials())
-    db = out / "study.db"
+    db = out / STORAGE
     if not db.exists():
         if rows:
             raise AutopruneError(f"{db} is missing but trials.csv holds {rows} trials: restore study.db to resume, "
                                  "or start a new --out (trials.csv, models/ and the report are left as they are)")
         return 0
-    from .optuna_backend import CURVES_SUFFIX
     from .study_db import StudyDbError, read_study_db
 
     if rows == 0 and db.stat().st_size == 0:
@@ -98,12 +97,10 @@ def study_trials(out: Path, backend: str, study: str | None = None) -> int:
 
 
 def own_studies(study: str) -> tuple[str, str]:
-    from .optuna_backend import CURVES_SUFFIX
-
     return study, study + CURVES_SUFFIX
 
 
-def prepare(spec: SearchSpec, out: Path, resume: bool, backend: str) -> None:
+def prepare(spec: SearchSpec, out: Path, resume: bool, backend: StoredTrials) -> None:
     """Refuse what cannot run in ``out``; clear a search that never started a trial. Caller holds RUN_LOCK.
 
     Nothing in ``out`` is changed by a refusal: the study storage is only read (:mod:`.study_db`)."""
@@ -112,7 +109,7 @@ def prepare(spec: SearchSpec, out: Path, resume: bool, backend: str) -> None:
         if resume:
             log.info("nothing to resume in %s: starting a new search", out)
         return
-    trials = study_trials(out, backend, spec.study)
+    trials = backend.stored_trials(out, spec.study)
     if trials == 0 and csv_rows(out) == 0:  # it stopped before its first trial (e.g. the base failed)
         saved = _saved_spec(out / "spec.yaml")
         log.warning("%s holds a search that never started a trial; starting it again", out)
@@ -141,7 +138,7 @@ def check_study_db(spec: SearchSpec, out: Path) -> None:
     fingerprint of the ``base.pt`` in the folder."""
     from .study_db import FINISHED, read_study_db
 
-    db = out / "study.db"
+    db = out / STORAGE
     info = read_study_db(db)  # study_trials has refused an unreadable one
     if spec.study not in info.trials:
         raise AutopruneError(f"{db} holds no study {spec.study!r} (it holds {info.studies() or 'none'}); restore "
@@ -176,8 +173,7 @@ def check_study_db(spec: SearchSpec, out: Path) -> None:
 def _csv_states(out: Path) -> dict[int, str]:
     """trials.csv's trial number -> state (rows without a number are skipped)."""
     try:
-        with open(out / "trials.csv", newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = read_rows(out / TRIALS_CSV)
     except (OSError, csv.Error, UnicodeDecodeError):
         return {}
     out_states = {}

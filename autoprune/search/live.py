@@ -28,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 from .. import progress
 from ..progress import Phase
 from ..progress_view import LINE_INTERVAL_S, describe, fmt_seconds, is_terminal
-from .results import COST_KEYS
+from ..report.pareto import FRACTION_COLUMNS
 
 if TYPE_CHECKING:
     from .spec import SearchSpec
@@ -189,12 +189,12 @@ def count_text(p: Mapping[str, Any], late: float = 0.0) -> str:
 
 def front_points(rows: Sequence[Mapping[str, Any]], objective: str) -> list[tuple[float, float]]:
     """(val_acc, cost) of the front of the complete, feasible rows, cheapest first; cost is the fraction
-    of the base for MACs and params, milliseconds for latency."""
+    of the base (MACs, params or measured latency)."""
     import numpy as np
 
     from ..report.pareto import pareto_mask
 
-    key = {"macs": "macs_frac", "params": "params_frac"}.get(objective, COST_KEYS.get(objective, "macs_frac"))
+    key = FRACTION_COLUMNS.get(objective, "macs_frac")
     pts = []
     for r in rows:
         feasible = r.get("feasible") is True or str(r.get("feasible")).lower() in ("true", "1")
@@ -212,15 +212,14 @@ def front_points(rows: Sequence[Mapping[str, Any]], objective: str) -> list[tupl
 
 
 def front_text(points: Sequence[tuple[float, float]], objective: str, most: int = 4) -> str:
-    """``front 5: 99.4 % at 0.54, 98.9 % at 0.17, ...`` (cost as a fraction of the base, or ms)."""
+    """``front 5 (val acc at MACs of base): 99.4 % at 0.54, 98.9 % at 0.17, ...``."""
     if not points:
         return "front: none yet"
-    unit = " ms" if objective == "latency" else ""
     shown = sorted(points, key=lambda p: -p[0])[:most]
     more = ", ..." if len(points) > most else ""
     what = {"macs": "MACs", "params": "params"}.get(objective, "latency")
-    return (f"front {len(points)} (val acc at {what}{' ms' if unit else ' of base'}): "
-            + ", ".join(f"{100 * a:.1f} % at {c:.2f}{unit}" for a, c in shown) + more)
+    return (f"front {len(points)} (val acc at {what} of base): "
+            + ", ".join(f"{100 * a:.1f} % at {c:.2f}" for a, c in shown) + more)
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
@@ -415,12 +414,12 @@ def finished_text(row: Mapping[str, Any], objective: str) -> str:
     except (KeyError, TypeError, ValueError):
         acc = ""
     cost = ""
-    key = {"macs": "macs_frac", "params": "params_frac"}.get(objective, COST_KEYS.get(objective, ""))
+    key = FRACTION_COLUMNS.get(objective, "macs_frac")
     with contextlib.suppress(KeyError, TypeError, ValueError):
         c = float(row[key])
         if math.isfinite(c):
             what = "MACs" if objective == "macs" else objective
-            cost = f" at {c:.3f} ms" if objective == "latency" else f" at {c:.2f} of the base's {what}"
+            cost = f" at {c:.2f} of the base's {what}"
     took = ""
     with contextlib.suppress(KeyError, TypeError, ValueError):
         took = f", {float(row['duration_s']):.1f} s"

@@ -7,28 +7,22 @@ early-stopping reference, rows and importance are computed above it, in :mod:`au
 under a file lock together with the budget check, so N workers never start more than
 ``max_trials`` trials; ``trials.csv`` is rewritten (atomically, under the same lock) after every trial.
 
-How trial outcomes map onto Optuna:
+How trial outcomes map onto Optuna (:func:`autoprune.search.study.outcome`, shared with the Ray
+backend): complete -> values and constraints; early-stopped -> PRUNED with user attr
+``state="early_stopped"``; failed -> FAIL with user attrs ``state="failed"`` and ``error``; the per-epoch
+curve goes to the companion study ``<study>.curves`` (:func:`autoprune.search.study.add_curves`).
 
-- complete: ``tell(values=[val_acc, cost])``; constraints via ``trial.set_constraint`` (Optuna 5's
-  replacement for the sampler's ``constraints_func``; every sampler then sees feasibility).
-- early-stopped: ``tell(state=PRUNED)`` with user attr ``state="early_stopped"``. Multi-objective
-  studies reject Optuna's pruners, but a PRUNED trial is still the honest state: it has no values,
-  never enters ``study.best_trials``, and TPE counts it among the bad trials.
-- failed: ``tell(state=FAIL)`` with user attrs ``state="failed"`` and ``error``.
-- per-epoch validation accuracy: Optuna's ``trial.report`` (and so the dashboard's learning curves)
-  exists only for single-objective studies, so every trial is also added to a companion study
-  ``<study>.curves`` in the same ``study.db`` (one objective, val_acc) with the curve as its
-  intermediate values and the search trial's number, method, target and cost as user attrs;
-  optuna-dashboard plots those curves. The main study names its metrics (``set_metric_names``).
 - resumed searches propose what an uninterrupted one would: before every ask the sampler is
   re-seeded from (spec seed, slot), the trial's place among non-interrupted trials, and a retried
-  trial keeps the slot, and so the training seed, of the trial it replaces (:func:`trial_seed`).
+  trial keeps the slot, and so the training seed, of the trial it replaces (:func:`autoprune.search.samplers.trial_seed`).
 - interrupted (the process died or was stopped while the trial ran): FAIL with user attr
   ``interrupted=True``; it does not count towards ``max_trials`` and its configuration is enqueued
   again, so a resumed search retries it under a new number. Which RUNNING trials are stale is known
   exactly, without heartbeats: a search holds ``<out>/.run.lock`` (and its workers
   ``.workers.lock``) while it runs, so a RUNNING trial found by a search that got both locks
   belongs to a dead process.
+- stopping: Ctrl-C, a dead parent (``Orphaned``) or a stop request (:mod:`autoprune.search.stop`,
+  polled at each trial start and epoch end) interrupts the running trial.
 """
 from __future__ import annotations
 
@@ -39,7 +33,6 @@ import multiprocessing as mp
 import os
 import signal
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,11 +42,13 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import AutopruneError
+from . import stop
 from .locks import ASK_LOCK, WORKERS_LOCK, file_lock
 from .results import INTERRUPTED, TrialResult, constraint_names, model_path, one_line, plan_path
-from .store import Limits, StoredTrial, TrialStore, budget_reason, finished_curves, write_rows
+from .store import Limits, StoredTrial, TrialStore, budget_reason, finished_curves, same_config, write_rows
 from .store import rows as store_rows
-from .trial import Worker, run_trial
+from .study import add_curve, open_study, outcome, spec_sampler, state_name, tell, trial_sampler
+from .trial import Worker, reused_result, run_trial
 
 if TYPE_CHECKING:
     from ..data.datasets import Dataset
@@ -61,118 +56,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STORAGE = "study.db"
-SAMPLERS = ("tpe", "nsga2", "random")
-_STATE_OF = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "early_stopped", TrialState.FAIL: "failed",
-             TrialState.RUNNING: "running"}
+
+MAX_REPEATS = 25  # configurations that already ran, proposed in a row, before a worker stops
 
 
 class Orphaned(BaseException):
     """The process that started this worker is gone: stop at once (not a trial failure)."""
 
 
-# ---------------------------------------------------------------------------------------- study
-
-
-def storage(out_dir: Path) -> optuna.storages.RDBStorage:
-    url = f"sqlite:///{(Path(out_dir) / STORAGE).resolve()}"
-    # SQLite serialises writers; a generous busy timeout lets N workers share the file.
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 300}})
-
-
-def directions(spec: SearchSpec) -> list[str]:
-    return ["maximize", "minimize"]  # objectives are (val_acc, macs | params | latency)
-
-
-def make_sampler(name: str, seed: int | None, spec: SearchSpec | None = None) -> optuna.samplers.BaseSampler:
-    """:func:`autoprune.search.samplers.make_sampler`, sized to ``spec``'s budget and workers."""
-    from .samplers import make_sampler as build
-
-    return build(name, seed, None if spec is None else spec.budget.max_trials, 1 if spec is None else spec.workers)
-
-
-def open_study(spec: SearchSpec, out_dir: Path, sampler: optuna.samplers.BaseSampler | None = None,
-               create: bool = False) -> optuna.Study:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if create:
-        study = optuna.create_study(study_name=spec.study, storage=storage(out_dir), sampler=sampler,
-                                    directions=directions(spec), load_if_exists=True)
-        saved = study.user_attrs.get("objectives")
-        if saved is None:
-            study.set_user_attr("objectives", list(spec.objectives))
-            with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in use
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(list(spec.objectives))  # the dashboard: val_acc / macs, not Objective 0/1
-        elif list(saved) != list(spec.objectives):
-            raise AutopruneError(f"{out_dir} holds a study with objectives {saved}, the spec asks for "
-                                 f"{list(spec.objectives)}; resume with the same spec or choose another --out")
-        return study
-    return optuna.load_study(study_name=spec.study, storage=storage(out_dir), sampler=sampler)
-
-
-def trial_sampler(spec: SearchSpec, seed: int | None, slot: int) -> optuna.samplers.BaseSampler:
-    """The sampler that proposes the trial in ``slot``: ``spec``'s sampler, sized to its budget and
-    workers (NSGA-II population, TPE constant liar), seeded from (seed, slot) (:func:`trial_seed`)."""
-    return make_sampler(spec.sampler, trial_seed(seed, slot), spec)
-
-
-def trial_seed(seed: int | None, slot: int) -> int | None:
-    """The sampler's seed for the trial in ``slot`` (its place among non-interrupted trials).
-
-    A fresh sampler seeded from (spec seed, slot) for every ask makes the proposals a function of
-    the seed and the study's history alone, so a killed and resumed search proposes what the
-    uninterrupted one would (TPE, NSGA-II and random sampling keep no other state between trials:
-    they rebuild everything from the stored trials). None stays unseeded.
-    """
-    if seed is None:
-        return None
-    import numpy as np
-
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(slot)]).generate_state(1)[0] & 0x7FFFFFFF)
+# ---------------------------------------------------------------------------------------- store
 
 
 def next_slot(study: optuna.Study) -> int:
     """The slot of the next new trial: how many trials exist that were neither interrupted nor queued."""
     return sum(1 for t in study.get_trials(deepcopy=False)
                if t.state != TrialState.WAITING and not t.user_attrs.get("interrupted"))
-
-
-CURVES_SUFFIX = ".curves"
-
-
-def add_curve(study: optuna.Study, result: TrialResult) -> None:
-    """Add ``result``'s per-epoch val accuracy to the companion study ``<study>.curves`` (see the module
-    docstring); best effort: a failure is logged, never fatal to the search."""
-    try:
-        add_curves(study._storage, study.study_name, [(result.number, result.state, result.hparams,
-                                                       result.curve, result.val_acc, result.cost)])
-    except Exception as exc:  # noqa: BLE001 - the curves are for viewing; the search goes on
-        log.warning("could not add trial %d's curve to %s%s: %s", result.number, study.study_name, CURVES_SUFFIX,
-                    one_line(exc))
-
-
-def add_curves(storage: Any, study_name: str, trials: Sequence[tuple[int, str, Mapping[str, Any], Sequence[Any],
-                                                                     float | None, float | None]]) -> None:
-    """(number, state, hparams, curve, val_acc, cost) of search trials -> trials of ``<study_name>.curves``
-    in ``storage``: one objective (val_acc), the curve as intermediate values (epoch 1, 2, ...)."""
-    curves = optuna.create_study(study_name=study_name + CURVES_SUFFIX, storage=storage, direction="maximize",
-                                 load_if_exists=True)
-    if not curves.metric_names:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            curves.set_metric_names(["val_acc"])
-        curves.set_user_attr("note", f"per-epoch validation accuracy of the trials of {study_name!r}")
-    states = {"complete": TrialState.COMPLETE, "early_stopped": TrialState.PRUNED}
-    for number, state_name, hparams, curve, val_acc, cost in trials:
-        state = states.get(state_name, TrialState.FAIL)
-        if state == TrialState.COMPLETE and val_acc is None:
-            state = TrialState.FAIL
-        attrs = {"search_trial": number, "state": state_name, "method": hparams.get("method"),
-                 "target": hparams.get("target"), "cost": cost}
-        curves.add_trial(optuna.trial.create_trial(
-            state=state, value=float(val_acc) if state == TrialState.COMPLETE else None,  # type: ignore[arg-type]
-            intermediate_values={i + 1: float(a) for i, a in enumerate(curve) if a is not None},
-            user_attrs={k: v for k, v in attrs.items() if v is not None}))
 
 
 class OptunaStore(TrialStore):
@@ -202,15 +100,7 @@ class OptunaStore(TrialStore):
         trial.set_user_attr("constraints", list(result.constraints))
         if result.error:
             trial.set_user_attr("error", result.error)
-        if result.state in ("complete", "early_stopped"):
-            for i, value in enumerate(result.constraints):
-                trial.set_constraint(self.constraints[i] if i < len(self.constraints) else f"c{i}", value)
-        if result.state == "complete":
-            self.study.tell(trial, list(result.values))  # type: ignore[arg-type]
-        elif result.state == "early_stopped":
-            self.study.tell(trial, state=TrialState.PRUNED)
-        else:
-            self.study.tell(trial, state=TrialState.FAIL)
+        tell(self.study, trial, outcome(result.state, result.values, result.constraints, self.constraints))
         add_curve(self.study, result)
 
     def interrupt(self, trial: optuna.Trial) -> None:
@@ -225,7 +115,7 @@ class OptunaStore(TrialStore):
             if t.state == TrialState.WAITING:
                 continue
             a = t.user_attrs
-            state = "running" if t.state == TrialState.RUNNING else a.get("state") or _STATE_OF.get(t.state, "failed")
+            state = "running" if t.state == TrialState.RUNNING else a.get("state") or state_name(t.state)
             interrupted = (bool(a.get("interrupted")) or state == "interrupted"
                            or (state == "failed" and not a.get("error")))
             state = "failed" if state == "interrupted" else state  # StoredTrial: failed + interrupted
@@ -290,25 +180,25 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 parent_pid: int | None = None, data: Dataset | None = None,
                 sampler: optuna.samplers.BaseSampler | None = None) -> str:
     """Ask/run/tell until a budget is spent; returns the reason it stopped. ``seed``: the spec's; the
-    sampler is re-seeded from it and the trial's slot before every ask (:func:`trial_seed`). A
-    ``sampler`` object (the Python API's) is used as given for every ask, without re-seeding."""
+    sampler is re-seeded from it and the trial's slot before every ask (:func:`autoprune.search.samplers.trial_seed`).
+    A ``sampler`` object (the Python API's) is used as given for every ask, without re-seeding."""
     from . import space  # the search-space module (owned by the spec layer)
 
-    store = open_store(spec, out_dir, sampler=sampler or make_sampler(spec.sampler, seed, spec))
+    store = open_store(spec, out_dir, sampler=sampler or spec_sampler(spec, seed))
     study = store.study
     worker = Worker.load(spec, out_dir, device, data=data)
 
     def check_parent() -> None:
         if parent_pid is not None and os.getppid() != parent_pid:
             raise Orphaned()
-        if _stop_requested:
-            raise KeyboardInterrupt
+        stop.check()
 
     def finished() -> list[tuple[float, list]]:
         check_parent()
         return finished_curves(store)
 
     ask_lock = out_dir / ASK_LOCK
+    repeats = 0  # duplicates sampled in a row (a small space the sampler has exhausted)
     while True:
         check_parent()
         trial: optuna.Trial | None = None
@@ -324,7 +214,13 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 slot = trial.user_attrs.get("slot", slot)  # a retry keeps the slot of the trial it replaces
                 hparams = space.suggest(trial, spec)
                 number = store.claim(hparams, trial, worker=index, slot=slot)
-            result = run_trial(worker, number, hparams, finished, early_stopping, seed_index=slot)
+                prior = same_config(store, hparams, before=number)
+            if prior is not None:  # run already: reuse its result, tell the sampler the same
+                result = reused_result(spec, number, hparams, prior)
+                repeats += 1
+            else:
+                result = run_trial(worker, number, hparams, finished, early_stopping, seed_index=slot)
+                repeats = 0
             store.record(number, result)
         except BaseException:  # Ctrl-C, Orphaned, storage errors: the trial is interrupted, run again later
             with contextlib.suppress(Exception):
@@ -339,6 +235,10 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
             rows = write_rows(store, out_dir)
         if on_trial is not None:
             on_trial(result, rows)
+        if repeats >= MAX_REPEATS:
+            log.warning("the sampler proposed %d configurations in a row that already ran; the search space "
+                        "looks exhausted: stopping", repeats)
+            return "exhausted"
 
 
 def discard_files(out_dir: Path, number: int) -> None:
@@ -348,41 +248,14 @@ def discard_files(out_dir: Path, number: int) -> None:
             (Path(out_dir) / rel).unlink()
 
 
-_stop_requested = False  # set by a SIGTERM handler; survives a KeyboardInterrupt Python swallowed
-
-
-def request_stop() -> None:
-    """Ask every worker loop of this process to stop as after Ctrl-C, at its next check (the start of
-    a trial, an epoch's end). A signal handler's KeyboardInterrupt alone can be lost: raised inside a
-    finaliser (e.g. SQLAlchemy's weakref cleanup) Python prints it and carries on."""
-    global _stop_requested
-    _stop_requested = True
-
-
-def stop_requested() -> bool:
-    return _stop_requested
-
-
-def clear_stop() -> None:
-    global _stop_requested
-    _stop_requested = False
-
-
-def interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM handler: stop like Ctrl-C (a KeyboardInterrupt now, and a stop request in case Python
-    swallows it)."""
-    request_stop()
-    raise KeyboardInterrupt
-
-
 def _worker_main(spec: SearchSpec, out_dir: str, index: int, limits: Limits, device: str, early_stopping: bool,
                  seed: int | None, threads: int | None, parent_pid: int, log_level: int, errors: Any,
                  sampler: optuna.samplers.BaseSampler | None = None) -> None:
     logging.basicConfig(level=log_level, format=f"%(levelname)s worker{index} %(name)s: %(message)s")
     # SIGTERM from the parent (or anyone) stops the worker like Ctrl-C; SIGINT may be ignored here
     # (a search started in the background with nohup or `&` inherits an ignored SIGINT)
-    clear_stop()
-    signal.signal(signal.SIGTERM, interrupt)
+    stop.clear_stop()
+    signal.signal(signal.SIGTERM, stop.interrupt)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -417,6 +290,10 @@ def run(spec: SearchSpec, out_dir: Path, limits: Limits, device: torch.device, w
                                  "them to finish (or end them) before resuming")
     store = open_store(spec, out_dir, create=True)
     store.recover()
+    if spec.screen.enabled and spec.screen.round and store.meta().get("round") is None:
+        from .rounds import run_round  # which method wins where: every one-shot method at each target window
+
+        run_round(Worker.load(spec, out_dir, device, data=data), store, store.study)
     seed = None if spec.seed is None else int(spec.seed)  # re-seeded per slot: a resume continues the search
     try:
         if workers <= 1:

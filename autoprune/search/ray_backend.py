@@ -44,11 +44,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AutopruneError
+from . import stop
 from .ray_setup import RayOptions, check, connect, require_ray, resources
 from .ray_store import RayStore, history, make_payload
 from .results import TrialResult, constraint_names, one_line
-from .store import Limits, budget_reason, finished_curves, write_rows
-from .trial import Worker, run_trial
+from .store import Limits, budget_reason, finished_curves, same_config, write_rows
+from .study import outcome, spec_sampler, tell, trial_sampler
+from .trial import Worker, reused_result, run_trial
 
 if TYPE_CHECKING:
     import optuna
@@ -89,8 +91,14 @@ def run_one(config: Mapping[str, Any], ctx: TrialContext) -> dict[str, Any]:
         return payload
     started = time.time()
     try:
-        worker = _load_worker(ctx)
-        result = run_trial(worker, number, hparams, lambda: finished_curves(store), ctx.early_stopping)
+        prior = same_config(store, hparams, before=number)
+        if prior is not None:  # run already: its result is reused and reported to the searcher again
+            result = reused_result(ctx.spec, number, hparams, prior)
+        else:
+            worker = _load_worker(ctx)
+            slot = meta.get("slot")  # a retry trains with the seed of the trial it replaces, as in the Optuna backend
+            result = run_trial(worker, number, hparams, lambda: finished_curves(store), ctx.early_stopping,
+                               seed_index=None if slot is None else int(slot))
     except Exception as exc:  # noqa: BLE001 - a worker that cannot load fails this trial, the search goes on
         log.warning("trial %d failed: %s", number, one_line(exc))
         result = TrialResult(number=number, state="failed", hparams=hparams, error=one_line(exc),
@@ -169,8 +177,8 @@ class _Run:
     def budget_reason(self) -> str | None:
         return budget_reason(self.store, self.limits)
 
-    def claim(self, trial_id: str, hparams: Mapping[str, Any], ot_trial: Any) -> int:
-        number = self.store.claim(hparams, ot_trial, trial_id=trial_id)
+    def claim(self, trial_id: str, hparams: Mapping[str, Any], ot_trial: Any, slot: int) -> int:
+        number = self.store.claim(hparams, ot_trial, trial_id=trial_id, slot=slot)
         self.update()
         return number
 
@@ -207,15 +215,16 @@ def _ray_classes() -> dict[str, type]:
 
         def __init__(self, spec: SearchSpec, key: str, sampler: optuna.samplers.BaseSampler,
                      warm: Sequence[FrozenTrial] = (),
-                     retry: Sequence[tuple[int, dict]] = (), seed: int | None = None, fixed: bool = False) -> None:
+                     retry: Sequence[tuple[int, dict, dict]] = (), seed: int | None = None,
+                     fixed: bool = False) -> None:
             super().__init__(space=_Space(spec), metric=list(METRICS), mode=["max", "min"], sampler=sampler)
             self._autoprune_fixed = fixed
             self._autoprune_key = key
             self._autoprune_spec, self._autoprune_seed = spec, seed
             self._autoprune_constraints = constraint_names(spec)
             self._ot_study.add_trials(list(warm))
-            for number, params in retry:
-                self._ot_study.enqueue_trial(params, user_attrs={"retry_of": number})
+            for _, params, attrs in retry:  # retry_of and the slot the retry keeps
+                self._ot_study.enqueue_trial(params, user_attrs=attrs)
 
         def suggest(self, trial_id: str) -> dict | str | None:
             run = _RUNS.get(self._autoprune_key)
@@ -224,17 +233,18 @@ def _ray_classes() -> dict[str, type]:
                 if run is not None:
                     run.reason = reason
                 return Searcher.FINISHED
-            # as the Optuna backend: a sampler seeded from (seed, slot) for every trial (trial_seed)
-            from . import optuna_backend
-
+            # as the Optuna backend: a sampler seeded from (seed, slot) for every trial, and a retry
+            # keeps the slot (so the training seed) of the trial it replaces. The study holds the
+            # finished trials (warm start) and this run's, never interrupted ones: its size is the slot.
             slot = sum(1 for t in self._ot_study.get_trials(deepcopy=False) if t.state != TrialState.WAITING)
             if not self._autoprune_fixed:  # a sampler object given through the Python API is used as it is
-                self._ot_study.sampler = optuna_backend.trial_sampler(self._autoprune_spec, self._autoprune_seed,
-                                                                      slot)
+                self._ot_study.sampler = trial_sampler(self._autoprune_spec, self._autoprune_seed, slot)
             config = super().suggest(trial_id)
             if isinstance(config, dict):
+                ot_trial = self._ot_trials[trial_id]
                 meta = config["autoprune"]
-                meta["number"] = run.claim(trial_id, meta["hparams"], self._ot_trials[trial_id])
+                meta["slot"] = int(ot_trial.user_attrs.get("slot", slot))
+                meta["number"] = run.claim(trial_id, meta["hparams"], ot_trial, meta["slot"])
                 meta["trial_id"] = trial_id
             return config
 
@@ -248,15 +258,10 @@ def _ray_classes() -> dict[str, type]:
             ot_trial = self._ot_trials[trial_id]
             state = "failed" if error or not result else str(result.get("state", "failed"))
             try:
-                if state in ("complete", "early_stopped"):
-                    payload = json.loads(result["autoprune_result"])
-                    for name, value in zip(self._autoprune_constraints, payload.get("constraints") or ()):
-                        ot_trial.set_constraint(name, float(value))
-                if state == "complete":
-                    self._ot_study.tell(ot_trial, [float(result[m]) for m in METRICS])
-                else:  # never the partial accuracy of an early-stopped trial
-                    self._ot_study.tell(ot_trial, state=TrialState.PRUNED if state == "early_stopped"
-                                        else TrialState.FAIL)
+                payload = json.loads(result["autoprune_result"]) if state != "failed" else {}
+                values = (payload.get("values") or [float(result[m]) for m in METRICS]) if state == "complete" else None
+                tell(self._ot_study, ot_trial, outcome(state, values, payload.get("constraints") or (),
+                                                       self._autoprune_constraints))
             except Exception as exc:  # noqa: BLE001 - the results folder is the record; the sampler can cope
                 log.warning("could not tell Optuna how Ray trial %s ended: %s", trial_id, one_line(exc))
 
@@ -265,6 +270,9 @@ def _ray_classes() -> dict[str, type]:
 
         def __init__(self, key: str) -> None:
             self._autoprune_key = key
+
+        def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+            stop.check()  # a SIGTERM whose KeyboardInterrupt was lost stops the driver at its next step
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             run = _RUNS.get(self._autoprune_key)
@@ -301,8 +309,6 @@ def run(spec: SearchSpec, out_dir: str | Path, limits: Limits, device: Any = Non
     import optuna
     from ray import tune
 
-    from . import optuna_backend
-
     options = options or RayOptions()
     out = Path(out_dir).resolve()
     check(out, options)
@@ -320,7 +326,7 @@ def run(spec: SearchSpec, out_dir: str | Path, limits: Limits, device: Any = Non
         _RUNS[key] = live
         classes = _ray_classes()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        searcher = classes["AutopruneSearch"](spec, key, sampler or optuna_backend.make_sampler(spec.sampler, seed, spec),
+        searcher = classes["AutopruneSearch"](spec, key, sampler or spec_sampler(spec, seed),
                                               warm=history(store, constraint_names(spec)), retry=store.retries(),
                                               seed=seed, fixed=sampler is not None)
         ctx = TrialContext(spec=spec, out_dir=str(out), early_stopping=bool(early_stopping), gpus=gpus,

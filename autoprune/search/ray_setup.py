@@ -62,8 +62,11 @@ def check(out_dir: str | Path, options: RayOptions | None = None) -> None:
     """Before any compute: Ray is installed, ``out_dir`` is not an Optuna-backend search, and a
     ``HOST:PORT`` address answers."""
     require_ray()
-    if (Path(out_dir) / "study.db").exists() and not (Path(out_dir) / "ray").is_dir():
-        raise AutopruneError(f"{out_dir} holds a search run with the optuna backend (study.db); resume it "
+    from .ray_store import RAY_DIR
+    from .study import STORAGE
+
+    if (Path(out_dir) / STORAGE).exists() and not (Path(out_dir) / RAY_DIR).is_dir():
+        raise AutopruneError(f"{out_dir} holds a search run with the optuna backend ({STORAGE}); resume it "
                              "without --backend ray or choose another --out")
     probe(None if options is None else options.address)
 

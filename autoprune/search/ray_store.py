@@ -113,12 +113,18 @@ class RayStore(TrialStore):
     def set_meta(self, key: str, value: Any) -> None:
         write_json(self.root / META, {**self.meta(), key: value})
 
-    def retries(self) -> list[tuple[int, dict]]:
-        """(number, Optuna params) of interrupted trials whose configuration has not been run again."""
+    def retries(self) -> list[tuple[int, dict, dict]]:
+        """(number, Optuna params, user attrs) of interrupted trials whose configuration has not run again;
+        the user attrs name the trial replaced (``retry_of``) and its ``slot``, which the retry keeps."""
         claims = self.claims()
         retried = {c.get("retry_of") for c in claims.values()}
-        return [(t.number, claims.get(t.number, {}).get("optuna_params") or {}) for t in self.trials()
-                if t.interrupted and t.number not in retried]
+        out = []
+        for t in self.trials():
+            if t.interrupted and t.number not in retried:
+                claim = claims.get(t.number, {})
+                attrs = {"retry_of": t.number, **({"slot": claim["slot"]} if claim.get("slot") is not None else {})}
+                out.append((t.number, claim.get("optuna_params") or {}, attrs))
+        return out
 
 
 def make_payload(result: TrialResult, trial_id: str, started: float, finished: float) -> dict[str, Any]:
@@ -135,24 +141,19 @@ def history(store: RayStore, constraint_names: tuple[str, ...] = ()) -> list[Fro
     warm start of a resumed run's searcher and the input of parameter importance."""
     import optuna
     from optuna.distributions import json_to_distribution
-    from optuna.trial import TrialState
+
+    from .study import outcome
 
     claims, results = store.claims(), store.results()
-    states = {"complete": TrialState.COMPLETE, "early_stopped": TrialState.PRUNED, "failed": TrialState.FAIL}
     out = []
     for number in sorted(results):
         res, claim = results[number], claims.get(number)
         if claim is None or "distributions" not in claim:
             continue
-        state = states.get(res.get("state"), TrialState.FAIL)
-        if state == TrialState.COMPLETE and not res.get("values"):
-            continue
-        constraints = None
-        if state != TrialState.FAIL and res.get("constraints") and constraint_names:
-            constraints = dict(zip(constraint_names, map(float, res["constraints"])))
+        done = outcome(str(res.get("state")), res.get("values"), res.get("constraints") or (), constraint_names)
         out.append(optuna.trial.create_trial(
-            state=state, values=res.get("values") if state == TrialState.COMPLETE else None,
-            params=claim.get("optuna_params") or {}, constraints=constraints,
+            state=done.state, values=done.values, params=claim.get("optuna_params") or {},
+            constraints=done.constraints or None,
             distributions={k: json_to_distribution(v) for k, v in claim["distributions"].items()},
             user_attrs={"number": number, "state": res.get("state")}))
     return out

@@ -11,22 +11,23 @@ temporary name and moved into place.
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .results import constraint_names
-from .spec import SearchSpec
+from .study import STORAGE, add_curves, directions, name_metrics
+
+if TYPE_CHECKING:
+    from .ray_store import RayStore
+    from .spec import SearchSpec
 
 log = logging.getLogger(__name__)
 
-STORAGE = "study.db"
 
-
-def write_study_db(spec: SearchSpec, out_dir: str | Path, store: object) -> Path:
+def write_study_db(spec: SearchSpec, out_dir: str | Path, store: RayStore) -> Path:
     """Rewrite ``<out_dir>/study.db`` from the RayStore ``store``; returns its path."""
     import optuna
 
-    from .optuna_backend import add_curves, directions
     from .ray_store import history
 
     out = Path(out_dir)
@@ -34,13 +35,11 @@ def write_study_db(spec: SearchSpec, out_dir: str | Path, store: object) -> Path
     tmp.unlink(missing_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp.resolve()}")
     study = optuna.create_study(study_name=spec.study, storage=storage, directions=directions(spec))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(list(spec.objectives))
+    name_metrics(study, spec.objectives)
     study.set_user_attr("objectives", list(spec.objectives))
     study.set_user_attr("backend", "ray")
-    study.add_trials(history(store, constraint_names(spec)))  # type: ignore[arg-type]
-    finished = [t for t in store.trials() if t.state in ("complete", "early_stopped", "failed")  # type: ignore[attr-defined]
+    study.add_trials(history(store, constraint_names(spec)))
+    finished = [t for t in store.trials() if t.state in ("complete", "early_stopped", "failed")
                 and not t.interrupted]
     add_curves(storage, spec.study, [(t.number, t.state, t.hparams, t.curve, t.record.get("val_acc"), t.cost)
                                      for t in finished])

@@ -1,7 +1,8 @@
 """What a trial's outcome is and how it is written down, shared by every backend and free of torch.
 
 :class:`TrialResult` (one trial's outcome), the constraint values Optuna stores with it, and the
-``trials.csv`` row format and writer. :mod:`autoprune.search.trial` produces results,
+``trials.csv`` row format, writer and reader (:func:`read_rows`; the report reads it as a table with
+:func:`autoprune.report.tables.read_table`). :mod:`autoprune.search.trial` produces results,
 :mod:`autoprune.search.store` keeps them, this module says what they mean on disk.
 """
 from __future__ import annotations
@@ -23,11 +24,14 @@ STATES = ("complete", "early_stopped", "failed", "interrupted", "running")  # in
 HEAD_COLUMNS = ("number", "state", "method", "target", "allocation", "epochs", "lr")
 TAIL_COLUMNS = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
                 "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at", "latency_frac",
-                "predicted_latency_frac")
+                "predicted_latency_frac", "work_s", "duplicate_of")
 # fidelity: val acc right after surgery + BN recalibration (before fine-tuning; ResRep: after its
 # compactor epochs); prune_s: seconds to prune, recalibrate and measure it; stopped_at: "" (ran every
-# epoch), "screen" (not fine-tuned: screened out at the fidelity rung) or "epoch N" (early-stopped)
-COST_KEYS = {"macs": "macs", "params": "params", "latency": "latency_ms"}
+# epoch), "screen" (not fine-tuned: screened out at the fidelity rung) or "epoch N" (early-stopped);
+# work_s: measured seconds of the trial's work (this process's CPU time, or CUDA-synchronised wall time
+# on a GPU: pruning, recalibration, fidelity, every training epoch, evaluations); duplicate_of: the
+# earlier trial of the same configuration whose result this one reuses (nothing was run; work_s 0)
+TRIALS_CSV = "trials.csv"  # in the results folder
 INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
 
 
@@ -64,11 +68,13 @@ class TrialResult:
     prune_s: float | None = None  # seconds of pruning (ResRep: its training included) + recalibration + fidelity
     phases: tuple[str, ...] = ()  # the phase of each epoch (early_stop.schedule): what a curve entry means
     stopped_at: str = ""  # "" | "screen" | "epoch N"
+    work_s: float | None = None  # measured seconds of work (CPU time, or synchronised GPU wall time)
+    duplicate_of: int | None = None  # the earlier trial of the same configuration this one reuses
 
     @property
     def feasible(self) -> bool:
         """Complete and meets every constraint (an early-stopped or failed trial never is)."""
-        return self.state == "complete" and all(c <= 0 for c in self.constraints)
+        return self.state == "complete" and self.duplicate_of is None and all(c <= 0 for c in self.constraints)
 
     @property
     def values(self) -> tuple[float, float] | None:
@@ -85,7 +91,8 @@ class TrialResult:
                 "epochs_run": self.epochs_run, "duration_s": round(self.duration_s, 3),
                 "feasible": self.feasible, "error": self.error, "model": self.model,
                 "fidelity": self.fidelity, "prune_s": None if self.prune_s is None else round(self.prune_s, 3),
-                "stopped_at": self.stopped_at, "phases": list(self.phases), "objective": self.objectives[1]}
+                "stopped_at": self.stopped_at, "phases": list(self.phases), "objective": self.objectives[1],
+                "work_s": None if self.work_s is None else round(self.work_s, 3), "duplicate_of": self.duplicate_of}
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -170,3 +177,21 @@ def _cell(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return json.dumps(list(value))
     return value
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV table the search wrote (``trials.csv``, ``pareto.csv``) as strings; [] when the
+    file does not exist (OSError, csv.Error or UnicodeDecodeError when it cannot be read)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def count_rows(path: str | Path) -> int:
+    """Data rows of ``path`` (0 when missing or unreadable)."""
+    try:
+        return len(read_rows(path))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return 0

@@ -17,7 +17,6 @@ running trials finish, and the report is written. The budget is computed from th
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import time
@@ -36,21 +35,22 @@ from ..errors import AutopruneError
 from ..models.registry import ModelSpec, create_model
 from ..train import NonFiniteLoss, TrainConfig, evaluate, fit, resolve_device
 from ..trust import TrustCode, TrustError, accepts_trust_code, check_name, needs_trust
-from . import folder, live, optuna_backend
+from . import folder, live
+from .backends import Backend, get_backend
 from .locks import RUN_LOCK, file_lock
-from .optuna_backend import SAMPLERS
-from .results import nan_head, one_line
+from .results import TRIALS_CSV, nan_head, one_line, read_rows
+from .samplers import SAMPLERS, make_sampler
 from .store import Limits, TrialStore, importance
 from .store import rows as store_rows
+from .study import STORAGE
 
 if TYPE_CHECKING:
-    from .ray_backend import RayOptions
+    from .ray_setup import RayOptions
     from .spec import SearchSpec
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("optuna", "ray")
-RESULT_FILES = ("spec.yaml", "base.pt", "study.db", "trials.csv", "pareto.csv", "pareto.png", "pareto.html",
+RESULT_FILES = ("spec.yaml", "base.pt", STORAGE, TRIALS_CSV, "pareto.csv", "pareto.png", "pareto.html",
                 "importance.csv", "report.md")
 
 
@@ -82,19 +82,19 @@ def default_out_dir(spec: SearchSpec) -> Path:
 
 
 @accepts_trust_code
-def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool = False, backend: str = "optuna",
-               progress: bool | str = True, ray_options: RayOptions | None = None, data: Dataset | None = None,
-               sampler: Any = None, *, trust_code: TrustCode = None) -> StudyResult:
+def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool = False,
+               backend: str | Backend = "optuna", progress: bool | str = True, ray_options: RayOptions | None = None,
+               data: Dataset | None = None, sampler: Any = None, *, trust_code: TrustCode = None) -> StudyResult:
     """Run (or resume) the search ``spec`` describes; returns what it wrote. See the module docstring.
 
     ``backend``: ``optuna`` (default: embedded, ``study.db``) or ``ray`` (Ray Tune, see
     :mod:`autoprune.search.ray_backend`; ``ray_options`` is its ``RayOptions``). ``data``: the data set
     already loaded on the device (e.g. a benchmark's fixed training subset; one worker, Optuna
-    backend); by default the spec's data set is loaded. ``progress``: the live display
-    (:func:`view_mode`): the search line and each running trial's phase, on stderr. ``sampler``: an
-    Optuna sampler object used instead of ``spec.sampler`` (see :func:`autoprune.search.api.search`).
-    ``trust_code``: the modules a ``package.module:function`` model may import (:mod:`autoprune.trust`),
-    in this process and its workers.
+    backend); by default the spec's data set is loaded. ``trust_code``: the modules a
+    ``package.module:function`` model may import (:mod:`autoprune.trust`), in this process and its workers.
+    ``progress``: the live display (:func:`view_mode`): the search line and each running trial's phase,
+    on stderr. ``sampler``: an Optuna sampler object used instead of ``spec.sampler`` (see
+    :func:`autoprune.search.api.search`).
     """
     start = time.time()
     out = out_dir if out_dir is not None else default_out_dir(spec)
@@ -103,24 +103,17 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
             check_name(spec.model)
         except TrustError as exc:
             raise TrustError(f"{spec.source}: {exc}") from None
-    if backend not in BACKENDS:
-        raise AutopruneError(f"unknown search backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    search_backend = get_backend(backend)
     budget = spec.budget
-    if budget.max_trials is None and budget.time_s is None and budget.device_hours is None:
+    if budget.max_trials is None and budget.time_s is None and budget.device_hours is None and budget.compute_s is None:
         raise AutopruneError(f"search {spec.study!r} has no budget; set budget.max_trials, budget.time_s or "
                              f"budget.device_hours in {spec.source}, or pass --max-trials / --time-budget")
-    if sampler is None:
-        optuna_backend.make_sampler(spec.sampler, 0, spec)  # unknown sampler, too small a budget: fail before compute
-    elif not isinstance(sampler, optuna_backend.optuna.samplers.BaseSampler):
+    if sampler is None:  # unknown sampler, too small a budget: fail before any compute
+        make_sampler(spec.sampler, 0, spec.budget.max_trials, spec.workers)
+    elif not isinstance(sampler, _optuna_sampler_type()):
         raise AutopruneError(f"sampler={sampler!r} is not an Optuna sampler; give a name ({', '.join(SAMPLERS)}) "
                              "or an optuna.samplers.BaseSampler")
-    if backend == "ray":
-        from . import ray_backend
-
-        ray_backend.check(out, ray_options)  # Ray installed, not an Optuna-backend folder, address answers
-    elif (Path(out) / "ray").is_dir():  # (a Ray folder has a study.db too: a snapshot for optuna-dashboard)
-        raise AutopruneError(f"{out} holds a search run with the ray backend; resume it with --backend ray or "
-                             "choose another --out")
+    search_backend.check(Path(out), ray_options)
     if resume and os.fspath(out).strip() and not Path(out).exists():
         raise AutopruneError(f"--resume: {out} does not exist, so there is no search to continue; check --out, or "
                              "drop --resume to start a new search there")
@@ -128,53 +121,53 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
     with file_lock(out / RUN_LOCK, blocking=False) as free:
         if not free:
             raise AutopruneError(f"another search is running on {out}; wait for it or choose another --out")
-        folder.prepare(spec, out, resume, backend)
+        folder.prepare(spec, out, resume, search_backend)
         _dump_spec(spec, out / "spec.yaml")
         device = resolve_device(spec.device)
         data = load_data(spec.data, device) if data is None else data
         base = prepare_base(spec, out, data, device, progress)
-        folder.check_fingerprint(open_store(spec, out, backend, create=True), folder.fingerprint(out / "base.pt", data),
-                                 out, spec)
+        folder.check_fingerprint(search_backend.open_store(spec, out, create=True),
+                                 folder.fingerprint(out / "base.pt", data), out, spec)
         trials_start = time.time()  # the time budget starts once the base model is ready
         limits = Limits(
             max_trials=budget.max_trials,
             deadline=None if budget.time_s is None else trials_start + float(budget.time_s),
-            device_seconds=None if budget.device_hours is None else float(budget.device_hours) * 3600.0)
+            device_seconds=None if budget.device_hours is None else float(budget.device_hours) * 3600.0,
+            work_seconds=budget.compute_s)
         workers = max(1, int(spec.workers or 1))
         if workers > 1:  # each worker loads its own copy on its own device
             data = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        kept = [r for r in read_csv(out / "trials.csv") if r.get("state") not in ("running", "interrupted")
+        kept = [r for r in read_rows(out / TRIALS_CSV) if r.get("state") not in ("running", "interrupted")
                 and "interrupted" not in str(r.get("error"))]
         view = live.SearchView(spec, out, mode=view_mode(progress), deadline=limits.deadline,
                                already_done=len(kept)).start()
         reason = "interrupted"
         try:
-            if backend == "ray":
-                from . import ray_backend
-
-                reason = ray_backend.run(spec, out, limits, device, options=ray_options,
-                                         early_stopping=bool(spec.early_stop.enabled), on_update=view.update,
-                                         sampler=sampler)
-            else:
-                reason = optuna_backend.run(spec, out, limits, device, workers=workers,
-                                            early_stopping=bool(spec.early_stop.enabled), on_update=view.update,
-                                            data=data, sampler=sampler)
+            reason = search_backend.run(spec, out, limits, device, workers=workers,
+                                        early_stopping=bool(spec.early_stop.enabled), on_update=view.update,
+                                        data=data, options=ray_options, sampler=sampler)
         except BaseException:
             view.close()
             try:  # a stopped search still leaves its report
-                _finish(spec, out, base, backend, with_importance=False)
+                _finish(spec, out, base, search_backend, with_importance=False)
             except Exception as exc:  # noqa: BLE001 - do not hide the error that stopped the search
                 log.warning("could not write the report of the stopped search: %s", exc)
             raise
         view.close()
-        rows, imp = _finish(spec, out, base, backend, with_importance=True)
+        rows, imp = _finish(spec, out, base, search_backend, with_importance=True)
     log.info("search %s stopped (%s): %d trials in %.0f s (base model %.0f s)", spec.study, reason, len(rows),
              time.time() - start, trials_start - start)
     files = {name: out / name for name in RESULT_FILES if (out / name).exists()}
     return StudyResult(out_dir=out, study=spec.study, stop_reason=reason, rows=tuple(rows),
-                       front=tuple(read_csv(out / "pareto.csv")), base=base, files=files, importance=imp)
+                       front=tuple(read_rows(out / "pareto.csv")), base=base, files=files, importance=imp)
+
+
+def _optuna_sampler_type() -> type:
+    import optuna
+
+    return optuna.samplers.BaseSampler
 
 
 def view_mode(progress: bool | str | None) -> str | None:
@@ -189,27 +182,17 @@ def view_mode(progress: bool | str | None) -> str | None:
     raise AutopruneError(f"progress={progress!r}: use True, False, 'auto', 'bars' or 'lines'")
 
 
-def open_store(spec: SearchSpec, out: Path, backend: str, create: bool = False) -> TrialStore:
+def open_store(spec: SearchSpec, out: Path, backend: str | Backend, create: bool = False) -> TrialStore:
     """The trial store of the results folder ``out`` (as the backend ``backend`` keeps it)."""
-    if backend == "ray":
-        from .ray_store import RayStore
-
-        return RayStore(out)
-    return optuna_backend.open_store(spec, out, create=create)
+    return get_backend(backend).open_store(spec, out, create=create)
 
 
-def _finish(spec: SearchSpec, out: Path, base: Mapping[str, Any], backend: str, with_importance: bool
+def _finish(spec: SearchSpec, out: Path, base: Mapping[str, Any], backend: Backend, with_importance: bool
             ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
     """Rows of every trial, parameter importance, and the report (trials.csv is the backend's)."""
-    store = open_store(spec, out, backend)
+    store = backend.open_store(spec, out)
     rows = store_rows(store)
-    if backend == "ray":  # the Ray run's trials as study.db, for optuna-dashboard
-        try:
-            from .ray_study_db import write_study_db
-
-            write_study_db(spec, out, store)
-        except Exception as exc:  # noqa: BLE001 - a viewer's file must not lose the search's report
-            log.warning("could not write %s for optuna-dashboard: %s", out / "study.db", exc)
+    backend.finish(spec, out, store)
     imp = importance(store, spec.objectives) if with_importance else {}
     _write_report(out, base, imp or None)
     return rows, imp
@@ -306,10 +289,3 @@ def _write_report(out: Path, base: Mapping[str, Any], importance: Mapping[str, A
     from ..report import tables as report
 
     report.write_report(out, dict(base), importance)
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))

@@ -12,15 +12,22 @@
   generations); a budget below two generations of the smallest population (8 trials) is refused.
   Without ``max_trials`` (time budgets) the population is 10.
 - ``random``: uniform random sampling (the baseline the benchmark compares with).
+
+Both backends re-seed the sampler before every trial from (spec seed, slot) (:func:`trial_seed`), so a
+killed and resumed search proposes what an uninterrupted one would. This module is the one home of
+the sampler names (:data:`SAMPLERS`: the spec, its schema and the CLI read them here); Optuna is
+imported only when a sampler is built.
 """
 from __future__ import annotations
 
 import logging
 import warnings
-
-import optuna
+from typing import TYPE_CHECKING
 
 from ..errors import AutopruneError
+
+if TYPE_CHECKING:
+    import optuna
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,8 @@ def nsga2_population(max_trials: int | None) -> int:
 def make_sampler(name: str, seed: int | None, max_trials: int | None = None,
                  workers: int = 1) -> optuna.samplers.BaseSampler:
     """The sampler ``name`` for a study of at most ``max_trials`` trials run by ``workers`` processes."""
+    import optuna
+
     if name == "tpe":
         with warnings.catch_warnings():
             # only Optuna's notice that multivariate/group/constant_liar are "experimental" (they have
@@ -61,3 +70,18 @@ def make_sampler(name: str, seed: int | None, max_trials: int | None = None,
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise AutopruneError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
+
+
+def trial_seed(seed: int | None, slot: int) -> int | None:
+    """The sampler's seed for the trial in ``slot`` (its place among non-interrupted trials).
+
+    A fresh sampler seeded from (spec seed, slot) for every ask makes the proposals a function of
+    the seed and the study's history alone, so a killed and resumed search proposes what the
+    uninterrupted one would (TPE, NSGA-II and random sampling keep no other state between trials:
+    they rebuild everything from the stored trials). None stays unseeded.
+    """
+    if seed is None:
+        return None
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(slot)]).generate_state(1)[0] & 0x7FFFFFFF)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .samplers import SAMPLERS
 from .sections import DEFAULT_MAX_TRIALS, SECOND_OBJECTIVES, EarlyStop
-from .spec import SAMPLERS
 from .validate import Kind, param_kind, space_kinds
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -148,7 +148,8 @@ def build_schema() -> dict[str, Any]:
                       {"type": "number", "minimum": 0, "maximum": 0.5} if f.name == "cost_tolerance" else
                       {"type": "integer", "minimum": 0}) for f in dataclasses.fields(EarlyStop)}
     screen = _closed({"enabled": {"type": "boolean"}, "keep": _number(0, 1, low_open=True),
-                      "bucket": _number(0, 1, low_open=True), "min_peers": {"type": "integer", "minimum": 1}},
+                      "bucket": _number(0, 1, low_open=True), "min_peers": {"type": "integer", "minimum": 1},
+                      "se_multiple": {"type": "number", "minimum": 0}, "round": {"type": "boolean"}},
                      description="fine-tune only candidates whose accuracy right after pruning is in the best "
                                  "`keep` share of their MACs bucket")
     props: dict[str, Any] = {
@@ -163,6 +164,8 @@ def build_schema() -> dict[str, Any]:
                     "anyOf": [{"type": "string", "pattern": r"^\s*(auto|none|(crop|flip)(\s*,\s*(crop|flip))*)\s*$"},
                               {"type": "array", "items": {"enum": ["crop", "flip"]}}, {"type": "boolean"}]},
         "device": {"type": "string", "pattern": r"^(auto|cpu|cuda(:\d+)?|mps)$"},
+        "train_subset": {"type": ["integer", "null"], "minimum": 1,
+                         "description": "training images each trial sees (a fixed seeded subset); null: all"},
         "workers": {"type": "integer", "minimum": 1},
         "seed": {"type": "integer", "minimum": 0},
         "sampler": {"enum": list(SAMPLERS)},
@@ -176,7 +179,11 @@ def build_schema() -> dict[str, Any]:
                            "time": {"anyOf": [{"type": "number", "exclusiveMinimum": 0},
                                               {"type": "string", "pattern": DURATION}, {"type": "null"}],
                                     "description": "seconds, or e.g. 90s, 30m, 2h, 1h30m"},
-                           "device_hours": {"type": ["number", "null"], "exclusiveMinimum": 0}},
+                           "device_hours": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                           "compute": {"anyOf": [{"type": "number", "exclusiveMinimum": 0},
+                                                 {"type": "string", "pattern": DURATION}, {"type": "null"}],
+                                       "description": "measured seconds of trial work (CPU time; GPU time on a "
+                                                      "GPU), or e.g. 30m, 2h"}},
                           description=f"no new trial starts once one is spent (default: {DEFAULT_MAX_TRIALS} trials)"),
         "early_stop": {"anyOf": [{"type": "boolean"}, _closed(early)]},
         "screen": {"anyOf": [{"type": "boolean"}, {"type": "null"}, screen]},

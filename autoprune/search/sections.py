@@ -28,6 +28,7 @@ class Budget:
     max_trials: int | None = None
     time_s: float | None = None
     device_hours: float | None = None
+    compute_s: float | None = None  # measured seconds of trial work (the trials' work_s summed)
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,18 @@ class Screen:
     """The zero-training fidelity rung (:func:`autoprune.search.early_stop.screen_out`): a candidate is
     fine-tuned only if its accuracy right after surgery + BN recalibration is in the best ``keep``
     share of the earlier candidates within ``bucket / 2`` of its MACs fraction, once
-    ``min_peers`` of them exist. Screened-out candidates cost seconds and count as trials."""
+    ``min_peers`` of them exist, counting only candidates ahead of it by more than ``se_multiple``
+    standard errors of a validation accuracy. Screened-out candidates cost seconds and count as trials.
+    ``round``: before the first trial, every one-shot method's fidelity at each target window (the
+    screening round, :mod:`autoprune.search.rounds`); the best of each window and every training-time
+    method are fine-tuned first."""
 
     enabled: bool = False
     keep: float = 0.3
     bucket: float = 0.1
     min_peers: int = 3
+    se_multiple: float = 1.0
+    round: bool = False
 
 
 def parse_augment(chk: SpaceChecker, value: Any, data: Any) -> tuple[str, ...]:
@@ -172,7 +179,7 @@ def parse_objectives(chk: SpaceChecker, value: Any) -> tuple[str, str]:
 
 def parse_budget(chk: SpaceChecker, value: Any) -> Budget:
     value = value or {}
-    chk.keys(value, "budget", ("max_trials", "time", "device_hours"), what="key")
+    chk.keys(value, "budget", ("max_trials", "time", "device_hours", "compute"), what="key")
     max_trials = value.get("max_trials")
     if max_trials is not None:
         max_trials = chk.integer(max_trials, "budget.max_trials", 1)
@@ -185,9 +192,15 @@ def parse_budget(chk: SpaceChecker, value: Any) -> Budget:
     hours = value.get("device_hours")
     if hours is not None:
         hours = chk.number(hours, "budget.device_hours", 0.0, low_open=True)
-    if max_trials is None and time_s is None and hours is None:
+    compute = value.get("compute")
+    if compute is not None:
+        try:
+            compute = parse_time(compute)
+        except ValueError as exc:
+            raise chk.err("budget.compute", str(exc)) from None
+    if max_trials is None and time_s is None and hours is None and compute is None:
         max_trials = DEFAULT_MAX_TRIALS
-    return Budget(max_trials=max_trials, time_s=time_s, device_hours=hours)
+    return Budget(max_trials=max_trials, time_s=time_s, device_hours=hours, compute_s=compute)
 
 
 def parse_early_stop(chk: SpaceChecker, value: Any) -> EarlyStop:
@@ -223,6 +236,8 @@ def parse_screen(chk: SpaceChecker, value: Any) -> Screen:
         keep=chk.number(value.get("keep", d.keep), "screen.keep", 0.0, 1.0, low_open=True),
         bucket=chk.number(value.get("bucket", d.bucket), "screen.bucket", 0.0, 1.0, low_open=True),
         min_peers=chk.integer(value.get("min_peers", d.min_peers), "screen.min_peers", 1),
+        se_multiple=chk.number(value.get("se_multiple", d.se_multiple), "screen.se_multiple", 0.0),
+        round=chk.boolean(value.get("round", True), "screen.round"),
     )
 
 

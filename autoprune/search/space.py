@@ -15,6 +15,10 @@ stream as the papers do, fixed 0 for a model without residual groups). Trials of
 ``mult_0..mult_{K-1}`` still load. Fixed values are returned but never handed to Optuna, so they
 do not dilute parameter importance. Checking the values a spec gives is
 :mod:`autoprune.search.validate`'s job.
+
+Distillation (``space.distill``: the weight of the KL term to the base model's logits in the fine-tune
+after surgery, 0 = off, default; ``space.distill_temperature``, sampled only when the weight is not 0):
+a trial's parameters hold ``distill`` only when the space can turn it on.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import AutopruneError
 
@@ -32,10 +36,9 @@ if typing.TYPE_CHECKING:
     import optuna
 
     from ..engine.allocate import AllocationConfig
-    from .spec import SearchSpec
 
 # search parameters every trial has; a method parameter with one of these names is kept as "<method>.<name>"
-TRIAL_KEYS = ("method", "target", "allocation", "epochs", "lr", "batch_size")
+TRIAL_KEYS = ("method", "target", "allocation", "epochs", "lr", "batch_size", "distill", "distill_temperature")
 _MULT = re.compile(r"mult_(\d+)")  # older studies: one multiplier per bucket
 _SHAPE = re.compile(r"shape_(\d+)")
 RESIDUAL = "shape_residual"
@@ -53,6 +56,17 @@ class Range:
 
 # a fixed value | a list of categorical choices | a numeric Range (tuples: a fixed sequence parameter)
 ParamSpace = Range | list | tuple | str | int | float | bool | None
+
+
+class SpaceSpec(Protocol):
+    """What :func:`suggest` reads of a :class:`~autoprune.search.spec.SearchSpec` (a protocol, so that
+    this module, below the spec in the import graph, never imports it)."""
+
+    @property
+    def space(self) -> Mapping[str, ParamSpace]: ...
+
+    @property
+    def method_space(self) -> Mapping[str, Mapping[str, ParamSpace]]: ...
 
 
 def space_to_yaml(value: ParamSpace) -> Any:
@@ -88,7 +102,7 @@ def _shape_key(key: str) -> bool:
     return bool(_MULT.fullmatch(key) or _SHAPE.fullmatch(key) or key == RESIDUAL)
 
 
-def suggest(trial: optuna.trial.BaseTrial, spec: SearchSpec) -> dict[str, Any]:
+def suggest(trial: optuna.trial.BaseTrial, spec: SpaceSpec) -> dict[str, Any]:
     """One trial's parameters, sampled in a fixed order (deterministic under a seeded sampler)."""
     space = spec.space
     out: dict[str, Any] = {"method": _sample(trial, "method", space["method"]),
@@ -100,6 +114,10 @@ def suggest(trial: optuna.trial.BaseTrial, spec: SearchSpec) -> dict[str, Any]:
         out[RESIDUAL] = _sample(trial, RESIDUAL, space["residual"])
     for key in ("epochs", "lr", "batch_size"):
         out[key] = _sample(trial, key, space[key])
+    if space.get("distill", 0.0) != 0.0:  # distillation from the base model (off by default: no key at all)
+        out["distill"] = _sample(trial, "distill", space["distill"])
+        if out["distill"]:
+            out["distill_temperature"] = _sample(trial, "distill_temperature", space.get("distill_temperature", 4.0))
     method = out["method"]
     for pname, value in spec.method_space.get(method, {}).items():
         out[param_name(method, pname)] = _sample(trial, f"{method}.{pname}", value)

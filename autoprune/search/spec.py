@@ -11,19 +11,28 @@ is the commented example)::
 
     study [file name]   model   data: NAME | {name, seed [0], val_fraction, test_fraction, image_size, root}
     base [null: train one]  base_epochs [30]  base_lr [0.05]  device [auto]  workers [1]  seed [0]
+    train_subset [null: all]: training images each trial sees (pruning calibration, BN recalibration,
+        ResRep's training, the fine-tune): a fixed subset drawn with data.seed. Trials get faster in
+        proportion; the fine-tune is shorter and noisier, so rankings favour methods that need little
+        data (LRF's compensation, BN recalibration) and the final accuracies are lower than with the
+        whole split. The base model and ``autoprune retrain`` always use the whole split.
     sampler [tpe | nsga2 | random]   objectives [[val_acc, macs]]: second is macs | params | latency
     latency: {batch_size [1], runtime [torch | onnxruntime], threads [null: the search's], rounds [5], points [5]}
              (objective latency:
              the sampled target is a fraction of the base's latency on this device)
     constraints: {min_val_acc, max_params_frac, max_macs_frac} [none]
-    budget: {max_trials, time ("30m", "1h30m" or seconds), device_hours} [max_trials: 20]
+    budget: {max_trials, time ("30m", "1h30m" or seconds), device_hours,
+             compute (measured seconds of trial work: CPU time, or GPU time on a GPU; "2h" or seconds)}
+            [max_trials: 20]
     early_stop: {enabled [true], margin [null: se_multiple standard errors of a val accuracy], se_multiple [1],
                  min_epochs [1], min_trials [3], cost_tolerance [0.01]}  (or just true/false)
-    screen: {enabled [true when the key is given], keep [0.3], bucket [0.1], min_peers [3]}  [off]
+    screen: {enabled [true when the key is given], keep [0.3], bucket [0.1], min_peers [3], se_multiple [1],
+             round [true]}  [off]
     allocation: fixed AllocationConfig fields {min_channels, min_ratio, max_prune_ratio, round_to, normalise}
     space: {method [all], target [0.2..0.8], allocation [uniform, global, searched], buckets [3],
             log_ratio [-1..1] (shape_1..shape_{K-1}), residual [-1..1] (shape_residual), epochs [3],
-            lr [0.01], batch_size [128], methods: {METHOD: {PARAM: ...}}}
+            lr [0.01], batch_size [128], distill [0: off] (weight of distillation from the base model),
+            distill_temperature [4], methods: {METHOD: {PARAM: ...}}}
 
 A searchable value (anything under ``space``) is written one of three ways::
 
@@ -49,6 +58,7 @@ from ..errors import AutopruneError, SpecError
 from ..files import write_text
 from . import sections
 from .latency_objective import parse_latency
+from .samplers import SAMPLERS
 from .sections import Budget, EarlyStop, Screen
 from .space import Range, space_to_yaml
 from .validate import SpaceChecker
@@ -57,7 +67,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Budget", "EarlyStop", "Range", "Screen", "SearchSpec", "dump_spec", "load_spec"]
 
-SAMPLERS = ("tpe", "nsga2", "random")
 OVERRIDES = {  # CLI override name -> key path in the spec
     "max_trials": "budget.max_trials", "time_s": "budget.time", "time": "budget.time",
     "device_hours": "budget.device_hours", "workers": "workers", "seed": "seed", "device": "device",
@@ -65,7 +74,7 @@ OVERRIDES = {  # CLI override name -> key path in the spec
 }
 TOP_KEYS = ("study", "model", "data", "base", "base_epochs", "base_lr", "device", "workers", "seed",
             "sampler", "objectives", "constraints", "budget", "early_stop", "screen", "allocation", "space", "augment",
-            "latency")
+            "latency", "train_subset")
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,7 @@ class SearchSpec:
     allocation: Mapping[str, Any] = field(default_factory=dict)
     augment: tuple[str, ...] = ()  # training augmentation of the base model and the trials (autoprune.data.datasets)
     latency: Mapping[str, Any] = field(default_factory=dict)  # objective latency: batch_size, runtime, threads
+    train_subset: int | None = None  # training images each trial sees (a fixed seeded subset); None: all
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -112,12 +122,13 @@ class SearchSpec:
             "constraints": {"min_val_acc": self.min_val_acc, "max_params_frac": self.max_params_frac,
                             "max_macs_frac": self.max_macs_frac},
             "budget": {"max_trials": self.budget.max_trials, "time": self.budget.time_s,
-                       "device_hours": self.budget.device_hours},
+                       "device_hours": self.budget.device_hours, "compute": self.budget.compute_s},
             "early_stop": {f.name: getattr(self.early_stop, f.name) for f in fields(EarlyStop)},
             "screen": {f.name: getattr(self.screen, f.name) for f in fields(Screen)},
             "allocation": dict(self.allocation),
             "augment": list(self.augment),
             "latency": dict(self.latency),
+            "train_subset": self.train_subset,
             "space": space,
         }
 
@@ -244,6 +255,7 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
         screen=sections.parse_screen(chk, raw.get("screen", False)),
         augment=sections.parse_augment(chk, raw.get("augment", "none"), raw["data"]),
         latency=parse_latency(chk, raw.get("latency")),
+        train_subset=None if raw.get("train_subset") is None else chk.integer(raw["train_subset"], "train_subset", 1),
     )
 
 

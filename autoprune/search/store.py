@@ -12,7 +12,7 @@ Everything a search decides from its trials is computed here, for both backends:
 (:func:`budget_reason`), the early-stopping reference (:func:`finished_curves`), the ``trials.csv``
 rows (:func:`rows`, :func:`write_rows`) and parameter importance (:func:`importance`); the
 sampler of each trial is seeded from (spec seed, slot) by
-:func:`autoprune.search.optuna_backend.trial_seed`. ``tests/test_store.py`` runs one contract over
+:func:`autoprune.search.samplers.trial_seed`. ``tests/test_store.py`` runs one contract over
 both implementations (Optuna's style: one test over every plugin).
 
 Trial states: complete | early_stopped | failed | running. An *interrupted* trial (its process stopped
@@ -22,7 +22,9 @@ and its configuration runs again under a new number.
 from __future__ import annotations
 
 import abc
+import json
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .early_stop import Reference
-from .results import INTERRUPTED, TrialResult, make_row, write_trials_csv
+from .results import INTERRUPTED, TRIALS_CSV, TrialResult, make_row, write_trials_csv
 
 if TYPE_CHECKING:
     import optuna
@@ -46,6 +48,7 @@ class Limits:
     max_trials: int | None = None  # started trials of the study, interrupted ones not counted
     deadline: float | None = None  # time.time() after which no trial starts
     device_seconds: float | None = None  # sum of trial wall times (time x devices in use)
+    work_seconds: float | None = None  # sum of the trials' measured work (record work_s)
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ def rows(store: TrialStore) -> list[dict[str, Any]]:
 def write_rows(store: TrialStore, out_dir: str | Path) -> list[dict[str, Any]]:
     """Rewrite ``<out_dir>/trials.csv`` (atomically) from the store; returns the rows."""
     current = rows(store)
-    write_trials_csv(Path(out_dir) / "trials.csv", current)
+    write_trials_csv(Path(out_dir) / TRIALS_CSV, current)
     return current
 
 
@@ -129,6 +132,8 @@ def finished_curves(store: TrialStore) -> Reference:
     peers, candidates = [], []
     for t in store.trials():
         rec = t.record
+        if rec.get("duplicate_of") is not None:  # a copy of an earlier trial's result: counted once
+            continue
         phases = tuple(rec.get("phases") or ())
         fidelity = rec.get("fidelity")
         if t.state == "complete" and t.cost is not None:
@@ -136,7 +141,51 @@ def finished_curves(store: TrialStore) -> Reference:
         frac = rec.get(_FRACTION.get(store_objective(t), "macs_frac")) or rec.get("macs_frac")
         if t.state in ("complete", "early_stopped") and fidelity is not None and frac is not None:
             candidates.append(Candidate(float(frac), float(fidelity), screening_phase(phases)))
+
+
+    candidates.extend(round_candidates(store))
     return Reference(tuple(peers), tuple(candidates))
+
+
+def round_candidates(store: TrialStore) -> list[Any]:
+    """The screening round's fidelities (study meta ``round``) as screening candidates."""
+    from .early_stop import ONESHOT, Candidate
+
+    out = []
+    for p in store.meta().get("round") or ():
+        if p.get("fidelity") is not None and p.get("cost_frac") is not None:
+            out.append(Candidate(float(p["cost_frac"]), float(p["fidelity"]), ONESHOT))
+    return out
+
+
+def config_key(hparams: Mapping[str, Any]) -> str:
+    """A configuration's identity (method, target, allocation, shape, knobs, epochs, lr, ...): the flat
+    parameters with floats rounded to 10 significant digits, as sorted JSON."""
+    def norm(v: Any) -> Any:
+        if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+            return v
+        if isinstance(v, float):
+            return v if not math.isfinite(v) else float(f"{v:.10g}")
+        if isinstance(v, (list, tuple)):
+            return [norm(x) for x in v]
+        return str(v)
+
+    return json.dumps({str(k): norm(v) for k, v in hparams.items()}, sort_keys=True)
+
+
+def same_config(store: TrialStore, hparams: Mapping[str, Any], before: int | None = None) -> StoredTrial | None:
+    """The first recorded trial (complete, early-stopped, or failed but not interrupted; numbered below
+    ``before`` when given) that ran exactly ``hparams`` and is not itself a reuse; None if there is none.
+    Under one search's seed such a trial would only repeat the measurement at another training seed."""
+    key = config_key(hparams)
+    for t in store.trials():
+        if before is not None and t.number >= before:
+            continue
+        if t.state not in ("complete", "early_stopped", "failed") or t.interrupted or not t.record:
+            continue
+        if t.record.get("duplicate_of") is None and config_key(t.hparams) == key:
+            return t
+    return None
 
 
 _FRACTION = {"macs": "macs_frac", "params": "params_frac", "latency": "latency_frac"}  # screening windows
@@ -148,16 +197,29 @@ def store_objective(t: StoredTrial) -> str:
 
 
 def budget_reason(store: TrialStore, limits: Limits, now: float | None = None) -> str | None:
-    """Why no new trial may start now ('time', 'max_trials', 'device_hours'), or None."""
+    """Why no new trial may start now ('time', 'max_trials', 'device_hours', 'compute'), or None.
+
+    A trial that reused an earlier one's result (``duplicate_of``) ran nothing: it counts against no
+    budget. Measured work (``compute``) includes the screening round's (study meta ``round_work_s``)."""
     now = time.time() if now is None else now
     if limits.deadline is not None and now >= limits.deadline:
         return "time"
     trials = store.trials()
-    if limits.max_trials is not None and sum(not t.interrupted for t in trials) >= limits.max_trials:
+    if limits.max_trials is not None and sum(not t.interrupted and t.record.get("duplicate_of") is None
+                                             for t in trials) >= limits.max_trials:
         return "max_trials"
     if limits.device_seconds is not None and sum(t.seconds for t in trials) >= limits.device_seconds:
         return "device_hours"
+    if limits.work_seconds is not None and work_used(store, trials) >= limits.work_seconds:
+        return "compute"
     return None
+
+
+def work_used(store: TrialStore, trials: Sequence[StoredTrial] | None = None) -> float:
+    """Measured seconds of work so far: every recorded trial's ``work_s`` plus the screening round's."""
+    trials = store.trials() if trials is None else trials
+    return float(sum(float(t.record.get("work_s") or 0.0) for t in trials)) + \
+        float(store.meta().get("round_work_s") or 0.0)
 
 
 def importance(store: TrialStore, objectives: Sequence[str]) -> dict[str, dict[str, float]]:

@@ -213,12 +213,15 @@ def space_kinds() -> dict[str, Kind]:
         "epochs": Kind("int", 1),
         "lr": Kind("float", 0.0, low_open=True),
         "batch_size": Kind("int", 1),
+        "distill": Kind("float", 0.0, 1.0),
+        "distill_temperature": Kind("float", 0.0, low_open=True),
     }
 
 
 SPACE_DEFAULTS: dict[str, Any] = {
     "target": Range(0.2, 0.8), "allocation": ["uniform", "global", "searched"], "buckets": 3,
     "log_ratio": Range(-1.0, 1.0), "residual": Range(-1.0, 1.0), "epochs": 3, "lr": 0.01, "batch_size": 128,
+    "distill": 0.0, "distill_temperature": 4.0,
 }
 
 

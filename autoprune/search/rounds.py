@@ -1,0 +1,180 @@
+"""The screening round: which method wins where, learnt before any fine-tuning (issue 25).
+
+A search over several methods spends its first trials on whatever the sampler proposes, and a
+sampler that has seen nothing picks methods at random: on a held-out data set the shipped search
+lost to its own best single method. Before the first trial, the round measures every one-shot
+method (those that do not train while pruning) at each target window with the zero-training
+fidelity: the pruned model's validation accuracy right after surgery and BN recalibration, seconds
+per candidate (Spearman 0.95-0.97 with the after-fine-tune accuracy on Fashion-MNIST). Then it
+queues, in this order, the trials the sampler runs first:
+
+1. at each window, the best one-shot method and any other one-shot method within the margin of it
+   (``screen.se_multiple`` standard errors of a validation accuracy; at most ``MAX_WINNERS``), with
+   the default parameters the round measured;
+2. every training-time method (ResRep: no zero-training reading exists) at each window.
+
+The round's fidelities join the screening reference (later one-shot candidates within a window are
+screened against them), its measured seconds count against ``budget.compute`` (study meta
+``round_work_s``), and it runs once per study (study meta ``round``). Targets: the grid of a stepped
+target range, the choices of a categorical one, else points ``screen.bucket`` apart. Optuna backend
+only; not with the latency objective (its targets are latency fractions).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..files import FileWriteError
+from ..methods import get_method, make_params
+from ..train import TrainConfig, evaluate
+from . import early_stop
+from .results import one_line
+from .space import Range
+
+if TYPE_CHECKING:
+    import optuna
+
+    from .spec import SearchSpec
+    from .store import TrialStore
+    from .trial import Worker
+
+log = logging.getLogger(__name__)
+
+MAX_WINNERS = 2  # one-shot methods queued per window
+MAX_WINDOWS = 12
+
+
+def round_targets(spec: SearchSpec) -> list[float]:
+    """The target windows of the round (see the module docstring)."""
+    t = spec.space["target"]
+    if isinstance(t, Range):
+        step = t.step or spec.screen.bucket
+        n = max(0, math.floor((t.high - t.low) / step + 1e-9))
+        grid = [round(t.low + i * step, 10) for i in range(n + 1)]
+        if len(grid) > MAX_WINDOWS:
+            grid = [grid[round(i * (len(grid) - 1) / (MAX_WINDOWS - 1))] for i in range(MAX_WINDOWS)]
+        return grid
+    if isinstance(t, list):
+        return [float(x) for x in t]
+    return [float(t)]
+
+
+def is_one_shot(method: str, epochs: int) -> bool:
+    impl = get_method(method)
+    return int(impl.training_epochs(make_params(impl, {}), max(1, epochs))) == 0
+
+
+def _allocation(spec: SearchSpec) -> str:
+    modes = spec.space["allocation"]
+    modes = modes if isinstance(modes, list) else [modes]
+    return next((m for m in ("global", "uniform") if m in modes), modes[0])
+
+
+def _fixed(value: Any, default: Any) -> Any:
+    """The value the round uses for a parameter: a fixed spec value, else the method's default."""
+    return default if isinstance(value, (list, Range)) else value
+
+
+def probe(worker: Worker, method: str, target: float, allocation: str) -> dict[str, Any]:
+    """Prune ``worker``'s base model with ``method`` (default parameters, or the spec's fixed values) to
+    ``target``, BN-recalibrate, and read the validation accuracy: the zero-training fidelity."""
+    from ..engine import pruning as engine
+    from .space import to_prune_args
+    from .trial import work_clock
+
+    spec = worker.spec
+    clock = work_clock(worker.device)
+    start = clock()
+    flat = {"method": method, "target": target, "allocation": allocation, "epochs": 1, "lr": 0.01}
+    if allocation == "searched":
+        flat.update({f"shape_{i}": 0.0 for i in range(1, int(spec.space["buckets"]))})
+    fields = {f.name: f for f in dataclasses.fields(get_method(method).Params)}
+    knobs = {p: _fixed(v, fields[p].default) for p, v in spec.method_space.get(method, {}).items()
+             if p in fields and not (isinstance(v, (list, Range)) and fields[p].default is dataclasses.MISSING)}
+    _, _, alloc, _, _, _ = to_prune_args(flat, spec.allocation)
+    pruned = engine.prune(worker.model, method, target, data=worker.data, allocation=alloc, spec=worker.model_spec,
+                          device=worker.device, train_cfg=TrainConfig(epochs=0, seed=int(spec.seed)),
+                          groups=worker.groups, **knobs)
+    fidelity = float(evaluate(pruned.model, worker.data.val, worker.device)["acc"])
+    macs_frac, params_frac = pruned.macs / pruned.base_macs, pruned.params / pruned.base_params
+    return {"method": method, "target": target, "allocation": allocation, "fidelity": fidelity,
+            "macs_frac": macs_frac, "params_frac": params_frac,
+            "cost_frac": params_frac if spec.objectives[1] == "params" else macs_frac,
+            "knobs": {k: v for k, v in knobs.items() if isinstance(v, (bool, int, float, str))},
+            "work_s": clock() - start}
+
+
+def winners(points: Sequence[Mapping[str, Any]], n_val: int, se_multiple: float) -> list[Mapping[str, Any]]:
+    """The round's points worth fine-tuning at one window: the best fidelity and those within the
+    margin of it (at most :data:`MAX_WINNERS`), best first."""
+    ok = sorted((p for p in points if math.isfinite(p["fidelity"])), key=lambda p: -p["fidelity"])
+    if not ok:
+        return []
+    best = ok[0]["fidelity"]
+    m = early_stop.margin_for(best, n_val, None, se_multiple) if se_multiple > 0 else 0.0
+    return [p for p in ok if p["fidelity"] >= best - m][:MAX_WINNERS]
+
+
+def run_round(worker: Worker, store: TrialStore, study: optuna.Study) -> list[dict[str, Any]]:
+    """Run the round once per study (see the module docstring); returns its points ([] when it ran before)."""
+    spec = worker.spec
+    if store.meta().get("round") is not None:
+        return []
+    if spec.objectives[1] == "latency":  # targets are latency fractions there: the round probes MACs targets
+        log.info("screening round skipped: the latency objective's targets are not MACs targets")
+        store.set_meta("round", [])
+        return []
+    epochs = int(spec.space["epochs"]) if not isinstance(spec.space["epochs"], (list, Range)) else 3
+    one_shot = [m for m in spec.methods if is_one_shot(m, epochs)]
+    trained = [m for m in spec.methods if m not in one_shot]
+    allocation = _allocation(spec)
+    targets = round_targets(spec)
+    points: list[dict[str, Any]] = []
+    work = 0.0
+    for target in targets:
+        for method in one_shot:
+            try:
+                p = probe(worker, method, target, allocation)
+            except FileWriteError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a method that cannot prune here is left out of the round
+                log.warning("screening round: %s at %.2f failed: %s", method, target, one_line(exc))
+                continue
+            work += p["work_s"]
+            points.append(p)
+            log.info("screening round: %s at %.2f -> fidelity %.4f (%.3f of base MACs)", method, target,
+                     p["fidelity"], p["macs_frac"])
+    queue: list[dict[str, Any]] = []
+    n_val = len(worker.data.val)
+    for target in targets:
+        for p in winners([p for p in points if p["target"] == target], n_val, spec.screen.se_multiple):
+            queue.append(_params(spec, p["method"], target, allocation, p["knobs"]))
+    for target in targets:
+        for method in trained:
+            queue.append(_params(spec, method, target, allocation, {}))
+    for params in queue:
+        study.enqueue_trial(params, user_attrs={"round": True}, skip_if_exists=True)
+    store.set_meta("round", points)
+    store.set_meta("round_work_s", work)
+    log.info("screening round: %d candidates in %.1f s of work; %d trials queued", len(points), work, len(queue))
+    return points
+
+
+def _params(spec: SearchSpec, method: str, target: float, allocation: str, knobs: Mapping[str, Any]) -> dict:
+    """The searched parameters of a queued trial (fixed ones are not Optuna parameters)."""
+    out: dict[str, Any] = {}
+    if isinstance(spec.space["method"], list):
+        out["method"] = method
+    if isinstance(spec.space["target"], (list, Range)):
+        out["target"] = target
+    if isinstance(spec.space["allocation"], list):
+        out["allocation"] = allocation
+    for p, v in knobs.items():
+        space_value = spec.method_space.get(method, {}).get(p)
+        if (isinstance(space_value, list) and v in space_value) or (
+                isinstance(space_value, Range) and space_value.low <= v <= space_value.high):
+            out[f"{method}.{p}"] = v
+    return out

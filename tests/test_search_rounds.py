@@ -1,0 +1,114 @@
+"""Issue 25's search pieces: the screening round, trials on a training subset, distillation in trials.
+
+small_cnn on digits from the module's base checkpoint, 1-epoch trials.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from autoprune.data.datasets import subset_split
+from autoprune.search import rounds
+from autoprune.search import trial as trial_mod
+from autoprune.search.runner import run_search
+from autoprune.search.spec import load_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def write_spec(folder: Path, base: Path, **changes) -> Path:
+    spec = {
+        "study": "t", "model": "small_cnn", "data": "digits", "base": str(base), "device": "cpu", "seed": 0,
+        "budget": {"max_trials": 3}, "early_stop": {"enabled": False},
+        "space": {"method": "l1", "target": {"low": 0.3, "high": 0.8}, "allocation": ["uniform", "global"],
+                  "epochs": 1, "lr": {"low": 0.005, "high": 0.02}},
+    }
+    for key, value in changes.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return folder / "spec.yaml"
+
+
+def rows_of(out: Path) -> list[dict[str, str]]:
+    with open(out / "trials.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_round_targets_follow_the_target_space(base_ckpt, tmp_path):
+    spec = load_spec(write_spec(tmp_path, base_ckpt, space={"target": {"low": 0.2, "high": 0.5, "step": 0.1}}))
+    assert rounds.round_targets(spec) == pytest.approx([0.2, 0.3, 0.4, 0.5])
+    spec = load_spec(write_spec(tmp_path, base_ckpt, space={"target": [0.3, 0.6]}))
+    assert rounds.round_targets(spec) == [0.3, 0.6]
+    assert rounds.is_one_shot("lrf", 3) and not rounds.is_one_shot("resrep", 3)
+
+
+def test_winners_are_the_best_and_those_within_the_margin():
+    pts = [{"fidelity": f, "method": m} for f, m in ((0.80, "a"), (0.795, "b"), (0.60, "c"))]
+    assert [p["method"] for p in rounds.winners(pts, 3000, 1.0)] == ["a", "b"]  # 0.5 points: within 1 SE
+    assert [p["method"] for p in rounds.winners(pts, 3000, 0.0)] == ["a"]
+
+
+def test_the_round_measures_every_one_shot_method_and_queues_the_winners_first(base_ckpt, tmp_path):
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 3}, screen={"min_peers": 1},
+                                space={"method": ["l1", "lrf", "resrep"], "target": [0.4, 0.6],
+                                       "allocation": ["uniform", "global"]}))
+    assert spec.screen.round
+    result = run_search(spec, tmp_path / "out", progress=False)
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    points = study.user_attrs["round"]
+    assert sorted((p["method"], p["target"]) for p in points) == [("l1", 0.4), ("l1", 0.6), ("lrf", 0.4),
+                                                                   ("lrf", 0.6)]
+    assert study.user_attrs["round_work_s"] > 0
+    best = {t: max((p for p in points if p["target"] == t), key=lambda p: p["fidelity"])["method"] for t in (0.4, 0.6)}
+    rows = sorted(result.rows, key=lambda r: int(r["number"]))
+    # the first trials are the round's winners with global allocation (the queue's order)
+    assert rows[0]["method"] == best[0.4] and float(rows[0]["target"]) == 0.4 and rows[0]["allocation"] == "global"
+    queued = [t for t in study.trials if t.user_attrs.get("round")]
+    assert len(queued) >= 3 and {"resrep"} <= {(t.params or t.system_attrs.get("fixed_params", {})).get("method") for t in queued}
+    # resumed: the round is not run again
+    again = run_search(load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 4}, screen={"min_peers": 1},
+                                            space={"method": ["l1", "lrf", "resrep"], "target": [0.4, 0.6],
+                                                   "allocation": ["uniform", "global"]})),
+                       tmp_path / "out", resume=True, progress=False)
+    assert len(again.rows) == 4
+    assert optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}"
+                             ).user_attrs["round"] == points
+
+
+def test_trials_train_on_the_spec_subset(base_ckpt, tmp_path):
+    spec = load_spec(write_spec(tmp_path, base_ckpt, train_subset=100))
+    assert spec.train_subset == 100 and spec.to_dict()["train_subset"] == 100
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "base.pt").write_bytes(Path(base_ckpt).read_bytes())
+    worker = trial_mod.Worker.load(spec, tmp_path / "w", torch.device("cpu"))
+    assert len(worker.data.train) == 100 and len(worker.data.val) > 100
+    sub = subset_split(worker.data.train, 30, seed=1)
+    assert len(sub) == 30 and torch.equal(sub.indices, subset_split(worker.data.train, 30, seed=1).indices)
+
+
+def test_distillation_from_the_base_model_is_searched(base_ckpt, tmp_path, monkeypatch):
+    seen = []
+    real = trial_mod.fit
+
+    def spy(model, train, val, cfg, device, callbacks=None, teacher=None, **kw):
+        seen.append((cfg.distill_alpha, cfg.distill_temperature, teacher is not None))
+        return real(model, train, val, cfg, device, callbacks, teacher=teacher, **kw)
+
+    monkeypatch.setattr(trial_mod, "fit", spy)
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 4},
+                                space={"distill": [0.0, 0.5], "distill_temperature": {"low": 2, "high": 8}}))
+    result = run_search(spec, tmp_path / "out", progress=False)
+    assert {r["state"] for r in result.rows} == {"complete"}
+    for (alpha, temp, has_teacher), row in zip(seen, sorted(result.rows, key=lambda r: int(r["number"]))):
+        assert alpha == float(row["param_distill"]) and has_teacher == (alpha > 0)
+        if alpha > 0:
+            assert 2 <= temp <= 8 and float(row["param_distill_temperature"]) == temp
+    # off by default: no distillation parameter at all
+    plain = load_spec(write_spec(tmp_path / "p", base_ckpt))
+    assert plain.space["distill"] == 0.0
