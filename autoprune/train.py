@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from . import progress as _progress
 from .errors import AutopruneError
+from .models.outputs import logits_of
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +100,26 @@ class TrainConfig:
 
 @dataclass
 class Callbacks:
-    """Optional hooks; see the module docstring. global_step counts optimizer steps from 0."""
+    """Optional hooks of :func:`fit`; ``step`` counts optimizer steps from 0 over the whole run.
 
-    after_backward: Callable[[nn.Module, int], None] | None = None
-    on_epoch_end: Callable[[int, dict], bool | None] | None = None
-    param_groups: Callable[[nn.Module], list[dict]] | None = None
+    Order within one step: ``before_step`` -> forward/backward -> ``after_backward`` (edit gradients)
+    -> optimizer step -> ``after_step`` -> ``should_stop``. At the end of every epoch the validation
+    split (if any) is evaluated on the model ``reading`` gives (default: the model as trained), and
+    ``on_epoch_end`` receives the metrics; it returns True to stop (the reporting callback).
+    """
+
+    param_groups: Callable[[nn.Module], list[dict]] | None = None  # custom optimizer groups
     # called once with the optimizer fit built, before the first step (e.g. to read its momentum state)
     on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None
+    before_step: Callable[[nn.Module, int], None] | None = None
+    after_backward: Callable[[nn.Module, int], None] | None = None
+    after_step: Callable[[nn.Module, int], None] | None = None
+    on_epoch_end: Callable[[int, dict], bool | None] | None = None
+    should_stop: Callable[[], bool] | None = None  # a stop signal, polled after every step
+    # the model the epoch's validation reading measures: a context within which the model computes
+    # it (e.g. ResRep's masked, BN-re-estimated model); it yields extra metrics (e.g. its MACs)
+    reading: Callable[[], contextlib.AbstractContextManager[dict]] | None = None
+    lr_at: Callable[[int], float] | None = None  # learning rate per step (default: lr_schedule(cfg))
 
 
 @dataclass(frozen=True)
@@ -147,15 +161,7 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float
     remaining steps and reaches ~0 at the last one (not exactly 0: the last step still learns).
     """
     total = max(1, steps_per_epoch * cfg.epochs)
-    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return cfg.lr * (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return lr_at
+    return segment_schedule(cfg.lr, total, min(total, round(cfg.warmup_epochs * steps_per_epoch)))
 
 
 def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -221,7 +227,7 @@ def evaluate(model: nn.Module, split: Split, device: str | torch.device, batch_s
     try:
         for x, y in split.batches(batch_size, shuffle=False):
             x, y = _to_device(x, device), y.to(device, non_blocking=True)
-            logits = model(x).float()
+            logits = logits_of(model, model(x)).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(dim=1) == y).sum()
     finally:
@@ -232,12 +238,14 @@ def evaluate(model: nn.Module, split: Split, device: str | torch.device, batch_s
 
 def fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, device: str | torch.device,
         callbacks: Callbacks | None = None, teacher: nn.Module | None = None,
-        progress: bool | str = False) -> FitResult:
+        progress: bool | str = False, steps: int | None = None) -> FitResult:
     """Train model in place on train for cfg.epochs; evaluate on val after every epoch.
 
-    Progress goes to :mod:`autoprune.progress` (the caller's reporter renders it): a phase named
-    ``progress`` when it is a string (e.g. "base small_cnn on digits"), else "train", counting epochs,
-    and inside it one phase per epoch (``epoch 3/20``) counting optimizer steps.
+    ``steps``: train exactly this many optimizer steps instead (epochs of the split, the last one
+    cut short; the learning-rate schedule spans them). Progress goes to :mod:`autoprune.progress` (the
+    caller's reporter renders it): a phase named ``progress`` when it is a string (e.g. "base small_cnn
+    on digits"), else "train", counting epochs, and inside it one phase per epoch (``epoch 3/20``)
+    counting optimizer steps.
 
     Moves model (and teacher) to device; on CUDA also to channels-last. Raises NonFiniteLoss
     when the loss becomes NaN/inf (the weights are then unusable: on CUDA the check runs every
@@ -253,6 +261,9 @@ def fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, dev
                              "pass a teacher or set distill_alpha to 0")
     if teacher is not None and cfg.distill_alpha == 0:
         teacher = None  # its logits would be multiplied by zero: do not pay for them
+    if steps is not None:
+        spe = steps_per_epoch(len(train), cfg.batch_size)
+        cfg = replace(cfg, epochs=math.ceil(steps / spe))
     channels_last = device.type == "cuda" and cfg.channels_last
     model.to(device)
     if channels_last:
@@ -272,99 +283,147 @@ def fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, dev
             if on_cuda:
                 with torch.cuda.device(device):
                     torch.cuda.manual_seed(cfg.seed)
-            return _fit(model, train, val, cfg, device, callbacks, teacher, progress)
+            return _Loop(model, train, cfg, device, callbacks, teacher, steps).run(val, progress)
     finally:
         for m, training in (modes | teacher_modes).items():
             m.training = training
 
 
-def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, device: torch.device,
-         callbacks: Callbacks, teacher: nn.Module | None, progress: bool | str) -> FitResult:
-    on_cuda = device.type == "cuda"
-    spe = steps_per_epoch(len(train), cfg.batch_size)
-    lr_at = lr_schedule(cfg, spe)
-    groups = (callbacks.param_groups(model) if callbacks.param_groups is not None
-              else default_param_groups(model, cfg.weight_decay))
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                                weight_decay=cfg.weight_decay)
-    if callbacks.on_optimizer is not None:
-        callbacks.on_optimizer(optimizer)
-    # Groups may carry their own lr: the schedule scales each group's base rate by the same factor.
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    amp_dtype = amp_dtype_for(cfg, device)
-    scaler = _grad_scaler(enabled=amp_dtype is torch.float16)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    monitor = _LossMonitor(_CUDA_CHECK_EVERY if on_cuda else 1)
+class _Loop:
+    """One run of :func:`fit`: the optimizer, the schedule and the step, epoch and stop logic."""
 
-    history: list[dict] = []
-    stopped_early = False
-    global_step = 0
-    label = progress if isinstance(progress, str) else "train"
-    with _progress.phase(label, total=cfg.epochs, unit="epoch") as run:
-        for epoch in range(1, cfg.epochs + 1):
-            with _progress.phase(f"epoch {epoch}/{cfg.epochs}", total=spe, unit="step") as ep:
-                global_step, metrics = _epoch(model, train, val, cfg, device, callbacks, teacher, optimizer, base_lrs,
-                                              lr_at, amp_dtype, scaler, generator, monitor, epoch, global_step, ep)
-                ep.postfix = run.postfix = f"loss {metrics['train_loss']:.4f}, val_acc {metrics['val_acc']:.4f}"
-            run.advance()
-            history.append(metrics)
-            logger.info("epoch %d/%d train_loss %.4f val_acc %.4f val_loss %.4f lr %.3g (%.1f s)", epoch,
-                        cfg.epochs, metrics["train_loss"], metrics["val_acc"], metrics["val_loss"], metrics["lr"],
-                        metrics["seconds"])
-            if callbacks.on_epoch_end is not None and callbacks.on_epoch_end(epoch, dict(metrics)):
-                stopped_early = epoch < cfg.epochs
-                logger.info("stopped after epoch %d by on_epoch_end", epoch)
-                break
-    optimizer.zero_grad(set_to_none=True)  # do not keep a gradient-sized copy of the model alive
+    def __init__(self, model: nn.Module, train: Split, cfg: TrainConfig, device: torch.device,
+                 callbacks: Callbacks, teacher: nn.Module | None, steps: int | None) -> None:
+        self.model, self.train, self.cfg, self.device = model, train, cfg, device
+        self.callbacks, self.teacher = callbacks, teacher
+        spe = steps_per_epoch(len(train), cfg.batch_size)
+        self.total = steps if steps is not None else spe * cfg.epochs
+        if callbacks.lr_at is not None:
+            self.lr_at = callbacks.lr_at
+        else:  # the cosine spans the steps actually run
+            self.lr_at = lr_schedule(cfg, spe) if steps is None else _steps_schedule(cfg, spe, steps)
+        groups = (callbacks.param_groups(model) if callbacks.param_groups is not None
+                  else default_param_groups(model, cfg.weight_decay))
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                                         weight_decay=cfg.weight_decay)
+        if callbacks.on_optimizer is not None:
+            callbacks.on_optimizer(self.optimizer)
+        # Groups may carry their own lr: the schedule scales each group's base rate by the same factor.
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.amp_dtype = amp_dtype_for(cfg, device)
+        self.scaler = _grad_scaler(enabled=self.amp_dtype is torch.float16)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.monitor = _LossMonitor(_CUDA_CHECK_EVERY if device.type == "cuda" else 1)
+        self.step = 0
+        self.signalled = False  # should_stop said so
 
-    if history:
-        accs = [h["val_acc"] for h in history]
-        best = math.nan if val is None else max(accs)
-        final = accs[-1]
-    else:  # epochs == 0: report the starting point
-        final = evaluate(model, val, device)["acc"] if val is not None else math.nan
-        best = final
-    return FitResult(epochs_run=len(history), stopped_early=stopped_early, history=tuple(history),
-                     best_val_acc=best, final_val_acc=final)
+    def run(self, val: Split | None, progress: bool | str) -> FitResult:
+        history: list[dict] = []
+        stopped_early = False
+        label = progress if isinstance(progress, str) else "train"
+        with _progress.phase(label, total=self.cfg.epochs, unit="epoch") as run:
+            for epoch in range(1, self.cfg.epochs + 1):
+                metrics = self._epoch(epoch, val)
+                history.append(metrics)
+                run.advance(postfix=f"loss {metrics['train_loss']:.4f}, val_acc {metrics['val_acc']:.4f}")
+                report = self.callbacks.on_epoch_end
+                if self.signalled or (report is not None and report(epoch, dict(metrics))):
+                    stopped_early = epoch < self.cfg.epochs or self.step < self.total
+                    logger.info("stopped after epoch %d (%s)", epoch, "stop signal" if self.signalled else
+                                "on_epoch_end")
+                    break
+        self.optimizer.zero_grad(set_to_none=True)  # do not keep a gradient-sized copy of the model alive
+        if history:
+            accs = [h["val_acc"] for h in history]
+            best = math.nan if val is None else max(accs)
+            final = accs[-1]
+        else:  # epochs == 0: report the starting point
+            final = evaluate(self.model, val, self.device)["acc"] if val is not None else math.nan
+            best = final
+        return FitResult(epochs_run=len(history), stopped_early=stopped_early, history=tuple(history),
+                         best_val_acc=best, final_val_acc=final)
 
+    def _epoch(self, epoch: int, val: Split | None) -> dict:
+        start = time.perf_counter()
+        self.model.train()
+        batches = self.train.batches(self.cfg.batch_size, shuffle=True, generator=self.generator,
+                                     augment=self.cfg.augment)
+        spe = min(steps_per_epoch(len(self.train), self.cfg.batch_size), self.total - self.step)
+        with _progress.phase(f"epoch {epoch}/{self.cfg.epochs}", total=spe, unit="step") as shown:
+            for step, (x, y) in enumerate(batches, start=1):
+                if self.step >= self.total:
+                    break
+                self._step(x, y, (epoch, step, self.step))
+                shown.advance()
+                if self.callbacks.should_stop is not None and self.callbacks.should_stop():
+                    self.signalled = True
+                    break
+            self.monitor.flush()
+            _raise_if_bad(self.monitor, self.lr_at)
+            train_loss = self.monitor.epoch_mean()
+            metrics = {"epoch": epoch, "train_loss": train_loss, **self._reading(val),
+                       "lr": self.lr_at(max(0, self.step - 1)), "seconds": time.perf_counter() - start}
+            shown.postfix = f"loss {train_loss:.4f}, val_acc {metrics['val_acc']:.4f}"
+        logger.info("epoch %d/%d train_loss %.4f val_acc %.4f val_loss %.4f lr %.3g (%.1f s)", epoch,
+                    self.cfg.epochs, train_loss, metrics["val_acc"], metrics["val_loss"], metrics["lr"],
+                    metrics["seconds"])
+        return metrics
 
-def _epoch(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, device: torch.device,
-           callbacks: Callbacks, teacher: nn.Module | None, optimizer: torch.optim.Optimizer, base_lrs: list[float],
-           lr_at: Callable[[int], float], amp_dtype: torch.dtype | None, scaler: Any, generator: torch.Generator,
-           monitor: _LossMonitor, epoch: int, global_step: int, phase: _progress.Phase) -> tuple[int, dict]:
-    """One epoch of :func:`_fit`: the steps (each advances ``phase``), then validation; (global step, metrics)."""
-    start = time.perf_counter()
-    model.train()
-    for step, (x, y) in enumerate(train.batches(cfg.batch_size, shuffle=True, generator=generator,
-                                                augment=cfg.augment), start=1):
-        factor = lr_at(global_step) / cfg.lr
-        for group, base in zip(optimizer.param_groups, base_lrs):
+    def _reading(self, val: Split | None) -> dict:
+        if val is None:
+            return {"val_acc": math.nan, "val_loss": math.nan}
+        if self.callbacks.reading is None:
+            extra: dict = {}
+            got = evaluate(self.model, val, self.device)
+        else:
+            with self.callbacks.reading() as extra:
+                got = evaluate(self.model, val, self.device)
+        return {"val_acc": got["acc"], "val_loss": got["loss"], **extra}
+
+    def _step(self, x: Tensor, y: Tensor, where: tuple[int, int, int]) -> None:
+        cb, opt, step = self.callbacks, self.optimizer, self.step
+        if cb.before_step is not None:
+            cb.before_step(self.model, step)
+        factor = self.lr_at(step) / self.cfg.lr
+        for group, base in zip(opt.param_groups, self.base_lrs):
             group["lr"] = base * factor
-        x, y = _to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
-        with _autocast(amp_dtype):
+        x, y = _to_device(x, self.device, self.cfg.channels_last), y.to(self.device, non_blocking=True)
+        with _autocast(self.amp_dtype):
             teacher_logits = None
-            if teacher is not None:
+            if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = teacher(x)
-            loss = _loss(model(x), y, cfg, teacher_logits)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if callbacks.after_backward is not None:
-            callbacks.after_backward(model, global_step)
-        scaler.step(optimizer)
-        scaler.update()
-        monitor.add(loss.detach(), len(y), (epoch, step, global_step))
-        global_step += 1
-        _raise_if_bad(monitor, lr_at)
-        phase.advance()
-    monitor.flush()
-    _raise_if_bad(monitor, lr_at)
-    train_loss = monitor.epoch_mean()
-    val_metrics = evaluate(model, val, device) if val is not None else {"acc": math.nan, "loss": math.nan}
-    return global_step, {"epoch": epoch, "train_loss": train_loss, "val_acc": val_metrics["acc"],
-                         "val_loss": val_metrics["loss"], "lr": lr_at(max(0, global_step - 1)),
-                         "seconds": time.perf_counter() - start}
+                    teacher_logits = logits_of(self.teacher, self.teacher(x))
+            loss = _loss(logits_of(self.model, self.model(x)), y, self.cfg, teacher_logits)
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(opt)
+        if cb.after_backward is not None:
+            cb.after_backward(self.model, step)
+        self.scaler.step(opt)
+        self.scaler.update()
+        if cb.after_step is not None:
+            cb.after_step(self.model, step)
+        self.monitor.add(loss.detach(), len(y), where)
+        self.step += 1
+        _raise_if_bad(self.monitor, self.lr_at)
+
+
+def _steps_schedule(cfg: TrainConfig, spe: int, steps: int) -> Callable[[int], float]:
+    """:func:`lr_schedule` over ``steps`` optimizer steps (warm-up still counted in epochs of ``spe``)."""
+    warmup = min(steps, round(cfg.warmup_epochs * spe))
+    return segment_schedule(cfg.lr, steps, warmup)
+
+
+def segment_schedule(lr: float, total: int, warmup: int = 0) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``lr`` toward 0 over the rest of ``total``."""
+    total = max(1, total)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return lr_at
 
 
 def _loss(logits: Tensor, y: Tensor, cfg: TrainConfig, teacher_logits: Tensor | None) -> Tensor:

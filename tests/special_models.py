@@ -5,6 +5,8 @@ use it as ``tests.special_models:<name>`` too; ``SPECIAL`` maps a short label to
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -142,6 +144,140 @@ class TensorAttrNet(nn.Module):
         return self.fc(h.mean((2, 3))) * self.scale.detach()
 
 
+class TupleOutNet(nn.Module):
+    """A classifier plus an embedding head: forward returns ``(logits, embedding)`` (issue 29, case 1)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, num_classes)
+        self.embed = nn.Linear(32, 6)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))).mean((2, 3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        return self.fc(h), self.embed(h)
+
+
+class DictOutNet(TupleOutNet):
+    """The same heads returned as a dict, logits not first (case 1)."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.features(x)
+        return {"embedding": self.embed(h), "logits": self.fc(h)}
+
+
+class Heads(NamedTuple):
+    logits: torch.Tensor
+    embedding: torch.Tensor
+
+
+class NamedTupleOutNet(TupleOutNet):
+    """The same heads as a namedtuple, like torchvision's GoogLeNetOutputs (case 1)."""
+
+    def forward(self, x: torch.Tensor) -> Heads:
+        h = self.features(x)
+        return Heads(self.fc(h), self.embed(h))
+
+
+class TwoHeadDictNet(TupleOutNet):
+    """Two heads in a dict without a 'logits' key: the user must say which one (case 1)."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.features(x)
+        return {"aux": self.embed(h), "main": self.fc(h)}
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+class ShuffleUnitNet(nn.Module):
+    """ShuffleNetV2-style units: split, 1x1 -> depthwise -> 1x1 on one half, concat, channel shuffle (case 2)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.units = nn.ModuleList(nn.Sequential(
+            nn.Conv2d(8, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+            nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), nn.BatchNorm2d(24),
+            nn.Conv2d(24, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()) for _ in range(2))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        for unit in self.units:
+            a, b = x.chunk(2, dim=1)
+            x = channel_shuffle(torch.cat([a, unit(b)], 1), 2)
+        return self.fc(x.mean((2, 3)))
+
+
+class DataBranchNet(nn.Module):
+    """A branch chosen by the data (``x.std() > 0.5``): constant probe inputs take only ``branch_b`` (case 4)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.branch_a = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.branch_b = nn.Sequential(nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24), nn.ReLU())
+        self.head = nn.Conv2d(24, 32, 3, padding=1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = F.relu(self.bn(self.conv(x)))
+        h = self.branch_a(f) if x.std() > 0.5 else self.branch_b(f)
+        return self.fc(F.relu(self.head(h)).mean((2, 3)))
+
+
+class RareBranchNet(DataBranchNet):
+    """``branch_a`` runs only for inputs with a mean above 2: neither probe (ones, standard normal) takes it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = F.relu(self.bn(self.conv(x)))
+        h = self.branch_a(f) if x.mean() > 2 else self.branch_b(f)
+        return self.fc(F.relu(self.head(h)).mean((2, 3)))
+
+
+class NormNet(nn.Module):
+    """Conv -> ``norm`` -> ReLU twice, then a Linear; ``norm`` is InstanceNorm with running statistics,
+    GroupNorm (4 groups, then 1 group) or LayerNorm over channels (case 5)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, norm: str = "instance") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.norm1 = self._norm(norm, 16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.norm2 = nn.GroupNorm(1, 32) if norm == "group" else self._norm(norm, 32)  # one group: prunable
+        self.fc = nn.Linear(32, num_classes)
+        self.kind = norm
+
+    @staticmethod
+    def _norm(kind: str, channels: int) -> nn.Module:
+        if kind == "instance":
+            return nn.InstanceNorm2d(channels, affine=True, track_running_stats=True)
+        if kind == "group":
+            return nn.GroupNorm(4, channels)
+        return nn.LayerNorm(channels)  # over channels: applied channels-last
+
+    def _normed(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(norm, nn.LayerNorm):
+            return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self._normed(self.norm1, self.conv1(x)))
+        h = F.relu(self._normed(self.norm2, self.conv2(h)))
+        return self.fc(h.mean((2, 3)))
+
+
 def deconv_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return DeconvNet(num_classes, in_channels)
 
@@ -170,6 +306,50 @@ def tensor_attr_net(num_classes: int, in_channels: int, image_size: int) -> nn.M
     return TensorAttrNet(num_classes, in_channels)
 
 
+def tuple_out_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return TupleOutNet(num_classes, in_channels)
+
+
+def dict_out_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return DictOutNet(num_classes, in_channels)
+
+
+def namedtuple_out_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return NamedTupleOutNet(num_classes, in_channels)
+
+
+def two_head_dict_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return TwoHeadDictNet(num_classes, in_channels)
+
+
+def shuffle_unit_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return ShuffleUnitNet(num_classes, in_channels)
+
+
+def data_branch_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return DataBranchNet(num_classes, in_channels)
+
+
+def rare_branch_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return RareBranchNet(num_classes, in_channels)
+
+
+def instance_norm_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return NormNet(num_classes, in_channels, "instance")
+
+
+def group_norm_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return NormNet(num_classes, in_channels, "group")
+
+
+def layer_norm_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return NormNet(num_classes, in_channels, "layer")
+
+
+def bf16_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return TupleOutNet(num_classes, in_channels).to(torch.bfloat16)
+
+
 # label -> (factory name in this module, input shape C, H, W)
 SPECIAL = {
     "deconv": ("deconv_net", (3, 8, 8)),
@@ -179,4 +359,19 @@ SPECIAL = {
     "projection_head": ("projection_head_net", (3, 8, 8)),
     "lenet5": ("lenet5", (3, 32, 32)),
     "tensor_attr": ("tensor_attr_net", (3, 8, 8)),
+}
+
+# issue 29's torchvision models, built at CIFAR size (3x32x32): channel shuffle, state-dict versions, a namedtuple output
+TV_KINDS = ["torchvision:shufflenet_v2_x0_5", "torchvision:mnasnet0_5", "torchvision:googlenet"]
+
+# issue 29's kinds: outputs that are not one tensor, channel shuffle, a data-dependent branch, norms
+KINDS = {
+    "tuple_out": ("tuple_out_net", (3, 8, 8)),
+    "dict_out": ("dict_out_net", (3, 8, 8)),
+    "namedtuple_out": ("namedtuple_out_net", (3, 8, 8)),
+    "shuffle_unit": ("shuffle_unit_net", (3, 8, 8)),
+    "data_branch": ("data_branch_net", (3, 8, 8)),
+    "instance_norm": ("instance_norm_net", (3, 8, 8)),
+    "group_norm": ("group_norm_net", (3, 8, 8)),
+    "layer_norm": ("layer_norm_net", (3, 8, 8)),
 }

@@ -16,6 +16,7 @@ from autoprune.engine.allocate import AllocationConfig
 from autoprune.engine.graph import build_width_cost, find_groups
 from autoprune.engine.plan import Plan, apply_plan, load_pruned, save_pruned
 from autoprune.engine.pruning import prune
+from autoprune.engine.training import run_method
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.methods import PruneContext, get_method, list_methods, make_params
 from autoprune.methods.fsm import FSM, FSMParams
@@ -214,7 +215,7 @@ def test_layerwise_schedule_on_digits_meets_the_target_and_holds_removed_channel
     shape = (spec.in_channels, spec.image_size, spec.image_size)
     cfg = TrainConfig(epochs=1, batch_size=64, lr=0.01)
     ctx = _context(copy.deepcopy(base), shape, target=0.4, data=digits, train_cfg=cfg)
-    out = FSM().run(ctx, FSMParams(schedule="layerwise"))
+    out = run_method(FSM(), ctx, FSMParams(schedule="layerwise")).output
     assert out.info["layerwise_steps_per_group"] >= 1
     # the removed channels carry nothing, so cutting them does not change the output
     cut = apply_plan(copy.deepcopy(out.model), ctx.groups, Plan.from_keep(out.keep, ctx.groups))

@@ -164,7 +164,7 @@ def _run_lrf(model: nn.Module, shape, widths: dict[str, int], **params):
                        allocation=AllocationConfig(), device=torch.device("cpu"), input_shape=shape)
     ctx.allocate = allocate
     method = get_method("lrf")
-    return method.run(ctx, make_params(method, params)), seen, groups
+    return method.finalize(ctx, make_params(method, params), None), seen, groups
 
 
 @pytest.mark.parametrize("consumer,branches", [("conv+bn", 1), ("conv", 1), ("linear", 1), ("conv+bn", 2)])
@@ -297,8 +297,8 @@ def test_feature_fit_compensation_is_least_squares_optimal_through_a_relu(compen
                            allocation=AllocationConfig(), device=torch.device("cpu"), input_shape=shape, data=data)
         ctx.allocate = lambda scores: {g.name: widths.get(g.name, g.channels) for g in groups if g.prunable}
         method = get_method("lrf")
-        out = method.run(ctx, make_params(method, {"fit": fit, "eps": 1e-9, "compensate": comp,
-                                                   "calibration_batches": 2}))
+        out = method.finalize(ctx, make_params(method, {"fit": fit, "eps": 1e-9, "compensate": comp,
+                                                   "calibration_batches": 2}), None)
         pruned = apply_plan(out.model, groups, Plan.from_keep(out.keep, groups)).eval()
         with torch.no_grad():
             return float((pruned.consumer_out(x) - model.consumer_out(x)).pow(2).mean()), out.keep["conv1"]
@@ -318,7 +318,7 @@ def test_feature_fit_compensation_is_least_squares_optimal_through_a_relu(compen
     ctx = PruneContext(model=work, groups=groups, cost=build_width_cost(work, groups, shape), target=0.9,
                        allocation=AllocationConfig(), device=torch.device("cpu"), input_shape=shape, data=data)
     ctx.allocate = lambda scores: {g.name: widths.get(g.name, g.channels) for g in groups if g.prunable}
-    out = get_method("lrf").run(ctx, make_params(get_method("lrf"), {"fit": "features", "eps": 1e-9}))
+    out = get_method("lrf").finalize(ctx, make_params(get_method("lrf"), {"fit": "features", "eps": 1e-9}), None)
     pruned = apply_plan(out.model, groups, Plan.from_keep(out.keep, groups)).eval()
     with torch.no_grad():
         base = (pruned.consumer_out(x) - model.consumer_out(x)).pow(2).mean()

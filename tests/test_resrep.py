@@ -13,7 +13,7 @@ import autoprune
 from autoprune.engine.allocate import AllocationConfig, width_bounds
 from autoprune.engine.graph import build_width_cost, find_groups
 from autoprune.errors import AutopruneError, SpecError
-from autoprune.methods import PruneStopped, get_method, make_params
+from autoprune.methods import get_method, make_params
 from autoprune.methods.compactor import ATTR, Compactors, find_sites
 from autoprune.methods.resrep import MaskSchedule, ResRepParams
 from autoprune.models.registry import ModelSpec, create_model
@@ -180,8 +180,10 @@ def _schedule(target: float, steps: int, **kw):
     model = create_model(ModelSpec("small_cnn", 10, 1, 8))
     groups = [g for g in find_groups(model, (1, 8, 8), check=False) if g.prunable]
     cost = build_width_cost(model, groups, (1, 8, 8))
-    bounds = {g.name: width_bounds(g, AllocationConfig(min_ratio=0.25)) for g in groups}
-    return MaskSchedule(groups, bounds, cost, target, steps, ResRepParams(**kw)), groups, cost, bounds
+    alloc = AllocationConfig(min_ratio=0.25, normalise="none")
+    bounds = {g.name: width_bounds(g, alloc) for g in groups}
+    ones = {g.name: torch.ones(g.channels) for g in groups}
+    return MaskSchedule(groups, cost, target, steps, ResRepParams(**kw), alloc, ones), groups, cost, bounds
 
 
 def test_mask_schedule_warms_up_grows_and_meets_the_target_by_reach():
@@ -209,7 +211,7 @@ def test_mask_schedule_warms_up_grows_and_meets_the_target_by_reach():
 def test_mask_schedule_final_extends_an_unfinished_mask():
     sched, groups, cost, _ = _schedule(0.3, 10)
     scores = {gr.name: torch.arange(gr.channels, dtype=torch.float64) for gr in groups}
-    masked = sched.finish(scores)  # no update ran: the final mask is built from the scores alone
+    masked = sched.final(scores)  # no update ran: the final mask is built from the scores alone
     widths = {gr.name: gr.channels - len(masked[gr.name]) for gr in groups}
     assert 0.29 <= cost.macs(widths) / cost.base_macs <= 0.3
     for gr in groups:  # the weakest (lowest-index) channels go first
@@ -244,33 +246,48 @@ def test_prune_digits_meets_the_target_and_runs(digits, digits_base):
     assert not hasattr(model, ATTR) and model.features[0].out_channels == 16  # input model untouched
 
 
-def test_epoch_reports_are_the_model_resrep_returns(digits, digits_base):
-    """Each compactor epoch reports the masked model: its accuracy is what folding and cutting give,
-    so the last report equals the returned model's val accuracy and MACs (round_to 1, mask complete;
-    restat off: it re-measures BN statistics after the last report)."""
+def test_epoch_readings_are_the_model_resrep_returns(digits, digits_base):
+    """Each compactor epoch is read on the model ResRep would return at that point: the final mask of
+    that point applied, BN statistics re-estimated. The last reading equals the returned model (up to
+    the re-estimation's sampling), and a run stopped after epoch 1 returns what epoch 1 read."""
     model, spec = digits_base
-    reports = []
-    # recalibration off: the report is the folded and cut model itself, before the engine's BN step
-    result = autoprune.prune(model, "resrep", 0.4, data=digits, spec=spec, train_cfg=TrainConfig(epochs=3),
-                             on_epoch=lambda r: reports.append(r) or False, recalibrate_batches=0,
-                             reach=0.2, forget_by=0.4, restat=False)
-    assert [r.epoch for r in reports] == [1, 2, 3]
-    # forget_by 0.4 of 3 epochs: masked rows reach zero during epoch 2; no accuracy before that
-    assert reports[0].val_acc is None and all(r.val_acc is not None for r in reports[1:])
-    last = reports[-1]
-    assert last.macs == result.macs and last.params == result.params and last.base_macs == result.base_macs
-    assert last.val_acc == pytest.approx(evaluate(result.model, digits.val, "cpu")["acc"], abs=1e-9)
+    readings = []
+    cfg = TrainConfig(epochs=3)
+    result = autoprune.prune(model, "resrep", 0.4, data=digits, spec=spec, train_cfg=cfg,
+                             on_epoch=lambda e, m: readings.append(m) or False)
+    assert [r["epoch"] for r in readings] == [1, 2, 3] and not result.stopped_early
+    assert result.trained_epochs == 3
+    last = readings[-1]
+    assert last["macs"] == result.macs and last["params"] == result.params
+    assert last["val_acc"] == pytest.approx(evaluate(result.model, digits.val, "cpu")["acc"], abs=0.02)
+    stopped = autoprune.prune(model, "resrep", 0.4, data=digits, spec=spec, train_cfg=cfg,
+                              on_epoch=lambda e, m: True)
+    assert stopped.stopped_early and stopped.trained_epochs == 1
+    assert readings[0]["val_acc"] == pytest.approx(evaluate(stopped.model, digits.val, "cpu")["acc"], abs=0.02)
+    assert readings[0]["macs"] == stopped.macs <= 0.4 * stopped.base_macs
 
 
-def test_on_epoch_true_stops_resrep_and_leaves_the_model(digits, digits_base):
-    model, spec = digits_base
-    before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(PruneStopped) as info:
-        autoprune.prune(model, "resrep", 0.4, data=digits, spec=spec, train_cfg=TrainConfig(epochs=3),
-                        on_epoch=lambda r: r.val_acc is not None)
-    rep = info.value.report
-    assert rep.epoch == 1 and 0 < rep.val_acc <= 1 and rep.macs <= 0.4 * rep.base_macs
-    assert not hasattr(model, ATTR) and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+def test_mid_training_reading_is_what_finalize_returns_at_that_point():
+    """Issue 25: mid-training readings were near chance for runs that finished far above it. A reading
+    taken while masked rows are not yet zero (forget_by 0.9) must be within a few points of the model
+    finalize returns when training stops there, and well above chance."""
+    data = Data(256, (3, 8, 8), classes=4)
+    torch.manual_seed(0)
+    model = create_model(ModelSpec("resnet20", 4, 3, 8))
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05)
+    readings = []
+    kw = {"data": data, "input_shape": (3, 8, 8), "train_cfg": cfg, "forget_by": 0.9, "reach": 0.3}
+
+    def stop_at_2(epoch: int, metrics: dict) -> bool:
+        readings.append(metrics)
+        return epoch == 2
+
+    result = autoprune.prune(model, "resrep", 0.5, on_epoch=stop_at_2, **kw)
+    assert result.stopped_early and result.trained_epochs == 2
+    final = evaluate(result.model, data.val, "cpu")["acc"]
+    assert readings[-1]["val_acc"] == pytest.approx(final, abs=0.04)
+    assert final > 0.5  # chance is 0.25
+    assert readings[-1]["macs"] == result.macs
 
 
 @pytest.mark.parametrize("restat,forget_by", [(True, 0.05), (True, 0.0), (False, 0.05)])

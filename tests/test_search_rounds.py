@@ -112,3 +112,22 @@ def test_distillation_from_the_base_model_is_searched(base_ckpt, tmp_path, monke
     # off by default: no distillation parameter at all
     plain = load_spec(write_spec(tmp_path / "p", base_ckpt))
     assert plain.space["distill"] == 0.0
+
+
+def test_sensitivity_seeded_shape_is_queued_for_the_searched_allocation(base_ckpt, tmp_path):
+    """screen.sensitivity: each depth bucket's and the residual stream's loss when squeezed (zero-training
+    fidelity); the seeded shape is queued as each window's first searched trial."""
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 2},
+                                screen={"min_peers": 1, "sensitivity": True},
+                                space={"method": ["l1", "lrf"], "target": [0.5], "residual": {"low": -1, "high": 1},
+                                       "allocation": ["global", "searched"], "buckets": 3}))
+    assert spec.screen.sensitivity
+    run_search(spec, tmp_path / "out", progress=False)
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    seeded = study.user_attrs["sensitivity"]
+    assert len(seeded["bucket_losses"]) == 3 and all(x > 0 for x in seeded["bucket_losses"])
+    assert set(seeded["shape"]) == {"shape_1", "shape_2", "shape_residual"}
+    assert all(-1 <= v <= 1 for v in seeded["shape"].values())
+    searched = [t for t in study.trials if t.params.get("allocation") == "searched"]
+    assert searched and searched[0].params["shape_1"] == pytest.approx(seeded["shape"]["shape_1"])
+    assert study.user_attrs["round_work_s"] > seeded["work_s"] > 0

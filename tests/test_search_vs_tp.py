@@ -33,6 +33,7 @@ def test_differences_are_judged_against_two_standard_errors_and_test_follows_the
     assert _test_at(side, 0.3) == 0.80  # chosen on validation, whatever the test says
 
 
+@pytest.mark.slow
 def test_any_data_and_base(tmp_path, base_ckpt):
     """The benchmark end to end on an npz data set with a given base: every table, the commit in the header,
     the test column, and the screening round; tiny (digits as npz, 1 epoch, one criterion, two targets)."""

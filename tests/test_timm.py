@@ -58,7 +58,7 @@ def test_timm_info_and_unprunable_groups_named_offline(capsys):
     assert main(["info", "--model", "timm:regnetx_002", "--data", "synthetic", "--all"]) == 0
     out = capsys.readouterr().out
     assert "model timm:regnetx_002: input 3x32x32, 10 classes" in out
-    assert "no: touches a grouped convolution" in out  # RegNet's group convs: named, not a traceback
+    assert "): touches a grouped convolution" in out  # RegNet's group convs: named, not a traceback
     assert main(["info", "--model", "timm:resnet18"]) == 0  # the command (digits: 1 channel, 8x8)
     assert "channel groups" in capsys.readouterr().out
 

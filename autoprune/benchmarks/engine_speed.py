@@ -80,7 +80,7 @@ def time_model(spec: ModelSpec, repeats: int) -> dict[str, float | None]:
         out["score: fsm (gaussian)"] = None
     if "lrf" in methods:
         lrf = get_method("lrf")
-        timed("lrf run (score + allocate + greedy + compensate)", lambda ctx: lrf.run(ctx, make_params(lrf, {})),
+        timed("lrf run (score + allocate + greedy + compensate)", lambda ctx: lrf.finalize(ctx, make_params(lrf, {}), None),
               context)
     else:
         out["lrf run (score + allocate + greedy + compensate)"] = None

@@ -17,6 +17,7 @@ model's latency measured there (the latency model's own runner: bf16 autocast, c
 """
 from __future__ import annotations
 
+import csv
 import importlib.util
 import logging
 import multiprocessing as mp
@@ -81,10 +82,10 @@ def _child(spec_path: str, out: str, backend: str, workers: int, queue: Any) -> 
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s search: %(message)s")
     try:
-        from ..search import optuna_backend
+        from ..search import stop
         from ..search.runner import run_search
 
-        signal.signal(signal.SIGTERM, optuna_backend.interrupt)  # stop cleanly, its workers too
+        signal.signal(signal.SIGTERM, stop.interrupt)  # stop cleanly, its workers too
         from ..search.spec import load_spec
 
         options = None
@@ -165,12 +166,17 @@ def _trial_span(out: Path, study: str) -> float | None:
         return None
 
 
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
 def run_one(work: Path, base: dict[str, Any], backend: str, workers: int, trials: int, epochs: int, batch: int,
             device: torch.device, timeout_s: float) -> dict[str, Any]:
     """One search in a child process; its row (trials per minute, memory, states)."""
     import yaml
-
-    from ..search.runner import read_csv
 
     study = f"{backend}_w{workers}"
     spec_path = work / f"{study}.yaml"
@@ -205,7 +211,7 @@ def run_one(work: Path, base: dict[str, Any], backend: str, workers: int, trials
         note = "stopped by the time budget"
     else:
         note = f"FAILED: {note}" if status != "ok" else f"stopped: {note}"
-    rows = read_csv(out / "trials.csv")
+    rows = _read_csv(out / "trials.csv")
     done = [r for r in rows if r.get("state") in ("complete", "early_stopped")]
     failed = [r for r in rows if r.get("state") == "failed"]
     if failed:  # a trial-level error (out of memory, say) is the finding: name it

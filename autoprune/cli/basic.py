@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import AutopruneError
+from ..models.outputs import OUTPUT_HELP
 from . import apply_threads, common_options, verbose_option
 from .latency import check_early, latency_config, latency_options, shown_progress
 
@@ -29,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="digits", help="data set that fixes input size and classes")
     p.add_argument("--base", help="a checkpoint instead of --model/--data")
     p.add_argument("--all", action="store_true", help="list every group (default: first 40)")
+    p.add_argument("--output", metavar="INDEX|KEY", help=OUTPUT_HELP)
     common_options(p)
     p.set_defaults(func=cmd_info)
 
@@ -51,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="checkpoint path, e.g. base.pt (base.metrics.json is written "
                    "beside it)")
     p.add_argument("--force", action="store_true", help="overwrite --out and its metrics file if they exist")
+    p.add_argument("--output", metavar="INDEX|KEY", help=OUTPUT_HELP)
     common_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -171,36 +174,43 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..engine.cost import count_macs, count_params
     from ..engine.graph import find_groups
     from ..engine.plan import load_base
+    from ..engine.trace import trace_batches
+    from ..models.outputs import describe_model
     from ..models.registry import ModelSpec, create_model
 
     device = _seed(args)
+    data = None
     if args.base:
         model, ckpt = load_base(args.base)
         spec = ModelSpec.from_dict(ckpt["model"])
     elif args.model:
-        data = _dataset(args.data, 0)  # only its input shape and classes matter here
-        spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size)
+        data = _dataset(args.data, 0)  # its input shape, classes and a few batches to trace
+        spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size, args.output)
         model = create_model(spec)
     else:
         raise AutopruneError("info needs --model NAME (with --data) or --base CHECKPOINT")
     model = model.to(device).eval()
     shape = (spec.in_channels, spec.image_size, spec.image_size)
-    groups = find_groups(model, shape)
+    groups = find_groups(model, shape, batches=trace_batches(data, device))  # real batches: data-chosen branches
     macs, params = count_macs(model, shape, device), count_params(model)
     print(f"model {spec.name}: input {shape[0]}x{shape[1]}x{shape[2]}, {spec.num_classes} classes")
     print(f"MACs per sample: {_mega(macs)}MACs ({_mega(2 * macs)}FLOPs)   params: {_mega(params)}")
+    print(*describe_model(model, shape, device), sep="\n")
     prunable = [g for g in groups if g.prunable]
     print(f"channel groups: {len(groups)} ({len(prunable)} prunable, "
           f"{sum(g.channels for g in prunable)} prunable channels)")
     print(f"{'group (first leader)':44s} {'ch':>5s} {'lead':>4s} {'cons':>4s} {'res':>3s}  prunable")
     shown = groups if args.all else groups[:40]
     for g in shown:
-        state = "yes" if g.prunable else f"no: {g.reason}"
+        state = "yes" if g.prunable else "no (see below)"
         print(f"{g.name[:44]:44s} {g.channels:5d} {len(g.leaders):4d} {len(g.consumers):4d} "
               f"{'yes' if g.residual else '':>3s}  {state}")
     if len(shown) < len(groups):
         print(f"... {len(groups) - len(shown)} more (--all lists them)")
+    for i, g in enumerate(g for g in groups if not g.prunable):  # every reason in full
+        print(("unprunable groups, each kept at full width:\n" if i == 0 else "") + f"  {g.name} ({g.channels} channels): {g.reason}")
     return 0
+
 
 
 def metrics_path(checkpoint: Path) -> Path:
@@ -242,6 +252,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..data.datasets import DataSpec, load_data, parse_augmentation
     from ..engine.cost import count_macs, count_params
     from ..engine.plan import save_base
+    from ..engine.trace import check_forward
     from ..models.registry import ModelSpec, create_model
     from ..train import TrainConfig, evaluate, fit
 
@@ -252,8 +263,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = _seed(args)
     data_spec = DataSpec(name=args.data, seed=args.split_seed)  # --seed moves training, never the split
     data = load_data(data_spec, device=device)
-    spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size)
+    spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size, args.output)
     model = create_model(spec).to(device)
+    check_forward(model, (spec.in_channels, spec.image_size, spec.image_size))  # one line, not a traceback
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
                       label_smoothing=args.label_smoothing, augment=augment, seed=args.seed)
     start = time.perf_counter()

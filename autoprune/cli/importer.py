@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import AutopruneError
+from ..models.outputs import OUTPUT_HELP
 from . import apply_threads, common_options
 
 
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="data seed fixing the train/val/test split (default: 0)")
     p.add_argument("--image-size", type=int, help="resize images to this size (default: the data set's own)")
     p.add_argument("--out", required=True, help="base checkpoint path, e.g. base.pt")
+    p.add_argument("--output", metavar="INDEX|KEY", help=OUTPUT_HELP)
     common_options(p)
     p.set_defaults(func=cmd_import)
 
@@ -50,7 +52,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             raise AutopruneError("--allow-split-mismatch applies to --checkpoint only: a new import is "
                                  "stamped with --data's split")
         result = import_model(args.model, data, args.out, state_dict=args.state_dict, weights=args.weights,
-                              device=device)
+                              device=device, output=args.output)
     print(f"{result.spec.name}: val accuracy {100 * result.val_acc:.2f}% on {args.data} "
           f"({result.spec.in_channels}x{result.spec.image_size}x{result.spec.image_size}, "
           f"{result.spec.num_classes} classes), {result.macs / 1e6:.3f} M MACs per sample")

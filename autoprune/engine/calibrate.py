@@ -13,12 +13,17 @@ assumption (ResRep's fold): it also rewrites their affine so that the eval outpu
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..train import Split
 
 from ..errors import warn
 
@@ -32,14 +37,22 @@ DEFAULT_BATCH_SIZE = 64
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def _batches(split: Any, batches: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """The inputs of the first ``batches`` shuffled batches of ``split`` (seeded, no augmentation),
-    skipping any of one image: BN cannot estimate a variance from one sample."""
+def calibration_batches(split: Split, count: int, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """The first ``count`` batches ``(x, y)`` of ``split`` shuffled with ``seed``, without augmentation.
+
+    The one policy every calibration pass uses (BN recalibration, LRF's feature statistics, FSM's
+    measured means): the shuffling generator lives on the split's device and is seeded with the run's
+    seed, so a pass sees the same images on every call with that seed, on any device.
+    """
     gdev = getattr(split, "device", torch.device("cpu"))
     gen = torch.Generator(device=gdev if torch.device(gdev).type == "cuda" else "cpu").manual_seed(seed)
-    for i, (x, _) in enumerate(split.batches(batch_size, shuffle=True, generator=gen)):
-        if i >= batches:
-            return
+    return itertools.islice(split.batches(batch_size, shuffle=True, generator=gen), count)
+
+
+def _batches(split: Split, batches: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Inputs of :func:`calibration_batches`, skipping any of one image: BN cannot estimate a
+    variance from one sample."""
+    for x, _ in calibration_batches(split, batches, batch_size, seed):
         if x.shape[0] >= 2:
             yield x
 
@@ -48,8 +61,24 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BN) and m.track_running_stats for m in model.modules())
 
 
+@contextlib.contextmanager
+def kept_bn_statistics(model: nn.Module) -> Iterator[None]:
+    """Within the block BN running statistics may change (e.g. :func:`recalibrate_bn` for a reading);
+    on exit every BN's running mean, variance and batch count are what they were."""
+    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(bns, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, split: Any, batches: int = DEFAULT_BATCHES,
+def recalibrate_bn(model: nn.Module, split: Split, batches: int = DEFAULT_BATCHES,
                    batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None,
                    seed: int = 0) -> int:
     """Reset every BN's running statistics and re-estimate them on ``batches`` training batches.
@@ -101,7 +130,7 @@ def recalibrate_bn(model: nn.Module, split: Any, batches: int = DEFAULT_BATCHES,
 
 
 @torch.no_grad()
-def restat_bn(model: nn.Module, bns: list[nn.Module], split: Any, batches: int = DEFAULT_BATCHES,
+def restat_bn(model: nn.Module, bns: list[nn.Module], split: Split, batches: int = DEFAULT_BATCHES,
               batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None,
               seed: int = 0) -> int:
     """Give ``bns`` the running statistics of their inputs without changing the model's eval function.

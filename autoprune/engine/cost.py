@@ -23,6 +23,13 @@ from torch import nn
 MAC_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)  # every module whose MACs we count
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution (``groups == in_channels == out_channels > 1``): each output channel reads
+    its own input channel, so pruning ties its input to its output. The one home of this test."""
+    return (isinstance(module, nn.modules.conv._ConvNd) and
+            1 < module.groups == module.in_channels == module.out_channels)
+
+
 def _positions(module: nn.Module, inp: tuple, out: torch.Tensor) -> int:
     """Positions per sample at which the layer's weight is applied once (a transposed conv: its input's)."""
     if isinstance(module, nn.Linear):
@@ -283,7 +290,7 @@ def layer_geometry(model: nn.Module, input_shape: tuple[int, ...], device: str |
             found[name] = LayerGeom(name, "linear", module.in_features, module.out_features, 1, 1, positions,
                                     module.bias is not None, False)
         else:
-            dw = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            dw = is_depthwise(module)
             kind = "deconv" if module.transposed else "conv"
             found[name] = LayerGeom(name, kind, module.in_channels, module.out_channels, module.groups,
                                     _kernel(module), positions, module.bias is not None, dw)

@@ -21,7 +21,17 @@ from torch import nn
 from torch_pruning.pruner.function import PrunerBox
 
 from ..errors import AutopruneError
-from .cost import MAC_LAYERS, LayerGeom, Term, WidthCost, count_macs, count_params, layer_geometry
+from .cost import (
+    MAC_LAYERS,
+    LayerGeom,
+    Term,
+    WidthCost,
+    count_macs,
+    count_params,
+    is_depthwise,
+    layer_geometry,
+)
+from .reshapes import watch_reshapes
 from .trace import ModelTrace, keep_rng, safe_copy, trace_model
 
 log = logging.getLogger(__name__)
@@ -77,22 +87,26 @@ def _kind(module: nn.Module) -> str:
     return "other"
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels == module.out_channels
-
-
 def _build_group(
     tp_group, names: dict[nn.Module, str], order: dict[str, int], n_layers: int, depthwise: set[str],
-    shared: Mapping[str, int], train_only: Sequence[str] = (),
+    shared: Mapping[str, int], train_only: Sequence[str] = (), mixing: Mapping[object, str] | None = None,
 ) -> ChannelGroup:
     slices: dict[tuple[str, str], dict[int, set[int]]] = {}
     kinds: dict[str, str] = {}
     unsafe: list[str] = []
+    mixed: list[str] = []
     grouped: list[str] = []
     other_convs: list[str] = []
+    norms: list[str] = []
     for item in tp_group:
         dep = item.dep
         module = dep.target.module
+        if isinstance(module, nn.GroupNorm) and 1 < module.num_groups and module in names:
+            norms.append(f"GroupNorm {names[module]!r} ({module.num_groups} groups of "
+                         f"{module.num_channels // module.num_groups} channels)")
+        for node in (dep.source, dep.target):
+            if mixing and node.grad_fn in mixing and mixing[node.grad_fn] not in mixed:
+                mixed.append(mixing[node.grad_fn])
         if module not in names:  # a functional op (add, reshape, concat, pad ...)
             op = str(dep.target.name)
             if any(u in op for u in _UNSAFE_OPS):
@@ -100,7 +114,7 @@ def _build_group(
             continue
         name = names[module]
         dim = "out" if "out" in dep.handler.__name__ else "in"
-        if _is_depthwise(module):
+        if isinstance(module, nn.Conv2d) and is_depthwise(module):
             dim = "out"  # in and out are the same channels
         elif isinstance(module, nn.Conv2d) and module.groups > 1:
             grouped.append(name)
@@ -123,23 +137,8 @@ def _build_group(
     readers = [m.module for m in members if m.dim == "in" and m.kind in ("conv", "linear", "otherconv")]
     consumers = tuple(c for c in readers if c not in train_only)
     train_consumers = tuple(c for c in readers if c in train_only)
-    reused = sorted({m.module for m in members if shared.get(m.module, 1) > 1})
-    reason = ""
-    if leaders and all(name in train_only for name in leaders):
-        reason = "is produced only in training (an auxiliary branch): it costs no MACs at inference"
-    elif reused:
-        reason = (f"touches layer {reused[0]!r}, which forward calls {shared[reused[0]]} times "
-                  "(a shared module: its channels cannot be followed)")
-    elif other_convs:
-        reason = f"touches a {other_convs[0]} (only Conv2d and Linear layers are pruned)"
-    elif unsafe:
-        reason = f"crosses an op Torch-Pruning cannot follow ({', '.join(sorted(set(unsafe)))})"
-    elif grouped:
-        reason = f"touches a grouped convolution ({grouped[0]})"
-    elif not leaders:
-        reason = "has no conv or linear producing its channels"
-    elif any(len({len(ix) for ix in m.index}) != 1 or not m.index[0] for m in members):
-        reason = "maps channels unevenly onto a layer"
+    reason = _unprunable(members, leaders, train_only, shared, other_convs, unsafe, grouped,
+                          mixed, norms)
     name = leaders[0] if leaders else members[0].module
     depth = order.get(name, 0) / max(1, n_layers - 1)
     return ChannelGroup(name=name, channels=channels, leaders=leaders, bns=bns, passthrough=passthrough,
@@ -147,8 +146,38 @@ def _build_group(
                         prunable=not reason, reason=reason, depth=depth, train_consumers=train_consumers)
 
 
+def _unprunable(members: list[Member], leaders: tuple[str, ...], train_only: Sequence[str],
+                shared: Mapping[str, int], other_convs: list[str], unsafe: list[str], grouped: list[str],
+                mixed: Sequence[str] = (), norms: Sequence[str] = ()) -> str:
+    """Why a group cannot be pruned ("" if it can)."""
+    reused = sorted({m.module for m in members if shared.get(m.module, 1) > 1})
+    if leaders and all(name in train_only for name in leaders):
+        return "is produced only in training (an auxiliary branch): it costs no MACs at inference"
+    if reused:
+        return (f"touches layer {reused[0]!r}, which forward calls {shared[reused[0]]} times "
+                "(a shared module: its channels cannot be followed)")
+    if mixed:
+        return (f"crosses a reshape that moves channels between dimensions ({mixed[0]}; a channel shuffle, "
+                "pixel shuffle or head split): Torch-Pruning cannot map its channel indices")
+    if norms:
+        return (f"touches {norms[0]}: removing single channels would change its groups, and autoprune does not "
+                "prune GroupNorm in whole-group steps")
+    if other_convs:
+        return f"touches a {other_convs[0]} (only Conv2d and Linear layers are pruned)"
+    if unsafe:
+        return f"crosses an op Torch-Pruning cannot follow ({', '.join(sorted(set(unsafe)))})"
+    if grouped:
+        return f"touches a grouped convolution ({grouped[0]})"
+    if not leaders:
+        return "has no conv or linear producing its channels"
+    if any(len({len(ix) for ix in m.index}) != 1 or not m.index[0] for m in members):
+        return "maps channels unevenly onto a layer"
+    return ""
+
+
 def find_groups(
-    model: nn.Module, input_shape: Sequence[int], check: bool = True, ignored: Sequence[str] = ()
+    model: nn.Module, input_shape: Sequence[int], check: bool = True, ignored: Sequence[str] = (),
+    batches: Sequence[torch.Tensor] = (),
 ) -> list[ChannelGroup]:
     """Channel groups of ``model`` for inputs of shape ``input_shape`` (C, H, W), in forward order.
 
@@ -162,42 +191,59 @@ def find_groups(
     With ``check``, every prunable group is verified by a trial removal (one channel from every group,
     then an eval forward whose MACs must match the analytic count, and a training-mode forward);
     groups that fail are marked unprunable with the reason.
+    ``batches``: real inputs (:func:`~autoprune.engine.trace.trace_batches`) traced besides the probes; an
+    input that takes another branch adds its graph, and the groups are merged
+    (:mod:`autoprune.engine.branches`); layers no input ran are named in one warning, and the groups that
+    may feed them stay unpruned. The trial removal runs every such input too.
     Raises ``AutopruneError`` if the model cannot be traced.
     """
-    info = trace_model(model, input_shape)
+    from .branches import mark_never_ran, merge_groups
+
+    info = trace_model(model, input_shape, batches)
     groups = _groups_from_trace(model, input_shape, info, ignored)
+    if len(info.examples) > 1:
+        extra = [_groups_from_trace(model, input_shape, info, ignored, example=x) for x in info.examples[1:]]
+        groups = merge_groups([groups, *extra])
+    groups = mark_never_ran(model, groups, info.never_ran, with_data=bool(batches))
     if check:
         groups = _check_groups(model, groups, input_shape, info)
     return groups
 
 
 def _groups_from_trace(model: nn.Module, input_shape: Sequence[int], info: ModelTrace,
-                       ignored: Sequence[str]) -> list[ChannelGroup]:
-    traced = safe_copy(model) if info.train_only else model  # a training-mode trace must not touch BN stats
+                       ignored: Sequence[str], example: torch.Tensor | None = None) -> list[ChannelGroup]:
+    """Groups of one Torch-Pruning graph, traced on a constant probe (in training mode when some layer runs
+    only then) or, given ``example``, on that input in eval mode."""
+    train = bool(info.train_only) and example is None
+    traced = safe_copy(model) if train else model  # a training-mode trace must not touch BN stats
     names = {m: n for n, m in traced.named_modules()}
     modules = dict(traced.named_modules())
     layers = [n for n, m in traced.named_modules() if isinstance(m, MAC_LAYERS)]
     order = {n: i for i, n in enumerate(layers)}
-    depthwise = {n for n, m in traced.named_modules() if _is_depthwise(m)}
+    depthwise = {n for n, m in traced.named_modules() if isinstance(m, nn.Conv2d) and is_depthwise(m)}
     ignore = [modules[n] for n in (*info.outputs, *ignored)]
     was_training = traced.training
-    traced.train(bool(info.train_only))
+    traced.train(train)
     try:
-        batch = 2 if info.train_only else 1  # BN in training mode needs more than one value per channel
-        example = torch.ones(batch, *input_shape, device=_device(model))  # no RNG use: grouping must not shift seeds
-        with torch.enable_grad(), keep_rng(example.device):  # TP traces autograd, even inside no_grad()
+        if example is None:  # no RNG use: grouping must not shift seeds
+            example = torch.ones(2 if train else 1, *input_shape, device=_device(model))  # BN in training: 2
+        with torch.enable_grad(), keep_rng(example.device), watch_reshapes() as watch:  # TP traces autograd
             # Torch-Pruning switches to eval mode before its forward; forward_fn switches back when needed
-            train = bool(info.train_only)
-            dg = tp.DependencyGraph().build_dependency(traced, example_inputs=example,
-                                                       forward_fn=lambda m, x: m.train(train)(x))
-        tp_groups = list(dg.get_all_groups(ignored_layers=ignore, root_module_types=[nn.Conv2d, nn.Linear]))
+
+            def forward(m: nn.Module, x: torch.Tensor) -> object:
+                with watch:
+                    return m.train(train)(x)
+
+            dg = tp.DependencyGraph().build_dependency(traced, example_inputs=example, forward_fn=forward)
+            tp_groups = list(dg.get_all_groups(ignored_layers=ignore, root_module_types=[nn.Conv2d, nn.Linear]))
     except Exception as exc:
         first = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise AutopruneError(f"could not trace {type(model).__name__} for channel groups "
                              f"({type(exc).__name__}: {first})") from exc
     finally:
         traced.train(was_training)
-    groups = [_build_group(g, names, order, len(layers), depthwise, info.calls, info.train_only) for g in tp_groups]
+    groups = [_build_group(g, names, order, len(layers), depthwise, info.calls, info.train_only, watch.found)
+              for g in tp_groups]
     groups.sort(key=lambda g: (g.depth, g.name))
     seen: set[str] = set()
     for g in groups:
@@ -218,18 +264,21 @@ def _mark(group: ChannelGroup, reason: str) -> ChannelGroup:
 
 
 def _trial(model: nn.Module, groups: list[ChannelGroup], cost: WidthCost, input_shape: Sequence[int],
-           train_forward: bool) -> str:
+           train_forward: bool, examples: Sequence[torch.Tensor] = ()) -> str:
     """Remove one channel from each of ``groups`` in a copy; '' if it works, else what went wrong."""
     trial = safe_copy(model)
     keep = {g.name: range(1, g.channels) for g in groups}
     try:
         remove_channels(trial, groups, keep)
         macs = count_macs(trial, input_shape, device=_device(model))
+        with torch.no_grad():
+            for x in examples[1:]:  # inputs taking other branches than the constant probe
+                trial.eval()(x)
         if train_forward:  # a branch that runs only in training must still fit
             with torch.no_grad(), keep_rng(_device(model)):
                 trial.train()(torch.ones(2, *input_shape, device=_device(model)))
     except Exception as exc:  # noqa: BLE001 - any failure means "not prunable"
-        return f"trial removal failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        return f"trial removal failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
     expected = cost.macs({g.name: g.channels - 1 for g in groups})
     if macs != expected:
         return f"trial removal gave {macs} MACs, analytic count {expected}"
@@ -244,7 +293,7 @@ def _check_groups(model: nn.Module, groups: list[ChannelGroup], input_shape: Seq
     def search(candidates: list[ChannelGroup]) -> None:  # bisect to the groups that fail alone
         if not candidates:
             return
-        problem = _trial(model, candidates, cost, input_shape, bool(info.train_only))
+        problem = _trial(model, candidates, cost, input_shape, bool(info.train_only), info.examples)
         if not problem:
             return
         if len(candidates) == 1:
@@ -307,4 +356,15 @@ def remove_channels(model: nn.Module, groups: Sequence[ChannelGroup], keep: Mapp
         if pruner is None:
             raise AutopruneError(f"layer {name!r} ({type(module).__name__}) is not supported by channel surgery")
         fn = pruner.prune_out_channels if dim == "out" else pruner.prune_in_channels
+        stats = _running_stats(module)
         fn(module, sorted(idxs))
+        for buffer_name, values in stats.items():  # Torch-Pruning slices InstanceNorm's affine, not its statistics
+            kept = [i for i in range(values.shape[0]) if i not in idxs]
+            setattr(module, buffer_name, values[kept].clone())
+
+
+def _running_stats(module: nn.Module) -> dict[str, torch.Tensor]:
+    """An InstanceNorm's per-channel running statistics (``track_running_stats=True``), else {}."""
+    if not isinstance(module, nn.modules.instancenorm._InstanceNorm) or not module.track_running_stats:
+        return {}
+    return {k: getattr(module, k) for k in ("running_mean", "running_var") if getattr(module, k) is not None}

@@ -2,13 +2,15 @@
 
 A checkpoint is a dict of plain types and tensors, loadable with ``torch.load(weights_only=True)``:
 ``{"format", "model" (ModelSpec), "data" (DataSpec), "split_hash" (of the data's train/val/test
-indices, see :mod:`autoprune.data.splits`), "plan" (pruned only), "state_dict", "metrics"}``.
+indices, see :mod:`autoprune.data.splits`), "plan" (pruned only), "state_dict", "state_metadata" (the state
+dict's per-module versions), "metrics"}``.
 A pruned model is rebuilt by creating the base architecture, applying the Plan, and loading the
 state dict: no pickled modules, so files survive refactors and cannot run code when loaded.
 """
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +82,28 @@ def _save(path: str | Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)  # atomic: an interrupted save never leaves a half-written checkpoint
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+def _state(model: nn.Module) -> dict[str, Any]:
+    """``{"state_dict": plain dict of CPU tensors, "state_metadata": the state dict's ``_metadata``}``.
+
+    ``_metadata`` holds each module's version (``{"layer1.0": {"version": 2}}``), which modules such as
+    torchvision's MNASNet read in ``_load_from_state_dict``; a plain dict would lose it."""
+    state = model.state_dict()
+    meta = getattr(state, "_metadata", None) or {}
+    return {"state_dict": {k: v.detach().cpu().clone() for k, v in state.items()},
+            "state_metadata": _plain({str(k): dict(v) for k, v in meta.items()}, "state_metadata")}
+
+
+def with_metadata(state: Mapping[str, torch.Tensor], model: nn.Module | None,
+                  metadata: Mapping[str, Any] | None = None) -> OrderedDict:
+    """``state`` as the OrderedDict ``load_state_dict`` expects, with ``_metadata``: ``metadata`` (saved
+    with the weights), else the state's own, else that of ``model``'s freshly built state dict."""
+    out = OrderedDict(state)
+    meta = metadata or getattr(state, "_metadata", None)
+    if not meta and model is not None:
+        meta = getattr(model.state_dict(), "_metadata", None)
+    meta = meta or {}
+    out._metadata = OrderedDict((str(k), dict(v)) for k, v in meta.items())  # type: ignore[attr-defined]
+    return out
 
 
 def save_base(path: str | Path, model: nn.Module, spec: ModelSpec, data: Any = None,
@@ -95,7 +117,7 @@ def save_base(path: str | Path, model: nn.Module, spec: ModelSpec, data: Any = N
     that cannot be stored safely (named by its key).
     """
     _save(path, {"format": BASE_FORMAT, "model": spec.to_dict(), **_data_fields(data, split_hash),
-                 "state_dict": _state(model), "metrics": _plain(dict(metrics or {}), "metrics")})
+                 **_state(model), "metrics": _plain(dict(metrics or {}), "metrics")})
 
 
 def save_pruned(path: str | Path, model: nn.Module, spec: ModelSpec, plan: Plan, data: Any = None,
@@ -103,7 +125,7 @@ def save_pruned(path: str | Path, model: nn.Module, spec: ModelSpec, plan: Plan,
                 split_hash: str | None = None) -> None:
     """Save a pruned model as base spec + Plan + state_dict (+ data spec, split hash, metrics, extra info)."""
     _save(path, {"format": PRUNED_FORMAT, "model": spec.to_dict(), **_data_fields(data, split_hash),
-                 "plan": plan.to_dict(), "state_dict": _state(model),
+                 "plan": plan.to_dict(), **_state(model),
                  "metrics": _plain(dict(metrics or {}), "metrics"), "extra": _plain(dict(extra or {}), "extra")})
 
 
@@ -168,7 +190,8 @@ def _refused_global(message: str) -> str:
     return found.group(1) if found else ""
 
 
-def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+def _load_state(model: nn.Module, ckpt: Mapping[str, Any], path: Path) -> None:
+    state = ckpt["state_dict"]
     modules = dict(model.named_modules())
     for key, value in state.items():  # compensation may have given a bias-free conv a bias
         owner, _, attr = key.rpartition(".")
@@ -176,8 +199,8 @@ def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path)
         if attr == "bias" and isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is None:
             module.bias = nn.Parameter(torch.zeros_like(value))
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+        model.load_state_dict(with_metadata(state, model, ckpt.get("state_metadata")), strict=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).splitlines()[0][:200]
         raise CheckpointError(f"{path}: weights do not fit the architecture ({first})") from exc
 
@@ -194,7 +217,7 @@ def load_base(path: str | Path, device: str | torch.device = "cpu", *, trust_cod
         return load_pruned(path, device)
     spec = ModelSpec.from_dict(ckpt["model"])
     model = _create(spec, path)
-    _load_state(model, ckpt["state_dict"], Path(path))
+    _load_state(model, ckpt, Path(path))
     return model.to(device).eval(), ckpt
 
 
@@ -219,5 +242,5 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", *, trust_c
     plan = Plan.from_dict(ckpt["plan"])
     groups = find_groups(model, (spec.in_channels, spec.image_size, spec.image_size), check=False)
     apply_plan(model, groups, plan)
-    _load_state(model, ckpt["state_dict"], path)
+    _load_state(model, ckpt, path)
     return model.to(device).eval(), ckpt

@@ -15,6 +15,7 @@ training mode (BN statistics and the random state are restored) with hooks on ev
   conv/linear hooks (functional ``F.conv2d``, ``torch.matmul``): a model with any is refused, since
   the analytic MACs of a width assignment could not include them.
 
+:func:`direct_bns` finds the BatchNorm that directly reads each conv/linear layer.
 :func:`safe_copy` deep-copies a model even when a module attribute holds a tensor with autograd
 history (``copy.deepcopy`` refuses those).
 """
@@ -23,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +45,10 @@ class ModelTrace:
     outputs: tuple[str, ...]  # layers producing the outputs (eval and training mode)
     calls: dict[str, int]  # layer -> calls per forward (the larger of eval and training mode)
     train_only: tuple[str, ...]  # layers that run in training mode only
-    macs: int  # eval-mode MACs of conv/linear modules for one sample
+    macs: int  # eval-mode MACs of conv/linear modules for one sample (of the constant probe)
+    # eval-mode inputs that call different sets of layers (data-dependent branches), the constant probe first
+    examples: tuple[torch.Tensor, ...] = ()
+    never_ran: tuple[str, ...] = ()  # conv/linear layers that no traced input ran, in eval or training mode
 
 
 def safe_copy(model: nn.Module) -> nn.Module:
@@ -97,9 +103,10 @@ def _output_layers(out: object, producers: dict[object, str]) -> list[str]:
     return found
 
 
-def _run(model: nn.Module, input_shape: Sequence[int], device: torch.device, train: bool,
+def _run(model: nn.Module, x: torch.Tensor, train: bool,
          count_flops: bool) -> tuple[dict[str, int], list[str], int, int]:
-    """One forward; returns (calls per layer, output layers, hooked MACs, FlopCounterMode MACs)."""
+    """One forward of ``x``; returns (calls per layer, output layers, hooked MACs, FlopCounterMode MACs),
+    MACs per sample."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from .cost import _layer_macs
@@ -119,8 +126,8 @@ def _run(model: nn.Module, input_shape: Sequence[int], device: torch.device, tra
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, MAC_LAYERS)]
     was_training = model.training
-    batch = 2 if train else 1  # BN in training mode needs more than one value per channel
-    x = torch.ones(batch, *input_shape, device=device, requires_grad=True)
+    batch, device, input_shape = x.shape[0], x.device, tuple(x.shape[1:])
+    x = x.detach().clone().requires_grad_(True)
     counter = FlopCounterMode(display=False) if count_flops else None
     try:
         model.train(train)
@@ -144,17 +151,66 @@ def _run(model: nn.Module, input_shape: Sequence[int], device: torch.device, tra
     return calls, _output_layers(out, producers), macs // batch, flops
 
 
-def trace_model(model: nn.Module, input_shape: Sequence[int]) -> ModelTrace:
+def check_forward(model: nn.Module, input_shape: Sequence[int]) -> None:
+    """AutopruneError (one line: the mode, the input size, torch's message) if an eval-mode forward of a
+    ``(C, H, W)`` input fails, e.g. a ViT built for 224 px given 32 px images; nothing else changes."""
+    from ..models.registry import check_float32
+
+    check_float32(model, type(model).__name__)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    _run(model, torch.ones(1, *input_shape, device=device), train=False, count_flops=False)
+
+
+def trace_batches(data: Any, device: torch.device | str, batches: int = 2, batch_size: int = 16) -> list[torch.Tensor]:
+    """The inputs of the first ``batches`` training batches of ``data`` (a Dataset; None -> []), unshuffled:
+    the real inputs :func:`trace_model` runs besides its probes."""
+    if data is None or getattr(data, "train", None) is None:
+        return []
+    out = []
+    for x, _ in data.train.batches(batch_size, shuffle=False):
+        out.append(x.to(device))
+        if len(out) >= batches:
+            break
+    return out
+
+
+def _probe_runs(model: nn.Module, x0: torch.Tensor, calls: dict[str, int], outputs: list[str],
+                batches: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, int], list[str]]:
+    """Run a seeded random probe and ``batches`` after the constant probe ``x0``; returns the inputs that
+    called a new set of layers (``x0`` first), the largest call count per layer and every output layer."""
+    g = torch.Generator().manual_seed(0)  # a local generator: tracing never moves the global seed
+    noise = torch.randn(2, *x0.shape[1:], generator=g).to(x0.device)
+    examples, seen = [x0], [frozenset(calls)]
+    calls, outputs = dict(calls), list(outputs)
+    for x in (noise, *batches):
+        c, outs, _, _ = _run(model, x.to(x0.device), train=False, count_flops=False)
+        outputs += [o for o in outs if o not in outputs]
+        for n, k in c.items():
+            calls[n] = max(calls.get(n, 0), k)
+        if frozenset(c) not in seen:
+            seen.append(frozenset(c))
+            examples.append(x.to(x0.device))
+    return examples, calls, outputs
+
+
+def trace_model(model: nn.Module, input_shape: Sequence[int], batches: Sequence[torch.Tensor] = ()) -> ModelTrace:
     """Trace ``model`` on a ``(C, H, W)`` input in eval and training mode (see the module docstring).
 
-    Raises ``AutopruneError`` for a model without conv/linear layers, one that fails a forward pass,
-    or one with MACs outside conv/linear modules.
+    Besides the constant probe, a seeded random probe and ``batches`` (real inputs, see
+    :func:`trace_batches`) run in eval mode: an input calling another set of layers (a branch chosen
+    by the data) is kept in ``examples`` so the graph is built for it too; layers no input ran are
+    ``never_ran``. Raises ``AutopruneError`` for a model without conv/linear layers, one that fails a
+    forward pass, or one with MACs outside conv/linear modules.
     """
     try:
         device = next(model.parameters()).device
     except StopIteration:
         raise AutopruneError(f"{type(model).__name__} has no parameters: nothing autoprune can prune") from None
-    calls, outputs, macs, reference = _run(model, input_shape, device, train=False, count_flops=True)
+    from ..models.registry import check_float32
+
+    check_float32(model, type(model).__name__)
+    x0 = torch.ones(1, *input_shape, device=device)
+    calls, outputs, macs, reference = _run(model, x0, train=False, count_flops=True)
     if not calls:
         raise AutopruneError(f"{type(model).__name__} has no nn.Conv or nn.Linear layer: nothing autoprune can prune")
     if reference != macs:
@@ -162,12 +218,14 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> ModelTrace:
             f"{type(model).__name__}: {reference - macs} of {reference} MACs (torch's FlopCounterMode) come from "
             "convolutions or matrix products outside nn.Conv*/nn.Linear modules (F.conv2d, torch.matmul ...); "
             "autoprune cannot tie them to channels: move them into modules")
+    examples, calls, outputs = _probe_runs(model, x0, calls, outputs, batches)
     layers = {n for n, m in model.named_modules() if isinstance(m, MAC_LAYERS)}
     train_calls, train_outputs = calls, []
     if layers - set(calls):  # a layer eval mode never calls may run in training: trace that mode too
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # BN statistics move in training
         try:
-            train_calls, train_outputs, _, _ = _run(model, input_shape, device, train=True, count_flops=False)
+            x = torch.ones(2, *input_shape, device=device)  # BN in training mode needs two values per channel
+            train_calls, train_outputs, _, _ = _run(model, x, train=True, count_flops=False)
         except AutopruneError as exc:  # pruning is judged in eval mode; do not refuse the model for this
             log.warning("%s; branches that run only in training are not traced", exc)
         finally:
@@ -183,4 +241,53 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> ModelTrace:
         outs = (classifier_name(model),)
     if train_only:
         log.info("layers running only in training mode: %s", ", ".join(train_only))
-    return ModelTrace(outputs=outs, calls=merged, train_only=train_only, macs=macs)
+    never_ran = tuple(n for n, m in model.named_modules() if isinstance(m, MAC_LAYERS) and n not in merged)
+    return ModelTrace(outputs=outs, calls=merged, train_only=train_only, macs=macs, examples=tuple(examples),
+                      never_ran=never_ran)
+
+
+@dataclass(frozen=True)
+class DirectBNs:
+    """Which BatchNorm directly reads each conv/linear layer, from one eval-mode forward pass."""
+
+    bn_of: dict[str, str]  # layer name -> the BN whose input is that layer's very output, unmodified
+    calls: dict[str, int]  # conv/linear/BN name -> times forward called it
+
+
+@torch.no_grad()
+def direct_bns(model: nn.Module, input_shape: Sequence[int]) -> DirectBNs:
+    """The BN that directly reads each conv/linear layer (nothing in between), and call counts.
+
+    The one home of this question (ResRep's compactor sites, LRF's and FSM's compensation targets).
+    A BN reads a layer directly when its input is the very tensor the layer returned, unmodified: an
+    in-place op in between (``ReLU(inplace=True)``) bumps the tensor's version and does not count.
+    Parameters, buffers and modes are unchanged.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    produced: dict[int, tuple[str, Any, int]] = {}
+    found: dict[str, str] = {}
+    calls: dict[str, int] = {}
+
+    def after(module: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        calls[names[module]] = calls.get(names[module], 0) + 1
+        if isinstance(out, torch.Tensor):
+            produced[id(out)] = (names[module], weakref.ref(out), out._version)
+
+    def before(module: nn.Module, inp: tuple) -> None:
+        calls[names[module]] = calls.get(names[module], 0) + 1
+        hit = produced.get(id(inp[0])) if inp else None
+        if hit is not None and hit[1]() is inp[0] and inp[0]._version == hit[2]:
+            found[hit[0]] = names[module]
+
+    hooks = [m.register_forward_hook(after) for m in model.modules() if isinstance(m, MAC_LAYERS)]
+    hooks += [m.register_forward_pre_hook(before) for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for hk in hooks:
+            hk.remove()
+    return DirectBNs(found, calls)

@@ -5,13 +5,11 @@ The built-in methods are registered here, after their modules are imported: the 
 the registry, so the import graph has no circle. A user's method calls :func:`register_method`.
 """
 from .base import (
-    EpochReport,
     MethodOutput,
     NoParams,
     PruneContext,
-    PruneStopped,
     PruningMethod,
-    ScoringMethod,
+    Training,
     make_params,
 )
 from .fsm import FSM
@@ -28,14 +26,12 @@ __all__ = [
     "FSM",
     "L1",
     "LRF",
-    "EpochReport",
     "MethodOutput",
     "NoParams",
     "PruneContext",
-    "PruneStopped",
     "PruningMethod",
     "ResRep",
-    "ScoringMethod",
+    "Training",
     "get_method",
     "list_methods",
     "make_params",

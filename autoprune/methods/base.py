@@ -1,25 +1,27 @@
-"""The method interface: every pruning method is a small class behind one contract.
+"""The method interface: every pruning method is scores + optional training hooks + a finalize step.
 
 A method receives a :class:`PruneContext` (a private copy of the model, its channel groups, the
-analytic cost model, the MACs target, the allocation config, data and a training budget) and
-returns which channels to keep per group plus the model to cut. Scoring methods (L1, LRF, FSM)
-score channels and let :meth:`PruneContext.allocate` pick widths; training-time methods (ResRep)
-train first and decide the mask on the way. Compensation and folding edit weights of the model they
-return; its architecture must stay the base architecture so the keep sets apply to it.
+analytic cost model, the objective the target is set in, the allocation config, data and a training
+budget). The engine (:func:`autoprune.engine.pruning.run_method`) drives it in three steps:
 
-A method that trains may report each epoch to ``PruneContext.on_epoch`` an :class:`EpochReport`:
-the validation accuracy of the model it would return if it stopped now (its current mask applied)
-and that model's cost. The callback returns True to abandon the run; the method then raises
-:class:`PruneStopped` carrying the last report (the search's early stopping uses this to stop a
-ResRep trial during its compactor epochs).
+1. :meth:`PruningMethod.prepare` may return a :class:`Training`: the hooks the method adds to the
+   engine's one training loop (:func:`autoprune.train.fit`): ResRep's penalty gradients and mask
+   schedule, FSM's layer-by-layer removals. The engine runs the loop, with the caller's reporting
+   callback and stop signal; no method trains, builds data splits or calls ``fit`` itself.
+   ``Training.reading`` is the model the method would return if training stopped now: the epoch
+   readings the caller (the search's early stopping) sees are taken on it.
+2. :meth:`PruningMethod.finalize` returns which channels to keep per group plus the model to cut:
+   scoring methods score channels (:meth:`PruningMethod.scores`) and let :meth:`PruneContext.allocate`
+   pick widths; compensation and folding edit weights of the model they return, whose architecture
+   must stay the base architecture so the keep sets apply to it.
 """
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -30,70 +32,71 @@ from ..engine.cost import WidthCost, WidthObjective
 from ..engine.graph import ChannelGroup
 from ..errors import SpecError
 
+if TYPE_CHECKING:
+    from ..data.datasets import Dataset
+    from ..train import Callbacks, TrainConfig
 
-@dataclass(frozen=True)
-class EpochReport:
-    """One training epoch of a method, as the model it would return now.
-
-    ``val_acc`` is None where the method has no such model yet (ResRep: until its mask meets the target
-    and the masked rows have been driven to zero);
-    ``macs`` and ``params`` (per sample, analytic) are those of the masked widths.
-    """
-
-    epoch: int  # 1-based, counted from the start of the method's training
-    val_acc: float | None
-    macs: int
-    params: int
-    base_macs: int
-    base_params: int
-
-
-class PruneStopped(Exception):
-    """Raised by a method when ``on_epoch`` asked it to stop; ``report`` is the last epoch's."""
-
-    def __init__(self, report: EpochReport) -> None:
-        super().__init__(f"stopped after epoch {report.epoch} at the caller's request")
-        self.report = report
+P = TypeVar("P")  # a method's parameters: its own frozen dataclass (``PruningMethod.Params``)
 
 
 @dataclass
 class PruneContext:
     model: nn.Module
     groups: list[ChannelGroup]
-    cost: WidthCost
-    target: float
+    cost: WidthCost  # analytic MACs and parameters (what results report)
+    target: float  # fraction of the objective's base value
     allocation: AllocationConfig
     device: torch.device
     input_shape: tuple[int, int, int]
-    data: Any = None  # autoprune.data.datasets.Dataset: train split for methods that train or calibrate
-    train_cfg: Any = None  # autoprune.train.TrainConfig: budget for methods that train while pruning
+    data: Dataset | None = None  # train split for methods that train or calibrate
+    train_cfg: TrainConfig | None = None  # budget and seed for methods that train while pruning
     progress: bool = False
     info: dict[str, Any] = field(default_factory=dict)
-    on_epoch: Callable[[EpochReport], bool] | None = None  # return True to stop (see the module docstring)
-    # what ``target`` is a fraction of: None means analytic MACs (``cost``); a latency model of the device
-    # (autoprune.engine.latency.LatencyModel) makes it a latency target. Every method allocates against it.
-    objective: WidthObjective | None = None
-
-    @property
-    def target_cost(self) -> WidthObjective:
-        """The :class:`~autoprune.engine.cost.WidthObjective` the target is a fraction of (MACs by default)."""
-        return self.objective if self.objective is not None else self.cost
+    objective: WidthObjective | None = None  # what the target limits (None: MACs, i.e. ``cost``)
 
     @property
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
 
+    @property
+    def target_cost(self) -> WidthObjective:
+        """The cost the allocator meets the target in: ``objective`` if given, else analytic MACs."""
+        return self.objective if self.objective is not None else self.cost
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (training seed; also picks calibration batches)."""
+        return int(self.train_cfg.seed) if self.train_cfg is not None else 0
+
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
 
-    def allocate(self, scores: Mapping[str, torch.Tensor] | None) -> dict[str, int]:
-        """Widths per prunable group meeting the target of :attr:`target_cost` (MACs or latency; see
-        :func:`autoprune.engine.allocate.allocate`)."""
+    def allocate(self, scores: Mapping[str, torch.Tensor] | None,
+                 groups: list[ChannelGroup] | None = None) -> dict[str, int]:
+        """Widths per prunable group (of ``groups``, default all) meeting the target
+        (see :func:`autoprune.engine.allocate.allocate`)."""
         with progress.phase("allocation"):
-            return allocate(self.groups, scores, self.target_cost, self.target, self.allocation)
+            return allocate(self.groups if groups is None else groups, scores, self.target_cost, self.target,
+                            self.allocation)
 
     def select(self, scores: Mapping[str, torch.Tensor], widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         return select(scores, widths)
+
+
+@dataclass
+class Training:
+    """What a method adds to the engine's training loop while it prunes (see the module docstring).
+
+    ``callbacks`` carries the method's hooks (param_groups, on_optimizer, before/after step, after
+    backward, reading, lr_at); the engine adds the caller's reporting callback and stop signal.
+    ``steps``: optimizer steps to train (None: the context's ``train_cfg.epochs``). ``state`` is the
+    method's own (compactors, schedule), read back by its :meth:`PruningMethod.finalize`.
+    """
+
+    callbacks: Callbacks
+    state: object = None
+    steps: int | None = None
+    teacher: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -108,36 +111,37 @@ class NoParams:
     pass
 
 
-class PruningMethod(ABC):
+class PruningMethod(ABC, Generic[P]):
+    """A method: :meth:`scores`, optional :meth:`prepare` (training hooks), :meth:`finalize`."""
+
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
     summary: ClassVar[str] = ""
     notes: ClassVar[tuple[str, ...]] = ()  # shown by `autoprune methods`: e.g. parameters a run may override
 
     @abstractmethod
-    def run(self, ctx: PruneContext, params: Any) -> MethodOutput:
-        """Decide the kept channels (and edit weights if the method compensates)."""
+    def scores(self, ctx: PruneContext, params: P) -> dict[str, torch.Tensor]:
+        """Per-channel importance (higher keeps) for every prunable group; the model is not modified."""
 
-    def training_epochs(self, params: Any, total_epochs: int) -> int:
+    def prepare(self, ctx: PruneContext, params: P) -> Training | None:
+        """The hooks this method trains with while pruning, or None (the default: no training)."""
+        return None
+
+    def finalize(self, ctx: PruneContext, params: P, training: Training | None) -> MethodOutput:
+        """Decide the kept channels (and edit weights if the method compensates or folds).
+
+        Default: allocate widths from :meth:`scores` and keep the best-scored channels."""
+        scores = self.scores(ctx, params)
+        widths = ctx.allocate(scores)
+        return MethodOutput(keep=ctx.select(scores, widths), model=ctx.model)
+
+    def training_epochs(self, params: P, total_epochs: int) -> int:
         """How many of a trial's ``total_epochs`` this method trains while pruning (ResRep); the
         rest are fine-tuning after surgery. Scoring methods train none, so all epochs fine-tune."""
         return 0
 
 
-class ScoringMethod(PruningMethod):
-    """A method that only scores channels: allocate widths, keep the best-scored channels."""
-
-    @abstractmethod
-    def scores(self, ctx: PruneContext, params: Any) -> dict[str, torch.Tensor]:
-        """Per-channel importance (higher keeps) for every prunable group."""
-
-    def run(self, ctx: PruneContext, params: Any) -> MethodOutput:
-        scores = self.scores(ctx, params)
-        widths = ctx.allocate(scores)
-        return MethodOutput(keep=ctx.select(scores, widths), model=ctx.model)
-
-
-def make_params(method: PruningMethod, params: Mapping[str, Any] | None) -> Any:
+def make_params(method: PruningMethod[P], params: Mapping[str, Any] | None) -> P:
     """Build ``method.Params`` from a mapping; unknown keys or bad values raise ``SpecError``."""
     params = dict(params or {})
     fields = {f.name: f for f in dataclasses.fields(method.Params)}

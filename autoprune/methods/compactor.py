@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..engine.cost import is_depthwise
 from ..engine.graph import ChannelGroup
+from ..engine.trace import direct_bns
 
 log = logging.getLogger(__name__)
 
@@ -51,48 +53,6 @@ class Site:
     rows: tuple[int, ...]  # rows[c]: the compactor row of group channel c
 
 
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels
-
-
-@torch.no_grad()
-def _trace(model: nn.Module, groups: Sequence[ChannelGroup], input_shape: Sequence[int]):
-    """For each conv of ``groups``, the BN that reads its output directly; and modules called twice."""
-    names = set()
-    for g in groups:
-        names.update(g.leaders, g.passthrough, g.bns)
-    modules = {n: m for n, m in model.named_modules() if n in names}
-    conv_out: dict[str, torch.Tensor] = {}
-    bn_in: dict[str, torch.Tensor] = {}
-    calls: dict[str, int] = {}
-
-    def hook(name: str):
-        def fn(module: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-            calls[name] = calls.get(name, 0) + 1
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                bn_in[name] = inp[0]
-            else:
-                conv_out[name] = out
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    was_training = model.training
-    try:
-        model.eval()
-        device = next(model.parameters()).device
-        model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    follower = {}
-    for conv, out in conv_out.items():
-        for bn, inp in bn_in.items():
-            if inp is out:
-                follower[conv] = bn
-    return follower, {n for n, k in calls.items() if k > 1}
-
-
 def _rows(g: ChannelGroup, conv: str, out_channels: int) -> tuple[int, ...] | None:
     member = g.member(conv, "out")
     if member is None or any(len(ix) != 1 for ix in member.index):
@@ -106,7 +66,8 @@ def find_sites(
 ) -> tuple[dict[str, list[Site]], dict[str, str]]:
     """Compactor sites per prunable group, and why the other prunable groups get none."""
     groups = [g for g in groups if g.prunable]
-    follower, repeated = _trace(model, groups, input_shape)
+    facts = direct_bns(model, input_shape)
+    follower, repeated = facts.bn_of, {n for n, k in facts.calls.items() if k > 1}
     modules = dict(model.named_modules())
     sites: dict[str, list[Site]] = {}
     skipped: dict[str, str] = {}
@@ -119,7 +80,7 @@ def find_sites(
         found = []
         for conv in convs:
             m = modules[conv]
-            ok_type = _is_depthwise(m) if g.passthrough else isinstance(m, nn.Conv2d) and m.groups == 1
+            ok_type = isinstance(m, nn.Conv2d) and is_depthwise(m) if g.passthrough else isinstance(m, nn.Conv2d) and m.groups == 1
             rows = _rows(g, conv, m.out_channels) if isinstance(m, nn.Conv2d) else None
             site = follower.get(conv, conv)
             bn = modules[site]
@@ -152,6 +113,7 @@ class Compactors:
         self.momentum, self.nesterov = momentum, nesterov  # used until an optimizer is attached
         self.optimizer: torch.optim.Optimizer | None = None
         self._any_masked: dict[str, bool] = {}  # host-side: no device sync to ask whether a row is masked
+        self.masked_channels: dict[str, set[int]] = {}  # group -> masked channels (as last set)
         self.sites = [s for group_sites in sites.values() for s in group_sites]
         modules = dict(model.named_modules())
         self.layers = nn.ModuleDict()
@@ -236,6 +198,7 @@ class Compactors:
 
     def set_masks(self, masked: Mapping[str, set[int]]) -> None:
         """Mask group channels: their rows get no task gradient in every compactor of the group."""
+        self.masked_channels = {g: set(cs) for g, cs in masked.items()}
         for s in self.sites:
             mask = torch.ones(len(s.rows))
             for c in masked.get(s.group, ()):

@@ -30,25 +30,26 @@ What each consumer reads is found by tracing the model (``torch.fx``) and carryi
 
 ``compensation="measured"`` uses the mean of each consumer's input over a few training batches
 instead (eval mode, forward pre-hooks). Widths come from the shared allocation. The ``layerwise``
-schedule removes groups shallow to deep, fine-tuning briefly after each with the removed channels
-held at zero; the engine then cuts them.
+schedule removes groups shallow to deep in the engine's training loop (a before-step hook removes the
+next group every ``layerwise_steps`` steps, each group's steps one cosine of the learning rate), the
+removed channels held at zero; the engine then cuts them.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
-import itertools
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..engine.calibrate import calibration_batches
 from ..engine.graph import ChannelGroup
 from ..errors import AutopruneError
-from .base import MethodOutput, PruneContext, PruningMethod
+from ..train import Callbacks, TrainConfig, segment_schedule, steps_per_epoch
+from .base import MethodOutput, PruneContext, PruningMethod, Training
 from .moments import ConsumerInputs, fallback_mean, gaussian_inputs, measured_inputs
 
 log = logging.getLogger(__name__)
@@ -126,25 +127,6 @@ def compensate(model: nn.Module, g: ChannelGroup, inputs: ConsumerInputs, remove
 # --------------------------------------------------------------------------- the method
 
 
-class _FirstBatches:
-    """The first ``steps`` batches of a split, reshuffled each pass: fit() then runs ``steps`` steps."""
-
-    def __init__(self, split: Any, steps: int, batch_size: int) -> None:
-        self.split, self.steps, self.batch_size = split, steps, batch_size
-
-    def __len__(self) -> int:
-        return self.steps * self.batch_size
-
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                augment: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-        passes = itertools.chain.from_iterable(
-            self.split.batches(batch_size, shuffle, generator, augment) for _ in range(self.steps))
-        yield from itertools.islice(passes, self.steps)
-
-    def to(self, device: Any) -> _FirstBatches:
-        return _FirstBatches(self.split.to(device), self.steps, self.batch_size)
-
-
 def _zero_channels(model: nn.Module, g: ChannelGroup, removed: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
     """Zero what produces the removed channels (leaders, BNs, passthroughs); returns (param, rows) pairs."""
     frozen = []
@@ -160,7 +142,7 @@ def _zero_channels(model: nn.Module, g: ChannelGroup, removed: Sequence[int]) ->
     return frozen
 
 
-class FSM(PruningMethod):
+class FSM(PruningMethod[FSMParams]):
     name = "fsm"
     Params = FSMParams
     summary = "feature shift minimisation: BN-modelled mean shift at the consumers, put back as a bias"
@@ -180,20 +162,35 @@ class FSM(PruningMethod):
         inputs = self._inputs(ctx, params, ctx.prunable)
         return {g.name: group_scores(ctx.model, g, inputs) for g in ctx.prunable}
 
-    def run(self, ctx: PruneContext, params: FSMParams) -> MethodOutput:
+    def prepare(self, ctx: PruneContext, params: FSMParams) -> Training | None:
+        """``layerwise``: groups are removed shallow to deep, one every ``layerwise_steps`` steps of the
+        engine's loop (a before-step hook), the removed channels held at zero after every step."""
+        if params.schedule != "layerwise":
+            return None
+        if ctx.data is None:
+            raise AutopruneError("fsm schedule='layerwise' fine-tunes between groups and needs training data: "
+                                 "pass data= to prune(), or use schedule='oneshot'")
+        run = _Layerwise(self, ctx, params)
+        teacher = copy.deepcopy(ctx.model).eval() if run.total and run.cfg.distill_alpha > 0 else None
+        callbacks = Callbacks(before_step=run.before_step, after_step=run.after_step, lr_at=run.lr_at)
+        return Training(callbacks=callbacks, state=run, steps=run.total, teacher=teacher)
+
+    def finalize(self, ctx: PruneContext, params: FSMParams, training: Training | None) -> MethodOutput:
         groups = ctx.prunable
+        if training is not None:  # layerwise: every group not yet removed is removed now
+            run = training.state
+            assert isinstance(run, _Layerwise)
+            run.remove_up_to(len(run.todo))
+            info = dict(run.info, layerwise_steps_per_group=run.per_group)
+            return MethodOutput(keep=run.keep, model=ctx.model, info=info)
         inputs = self._inputs(ctx, params, groups)
         scores = {g.name: group_scores(ctx.model, g, inputs) for g in groups}
         widths = ctx.allocate(scores)
-        info: dict[str, Any] = {"fallback_consumers": inputs.fallback, "measured_consumers": inputs.measured,
-                                "uncompensated_consumers": inputs.unmodelled}
-        if params.schedule == "layerwise":
-            keep = self._layerwise(ctx, params, widths, info)
-        else:
-            keep = ctx.select(scores, widths)
-            if params.compensation != "none":
-                shifts = [compensate(ctx.model, g, inputs, _removed(g, keep[g.name])) for g in groups]
-                info["max_compensation"] = max(shifts, default=0.0)
+        keep = ctx.select(scores, widths)
+        info: dict[str, Any] = _inputs_info(inputs)
+        if params.compensation != "none":
+            shifts = [compensate(ctx.model, g, inputs, _removed(g, keep[g.name])) for g in groups]
+            info["max_compensation"] = max(shifts, default=0.0)
         return MethodOutput(keep=keep, model=ctx.model, info=info)
 
     def _inputs(self, ctx: PruneContext, params: FSMParams, groups: Sequence[ChannelGroup]) -> ConsumerInputs:
@@ -214,48 +211,66 @@ class FSM(PruningMethod):
             inputs.unmodelled = sorted(set(wanted))
             return inputs
         batch_size = ctx.train_cfg.batch_size if ctx.train_cfg is not None else 128
-        batches = ctx.data.train.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-        measured = measured_inputs(ctx.model, set(wanted), itertools.islice(batches, params.batches))
+        batches = calibration_batches(ctx.data.train, params.batches, batch_size, ctx.seed)
+        measured = measured_inputs(ctx.model, set(wanted), batches)
         inputs.mean.update({c: v for c, v in measured.items() if v.shape == inputs.mean[c].shape})
         inputs.measured = sorted(measured)
         return inputs
 
-    def _layerwise(self, ctx: PruneContext, params: FSMParams, widths: Mapping[str, int],
-                   info: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-        from ..train import Callbacks, TrainConfig, fit, steps_per_epoch
 
-        if ctx.data is None:
-            raise AutopruneError("fsm schedule='layerwise' fine-tunes between groups and needs training data: "
-                                 "pass data= to prune(), or use schedule='oneshot'")
-        model = ctx.model
-        todo = [g for g in ctx.prunable if widths[g.name] < g.channels]  # groups come in depth order
-        keep = {g.name: tuple(range(g.channels)) for g in ctx.prunable if widths[g.name] >= g.channels}
-        cfg = ctx.train_cfg if ctx.train_cfg is not None else TrainConfig(epochs=1)
-        steps = params.layerwise_steps
-        if not steps and todo:
-            steps = cfg.epochs * steps_per_epoch(len(ctx.data.train), cfg.batch_size) // len(todo)
-        teacher = copy.deepcopy(model).eval() if steps and cfg.distill_alpha > 0 else None
-        frozen: list[tuple[Tensor, Tensor]] = []
+def _inputs_info(inputs: ConsumerInputs) -> dict[str, Any]:
+    return {"fallback_consumers": inputs.fallback, "measured_consumers": inputs.measured,
+            "uncompensated_consumers": inputs.unmodelled}
 
-        def hold_at_zero(_model: nn.Module, _step: int) -> None:
-            for p, idx in frozen:
-                if p.grad is not None:
-                    p.grad[idx] = 0
 
-        for i, g in enumerate(todo):
-            inputs = self._inputs(ctx, params, [g])
-            keep[g.name] = ctx.select({g.name: group_scores(model, g, inputs)}, {g.name: widths[g.name]})[g.name]
-            removed = _removed(g, keep[g.name])
-            if params.compensation != "none":
+class _Layerwise:
+    """FSM's layer-by-layer schedule on the engine's loop: group i goes at step i x ``per_group``."""
+
+    def __init__(self, method: FSM, ctx: PruneContext, params: FSMParams) -> None:
+        self.method, self.ctx, self.params = method, ctx, params
+        self.cfg = ctx.train_cfg if ctx.train_cfg is not None else TrainConfig(epochs=1)
+        inputs = method._inputs(ctx, params, ctx.prunable)
+        self.info = _inputs_info(inputs)
+        self.widths = ctx.allocate({g.name: group_scores(ctx.model, g, inputs) for g in ctx.prunable})
+        self.todo = [g for g in ctx.prunable if self.widths[g.name] < g.channels]  # groups come in depth order
+        self.keep = {g.name: tuple(range(g.channels)) for g in ctx.prunable if self.widths[g.name] >= g.channels}
+        per_group = params.layerwise_steps
+        if not per_group and self.todo:
+            per_group = self.cfg.epochs * steps_per_epoch(len(ctx.data.train), self.cfg.batch_size) // len(self.todo)
+        self.per_group = per_group
+        self.total = per_group * len(self.todo)
+        self.done = 0
+        self.frozen: list[tuple[Tensor, Tensor]] = []
+        # each group's steps run one cosine from the full rate (as a fine-tune of its own would)
+        self.segment = segment_schedule(self.cfg.lr, per_group)
+
+    def lr_at(self, step: int) -> float:
+        return self.segment(step % max(1, self.per_group))
+
+    def before_step(self, _model: nn.Module, step: int) -> None:
+        self.remove_up_to(step // max(1, self.per_group) + 1)
+
+    def after_step(self, _model: nn.Module, _step: int) -> None:
+        """Removed channels stay zero (momentum and weight decay would move them otherwise)."""
+        with torch.no_grad():
+            for p, idx in self.frozen:
+                p[idx] = 0
+
+    def remove_up_to(self, n: int) -> None:
+        """Remove (score, compensate, zero) the groups of ``todo`` before index ``n`` not yet removed."""
+        model, ctx = self.ctx.model, self.ctx
+        while self.done < min(n, len(self.todo)):
+            g = self.todo[self.done]
+            inputs = self.method._inputs(ctx, self.params, [g])
+            kept = ctx.select({g.name: group_scores(model, g, inputs)}, {g.name: self.widths[g.name]})[g.name]
+            self.keep[g.name] = kept
+            removed = _removed(g, kept)
+            if self.params.compensation != "none":
                 compensate(model, g, inputs, removed)
-            frozen += _zero_channels(model, g, removed)
-            if steps:
-                fit(model, _FirstBatches(ctx.data.train, steps, cfg.batch_size), None,
-                    dataclasses.replace(cfg, epochs=1, warmup_epochs=0.0, seed=cfg.seed + i), ctx.device,
-                    Callbacks(after_backward=hold_at_zero), teacher)
-            log.info("fsm: %s keeps %d of %d channels (%d fine-tuning steps)", g.name, widths[g.name], g.channels, steps)
-        info["layerwise_steps_per_group"] = steps
-        return keep
+            self.frozen += _zero_channels(model, g, removed)
+            log.info("fsm: %s keeps %d of %d channels (%d fine-tuning steps)", g.name, self.widths[g.name],
+                     g.channels, self.per_group)
+            self.done += 1
 
 
 def _removed(g: ChannelGroup, kept: Sequence[int]) -> list[int]:

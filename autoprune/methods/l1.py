@@ -8,19 +8,17 @@ BN normalises the filter's magnitude away; the group sum is what Torch-Pruning's
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .base import NoParams, PruneContext, ScoringMethod
+from .base import NoParams, PruneContext, PruningMethod
 
 
-class L1(ScoringMethod):
+class L1(PruningMethod[NoParams]):
     name = "l1"
     Params = NoParams
     summary = "L1 magnitude of each channel's weights across its group (baseline, no compensation)"
 
-    def scores(self, ctx: PruneContext, params: Any) -> dict[str, torch.Tensor]:
+    def scores(self, ctx: PruneContext, params: NoParams | None) -> dict[str, torch.Tensor]:
         out = {}
         for g in ctx.prunable:
             total = torch.zeros(g.channels, dtype=torch.float64)

@@ -39,18 +39,18 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..engine.calibrate import calibration_batches
 from ..engine.graph import ChannelGroup
+from ..engine.trace import direct_bns
 from ..errors import AutopruneError, warn
-from .base import MethodOutput, PruneContext, PruningMethod
+from .base import MethodOutput, PruneContext, PruningMethod, Training
 from .lrf_algebra import (  # noqa: F401 - re-exported: the algebra's public names live on lrf too
     greedy_order,
     greedy_order_multi,
@@ -60,7 +60,7 @@ from .lrf_algebra import (  # noqa: F401 - re-exported: the algebra's public nam
     ridge_inverse,
     ridge_inverse_gram,
 )
-from .lrf_features import FeatureStats, calibration_batches, feature_stats
+from .lrf_features import FeatureStats, feature_stats
 
 log = logging.getLogger(__name__)
 
@@ -93,38 +93,6 @@ class LRFParams:
 
 
 # --------------------------------------------------------------------------- model access
-
-
-@torch.no_grad()
-def direct_bns(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, str]:
-    """Map conv/linear name -> the BatchNorm that reads its output directly (nothing in between).
-
-    Found by one forward pass: the BN's input must be the very tensor the layer returned, unmodified
-    (an in-place ReLU in between bumps the tensor's version)."""
-    names = {m: n for n, m in model.named_modules()}
-    produced: dict[int, tuple[str, Any, int]] = {}
-    found: dict[str, str] = {}
-
-    def after(module: nn.Module, _inp: Any, out: Tensor) -> None:
-        produced[id(out)] = (names[module], weakref.ref(out), out._version)
-
-    def before(module: nn.Module, inp: tuple) -> None:
-        hit = produced.get(id(inp[0]))
-        if hit is not None and hit[1]() is inp[0] and inp[0]._version == hit[2]:
-            found[hit[0]] = names[module]
-
-    hooks = [m.register_forward_hook(after) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks += [m.register_forward_pre_hook(before) for m in model.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    was_training = model.training
-    try:
-        model.eval()
-        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-    finally:
-        model.train(was_training)
-        for hk in hooks:
-            hk.remove()
-    return found
 
 
 def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor] | None:
@@ -283,7 +251,7 @@ def _single_threaded(device: torch.device) -> Iterator[None]:
 # --------------------------------------------------------------------------- the method
 
 
-class LRF(PruningMethod):
+class LRF(PruningMethod[LRFParams]):
     name = "lrf"
     Params = LRFParams
     summary = ("linearly replaceable filters: remove channels the others can replace (fit on calibration "
@@ -291,28 +259,44 @@ class LRF(PruningMethod):
     notes = (("fit=auto: 'features' when prune() gets data (search trials do), else 'weights'; info.fit records "
              "which ran"),)
 
-    def run(self, ctx: PruneContext, params: LRFParams) -> MethodOutput:
-        start = time.perf_counter()
+    def _setup(self, ctx: PruneContext, params: LRFParams) -> tuple[str, dict[str, str], list]:
+        """(the fit that runs, conv -> its direct BN, the calibration batches of the feature fit)."""
         fit = params.fit
         if fit == "auto":
             fit = "features" if ctx.data is not None else "weights"
             if fit == "weights":
                 warn("lrf got no data, so it falls back to its weight fit (fit='weights'), which loses to l1 "
                      "through a ReLU; pass data= to prune() for the feature fit, or set fit='weights' to "
-                     "silence this", stacklevel=3)
+                     "silence this", stacklevel=4)
         if fit == "features" and ctx.data is None:
             raise AutopruneError("lrf fit='features' measures consumer inputs on calibration batches: pass "
                                  "data= to prune(), or use fit='weights'")
+        bn_of = direct_bns(ctx.model, ctx.input_shape).bn_of
+        batches = []
+        if fit == "features":
+            batch_size = ctx.train_cfg.batch_size if ctx.train_cfg is not None else 128
+            batches = list(calibration_batches(ctx.data.train, params.calibration_batches, batch_size, ctx.seed))
+        return fit, bn_of, batches
+
+    def scores(self, ctx: PruneContext, params: LRFParams) -> dict[str, Tensor]:
+        fit, bn_of, batches = self._setup(ctx, params)
+        return self._scores(ctx, params, fit, bn_of, batches)
+
+    def _scores(self, ctx: PruneContext, params: LRFParams, fit: str, bn_of: dict[str, str],
+                batches: list) -> dict[str, Tensor]:
         model, groups = ctx.model, ctx.prunable
-        bn_of = direct_bns(model, ctx.input_shape)
-        batches = calibration_batches(ctx.data, ctx.train_cfg, params.calibration_batches) if fit == "features" else []
         if fit == "features":
             stats = feature_stats(model, groups, batches)
             empty = FeatureStats({}, {}, {})
-            scores = {g.name: _feature_score(_gather(model, g, bn_of, {}), stats.get(g.name, empty),
-                                             params.eps).float().cpu() for g in groups}
-        else:
-            scores = {g.name: _score(_gather(model, g, bn_of, {}), params.eps).float().cpu() for g in groups}
+            return {g.name: _feature_score(_gather(model, g, bn_of, {}), stats.get(g.name, empty),
+                                           params.eps).float().cpu() for g in groups}
+        return {g.name: _score(_gather(model, g, bn_of, {}), params.eps).float().cpu() for g in groups}
+
+    def finalize(self, ctx: PruneContext, params: LRFParams, training: Training | None) -> MethodOutput:
+        start = time.perf_counter()
+        fit, bn_of, batches = self._setup(ctx, params)
+        scores = self._scores(ctx, params, fit, bn_of, batches)
+        model, groups = ctx.model, ctx.prunable
         widths = ctx.allocate(scores)
         scored = time.perf_counter()
         dropped: Dropped = {}

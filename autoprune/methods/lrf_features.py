@@ -22,7 +22,6 @@ which is what surgery will compute), so each fit sees the features it will reall
 """
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,10 +99,3 @@ def feature_stats(model: nn.Module, groups: Sequence[ChannelGroup],
         stats = out.setdefault(g, FeatureStats({}, {}, {}))
         stats.mean[c], stats.cov[c], stats.count[c] = mean, 0.5 * (cov + cov.T), k
     return out
-
-
-def calibration_batches(data: Any, train_cfg: Any, count: int) -> list[tuple[Tensor, Tensor]]:
-    """The first ``count`` training batches (shuffled with a fixed seed, so every pass sees the same images)."""
-    batch_size = train_cfg.batch_size if train_cfg is not None else 128
-    batches = data.train.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-    return list(itertools.islice(batches, count))

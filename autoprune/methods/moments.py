@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..engine.cost import is_depthwise
 from ..engine.graph import ChannelGroup
+from ..engine.trace import direct_bns
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,6 @@ class _Propagate(fx.Interpreter):
         self.moments: dict[fx.Node, Moments | None] = {}
         self.shapes: dict[fx.Node, torch.Size] = {}
         self.seen: dict[str, Tensor] = {}
-        self.bn_after: dict[str, str] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -127,9 +128,6 @@ class _Propagate(fx.Interpreter):
             m = self._in(n.args[0])
             if m is not None:
                 self.seen[n.target] = m[0]
-            users = list(n.users)
-            if len(users) == 1 and users[0].op == "call_module" and isinstance(self.mods[users[0].target], _BatchNorm):
-                self.bn_after[n.target] = users[0].target
         if isinstance(out, Tensor):
             self.shapes[n] = out.shape
             try:
@@ -160,7 +158,7 @@ class _Propagate(fx.Interpreter):
                 return _quadrature(x, mod)
             if isinstance(mod, _KEEP_MEAN):
                 return self._reshape(n.args[0], out)
-            if isinstance(mod, nn.Conv2d) and 1 < mod.groups == mod.in_channels == mod.out_channels and x is not None:
+            if isinstance(mod, nn.Conv2d) and is_depthwise(mod) and x is not None:
                 bias = mod.bias.detach().float() if mod.bias is not None else 0.0  # depthwise, no BN yet
                 return x[0] * mod.weight.detach().float().sum((1, 2, 3)) + bias, torch.full_like(x[0], math.nan)
             return None
@@ -253,10 +251,12 @@ def gaussian_inputs(model: nn.Module, groups: Sequence[ChannelGroup], input_shap
         try:
             trace = _Propagate(fx.symbolic_trace(model), {c for g in groups for c in g.consumers})
             trace.run(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-            seen, out.bn_after = trace.seen, trace.bn_after
+            seen = trace.seen
         except Exception as exc:  # noqa: BLE001 - any tracing failure means "use the fallback"
             log.info("fsm: cannot trace %s (%s); using the BN-sum approximation", type(model).__name__,
                      type(exc).__name__)
+    consumers = {c for g in groups for c in g.consumers}
+    out.bn_after = {c: bn for c, bn in direct_bns(model, input_shape).bn_of.items() if c in consumers}
     for g in groups:
         fb = None
         for c in g.consumers:

@@ -47,20 +47,22 @@ to learn when trials are long, and the search spaces search ``forget_by``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
+from torch import nn
 
-from ..engine.allocate import round_steps, width_bounds
-from ..engine.calibrate import recalibrate_bn, restat_bn
+from ..engine.calibrate import kept_bn_statistics, recalibrate_bn, restat_bn
 from ..errors import AutopruneError, SpecError
-from .base import EpochReport, MethodOutput, PruneContext, PruneStopped, PruningMethod
+from ..train import Callbacks, TrainConfig, default_param_groups, lr_schedule, steps_per_epoch
+from .base import MethodOutput, PruneContext, PruningMethod, Training
 from .compactor import Compactors, find_sites
-from .resrep_schedule import MaskSchedule, rank_scores, round_widths
+from .resrep_schedule import Mask, MaskSchedule, rank_scores
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +124,138 @@ def _prior(ctx: PruneContext, how: str, names: list[str]) -> dict[str, torch.Ten
     return {n: (scores[n] / scores[n].mean().clamp_min(1e-12)).clamp_min(1e-6) for n in names}
 
 
-class ResRep(PruningMethod):
+class _Run:
+    """One ResRep run on the engine's training loop: compactors, the mask schedule, the hooks."""
+
+    def __init__(self, ctx: PruneContext, params: ResRepParams) -> None:
+        if ctx.data is None:
+            raise AutopruneError("method 'resrep' trains while pruning: pass data= (a Dataset from "
+                                 "autoprune.data.datasets.load_data) to prune()")
+        self.ctx, self.params = ctx, params
+        self.cfg = cfg = ctx.train_cfg if ctx.train_cfg is not None else TrainConfig()
+        sites, self.skipped = find_sites(ctx.model, ctx.groups, ctx.input_shape, residual=params.residual)
+        if not sites:
+            why = "; ".join(self.skipped.values())
+            raise AutopruneError(f"resrep found no channel group it can attach compactors to ({why})")
+        self.groups = [g for g in ctx.prunable if g.name in sites]
+        spe = steps_per_epoch(len(ctx.data.train), cfg.batch_size)
+        self.steps = cfg.epochs * spe
+        self.prior = _prior(ctx, params.prior, [g.name for g in self.groups])  # before compactors move a scale
+        start = {g.name: self.prior.get(g.name, torch.ones(g.channels, dtype=torch.float64)) for g in self.groups}
+        self.schedule = MaskSchedule(self.groups, ctx.target_cost, ctx.target, self.steps, params,
+                                     ctx.allocation, self._weigh(start))
+        lr_at = lr_schedule(cfg, spe)
+        self.lrs = [lr_at(t) for t in range(self.steps)]
+        self.forget = self.schedule.forget_fractions(self.lrs) if params.forget_by > 0 else None
+        # fit's optimizer is SGD with Nesterov momentum when cfg.momentum > 0 (see autoprune.train)
+        self.comp = Compactors(ctx.model, sites, momentum=params.compactor_momentum, nesterov=cfg.momentum > 0,
+                               scaled=params.init == "scaled")
+        self.final = False  # the mask can no longer change: not recomputed
+
+    def _weigh(self, norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weighted = {g: n * self.prior[g] for g, n in norms.items()} if self.prior else norms
+        return rank_scores(weighted, self.params.normalise, self.ctx.target_cost,
+                           {g.name: g.channels for g in self.groups})
+
+    def ranking(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Compactor row norms per group, and the scores the allocator ranks (one host sync)."""
+        norms = self.comp.group_norms()
+        return norms, self._weigh(norms)
+
+    def callbacks(self) -> Callbacks:
+        return Callbacks(param_groups=self.param_groups, on_optimizer=self.comp.attach_optimizer,
+                         after_backward=self.after_backward, reading=self.reading)
+
+    def after_backward(self, _model: nn.Module, step: int) -> None:
+        if not self.final and self.schedule.due(step):
+            self.comp.set_masks(self.schedule.update(self.ranking()[1], step))
+        self.final = self.final or self.schedule.final_after(step)
+        t = min(step, self.steps - 1)
+        self.comp.apply_penalty(self.params.penalty, self.lrs[t], self.forget[t] if self.forget is not None else None)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        own = {id(p) for p in self.comp.parameters()}
+        out = []
+        for g in default_param_groups(model, self.cfg.weight_decay):
+            rest = [p for p in g["params"] if id(p) not in own]
+            if rest:
+                out.append({**g, "params": rest})
+        out.append({"params": self.comp.parameters(), "weight_decay": 0.0,
+                    "momentum": self.params.compactor_momentum})
+        return out
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[dict]:
+        """The model this run would return if it stopped now: the final mask of this point applied
+        (what folding and cutting compute) and BN statistics re-estimated as at the end; yields its
+        MACs and parameters. Everything is restored on exit."""
+        masked = self.schedule.final(self.ranking()[1])
+        now = {n: set(cs) for n, cs in self.comp.masked_channels.items()}
+        self.comp.set_masks(masked)
+        try:
+            with self.comp.masked(), kept_bn_statistics(self.ctx.model):
+                recalibrate_bn(self.ctx.model, self.ctx.data.train, device=self.ctx.device, seed=self.cfg.seed)
+                widths = {g.name: g.channels - len(masked[g.name]) for g in self.groups}
+                yield {"macs": self.ctx.cost.macs(widths), "params": self.ctx.cost.params(widths)}
+        finally:
+            self.comp.set_masks(now)
+
+    def finish(self) -> tuple[Mask, dict[str, torch.Tensor], int]:
+        """Fold the model this run returns (masked rows zero even if not yet decayed), with measured
+        BN statistics (``restat``); the final mask, the row norms, the images restat read."""
+        norms, scores = self.ranking()
+        masked = self.schedule.final(scores)
+        self.comp.set_masks(masked)
+        images = 0
+        try:
+            with self.comp.masked():
+                if self.params.restat and self.steps:
+                    images = recalibrate_bn(self.ctx.model, self.ctx.data.train, device=self.ctx.device,
+                                            seed=self.cfg.seed)
+                folded = self.comp.fold()
+            if self.params.restat and self.steps:
+                restat_bn(self.ctx.model, folded, self.ctx.data.train, device=self.ctx.device, seed=self.cfg.seed)
+        finally:
+            self.comp.remove()
+        return masked, norms, images
+
+    def info(self, keep: dict[str, tuple[int, ...]], masked: Mask, norms: dict[str, torch.Tensor],
+             images: int) -> dict[str, Any]:
+        residual = [g for g in self.ctx.prunable if g.residual]
+        residual_pruned = any(g.residual for g in self.groups)
+        sched = self.schedule
+        info: dict[str, Any] = {
+            "masked_norm_max": max((float(norms[n][c]) for n, cs in masked.items() for c in cs), default=0.0),
+            "groups_pruned": sum(1 for g in self.groups if len(keep[g.name]) < g.channels),
+            "residual_groups": ("none in this model" if not residual else "pruned with shared masks"
+                                if residual_pruned else "left unpruned"),
+            "steps": self.steps,
+            "mask_updates": sched.updates,
+            # the values the short-trial schedule actually used (it caps the interval and raises the growth)
+            "mask_interval": sched.interval,
+            "mask_growth": sched.growth_used,
+            "allocation": self.ctx.allocation.mode if sched.fixed is not None else
+            ("global (the shared allocator over compactor norms"
+             f"{' x prior' if self.prior else ''}, normalise={self.ctx.allocation.normalise})"),
+            "target_met_step": sched.reached_at,
+            # restat: training images its two BN passes read (independent of the engine's recalibrate_batches)
+            "restat_images": images,
+        }
+        if self.skipped:
+            info["unpruned_groups"] = dict(self.skipped)
+        return info
+
+
+class ResRep(PruningMethod[ResRepParams]):
     name = "resrep"
     Params = ResRepParams
-    summary = "ResRep: compactors with penalty gradients and a global mask schedule, folded at the end"
+    summary = "ResRep: compactors with penalty gradients and a mask schedule, folded at the end"
     notes = (
         ("mask_interval is a maximum and growth a minimum: a short run caps the interval so the mask is "
         "updated about 8 times before `reach` and raises the growth to meet the target by then; "
         "info.mask_interval and info.mask_growth (metrics.json) record the values used"),
-        ("allocation: global = ResRep's own global ranking of compactor norms (`normalise`); uniform and "
+        ("allocation: global = the shared allocator ranks compactor norms (times the prior; `normalise` "
+        "weighs them first, then the allocation's own normalise and round_to apply); uniform and "
         "searched fix each group's width from the allocation shape and the norms pick the channels; "
         "info.allocation records which"),
         ("penalty: with forget_by > 0 masked rows reach zero on forget_by's schedule, so in a run of a few "
@@ -143,136 +268,20 @@ class ResRep(PruningMethod):
             return 0
         return max(1, min(total_epochs, math.floor(params.train_share * total_epochs + 0.5)))
 
-    def run(self, ctx: PruneContext, params: ResRepParams) -> MethodOutput:
-        from ..train import (
-            Callbacks,
-            TrainConfig,
-            default_param_groups,
-            evaluate,
-            fit,
-            lr_schedule,
-            steps_per_epoch,
-        )
+    def scores(self, ctx: PruneContext, params: ResRepParams) -> dict[str, torch.Tensor]:
+        """Before training: the prior (or ones with ``prior="none"``), what the first mask ranks."""
+        prior = _prior(ctx, params.prior, [g.name for g in ctx.prunable])
+        return {g.name: prior.get(g.name, torch.ones(g.channels, dtype=torch.float64)) for g in ctx.prunable}
 
-        if ctx.data is None:
-            raise AutopruneError("method 'resrep' trains while pruning: pass data= (a Dataset from "
-                                 "autoprune.data.datasets.load_data) to prune()")
-        cfg = ctx.train_cfg if ctx.train_cfg is not None else TrainConfig()
-        sites, skipped = find_sites(ctx.model, ctx.groups, ctx.input_shape, residual=params.residual)
-        if not sites:
-            why = "; ".join(skipped.values())
-            raise AutopruneError(f"resrep found no channel group it can attach compactors to ({why})")
-        groups = [g for g in ctx.prunable if g.name in sites]
-        objective = ctx.target_cost  # MACs, or the device's latency model
-        steps_of = round_steps(groups, ctx.allocation, objective)
-        bounds = {g.name: width_bounds(g, ctx.allocation, steps_of[g.name]) for g in groups}
-        floor = objective.value({n: low for n, (low, _) in bounds.items()})
-        if floor > ctx.target * objective.base:
-            extra = f" ({len(skipped)} groups left unpruned)" if skipped else ""
-            raise AutopruneError(f"{objective.unit} target {ctx.target:.3f} is unreachable for resrep: the smallest "
-                                 f"reachable fraction is {floor / objective.base:.3f}{extra}; raise the target")
-        spe = steps_per_epoch(len(ctx.data.train), cfg.batch_size)
-        steps = cfg.epochs * spe
-        schedule = MaskSchedule(groups, bounds, objective, ctx.target, steps, params, ctx.allocation)
-        lr_at = lr_schedule(cfg, spe)
-        lrs = [lr_at(t) for t in range(steps)]
-        forget = schedule.forget_fractions(lrs, params.forget_by) if params.forget_by > 0 else None
-        # fit's optimizer is SGD with Nesterov momentum when cfg.momentum > 0 (see autoprune.train)
-        prior = _prior(ctx, params.prior, [g.name for g in groups])  # read before compactors move any scale
-        comp = Compactors(ctx.model, sites, momentum=params.compactor_momentum, nesterov=cfg.momentum > 0,
-                          scaled=params.init == "scaled")
+    def prepare(self, ctx: PruneContext, params: ResRepParams) -> Training:
+        run = _Run(ctx, params)
+        if not run.steps:
+            log.warning("resrep got no training steps; the mask comes from the untrained compactors")
+        return Training(callbacks=run.callbacks(), state=run, steps=run.steps)
 
-        def ranking() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-            norms = comp.group_norms()
-            weighted = {g: n * prior[g] for g, n in norms.items()} if prior else norms
-            return norms, rank_scores(weighted, params.normalise, ctx.cost)
-
-        def after_backward(_model: torch.nn.Module, step: int) -> None:
-            if schedule.due(step):
-                comp.set_masks(schedule.update(ranking()[1], step))
-            t = min(step, steps - 1)
-            comp.apply_penalty(params.penalty, lrs[t], forget[t] if forget is not None else None)
-
-        def param_groups(model: torch.nn.Module) -> list[dict]:
-            own = {id(p) for p in comp.parameters()}
-            out = []
-            for g in default_param_groups(model, cfg.weight_decay):
-                rest = [p for p in g["params"] if id(p) not in own]
-                if rest:
-                    out.append({**g, "params": rest})
-            out.append({"params": comp.parameters(), "weight_decay": 0.0,
-                        "momentum": params.compactor_momentum})
-            return out
-
-        stop: list[EpochReport] = []  # the report on_epoch asked to stop at
-        restat_images = 0
-        settled = schedule.forget_end(steps, params.forget_by)
-
-        def on_epoch_end(val: Any, epoch: int, _metrics: dict) -> bool:
-            """Report the model this run would return now: the current mask applied, the same function as
-            folding and cutting (Compactors.masked). No accuracy until the mask meets the target and the
-            masked rows have been driven to zero: before that, cutting them measures an abrupt removal
-            the schedule has not finished, not the model the run is heading for."""
-            widths = {g.name: g.channels - len(schedule.masked[g.name]) for g in groups}
-            acc = None
-            if schedule.reached_at is not None and epoch * spe - 1 >= settled and val is not None:
-                with comp.masked():
-                    acc = float(evaluate(ctx.model, val, ctx.device)["acc"])
-            log.info("resrep epoch %d: masked-model val_acc %s", epoch, "n/a" if acc is None else f"{acc:.4f}")
-            rep = EpochReport(epoch=epoch, val_acc=acc, macs=ctx.cost.macs(widths), params=ctx.cost.params(widths),
-                              base_macs=ctx.cost.base_macs, base_params=ctx.cost.base_params)
-            if ctx.on_epoch is not None and ctx.on_epoch(rep):
-                stop.append(rep)
-                return True
-            return False
-
-        try:
-            if steps == 0:
-                log.warning("resrep got no training steps; the mask comes from the untrained compactors")
-            else:
-                val = ctx.data.val if len(ctx.data.val) else None
-                callbacks = Callbacks(after_backward=after_backward, param_groups=param_groups,
-                                      on_optimizer=comp.attach_optimizer)
-                if ctx.on_epoch is not None:  # report the masked model instead of the compactor model
-                    callbacks.on_epoch_end = partial(on_epoch_end, val)
-                    val = None
-                fit(ctx.model, ctx.data.train, val, cfg, ctx.device, callbacks, progress=ctx.progress)
-                if stop:
-                    raise PruneStopped(stop[-1])
-            norms, scores = ranking()
-            masked = schedule.finish(scores)
-            if max(steps_of.values(), default=1) > 1 and schedule.fixed is None:  # fixed: already rounded
-                masked = round_widths(masked, scores, groups, bounds, steps_of, objective,
-                                      ctx.target * objective.base)
-            comp.set_masks(masked)
-            with comp.masked():  # fold the model this run returns: masked rows zero even if not yet decayed
-                if params.restat and steps:  # its BN statistics, measured
-                    restat_images = recalibrate_bn(ctx.model, ctx.data.train, device=ctx.device, seed=cfg.seed)
-                folded = comp.fold()
-            if params.restat and steps:
-                restat_bn(ctx.model, folded, ctx.data.train, device=ctx.device, seed=cfg.seed)
-        finally:
-            comp.remove()
-        keep = {g.name: tuple(c for c in range(g.channels) if c not in masked[g.name]) for g in groups}
-        masked_norms = [float(norms[n][c]) for n, cs in masked.items() for c in cs]
-        residual = [g for g in ctx.prunable if g.residual]
-        residual_pruned = any(g.residual for g in groups)
-        info: dict[str, Any] = {
-            "masked_norm_max": max(masked_norms, default=0.0),
-            "groups_pruned": sum(1 for g in groups if len(keep[g.name]) < g.channels),
-            "residual_groups": ("none in this model" if not residual else "pruned with shared masks"
-                                if residual_pruned else "left unpruned"),
-            "steps": steps,
-            "mask_updates": schedule.updates,
-            # the values the short-trial schedule actually used (it caps the interval and raises the growth)
-            "mask_interval": schedule.interval,
-            "mask_growth": schedule.growth_used,
-            "allocation": ctx.allocation.mode if schedule.fixed is not None
-            else f"global (ResRep's ranking of compactor norms, normalise={params.normalise})",
-            "target_met_step": schedule.reached_at,
-            # restat: training images its two BN passes read (independent of the engine's recalibrate_batches)
-            "restat_images": restat_images,
-        }
-        if skipped:
-            info["unpruned_groups"] = dict(skipped)
-        return MethodOutput(keep=keep, model=ctx.model, info=info)
+    def finalize(self, ctx: PruneContext, params: ResRepParams, training: Training | None) -> MethodOutput:
+        run = (training if training is not None else self.prepare(ctx, params)).state
+        assert isinstance(run, _Run)
+        masked, norms, images = run.finish()
+        keep = {g.name: tuple(c for c in range(g.channels) if c not in masked[g.name]) for g in run.groups}
+        return MethodOutput(keep=keep, model=ctx.model, info=run.info(keep, masked, norms, images))

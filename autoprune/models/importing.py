@@ -21,11 +21,12 @@ from torch import nn
 from ..data.datasets import DataSpec, load_data
 from ..data.splits import check_split
 from ..engine.cost import count_macs, count_params
-from ..engine.plan import BASE_FORMAT, load_base, read_checkpoint, save_base
+from ..engine.plan import BASE_FORMAT, load_base, read_checkpoint, save_base, with_metadata
 from ..errors import AutopruneError, CheckpointError
 from ..progress import phase
 from ..train import evaluate
 from ..trust import TrustCode, accepts_trust_code, check_name, needs_trust
+from .outputs import logits_of, select_logits
 from .registry import TORCHVISION_PREFIX, ModelSpec, create_model
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a state_dict (a dict of tensors); save one with "
                               "torch.save(model.state_dict(), path)")
     prefix = "module."
+    meta = getattr(obj, "_metadata", None)
     if obj and all(k.startswith(prefix) for k in obj):
         obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return dict(obj)
+        meta = {k.removeprefix(prefix): v for k, v in (meta or {}).items()}
+    return with_metadata(obj, None, meta) if meta else dict(obj)
 
 
 def _torchvision_weights(name: str, weights: str) -> dict[str, torch.Tensor]:
@@ -91,8 +94,8 @@ def _torchvision_weights(name: str, weights: str) -> dict[str, torch.Tensor]:
 
 def _fit_weights(model: nn.Module, state: Mapping[str, torch.Tensor], label: str) -> None:
     try:
-        model.load_state_dict(dict(state), strict=True)
-    except RuntimeError as exc:
+        model.load_state_dict(with_metadata(state, model), strict=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
         first = " ".join(str(exc).split())[:240]
         raise CheckpointError(f"{label}: weights do not fit the architecture ({first}); the model must be built "
                               "for the data's classes and channels") from exc
@@ -108,6 +111,7 @@ def import_model(
     state_dict: str | Path | Mapping[str, torch.Tensor] | None = None,
     weights: str | None = None,
     device: str | torch.device = "cpu",
+    output: int | str | None = None,
     trust_code: TrustCode = None,
 ) -> ImportResult:
     """Save a trained model as a base checkpoint at ``out`` after measuring its val accuracy on ``data``.
@@ -118,7 +122,8 @@ def import_model(
     mapping), ``weights`` (torchvision's pretrained weights, e.g. ``"DEFAULT"``; downloaded), or the
     module itself. ``data`` is a :class:`DataSpec` or a loaded Dataset; the model is built for its
     classes, channels and image size. Raises ``AutopruneError`` for a missing source of weights, weights
-    that do not fit, or a model whose outputs differ from the data's classes. ``trust_code``: modules a
+    that do not fit, or a model whose outputs differ from the data's classes. ``output`` picks which
+    output is the logits when forward returns several (:mod:`autoprune.models.outputs`). ``trust_code``: modules a
     ``package.module:function`` name may import (:mod:`autoprune.trust`).
     """
     named = name if isinstance(source, nn.Module) else source
@@ -133,7 +138,7 @@ def import_model(
     if not isinstance(spec_name, str) or not spec_name:
         raise AutopruneError("importing an nn.Module needs name='package.module:function' (or torchvision:<name>) "
                              "that builds its architecture, so the checkpoint can rebuild it")
-    spec = ModelSpec(spec_name, dataset.num_classes, dataset.in_channels, dataset.image_size)
+    spec = ModelSpec(spec_name, dataset.num_classes, dataset.in_channels, dataset.image_size, output)
     model = create_model(spec)
     if weights is not None:
         if not spec_name.startswith(TORCHVISION_PREFIX):
@@ -152,10 +157,10 @@ def import_model(
     shape = (spec.in_channels, spec.image_size, spec.image_size)
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
-        out_rebuilt = model(x)
+        out_rebuilt = logits_of(model, model(x))
         if module is not None:
             was_training = module.training
-            given = module.to(device).eval()(x)
+            given = select_logits(module.to(device).eval()(x), spec.output)
             module.train(was_training)
             if not torch.allclose(given, out_rebuilt, rtol=1e-5, atol=1e-6):
                 raise AutopruneError(f"{spec_name} does not rebuild the given {type(module).__name__}: same weights, "

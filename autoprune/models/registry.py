@@ -45,6 +45,7 @@ class ModelSpec:
     num_classes: int
     in_channels: int
     image_size: int  # H == W of inputs
+    output: int | str | None = None  # which output is the logits (autoprune.models.outputs); None: the rule
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -53,21 +54,27 @@ class ModelSpec:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AutopruneError(f"model {key} must be a positive integer, got {value!r}")
+        from .outputs import parse_selector
+
+        object.__setattr__(self, "output", parse_selector(self.output))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["output"] is None:  # checkpoints of models following the default rule stay as they were
+            del d["output"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(d))
+        missing = sorted(names - set(d) - {"output"})
         unknown = sorted(set(d) - names)
         if missing or unknown:
             raise AutopruneError(
                 f"bad model spec {d!r}: missing keys {missing}, unknown keys {unknown}; "
                 f"expected exactly {sorted(names)}"
             )
-        return cls(**{k: d[k] for k in names})
+        return cls(**{k: d[k] for k in names if k in d})
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
@@ -111,7 +118,23 @@ def create_model(spec: ModelSpec, *, trust_code: TrustCode = None) -> nn.Module:
         )
     if not isinstance(model, nn.Module):
         raise AutopruneError(f"model {name!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    check_float32(model, f"model {name!r}")
+    if spec.output is not None:
+        from .outputs import set_output
+
+        set_output(model, spec.output)
     return model
+
+
+def check_float32(model: nn.Module, label: str) -> None:
+    """AutopruneError naming the dtype when ``model`` has floating-point parameters other than float32."""
+    import torch
+
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+    if dtypes:
+        raise AutopruneError(f"{label} has {', '.join(dtypes)} parameters; autoprune traces, prunes and trains "
+                             "float32 models: build it in float32 (model.float()); mixed precision is applied "
+                             "on the GPU during training")
 
 
 def classifier_name(model: nn.Module) -> str:

@@ -7,7 +7,8 @@ and raises when the difference exceeds the tolerance.
 
 ONNX: the ``torch.export``-based exporter (the default since PyTorch 2.9) is tried first and the
 legacy TorchScript-based one is the fallback (``exporter="auto"``); the file is self-contained
-(weights inside, no external ``.data`` file), input ``input`` (N, C, H, W), output ``logits``.
+(weights inside, no external ``.data`` file), input ``input`` (N, C, H, W), output ``logits``: a model
+whose forward returns a tuple or dict is exported with the one output :mod:`autoprune.models.outputs` picks.
 TorchScript: ``torch.jit.trace`` by default (works for any model whose forward has no
 data-dependent control flow), ``torch.jit.script`` on request.
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from ..data.preprocess import InputRecipe
 from ..errors import AutopruneError
+from ..models.outputs import logits_of, single_output
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +147,8 @@ def export_model(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    m = _cpu_copy(model)
     example = _example(tuple(input_shape), 2, 0)  # batch 2: batch 1 would be specialised by torch.export
+    m = single_output(_cpu_copy(model), example)
     meta = recipe.to_metadata() if recipe is not None else {}
     try:
         if fmt == "onnx":
@@ -317,9 +319,27 @@ def _runner(path: Path, fmt: str):
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return module(torch.from_numpy(x)).numpy()
+            return module(torch.from_numpy(x)).float().numpy()
 
     return run
+
+
+def _runtime_refusal(path: Path, fmt: str, exc: Exception, what: str) -> str:
+    """One line saying why the runtime could not take the exported graph: most often it computes in half
+    precision (``torch.autocast`` or ``.half()`` in forward), which re-exporting cannot change."""
+    import re
+
+    text, runtime = " ".join(str(exc).split()), "onnxruntime" if fmt == "onnx" else "torch.jit"
+    low = re.search(r"tensor\((bfloat16|float16)\)|\b(BFloat16|Half)\b", text)
+    if low:
+        dtype = low.group(1) or {"BFloat16": "bfloat16", "Half": "float16"}[low.group(2)]
+        return (f"{path}: {runtime} cannot run this graph: it computes in {dtype} (the model changes precision "
+                f"inside forward, e.g. torch.autocast or .half()) ({text[:240]}); export a model that computes in "
+                f"float32 (drop the autocast from forward){' or use --format torchscript' if fmt == 'onnx' else ''}")
+    if any(k in text for k in ("NOT_IMPLEMENTED", "INVALID_GRAPH", "Could not find an implementation")):
+        return (f"{path}: {runtime} cannot run this graph (an operator or type it does not implement: "
+                f"{text[:300]}); try the other exporter (--exporter legacy|dynamo) or --format torchscript")
+    return f"{path} could not be {what} as {fmt} ({type(exc).__name__}: {text[:300]}); re-export it"
 
 
 def check_export(
@@ -347,22 +367,16 @@ def check_export(
     except AutopruneError:
         raise
     except Exception as exc:
-        raise AutopruneError(
-            f"{path} could not be loaded as {fmt} ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:200]}); re-export it"
-        ) from exc
+        raise AutopruneError(_runtime_refusal(path, fmt, exc, "loaded")) from exc
     worst = 0.0
     for i, batch in enumerate(batch_sizes):
         x = _example(tuple(input_shape), batch, seed + i)
         with torch.no_grad():
-            expected = ref(x).numpy()
+            expected = logits_of(ref, ref(x)).float().numpy()  # float(): numpy has no bfloat16
         try:
             got = np.asarray(run(x.numpy()))
         except Exception as exc:
-            raise AutopruneError(
-                f"running {path} on a batch of {batch} failed ({type(exc).__name__}: "
-                f"{' '.join(str(exc).split())[:200]}); re-export it"
-            ) from exc
+            raise AutopruneError(_runtime_refusal(path, fmt, exc, f"run on a batch of {batch}")) from exc
         if got.shape != expected.shape:
             raise AutopruneError(
                 f"{path} returned logits of shape {got.shape} for a batch of {batch}, expected "

@@ -180,7 +180,9 @@ class _BestSaver:
                         extra={**self.extra, "retrain": {"best_epoch": epoch, "finished": False}})
 
     def restore(self) -> None:
-        self.model.load_state_dict(self.state)
+        from ..engine.plan import with_metadata
+
+        self.model.load_state_dict(with_metadata(self.state, self.model))
 
     def save_final(self, pruned: dict[str, Any], base: dict[str, Any], run: dict[str, Any]) -> None:
         metrics = {"val_acc": pruned["val_acc"], "test_acc": pruned["test_acc"], "macs": pruned["macs"],

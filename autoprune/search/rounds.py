@@ -27,6 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .. import progress
 from ..files import FileWriteError
 from ..methods import get_method, make_params
 from ..train import TrainConfig, evaluate
@@ -78,7 +79,8 @@ def _fixed(value: Any, default: Any) -> Any:
     return default if isinstance(value, (list, Range)) else value
 
 
-def probe(worker: Worker, method: str, target: float, allocation: str) -> dict[str, Any]:
+def probe(worker: Worker, method: str, target: float, allocation: str,
+          shape: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Prune ``worker``'s base model with ``method`` (default parameters, or the spec's fixed values) to
     ``target``, BN-recalibrate, and read the validation accuracy: the zero-training fidelity."""
     from ..engine import pruning as engine
@@ -91,6 +93,7 @@ def probe(worker: Worker, method: str, target: float, allocation: str) -> dict[s
     flat = {"method": method, "target": target, "allocation": allocation, "epochs": 1, "lr": 0.01}
     if allocation == "searched":
         flat.update({f"shape_{i}": 0.0 for i in range(1, int(spec.space["buckets"]))})
+        flat.update(shape or {})
     fields = {f.name: f for f in dataclasses.fields(get_method(method).Params)}
     knobs = {p: _fixed(v, fields[p].default) for p, v in spec.method_space.get(method, {}).items()
              if p in fields and not (isinstance(v, (list, Range)) and fields[p].default is dataclasses.MISSING)}
@@ -105,6 +108,51 @@ def probe(worker: Worker, method: str, target: float, allocation: str) -> dict[s
             "cost_frac": params_frac if spec.objectives[1] == "params" else macs_frac,
             "knobs": {k: v for k, v in knobs.items() if isinstance(v, (bool, int, float, str))},
             "work_s": clock() - start}
+
+
+def sensitivity_shape(worker: Worker, method: str, target: float) -> dict[str, Any]:
+    """A per-layer shape seeded from a sensitivity scan (ModelOpt FastNAS's idea), with the
+    zero-training fidelity: at ``target``, the searched allocation with all multipliers equal, then
+    with each depth bucket's keep multiplier halved (the allocator gives the MACs back to the others)
+    and with the residual stream's halved. A part whose squeeze costs more accuracy than the mean
+    gets a larger multiplier: log2 m = 0.5 log2(loss / mean loss) (loss floored at one image),
+    relative to bucket 0 and clipped to the space's ranges. Returns the losses and the shape
+    (``shape_1..``, ``shape_residual``) as flat trial parameters."""
+    from .space import RESIDUAL
+
+    spec = worker.spec
+    k = int(spec.space["buckets"])
+    n_val = len(worker.data.val)
+    first = probe(worker, method, target, "searched")
+    ref, work = first["fidelity"], first["work_s"]
+    losses = []
+    for b in range(k):  # squeezing bucket 0 = every other bucket x2 relative to it
+        shape = {f"shape_{i}": (1.0 if b == 0 else (-1.0 if i == b else 0.0)) for i in range(1, k)}
+        p = probe(worker, method, target, "searched", shape)
+        work += p["work_s"]
+        losses.append(max(1.0 / n_val, ref - p["fidelity"]))
+    mean = sum(losses) / len(losses)
+    log_m = [0.5 * math.log2(x / mean) for x in losses]
+    lo, hi = _bounds(spec.space["log_ratio"])
+    out: dict[str, Any] = {f"shape_{i}": min(hi, max(lo, log_m[i] - log_m[0])) for i in range(1, k)}
+    residual = spec.space["residual"]
+    res_loss = None
+    if isinstance(residual, (list, Range)):
+        p = probe(worker, method, target, "searched", {RESIDUAL: -1.0})
+        work += p["work_s"]
+        res_loss = max(1.0 / n_val, ref - p["fidelity"])
+        rlo, rhi = _bounds(residual)
+        out[RESIDUAL] = min(rhi, max(rlo, 0.5 * math.log2(res_loss / mean)))
+    return {"method": method, "target": target, "reference": ref, "bucket_losses": losses,
+            "residual_loss": res_loss, "shape": out, "work_s": work}
+
+
+def _bounds(value: Any) -> tuple[float, float]:
+    if isinstance(value, Range):
+        return value.low, value.high
+    if isinstance(value, list):
+        return min(map(float, value)), max(map(float, value))
+    return float(value), float(value)
 
 
 def winners(points: Sequence[Mapping[str, Any]], n_val: int, se_multiple: float) -> list[Mapping[str, Any]]:
@@ -134,33 +182,73 @@ def run_round(worker: Worker, store: TrialStore, study: optuna.Study) -> list[di
     targets = round_targets(spec)
     points: list[dict[str, Any]] = []
     work = 0.0
-    for target in targets:
-        for method in one_shot:
-            try:
-                p = probe(worker, method, target, allocation)
-            except FileWriteError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a method that cannot prune here is left out of the round
-                log.warning("screening round: %s at %.2f failed: %s", method, target, one_line(exc))
-                continue
-            work += p["work_s"]
-            points.append(p)
-            log.info("screening round: %s at %.2f -> fidelity %.4f (%.3f of base MACs)", method, target,
-                     p["fidelity"], p["macs_frac"])
-    queue: list[dict[str, Any]] = []
+    with progress.phase("screening round", total=len(targets) * len(one_shot), unit="candidate") as bar:
+        for target in targets:
+            for method in one_shot:
+                try:
+                    p = probe(worker, method, target, allocation)
+                except FileWriteError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a method that cannot prune here is left out of the round
+                    log.warning("screening round: %s at %.2f failed: %s", method, target, one_line(exc))
+                    continue
+                finally:
+                    bar.advance()
+                work += p["work_s"]
+                points.append(p)
+                log.info("screening round: %s at %.2f -> fidelity %.4f (%.3f of base MACs)", method, target,
+                         p["fidelity"], p["macs_frac"])
     n_val = len(worker.data.val)
+    first: list[dict[str, Any]] = []  # each window's one-shot winners
     for target in targets:
         for p in winners([p for p in points if p["target"] == target], n_val, spec.screen.se_multiple):
-            queue.append(_params(spec, p["method"], target, allocation, p["knobs"]))
-    for target in targets:
-        for method in trained:
-            queue.append(_params(spec, method, target, allocation, {}))
+            first.append(_params(spec, p["method"], target, allocation, p["knobs"]))
+    seeded_q = _seeded(worker, store, points, targets, n_val)
+    work += float((store.meta().get("sensitivity") or {}).get("work_s") or 0.0)
+    trained_q = [_params(spec, method, target, allocation, {}) for target in targets for method in trained]
+    queue = first + seeded_q + trained_q
     for params in queue:
         study.enqueue_trial(params, user_attrs={"round": True}, skip_if_exists=True)
     store.set_meta("round", points)
     store.set_meta("round_work_s", work)
     log.info("screening round: %d candidates in %.1f s of work; %d trials queued", len(points), work, len(queue))
     return points
+
+
+def _seeded(worker: Worker, store: TrialStore, points: Sequence[Mapping[str, Any]], targets: Sequence[float],
+            n_val: int) -> list[dict[str, Any]]:
+    """With ``screen.sensitivity`` and a searched allocation: the sensitivity scan at the middle window
+    with its winner, then one searched trial per window (its winner, the seeded shape)."""
+    spec = worker.spec
+    modes = spec.space["allocation"] if isinstance(spec.space["allocation"], list) else [spec.space["allocation"]]
+    if not (spec.screen.sensitivity and "searched" in modes and points):
+        return []
+    middle = targets[len(targets) // 2]
+    top = winners([p for p in points if p["target"] == middle], n_val, 0.0)
+    if not top:
+        return []
+    try:
+        seeded = sensitivity_shape(worker, top[0]["method"], middle)
+    except Exception as exc:  # noqa: BLE001 - the round goes on without a seeded shape
+        log.warning("sensitivity scan failed: %s", one_line(exc))
+        return []
+    store.set_meta("sensitivity", seeded)
+    log.info("sensitivity scan (%s at %.2f): bucket losses %s, residual %s -> shape %s", top[0]["method"], middle,
+             [round(x, 4) for x in seeded["bucket_losses"]], seeded["residual_loss"], seeded["shape"])
+    out = []
+    for target in targets:
+        for p in winners([p for p in points if p["target"] == target], n_val, 0.0)[:1]:
+            params = _params(spec, p["method"], target, "searched", p["knobs"])
+            params.update({k: v for k, v in seeded["shape"].items() if _searched(spec, k)})
+            out.append(params)
+    return out
+
+
+def _searched(spec: SearchSpec, key: str) -> bool:
+    from .space import RESIDUAL
+
+    value = spec.space["residual"] if key == RESIDUAL else spec.space["log_ratio"]
+    return isinstance(value, (list, Range))
 
 
 def _params(spec: SearchSpec, method: str, target: float, allocation: str, knobs: Mapping[str, Any]) -> dict:

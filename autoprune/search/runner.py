@@ -210,7 +210,7 @@ def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.devic
     path = out / "base.pt"
     shape = (data.in_channels, data.image_size, data.image_size)
     model_spec = ModelSpec(name=spec.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                           image_size=data.image_size)
+                           image_size=data.image_size, output=spec.output)
     metrics: dict[str, Any] = {}
     if path.exists():
         model, ckpt = load_base(path, device)

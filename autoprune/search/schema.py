@@ -149,7 +149,8 @@ def build_schema() -> dict[str, Any]:
                       {"type": "integer", "minimum": 0}) for f in dataclasses.fields(EarlyStop)}
     screen = _closed({"enabled": {"type": "boolean"}, "keep": _number(0, 1, low_open=True),
                       "bucket": _number(0, 1, low_open=True), "min_peers": {"type": "integer", "minimum": 1},
-                      "se_multiple": {"type": "number", "minimum": 0}, "round": {"type": "boolean"}},
+                      "se_multiple": {"type": "number", "minimum": 0}, "round": {"type": "boolean"},
+                      "sensitivity": {"type": "boolean"}},
                      description="fine-tune only candidates whose accuracy right after pruning is in the best "
                                  "`keep` share of their MACs bucket")
     props: dict[str, Any] = {
@@ -163,6 +164,9 @@ def build_schema() -> dict[str, Any]:
         "augment": {"description": "training augmentation: none | auto (what suits the data set) | crop,flip",
                     "anyOf": [{"type": "string", "pattern": r"^\s*(auto|none|(crop|flip)(\s*,\s*(crop|flip))*)\s*$"},
                               {"type": "array", "items": {"enum": ["crop", "flip"]}}, {"type": "boolean"}]},
+        "output": {"type": ["integer", "string", "null"], "minimum": 0,
+                   "description": "which model output is the logits: an index of a tuple or a key of a dict "
+                                  "(default: a tensor, the first tensor of a tuple, the 'logits' key of a dict)"},
         "device": {"type": "string", "pattern": r"^(auto|cpu|cuda(:\d+)?|mps)$"},
         "train_subset": {"type": ["integer", "null"], "minimum": 1,
                          "description": "training images each trial sees (a fixed seeded subset); null: all"},

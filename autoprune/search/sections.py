@@ -63,6 +63,18 @@ class Screen:
     min_peers: int = 3
     se_multiple: float = 1.0
     round: bool = False
+    sensitivity: bool = False  # the round also queues a searched trial with a sensitivity-seeded shape
+
+
+def parse_output(chk: SpaceChecker, value: Any) -> int | str | None:
+    """``output``: which model output is the logits, an index or a key (default: the rule of
+    :mod:`autoprune.models.outputs`)."""
+    from ..models.outputs import parse_selector
+
+    try:
+        return parse_selector(value)
+    except AutopruneError as exc:
+        raise chk.err("output", str(exc)) from None
 
 
 def parse_augment(chk: SpaceChecker, value: Any, data: Any) -> tuple[str, ...]:
@@ -238,6 +250,7 @@ def parse_screen(chk: SpaceChecker, value: Any) -> Screen:
         min_peers=chk.integer(value.get("min_peers", d.min_peers), "screen.min_peers", 1),
         se_multiple=chk.number(value.get("se_multiple", d.se_multiple), "screen.se_multiple", 0.0),
         round=chk.boolean(value.get("round", True), "screen.round"),
+        sensitivity=chk.boolean(value.get("sensitivity", d.sensitivity), "screen.sensitivity"),
     )
 
 

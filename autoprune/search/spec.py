@@ -27,7 +27,7 @@ is the commented example)::
     early_stop: {enabled [true], margin [null: se_multiple standard errors of a val accuracy], se_multiple [1],
                  min_epochs [1], min_trials [3], cost_tolerance [0.01]}  (or just true/false)
     screen: {enabled [true when the key is given], keep [0.3], bucket [0.1], min_peers [3], se_multiple [1],
-             round [true]}  [off]
+             round [true], sensitivity [false]}  [off]
     allocation: fixed AllocationConfig fields {min_channels, min_ratio, max_prune_ratio, round_to, normalise}
     space: {method [all], target [0.2..0.8], allocation [uniform, global, searched], buckets [3],
             log_ratio [-1..1] (shape_1..shape_{K-1}), residual [-1..1] (shape_residual), epochs [3],
@@ -74,7 +74,7 @@ OVERRIDES = {  # CLI override name -> key path in the spec
 }
 TOP_KEYS = ("study", "model", "data", "base", "base_epochs", "base_lr", "device", "workers", "seed",
             "sampler", "objectives", "constraints", "budget", "early_stop", "screen", "allocation", "space", "augment",
-            "latency", "train_subset")
+            "latency", "train_subset", "output")
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ class SearchSpec:
     augment: tuple[str, ...] = ()  # training augmentation of the base model and the trials (autoprune.data.datasets)
     latency: Mapping[str, Any] = field(default_factory=dict)  # objective latency: batch_size, runtime, threads
     train_subset: int | None = None  # training images each trial sees (a fixed seeded subset); None: all
+    output: int | str | None = None  # which model output is the logits (autoprune.models.outputs); None: the rule
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -130,7 +131,7 @@ class SearchSpec:
             "latency": dict(self.latency),
             "train_subset": self.train_subset,
             "space": space,
-        }
+        } | ({"output": self.output} if self.output is not None else {})
 
 
 def load_spec(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> SearchSpec:
@@ -256,6 +257,7 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
         augment=sections.parse_augment(chk, raw.get("augment", "none"), raw["data"]),
         latency=parse_latency(chk, raw.get("latency")),
         train_subset=None if raw.get("train_subset") is None else chk.integer(raw["train_subset"], "train_subset", 1),
+        output=sections.parse_output(chk, raw.get("output")),
     )
 
 

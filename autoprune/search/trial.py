@@ -10,9 +10,11 @@ trial itself, the early-stopping rule and the saved files live here, what a resu
 Training budget: a trial has ``epochs`` = E epochs in all; a training-time method (ResRep) gets
 ``k = method.training_epochs(params, E)`` of them while pruning, the model is fine-tuned E - k
 epochs after surgery. Epochs in curves and in the early-stopping rule count from the start of the
-trial, so a ResRep trial's first fine-tune epoch is epoch k + 1. During its k epochs ResRep reports
-the accuracy of the model it would return at that point (its current mask applied; None until the
-mask meets the target), so early stopping can stop it there too. The test split is never touched.
+trial, so a ResRep trial's first fine-tune epoch is epoch k + 1. Every epoch, the method's and the
+fine-tune's, goes through one path (``_Epochs.end``): during its k epochs ResRep's reading is the model
+it would return at that point (its final mask of that point applied, BN statistics re-estimated) with
+that model's cost, so early stopping stops it there like any other trial; the engine then finalizes
+that model and the trial records it like every early-stopped trial. The test split is never touched.
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ from ..engine import pruning as engine
 from ..engine.graph import ChannelGroup, find_groups
 from ..engine.latency import measure_models
 from ..engine.plan import load_base, save_pruned
+from ..engine.trace import trace_batches
 from ..files import FileWriteError, user_error, write_json
-from ..methods import EpochReport, PruneStopped, get_method, make_params
+from ..methods import get_method, make_params
 from ..models.registry import ModelSpec
 from ..progress import phase
 from ..report.pareto import OBJECTIVE_COLUMNS
@@ -85,7 +88,7 @@ class Worker:
 
             data = replace(data, train=subset_split(data.train, spec.train_subset, seed=spec.data.seed))
         shape = (model_spec.in_channels, model_spec.image_size, model_spec.image_size)
-        groups = find_groups(model, shape)
+        groups = find_groups(model, shape, batches=trace_batches(data, device))  # real batches: data-chosen branches
         base = dict(ckpt.get("metrics") or {})
         residual, modes = spec.space.get("residual"), spec.space.get("allocation")
         searched = "searched" in (modes if isinstance(modes, list) else [modes])
@@ -215,42 +218,12 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     progress.phases = phases
     cfg = TrainConfig(epochs=k, lr=float(lr), batch_size=int(hparams.get("batch_size", 128)),
                       seed=int(spec.seed) + seed_index, augment=spec.augment)
-    objective = spec.objectives[1]
-    rule = spec.early_stop
-    active = early_stopping and rule.enabled and finished is not None
-    n_val = len(worker.data.val)
-    stopped = False
-
-    def reference() -> early_stop.Reference:
-        ref = finished() if finished is not None else early_stop.Reference()
-        if not isinstance(ref, early_stop.Reference):  # a plain list of complete trials
-            ref = early_stop.Reference(tuple(ref))
-        return ref
-
-    def behind(cost: float, e: int, acc: float) -> bool:
-        nonlocal stopped
-        if active and early_stop.should_stop(cost, e, acc, reference().peers, phases=phases, margin=rule.margin,
-                                             n_val=n_val, se_multiple=rule.se_multiple,
-                                             min_epochs=rule.min_epochs, min_trials=rule.min_trials,
-                                             cost_tolerance=rule.cost_tolerance):
-            log.info("trial %d early-stopped at epoch %d/%d: val_acc %.4f behind cheaper finished trials",
-                     number, e, epochs, acc)
-            stopped = True
-        return stopped
-
-    def on_prune_epoch(rep: EpochReport) -> bool:  # a training-time method's epochs (ResRep)
-        progress.curve.append(rep.val_acc)
-        progress.epochs_run = rep.epoch
-        cost = {"macs": rep.macs, "params": rep.params}.get(objective)  # latency: known after surgery only
-        return rep.val_acc is not None and cost is not None and behind(float(cost), rep.epoch, rep.val_acc)
-
-    try:
-        pruned = engine.prune(worker.model, method, target, data=worker.data, allocation=allocation,
-                              spec=worker.model_spec, device=worker.device, train_cfg=cfg, groups=worker.groups,
-                              on_epoch=on_prune_epoch, objective=worker.latency if objective == "latency" else None,
-                              **method_params)
-    except PruneStopped as exc:
-        return _stopped_while_pruning(worker, number, hparams, exc.report, progress, start)
+    epoch = _Epochs(worker, number, epochs, phases, progress,
+                    early_stopping and spec.early_stop.enabled and finished is not None, finished)
+    pruned = engine.prune(worker.model, method, target, data=worker.data, allocation=allocation,
+                          spec=worker.model_spec, device=worker.device, train_cfg=cfg, groups=worker.groups,
+                          on_epoch=epoch.end, objective=worker.latency if epoch.objective == "latency" else None,
+                          **method_params)
     model = pruned.model
     m = progress.measured
     m.update(macs=pruned.macs, macs_frac=pruned.macs / pruned.base_macs, params=pruned.params,
@@ -259,69 +232,102 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     with phase("fidelity"):
         m["fidelity"] = float(evaluate(model, worker.data.val, worker.device)["acc"])
     m["prune_s"] = time.perf_counter() - start
-    if objective == "latency":  # timed interleaved with the base, the other workers paused
+    if epoch.objective == "latency":  # timed interleaved with the base, the other workers paused
         with phase("latency"):
             pruned_ms, base_ms = latency_objective.measure_trial(worker.out_dir, worker.model, model,
                                                                  worker.input_shape, worker.latency_cfg)
         m["latency_frac"] = pruned_ms / base_ms
         m["latency_ms"] = m["latency_frac"] * float(worker.base["latency_ms"])
         m["predicted_latency_frac"] = float(pruned.info["predicted_frac"])
-    cost = float(m[OBJECTIVE_COLUMNS[objective]])
-    m["cost"] = cost
-    progress.curve = (progress.curve + [None] * k)[:k]
-    progress.epochs_run = k
-    screen = spec.screen
-    if finished is not None and screen.enabled and epochs > k:
-        frac = {"params": m["params_frac"], "latency": m.get("latency_frac")}.get(objective) or m["macs_frac"]
-        if early_stop.screen_out(frac, m["fidelity"], reference().candidates, keep=screen.keep,
-                                 bucket=screen.bucket, min_peers=screen.min_peers,
-                                 phase=early_stop.screening_phase(phases), n_val=n_val,
-                                 se_multiple=screen.se_multiple):
-            log.info("trial %d screened out: fidelity %.4f not in the best %.0f %% of its %s-fraction bucket",
-                     number, m["fidelity"], 100 * screen.keep, "params" if objective == "params" else
-                     "latency" if objective == "latency" else "MACs")
-            return _result(worker, number, hparams, "early_stopped", m["fidelity"], progress, start,
-                           stopped_at="screen")
-
-    def on_epoch_end(epoch: int, metrics: dict) -> bool:
-        e = k + epoch
-        acc = float(metrics["val_acc"])
-        progress.curve.append(acc)
-        progress.epochs_run = e
-        return behind(cost, e, acc)
-
-    if epochs > k:
-        pause = latency_objective.PausePoint(worker.out_dir) if worker.spec.workers > 1 else None
-
-        def on_epoch(epoch: int, metrics: dict) -> bool:
-            if pause is not None:
-                pause()
-            return on_epoch_end(epoch, metrics)
-
+    m["cost"] = epoch.cost = float(m[OBJECTIVE_COLUMNS[epoch.objective]])
+    done = pruned.trained_epochs if pruned.stopped_early else k
+    progress.curve = (progress.curve + [None] * done)[:done]
+    progress.epochs_run = epoch.offset = done
+    if not epoch.stopped and epochs > k and _screened_out(worker, number, epoch, phases, m):
+        return _result(worker, number, hparams, "early_stopped", m["fidelity"], progress, start, stopped_at="screen")
+    if not epoch.stopped and epochs > k:
+        epoch.pause = latency_objective.PausePoint(worker.out_dir) if worker.spec.workers > 1 else None
         alpha = float(hparams.get("distill") or 0.0)  # distillation from the base model (the teacher)
         ft_cfg = replace(cfg, epochs=epochs - k, distill_alpha=alpha,
                          distill_temperature=float(hparams.get("distill_temperature") or 4.0))
         fit(model, worker.data.train, worker.data.val, ft_cfg, worker.device,
-            Callbacks(on_epoch_end=on_epoch, after_backward=pause), teacher=worker.model if alpha > 0 else None,
+            Callbacks(on_epoch_end=epoch.end, after_backward=epoch.pause), teacher=worker.model if alpha > 0 else None,
             progress="fine-tune")
-        val_acc = next(a for a in reversed(progress.curve) if a is not None)
-    else:  # nothing left to fine-tune: the pruned model as it is
-        val_acc = m["fidelity"]
-        if progress.curve:
-            progress.curve[-1] = val_acc
-        else:
-            progress.curve.append(val_acc)
-    state = "early_stopped" if stopped else "complete"
+    if epochs <= k or pruned.stopped_early:  # no fine-tune: the pruned model as the method returned it
+        progress.curve = progress.curve or [None]
+        progress.curve[-1] = m["fidelity"]
+    val_acc = next(a for a in reversed(progress.curve) if a is not None)
+    state = "early_stopped" if epoch.stopped else "complete"
     saved = ""
     if state == "complete":
         with phase("save"):
             saved = _save(worker, number, hparams, model, pruned, val_acc)
     result = _result(worker, number, hparams, state, val_acc, progress, start, model=saved,
-                     stopped_at=f"epoch {progress.epochs_run}" if stopped else "")
+                     stopped_at=f"epoch {progress.epochs_run}" if epoch.stopped else "")
     log.info("trial %d %s: %s target %.2f -> val_acc %.4f (fidelity %.4f), %d MACs (%.3f of base), %d epochs, "
              "%.1f s", number, state, method, target, val_acc, m["fidelity"], result.macs, result.macs_frac,
              result.epochs_run, result.duration_s)
     return result
+
+
+class _Epochs:
+    """The one epoch path of a trial: training-time epochs of the method (their reading is the model the
+    method would return then, with its cost) and fine-tune epochs alike; decides early stopping."""
+
+    def __init__(self, worker: Worker, number: int, epochs: int, phases: tuple[str, ...], progress: _Progress,
+                 active: bool, finished: Finished | None) -> None:
+        self.worker, self.number, self.epochs, self.phases = worker, number, epochs, phases
+        self.progress, self.active, self.finished = progress, active, finished
+        self.objective = worker.spec.objectives[1]
+        self.offset = 0  # epochs before the running fit: a fine-tune's first epoch is epoch k + 1
+        self.cost: float | None = None  # known after surgery; before it, the method's reading says
+        self.stopped = False
+        self.pause: Callable[..., None] | None = None  # latency objective, several workers: a pause point
+
+    def reference(self) -> early_stop.Reference:
+        ref = self.finished() if self.finished is not None else early_stop.Reference()
+        if not isinstance(ref, early_stop.Reference):  # a plain list of complete trials
+            ref = early_stop.Reference(tuple(ref))
+        return ref
+
+    def end(self, epoch: int, metrics: dict) -> bool:
+        if self.pause is not None:
+            self.pause()
+        e = self.offset + epoch
+        acc = metrics.get("val_acc")
+        acc = None if acc is None or math.isnan(acc) else float(acc)
+        self.progress.curve.append(acc)
+        self.progress.epochs_run = e
+        cost = self.cost if self.cost is not None else metrics.get(OBJECTIVE_COLUMNS[self.objective])
+        if acc is None or cost is None or not self.active:  # latency: known after surgery only
+            return False
+        rule = self.worker.spec.early_stop
+        if early_stop.should_stop(float(cost), e, acc, self.reference().peers, phases=self.phases, margin=rule.margin,
+                                  n_val=len(self.worker.data.val), se_multiple=rule.se_multiple,
+                                  min_epochs=rule.min_epochs, min_trials=rule.min_trials,
+                                  cost_tolerance=rule.cost_tolerance):
+            log.info("trial %d early-stopped at epoch %d/%d: val_acc %.4f behind cheaper finished trials",
+                     self.number, e, self.epochs, acc)
+            self.stopped = True
+        return self.stopped
+
+
+def _screened_out(worker: Worker, number: int, epoch: _Epochs, phases: tuple[str, ...], m: dict[str, Any]) -> bool:
+    """The fidelity screen before fine-tuning: the pruned model is not in the best share of its bucket."""
+    screen = worker.spec.screen
+    if epoch.finished is None or not screen.enabled:
+        return False
+    objective = epoch.objective
+    frac = {"params": m["params_frac"], "latency": m.get("latency_frac")}.get(objective) or m["macs_frac"]
+    if early_stop.screen_out(frac, m["fidelity"], epoch.reference().candidates, keep=screen.keep,
+                             bucket=screen.bucket, min_peers=screen.min_peers,
+                             phase=early_stop.screening_phase(phases), n_val=len(worker.data.val),
+                             se_multiple=screen.se_multiple):
+        log.info("trial %d screened out: fidelity %.4f not in the best %.0f %% of its %s-fraction bucket",
+                 number, m["fidelity"], 100 * screen.keep, "params" if objective == "params" else
+                 "latency" if objective == "latency" else "MACs")
+        return True
+    return False
 
 
 def _result(worker: Worker, number: int, hparams: dict[str, Any], state: str, val_acc: float, progress: _Progress,
@@ -332,25 +338,6 @@ def _result(worker: Worker, number: int, hparams: dict[str, Any], state: str, va
                        epochs_run=progress.epochs_run, duration_s=time.perf_counter() - start,
                        constraints=constraints, model=model, curve=tuple(progress.curve),
                        objectives=tuple(worker.spec.objectives), phases=progress.phases, stopped_at=stopped_at, **m)
-
-
-def _stopped_while_pruning(worker: Worker, number: int, hparams: dict[str, Any], rep: EpochReport,
-                           progress: _Progress, start: float) -> TrialResult:
-    """The result of a trial early-stopped during a training-time method's epochs: the masked model's
-    accuracy and cost at that epoch (nothing is saved)."""
-    spec = worker.spec
-    m: dict[str, Any] = {"macs": rep.macs, "macs_frac": rep.macs / rep.base_macs, "params": rep.params,
-                         "params_frac": rep.params / rep.base_params}
-    m["cost"] = float(m[OBJECTIVE_COLUMNS[spec.objectives[1]]])
-    acc = float(rep.val_acc) if rep.val_acc is not None else math.nan
-    result = TrialResult(number=number, state="early_stopped", hparams=hparams, val_acc=acc,
-                         epochs_run=rep.epoch, duration_s=time.perf_counter() - start,
-                         constraints=constraint_values(spec, acc, m["params_frac"], m["macs_frac"]),
-                         curve=tuple(progress.curve), objectives=tuple(spec.objectives), phases=progress.phases,
-                         stopped_at=f"epoch {rep.epoch}", **m)
-    log.info("trial %d early_stopped while pruning: val_acc %.4f, %d MACs (%.3f of base), %d epochs, %.1f s",
-             number, acc, result.macs, result.macs_frac, result.epochs_run, result.duration_s)
-    return result
 
 
 def _save(worker: Worker, number: int, hparams: Mapping[str, Any], model: nn.Module, pruned: PruneResult,
