@@ -1,9 +1,7 @@
-"""Training and evaluation: fit / evaluate / distil.
+"""Training and evaluation: fit / evaluate / distil; the one training loop (the engine's, DESIGN.md 4).
 
-The loop knows nothing about pruning. Methods extend it through :class:`Callbacks`:
-``param_groups`` (custom optimizer groups), ``after_backward`` (edit gradients between
-backward and the optimizer step, e.g. ResRep's group-lasso on compactors) and
-``on_epoch_end`` (report metrics, return True to stop early).
+The loop knows nothing about pruning: methods (through :mod:`autoprune.engine.training`) and the
+search extend it with the hooks of :class:`Callbacks`. Helpers live in :mod:`autoprune.train_support`.
 
 Recipe: SGD + Nesterov momentum, weight decay on conv/linear weights only, cosine learning
 rate per step with optional linear warm-up, label smoothing, optional distillation.
@@ -18,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +25,26 @@ from torch import Tensor, nn
 from . import progress as _progress
 from .errors import AutopruneError
 from .models.outputs import logits_of
+from .train_support import (
+    CUDA_CHECK_EVERY,
+    LossMonitor,
+    NonFiniteLoss,
+    autocast,
+    grad_scaler,
+    prefer_epoch,
+    raise_if_bad,
+    resolve_device,
+    segment_schedule,
+    steps_per_epoch,
+    to_device,
+)
+
+__all__ = ["AMP_DTYPES", "Callbacks", "FitResult", "NonFiniteLoss", "Split", "TrainConfig", "amp_dtype_for",
+           "default_param_groups", "evaluate", "fit", "lr_schedule", "prefer_epoch", "resolve_device",
+           "segment_schedule", "steps_per_epoch"]
 
 logger = logging.getLogger(__name__)
 
-# On CUDA, reading the loss every step forces a host/device sync that stalls the kernel queue;
-# small models on GPU-resident data lose a noticeable share of throughput to it. We look at the
-# losses every few steps instead (a NaN is still reported with its exact step).
-_CUDA_CHECK_EVERY = 25
 AMP_DTYPES = ("auto", "bf16", "fp16")
 
 
@@ -44,10 +55,6 @@ class Split(Protocol):
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
                 augment: bool | tuple[str, ...] = False) -> Iterator[tuple[Tensor, Tensor]]: ...
-
-
-class NonFiniteLoss(AutopruneError):
-    """The training loss became NaN or infinite; the message names epoch, step and learning rate."""
 
 
 @dataclass(frozen=True)
@@ -131,29 +138,6 @@ class FitResult:
     final_val_acc: float
 
 
-def prefer_epoch(acc: float, loss: float, best_acc: float, best_loss: float) -> str | None:
-    """Why an epoch with val ``acc``/``loss`` should replace the kept one, or None to keep the old one.
-
-    Higher accuracy wins; on a tie (common on small validation splits, where accuracy moves in
-    steps of one image) the lower validation loss wins, and on a tie of both the newer epoch, so
-    training is never discarded for nothing. Callers offer epochs in order, oldest first.
-    """
-    if acc > best_acc:
-        return "highest val accuracy"
-    if acc < best_acc:
-        return None
-    if math.isnan(loss) or loss > best_loss:
-        return None
-    if math.isnan(best_loss) or loss < best_loss:
-        return f"val accuracy tied, lower val loss ({loss:.4g} vs {best_loss:.4g})"
-    return "val accuracy and loss tied: the later epoch"
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Optimizer steps in one epoch over n samples (the last, smaller batch counts)."""
-    return math.ceil(n / batch_size)
-
-
 def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """Learning rate at each global step: linear warm-up, then cosine from cfg.lr toward 0.
 
@@ -188,26 +172,6 @@ def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
-    """'auto' -> cuda if available else cpu; 'cpu', 'cuda', 'cuda:N' as given (checked)."""
-    if isinstance(name, torch.device):
-        name = str(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise AutopruneError(f"unknown device {name!r}; use --device auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise AutopruneError(f"--device {name} requested but no CUDA device is available; "
-                                 "use --device auto or cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise AutopruneError(f"--device {name} requested but only {torch.cuda.device_count()} "
-                                 "CUDA device(s) exist; use --device cuda or auto")
-    return device
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, device: str | torch.device, batch_size: int = 512) -> dict:
     """{'acc', 'loss'} (mean cross-entropy, no smoothing) in eval mode; moves the model to device.
@@ -226,7 +190,7 @@ def evaluate(model: nn.Module, split: Split, device: str | torch.device, batch_s
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     try:
         for x, y in split.batches(batch_size, shuffle=False):
-            x, y = _to_device(x, device), y.to(device, non_blocking=True)
+            x, y = to_device(x, device), y.to(device, non_blocking=True)
             logits = logits_of(model, model(x)).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(dim=1) == y).sum()
@@ -311,9 +275,9 @@ class _Loop:
         # Groups may carry their own lr: the schedule scales each group's base rate by the same factor.
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.amp_dtype = amp_dtype_for(cfg, device)
-        self.scaler = _grad_scaler(enabled=self.amp_dtype is torch.float16)
+        self.scaler = grad_scaler(enabled=self.amp_dtype is torch.float16)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.monitor = _LossMonitor(_CUDA_CHECK_EVERY if device.type == "cuda" else 1)
+        self.monitor = LossMonitor(CUDA_CHECK_EVERY if device.type == "cuda" else 1)
         self.step = 0
         self.signalled = False  # should_stop said so
 
@@ -359,7 +323,7 @@ class _Loop:
                     self.signalled = True
                     break
             self.monitor.flush()
-            _raise_if_bad(self.monitor, self.lr_at)
+            raise_if_bad(self.monitor, self.lr_at)
             train_loss = self.monitor.epoch_mean()
             metrics = {"epoch": epoch, "train_loss": train_loss, **self._reading(val),
                        "lr": self.lr_at(max(0, self.step - 1)), "seconds": time.perf_counter() - start}
@@ -387,8 +351,8 @@ class _Loop:
         factor = self.lr_at(step) / self.cfg.lr
         for group, base in zip(opt.param_groups, self.base_lrs):
             group["lr"] = base * factor
-        x, y = _to_device(x, self.device, self.cfg.channels_last), y.to(self.device, non_blocking=True)
-        with _autocast(self.amp_dtype):
+        x, y = to_device(x, self.device, self.cfg.channels_last), y.to(self.device, non_blocking=True)
+        with autocast(self.amp_dtype):
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
@@ -405,25 +369,13 @@ class _Loop:
             cb.after_step(self.model, step)
         self.monitor.add(loss.detach(), len(y), where)
         self.step += 1
-        _raise_if_bad(self.monitor, self.lr_at)
+        raise_if_bad(self.monitor, self.lr_at)
 
 
 def _steps_schedule(cfg: TrainConfig, spe: int, steps: int) -> Callable[[int], float]:
     """:func:`lr_schedule` over ``steps`` optimizer steps (warm-up still counted in epochs of ``spe``)."""
     warmup = min(steps, round(cfg.warmup_epochs * spe))
     return segment_schedule(cfg.lr, steps, warmup)
-
-
-def segment_schedule(lr: float, total: int, warmup: int = 0) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup`` steps, then cosine from ``lr`` toward 0 over the rest of ``total``."""
-    total = max(1, total)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return lr_at
 
 
 def _loss(logits: Tensor, y: Tensor, cfg: TrainConfig, teacher_logits: Tensor | None) -> Tensor:
@@ -439,49 +391,6 @@ def _loss(logits: Tensor, y: Tensor, cfg: TrainConfig, teacher_logits: Tensor | 
     return (1.0 - cfg.distill_alpha) * ce + cfg.distill_alpha * kd
 
 
-class _LossMonitor:
-    """Per-step losses: finiteness checks (batched on CUDA) and the epoch's mean loss."""
-
-    def __init__(self, check_every: int) -> None:
-        self.check_every = check_every
-        self.pending: list[tuple[Tensor, int, tuple[int, int, int]]] = []
-        self.bad: tuple[float, tuple[int, int, int]] | None = None
-        self.total = 0.0
-        self.count = 0
-
-    def add(self, loss: Tensor, n: int, where: tuple[int, int, int]) -> None:
-        self.pending.append((loss, n, where))
-        if len(self.pending) >= self.check_every:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        values = torch.stack([loss.float() for loss, _, _ in self.pending]).cpu().tolist()  # one sync
-        for value, (_, n, where) in zip(values, self.pending):
-            if not math.isfinite(value):
-                self.bad = (value, where)
-                break
-            self.total += value * n
-            self.count += n
-        self.pending.clear()
-
-    def epoch_mean(self) -> float:
-        mean = self.total / max(1, self.count)
-        self.total, self.count = 0.0, 0
-        return mean
-
-
-def _raise_if_bad(monitor: _LossMonitor, lr_at: Callable[[int], float]) -> None:
-    if monitor.bad is None:
-        return
-    value, (epoch, step, global_step) = monitor.bad
-    kind = "nan" if math.isnan(value) else "inf"
-    raise NonFiniteLoss(f"loss became {kind} at epoch {epoch} step {step} (global step {global_step}, "
-                        f"lr={lr_at(global_step):.3g}); lower the learning rate (e.g. --lr), add warm-up "
-                        "epochs, or disable mixed precision")
-
-
 def amp_dtype_for(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype fit trains with: None (fp32) on CPU or with ``amp`` off, else bf16 / fp16 as
     ``cfg.amp_dtype`` says ("auto": bf16 where the GPU supports it, fp16 elsewhere, e.g. V100/T4)."""
@@ -492,21 +401,3 @@ def amp_dtype_for(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if cfg.amp_dtype == "fp16":
         return torch.float16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _to_device(x: Tensor, device: torch.device, channels_last: bool = True) -> Tensor:
-    x = x.to(device, non_blocking=True)
-    if channels_last and device.type == "cuda" and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _grad_scaler(enabled: bool) -> Any:
-    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
-        return torch.amp.GradScaler("cuda", enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)
-

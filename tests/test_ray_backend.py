@@ -166,6 +166,22 @@ def test_the_searcher_tells_optuna_values_only_for_complete_trials(tmp_path):
     assert {c["run"] for c in claims.values()} == {"run_000"}
 
 
+def test_a_stop_request_stops_the_ray_driver_at_its_next_step():
+    """The stop request a SIGTERM records (in case its KeyboardInterrupt is lost) is polled by the Ray
+    driver too: Tune calls the callback's on_step_begin at every step of its loop."""
+    pytest.importorskip("ray")
+    from autoprune.search import stop
+
+    callback = ray_backend.AutopruneCallback("nothing")
+    callback.on_step_begin(0, [])  # nothing requested: the loop goes on
+    stop.request_stop()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            callback.on_step_begin(1, [])
+    finally:
+        stop.clear_stop()
+
+
 def test_an_optuna_backend_folder_is_refused(tmp_path):
     pytest.importorskip("ray")
     (tmp_path / "study.db").write_text("")
@@ -332,6 +348,42 @@ def test_sigkill_of_the_driver_then_resume_loses_no_finished_trial(ray_address, 
         assert len(again) == 1 and again[0]["hparams"] == claims[n]["hparams"]
         assert by_number[str(again[0]["number"])]["state"] == "complete"
     assert len(list((out / "ray" / "tune").glob("run_*"))) == 2
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_ray_search_makes_the_same_trials(ray_address, base_ckpt, tmp_path, monkeypatch):
+    """As tests/test_resume.py for the Optuna backend: one trial at a time, a search stopped while its
+    trial 2 was handed out and resumed gives the same trials.csv values as an uninterrupted one; the
+    retry keeps the slot, so the training seed, of the trial it replaces (a new number would reseed it)."""
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 4}, space={
+        "method": "l1", "target": {"low": 0.3, "high": 0.8}, "allocation": ["uniform", "global"], "epochs": 1,
+        "lr": 0.05}))
+    options = RayOptions(address=ray_address, max_concurrent=1)
+    run_search(spec, tmp_path / "plain", backend="ray", ray_options=options, progress=False)
+
+    real = ray_backend._Run.claim
+
+    def killed_on_the_third(self, *args, **kwargs):
+        number = real(self, *args, **kwargs)
+        if number == 2:  # the driver stops once trial 2 is claimed: it never finishes
+            raise KeyboardInterrupt
+        return number
+
+    monkeypatch.setattr(ray_backend._Run, "claim", killed_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(spec, tmp_path / "killed", backend="ray", ray_options=options, progress=False)
+    monkeypatch.setattr(ray_backend._Run, "claim", real)
+    resumed = run_search(spec, tmp_path / "killed", resume=True, backend="ray", ray_options=options, progress=False)
+
+    _, plain = read_rows(tmp_path / "plain" / "trials.csv")
+    _, rows = read_rows(tmp_path / "killed" / "trials.csv")
+    assert resumed.stop_reason == "max_trials" and len(rows) == len(plain) + 1
+    assert [r["number"] for r in rows if r["error"] == INTERRUPTED] == ["2"]
+    volatile = {"number", "duration_s", "prune_s", "work_s", "model", "error"}
+    kept = [{k: v for k, v in r.items() if k not in volatile} for r in rows if r["error"] != INTERRUPTED]
+    assert kept == [{k: v for k, v in r.items() if k not in volatile} for r in plain]
+    claims = RayStore(tmp_path / "killed").claims()
+    assert claims[3]["retry_of"] == 2 and claims[3]["slot"] == claims[2]["slot"] == 2 and claims[4]["slot"] == 3
 
 
 def test_budget_counts_claims_of_this_run_but_not_interrupted_ones(tmp_path):

@@ -106,7 +106,7 @@ def test_report_md_and_importance(tmp_path):
     assert "| method | 0.600 | 0.100 |" in md
     assert "trial 4 (lrf): loss is NaN at epoch 1" in md
     imp = pd.read_csv(study / "importance.csv", index_col="param")
-    assert imp.loc["target", "macs"] == 0.9
+    assert imp.loc["target", "macs_share"] == 0.9 and list(imp.columns) == ["val_acc_share", "macs_share"]
     # rebuilt later without importance (autoprune pareto DIR): importance.csv is read back
     paths = write_report(study)
     assert paths.importance_csv is not None and "| method | 0.600 | 0.100 |" in (study / "report.md").read_text()

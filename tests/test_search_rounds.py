@@ -69,6 +69,7 @@ def test_the_round_measures_every_one_shot_method_and_queues_the_winners_first(b
     rows = sorted(result.rows, key=lambda r: int(r["number"]))
     # the first trials are the round's winners with global allocation (the queue's order)
     assert rows[0]["method"] == best[0.4] and float(rows[0]["target"]) == 0.4 and rows[0]["allocation"] == "global"
+    assert rows[0]["stopped_at"] != "screen"  # never screened against its own round measurement
     queued = [t for t in study.trials if t.user_attrs.get("round")]
     assert len(queued) >= 3 and {"resrep"} <= {(t.params or t.system_attrs.get("fixed_params", {})).get("method") for t in queued}
     # resumed: the round is not run again

@@ -28,6 +28,9 @@ def latency_options(p: argparse.ArgumentParser, batch_nargs: str | None = None) 
     p.add_argument("--latency-rounds", type=int, default=5, help="interleaved timing rounds per measurement")
     p.add_argument("--latency-points", type=int, default=5, help="grid points per width of a layer's table")
     p.add_argument("--no-latency-cache", action="store_true", help="measure again instead of reading the cache")
+    p.add_argument("--latency-clock", default="wall", choices=("wall", "cpu"),
+                   help="wall: wall-clock latency; cpu: the measuring thread's CPU time (one thread; on a machine "
+                        "shared with other work it leaves out waiting for a core)")
 
 
 def latency_config(args: argparse.Namespace, batch: int, device: torch.device | str, threads: int) -> Any:
@@ -37,7 +40,7 @@ def latency_config(args: argparse.Namespace, batch: int, device: torch.device | 
     dev = torch.device(device)
     return LatencyConfig(runtime=args.runtime, device="cpu" if args.runtime == "onnxruntime" else str(dev),
                          batch_size=batch, threads=threads, rounds=args.latency_rounds, points=args.latency_points,
-                         use_cache=not args.no_latency_cache)
+                         use_cache=not args.no_latency_cache, clock=args.latency_clock)
 
 
 def check_early(args: argparse.Namespace, batches: list[int]) -> None:

@@ -87,14 +87,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                  "early_stop": False if args.no_early_stop else None}
     spec = load_spec(args.spec, overrides)
     apply_threads(args, int(spec.workers or 1))
-    ray_options = None
-    if args.backend == "ray":
-        from ..search.ray_backend import RayOptions
-
-        ray_options = RayOptions(address=args.address, cpus_per_trial=args.cpus_per_trial,
-                                 gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent)
-    elif args.address or args.gpus_per_trial is not None or args.max_concurrent or args.cpus_per_trial != 1.0:
-        raise AutopruneError("--address, --cpus-per-trial, --gpus-per-trial and --max-concurrent need --backend ray")
+    ray_options = _ray_options(args)
     out = Path(args.out) if args.out else Path("results") / spec.study
     from ..search import stop
 
@@ -112,17 +105,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     counts = outcome_counts(result.rows)
-    summary = ", ".join(f"{counts[s]} {s.replace('_', '-')}" for s in
-                        ("complete", "early_stopped", "failed", "interrupted", "running") if counts.get(s))
-    print(f"study {result.study}: {len(result.rows)} trials ({summary or 'none'}), {result.epochs_run} epochs; "
-          f"stopped: {_REASONS.get(result.stop_reason, result.stop_reason)}")
-    print_front(result.front, result.base, spec.objectives[1])
-    print("files:")
-    for path in result.files.values():
-        print(f"  {path}")
-    for sub in ("models", "plans"):
-        if (result.out_dir / sub).is_dir():
-            print(f"  {result.out_dir / sub}/ ({sum(1 for _ in (result.out_dir / sub).iterdir())} files)")
+    _print_summary(result, counts, spec.objectives[1])
     if result.front and spec.objectives[1] in ("macs", "params"):
         print(f"front hypervolume: {_hypervolume(result.out_dir, spec.objectives[1]):.4f} (val acc x "
               f"{spec.objectives[1]} fraction of the base, reference point (0, 1); 1 is the unreachable ideal)")
@@ -135,6 +118,33 @@ def cmd_search(args: argparse.Namespace) -> int:
               f"room and continue it: {resume_command(args.argv, out, '--time-budget', '10m')}", file=sys.stderr)
         return 1
     return 0
+
+
+def _ray_options(args: argparse.Namespace) -> Any:
+    """The Ray backend's RayOptions from the flags (None for the Optuna backend, which refuses them)."""
+    if args.backend == "ray":
+        from ..search.ray_setup import RayOptions
+
+        return RayOptions(address=args.address, cpus_per_trial=args.cpus_per_trial,
+                          gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent)
+    if args.address or args.gpus_per_trial is not None or args.max_concurrent or args.cpus_per_trial != 1.0:
+        raise AutopruneError("--address, --cpus-per-trial, --gpus-per-trial and --max-concurrent need --backend ray")
+    return None
+
+
+def _print_summary(result: Any, counts: Mapping[str, int], objective: str) -> None:
+    """The trial counts, why the search stopped, the front and the files written."""
+    summary = ", ".join(f"{counts[s]} {s.replace('_', '-')}" for s in
+                        ("complete", "early_stopped", "failed", "interrupted", "running") if counts.get(s))
+    print(f"study {result.study}: {len(result.rows)} trials ({summary or 'none'}), {result.epochs_run} epochs; "
+          f"stopped: {_REASONS.get(result.stop_reason, result.stop_reason)}")
+    print_front(result.front, result.base, objective)
+    print("files:")
+    for path in result.files.values():
+        print(f"  {path}")
+    for sub in ("models", "plans"):
+        if (result.out_dir / sub).is_dir():
+            print(f"  {result.out_dir / sub}/ ({sum(1 for _ in (result.out_dir / sub).iterdir())} files)")
 
 
 def resume_command(argv: Sequence[str], out: Path, *extra: str) -> str:
@@ -266,9 +276,11 @@ def _objective(study_dir: Path) -> str:
     """The second objective recorded in a study's spec.yaml (macs when unknown)."""
     import yaml
 
+    from ..report.pareto import OBJECTIVE_COLUMNS
+
     try:
         info = yaml.safe_load((study_dir / "spec.yaml").read_text()) or {}
         objectives = info.get("objectives") or ["val_acc", "macs"]
-        return objectives[1] if objectives[1] in ("macs", "params", "latency") else "macs"
+        return objectives[1] if objectives[1] in OBJECTIVE_COLUMNS else "macs"
     except (OSError, yaml.YAMLError, AttributeError, IndexError, TypeError):
         return "macs"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -26,8 +26,15 @@ from ..engine.allocate import AllocationConfig, allocate
 from ..engine.cost import WidthObjective
 from ..engine.graph import ChannelGroup
 
-if TYPE_CHECKING:
-    from .resrep import ResRepParams
+
+class ScheduleParams(Protocol):
+    """The schedule's knobs (fractions of the training steps; see :class:`~.resrep.ResRepParams`)."""
+
+    warmup: float
+    reach: float
+    mask_interval: int
+    growth: int
+    forget_by: float
 
 MIN_UPDATES = 8  # aim for this many mask updates between warm-up and reach (fewer if the trial is shorter)
 Mask = dict[str, set[int]]
@@ -52,7 +59,7 @@ class MaskSchedule:
     """Which channels are masked at each step (see the module docstring)."""
 
     def __init__(self, groups: list[ChannelGroup], objective: WidthObjective, target: float, steps: int,
-                 params: ResRepParams, allocation: AllocationConfig, start_scores: Mapping[str, torch.Tensor]) -> None:
+                 params: ScheduleParams, allocation: AllocationConfig, start_scores: Mapping[str, torch.Tensor]) -> None:
         self.groups, self.objective, self.target = groups, objective, target
         self.allocation, self.params = allocation, params
         self.start = min(steps - 1, math.floor(params.warmup * steps)) if steps else 0

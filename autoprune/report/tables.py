@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..errors import AutopruneError
 from ..files import atomic_path, os_error, write_text
+from .importance import SHARE_SUFFIX
 from .pareto import FRACTION_COLUMNS, OBJECTIVE_COLUMNS, front_hypervolume, front_mask
 from .plots import _acc_scale, cost_unit, normalise, plot_pareto
 
@@ -168,13 +169,14 @@ def write_report(study_dir: str | os.PathLike, base: Mapping[str, Any] | None = 
     plot_pareto({study: df}, paths.pareto_png, paths.pareto_html, {study: base}, objective=objective)
     imp_path = os.path.join(study_dir, "importance.csv")
     if importance:
-        table = pd.DataFrame({obj: pd.Series(dict(vals), dtype=float) for obj, vals in importance.items()})
+        table = pd.DataFrame({obj + SHARE_SUFFIX: pd.Series(dict(vals), dtype=float)
+                              for obj, vals in importance.items()})
         table.index.name = "param"
         with atomic_path(imp_path) as tmp:
             table.sort_values(table.columns[0], ascending=False).to_csv(tmp)
     elif os.path.isfile(imp_path):
         table = read_table(imp_path, ("param",)).set_index("param")
-        importance = {c: table[c].dropna().to_dict() for c in table.columns}
+        importance = {c.removesuffix(SHARE_SUFFIX): table[c].dropna().to_dict() for c in table.columns}
     paths = ReportPaths(paths.pareto_csv, paths.pareto_png, paths.pareto_html, paths.report_md,
                         imp_path if importance else None)
     write_text(paths.report_md, _markdown(study, info, df, on, base, objective, importance))
@@ -285,7 +287,8 @@ def _importance_md(df: pd.DataFrame, importance: Mapping[str, Mapping[str, float
         return "".join(out)
     objs = list(importance)
     params = sorted({p for v in importance.values() for p in v}, key=lambda p: -float(importance[objs[0]].get(p, 0.0)))
-    out.append(_table(["parameter", *objs], [[p, *(_num(importance[o].get(p), ".3f") for o in objs)] for p in params]))
+    out.append(_table(["parameter", *(f"{o} share" for o in objs)],
+                      [[p, *(_num(importance[o].get(p), ".3f") for o in objs)] for p in params]))
     out.append(f"\n{LABEL}.\n")
     col = OBJECTIVE_COLUMNS[objective]
     if col in done.columns:

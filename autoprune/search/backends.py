@@ -43,6 +43,9 @@ class Backend(abc.ABC):
         AutopruneError when it is missing or unreadable next to a non-empty trials.csv (resuming would
         rebuild trials.csv from nothing) or holds another search's study."""
 
+    def check_resume(self, spec: SearchSpec, out: Path) -> None:
+        """Before a resume changes anything: the folder's storage is this search's, current and intact."""
+
     @abc.abstractmethod
     def open_store(self, spec: SearchSpec, out: Path, create: bool = False) -> TrialStore:
         """The trial store of the results folder ``out``."""
@@ -75,6 +78,11 @@ class OptunaBackend(Backend):
         from .folder import study_trials
 
         return study_trials(Path(out), study)
+
+    def check_resume(self, spec: SearchSpec, out: Path) -> None:
+        from .folder import check_study_db
+
+        check_study_db(spec, Path(out))  # the Ray backend's study.db is only a snapshot of ray/
 
     def open_store(self, spec: SearchSpec, out: Path, create: bool = False) -> TrialStore:
         from . import optuna_backend

@@ -62,10 +62,12 @@ def csv_rows(out: Path) -> int:
     return count_rows(out / TRIALS_CSV)
 
 
-class StoredTrials(Protocol):
+class FolderBackend(Protocol):
     """What :func:`prepare` asks of the backend (:class:`autoprune.search.backends.Backend`)."""
 
     def stored_trials(self, out: Path, study: str | None = None) -> int: ...
+
+    def check_resume(self, spec: SearchSpec, out: Path) -> None: ...
 
 
 def study_trials(out: Path, study: str | None = None) -> int:
@@ -100,7 +102,7 @@ def own_studies(study: str) -> tuple[str, str]:
     return study, study + CURVES_SUFFIX
 
 
-def prepare(spec: SearchSpec, out: Path, resume: bool, backend: StoredTrials) -> None:
+def prepare(spec: SearchSpec, out: Path, resume: bool, backend: FolderBackend) -> None:
     """Refuse what cannot run in ``out``; clear a search that never started a trial. Caller holds RUN_LOCK.
 
     Nothing in ``out`` is changed by a refusal: the study storage is only read (:mod:`.study_db`)."""
@@ -128,8 +130,7 @@ def prepare(spec: SearchSpec, out: Path, resume: bool, backend: StoredTrials) ->
     if not (out / "base.pt").exists() and spec.base is None:
         raise AutopruneError(f"{out / 'base.pt'} is missing; this study's trials were pruned from it: restore it, "
                              "set base: in the spec to the same checkpoint, or start a new --out")
-    if backend != "ray":
-        check_study_db(spec, out)
+    backend.check_resume(spec, out)
 
 
 def check_study_db(spec: SearchSpec, out: Path) -> None:

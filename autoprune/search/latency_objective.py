@@ -39,12 +39,13 @@ log = logging.getLogger(__name__)
 MEASURE_LOCK = ".measure.lock"
 BUILD_LOCK = ".latency.lock"
 SETTLE_S = 1.0
-DEFAULTS = {"batch_size": 1, "runtime": "torch", "threads": None, "rounds": 5, "points": 5}
+DEFAULTS = {"batch_size": 1, "runtime": "torch", "threads": None, "rounds": 5, "points": 5, "clock": "wall"}
 
 
 def parse_latency(chk: Any, value: Any) -> dict[str, Any]:
     """The spec's ``latency: {batch_size [1], runtime [torch], threads [null: the search's], rounds [5],
-    points [5]}`` section (rounds: interleaved timing rounds; points: table grid points per width)."""
+    points [5], clock [wall]}`` section (rounds: interleaved timing rounds; points: table grid points per width;
+    clock cpu: the measuring thread's CPU time, for one thread on a machine shared with other work)."""
     value = value or {}
     if not isinstance(value, dict):
         raise chk.err("latency", f"must be a mapping {{batch_size, runtime, threads}}, got {value!r}")
@@ -56,9 +57,10 @@ def parse_latency(chk: Any, value: Any) -> dict[str, Any]:
     out = {"batch_size": chk.integer(value.get("batch_size", 1), "latency.batch_size", 1), "runtime": runtime,
            "threads": None if threads is None else chk.integer(threads, "latency.threads", 1),
            "rounds": chk.integer(value.get("rounds", 5), "latency.rounds", 1),
-           "points": chk.integer(value.get("points", 5), "latency.points", 2)}
+           "points": chk.integer(value.get("points", 5), "latency.points", 2),
+           "clock": chk.string(value.get("clock", "wall"), "latency.clock")}
     try:
-        LatencyConfig(runtime=runtime, batch_size=out["batch_size"], threads=out["threads"])
+        LatencyConfig(runtime=runtime, batch_size=out["batch_size"], threads=out["threads"] or 1, clock=out["clock"])
     except AutopruneError as exc:
         raise chk.err("latency", str(exc)) from None
     return out
@@ -69,12 +71,13 @@ def config(spec: Any, device: torch.device) -> LatencyConfig:
     s = {**DEFAULTS, **dict(getattr(spec, "latency", None) or {})}
     runtime_device = "cpu" if s["runtime"] == "onnxruntime" else str(device)
     return LatencyConfig(runtime=s["runtime"], device=runtime_device, batch_size=int(s["batch_size"]),
-                         threads=s["threads"], rounds=int(s["rounds"]), points=int(s["points"]))
+                         threads=s["threads"], rounds=int(s["rounds"]), points=int(s["points"]), clock=str(s["clock"]))
 
 
 def setting(cfg: LatencyConfig, device_name: str = "") -> str:
     """``batch 1, torch, 2 thread(s)`` (+ the device name): what report tables and plots say."""
-    text = f"batch {cfg.batch_size}, {cfg.runtime}, {cfg.n_threads} thread(s)"
+    text = f"batch {cfg.batch_size}, {cfg.runtime}, {cfg.n_threads} thread(s)" + (", CPU-time clock" if cfg.clock == "cpu"
+                                                                                   else "")
     return f"{text}, {device_name}" if device_name else text
 
 

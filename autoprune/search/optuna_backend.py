@@ -217,19 +217,13 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 prior = same_config(store, hparams, before=number)
             if prior is not None:  # run already: reuse its result, tell the sampler the same
                 result = reused_result(spec, number, hparams, prior)
-                repeats += 1
             else:
                 result = run_trial(worker, number, hparams, finished, early_stopping, seed_index=slot)
-                repeats = 0
+            repeats = repeats + 1 if prior is not None else 0
             store.record(number, result)
         except BaseException:  # Ctrl-C, Orphaned, storage errors: the trial is interrupted, run again later
             with contextlib.suppress(Exception):
-                if trial is not None:
-                    store.interrupt(trial)
-                if result is not None:  # its files exist but its result could not be recorded
-                    discard_files(out_dir, result.number)
-                with file_lock(ask_lock):
-                    write_rows(store, out_dir)
+                _abandon(store, out_dir, trial, result)
             raise
         with file_lock(ask_lock):
             rows = write_rows(store, out_dir)
@@ -239,6 +233,16 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
             log.warning("the sampler proposed %d configurations in a row that already ran; the search space "
                         "looks exhausted: stopping", repeats)
             return "exhausted"
+
+
+def _abandon(store: OptunaStore, out_dir: Path, trial: optuna.Trial | None, result: TrialResult | None) -> None:
+    """A trial stopped before its result was recorded: interrupted (it runs again), its files removed."""
+    if trial is not None:
+        store.interrupt(trial)
+    if result is not None:  # its files exist but its result could not be recorded
+        discard_files(out_dir, result.number)
+    with file_lock(out_dir / ASK_LOCK):
+        write_rows(store, out_dir)
 
 
 def discard_files(out_dir: Path, number: int) -> None:
@@ -321,18 +325,10 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
                          args=(spec, str(out_dir), i, limits, str(dev), early_stopping, seed, threads,
                                os.getpid(), level, errors, sampler))
              for i, dev in enumerate(worker_devices(device, workers))]
-    seen = -1
     try:
         for p in procs:
             p.start()
-        while any(p.is_alive() for p in procs):
-            time.sleep(1.0)
-            if on_update is not None:
-                rows = store_rows(store)
-                key = sum(1 for r in rows if r["state"] != "running") * 100000 + len(rows)
-                if key != seen:
-                    seen = key
-                    on_update(rows)
+        _watch(procs, store, on_update)
     except BaseException:  # Ctrl-C, or SIGTERM (the CLI's): stop the workers too, or exit would wait for them
         for p in procs:
             if p.pid is not None and p.is_alive():
@@ -343,17 +339,36 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
         for p in procs:
             if p.pid is not None:
                 p.join()
+    _check_workers(procs, errors)
+    if on_update is not None:
+        on_update(store_rows(store))
+    return budget_reason(store, limits) or "workers stopped"
+
+
+def _watch(procs: Sequence[mp.process.BaseProcess], store: OptunaStore,
+           on_update: Callable[[list[dict]], None] | None) -> None:
+    """Until every worker has exited: ``on_update`` with the rows whenever a trial starts or ends."""
+    seen = -1
+    while any(p.is_alive() for p in procs):
+        time.sleep(1.0)
+        if on_update is not None:
+            rows = store_rows(store)
+            key = sum(1 for r in rows if r["state"] != "running") * 100000 + len(rows)
+            if key != seen:
+                seen = key
+                on_update(rows)
+
+
+def _check_workers(procs: Sequence[mp.process.BaseProcess], errors: Any) -> None:
+    """Worker failures: AutopruneError when every worker failed, else an error logged naming the first."""
     failures = []
     while not errors.empty():
         failures.append(errors.get())
-    for p in procs:
+    for i, p in enumerate(procs):
         if p.exitcode not in (0, None) and not failures:
-            failures.append((procs.index(p), f"exited with code {p.exitcode}"))
+            failures.append((i, f"exited with code {p.exitcode}"))
     if failures:
         index, message = min(failures)
         if len(failures) == len(procs):
             raise AutopruneError(f"all {len(procs)} search workers failed; worker {index}: {message}")
         log.error("%d of %d workers failed; worker %d: %s", len(failures), len(procs), index, message)
-    if on_update is not None:
-        on_update(store_rows(store))
-    return budget_reason(store, limits) or "workers stopped"

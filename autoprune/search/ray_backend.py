@@ -49,7 +49,7 @@ from .ray_setup import RayOptions, check, connect, require_ray, resources
 from .ray_store import RayStore, history, make_payload
 from .results import TrialResult, constraint_names, one_line
 from .store import Limits, budget_reason, finished_curves, same_config, write_rows
-from .study import outcome, spec_sampler, tell, trial_sampler
+from .study import Outcome, outcome, spec_sampler, tell, trial_sampler
 from .trial import Worker, reused_result, run_trial
 
 if TYPE_CHECKING:
@@ -177,6 +177,13 @@ class _Run:
     def budget_reason(self) -> str | None:
         return budget_reason(self.store, self.limits)
 
+    def spent(self) -> bool:
+        """A budget is spent: no new trial (the reason is kept for the run's result)."""
+        reason = self.budget_reason()
+        if reason is not None:
+            self.reason = reason
+        return reason is not None
+
     def claim(self, trial_id: str, hparams: Mapping[str, Any], ot_trial: Any, slot: int) -> int:
         number = self.store.claim(hparams, ot_trial, trial_id=trial_id, slot=slot)
         self.update()
@@ -201,12 +208,35 @@ class _Run:
             self.on_update(rows)
 
 
+def _ended(result: Mapping[str, Any] | None, error: bool, constraints: Sequence[str]) -> Outcome:
+    """How a Ray trial ended, for Optuna: its reported payload's values only when it completed (never
+    the partial accuracy of an early-stopped trial), its constraints unless it failed."""
+    state = "failed" if error or not result else str(result.get("state", "failed"))
+    if state == "failed":
+        return outcome("failed", None)
+    payload = json.loads(result["autoprune_result"])  # type: ignore[index]
+    values = (payload.get("values") or [float(result[m]) for m in METRICS]) if state == "complete" else None  # type: ignore[index]
+    return outcome(state, values, payload.get("constraints") or (), constraints)
+
+
+def _slot(study: optuna.Study) -> int:
+    """The slot of the next new trial: the searcher's study holds the finished trials (warm start) and
+    this run's, never interrupted ones, so its size without queued retries is the slot."""
+    from optuna.trial import TrialState
+
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING)
+
+
 def _ray_classes() -> dict[str, type]:
     """The Ray subclasses, built on first use (module ``__getattr__`` makes them picklable by name)."""
-    if "AutopruneSearch" in globals():
-        return {k: globals()[k] for k in ("AutopruneSearch", "AutopruneCallback")}
-    from optuna.trial import TrialState
-    from ray.tune import Callback
+    if "AutopruneSearch" not in globals():
+        for cls in (_search_class(), _callback_class()):
+            cls.__module__, cls.__qualname__ = __name__, cls.__name__
+            globals()[cls.__name__] = cls
+    return {k: globals()[k] for k in ("AutopruneSearch", "AutopruneCallback")}
+
+
+def _search_class() -> type:
     from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
@@ -228,15 +258,11 @@ def _ray_classes() -> dict[str, type]:
 
         def suggest(self, trial_id: str) -> dict | str | None:
             run = _RUNS.get(self._autoprune_key)
-            reason = "interrupted" if run is None else run.budget_reason()
-            if reason is not None:
-                if run is not None:
-                    run.reason = reason
+            if run is None or run.spent():
                 return Searcher.FINISHED
             # as the Optuna backend: a sampler seeded from (seed, slot) for every trial, and a retry
-            # keeps the slot (so the training seed) of the trial it replaces. The study holds the
-            # finished trials (warm start) and this run's, never interrupted ones: its size is the slot.
-            slot = sum(1 for t in self._ot_study.get_trials(deepcopy=False) if t.state != TrialState.WAITING)
+            # keeps the slot (so the training seed) of the trial it replaces
+            slot = _slot(self._ot_study)
             if not self._autoprune_fixed:  # a sampler object given through the Python API is used as it is
                 self._ot_study.sampler = trial_sampler(self._autoprune_spec, self._autoprune_seed, slot)
             config = super().suggest(trial_id)
@@ -255,15 +281,16 @@ def _ray_classes() -> dict[str, type]:
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return
             self._completed_trials.add(trial_id)
-            ot_trial = self._ot_trials[trial_id]
-            state = "failed" if error or not result else str(result.get("state", "failed"))
             try:
-                payload = json.loads(result["autoprune_result"]) if state != "failed" else {}
-                values = (payload.get("values") or [float(result[m]) for m in METRICS]) if state == "complete" else None
-                tell(self._ot_study, ot_trial, outcome(state, values, payload.get("constraints") or (),
-                                                       self._autoprune_constraints))
+                tell(self._ot_study, self._ot_trials[trial_id], _ended(result, error, self._autoprune_constraints))
             except Exception as exc:  # noqa: BLE001 - the results folder is the record; the sampler can cope
                 log.warning("could not tell Optuna how Ray trial %s ended: %s", trial_id, one_line(exc))
+
+    return AutopruneSearch
+
+
+def _callback_class() -> type:
+    from ray.tune import Callback
 
     class AutopruneCallback(Callback):
         """Keeps trials.csv and the progress bar current; records trials whose Ray actor failed."""
@@ -286,10 +313,7 @@ def _ray_classes() -> dict[str, type]:
                 message = one_line(error) if error is not None else "the trial's Ray actor failed"
                 run.trial_ended(trial.config, None, message)
 
-    for cls in (AutopruneSearch, AutopruneCallback):
-        cls.__module__, cls.__qualname__ = __name__, cls.__name__
-        globals()[cls.__name__] = cls
-    return {"AutopruneSearch": AutopruneSearch, "AutopruneCallback": AutopruneCallback}
+    return AutopruneCallback
 
 
 def __getattr__(name: str) -> Any:

@@ -218,30 +218,8 @@ def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.devic
         if not {"val_acc", "macs", "params"} <= set(metrics):
             metrics = {}
     if not metrics:
-        if spec.base:
-            model = _load_given_base(spec, model_spec)
-        else:
-            with torch.random.fork_rng(devices=[]):  # the same seed gives the same base model
-                torch.manual_seed(int(spec.seed or 0))
-                model = _build(spec, model_spec)
-            if spec.base_epochs <= 0:
-                log.warning("base_epochs is 0 and no base checkpoint is given: pruning an untrained model")
-            else:
-                log.info("training the base model %s for %d epochs", spec.model, spec.base_epochs)
-                label = f"base model: train {spec.model} on {spec.data.name}"  # tqdm adds the count and ETA
-                cfg = TrainConfig(epochs=int(spec.base_epochs), lr=float(spec.base_lr), seed=int(spec.seed or 0),
-                                  augment=spec.augment)
-                try:
-                    fit(model, data.train, data.val, cfg, device, progress=label)
-                except NonFiniteLoss as exc:
-                    raise AutopruneError(f"training the base model failed: {nan_head(exc)}; lower base_lr in "
-                                         f"{spec.source}, or give a trained checkpoint as base:") from None
-                except (AutopruneError, KeyboardInterrupt):
-                    raise
-                except Exception as exc:  # a user model whose forward raises: one line, -v for the traceback
-                    log.debug("training %s failed", spec.model, exc_info=True)
-                    raise AutopruneError(f"training the base model {spec.model!r} failed: {one_line(exc)} "
-                                         "(-v shows the traceback)") from None
+        model = _load_given_base(spec, model_spec) if spec.base else _train_base(spec, model_spec, data, device,
+                                                                                   progress)
         model.to(device)
         metrics = {"val_acc": evaluate(model, data.val, device)["acc"], "macs": count_macs(model, shape, device),
                    "params": count_params(model)}
@@ -258,6 +236,34 @@ def prepare_base(spec: SearchSpec, out: Path, data: Dataset, device: torch.devic
         metrics["latency_ms"] = measure_models([model], shape, cfg, "base latency")[0]
         metrics.update(latency_objective.record(cfg))
     return metrics
+
+
+def _train_base(spec: SearchSpec, model_spec: ModelSpec, data: Dataset, device: torch.device,
+                progress: bool) -> torch.nn.Module:
+    """The spec's model trained for ``base_epochs`` from a seeded initialisation (the same seed gives the
+    same base model); a training failure is one line naming what to change."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(spec.seed or 0))
+        model = _build(spec, model_spec)
+    if spec.base_epochs <= 0:
+        log.warning("base_epochs is 0 and no base checkpoint is given: pruning an untrained model")
+        return model
+    log.info("training the base model %s for %d epochs", spec.model, spec.base_epochs)
+    label = f"base model: train {spec.model} on {spec.data.name}"  # the reporter adds the count and ETA
+    cfg = TrainConfig(epochs=int(spec.base_epochs), lr=float(spec.base_lr), seed=int(spec.seed or 0),
+                      augment=spec.augment)
+    try:
+        fit(model, data.train, data.val, cfg, device, progress=label)
+    except NonFiniteLoss as exc:
+        raise AutopruneError(f"training the base model failed: {nan_head(exc)}; lower base_lr in "
+                             f"{spec.source}, or give a trained checkpoint as base:") from None
+    except (AutopruneError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a user model whose forward raises: one line, -v for the traceback
+        log.debug("training %s failed", spec.model, exc_info=True)
+        raise AutopruneError(f"training the base model {spec.model!r} failed: {one_line(exc)} "
+                             "(-v shows the traceback)") from None
+    return model
 
 
 def _build(spec: SearchSpec, model_spec: ModelSpec) -> torch.nn.Module:

@@ -115,8 +115,6 @@ def parse_model(chk: SpaceChecker, value: Any) -> str:
 
 
 def parse_data(chk: SpaceChecker, value: Any) -> DataSpec:
-    from ..data.datasets import TORCHVISION_SETS
-
     d = {"name": value} if isinstance(value, str) else value
     if not isinstance(d, dict):
         raise chk.err("data", f"must be a data set name or a mapping with 'name', got {value!r}")
@@ -124,20 +122,8 @@ def parse_data(chk: SpaceChecker, value: Any) -> DataSpec:
     chk.keys(d, "data", known, what="key")
     if "name" not in d:
         raise chk.err("data.name", "missing; e.g. data: {name: digits, seed: 0}")
-    name = chk.string(d["name"], "data.name")
-    plain = ("digits", "synthetic", *TORCHVISION_SETS)
-    prefix = next((p for p in DATA_PREFIXES if name.startswith(p)), None)
-    if prefix is not None:
-        location = name[len(prefix):]
-        if not location:
-            raise chk.err("data.name", f"{prefix}<path> needs a path after {prefix!r}")
-        name = prefix + parse_relative_to_spec(chk, location)
-    elif name.lower() in plain:
-        name = name.lower()
-    else:
-        raise chk.err("data.name", f"unknown data set {name!r}; {chk.hint(name, list(plain))}; "
-                                   "or npz:<path> or imagefolder:<dir>")
-    out: dict[str, Any] = {"name": name, "seed": chk.integer(d.get("seed", 0), "data.seed", 0)}
+    out: dict[str, Any] = {"name": _data_name(chk, chk.string(d["name"], "data.name")),
+                           "seed": chk.integer(d.get("seed", 0), "data.seed", 0)}
     for key in ("val_fraction", "test_fraction"):
         if key in d:
             out[key] = chk.number(d[key], f"data.{key}", 0.0, 1.0, high_open=True, low_open=False)
@@ -149,6 +135,23 @@ def parse_data(chk: SpaceChecker, value: Any) -> DataSpec:
         return DataSpec(**out)
     except AutopruneError as exc:
         raise chk.err("data", str(exc)) from None
+
+
+def _data_name(chk: SpaceChecker, name: str) -> str:
+    """A known data set (lower-cased) or ``npz:``/``imagefolder:`` with its path relative to the spec."""
+    from ..data.datasets import TORCHVISION_SETS
+
+    plain = ("digits", "synthetic", *TORCHVISION_SETS)
+    prefix = next((p for p in DATA_PREFIXES if name.startswith(p)), None)
+    if prefix is not None:
+        location = name[len(prefix):]
+        if not location:
+            raise chk.err("data.name", f"{prefix}<path> needs a path after {prefix!r}")
+        return prefix + parse_relative_to_spec(chk, location)
+    if name.lower() in plain:
+        return name.lower()
+    raise chk.err("data.name", f"unknown data set {name!r}; {chk.hint(name, list(plain))}; "
+                               "or npz:<path> or imagefolder:<dir>")
 
 
 def parse_relative_to_spec(chk: SpaceChecker, path: str) -> str:

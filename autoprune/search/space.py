@@ -136,9 +136,21 @@ def to_prune_args(params: Mapping[str, Any], allocation: Mapping[str, Any] | Non
     trials.csv row, method parameters are the ``param_*`` columns; blanks are skipped.
     """
     from ..engine.allocate import AllocationConfig
-    from ..methods import get_method
 
     csv_row = any(str(k).startswith("param_") for k in params)
+    flat = _flat(params, csv_row)
+    for key in ("method", "target", "epochs", "lr"):
+        if key not in flat:
+            raise AutopruneError(f"trial parameters have no {key!r}; got {', '.join(sorted(flat)) or 'nothing'}")
+    method = str(flat["method"])
+    mode = str(flat.get("allocation", "global"))
+    cfg = AllocationConfig(mode=mode, **_shape(flat, mode), **dict(allocation or {}))
+    return (method, float(flat["target"]), cfg, _method_params(flat, method, csv_row), int(float(flat["epochs"])),
+            float(flat["lr"]))
+
+
+def _flat(params: Mapping[str, Any], csv_row: bool) -> dict[str, Any]:
+    """The set parameters by name (a trials.csv row: ``param_`` prefixes dropped, result columns left out)."""
     flat: dict[str, Any] = {}
     for key, value in params.items():
         key = str(key)
@@ -150,30 +162,32 @@ def to_prune_args(params: Mapping[str, Any], allocation: Mapping[str, Any] | Non
             elif key not in TRIAL_KEYS:
                 continue  # a result column (number, val_acc, macs, ...)
         flat[key] = value.item() if hasattr(value, "item") else value
-    for key in ("method", "target", "epochs", "lr"):
-        if key not in flat:
-            raise AutopruneError(f"trial parameters have no {key!r}; got {', '.join(sorted(flat)) or 'nothing'}")
-    method = str(flat["method"])
-    mode = str(flat.get("allocation", "global"))
-    cfg = AllocationConfig(mode=mode, **_shape(flat, mode), **dict(allocation or {}))
+    return flat
+
+
+def _method_params(flat: Mapping[str, Any], method: str, csv_row: bool) -> dict[str, Any]:
+    """``method``'s own parameters among ``flat`` (``<method>.<name>`` or plain), strings read back as
+    the booleans and sequences the method's Params declare (trials.csv holds them as text)."""
+    from ..methods import get_method
+
     fields = {f.name: f for f in dataclasses.fields(get_method(method).Params)}
-    method_params: dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for key, value in flat.items():
         if key in TRIAL_KEYS or _shape_key(key):
             continue
         owner, dot, pname = key.rpartition(".")
-        if dot:
-            if owner != method:
-                continue
-            key = pname
-        elif csv_row and key not in fields:
+        if dot and owner != method:
             continue
-        if key in fields and isinstance(fields[key].default, bool) and isinstance(value, str):
+        key = pname if dot else key
+        if not dot and csv_row and key not in fields:
+            continue
+        default = fields[key].default if key in fields else None
+        if isinstance(default, bool) and isinstance(value, str):
             value = {"true": True, "false": False}.get(value.lower(), value)
-        if key in fields and isinstance(fields[key].default, (tuple, list)) and isinstance(value, str):
+        if isinstance(default, (tuple, list)) and isinstance(value, str):
             value = _parse_seq(value)
-        method_params[key] = value
-    return method, float(flat["target"]), cfg, method_params, int(float(flat["epochs"])), float(flat["lr"])
+        out[key] = value
+    return out
 
 
 def _shape(flat: Mapping[str, Any], mode: str) -> dict[str, Any]:

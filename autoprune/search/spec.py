@@ -17,7 +17,8 @@ is the commented example)::
         data (LRF's compensation, BN recalibration) and the final accuracies are lower than with the
         whole split. The base model and ``autoprune retrain`` always use the whole split.
     sampler [tpe | nsga2 | random]   objectives [[val_acc, macs]]: second is macs | params | latency
-    latency: {batch_size [1], runtime [torch | onnxruntime], threads [null: the search's], rounds [5], points [5]}
+    latency: {batch_size [1], runtime [torch | onnxruntime], threads [null: the search's], rounds [5], points [5],
+             clock [wall | cpu]}
              (objective latency:
              the sampled target is a fraction of the base's latency on this device)
     constraints: {min_val_acc, max_params_frac, max_macs_frac} [none]

@@ -149,12 +149,13 @@ def finished_curves(store: TrialStore) -> Reference:
 
 def round_candidates(store: TrialStore) -> list[Any]:
     """The screening round's fidelities (study meta ``round``) as screening candidates."""
-    from .early_stop import ONESHOT, Candidate
+    from .early_stop import ONESHOT, Candidate, round_key
 
     out = []
     for p in store.meta().get("round") or ():
         if p.get("fidelity") is not None and p.get("cost_frac") is not None:
-            out.append(Candidate(float(p["cost_frac"]), float(p["fidelity"]), ONESHOT))
+            out.append(Candidate(float(p["cost_frac"]), float(p["fidelity"]), ONESHOT,
+                                 round_key(p["method"], p["target"], p["allocation"])))
     return out
 
 
@@ -223,7 +224,8 @@ def work_used(store: TrialStore, trials: Sequence[StoredTrial] | None = None) ->
 
 
 def importance(store: TrialStore, objectives: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Parameter importance per objective (objective -> parameter -> fANOVA share of its variance) over
+    """Parameter importance per objective (objective -> parameter -> normalised fANOVA share: main-effect
+    variance over the sum of the main effects) over
     the complete trials; {} below :data:`autoprune.report.importance.MIN_TRIALS` of them. See
     :func:`autoprune.report.importance.param_importance`."""
     from ..report.importance import param_importance

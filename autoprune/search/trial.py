@@ -243,7 +243,8 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     done = pruned.trained_epochs if pruned.stopped_early else k
     progress.curve = (progress.curve + [None] * done)[:done]
     progress.epochs_run = epoch.offset = done
-    if not epoch.stopped and epochs > k and _screened_out(worker, number, epoch, phases, m):
+    own = early_stop.round_key(method, target, allocation.mode)  # the screening round's key of this configuration
+    if not epoch.stopped and epochs > k and _screened_out(worker, number, epoch, phases, m, own):
         return _result(worker, number, hparams, "early_stopped", m["fidelity"], progress, start, stopped_at="screen")
     if not epoch.stopped and epochs > k:
         epoch.pause = latency_objective.PausePoint(worker.out_dir) if worker.spec.workers > 1 else None
@@ -312,8 +313,10 @@ class _Epochs:
         return self.stopped
 
 
-def _screened_out(worker: Worker, number: int, epoch: _Epochs, phases: tuple[str, ...], m: dict[str, Any]) -> bool:
-    """The fidelity screen before fine-tuning: the pruned model is not in the best share of its bucket."""
+def _screened_out(worker: Worker, number: int, epoch: _Epochs, phases: tuple[str, ...], m: dict[str, Any],
+                  config: str = "") -> bool:
+    """The fidelity screen before fine-tuning: the pruned model is not in the best share of its bucket
+    (never against the screening round's measurement of its own ``config``)."""
     screen = worker.spec.screen
     if epoch.finished is None or not screen.enabled:
         return False
@@ -322,7 +325,7 @@ def _screened_out(worker: Worker, number: int, epoch: _Epochs, phases: tuple[str
     if early_stop.screen_out(frac, m["fidelity"], epoch.reference().candidates, keep=screen.keep,
                              bucket=screen.bucket, min_peers=screen.min_peers,
                              phase=early_stop.screening_phase(phases), n_val=len(worker.data.val),
-                             se_multiple=screen.se_multiple):
+                             se_multiple=screen.se_multiple, config=config):
         log.info("trial %d screened out: fidelity %.4f not in the best %.0f %% of its %s-fraction bucket",
                  number, m["fidelity"], 100 * screen.keep, "params" if objective == "params" else
                  "latency" if objective == "latency" else "MACs")

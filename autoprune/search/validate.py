@@ -127,24 +127,10 @@ class Kind:
     check: Callable[[Any], None] | None = None  # raises AutopruneError with the problem
 
     def scalar(self, chk: SpaceChecker, v: Any, path: str) -> Any:
+        """One value of this kind (its type, bounds, choices and own check), or SpecError naming ``path``."""
         if v is None and self.nullable:
             return None
-        if self.type == "float":
-            v = chk.number(v, path, self.low, self.high, low_open=self.low_open)
-        elif self.type == "int":
-            v = chk.integer(v, path, None if self.low is None else int(self.low))
-        elif self.type == "bool":
-            v = chk.boolean(v, path)
-        elif self.type == "str":
-            v = chk.string(v, path)
-            if self.choices is not None and v not in self.choices:
-                raise chk.err(path, f"unknown value {v!r}; {did_you_mean(v, list(self.choices))}")
-        elif self.type == "seq":
-            if not isinstance(v, (list, tuple)):
-                raise chk.err(path, f"must be a list, got {v!r}")
-            v = tuple(v)
-        elif not (v is None or isinstance(v, (bool, int, float, str))):
-            raise chk.err(path, f"must be a number, string or boolean, got {v!r}")
+        v = self._typed(chk, v, path)
         if self.check is not None:
             try:
                 self.check(v)
@@ -152,51 +138,81 @@ class Kind:
                 raise chk.err(path, str(exc)) from None
         return v
 
+    def _typed(self, chk: SpaceChecker, v: Any, path: str) -> Any:
+        if self.type == "float":
+            return chk.number(v, path, self.low, self.high, low_open=self.low_open)
+        if self.type == "int":
+            return chk.integer(v, path, None if self.low is None else int(self.low))
+        if self.type == "bool":
+            return chk.boolean(v, path)
+        if self.type == "str":
+            v = chk.string(v, path)
+            if self.choices is not None and v not in self.choices:
+                raise chk.err(path, f"unknown value {v!r}; {did_you_mean(v, list(self.choices))}")
+            return v
+        if self.type == "seq":
+            if not isinstance(v, (list, tuple)):
+                raise chk.err(path, f"must be a list, got {v!r}")
+            return tuple(v)
+        if not (v is None or isinstance(v, (bool, int, float, str))):
+            raise chk.err(path, f"must be a number, string or boolean, got {v!r}")
+        return v
+
 
 def parse_value(chk: SpaceChecker, v: Any, path: str, kind: Kind) -> ParamSpace:
     """A fixed value, a non-empty list of distinct choices, or a Range; checked against ``kind``."""
     if isinstance(v, dict):
-        if kind.fixed_only or kind.type not in ("float", "int", "any"):
-            raise chk.err(path, f"a {{low, high}} range needs a number; {'give one value' if kind.fixed_only else 'give a value or a list of choices'}")
-        chk.keys(v, path, ("low", "high", "log", "step"), what="range key")
-        for key in ("low", "high"):
-            if key not in v:
-                raise chk.err(f"{path}.{key}", "missing; a range needs low and high")
-        integer = kind.type == "int"
-        num = Kind("int" if integer else "float", kind.low, kind.high, kind.low_open)
-        low = num.scalar(chk, v["low"], f"{path}.low")
-        high = num.scalar(chk, v["high"], f"{path}.high")
-        log = chk.boolean(v.get("log", False), f"{path}.log")
-        step = v.get("step")
-        if low > high:
-            raise chk.err(path, f"low ({low:g}) > high ({high:g})")
-        if log and low <= 0:
-            raise chk.err(f"{path}.low", f"a log range needs low > 0, got {low:g}")
-        if step is not None:
-            step = (chk.integer(step, f"{path}.step", 1) if integer
-                    else chk.number(step, f"{path}.step", 0.0, low_open=True))
-            if log:
-                raise chk.err(f"{path}.step", "a log range cannot have a step")
-        if kind.check is not None:  # endpoints must be acceptable values themselves
-            kind.scalar(chk, low, f"{path}.low")
-            kind.scalar(chk, high, f"{path}.high")
-        return Range(low=low, high=high, log=log, step=step, integer=integer)
+        return _parse_range(chk, v, path, kind)
     choices = isinstance(v, list) and (kind.type != "seq" or (bool(v) and all(isinstance(c, list) for c in v)))
     if choices:
-        if kind.fixed_only:
-            raise chk.err(path, f"must be one value, not a list of choices, got {v!r}")
-        if kind.type == "seq":
-            raise chk.err(path, "choices between lists are not supported; give one list")
-        if not v:
-            raise chk.err(path, "empty list of choices; give at least one value")
-        out = [kind.scalar(chk, c, f"{path}[{i}]") for i, c in enumerate(v)]
-        seen: list[Any] = []
-        for c in out:
-            if any(c == s and type(c) is type(s) for s in seen):
-                raise chk.err(path, f"choice {c!r} is listed twice")
-            seen.append(c)
-        return out
+        return _parse_choices(chk, v, path, kind)
     return kind.scalar(chk, v, path)
+
+
+def _parse_range(chk: SpaceChecker, v: dict, path: str, kind: Kind) -> Range:
+    """``{low, high, log?, step?}`` as a Range of ``kind`` (its endpoints acceptable values themselves)."""
+    if kind.fixed_only or kind.type not in ("float", "int", "any"):
+        raise chk.err(path, f"a {{low, high}} range needs a number; {'give one value' if kind.fixed_only else 'give a value or a list of choices'}")
+    chk.keys(v, path, ("low", "high", "log", "step"), what="range key")
+    for key in ("low", "high"):
+        if key not in v:
+            raise chk.err(f"{path}.{key}", "missing; a range needs low and high")
+    integer = kind.type == "int"
+    num = Kind("int" if integer else "float", kind.low, kind.high, kind.low_open)
+    low = num.scalar(chk, v["low"], f"{path}.low")
+    high = num.scalar(chk, v["high"], f"{path}.high")
+    log = chk.boolean(v.get("log", False), f"{path}.log")
+    step = v.get("step")
+    if low > high:
+        raise chk.err(path, f"low ({low:g}) > high ({high:g})")
+    if log and low <= 0:
+        raise chk.err(f"{path}.low", f"a log range needs low > 0, got {low:g}")
+    if step is not None:
+        step = (chk.integer(step, f"{path}.step", 1) if integer
+                else chk.number(step, f"{path}.step", 0.0, low_open=True))
+        if log:
+            raise chk.err(f"{path}.step", "a log range cannot have a step")
+    if kind.check is not None:  # endpoints must be acceptable values themselves
+        kind.scalar(chk, low, f"{path}.low")
+        kind.scalar(chk, high, f"{path}.high")
+    return Range(low=low, high=high, log=log, step=step, integer=integer)
+
+
+def _parse_choices(chk: SpaceChecker, v: list, path: str, kind: Kind) -> list:
+    """A non-empty list of distinct values of ``kind``."""
+    if kind.fixed_only:
+        raise chk.err(path, f"must be one value, not a list of choices, got {v!r}")
+    if kind.type == "seq":
+        raise chk.err(path, "choices between lists are not supported; give one list")
+    if not v:
+        raise chk.err(path, "empty list of choices; give at least one value")
+    out = [kind.scalar(chk, c, f"{path}[{i}]") for i, c in enumerate(v)]
+    seen: list[Any] = []
+    for c in out:
+        if any(c == s and type(c) is type(s) for s in seen):
+            raise chk.err(path, f"choice {c!r} is listed twice")
+        seen.append(c)
+    return out
 
 
 def space_kinds() -> dict[str, Kind]:
