@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -226,9 +225,9 @@ def _refuse_overwrite(out: Path, force: bool) -> None:
 
 
 def _write_metrics(out: Path, metrics: dict[str, Any]) -> Path:
-    path = metrics_path(out)
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
-    return path
+    from ..files import write_json
+
+    return write_json(metrics_path(out), metrics, indent=2)
 
 
 def _non_negative(value: int, option: str) -> None:

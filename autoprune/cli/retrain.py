@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from ..report.retrain import RetrainInterrupted, retrain
 
     apply_threads(args)
+    previous = signal.signal(signal.SIGTERM, _sigterm)  # `kill`: stop like Ctrl-C, notes written
     try:
         result = retrain(
             args.dir,
@@ -109,10 +111,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     except RetrainInterrupted as exc:
         print(
             f"interrupted: best model so far (epoch {exc.best_epoch}, val acc {exc.best_val_acc:.4f}) "
-            f"saved in {exc.model_path}; notes in {exc.out_dir / 'metrics.json'}",
+            f"saved in {exc.model_path}; notes in {exc.out_dir / 'metrics.json'}; to retrain again, "
+            "re-run with --force (it replaces this model)",
             file=sys.stderr,
         )
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     m = result.metrics
     b, p = m["base"], m["pruned"]
     print(f"trial {result.trial}: {result.choice.reason}")
@@ -134,6 +139,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     names = ", ".join(sorted(f.name for f in result.files.values()))
     print(f"files: {result.out_dir}/ ({names})")
     return 0
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _fmt(value: object) -> str:

@@ -175,7 +175,16 @@ class LoaderSplit(Split):
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, shuffle=shuffle,
                                              generator=generator, num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda")
-        for xb, yb in loader:
+        batches = iter(loader)
+        while True:
+            try:
+                xb, yb = next(batches)
+            except StopIteration:
+                return
+            except AutopruneError as exc:  # from a worker: torch put its traceback in the message
+                from .imagefolder import worker_error
+
+                raise worker_error(exc) from None
             xb = xb.to(self.device, non_blocking=True)
             yield (augment_batch(xb, generator, augment) if augment else xb), yb.to(self.device).long()
 
@@ -329,17 +338,19 @@ def _npz(spec: DataSpec, path: str, device: torch.device) -> Dataset:
 
 
 def _imagefolder(spec: DataSpec, root: str, device: torch.device) -> Dataset:
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
     root = os.path.expanduser(root)
     if not os.path.isdir(root):
         raise AutopruneError(f"image folder {root!r} not found; give a directory with one sub-folder per class")
     size = spec.image_size or 224
     base = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
+    from .imagefolder import SafeImageFolder
+
     try:
-        folder = datasets.ImageFolder(root, transform=base)
+        folder = SafeImageFolder(root, transform=base)  # symlinks followed once, broken files named
     except (FileNotFoundError, RuntimeError) as exc:
-        raise AutopruneError(f"image folder {root!r}: {exc}") from exc
+        raise AutopruneError(f"image folder {root!r}: {' '.join(str(exc).split())}") from exc
     y = np.asarray(folder.targets)
     tr, va, te = split_indices(y, spec.seed, spec.val_fraction, spec.test_fraction)
     rng = np.random.default_rng(spec.seed)  # train stats from up to 512 train images

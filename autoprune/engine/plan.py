@@ -75,11 +75,11 @@ def apply_plan(model: nn.Module, groups: list[ChannelGroup], plan: Plan) -> nn.M
 
 
 def _save(path: str | Path, payload: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a half-written checkpoint
+    """Atomic and through memory (:func:`autoprune.files.save_torch`): an interrupted save never leaves a
+    half-written checkpoint, and a full disk or read-only folder is one line (``FileWriteError``)."""
+    from ..files import save_torch
+
+    save_torch(path, payload)
 
 
 def _state(model: nn.Module) -> dict[str, Any]:

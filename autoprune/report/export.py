@@ -21,7 +21,7 @@ with nothing but the file itself (:func:`read_recipe`).
 from __future__ import annotations
 
 import copy
-import json
+import io
 import logging
 import math
 import warnings
@@ -34,6 +34,7 @@ from torch import nn
 
 from ..data.preprocess import InputRecipe
 from ..errors import AutopruneError
+from ..files import clean_temps, write_bytes, write_json
 from ..models.outputs import logits_of, single_output
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 def same_weights(export_path: str | Path, model: nn.Module) -> bool:
     """Whether ``export_path``'s sidecar says it was exported from exactly ``model``'s weights."""
+    import json
+
     try:
         side = json.loads(sidecar_path(export_path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -140,34 +143,33 @@ def export_model(
     exporter ("auto": torch.export-based, falling back to the legacy one; or "torchscript":
     "trace"/"script"). ``recipe``: the input preprocessing, written into the file's metadata and
     into :func:`sidecar_path` (which is written even without a recipe, naming input and output).
-    Returns the path written. The file is written under a temporary name and moved into place, so
-    a failed export never leaves a broken file behind.
+    Returns the path written. The model is serialised in memory and written atomically with its
+    sidecar (:mod:`autoprune.files`), so a failed export never leaves a broken file behind and a full
+    disk or read-only folder is one line (``FileWriteError``), never a native writer's abort.
     """
     fmt = _check_format(format)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     example = _example(tuple(input_shape), 2, 0)  # batch 2: batch 1 would be specialised by torch.export
     m = single_output(_cpu_copy(model), example)
     meta = recipe.to_metadata() if recipe is not None else {}
-    try:
-        if fmt == "onnx":
-            used = _export_onnx(m, example, tmp, exporter, opset)
-            _set_onnx_metadata(tmp, {EXPORTER_KEY: used, **meta}, required=bool(meta))
-        else:
-            used = _export_torchscript(m, example, tmp, exporter, meta)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if fmt == "onnx":
+        data, used = _export_onnx(m, example, exporter, opset)
+        data = _set_onnx_metadata(data, {EXPORTER_KEY: used, **meta}, required=bool(meta), name=path.name)
+    else:
+        data, used = _export_torchscript(m, example, exporter, meta)
+    if path.parent.is_dir():
+        clean_temps(path.parent)  # what a killed export left
     side = {"file": path.name, "format": fmt, "exporter": used, "input_name": INPUT_NAME,
             "output_name": OUTPUT_NAME, "input_shape": ["batch", *input_shape],
-            "input": recipe.to_dict() if recipe is not None else None, "weights_sha256": weights_fingerprint(m)}
-    sidecar_path(path).write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8")
+            "input": recipe.to_dict() if recipe is not None else None, "weights_sha256": weights_fingerprint(model)}
+    write_bytes(path, data)
+    write_json(sidecar_path(path), side, indent=2)
     log.info("exported %s (%s, %s) -> %s", type(model).__name__, fmt, used, path)
     return path
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: str, opset: int) -> str:
+def _export_onnx(model: nn.Module, example: torch.Tensor, exporter: str, opset: int) -> tuple[bytes, str]:
+    """The serialised ONNX model (in memory) and the exporter that made it."""
     if exporter not in ONNX_EXPORTERS:
         raise AutopruneError(f"unknown ONNX exporter {exporter!r}; use one of: {', '.join(ONNX_EXPORTERS)}")
     errors = []
@@ -176,10 +178,10 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # deprecation chatter of the legacy path, tracer warnings
                 if kind == "dynamo":
-                    torch.onnx.export(
+                    program = torch.onnx.export(
                         model,
                         (example,),
-                        str(path),
+                        None,
                         dynamo=True,
                         external_data=False,
                         input_names=[INPUT_NAME],
@@ -188,18 +190,21 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: 
                         dynamic_shapes=({0: torch.export.Dim("batch")},),
                         verbose=False,
                     )
+                    data = program.model_proto.SerializeToString()
                 else:
+                    buffer = io.BytesIO()
                     torch.onnx.export(
                         model,
                         (example,),
-                        str(path),
+                        buffer,
                         dynamo=False,
                         input_names=[INPUT_NAME],
                         output_names=[OUTPUT_NAME],
                         opset_version=opset,
                         dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                     )
-            return kind
+                    data = buffer.getvalue()
+            return data, kind
         except ImportError as exc:
             errors.append(f"{kind}: {exc}")
         except Exception as exc:
@@ -211,8 +216,8 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: 
     )
 
 
-def _set_onnx_metadata(path: Path, meta: dict[str, str], required: bool) -> None:
-    """Add ``meta`` to the file's metadata_props (replacing equal keys).
+def _set_onnx_metadata(data: bytes, meta: dict[str, str], required: bool, name: str) -> bytes:
+    """``data`` (a serialised ONNX model) with ``meta`` in its metadata_props (replacing equal keys).
 
     Only the exporter's name is a nicety (``required`` False: failures are logged); an input
     recipe that cannot be written fails the export, which would otherwise be unusable on raw data.
@@ -220,21 +225,28 @@ def _set_onnx_metadata(path: Path, meta: dict[str, str], required: bool) -> None
     try:
         import onnx
 
-        proto = onnx.load(str(path))
+        proto = onnx.load_from_string(data)
         kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in meta]
         del proto.metadata_props[:]
         for key, value in [*kept, *meta.items()]:
             proto.metadata_props.add(key=key, value=value)
-        onnx.save(proto, str(path))
+        return proto.SerializeToString()
+    except ImportError as exc:
+        if required:
+            raise AutopruneError(f"could not write the input recipe into {name} ({exc}); install onnx "
+                                 "(pip install 'autoprune[export]')") from exc
     except Exception as exc:
         if required:
-            raise AutopruneError(f"could not write the input recipe into {path.name} ({type(exc).__name__}: "
-                                 f"{exc}); install onnx (pip install 'autoprune[export]')") from exc
-        log.debug("could not write ONNX metadata", exc_info=True)
+            raise AutopruneError(f"could not write the input recipe into {name} ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:200]})") from exc
+    log.debug("could not write ONNX metadata (onnx not installed or the model not parseable)")
+    return data
 
 
-def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, exporter: str,
-                        meta: dict[str, str]) -> str:
+def _export_torchscript(model: nn.Module, example: torch.Tensor, exporter: str,
+                        meta: dict[str, str]) -> tuple[bytes, str]:
+    """The TorchScript archive, saved through a buffer (torch's native file writer aborts the process
+    on a full disk), and the exporter that made it."""
     kind = "trace" if exporter in ("auto", "trace") else exporter
     if kind not in ("trace", "script"):
         raise AutopruneError(f"unknown TorchScript exporter {exporter!r}; use trace or script")
@@ -247,14 +259,15 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, exp
                     if kind == "trace"
                     else torch.jit.script(model)
                 )
-            torch.jit.save(module, str(path), _extra_files={EXPORTER_KEY: kind, **meta})
+            buffer = io.BytesIO()
+            torch.jit.save(module, buffer, _extra_files={EXPORTER_KEY: kind, **meta})
     except Exception as exc:
         raise AutopruneError(
             f"TorchScript {kind} of {type(model).__name__} failed "
             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
             f"try --format onnx{' or script' if kind == 'trace' else ''}"
         ) from exc
-    return kind
+    return buffer.getvalue(), kind
 
 
 def exporter_of(path: str | Path, fmt: str) -> str:

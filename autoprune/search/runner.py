@@ -32,6 +32,7 @@ from ..data.splits import check_split
 from ..engine.cost import count_macs, count_params
 from ..engine.plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
 from ..errors import AutopruneError
+from ..files import clean_temps
 from ..models.registry import ModelSpec, create_model
 from ..train import NonFiniteLoss, TrainConfig, evaluate, fit, resolve_device
 from ..trust import TrustCode, TrustError, accepts_trust_code, check_name, needs_trust
@@ -104,6 +105,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
         except TrustError as exc:
             raise TrustError(f"{spec.source}: {exc}") from None
     search_backend = get_backend(backend)
+    _preload_report()
     budget = spec.budget
     if budget.max_trials is None and budget.time_s is None and budget.device_hours is None and budget.compute_s is None:
         raise AutopruneError(f"search {spec.study!r} has no budget; set budget.max_trials, budget.time_s or "
@@ -122,6 +124,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
         if not free:
             raise AutopruneError(f"another search is running on {out}; wait for it or choose another --out")
         folder.prepare(spec, out, resume, search_backend)
+        clean_temps(out, ("models", "plans"))  # what a killed or failed write left (we hold the run lock)
         _dump_spec(spec, out / "spec.yaml")
         device = resolve_device(spec.device)
         data = load_data(spec.data, device) if data is None else data
@@ -291,7 +294,20 @@ def _load_given_base(spec: SearchSpec, model_spec: ModelSpec) -> torch.nn.Module
     return model
 
 
+def _preload_report() -> None:
+    """Import the report's libraries (pandas, matplotlib) before the trials: a search whose trials used all
+    the memory there is must not then fail to import them (issue 30: a MemoryError after 8 good trials)."""
+    from matplotlib.figure import Figure  # noqa: F401
+
+    from ..report import tables  # noqa: F401
+
+
 def _write_report(out: Path, base: Mapping[str, Any], importance: Mapping[str, Any] | None) -> None:
     from ..report import tables as report
 
-    report.write_report(out, dict(base), importance)
+    try:
+        report.write_report(out, dict(base), importance)
+    except MemoryError:
+        raise AutopruneError(f"out of memory while writing the report; the trials are safe in {out} (trials.csv, "
+                             f"study.db): write the report later with `autoprune pareto {out}`") from None
+

@@ -144,7 +144,7 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
     except Exception as exc:
         if isinstance(exc, FileWriteError) or isinstance(user_error(exc), FileWriteError):
             raise (exc if isinstance(exc, FileWriteError) else user_error(exc)) from None  # no trial can fix it
-        message = _message(exc, worker)
+        message = _message(exc, worker, hparams)
         log.warning("trial %d failed: %s", number, message)
         log.debug("trial %d traceback", number, exc_info=True)
         del exc
@@ -189,8 +189,21 @@ def reused_result(spec: SearchSpec, number: int, hparams: Mapping[str, Any], pri
                        duplicate_of=prior.number, **measured)
 
 
-def _message(exc: Exception, worker: Worker) -> str:
-    """The trial's error in one line; a non-finite loss says what to change in the spec."""
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: MemoryError, torch's OutOfMemoryError (CUDA), or the CPU
+    allocator's "can't allocate memory" RuntimeError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def _message(exc: Exception, worker: Worker, hparams: Mapping[str, Any] | None = None) -> str:
+    """The trial's error in one line; a non-finite loss and running out of memory say what to change."""
+    if out_of_memory(exc):
+        batch = int((hparams or {}).get("batch_size") or 128)
+        return (f"out of memory at batch size {batch} on {worker.device}: lower space.batch_size in "
+                f"{worker.spec.source} (e.g. {max(1, batch // 2)}), or the image size or --workers")
     if isinstance(exc, NonFiniteLoss):
         hint = f"lower space.lr in {worker.spec.source}"
         if worker.device.type == "cuda":
