@@ -105,7 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_latency(args: argparse.Namespace) -> int:
     from ..engine.graph import find_groups
-    from ..engine.latency import build_latency_model, describe, validate
+    from ..engine.latency import build_latency_model, describe
+    from ..engine.latency_validate import validate
     from ..engine.plan import load_base
     from ..models.registry import ModelSpec
     from ..train import resolve_device
