@@ -100,6 +100,7 @@ def feasible_points(rows: Sequence[Mapping[str, Any]], column: str = "macs_frac"
 
 # --------------------------------------------------------------------------- trial tables
 
+TRIALS_CSV = "trials.csv"  # the trials table of a results folder (written by autoprune.search.results)
 OBJECTIVE_COLUMNS = {"macs": "macs", "params": "params", "latency": "latency_ms"}  # trials.csv column
 FRACTION_COLUMNS = {"macs": "macs_frac", "params": "params_frac",  # the same as a fraction of the base
                     "latency": "latency_frac"}  # measured, interleaved with the base
