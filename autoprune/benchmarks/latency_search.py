@@ -35,11 +35,13 @@ from torch import nn
 from ..engine import pruning as engine
 from ..engine.cost import count_macs
 from ..engine.graph import find_groups
-from ..engine.latency import build_latency_model, measure_models, validate
+from ..engine.latency import build_latency_model, measure_models
 from ..engine.latency_table import LatencyConfig, device_name
+from ..engine.latency_validate import validate
 from ..errors import AutopruneError
 from ..models.registry import ModelSpec, create_model
 from . import common
+from .latency_search_runs import clock_for, run_search_part
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +73,6 @@ def tp_round8(model: nn.Module, shape: tuple[int, int, int], macs_frac: float) -
         return m
 
     return bisect_ratio(make, lambda m: count_macs(m, shape), macs_frac * base_macs, iters=9)[1]
-
-
-def clock_for(args: Any, threads: int) -> str:
-    """``--clock auto``: the thread's CPU time for one thread (robust to other work on a shared machine), wall
-    clock for more (CPU time would add the threads up)."""
-    return ("cpu" if threads == 1 else "wall") if args.clock == "auto" else args.clock
 
 
 def _cfg(args: Any, batch: int, threads: int) -> LatencyConfig:
@@ -225,8 +221,6 @@ def _run(args: Any, names: Sequence[str], batches: Sequence[int], threads_list: 
         tables.append(_target_table(tgt_rows, where))
     preamble: list[str] = []
     if "search" in args.parts:
-        from .latency_search_runs import run_search_part
-
         table, notes = run_search_part(args)
         tables.append(table)
         preamble += notes

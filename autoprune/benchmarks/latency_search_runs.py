@@ -28,12 +28,17 @@ from ..engine.plan import load_pruned, save_base
 from ..report.pareto import acc_cost_hypervolume, pareto_mask
 from ..search.early_stop import accuracy_se
 from . import common
-from .latency_search import clock_for
 from .quality import prepare
 
 log = logging.getLogger(__name__)
 
 MIN_RATIO = 0.05
+
+
+def clock_for(args: Any, threads: int) -> str:
+    """``--clock auto``: the thread's CPU time for one thread (robust to other work on a shared machine), wall
+    clock for more (CPU time would add the threads up)."""
+    return ("cpu" if threads == 1 else "wall") if args.clock == "auto" else args.clock
 
 
 def _spec(b: Any, base: Path, objective: str, low: float, args: Any, threads: int) -> dict[str, Any]:

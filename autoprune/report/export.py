@@ -85,6 +85,30 @@ def default_path(model_path: str | Path, fmt: str) -> Path:
     return Path(model_path).with_suffix(SUFFIX[_check_format(fmt)])
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of ``model``'s state (names, dtypes, shapes, values): the sidecar records it, so an export of
+    the same weights may replace an earlier one (``autoprune export`` after ``retrain`` exported there)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def same_weights(export_path: str | Path, model: nn.Module) -> bool:
+    """Whether ``export_path``'s sidecar says it was exported from exactly ``model``'s weights."""
+    import json
+
+    try:
+        side = json.loads(sidecar_path(export_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(side, dict) and side.get("weights_sha256") == weights_fingerprint(model)
+
+
 def sidecar_path(export_path: str | Path) -> Path:
     """``model.onnx`` -> ``model.onnx.json``: the export's input recipe and names, for humans and tools."""
     p = Path(export_path)
@@ -136,7 +160,7 @@ def export_model(
         clean_temps(path.parent)  # what a killed export left
     side = {"file": path.name, "format": fmt, "exporter": used, "input_name": INPUT_NAME,
             "output_name": OUTPUT_NAME, "input_shape": ["batch", *input_shape],
-            "input": recipe.to_dict() if recipe is not None else None}
+            "input": recipe.to_dict() if recipe is not None else None, "weights_sha256": weights_fingerprint(model)}
     write_bytes(path, data)
     write_json(sidecar_path(path), side, indent=2)
     log.info("exported %s (%s, %s) -> %s", type(model).__name__, fmt, used, path)
