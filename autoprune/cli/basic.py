@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("info", help="channel groups, widths, MACs and params of a model")
-    p.add_argument("--model", help="registry name, torchvision:<name> or package.module:function")
+    p.add_argument("--model", help="registry name, torchvision:<name>, timm:<name> or package.module:function")
     p.add_argument("--data", default="digits", help="data set that fixes input size and classes")
     p.add_argument("--base", help="a checkpoint instead of --model/--data")
     p.add_argument("--all", action="store_true", help="list every group (default: first 40)")
@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="train a base model and save it (spec + state_dict + metrics)")
-    p.add_argument("--model", required=True, help="registry name (see `autoprune models`), torchvision:<name> "
-                   "or package.module:function")
+    p.add_argument("--model", required=True, help="registry name (see `autoprune models`), torchvision:<name>, "
+                   "timm:<name> or package.module:function")
     p.add_argument("--data", default="digits", help="digits | synthetic | npz:<path> | imagefolder:<dir> | "
                    "cifar10 | cifar100 | mnist | fashionmnist")
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
@@ -89,6 +89,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in list_models():
         print(name)
     print("torchvision:<name>            any torchvision classification model, e.g. torchvision:resnet50")
+    print("timm:<name>                   any timm model (pip install 'autoprune[timm]'), e.g. timm:resnet18")
     print("package.module:function       your own: function(num_classes, in_channels, image_size) -> nn.Module")
     return 0
 
@@ -318,6 +319,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..engine.pruning import prune
     from ..methods import get_method, make_params
     from ..models.registry import ModelSpec
+    from ..progress import phase
     from ..train import TrainConfig, evaluate, fit
 
     _non_negative(args.epochs, "--epochs")
@@ -354,8 +356,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         lat_cfg = latency_config(args, args.latency_batch_size, device, torch.get_num_threads())
         with shown_progress():
             objective = build_latency_model(model, groups, shape, lat_cfg)
-    result = prune(model, args.method, args.target, data=data, allocation=allocation, spec=spec, device=device,
-                   train_cfg=train_cfg, progress=True, groups=groups, objective=objective, **params)
+    with phase(f"prune with {args.method} to {args.target:g} of the {'latency' if latency else 'MACs'}"):
+        result = prune(model, args.method, args.target, data=data, allocation=allocation, spec=spec,
+                       device=device, train_cfg=train_cfg, progress=True, groups=groups, objective=objective,
+                       **params)
     pruned_val = evaluate(result.model, data.val, device)["acc"]
     ft_epochs = args.epochs - method_epochs
     if ft_epochs > 0:

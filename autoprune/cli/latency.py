@@ -58,6 +58,11 @@ def check_early(args: argparse.Namespace, batches: list[int]) -> None:
 @contextlib.contextmanager
 def shown_progress() -> Iterator[None]:
     """Show :mod:`autoprune.progress` phases on stderr (the shared console reporter where present)."""
+    from .. import progress as _progress
+
+    if _progress.installed() is not None:  # the CLI's console (autoprune.cli.main) already shows them
+        yield
+        return
     try:
         from ..progress_view import console  # type: ignore[attr-defined]
     except ImportError:

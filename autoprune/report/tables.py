@@ -229,6 +229,8 @@ def _markdown(study: str, info: Mapping[str, Any], df: pd.DataFrame, on: pd.Data
         out.append(f"Base model: {', '.join(parts)}.\n\n")
     states = df["state"].value_counts() if "state" in df.columns else pd.Series({"complete": len(df)})
     counts = ", ".join(f"{s} {int(states.get(s, 0))}" for s in ("complete", "early_stopped", "failed", "running"))
+    if states.get("interrupted"):
+        counts += f", interrupted {int(states['interrupted'])}"
     infeasible = int(((df.get("state") == "complete") & ~df["feasible"]).sum()) if "feasible" in df.columns else 0
     out.append(f"Trials: {len(df)} ({counts}); complete but infeasible: {infeasible}.")
     if "epochs_run" in df.columns:
@@ -271,6 +273,11 @@ def _markdown(study: str, info: Mapping[str, Any], df: pd.DataFrame, on: pd.Data
             for _, r in failed.head(20).iterrows():
                 err = str(r.get("error", "")).splitlines()[0][:200] if isinstance(r.get("error"), str) else ""
                 out.append(f"- trial {_num(r.get('number'), '.0f')} ({r.get('method', '?')}): {err}\n")
+        stopped = df[df["state"] == "interrupted"]
+        if len(stopped):
+            numbers = ", ".join(_num(n, ".0f") for n in stopped["number"].head(50))
+            out.append(f"\n## Interrupted trials\n\nStopped before they finished (Ctrl-C, `kill`, a lost worker); "
+                       f"each ran again, or runs again on `--resume`, under a new number: {numbers}.\n")
     return "".join(out)
 
 

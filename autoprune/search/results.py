@@ -21,7 +21,7 @@ from ..report.pareto import TRIALS_CSV  # noqa: F401 - re-exported for the searc
 if TYPE_CHECKING:
     from .spec import SearchSpec
 
-STATES = ("complete", "early_stopped", "failed", "running")
+STATES = ("complete", "early_stopped", "failed", "interrupted", "running")  # interrupted: stopped, run again
 HEAD_COLUMNS = ("number", "state", "method", "target", "allocation", "epochs", "lr")
 TAIL_COLUMNS = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
                 "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at", "latency_frac",
