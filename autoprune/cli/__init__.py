@@ -10,6 +10,7 @@ found in a checkpoint, results folder or spec may import code (:mod:`autoprune.t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -145,6 +146,15 @@ def configure_logging(verbose: bool) -> None:
     logging.getLogger(LIBRARY_LOGGER).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def _console(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """Progress of the command's phases on stderr (bars on a terminal, plain lines otherwise; none with
+    --no-progress), with log records and autoprune's warnings printed as lines that never tear a bar."""
+    from .. import progress, progress_view
+
+    quiet = bool(getattr(args, "no_progress", False))
+    return progress_view.console(progress.LogReporter() if quiet else None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -156,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for commands that print how to re-run
     configure_logging(bool(getattr(args, "verbose", False)))
     try:
-        with granting(getattr(args, "trust_code", None) or None):
+        with granting(getattr(args, "trust_code", None) or None), _console(args):
             code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe raises here, inside the handler below, not at interpreter exit
         return code
