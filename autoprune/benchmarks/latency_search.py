@@ -184,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ft-subset", type=int, default=None, help="fine-tune images per search trial (quality case)")
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                    help="timing clock: auto = the thread's CPU time at 1 thread, wall clock at more")
+    p.add_argument("--search-case", default=None, choices=("fashionmnist", "digits"),
+                   help="the quality benchmark's case the search part runs on (fashionmnist; --quick digits)")
+    p.add_argument("--name", default="latency_search", help="output file name under --out (.md, .csv, _fronts.png)")
     p.add_argument("--load-note", default="", help="what else ran on the machine, for the table header")
     args = p.parse_args(argv)
     common.setup(args)
@@ -191,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.validate = args.validate if args.validate is not None else (8 if args.quick else 30)
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.trials = args.trials or (4 if args.quick else 12)
+    args.search_case = args.search_case or ("digits" if args.quick else "fashionmnist")
     names = args.models or (["resnet56"] if args.quick else list(MODELS))
     batches = args.batches or [1, 32]
     threads_list = args.thread_counts or ([1] if args.quick else [1, 2])
@@ -226,7 +230,7 @@ def _run(args: Any, names: Sequence[str], batches: Sequence[int], threads_list: 
         preamble += notes
     tables[-1] = common.Table(tables[-1].key, tables[-1].title, tables[-1].columns, tables[-1].rows,
                               (*tables[-1].notes, f"Total benchmark time {time.perf_counter() - start:.0f} s."))
-    common.write_tables("latency_search", tables, args.out, common.command_line("latency_search", argv),
+    common.write_tables(args.name, tables, args.out, common.command_line("latency_search", argv),
                         preamble=[f"Measured under: {load}.", *preamble])
     return 0
 

@@ -1,16 +1,14 @@
 """Deployable files from a (pruned) model: ONNX and TorchScript, each checked against PyTorch.
 
-``export_model`` writes one file with a dynamic batch dimension; ``check_export`` runs it (ONNX
-with onnxruntime, TorchScript with ``torch.jit.load``) on random inputs at several batch sizes and
-reports the largest absolute logit difference to the PyTorch model. ``export_checked`` does both
-and raises when the difference exceeds the tolerance.
+``export_model`` writes one file with a dynamic batch dimension; ``check_export`` runs it (ONNX with
+onnxruntime, TorchScript with ``torch.jit.load``) on random inputs at several batch sizes and reports the
+largest absolute logit difference to PyTorch; ``export_checked`` does both and raises above the tolerance.
 
 ONNX: the ``torch.export``-based exporter (the default since PyTorch 2.9) is tried first and the
 legacy TorchScript-based one is the fallback (``exporter="auto"``); the file is self-contained
-(weights inside, no external ``.data`` file), input ``input`` (N, C, H, W), output ``logits``: a model
-whose forward returns a tuple or dict is exported with the one output :mod:`autoprune.models.outputs` picks.
-TorchScript: ``torch.jit.trace`` by default (works for any model whose forward has no
-data-dependent control flow), ``torch.jit.script`` on request.
+(weights inside, no external ``.data`` file), input ``input`` (N, C, H, W), output ``logits`` (the one
+:mod:`autoprune.models.outputs` picks). TorchScript: ``torch.jit.trace`` by default (works for any model
+whose forward has no data-dependent control flow), ``torch.jit.script`` on request.
 
 With an :class:`autoprune.data.preprocess.InputRecipe` every export carries its preprocessing: in the
 ONNX ``metadata_props`` / TorchScript extra files (keys ``autoprune.input.<field>``, JSON values)
@@ -24,6 +22,7 @@ import copy
 import io
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,10 +337,7 @@ def _runner(path: Path, fmt: str):
 
 
 def _runtime_refusal(path: Path, fmt: str, exc: Exception, what: str) -> str:
-    """One line saying why the runtime could not take the exported graph: most often it computes in half
-    precision (``torch.autocast`` or ``.half()`` in forward), which re-exporting cannot change."""
-    import re
-
+    """Why the runtime could not take the graph; often half precision inside forward (re-exporting cannot help)."""
     text, runtime = " ".join(str(exc).split()), "onnxruntime" if fmt == "onnx" else "torch.jit"
     low = re.search(r"tensor\((bfloat16|float16)\)|\b(BFloat16|Half)\b", text)
     if low:
@@ -350,8 +346,7 @@ def _runtime_refusal(path: Path, fmt: str, exc: Exception, what: str) -> str:
                 f"inside forward, e.g. torch.autocast or .half()) ({text[:240]}); export a model that computes in "
                 f"float32 (drop the autocast from forward){' or use --format torchscript' if fmt == 'onnx' else ''}")
     if any(k in text for k in ("NOT_IMPLEMENTED", "INVALID_GRAPH", "Could not find an implementation")):
-        return (f"{path}: {runtime} cannot run this graph (an operator or type it does not implement: "
-                f"{text[:300]}); try the other exporter (--exporter legacy|dynamo) or --format torchscript")
+        return f"{path}: {runtime} cannot run this graph ({text[:300]}); try --exporter legacy|dynamo or torchscript"
     return f"{path} could not be {what} as {fmt} ({type(exc).__name__}: {text[:300]}); re-export it"
 
 
