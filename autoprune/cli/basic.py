@@ -178,12 +178,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..models.registry import ModelSpec, create_model
 
     device = _seed(args)
-    data = None
+    data = _dataset(args.data, 0) if args.model and not args.base else None  # shape, classes, batches to trace
     if args.base:
         model, ckpt = load_base(args.base)
         spec = ModelSpec.from_dict(ckpt["model"])
     elif args.model:
-        data = _dataset(args.data, 0)  # its input shape, classes and a few batches to trace
         spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size, args.output)
         model = create_model(spec)
     else:
@@ -201,15 +200,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{'group (first leader)':44s} {'ch':>5s} {'lead':>4s} {'cons':>4s} {'res':>3s}  prunable")
     shown = groups if args.all else groups[:40]
     for g in shown:
-        state = "yes" if g.prunable else "no (see below)"
         print(f"{g.name[:44]:44s} {g.channels:5d} {len(g.leaders):4d} {len(g.consumers):4d} "
-              f"{'yes' if g.residual else '':>3s}  {state}")
+              f"{'yes' if g.residual else '':>3s}  {'yes' if g.prunable else 'no (see below)'}")
     if len(shown) < len(groups):
         print(f"... {len(groups) - len(shown)} more (--all lists them)")
     for i, g in enumerate(g for g in groups if not g.prunable):  # every reason in full
         print(("unprunable groups, each kept at full width:\n" if i == 0 else "") + f"  {g.name} ({g.channels} channels): {g.reason}")
     return 0
-
 
 
 def metrics_path(checkpoint: Path) -> Path:
