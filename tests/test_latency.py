@@ -13,8 +13,9 @@ from autoprune.cli import main
 from autoprune.engine import latency_table
 from autoprune.engine.allocate import AllocationConfig, allocate
 from autoprune.engine.graph import build_width_cost, find_groups
-from autoprune.engine.latency import LatencyModel, LayerTable, build_latency_model, spearman
+from autoprune.engine.latency import LatencyModel, LayerTable, build_latency_model
 from autoprune.engine.latency_table import LatencyConfig, cache_key, key_digest
+from autoprune.engine.latency_validate import spearman
 from autoprune.errors import AutopruneError
 from autoprune.models.registry import create_model
 

@@ -23,6 +23,7 @@ MAX_LINES = 400
 OVER_SIZE = {
     "autoprune/data/datasets.py": "predates the size rule; one job (the data set registry)",
     "autoprune/engine/latency.py": "the latency model (issue 27), landed over the limit",
+    "autoprune/report/export.py": "grew to 405 lines with the write-fault checks; split export formats",
 }
 # Type-only circles (imports under ``if TYPE_CHECKING:``, never executed) still present.
 TYPE_ONLY_CIRCLES: set[frozenset[str]] = set()

@@ -26,7 +26,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,11 +35,13 @@ from torch import nn
 from ..engine import pruning as engine
 from ..engine.cost import count_macs
 from ..engine.graph import find_groups
-from ..engine.latency import build_latency_model, measure_models, validate
+from ..engine.latency import build_latency_model, measure_models
 from ..engine.latency_table import LatencyConfig, device_name
+from ..engine.latency_validate import validate
 from ..errors import AutopruneError
 from ..models.registry import ModelSpec, create_model
 from . import common
+from .latency_search_runs import clock_for, run_search_part
 
 log = logging.getLogger(__name__)
 
@@ -73,27 +75,21 @@ def tp_round8(model: nn.Module, shape: tuple[int, int, int], macs_frac: float) -
     return bisect_ratio(make, lambda m: count_macs(m, shape), macs_frac * base_macs, iters=9)[1]
 
 
-def clock_for(args: Any, threads: int) -> str:
-    """``--clock auto``: the thread's CPU time for one thread (robust to other work on a shared machine), wall
-    clock for more (CPU time would add the threads up)."""
-    return ("cpu" if threads == 1 else "wall") if args.clock == "auto" else args.clock
-
-
 def _cfg(args: Any, batch: int, threads: int) -> LatencyConfig:
     return LatencyConfig(batch_size=batch, threads=threads, rounds=args.rounds, points=args.points,
                          cache_dir=args.cache_dir, clock=clock_for(args, threads))
 
 
-def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Sequence[int]
-               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Part 1 and 2 for one model: (latency-model error rows, targeted-model rows)."""
+def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Sequence[int],
+               err_rows: list[dict[str, Any]], tgt_rows: list[dict[str, Any]], save: Callable[[], None]) -> None:
+    """Part 1 and 2 for one model: appends latency-model error rows and targeted-model rows, and calls
+    ``save`` after each (batch, threads) so a long run keeps what it measured."""
     spec = MODELS[name]
     shape = (spec.in_channels, spec.image_size, spec.image_size)
     torch.manual_seed(0)
     model = create_model(spec).eval()
     groups = find_groups(model, shape)
     label = f"{name} ({spec.image_size})"
-    err_rows, tgt_rows = [], []
     variants: list[tuple[str, float, nn.Module]] | None = None
     for batch in batches:
         if name == "resnet50" and batch > 1 and args.no_resnet50_b32:
@@ -118,7 +114,7 @@ def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Seque
                 if variants is None:  # MACs-targeted and Torch-Pruning models do not depend on the device
                     variants = _macs_variants(model, shape, groups, args.targets)
                 tgt_rows += _target_rows(label, model, shape, groups, lm, cfg, args.targets, variants)
-    return err_rows, tgt_rows
+            save()
 
 
 def _macs_variants(model: nn.Module, shape: tuple[int, int, int], groups: list, targets: Sequence[float]
@@ -188,6 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ft-subset", type=int, default=None, help="fine-tune images per search trial (quality case)")
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                    help="timing clock: auto = the thread's CPU time at 1 thread, wall clock at more")
+    p.add_argument("--search-case", default=None, choices=("fashionmnist", "digits"),
+                   help="the quality benchmark's case the search part runs on (fashionmnist; --quick digits)")
+    p.add_argument("--search-base", default=None, help="a trained base checkpoint for the search part instead of "
+                   "the quality benchmark's cached (or trained) one")
+    p.add_argument("--name", default="latency_search", help="output file name under --out (.md, .csv, _fronts.png)")
     p.add_argument("--load-note", default="", help="what else ran on the machine, for the table header")
     args = p.parse_args(argv)
     common.setup(args)
@@ -195,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.validate = args.validate if args.validate is not None else (8 if args.quick else 30)
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.trials = args.trials or (4 if args.quick else 12)
+    args.search_case = args.search_case or ("digits" if args.quick else "fashionmnist")
     names = args.models or (["resnet56"] if args.quick else list(MODELS))
     batches = args.batches or [1, 32]
     threads_list = args.thread_counts or ([1] if args.quick else [1, 2])
@@ -208,31 +210,32 @@ def _run(args: Any, names: Sequence[str], batches: Sequence[int], threads_list: 
          argv: Sequence[str] | None) -> int:
     err_rows: list[dict[str, Any]] = []
     tgt_rows: list[dict[str, Any]] = []
-    tables: list[common.Table] = []
     load = f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" + (
         f"; {args.load_note}" if args.load_note else "")
     where = (f"PyTorch {torch.__version__} eager, float32, CPU {device_name('cpu')}; {load}. Timings are ratios "
              "inside one run: interleaved rounds, medians. clock 'cpu': the measuring thread's CPU time "
              "(1 thread; leaves out waiting for a core on the shared machine), 'wall': wall clock.")
+
+    def save(echo: bool = False) -> list[common.Table]:
+        out = ([_error_table(err_rows, args, where)] if "model" in args.parts else []) + \
+              ([_target_table(tgt_rows, where)] if "targets" in args.parts else [])
+        if out and not echo:
+            common.write_tables(args.name, out, args.out, common.command_line("latency_search", argv),
+                                preamble=[f"Measured under: {load}. Partial: the run is still going."], echo=False)
+        return out
+
     if {"model", "targets"} & set(args.parts):
         for name in names:
-            e, t = model_rows(name, args, batches, threads_list)
-            err_rows += e
-            tgt_rows += t
-    if "model" in args.parts:
-        tables.append(_error_table(err_rows, args, where))
-    if "targets" in args.parts:
-        tables.append(_target_table(tgt_rows, where))
+            model_rows(name, args, batches, threads_list, err_rows, tgt_rows, save)
+    tables = save(echo=True)
     preamble: list[str] = []
     if "search" in args.parts:
-        from .latency_search_runs import run_search_part
-
         table, notes = run_search_part(args)
         tables.append(table)
         preamble += notes
     tables[-1] = common.Table(tables[-1].key, tables[-1].title, tables[-1].columns, tables[-1].rows,
                               (*tables[-1].notes, f"Total benchmark time {time.perf_counter() - start:.0f} s."))
-    common.write_tables("latency_search", tables, args.out, common.command_line("latency_search", argv),
+    common.write_tables(args.name, tables, args.out, common.command_line("latency_search", argv),
                         preamble=[f"Measured under: {load}.", *preamble])
     return 0
 

@@ -28,7 +28,6 @@ from ..engine.plan import load_pruned, save_base
 from ..report.pareto import acc_cost_hypervolume, pareto_mask
 from ..search.early_stop import accuracy_se
 from . import common
-from .latency_search import clock_for
 from .quality import prepare
 
 log = logging.getLogger(__name__)
@@ -36,9 +35,15 @@ log = logging.getLogger(__name__)
 MIN_RATIO = 0.05
 
 
+def clock_for(args: Any, threads: int) -> str:
+    """``--clock auto``: the thread's CPU time for one thread (robust to other work on a shared machine), wall
+    clock for more (CPU time would add the threads up)."""
+    return ("cpu" if threads == 1 else "wall") if args.clock == "auto" else args.clock
+
+
 def _spec(b: Any, base: Path, objective: str, low: float, args: Any, threads: int) -> dict[str, Any]:
     return {
-        "study": f"resnet20_{objective}", "model": b.case.model, "data": b.case.data.to_dict(), "base": str(base),
+        "study": f"{b.case.model}_{objective}", "model": b.case.model, "data": b.case.data.to_dict(), "base": str(base),
         "device": "cpu", "seed": args.seed, "sampler": "tpe", "objectives": ["val_acc", objective],
         "latency": {"batch_size": 1, "runtime": "torch", "threads": threads, "rounds": args.rounds,
                     "points": args.points, "clock": clock_for(args, threads)},
@@ -105,7 +110,8 @@ def plot(path: Path, points: Mapping[str, np.ndarray], title: str) -> None:
 def run_search_part(args: Any) -> tuple[common.Table, list[str]]:
     """Run both searches, re-measure their models; (table, preamble lines)."""
     threads = (args.thread_counts or [1])[0]
-    b = prepare("fashionmnist", torch.device("cpu"), args.ft_subset if args.ft_subset is not None else -1)
+    b = prepare(args.search_case, torch.device("cpu"), args.ft_subset if args.ft_subset is not None else -1,
+                base_path=args.search_base)
     shape = b.shape
     before = os.environ.get("AUTOPRUNE_CACHE")
     os.environ["AUTOPRUNE_CACHE"] = args.cache_dir  # the search workers' latency model: fresh, this run's
@@ -122,7 +128,7 @@ def run_search_part(args: Any) -> tuple[common.Table, list[str]]:
             rows = {obj: _search(b, work, _spec(b, base, obj, max(0.3, floor + 0.05) if obj == "latency" else 0.3,
                                                 args, threads))
                     for obj in ("latency", "macs")}
-            models = [load_pruned(work / f"resnet20_{obj}" / r["model"], "cpu")[0] for obj in rows for r in rows[obj]]
+            models = [load_pruned(work / f"{b.case.model}_{obj}" / r["model"], "cpu")[0] for obj in rows for r in rows[obj]]
             ms = measure_models([b.model, *models], shape, cfg, "re-measure both fronts")
     finally:
         if before is None:
@@ -152,12 +158,15 @@ def _compare(args: Any, b: Any, rows: Mapping[str, list[dict[str, Any]]], ms: Se
                          "hypervolume (acc x latency frac)": acc_cost_hypervolume(points[obj]),
                          "best val acc": float(points[obj][:, 0].max()) if len(points[obj]) else math.nan,
                          "fastest front model (lat frac)": float(f[:, 1].min()) if len(f) else math.nan})
-    png = Path(args.out) / "latency_search_fronts.png"
+    png = Path(args.out) / f"{args.name}_fronts.png"
     plot(png, {labels["latency"]: points["latency"], labels["macs"]: points["macs"]},
-         f"Fashion-MNIST ResNet-20: both fronts re-measured at batch 1, {threads} thread(s)")
+         f"{args.search_case} {b.case.model}: both fronts re-measured at batch 1, {threads} thread(s)")
     hv_l, hv_m = (r["hypervolume (acc x latency frac)"] for r in out_rows)
     med = statistics.median(ups) if ups else math.nan
+    base_note = (f"Base: {args.search_base} (val acc {b.base_acc:.4f}), not the quality benchmark's cached base."
+                 if args.search_base else f"Base: the quality benchmark's cached base (val acc {b.base_acc:.4f}).")
     notes = (
+        base_note,
         (f"Each search: {args.trials} trials, TPE, L1 with uniform / global / searched allocation, target in "
         f"[low, 0.9] (latency search: low = max(0.3, fastest reachable {floor:.3f} + 0.05)), fine-tune "
         f"{b.case.epochs} epochs on {len(b.data.train)} images, val split of {n_val} images."),
@@ -167,8 +176,8 @@ def _compare(args: Any, b: Any, rows: Mapping[str, list[dict[str, Any]]], ms: Se
         f"accuracy): median {med:.2f}x, min {min(ups, default=math.nan):.2f}x over {len(ups)} points; done when >= 1.3x."),
         (f"Hypervolume in (val acc, measured latency fraction): latency search {hv_l:.4f} vs MACs search {hv_m:.4f} "
         f"({'higher' if hv_l > hv_m else 'not higher'})."),
-        "Plot: latency_search_fronts.png.")
-    table = common.Table("search", "Search for latency vs search for MACs (Fashion-MNIST ResNet-20)",
+        f"Plot: {png.name}.")
+    table = common.Table("search", f"Search for latency vs search for MACs ({args.search_case} {b.case.model})",
                          ("search", "complete trials", "front size", "hypervolume (acc x latency frac)", "best val acc",
                           "fastest front model (lat frac)"), tuple(out_rows), notes)
     return table, []

@@ -10,6 +10,7 @@ found in a checkpoint, results folder or spec may import code (:mod:`autoprune.t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -173,6 +174,15 @@ def print_error(message: object) -> None:
     sys.stderr.flush()
 
 
+def _console(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """Progress of the command's phases on stderr (bars on a terminal, plain lines otherwise; none with
+    --no-progress), with log records and autoprune's warnings printed as lines that never tear a bar."""
+    from .. import progress, progress_view
+
+    quiet = bool(getattr(args, "no_progress", False))
+    return progress_view.console(progress.LogReporter() if quiet else None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -184,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for commands that print how to re-run
     configure_logging(bool(getattr(args, "verbose", False)))
     try:
-        with granting(getattr(args, "trust_code", None) or None):
+        with granting(getattr(args, "trust_code", None) or None), _console(args):
             code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe raises here, inside the handler below, not at interpreter exit
         return code

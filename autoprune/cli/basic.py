@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("info", help="channel groups, widths, MACs and params of a model")
-    p.add_argument("--model", help="registry name, torchvision:<name> or package.module:function")
+    p.add_argument("--model", help="registry name, torchvision:<name>, timm:<name> or package.module:function")
     p.add_argument("--data", default="digits", help="data set that fixes input size and classes")
     p.add_argument("--base", help="a checkpoint instead of --model/--data")
     p.add_argument("--all", action="store_true", help="list every group (default: first 40)")
@@ -35,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="train a base model and save it (spec + state_dict + metrics)")
-    p.add_argument("--model", required=True, help="registry name (see `autoprune models`), torchvision:<name> "
-                   "or package.module:function")
+    p.add_argument("--model", required=True, help="registry name (see `autoprune models`), torchvision:<name>, "
+                   "timm:<name> or package.module:function")
     p.add_argument("--data", default="digits", help="digits | synthetic | npz:<path> | imagefolder:<dir> | "
                    "cifar10 | cifar100 | mnist | fashionmnist")
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
@@ -90,6 +90,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in list_models():
         print(name)
     print("torchvision:<name>            any torchvision classification model, e.g. torchvision:resnet50")
+    print("timm:<name>                   any timm model (pip install 'autoprune[timm]'), e.g. timm:resnet18")
     print("package.module:function       your own: function(num_classes, in_channels, image_size) -> nn.Module")
     return 0
 
@@ -178,12 +179,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..models.registry import ModelSpec, create_model
 
     device = _seed(args)
-    data = None
+    data = _dataset(args.data, 0) if args.model and not args.base else None  # shape, classes, batches to trace
     if args.base:
         model, ckpt = load_base(args.base)
         spec = ModelSpec.from_dict(ckpt["model"])
     elif args.model:
-        data = _dataset(args.data, 0)  # its input shape, classes and a few batches to trace
         spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size, args.output)
         model = create_model(spec)
     else:
@@ -201,15 +201,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{'group (first leader)':44s} {'ch':>5s} {'lead':>4s} {'cons':>4s} {'res':>3s}  prunable")
     shown = groups if args.all else groups[:40]
     for g in shown:
-        state = "yes" if g.prunable else "no (see below)"
         print(f"{g.name[:44]:44s} {g.channels:5d} {len(g.leaders):4d} {len(g.consumers):4d} "
-              f"{'yes' if g.residual else '':>3s}  {state}")
+              f"{'yes' if g.residual else '':>3s}  {'yes' if g.prunable else 'no (see below)'}")
     if len(shown) < len(groups):
         print(f"... {len(groups) - len(shown)} more (--all lists them)")
     for i, g in enumerate(g for g in groups if not g.prunable):  # every reason in full
         print(("unprunable groups, each kept at full width:\n" if i == 0 else "") + f"  {g.name} ({g.channels} channels): {g.reason}")
     return 0
-
 
 
 def metrics_path(checkpoint: Path) -> Path:
@@ -342,6 +340,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..engine.pruning import prune
     from ..methods import get_method, make_params
     from ..models.registry import ModelSpec
+    from ..progress import phase
     from ..train import TrainConfig, evaluate, fit
 
     _non_negative(args.epochs, "--epochs")
@@ -383,8 +382,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         lat_cfg = latency_config(args, args.latency_batch_size, device, torch.get_num_threads())
         with shown_progress():
             objective = build_latency_model(model, groups, shape, lat_cfg)
-    result = prune(model, args.method, args.target, data=data, allocation=allocation, spec=spec, device=device,
-                   train_cfg=train_cfg, progress=True, groups=groups, objective=objective, **params)
+    with phase(f"prune with {args.method} to {args.target:g} of the {'latency' if latency else 'MACs'}"):
+        result = prune(model, args.method, args.target, data=data, allocation=allocation, spec=spec,
+                       device=device, train_cfg=train_cfg, progress=True, groups=groups, objective=objective,
+                       **params)
     pruned_val = evaluate(result.model, data.val, device)["acc"]
     ft_epochs = args.epochs - method_epochs
     if ft_epochs > 0:

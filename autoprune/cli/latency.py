@@ -58,6 +58,11 @@ def check_early(args: argparse.Namespace, batches: list[int]) -> None:
 @contextlib.contextmanager
 def shown_progress() -> Iterator[None]:
     """Show :mod:`autoprune.progress` phases on stderr (the shared console reporter where present)."""
+    from .. import progress as _progress
+
+    if _progress.installed() is not None:  # the CLI's console (autoprune.cli.main) already shows them
+        yield
+        return
     try:
         from ..progress_view import console  # type: ignore[attr-defined]
     except ImportError:
@@ -100,7 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_latency(args: argparse.Namespace) -> int:
     from ..engine.graph import find_groups
-    from ..engine.latency import build_latency_model, describe, validate
+    from ..engine.latency import build_latency_model, describe
+    from ..engine.latency_validate import validate
     from ..engine.plan import load_base
     from ..models.registry import ModelSpec
     from ..train import resolve_device

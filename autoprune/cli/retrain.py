@@ -164,7 +164,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..engine.plan import load_base
     from ..errors import AutopruneError
     from ..models.registry import ModelSpec
-    from ..report.export import default_path, export_checked, sidecar_path
+    from ..report.export import default_path, export_checked, same_weights, sidecar_path
 
     if not 0 <= args.atol < float("inf"):  # also catches NaN
         raise AutopruneError(f"--atol must be >= 0 and finite (the largest allowed |logit difference|, e.g. "
@@ -179,9 +179,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise AutopruneError(f"--out {out} is a folder; give a file path such as {out / ('model.' + args.format)}")
     existing = [p for p in (out, sidecar_path(out)) if p.exists()]
-    if existing and not args.force:
-        raise AutopruneError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
     model, ckpt = load_base(args.model, "cpu")  # base or pruned: load_base rebuilds either
+    if existing and not args.force:
+        if not (out.exists() and same_weights(out, model)):  # the same weights (retrain's export): nothing lost
+            raise AutopruneError(f"{existing[0]} already exists; pass --force to overwrite it or choose another "
+                                 "--out")
+        print(f"{out} holds an export of these same weights; writing it again", file=sys.stderr)
     spec = ModelSpec.from_dict(ckpt["model"])
     recipe = recipe_for(load_data(DataSpec.from_dict(ckpt["data"]))) if ckpt.get("data") else None
     if recipe is None:

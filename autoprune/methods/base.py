@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 import torch
 from torch import nn
 
+from .. import progress
 from ..engine.allocate import AllocationConfig, allocate, select
 from ..engine.cost import WidthCost, WidthObjective
 from ..engine.graph import ChannelGroup
@@ -75,8 +76,9 @@ class PruneContext:
                  groups: list[ChannelGroup] | None = None) -> dict[str, int]:
         """Widths per prunable group (of ``groups``, default all) meeting the target
         (see :func:`autoprune.engine.allocate.allocate`)."""
-        return allocate(self.groups if groups is None else groups, scores, self.target_cost, self.target,
-                        self.allocation)
+        with progress.phase("allocation"):
+            return allocate(self.groups if groups is None else groups, scores, self.target_cost, self.target,
+                            self.allocation)
 
     def select(self, scores: Mapping[str, torch.Tensor], widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         return select(scores, widths)

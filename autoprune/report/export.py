@@ -1,16 +1,14 @@
 """Deployable files from a (pruned) model: ONNX and TorchScript, each checked against PyTorch.
 
-``export_model`` writes one file with a dynamic batch dimension; ``check_export`` runs it (ONNX
-with onnxruntime, TorchScript with ``torch.jit.load``) on random inputs at several batch sizes and
-reports the largest absolute logit difference to the PyTorch model. ``export_checked`` does both
-and raises when the difference exceeds the tolerance.
+``export_model`` writes one file with a dynamic batch dimension; ``check_export`` runs it (ONNX with
+onnxruntime, TorchScript with ``torch.jit.load``) on random inputs at several batch sizes and reports the
+largest absolute logit difference to PyTorch; ``export_checked`` does both and raises above the tolerance.
 
 ONNX: the ``torch.export``-based exporter (the default since PyTorch 2.9) is tried first and the
 legacy TorchScript-based one is the fallback (``exporter="auto"``); the file is self-contained
-(weights inside, no external ``.data`` file), input ``input`` (N, C, H, W), output ``logits``: a model
-whose forward returns a tuple or dict is exported with the one output :mod:`autoprune.models.outputs` picks.
-TorchScript: ``torch.jit.trace`` by default (works for any model whose forward has no
-data-dependent control flow), ``torch.jit.script`` on request.
+(weights inside, no external ``.data`` file), input ``input`` (N, C, H, W), output ``logits`` (the one
+:mod:`autoprune.models.outputs` picks). TorchScript: ``torch.jit.trace`` by default (works for any model
+whose forward has no data-dependent control flow), ``torch.jit.script`` on request.
 
 With an :class:`autoprune.data.preprocess.InputRecipe` every export carries its preprocessing: in the
 ONNX ``metadata_props`` / TorchScript extra files (keys ``autoprune.input.<field>``, JSON values)
@@ -24,6 +22,7 @@ import copy
 import io
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +85,30 @@ def default_path(model_path: str | Path, fmt: str) -> Path:
     return Path(model_path).with_suffix(SUFFIX[_check_format(fmt)])
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of ``model``'s state (names, dtypes, shapes, values): the sidecar records it, so an export of
+    the same weights may replace an earlier one (``autoprune export`` after ``retrain`` exported there)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def same_weights(export_path: str | Path, model: nn.Module) -> bool:
+    """Whether ``export_path``'s sidecar says it was exported from exactly ``model``'s weights."""
+    import json
+
+    try:
+        side = json.loads(sidecar_path(export_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(side, dict) and side.get("weights_sha256") == weights_fingerprint(model)
+
+
 def sidecar_path(export_path: str | Path) -> Path:
     """``model.onnx`` -> ``model.onnx.json``: the export's input recipe and names, for humans and tools."""
     p = Path(export_path)
@@ -137,7 +160,7 @@ def export_model(
         clean_temps(path.parent)  # what a killed export left
     side = {"file": path.name, "format": fmt, "exporter": used, "input_name": INPUT_NAME,
             "output_name": OUTPUT_NAME, "input_shape": ["batch", *input_shape],
-            "input": recipe.to_dict() if recipe is not None else None}
+            "input": recipe.to_dict() if recipe is not None else None, "weights_sha256": weights_fingerprint(model)}
     write_bytes(path, data)
     write_json(sidecar_path(path), side, indent=2)
     log.info("exported %s (%s, %s) -> %s", type(model).__name__, fmt, used, path)
@@ -314,10 +337,7 @@ def _runner(path: Path, fmt: str):
 
 
 def _runtime_refusal(path: Path, fmt: str, exc: Exception, what: str) -> str:
-    """One line saying why the runtime could not take the exported graph: most often it computes in half
-    precision (``torch.autocast`` or ``.half()`` in forward), which re-exporting cannot change."""
-    import re
-
+    """Why the runtime could not take the graph; often half precision inside forward (re-exporting cannot help)."""
     text, runtime = " ".join(str(exc).split()), "onnxruntime" if fmt == "onnx" else "torch.jit"
     low = re.search(r"tensor\((bfloat16|float16)\)|\b(BFloat16|Half)\b", text)
     if low:
@@ -326,8 +346,7 @@ def _runtime_refusal(path: Path, fmt: str, exc: Exception, what: str) -> str:
                 f"inside forward, e.g. torch.autocast or .half()) ({text[:240]}); export a model that computes in "
                 f"float32 (drop the autocast from forward){' or use --format torchscript' if fmt == 'onnx' else ''}")
     if any(k in text for k in ("NOT_IMPLEMENTED", "INVALID_GRAPH", "Could not find an implementation")):
-        return (f"{path}: {runtime} cannot run this graph (an operator or type it does not implement: "
-                f"{text[:300]}); try the other exporter (--exporter legacy|dynamo) or --format torchscript")
+        return f"{path}: {runtime} cannot run this graph ({text[:300]}); try --exporter legacy|dynamo or torchscript"
     return f"{path} could not be {what} as {fmt} ({type(exc).__name__}: {text[:300]}); re-export it"
 
 

@@ -35,6 +35,7 @@ from ..engine.plan import Plan, load_base, load_pruned, read_checkpoint, save_pr
 from ..errors import AutopruneError
 from ..files import clean_temps, write_json, write_text
 from ..models.registry import ModelSpec
+from ..progress import phase
 from ..train import Callbacks, TrainConfig, evaluate, fit, prefer_epoch, resolve_device
 from ..trust import TrustCode, accepts_trust_code
 from .choose import Choice, choose_trial, read_trials, study_name
@@ -129,8 +130,11 @@ def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None
                        {"trial": choice.trial, "params": hparams, "rule": choice.rule, "study": str(study)})
     run = finetune(model, data, cfg, dev, saver, base_model if distill else None, progress, choice, head)
 
-    pruned = measure(model, data, dev, shape, latency_repeats)
-    base = measure(base_model, data, dev, shape, latency_repeats)
+    with phase("measure pruned and base (val, test, MACs, latency)", total=2, unit="model") as p:
+        pruned = measure(model, data, dev, shape, latency_repeats)
+        p.advance()
+        base = measure(base_model, data, dev, shape, latency_repeats)
+        p.advance()
     pruned["macs_frac"] = pruned["macs"] / base["macs"]
     pruned["params_frac"] = pruned["params"] / base["params"]
     metrics = {**head, "interrupted": False, "model": spec.to_dict(), "data": data_spec.to_dict(),
@@ -138,7 +142,8 @@ def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None
                "preprocessing": {"mean": list(data.mean), "std": list(data.std), "note": "inputs are "
                                  "standardised per channel with these statistics of the train split"}}
     saver.save_final(pruned, base, run)
-    files = {"model": saver.path, **export_all(model, shape, out, onnx_exporter, metrics, recipe_for(data))}
+    with phase("export (ONNX, TorchScript)"):
+        files = {"model": saver.path, **export_all(model, shape, out, onnx_exporter, metrics, recipe_for(data))}
     write_json(out / FILES["metrics"], metrics, indent=2)
     files["metrics"] = out / FILES["metrics"]
     try:
@@ -212,7 +217,7 @@ def finetune(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.de
 
     try:
         result = fit(model, data.train, data.val, cfg, device, Callbacks(on_epoch_end=on_epoch_end),
-                     teacher=teacher, progress=progress)
+                     teacher=teacher, progress=f"retrain trial {choice.trial}")
     except KeyboardInterrupt:
         run.update(best_epoch=saver.epoch, best_val_acc=saver.val_acc, seconds=time.perf_counter() - started)
         note = (f"interrupted during retraining; {FILES['model']} holds the best epoch so far (epoch "

@@ -40,7 +40,10 @@ at most ``cost_tolerance`` x its cost x its accuracy to the front's hypervolume.
 would return is never stopped during its training phase (:data:`JUDGED_AT_END`): ResRep's compactor
 epochs read 12-16 % on a natural-image set where the same trial finished at 59 % (issue 25), so
 comparing them would stop trials that are ahead. Its fine-tune epochs after the fold (if any) and
-its result are judged as any other trial's.
+its result are judged as any other trial's. Since the engine's one training loop, ResRep's reading
+is the model it would return at that point (tested: stopped after epoch e it returns a model that
+reads the same to the image); whether its mid-way ranking predicts its final one is not measured
+yet, so it stays judged at its end.
 
 A trial cheaper than everything finished is never stopped (nothing to compare with), so the
 low-cost end of the front is always explored. The last epoch is never a stopping point: stopping

@@ -274,3 +274,18 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
     )
 
 
+
+
+def spec_from_dict(raw: Mapping[str, Any], source: str = "<dict>", overrides: Mapping[str, Any] | None = None
+                   ) -> SearchSpec:
+    """Validate a spec given as plain data (the keys of a spec file); ``source`` names it in errors and
+    anchors relative paths (a file name, or ``<dict>``: relative to the working directory). Without a
+    ``study`` key a dict's study is called ``search``."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{source}: a spec must be a mapping of keys (model, data, space, ...), got "
+                        f"{type(raw).__name__}")
+    raw = dict(raw)
+    if source == "<dict>":
+        raw.setdefault("study", "search")
+    chk = SpaceChecker(source)
+    return _build(chk, _apply_overrides(chk, raw, overrides or {}))

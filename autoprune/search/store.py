@@ -111,7 +111,8 @@ def rows(store: TrialStore) -> list[dict[str, Any]]:
     out = []
     for t in store.trials():
         error = t.error or (INTERRUPTED if t.interrupted else "")
-        out.append(make_row(t.number, t.state, t.hparams, t.record, error))
+        state = "interrupted" if t.interrupted else t.state  # one name on the console, in trials.csv, report, plots
+        out.append(make_row(t.number, state, t.hparams, t.record, error))
     return out
 
 

@@ -39,9 +39,10 @@ from ..engine.trace import trace_batches
 from ..files import FileWriteError, user_error, write_json
 from ..methods import get_method, make_params
 from ..models.registry import ModelSpec
+from ..progress import phase
 from ..report.pareto import OBJECTIVE_COLUMNS
 from ..train import Callbacks, NonFiniteLoss, TrainConfig, evaluate, fit
-from . import early_stop, latency_objective
+from . import early_stop, latency_objective, live
 from .results import TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
 
 if TYPE_CHECKING:
@@ -98,8 +99,9 @@ class Worker:
         lm = lat_cfg = None
         if "latency" in spec.objectives:  # device-specific: measured by each worker on its own device
             lat_cfg = latency_objective.config(spec, device)
-            lm = latency_objective.build_for_worker(out_dir, model, groups, shape, lat_cfg)
-            with latency_objective.measuring(out_dir):
+            others = spec.workers > 1
+            lm = latency_objective.build_for_worker(out_dir, model, groups, shape, lat_cfg, others)
+            with latency_objective.measuring(out_dir, others):
                 base["latency_ms"] = measure_models([model], shape, lat_cfg, "base latency")[0]
             base.update(latency_objective.record(lat_cfg, lm.base))
             latency_objective.warn_unreachable(spec, groups, lm)
@@ -136,8 +138,9 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
     work_start = clock()
     progress = _Progress()
     try:
-        result = _run(worker, number, dict(hparams), finished, early_stopping, progress, start,
-                      number if seed_index is None else seed_index)
+        with live.trial_progress(worker.out_dir, number, hparams):  # what the search display shows of it
+            result = _run(worker, number, dict(hparams), finished, early_stopping, progress, start,
+                          number if seed_index is None else seed_index)
         result = replace(result, work_s=clock() - work_start)
     except Exception as exc:
         if isinstance(exc, FileWriteError) or isinstance(user_error(exc), FileWriteError):
@@ -240,11 +243,14 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     m.update(macs=pruned.macs, macs_frac=pruned.macs / pruned.base_macs, params=pruned.params,
              params_frac=pruned.params / pruned.base_params)
     # the fidelity rung: the pruned (and BN-recalibrated) model before any fine-tuning costs one evaluation
-    m["fidelity"] = float(evaluate(model, worker.data.val, worker.device)["acc"])
+    with phase("fidelity"):
+        m["fidelity"] = float(evaluate(model, worker.data.val, worker.device)["acc"])
     m["prune_s"] = time.perf_counter() - start
     if epoch.objective == "latency":  # timed interleaved with the base, the other workers paused
-        pruned_ms, base_ms = latency_objective.measure_trial(worker.out_dir, worker.model, model, worker.input_shape,
-                                                             worker.latency_cfg)
+        with phase("latency"):
+            pruned_ms, base_ms = latency_objective.measure_trial(worker.out_dir, worker.model, model,
+                                                                 worker.input_shape, worker.latency_cfg,
+                                                                 worker.spec.workers > 1)
         m["latency_frac"] = pruned_ms / base_ms
         m["latency_ms"] = m["latency_frac"] * float(worker.base["latency_ms"])
         m["predicted_latency_frac"] = float(pruned.info["predicted_frac"])
@@ -261,13 +267,17 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
         ft_cfg = replace(cfg, epochs=epochs - k, distill_alpha=alpha,
                          distill_temperature=float(hparams.get("distill_temperature") or 4.0))
         fit(model, worker.data.train, worker.data.val, ft_cfg, worker.device,
-            Callbacks(on_epoch_end=epoch.end, after_backward=epoch.pause), teacher=worker.model if alpha > 0 else None)
+            Callbacks(on_epoch_end=epoch.end, after_backward=epoch.pause), teacher=worker.model if alpha > 0 else None,
+            progress="fine-tune")
     if epochs <= k or pruned.stopped_early:  # no fine-tune: the pruned model as the method returned it
         progress.curve = progress.curve or [None]
         progress.curve[-1] = m["fidelity"]
     val_acc = next(a for a in reversed(progress.curve) if a is not None)
     state = "early_stopped" if epoch.stopped else "complete"
-    saved = _save(worker, number, hparams, model, pruned, val_acc) if state == "complete" else ""
+    saved = ""
+    if state == "complete":
+        with phase("save"):
+            saved = _save(worker, number, hparams, model, pruned, val_acc)
     result = _result(worker, number, hparams, state, val_acc, progress, start, model=saved,
                      stopped_at=f"epoch {progress.epochs_run}" if epoch.stopped else "")
     log.info("trial %d %s: %s target %.2f -> val_acc %.4f (fidelity %.4f), %d MACs (%.3f of base), %d epochs, "
