@@ -10,6 +10,7 @@ state dict: no pickled modules, so files survive refactors and cannot run code w
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -169,7 +170,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train one with `autoprune train --out {path}`")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         refused = _refused_global(str(exc)) or _first_global(path)
         if refused and refused.split(".")[0] in ("numpy", "torch", "collections", "builtins"):
