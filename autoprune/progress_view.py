@@ -135,6 +135,11 @@ class LineReporter:
         if timer is not None:
             timer.cancel()
         took = time.monotonic() - phase.started
+        if self._item(phase) and phase.parent is not None and id(phase.parent) not in self._said:
+            parent_timer = self._timers.pop(id(phase.parent), None)  # its items' lines stand for its start
+            if parent_timer is not None:
+                parent_timer.cancel()
+            self._said.add(id(phase.parent))
         if self._item(phase) or id(phase) in self._said:
             self._said.discard(id(phase))
             tail = f", {phase.postfix}" if phase.postfix else ""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 
 from ..errors import AutopruneError
 from ..models.outputs import OUTPUT_HELP
-from . import apply_threads, common_options, verbose_option
+from . import apply_threads, common_options, seed_type, verbose_option
 from .latency import check_early, latency_config, latency_options, shown_progress
 
 
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training augmentation: none, auto (what suits the data set: crop for digits, "
                         "MNIST, synthetic and npz; crop,flip for CIFAR, Fashion-MNIST, image folders) or a "
                         "list of crop,flip; --augment alone means auto (default: none)")
-    p.add_argument("--split-seed", type=int, default=0,
+    p.add_argument("--split-seed", type=seed_type, default=0,
                    help="data seed fixing the train/val/test split, independent of --seed (default: 0)")
     p.add_argument("--out", required=True, help="checkpoint path, e.g. base.pt (base.metrics.json is written "
                    "beside it)")
@@ -216,6 +217,8 @@ def metrics_path(checkpoint: Path) -> Path:
 
 def _refuse_overwrite(out: Path, force: bool) -> None:
     """AutopruneError before any compute when ``out`` or its metrics file exists and ``force`` is off."""
+    if out.is_dir():
+        raise AutopruneError(f"--out {out} is a folder; give a file path such as {out / 'model.pt'}")
     existing = [p for p in (out, metrics_path(out)) if p.exists()]
     if existing and not force:
         raise AutopruneError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
@@ -228,8 +231,25 @@ def _write_metrics(out: Path, metrics: dict[str, Any]) -> Path:
 
 
 def _non_negative(value: int, option: str) -> None:
+    from ..limits import MAX_EPOCHS
+
     if value < 0:
         raise AutopruneError(f"{option} must be 0 or more, got {value}")
+    if option == "--epochs" and value > MAX_EPOCHS:
+        raise AutopruneError(f"--epochs {value} is more than the cap of {MAX_EPOCHS}; give fewer epochs")
+
+
+def _check_training(args: argparse.Namespace) -> None:
+    """train's numeric flags, before any data is loaded: one line naming the flag and its range."""
+    from ..limits import MAX_BATCH_SIZE
+
+    checks = [("--lr", args.lr, 0 < args.lr < math.inf, "a finite number > 0, e.g. 0.05"),
+              ("--batch-size", args.batch_size, 1 <= args.batch_size <= MAX_BATCH_SIZE, f"in [1, {MAX_BATCH_SIZE}]"),
+              ("--weight-decay", args.weight_decay, 0 <= args.weight_decay < math.inf, "a finite number >= 0"),
+              ("--label-smoothing", args.label_smoothing, 0 <= args.label_smoothing < 1, "in [0, 1)")]
+    for flag, value, ok, allowed in checks:
+        if not ok:
+            raise AutopruneError(f"{flag} {value} is invalid; it must be {allowed}")
 
 
 def _float_list(text: str, option: str) -> tuple[float, ...]:
@@ -238,9 +258,12 @@ def _float_list(text: str, option: str) -> tuple[float, ...]:
     try:
         if any(not item for item in items):
             raise ValueError("an empty item")
-        return tuple(float(item) for item in items)
+        values = tuple(float(item) for item in items)
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            raise ValueError("not positive and finite")
+        return values
     except ValueError:
-        raise AutopruneError(f"{option} {text!r} is not a comma-separated list of numbers; write e.g. "
+        raise AutopruneError(f"{option} {text!r} is not a comma-separated list of positive numbers; write e.g. "
                              f"{option} 0.6,1,1.4") from None
 
 
@@ -253,6 +276,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, evaluate, fit
 
     _non_negative(args.epochs, "--epochs")
+    _check_training(args)
     out = Path(args.out)
     _refuse_overwrite(out, args.force)
     augment = parse_augmentation(args.augment, args.data)
@@ -320,6 +344,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, evaluate, fit
 
     _non_negative(args.epochs, "--epochs")
+    if not 0 < args.lr < math.inf:
+        raise AutopruneError(f"--lr {args.lr} is invalid; it must be a finite number > 0, e.g. 0.01")
+    if not 0 < args.target <= 1:  # also NaN
+        raise AutopruneError(f"--target {args.target} is invalid; it is the MACs (or latency) kept as a fraction of "
+                             "the base, in (0, 1], e.g. 0.5")
     round_to = _round_to(args.round_to)
     latency = args.cost == "latency"
     if latency:
