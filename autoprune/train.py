@@ -79,19 +79,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.augment, (list, tuple)):  # a list from JSON/YAML: keep the config hashable
             object.__setattr__(self, "augment", tuple(str(a) for a in self.augment))
+        from .limits import MAX_BATCH_SIZE, MAX_EPOCHS
+
         checks = {
-            "epochs": self.epochs >= 0,
-            "lr": self.lr > 0,
+            "epochs": 0 <= self.epochs <= MAX_EPOCHS,
+            "lr": 0 < self.lr < math.inf,
             "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "batch_size": self.batch_size >= 1,
+            "weight_decay": 0 <= self.weight_decay < math.inf,
+            "batch_size": 1 <= self.batch_size <= MAX_BATCH_SIZE,
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "warmup_epochs": self.warmup_epochs >= 0,
             "distill_alpha": 0 <= self.distill_alpha <= 1,
             "distill_temperature": self.distill_temperature > 0,
         }
-        allowed = {"epochs": ">= 0", "lr": "> 0", "momentum": "in [0, 1)", "weight_decay": ">= 0",
-                   "batch_size": ">= 1", "label_smoothing": "in [0, 1)", "warmup_epochs": ">= 0",
+        allowed = {"epochs": f"in [0, {MAX_EPOCHS}]", "lr": "> 0 and finite", "momentum": "in [0, 1)",
+                   "weight_decay": ">= 0 and finite", "batch_size": f"in [1, {MAX_BATCH_SIZE}]", "label_smoothing": "in [0, 1)", "warmup_epochs": ">= 0",
                    "distill_alpha": "in [0, 1]", "distill_temperature": "> 0"}
         for name, ok in checks.items():
             if not ok:

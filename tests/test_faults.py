@@ -345,7 +345,7 @@ def test_8_a_user_model_that_raises_is_one_line(where, tmp_path, monkeypatch, ca
 def test_8_prune_multipliers_that_are_not_numbers_are_one_line(base_ckpt, tmp_path, capsys, value):
     assert main(["prune", "--base", str(base_ckpt), "--allocation", "searched", "--multipliers", value,
                  "--epochs", "0", "--out", str(tmp_path / "p.pt")]) == 2
-    one_line(capsys, "--multipliers", "comma-separated list of numbers")
+    one_line(capsys, "--multipliers", "comma-separated list of positive numbers")
     assert not (tmp_path / "p.pt").exists()
 
 

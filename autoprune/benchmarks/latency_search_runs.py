@@ -110,7 +110,8 @@ def plot(path: Path, points: Mapping[str, np.ndarray], title: str) -> None:
 def run_search_part(args: Any) -> tuple[common.Table, list[str]]:
     """Run both searches, re-measure their models; (table, preamble lines)."""
     threads = (args.thread_counts or [1])[0]
-    b = prepare(args.search_case, torch.device("cpu"), args.ft_subset if args.ft_subset is not None else -1)
+    b = prepare(args.search_case, torch.device("cpu"), args.ft_subset if args.ft_subset is not None else -1,
+                base_path=args.search_base)
     shape = b.shape
     before = os.environ.get("AUTOPRUNE_CACHE")
     os.environ["AUTOPRUNE_CACHE"] = args.cache_dir  # the search workers' latency model: fresh, this run's
@@ -162,7 +163,10 @@ def _compare(args: Any, b: Any, rows: Mapping[str, list[dict[str, Any]]], ms: Se
          f"{args.search_case} {b.case.model}: both fronts re-measured at batch 1, {threads} thread(s)")
     hv_l, hv_m = (r["hypervolume (acc x latency frac)"] for r in out_rows)
     med = statistics.median(ups) if ups else math.nan
+    base_note = (f"Base: {args.search_base} (val acc {b.base_acc:.4f}), not the quality benchmark's cached base."
+                 if args.search_base else f"Base: the quality benchmark's cached base (val acc {b.base_acc:.4f}).")
     notes = (
+        base_note,
         (f"Each search: {args.trials} trials, TPE, L1 with uniform / global / searched allocation, target in "
         f"[low, 0.9] (latency search: low = max(0.3, fastest reachable {floor:.3f} + 0.05)), fine-tune "
         f"{b.case.epochs} epochs on {len(b.data.train)} images, val split of {n_val} images."),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,10 @@ import torch
 
 from ..errors import AutopruneError
 from ..models.outputs import OUTPUT_HELP
-from . import apply_threads, common_options, verbose_option
+from . import apply_threads, common_options, seed_type, verbose_option
+from .checks import check_training as _check_training
+from .checks import float_list as _float_list
+from .checks import non_negative as _non_negative
 from .latency import check_early, latency_config, latency_options, shown_progress
 
 
@@ -47,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training augmentation: none, auto (what suits the data set: crop for digits, "
                         "MNIST, synthetic and npz; crop,flip for CIFAR, Fashion-MNIST, image folders) or a "
                         "list of crop,flip; --augment alone means auto (default: none)")
-    p.add_argument("--split-seed", type=int, default=0,
+    p.add_argument("--split-seed", type=seed_type, default=0,
                    help="data seed fixing the train/val/test split, independent of --seed (default: 0)")
     p.add_argument("--out", required=True, help="checkpoint path, e.g. base.pt (base.metrics.json is written "
                    "beside it)")
@@ -216,6 +220,8 @@ def metrics_path(checkpoint: Path) -> Path:
 
 def _refuse_overwrite(out: Path, force: bool) -> None:
     """AutopruneError before any compute when ``out`` or its metrics file exists and ``force`` is off."""
+    if out.is_dir():
+        raise AutopruneError(f"--out {out} is a folder; give a file path such as {out / 'model.pt'}")
     existing = [p for p in (out, metrics_path(out)) if p.exists()]
     if existing and not force:
         raise AutopruneError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
@@ -227,23 +233,6 @@ def _write_metrics(out: Path, metrics: dict[str, Any]) -> Path:
     return write_json(metrics_path(out), metrics, indent=2)
 
 
-def _non_negative(value: int, option: str) -> None:
-    if value < 0:
-        raise AutopruneError(f"{option} must be 0 or more, got {value}")
-
-
-def _float_list(text: str, option: str) -> tuple[float, ...]:
-    """'0.6,1,1.4' -> (0.6, 1.0, 1.4); an empty item or a non-number is one error naming the option."""
-    items = [item.strip() for item in text.split(",")]
-    try:
-        if any(not item for item in items):
-            raise ValueError("an empty item")
-        return tuple(float(item) for item in items)
-    except ValueError:
-        raise AutopruneError(f"{option} {text!r} is not a comma-separated list of numbers; write e.g. "
-                             f"{option} 0.6,1,1.4") from None
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from ..data.datasets import DataSpec, load_data, parse_augmentation
     from ..engine.cost import count_macs, count_params
@@ -253,6 +242,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, evaluate, fit
 
     _non_negative(args.epochs, "--epochs")
+    _check_training(args)
     out = Path(args.out)
     _refuse_overwrite(out, args.force)
     augment = parse_augmentation(args.augment, args.data)
@@ -320,6 +310,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, evaluate, fit
 
     _non_negative(args.epochs, "--epochs")
+    if not 0 < args.lr < math.inf:
+        raise AutopruneError(f"--lr {args.lr} is invalid; it must be a finite number > 0, e.g. 0.01")
+    if not 0 < args.target <= 1:  # also NaN
+        raise AutopruneError(f"--target {args.target} is invalid; it is the MACs (or latency) kept as a fraction of "
+                             "the base, in (0, 1], e.g. 0.5")
     round_to = _round_to(args.round_to)
     latency = args.cost == "latency"
     if latency:

@@ -88,6 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_retrain(args: argparse.Namespace) -> int:
     from ..report.retrain import RetrainInterrupted, retrain
 
+    if args.distill_alpha != 0.7 and not args.distill:
+        from ..errors import AutopruneError
+
+        raise AutopruneError(f"--distill-alpha {args.distill_alpha:g} applies only with --distill; add --distill "
+                             "or drop --distill-alpha")
     apply_threads(args)
     previous = signal.signal(signal.SIGTERM, _sigterm)  # `kill`: stop like Ctrl-C, notes written
     try:
@@ -161,8 +166,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..models.registry import ModelSpec
     from ..report.export import default_path, export_checked, same_weights, sidecar_path
 
-    if not args.atol >= 0:  # also catches NaN
-        raise AutopruneError(f"--atol must be >= 0 (the largest allowed |logit difference|), got {args.atol}")
+    if not 0 <= args.atol < float("inf"):  # also catches NaN
+        raise AutopruneError(f"--atol must be >= 0 and finite (the largest allowed |logit difference|, e.g. "
+                             f"1e-4), got {args.atol}")
     exporter = args.exporter
     valid = {"onnx": ("auto", "dynamo", "legacy"), "torchscript": ("auto", "trace", "script")}[args.format]
     if exporter not in valid:
@@ -170,6 +176,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"--exporter {exporter} does not apply to --format {args.format}; use one of {', '.join(valid)}"
         )
     out = Path(args.out) if args.out else default_path(args.model, args.format)
+    if out.is_dir():
+        raise AutopruneError(f"--out {out} is a folder; give a file path such as {out / ('model.' + args.format)}")
     existing = [p for p in (out, sidecar_path(out)) if p.exists()]
     model, ckpt = load_base(args.model, "cpu")  # base or pruned: load_base rebuilds either
     if existing and not args.force:

@@ -18,6 +18,7 @@ budget). The engine (:func:`autoprune.engine.pruning.run_method`) drives it in t
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -157,8 +158,11 @@ def make_params(method: PruningMethod[P], params: Mapping[str, Any] | None) -> P
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
             try:
                 params[key] = type(default)(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise SpecError(f"method {method.name!r} parameter {key!r} must be a number, got {value!r}") from None
+            if not math.isfinite(params[key]):
+                raise SpecError(f"method {method.name!r} parameter {key!r} must be a finite number, got {value!r}; "
+                                f"the default is {default!r}")
     try:
         return method.Params(**params)
     except (TypeError, ValueError) as exc:

@@ -82,38 +82,22 @@ def setting(cfg: LatencyConfig, device_name: str = "") -> str:
 
 
 def build_for_worker(out_dir: Path, model: nn.Module, groups: Sequence[Any], shape: Sequence[int],
-                     cfg: LatencyConfig) -> Any:
+                     cfg: LatencyConfig, others: bool = False) -> Any:
     """The latency model (from the cache, or measured by one worker at a time with the others waiting)."""
     from ..engine.latency import build_latency_model
 
-    with file_lock(Path(out_dir) / BUILD_LOCK), measuring(out_dir):
+    with file_lock(Path(out_dir) / BUILD_LOCK), measuring(out_dir, others):
         return build_latency_model(model, groups, shape, cfg)
 
 
 @contextlib.contextmanager
-def measuring(out_dir: str | Path) -> Iterator[None]:
-    """Hold the measure lock (other workers pause at their next step) and let them settle first."""
+def measuring(out_dir: str | Path, others: bool = False) -> Iterator[None]:
+    """Hold the measure lock (the other workers pause at their next step); with ``others`` (a search with
+    more than one worker) wait ``SETTLE_S`` for them to get there first."""
     with file_lock(Path(out_dir) / MEASURE_LOCK):
-        time.sleep(SETTLE_S if _others_running(out_dir) else 0.0)
+        if others:
+            time.sleep(SETTLE_S)
         yield
-
-
-def _others_running(out_dir: str | Path) -> bool:
-    """Whether another worker process holds the shared workers lock (a multi-worker search)."""
-    from .locks import WORKERS_LOCK
-
-    if fcntl is None:
-        return False
-    path = Path(out_dir) / WORKERS_LOCK
-    if not path.exists():
-        return False
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
 
 
 class PausePoint:
@@ -166,11 +150,11 @@ def config_of(lm: Any) -> LatencyConfig:
 
 
 def measure_trial(out_dir: str | Path, base: nn.Module, pruned: nn.Module, shape: Sequence[int],
-                  cfg: LatencyConfig) -> tuple[float, float]:
+                  cfg: LatencyConfig, others: bool = False) -> tuple[float, float]:
     """(pruned ms, base ms) timed interleaved, with the other workers paused."""
     from ..engine.latency import measure_models
 
-    with measuring(out_dir):
+    with measuring(out_dir, others):
         base_ms, pruned_ms = measure_models([base, pruned], shape, cfg, "trial latency")
     return pruned_ms, base_ms
 

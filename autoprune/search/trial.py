@@ -99,8 +99,9 @@ class Worker:
         lm = lat_cfg = None
         if "latency" in spec.objectives:  # device-specific: measured by each worker on its own device
             lat_cfg = latency_objective.config(spec, device)
-            lm = latency_objective.build_for_worker(out_dir, model, groups, shape, lat_cfg)
-            with latency_objective.measuring(out_dir):
+            others = spec.workers > 1
+            lm = latency_objective.build_for_worker(out_dir, model, groups, shape, lat_cfg, others)
+            with latency_objective.measuring(out_dir, others):
                 base["latency_ms"] = measure_models([model], shape, lat_cfg, "base latency")[0]
             base.update(latency_objective.record(lat_cfg, lm.base))
             latency_objective.warn_unreachable(spec, groups, lm)
@@ -248,7 +249,8 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     if epoch.objective == "latency":  # timed interleaved with the base, the other workers paused
         with phase("latency"):
             pruned_ms, base_ms = latency_objective.measure_trial(worker.out_dir, worker.model, model,
-                                                                 worker.input_shape, worker.latency_cfg)
+                                                                 worker.input_shape, worker.latency_cfg,
+                                                                 worker.spec.workers > 1)
         m["latency_frac"] = pruned_ms / base_ms
         m["latency_ms"] = m["latency_frac"] * float(worker.base["latency_ms"])
         m["predicted_latency_frac"] = float(pruned.info["predicted_frac"])
