@@ -339,3 +339,18 @@ def test_cli_paths_exit_0_or_2_for_every_kind(name, tmp_path, capsys):
         assert "conv1 (16 channels): touches GroupNorm 'norm1' (4 groups of 4 channels)" in out
     if name == "shuffle_unit":
         assert "stem (16 channels): crosses a reshape that moves channels between dimensions" in out
+
+
+def test_a_search_spec_names_the_output_and_keeps_it_through_a_dump(tmp_path):
+    from autoprune.errors import SpecError
+    from autoprune.search.spec import dump_spec, load_spec
+
+    path = tmp_path / "s.yaml"
+    path.write_text("model: special_models:two_head_dict_net\ndata: digits\noutput: main\nspace: {method: l1}\n")
+    spec = load_spec(path)
+    assert spec.output == "main"
+    dump_spec(spec, tmp_path / "again.yaml")
+    assert load_spec(tmp_path / "again.yaml").output == "main"
+    path.write_text("model: small_cnn\ndata: digits\noutput: -1\nspace: {method: l1}\n")
+    with pytest.raises(SpecError, match="output"):
+        load_spec(path)

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import threading
 import time
@@ -44,7 +43,12 @@ _HOST = socket.gethostname()
 
 
 class PhaseFile:
-    """A :class:`~autoprune.progress.Reporter` keeping one trial's phase stack in a JSON file."""
+    """A :class:`~autoprune.progress.Reporter` keeping one trial's phase stack in a JSON file.
+
+    Events only mark the state changed (a step costs nothing); the file is written when a phase starts
+    or ends (at most every 0.1 s) and by a flusher thread every ``min_interval`` seconds while
+    something changed, so it is never staler than that, even through a long step that reports nothing.
+    """
 
     def __init__(self, path: Path, trial: int, label: str, min_interval: float = 0.5) -> None:
         self.path, self.trial, self.label = Path(path), trial, label
@@ -53,41 +57,63 @@ class PhaseFile:
         self.last = ""  # the phase that ended last (shown between phases)
         self.started = time.time()
         self._written = -math.inf
+        self._dirty = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self, phase: Phase) -> None:
         self.stack.append(phase)
-        self.write(force=True)
+        self._changed(soon=True)
 
     def update(self, phase: Phase) -> None:
-        self.write()
+        self._dirty = True
 
     def end(self, phase: Phase) -> None:
         if phase in self.stack:
             del self.stack[self.stack.index(phase):]
         self.last = phase.name
-        self.write(force=True)
+        self._changed(soon=True)
+
+    def _changed(self, soon: bool) -> None:
+        self._dirty = True
+        if soon and time.monotonic() - self._written >= 0.1:
+            self.write()
 
     def doc(self) -> dict[str, Any]:
         now = time.monotonic()
         return {"trial": self.trial, "label": self.label, "pid": os.getpid(), "host": _HOST, "time": time.time(),
                 "started": self.started, "last": self.last,
                 "phases": [{"name": p.name, "done": p.done, "total": p.total, "unit": p.unit,
-                            "elapsed": now - p.started, "postfix": p.postfix} for p in self.stack]}
+                            "elapsed": now - p.started, "postfix": p.postfix} for p in list(self.stack)]}
 
-    def write(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if now - self._written < (0.1 if force else self.min_interval):
-            return
-        self._written = now
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.doc()), encoding="utf-8")
-            os.replace(tmp, self.path)
-        except OSError as exc:  # progress is advisory: never fail a trial over it
-            log.debug("could not write %s: %s", self.path, exc)
+    def write(self) -> None:
+        with self._lock:
+            self._dirty = False
+            self._written = time.monotonic()
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            try:
+                tmp.write_text(json.dumps(self.doc()), encoding="utf-8")
+                os.replace(tmp, self.path)
+            except OSError as exc:  # progress is advisory: never fail a trial over it
+                log.debug("could not write %s: %s", self.path, exc)
+
+    def open(self) -> PhaseFile:
+        self.write()
+        self._thread = threading.Thread(target=self._flush, name=f"autoprune-progress-{self.trial}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _flush(self) -> None:
+        while not self._stop.wait(max(0.05, self.min_interval)):
+            if self._dirty:
+                self.write()
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock, contextlib.suppress(OSError):
             self.path.unlink()
 
 
@@ -108,8 +134,7 @@ def trial_progress(out_dir: str | Path, number: int, hparams: Mapping[str, Any])
     folder = Path(out_dir) / PROGRESS_DIR
     with contextlib.suppress(OSError):
         folder.mkdir(exist_ok=True)
-    rep = PhaseFile(folder / f"trial_{number:04d}.json", number, trial_label(hparams))
-    rep.write(force=True)
+    rep = PhaseFile(folder / f"trial_{number:04d}.json", number, trial_label(hparams)).open()
     try:
         with progress.use(rep):
             yield rep
@@ -364,7 +389,8 @@ class SearchView:
             number = int(doc.get("trial", -1))
             if number in self._reported:
                 continue
-            key = re.sub(r"\d+", "#", phase_text(doc)[0])  # epoch 3/20 and epoch 4/20: one phase for the log
+            phases = doc.get("phases") or []
+            key = str(phases[0].get("name")) if phases else phase_text(doc)[0]  # epochs of one fine-tune: one phase
             said = self._said.get(number)
             if said is None or said[0] != key or now - said[1] >= self.interval:
                 self._said[number] = (key, now)
