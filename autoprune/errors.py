@@ -19,6 +19,23 @@ class CheckpointError(AutopruneError):
     """A missing, corrupt or foreign checkpoint file."""
 
 
+class AutopruneWarning(UserWarning):
+    """Something the user should know about a result that still stands (e.g. no data for BN recalibration).
+
+    Issued with :func:`warnings.warn`, so a notebook or script shows it like any library warning (once
+    per place, by Python's default filter); the CLI prints it as one ``warning:`` line. Silence it with
+    ``warnings.simplefilter("ignore", autoprune.errors.AutopruneWarning)``.
+    """
+
+
+def warn(message: str, stacklevel: int = 2) -> None:
+    """Issue ``message`` as an :class:`AutopruneWarning` (``stacklevel`` as :func:`warnings.warn`'s, plus this
+    function's own frame)."""
+    import warnings
+
+    warnings.warn(message, AutopruneWarning, stacklevel=stacklevel + 1)
+
+
 def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
     """A short hint listing known names, closest first."""
     import difflib

@@ -13,6 +13,7 @@ import errno
 import functools
 import json
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,17 +44,45 @@ def os_error(path: str | os.PathLike, exc: OSError, doing: str = "write") -> Aut
 
 def user_error(exc: BaseException) -> AutopruneError | None:
     """A one-line AutopruneError for an environment error a user can fix (disk, permissions, the study's
-    SQLite file), or None when ``exc`` is something else (a bug: let it show its traceback)."""
+    SQLite file), or None when ``exc`` is something else (a bug: let it show its traceback).
+
+    The chain of causes is searched too: Optuna wraps SQLAlchemy errors (``StorageInternalError``),
+    which wrap sqlite3's, which say "database or disk is full"."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        found = _one_error(current)
+        if found is not None:
+            return found
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _one_error(exc: BaseException) -> AutopruneError | None:
+    if isinstance(exc, AutopruneError):
+        return exc
     if isinstance(exc, OSError):
         return os_error(exc.filename or "a file", exc, "use")
+    import sqlite3
+
     orig = getattr(exc, "orig", None)  # SQLAlchemy wraps sqlite3 errors
-    if type(exc).__module__.startswith("sqlalchemy") and orig is not None:
-        text = " ".join(str(orig).split())
-        hint = "free some space" if "full" in text else "check that the results folder is writable and not damaged"
-        return AutopruneError(f"the study storage (study.db) failed: {text}; {hint}")
-    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in str(exc) or "file write failed" in str(exc)):
+    if isinstance(exc, sqlite3.Error) or (type(exc).__module__.startswith("sqlalchemy") and orig is not None):
+        text = " ".join(str(orig if orig is not None else exc).split())
+        if "full" in text:
+            return FileWriteError(f"the study storage (study.db) failed: {text}; free some space", errno.ENOSPC)
+        if "readonly" in text or "read-only" in text:
+            return FileWriteError(f"the study storage (study.db) failed: {text}; make the results folder "
+                                  "writable", errno.EROFS)
+        return AutopruneError(f"the study storage (study.db) failed: {text}; check that the results folder is "
+                              "writable and not damaged")
+    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in str(exc) or "file write failed" in str(exc)
+                                          or "unexpected pos" in str(exc)):
         return FileWriteError(f"could not write a checkpoint: {' '.join(str(exc).split())[:200]}; free some space "
                               "or choose a writable --out", errno.ENOSPC)
+    if isinstance(exc, MemoryError):
+        return AutopruneError("out of memory; lower the batch size or the model/image size, or use fewer "
+                              "--workers")
     return None
 
 
@@ -92,6 +121,65 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """Write ``data`` to ``path`` atomically and durably (flushed to the disk before the rename)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Path(path)
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically, serialised in memory first: torch's native file writer
+    turns a full disk into "unexpected pos" RuntimeErrors (or aborts), the OS error is one line here."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes(path, buffer.getbuffer())
+
+
+
+
+def clean_temps(folder: str | os.PathLike, subdirs: tuple[str, ...] = ()) -> list[Path]:
+    """Remove temporary files a killed or failed write left in ``folder`` (and its ``subdirs``): ours
+    (``.NAME.HOST.PID.tmp``) unless a live process of this host is writing it, and the older names
+    ``NAME.pt.tmp`` / ``.NAME.tmp``. Call it where no other autoprune process writes (under the search's
+    run lock). Returns what was removed."""
+    removed = []
+    mine = re.compile(rf"^\..+\.{re.escape(socket.gethostname())}\.(\d+)\.tmp$")
+    for where in (Path(folder), *(Path(folder) / d for d in subdirs)):
+        try:
+            entries = list(where.iterdir())
+        except OSError:
+            continue
+        for path in entries:
+            name = path.name
+            if not name.endswith(".tmp") or not path.is_file() or path.is_symlink():
+                continue
+            found = mine.match(name)
+            if found and int(found[1]) != os.getpid() and _alive(int(found[1])):
+                continue  # being written right now
+            if name.startswith(".") or name.endswith(".pt.tmp"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists
+        return True
+    return True
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

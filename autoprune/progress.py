@@ -107,6 +107,11 @@ def reporter() -> Reporter:
     return _reporter.get() or _DEFAULT
 
 
+def installed() -> Reporter | None:
+    """The reporter a caller installed for this context, or None (the logging default is in use)."""
+    return _reporter.get()
+
+
 def current() -> Phase | None:
     """The innermost running phase of this context, or None."""
     return _current.get()

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import progress as _progress
 from .errors import AutopruneError
 from .models.outputs import logits_of
 from .train_support import (
@@ -31,7 +32,6 @@ from .train_support import (
     autocast,
     grad_scaler,
     prefer_epoch,
-    progress_bar,
     raise_if_bad,
     resolve_device,
     segment_schedule,
@@ -79,19 +79,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.augment, (list, tuple)):  # a list from JSON/YAML: keep the config hashable
             object.__setattr__(self, "augment", tuple(str(a) for a in self.augment))
+        from .limits import MAX_BATCH_SIZE, MAX_EPOCHS
+
         checks = {
-            "epochs": self.epochs >= 0,
-            "lr": self.lr > 0,
+            "epochs": 0 <= self.epochs <= MAX_EPOCHS,
+            "lr": 0 < self.lr < math.inf,
             "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "batch_size": self.batch_size >= 1,
+            "weight_decay": 0 <= self.weight_decay < math.inf,
+            "batch_size": 1 <= self.batch_size <= MAX_BATCH_SIZE,
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "warmup_epochs": self.warmup_epochs >= 0,
             "distill_alpha": 0 <= self.distill_alpha <= 1,
             "distill_temperature": self.distill_temperature > 0,
         }
-        allowed = {"epochs": ">= 0", "lr": "> 0", "momentum": "in [0, 1)", "weight_decay": ">= 0",
-                   "batch_size": ">= 1", "label_smoothing": "in [0, 1)", "warmup_epochs": ">= 0",
+        allowed = {"epochs": f"in [0, {MAX_EPOCHS}]", "lr": "> 0 and finite", "momentum": "in [0, 1)",
+                   "weight_decay": ">= 0 and finite", "batch_size": f"in [1, {MAX_BATCH_SIZE}]", "label_smoothing": "in [0, 1)", "warmup_epochs": ">= 0",
                    "distill_alpha": "in [0, 1]", "distill_temperature": "> 0"}
         for name, ok in checks.items():
             if not ok:
@@ -206,8 +208,10 @@ def fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, dev
     """Train model in place on train for cfg.epochs; evaluate on val after every epoch.
 
     ``steps``: train exactly this many optimizer steps instead (epochs of the split, the last one
-    cut short; the learning-rate schedule spans them). ``progress``: a tqdm bar per epoch (with its
-    ETA); a string also labels the bar with what is being trained (e.g. "base small_cnn on digits").
+    cut short; the learning-rate schedule spans them). Progress goes to :mod:`autoprune.progress` (the
+    caller's reporter renders it): a phase named ``progress`` when it is a string (e.g. "base small_cnn
+    on digits"), else "train", counting epochs, and inside it one phase per epoch (``epoch 3/20``)
+    counting optimizer steps.
 
     Moves model (and teacher) to device; on CUDA also to channels-last. Raises NonFiniteLoss
     when the loss becomes NaN/inf (the weights are then unusable: on CUDA the check runs every
@@ -282,19 +286,18 @@ class _Loop:
     def run(self, val: Split | None, progress: bool | str) -> FitResult:
         history: list[dict] = []
         stopped_early = False
-        epochs = progress_bar(range(1, self.cfg.epochs + 1), progress)
-        for epoch in epochs:
-            metrics = self._epoch(epoch, val)
-            history.append(metrics)
-            if progress:
-                epochs.set_postfix(loss=f"{metrics['train_loss']:.4f}", val_acc=f"{metrics['val_acc']:.4f}")
-            report = self.callbacks.on_epoch_end
-            if self.signalled or (report is not None and report(epoch, dict(metrics))):
-                stopped_early = epoch < self.cfg.epochs or self.step < self.total
-                logger.info("stopped after epoch %d (%s)", epoch, "stop signal" if self.signalled else "on_epoch_end")
-                break
-        if progress:
-            epochs.close()
+        label = progress if isinstance(progress, str) else "train"
+        with _progress.phase(label, total=self.cfg.epochs, unit="epoch") as run:
+            for epoch in range(1, self.cfg.epochs + 1):
+                metrics = self._epoch(epoch, val)
+                history.append(metrics)
+                run.advance(postfix=f"loss {metrics['train_loss']:.4f}, val_acc {metrics['val_acc']:.4f}")
+                report = self.callbacks.on_epoch_end
+                if self.signalled or (report is not None and report(epoch, dict(metrics))):
+                    stopped_early = epoch < self.cfg.epochs or self.step < self.total
+                    logger.info("stopped after epoch %d (%s)", epoch, "stop signal" if self.signalled else
+                                "on_epoch_end")
+                    break
         self.optimizer.zero_grad(set_to_none=True)  # do not keep a gradient-sized copy of the model alive
         if history:
             accs = [h["val_acc"] for h in history]
@@ -311,18 +314,22 @@ class _Loop:
         self.model.train()
         batches = self.train.batches(self.cfg.batch_size, shuffle=True, generator=self.generator,
                                      augment=self.cfg.augment)
-        for step, (x, y) in enumerate(batches, start=1):
-            if self.step >= self.total:
-                break
-            self._step(x, y, (epoch, step, self.step))
-            if self.callbacks.should_stop is not None and self.callbacks.should_stop():
-                self.signalled = True
-                break
-        self.monitor.flush()
-        raise_if_bad(self.monitor, self.lr_at)
-        train_loss = self.monitor.epoch_mean()
-        metrics = {"epoch": epoch, "train_loss": train_loss, **self._reading(val),
-                   "lr": self.lr_at(max(0, self.step - 1)), "seconds": time.perf_counter() - start}
+        spe = min(steps_per_epoch(len(self.train), self.cfg.batch_size), self.total - self.step)
+        with _progress.phase(f"epoch {epoch}/{self.cfg.epochs}", total=spe, unit="step") as shown:
+            for step, (x, y) in enumerate(batches, start=1):
+                if self.step >= self.total:
+                    break
+                self._step(x, y, (epoch, step, self.step))
+                shown.advance()
+                if self.callbacks.should_stop is not None and self.callbacks.should_stop():
+                    self.signalled = True
+                    break
+            self.monitor.flush()
+            raise_if_bad(self.monitor, self.lr_at)
+            train_loss = self.monitor.epoch_mean()
+            metrics = {"epoch": epoch, "train_loss": train_loss, **self._reading(val),
+                       "lr": self.lr_at(max(0, self.step - 1)), "seconds": time.perf_counter() - start}
+            shown.postfix = f"loss {train_loss:.4f}, val_acc {metrics['val_acc']:.4f}"
         logger.info("epoch %d/%d train_loss %.4f val_acc %.4f val_loss %.4f lr %.3g (%.1f s)", epoch,
                     self.cfg.epochs, train_loss, metrics["val_acc"], metrics["val_loss"], metrics["lr"],
                     metrics["seconds"])

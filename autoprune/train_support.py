@@ -139,10 +139,3 @@ def grad_scaler(enabled: bool) -> Any:
         return torch.amp.GradScaler("cuda", enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled)
 
-
-def progress_bar(epochs: range, progress: bool | str) -> Any:
-    if not progress:
-        return epochs
-    from tqdm.auto import tqdm
-
-    return tqdm(epochs, desc=progress if isinstance(progress, str) else "fit", unit="epoch")

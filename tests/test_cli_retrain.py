@@ -27,3 +27,18 @@ def test_retrain_reports_the_kept_epoch_refuses_to_overwrite_and_exports_the_rec
     assert "already holds a retrained model" in err and "--force" in err and len(err.strip().splitlines()) == 1
     assert (out / "model.pt").stat().st_mtime_ns == stamp
     assert main([*argv, "--force"]) == 0
+
+
+def test_export_after_retrain_rewrites_retrains_own_export_but_never_another_models(study, tmp_path,  # noqa: F811
+                                                                                    capsys):
+    """The README's last step: `export .../model.pt --format onnx` where retrain already wrote model.onnx."""
+    out = tmp_path / "r"
+    assert main(["retrain", str(study), "--trial", "0", "--epochs", "1", "--out", str(out), "--device", "cpu",
+                 "--no-progress", "--exporter", "legacy"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out / "model.pt"), "--format", "onnx", "--exporter", "legacy"]) == 0
+    assert "same weights" in capsys.readouterr().err
+    other = study / "models" / "trial_0000.pt"  # the trial's own model: other weights than the retrained one
+    assert main(["export", str(other), "--format", "onnx", "--out", str(out / "model.onnx"),
+                 "--exporter", "legacy"]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err

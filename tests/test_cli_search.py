@@ -18,7 +18,7 @@ import torch
 
 from autoprune.cli import build_parser, main, resolve_threads
 from autoprune.errors import AutopruneError
-from autoprune.search import optuna_backend, runner, stop
+from autoprune.search import live, optuna_backend, runner, stop
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "search_spaces" / "smoke.yaml")
@@ -146,7 +146,7 @@ def test_a_sigterm_whose_interrupt_was_swallowed_still_stops_the_search(tmp_path
 
 def test_eta_is_the_sooner_of_pace_and_deadline():
     spec = SimpleNamespace(objectives=["val_acc", "macs"], budget=SimpleNamespace(max_trials=30), study="s")
-    bar = runner._ProgressBar(spec, enabled=False, deadline=None, already_done=10)
+    bar = live.SearchView(spec, mode=None, deadline=None, already_done=10)
     bar.started = 1000.0
     assert bar.eta(10, now=1010.0) is None  # no trial of this run finished yet: no pace
     assert bar.eta(12, now=1010.0) == pytest.approx(18 * 5.0)  # 2 trials in 10 s, 18 to go

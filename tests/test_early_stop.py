@@ -217,3 +217,15 @@ def test_screening_acts_only_beyond_the_margin():
     se = accuracy_se(0.20, 3000)
     assert not screen_out(0.3, 0.2330 - 0.9 * se, earlier, keep=0.3, min_peers=1, n_val=3000, se_multiple=1.0)
     assert screen_out(0.3, 0.2330 - 1.5 * se, earlier, keep=0.3, min_peers=1, n_val=3000, se_multiple=1.0)
+
+
+def test_a_trial_is_not_screened_against_its_own_round_measurement():
+    """The screening round measured (lrf, 0.2, global) at 0.513; the queued trial of that configuration
+    reads 0.476 (another BN-recalibration draw): it is compared with the other methods, not itself."""
+    from autoprune.search.early_stop import round_key
+
+    key = round_key("lrf", 0.2, "global")
+    earlier = [Candidate(0.2, 0.5133, config=key), Candidate(0.2, 0.3893, config=round_key("fsm", 0.2, "global")),
+               Candidate(0.2, 0.30, config=round_key("l1", 0.2, "global"))]
+    assert screen_out(0.2, 0.4763, earlier, keep=0.3, min_peers=1, n_val=3000, se_multiple=1.0)
+    assert not screen_out(0.2, 0.4763, earlier, keep=0.3, min_peers=1, n_val=3000, se_multiple=1.0, config=key)

@@ -211,8 +211,13 @@ def test_cli_export_refuses_to_overwrite_without_force_and_writes_the_recipe(dig
     assert "input recipe" in capsys.readouterr().out
     assert read_recipe(out).data == "digits" and (tmp_path / "base.onnx.json").is_file()
     stamp = out.stat().st_mtime_ns
-    assert main(["export", str(tmp_path / "base.pt"), "--exporter", "legacy"]) == 2
+    other = create_model(spec)  # other weights: their export must not replace this one silently
+    save_base(tmp_path / "other.pt", other, spec, digits.spec, {})
+    assert main(["export", str(tmp_path / "other.pt"), "--exporter", "legacy", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "already exists; pass --force" in err and len(err.strip().splitlines()) == 1
     assert out.stat().st_mtime_ns == stamp
+    # the same weights again (the README's `export` after `retrain` wrote there): rewritten, nothing lost
+    assert main(["export", str(tmp_path / "base.pt"), "--exporter", "legacy"]) == 0
+    assert "same weights" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "base.pt"), "--exporter", "legacy", "--force"]) == 0

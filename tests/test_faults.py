@@ -144,7 +144,7 @@ def test_4_a_trial_whose_result_cannot_be_recorded_leaves_no_orphan(base_ckpt, t
     one_line(capsys, "No space left on device")
     monkeypatch.setattr(optuna_backend.OptunaStore, "record", real)
     table = rows(out)
-    assert [r["state"] for r in table] == ["complete", "failed"] and table[1]["error"].startswith("interrupted")
+    assert [r["state"] for r in table] == ["complete", "interrupted"] and table[1]["error"].startswith("interrupted")
     assert sorted(p.name for p in (out / "models").iterdir()) == ["trial_0000.pt"]
     assert main(["search", str(spec), "--out", str(out), "--resume", "--no-progress"]) == 0
     capsys.readouterr()
@@ -172,10 +172,10 @@ def test_5_ctrl_c_while_a_trial_is_set_up_is_an_interrupt(base_ckpt, tmp_path, m
     capsys.readouterr()
     monkeypatch.setattr(space, "suggest", real)
     table = rows(out)
-    assert [r["state"] for r in table] == ["complete", "failed"] and table[1]["error"].startswith("interrupted")
+    assert [r["state"] for r in table] == ["complete", "interrupted"] and table[1]["error"].startswith("interrupted")
     assert main(["search", str(spec), "--out", str(out), "--resume", "--no-progress"]) == 0  # not counted
     capsys.readouterr()
-    assert [r["state"] for r in rows(out)] == ["complete", "failed", "complete"]
+    assert [r["state"] for r in rows(out)] == ["complete", "interrupted", "complete"]
 
 
 # ----------------------------------------------------------------------------- one line, exit 2
@@ -313,7 +313,7 @@ def test_an_environment_error_in_a_trial_stops_the_search_instead_of_failing_eve
     assert main(["search", str(write_spec(tmp_path, base_ckpt, budget={"max_trials": 3})), "--out", str(out),
                  "--no-progress"]) == 2
     one_line(capsys, "No space left on device")
-    assert [r["state"] for r in rows(out)] == ["failed"] and rows(out)[0]["error"].startswith("interrupted")
+    assert [r["state"] for r in rows(out)] == ["interrupted"] and rows(out)[0]["error"].startswith("interrupted")
     assert not os.path.exists(out / "models" / "trial_0000.pt")
 
 
@@ -345,7 +345,7 @@ def test_8_a_user_model_that_raises_is_one_line(where, tmp_path, monkeypatch, ca
 def test_8_prune_multipliers_that_are_not_numbers_are_one_line(base_ckpt, tmp_path, capsys, value):
     assert main(["prune", "--base", str(base_ckpt), "--allocation", "searched", "--multipliers", value,
                  "--epochs", "0", "--out", str(tmp_path / "p.pt")]) == 2
-    one_line(capsys, "--multipliers", "comma-separated list of numbers")
+    one_line(capsys, "--multipliers", "comma-separated list of positive numbers")
     assert not (tmp_path / "p.pt").exists()
 
 

@@ -13,8 +13,9 @@ from autoprune.cli import main
 from autoprune.engine import latency_table
 from autoprune.engine.allocate import AllocationConfig, allocate
 from autoprune.engine.graph import build_width_cost, find_groups
-from autoprune.engine.latency import LatencyModel, LayerTable, build_latency_model, spearman
+from autoprune.engine.latency import LatencyModel, LayerTable, build_latency_model
 from autoprune.engine.latency_table import LatencyConfig, cache_key, key_digest
+from autoprune.engine.latency_validate import spearman
 from autoprune.errors import AutopruneError
 from autoprune.models.registry import create_model
 
@@ -148,7 +149,7 @@ def test_the_measured_model_predicts_the_base_and_is_monotone(tmp_path):
     spec, shape = model_input("small_cnn")
     model = create_model(spec).eval()
     groups = find_groups(model, shape)
-    cfg = LatencyConfig(threads=1, rounds=2, points=3, budget_s=0.002, use_cache=False)
+    cfg = LatencyConfig(threads=1, rounds=2, points=3, budget_s=0.002, use_cache=False, clock="cpu")
     lm = build_latency_model(model, groups, shape, cfg)
     assert lm.base == pytest.approx(lm.measured_base_ms, rel=0.5)
     full = {g.name: g.channels for g in groups if g.prunable}
@@ -207,7 +208,7 @@ def test_prune_with_a_latency_target_records_measured_and_predicted_latency(base
     # batch 16: compute, not per-call overhead, dominates this tiny model, so 0.8 is reachable under load too
     assert main(["prune", "--base", str(base_ckpt), "--cost", "latency", "--target", "0.8", "--out", str(out),
                  "--epochs", "0", "--threads", "1", "--latency-rounds", "2", "--latency-points", "2",
-                 "--no-latency-cache", "--round-to", "auto", "--batch-size", "16"]) == 0
+                 "--no-latency-cache", "--round-to", "auto", "--batch-size", "16", "--latency-clock", "cpu"]) == 0
     m = json.loads((tmp_path / "p.metrics.json").read_text())
     for key in ("latency_ms", "base_latency_ms", "latency_frac", "predicted_latency_frac", "latency_batch_size",
                 "latency_runtime", "latency_threads", "latency_device"):
@@ -228,7 +229,7 @@ def test_a_search_with_a_latency_objective_aims_at_and_records_latency(base_ckpt
 
     monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path / "cache"))
     spec = {"study": "t", "model": "small_cnn", "data": "digits", "base": str(base_ckpt), "device": "cpu",
-            "objectives": ["val_acc", "latency"], "latency": {"batch_size": 2, "threads": 1, "rounds": 2, "points": 3},
+            "objectives": ["val_acc", "latency"], "latency": {"batch_size": 2, "threads": 1, "rounds": 2, "points": 3, "clock": "cpu"},
             "budget": {"max_trials": 2}, "early_stop": {"enabled": False},
             "space": {"method": "l1", "target": {"low": 0.85, "high": 0.95}, "allocation": "global", "epochs": 1}}
     path = tmp_path / "spec.yaml"
@@ -258,6 +259,7 @@ def test_a_spec_with_a_bad_latency_section_is_one_line(tmp_path):
     from autoprune.search.spec import load_spec
 
     for latency, message in (({"runtime": "tvm"}, "latency.runtime: unknown latency runtime 'tvm'"),
+                             ({"clock": "cpu", "threads": 2}, "clock 'cpu' measures one thread"),
                              ({"batch_size": 0}, "latency.batch_size"), ({"batchsize": 2}, "batchsize")):
         path = tmp_path / "s.yaml"
         path.write_text(yaml.safe_dump({"model": "small_cnn", "data": "digits", "objectives": ["val_acc", "latency"],

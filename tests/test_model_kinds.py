@@ -286,6 +286,8 @@ def test_every_kind_and_method_prunes_trains_saves_loads_elsewhere_and_exports(n
     import sys
     from pathlib import Path
 
+    from test_contract import _granularity
+
     from autoprune.methods import list_methods
     from autoprune.models.outputs import logits_of
 
@@ -299,14 +301,18 @@ def test_every_kind_and_method_prunes_trains_saves_loads_elsewhere_and_exports(n
             params = {"fit": "weights"} if method == "lrf" and name in TV_KINDS else {}
             result = autoprune.prune(model, method, 0.5, data=data, spec=spec,
                                      train_cfg=TrainConfig(epochs=1, batch_size=16, lr=0.01), **params)
-            assert 0.49 <= result.macs_fraction <= 0.5, (name, method, result.macs_fraction)
+            frac = result.macs_fraction  # within 1 % below the target, or one channel where that costs more
+            assert 0.5 - max(0.01, _granularity(model, shape, result.plan.widths())) <= frac <= 0.5, (name, method)
             fit(result.model, data.train, data.val, TrainConfig(epochs=1, batch_size=16, lr=0.01), "cpu")
             path = tmp_path / f"{name.replace(':', '_')}_{method}.pt"
             save_pruned(path, result.model, spec, result.plan)
             with torch.no_grad():
                 expected[str(path)] = logits_of(result.model, result.model.eval()(x))
             fmt = "onnx" if method == "l1" else "torchscript"
-            assert export_checked(result.model, shape, path.with_suffix("." + fmt), fmt).ok
+            # one epoch on noise leaves MNASNet's slow BN statistics (momentum 3e-4) far off: logits of 1e30 in
+            # eval mode, so the tolerance is relative to the largest logit
+            atol = 1e-4 * max(1.0, float(expected[str(path)].abs().max()))
+            assert export_checked(result.model, shape, path.with_suffix("." + fmt), fmt, atol=atol).ok
     expected["input"] = x
     torch.save(expected, tmp_path / "expected.pt")
     tests = str(Path(__file__).parent)
@@ -333,3 +339,18 @@ def test_cli_paths_exit_0_or_2_for_every_kind(name, tmp_path, capsys):
         assert "conv1 (16 channels): touches GroupNorm 'norm1' (4 groups of 4 channels)" in out
     if name == "shuffle_unit":
         assert "stem (16 channels): crosses a reshape that moves channels between dimensions" in out
+
+
+def test_a_search_spec_names_the_output_and_keeps_it_through_a_dump(tmp_path):
+    from autoprune.errors import SpecError
+    from autoprune.search.spec import dump_spec, load_spec
+
+    path = tmp_path / "s.yaml"
+    path.write_text("model: special_models:two_head_dict_net\ndata: digits\noutput: main\nspace: {method: l1}\n")
+    spec = load_spec(path)
+    assert spec.output == "main"
+    dump_spec(spec, tmp_path / "again.yaml")
+    assert load_spec(tmp_path / "again.yaml").output == "main"
+    path.write_text("model: small_cnn\ndata: digits\noutput: -1\nspace: {method: l1}\n")
+    with pytest.raises(SpecError, match="output"):
+        load_spec(path)

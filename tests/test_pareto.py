@@ -182,8 +182,13 @@ def test_pick_shorthands_from_the_issue_mean_fractions_and_val_acc():
     df = pd.DataFrame({"number": [0, 1, 2], "state": ["complete"] * 3, "feasible": [True] * 3,
                        "val_acc": [0.97, 0.95, 0.99], "macs": [400_000, 600_000, 900_000],
                        "macs_frac": [0.4, 0.6, 0.9], "params": [10, 20, 30], "params_frac": [0.3, 0.6, 0.9]})
-    assert int(pick(df, "macs<=0.5")["number"]) == 0
+    assert int(pick(df, "macs_frac<=0.5")["number"]) == 0
     assert int(pick(df, "macs<=50%")["number"]) == 0
+    assert int(pick(df, "macs<=0.5M")["number"]) == 0 and int(pick(df, "macs<=500K")["number"]) == 0
+    assert int(pick(df, "macs<=0.7M")["number"]) == 0 and int(pick(df, "macs<=0.0005G")["number"]) == 0
+    for bare in ("macs<=0.5", "params<0.5"):  # a fraction or a count? refused, naming both
+        with pytest.raises(AutopruneError, match=r"_frac.*M for 0.5 million"):
+            pick(df, bare)
     assert int(pick(df, "acc>=0.96,min=macs")["number"]) == 0
     assert int(pick(df, "macs<=700000")["number"]) == 0  # an absolute count stays absolute
     assert int(pick(df, "acc>=0.98")["number"]) == 2

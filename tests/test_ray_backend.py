@@ -109,11 +109,11 @@ def test_rows_from_claims_and_results(tmp_path):
     store.write_result(0, {"number": 0, "state": "complete", "hparams": hp, "record": record, "values": [0.9, 10.0],
                            "cost": 10.0, "curve": [0.9], "constraints": []})
     live = rows(RayStore(tmp_path, run_id="run_001"))
-    assert [r["state"] for r in live] == ["complete", "failed", "running"]
+    assert [r["state"] for r in live] == ["complete", "interrupted", "running"]
     assert live[0] == make_row(0, "complete", hp, record)
     assert live[1]["error"] == INTERRUPTED and live[2]["error"] == ""
     after = rows(RayStore(tmp_path))  # the run is over: nothing is running any more
-    assert [r["state"] for r in after] == ["complete", "failed", "failed"]
+    assert [r["state"] for r in after] == ["complete", "interrupted", "interrupted"]
     assert store.retries() == [(1, {"target": 0.5}, {"retry_of": 1}), (2, {"target": 0.5}, {"retry_of": 2})]
     store.write_claim(3, {"number": 3, "trial_id": "t3", "run": "run_002", "hparams": hp, "retry_of": 1, "slot": 1})
     assert [n for n, _, _ in store.retries()] == [2, 3]
@@ -164,6 +164,22 @@ def test_the_searcher_tells_optuna_values_only_for_complete_trials(tmp_path):
     claims = RayStore(tmp_path).claims()
     assert [claims[n]["hparams"] for n in range(4)] == [c["autoprune"]["hparams"] for c in configs]
     assert {c["run"] for c in claims.values()} == {"run_000"}
+
+
+def test_a_stop_request_stops_the_ray_driver_at_its_next_step():
+    """The stop request a SIGTERM records (in case its KeyboardInterrupt is lost) is polled by the Ray
+    driver too: Tune calls the callback's on_step_begin at every step of its loop."""
+    pytest.importorskip("ray")
+    from autoprune.search import stop
+
+    callback = ray_backend.AutopruneCallback("nothing")
+    callback.on_step_begin(0, [])  # nothing requested: the loop goes on
+    stop.request_stop()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            callback.on_step_begin(1, [])
+    finally:
+        stop.clear_stop()
 
 
 def test_an_optuna_backend_folder_is_refused(tmp_path):
@@ -323,10 +339,10 @@ def test_sigkill_of_the_driver_then_resume_loses_no_finished_trial(ray_address, 
     counted = [r for r in rows if r["error"] != INTERRUPTED]
     assert len(counted) == 4 and all(r["state"] == "complete" for r in counted), rows
     assert result.stop_reason == "max_trials"
-    # the trials the kill interrupted are failed+interrupted, and their configurations ran again
+    # the trials the kill interrupted are recorded as interrupted, and their configurations ran again
     claims = RayStore(out).claims()
     interrupted = [int(r["number"]) for r in rows if r["error"] == INTERRUPTED]
-    assert interrupted and all(r["state"] == "failed" for r in rows if r["error"] == INTERRUPTED)
+    assert interrupted and all(r["state"] == "interrupted" for r in rows if r["error"] == INTERRUPTED)
     for n in interrupted:
         again = [c for c in claims.values() if c.get("retry_of") == n]
         assert len(again) == 1 and again[0]["hparams"] == claims[n]["hparams"]

@@ -366,7 +366,7 @@ def test_sigkill_then_resume_keeps_finished_trials(base_ckpt, tmp_path):
     study = load_study(out)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     for t in running:  # the interrupted trial is failed+interrupted, and its configuration ran again
-        assert by_number[str(t.number)]["error"] == INTERRUPTED
+        assert by_number[str(t.number)]["error"] == INTERRUPTED and by_number[str(t.number)]["state"] == "interrupted"
         retries = [u for u in study.trials if u.user_attrs.get("retry_of") == t.number]
         assert len(retries) == 1 and retries[0].params == t.params
         assert retries[0].state == optuna.trial.TrialState.COMPLETE

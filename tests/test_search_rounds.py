@@ -69,6 +69,7 @@ def test_the_round_measures_every_one_shot_method_and_queues_the_winners_first(b
     rows = sorted(result.rows, key=lambda r: int(r["number"]))
     # the first trials are the round's winners with global allocation (the queue's order)
     assert rows[0]["method"] == best[0.4] and float(rows[0]["target"]) == 0.4 and rows[0]["allocation"] == "global"
+    assert rows[0]["stopped_at"] != "screen"  # never screened against its own round measurement
     queued = [t for t in study.trials if t.user_attrs.get("round")]
     assert len(queued) >= 3 and {"resrep"} <= {(t.params or t.system_attrs.get("fixed_params", {})).get("method") for t in queued}
     # resumed: the round is not run again
@@ -131,3 +132,31 @@ def test_sensitivity_seeded_shape_is_queued_for_the_searched_allocation(base_ckp
     searched = [t for t in study.trials if t.params.get("allocation") == "searched"]
     assert searched and searched[0].params["shape_1"] == pytest.approx(seeded["shape"]["shape_1"])
     assert study.user_attrs["round_work_s"] > seeded["work_s"] > 0
+
+
+def test_resrep_epoch_readings_are_the_model_it_would_return(digits, digits_base):
+    """Issue 25 asked, once the engine's one training loop landed, whether ResRep's mid-training readings
+    are honest: stopped after epoch e, the model ResRep returns (folded, cut, BN recalibrated) reads
+    what epoch e's reading said, within two standard errors of a difference on the validation split.
+    (Honest readings are necessary, not sufficient, for judging ResRep mid-way: early_stop still judges
+    it only at its end until a search measures that its mid-way ranking predicts its final one.)"""
+    from autoprune.engine import pruning as engine
+    from autoprune.search.early_stop import JUDGED_AT_END, accuracy_se
+    from autoprune.train import TrainConfig, evaluate
+
+    model, spec = digits_base
+    n = len(digits.val)
+    for stop_at in (1, 2):
+        readings = []
+
+        def on_epoch(epoch, metrics, stop_at=stop_at, readings=readings):
+            readings.append(metrics["val_acc"])
+            return epoch >= stop_at
+
+        res = engine.prune(model, "resrep", 0.5, data=digits, spec=spec, device="cpu", on_epoch=on_epoch,
+                           train_cfg=TrainConfig(epochs=3, lr=0.01, batch_size=64, seed=0))
+        assert res.stopped_early and len(readings) == stop_at
+        returned = evaluate(res.model, digits.val, "cpu")["acc"]
+        assert abs(returned - readings[-1]) <= 2 * 2 ** 0.5 * accuracy_se(returned, n)
+        assert res.macs / res.base_macs <= 0.52
+    assert "resrep" in JUDGED_AT_END

@@ -349,15 +349,22 @@ def test_invalid_config_names_the_setting():
         TrainConfig(distill_alpha=1.5)
 
 
-def test_progress_bar_only_when_asked(capsys):
+def test_progress_goes_to_the_installed_reporter_only(capsys):
+    import io
+
+    from autoprune import progress
+    from autoprune.progress_view import LineReporter
+
     train = blobs(32, seed=0)
-    fit(mlp(0), train, None, TrainConfig(epochs=1, batch_size=16), "cpu", progress=False)
-    assert capsys.readouterr().err == ""
     fit(mlp(0), train, None, TrainConfig(epochs=1, batch_size=16), "cpu", progress=True)
-    assert "fit" in capsys.readouterr().err
-    fit(mlp(0), train, None, TrainConfig(epochs=2, batch_size=16), "cpu", progress="base mlp on blobs")
-    err = capsys.readouterr().err
-    assert "base mlp on blobs" in err and "2/2" in err  # says what it trains; tqdm shows the count and ETA
+    assert capsys.readouterr().err == ""  # the library never prints: no reporter, no output
+    out = io.StringIO()
+    with progress.use(LineReporter(out, grace=0)):
+        fit(mlp(0), train, None, TrainConfig(epochs=2, batch_size=16), "cpu", progress="base mlp on blobs")
+    lines = out.getvalue().splitlines()
+    assert "base mlp on blobs ..." in lines[0]  # says what it trains
+    assert any("base mlp on blobs > epoch 2/2 done in" in line and "val_acc" in line for line in lines)
+    assert "\r" not in out.getvalue() and len(lines) == 4  # start, one line per epoch, end
 
 
 def test_best_epoch_tie_keeps_training_instead_of_discarding_it():

@@ -96,11 +96,12 @@ def commands(study: Path, tmp: Path) -> dict[str, list[str]]:
                            str(tmp / "i.pt")],
         "import --checkpoint": ["import", "--checkpoint", str(ckpt), "--out", str(tmp / "i2.pt")],
         "pareto": ["pareto", str(study)],
+        "latency": ["latency", "--base", str(ckpt), "--validate", "0"],
     }
 
 
 CASES = ["info --base", "info --model", "export base", "export trial", "retrain", "search spec", "search resume",
-         "prune", "prune trial", "train", "import --model", "import --checkpoint", "pareto"]
+         "prune", "prune trial", "train", "import --model", "import --checkpoint", "pareto", "latency"]
 
 
 @pytest.mark.parametrize("case", CASES)

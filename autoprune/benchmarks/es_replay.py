@@ -104,8 +104,9 @@ def load_runs(folder: Path) -> tuple[list[Run], int]:
     """The complete trials of the search in ``folder`` (trial order) and its validation split's size."""
     from ..search.optuna_backend import open_store
     from ..search.spec import load_spec
+    from ..search.study import STORAGE
 
-    if not (folder / "study.db").is_file() or not (folder / "spec.yaml").is_file():
+    if not (folder / STORAGE).is_file() or not (folder / "spec.yaml").is_file():
         raise AutopruneError(f"{folder}: no study.db and spec.yaml; give the results folder of a finished search")
     spec = load_spec(folder / "spec.yaml")
     store = open_store(spec, folder)

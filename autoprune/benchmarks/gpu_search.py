@@ -292,8 +292,9 @@ def _latency_row(row: dict[str, Any], base: Any, groups: Any, shape: tuple[int, 
                  rounds: int, n_validate: int, device: torch.device) -> None:
     from ..engine import pruning as engine
     from ..engine.allocate import AllocationConfig, width_bounds
-    from ..engine.latency import build_latency_model, measure_models, validate
+    from ..engine.latency import build_latency_model, measure_models
     from ..engine.latency_table import LatencyConfig
+    from ..engine.latency_validate import validate
     from ..errors import AutopruneError
 
     cfg = LatencyConfig(device=str(device), batch_size=batch, points=points, rounds=rounds, use_cache=False)

@@ -10,6 +10,7 @@ found in a checkpoint, results folder or spec may import code (:mod:`autoprune.t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -28,11 +29,24 @@ LIBRARY_LOGGER = "autoprune"
 def common_options(parser: argparse.ArgumentParser) -> None:
     """Options every computing command accepts (info, train, prune, search, retrain)."""
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when present)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of training and sampling; never the data split (see --split-seed / data.seed)")
+    parser.add_argument("--seed", type=seed_type, default=0, help="seed of training and sampling; never the data split (see --split-seed / data.seed)")
     parser.add_argument("--threads", default="auto", metavar="N",
                         help="torch CPU threads per process; auto: the cores not busy with other work (load "
                              "average) divided by the worker processes, at least 1")
     verbose_option(parser)
+
+
+def seed_type(text: str) -> int:
+    """argparse type of a seed: an integer in [0, 2**32 - 1] (numpy's and torch's seeds)."""
+    from ..limits import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text} is not a seed in [0, {MAX_SEED}]")
+    return value
 
 
 def verbose_option(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +85,11 @@ def resolve_threads(value: str | int | None, workers: int = 1) -> int:
             n = 0
         if n < 1:
             raise AutopruneError(f"--threads {value!r} must be a positive integer or auto")
+        from ..limits import max_threads
+
+        if n > max_threads():
+            raise AutopruneError(f"--threads {n} is more than this machine's cores can use (at most {max_threads()}); "
+                                 "give fewer or auto")
         return n
     try:
         cores = len(os.sched_getaffinity(0))
@@ -108,7 +127,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse with its errors on one line (``error: autoprune search: ...; see ... --help``), exit 2."""
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        self.exit(2, f"error: {self.prog}: {' '.join(message.split())}; see {self.prog} --help\n")
+        print_error(f"{self.prog}: {message}; see {self.prog} --help")
+        self.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +165,24 @@ def configure_logging(verbose: bool) -> None:
     logging.getLogger(LIBRARY_LOGGER).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def print_error(message: object) -> None:
+    """``error: <message>`` on one line of stderr, whatever the message holds (newlines are folded; a
+    file name that is not valid in the terminal's encoding, e.g. a non-UTF-8 byte, is escaped)."""
+    text = "error: " + " ".join(str(message).split()) + "\n"
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    sys.stderr.write(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+    sys.stderr.flush()
+
+
+def _console(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """Progress of the command's phases on stderr (bars on a terminal, plain lines otherwise; none with
+    --no-progress), with log records and autoprune's warnings printed as lines that never tear a bar."""
+    from .. import progress, progress_view
+
+    quiet = bool(getattr(args, "no_progress", False))
+    return progress_view.console(progress.LogReporter() if quiet else None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -156,12 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for commands that print how to re-run
     configure_logging(bool(getattr(args, "verbose", False)))
     try:
-        with granting(getattr(args, "trust_code", None) or None):
+        with granting(getattr(args, "trust_code", None) or None), _console(args):
             code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe raises here, inside the handler below, not at interpreter exit
         return code
     except AutopruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -179,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = user_error(exc)
         if error is None:  # a bug: show the traceback
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print_error(error)
         return 2
 
 

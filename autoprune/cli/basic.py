@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,10 @@ import torch
 
 from ..errors import AutopruneError
 from ..models.outputs import OUTPUT_HELP
-from . import apply_threads, common_options, verbose_option
+from . import apply_threads, common_options, seed_type, verbose_option
+from .checks import check_training as _check_training
+from .checks import float_list as _float_list
+from .checks import non_negative as _non_negative
 from .latency import check_early, latency_config, latency_options, shown_progress
 
 
@@ -26,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("info", help="channel groups, widths, MACs and params of a model")
-    p.add_argument("--model", help="registry name, torchvision:<name> or package.module:function")
+    p.add_argument("--model", help="registry name, torchvision:<name>, timm:<name> or package.module:function")
     p.add_argument("--data", default="digits", help="data set that fixes input size and classes")
     p.add_argument("--base", help="a checkpoint instead of --model/--data")
     p.add_argument("--all", action="store_true", help="list every group (default: first 40)")
@@ -35,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="train a base model and save it (spec + state_dict + metrics)")
-    p.add_argument("--model", required=True, help="registry name (see `autoprune models`), torchvision:<name> "
-                   "or package.module:function")
+    p.add_argument("--model", required=True, help="registry name (see `autoprune models`), torchvision:<name>, "
+                   "timm:<name> or package.module:function")
     p.add_argument("--data", default="digits", help="digits | synthetic | npz:<path> | imagefolder:<dir> | "
                    "cifar10 | cifar100 | mnist | fashionmnist")
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
@@ -48,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training augmentation: none, auto (what suits the data set: crop for digits, "
                         "MNIST, synthetic and npz; crop,flip for CIFAR, Fashion-MNIST, image folders) or a "
                         "list of crop,flip; --augment alone means auto (default: none)")
-    p.add_argument("--split-seed", type=int, default=0,
+    p.add_argument("--split-seed", type=seed_type, default=0,
                    help="data seed fixing the train/val/test split, independent of --seed (default: 0)")
     p.add_argument("--out", required=True, help="checkpoint path, e.g. base.pt (base.metrics.json is written "
                    "beside it)")
@@ -90,6 +93,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in list_models():
         print(name)
     print("torchvision:<name>            any torchvision classification model, e.g. torchvision:resnet50")
+    print("timm:<name>                   any timm model (pip install 'autoprune[timm]'), e.g. timm:resnet18")
     print("package.module:function       your own: function(num_classes, in_channels, image_size) -> nn.Module")
     return 0
 
@@ -178,12 +182,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..models.registry import ModelSpec, create_model
 
     device = _seed(args)
-    data = None
+    data = _dataset(args.data, 0) if args.model and not args.base else None  # shape, classes, batches to trace
     if args.base:
         model, ckpt = load_base(args.base)
         spec = ModelSpec.from_dict(ckpt["model"])
     elif args.model:
-        data = _dataset(args.data, 0)  # its input shape, classes and a few batches to trace
         spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size, args.output)
         model = create_model(spec)
     else:
@@ -201,15 +204,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{'group (first leader)':44s} {'ch':>5s} {'lead':>4s} {'cons':>4s} {'res':>3s}  prunable")
     shown = groups if args.all else groups[:40]
     for g in shown:
-        state = "yes" if g.prunable else "no (see below)"
         print(f"{g.name[:44]:44s} {g.channels:5d} {len(g.leaders):4d} {len(g.consumers):4d} "
-              f"{'yes' if g.residual else '':>3s}  {state}")
+              f"{'yes' if g.residual else '':>3s}  {'yes' if g.prunable else 'no (see below)'}")
     if len(shown) < len(groups):
         print(f"... {len(groups) - len(shown)} more (--all lists them)")
     for i, g in enumerate(g for g in groups if not g.prunable):  # every reason in full
         print(("unprunable groups, each kept at full width:\n" if i == 0 else "") + f"  {g.name} ({g.channels} channels): {g.reason}")
     return 0
-
 
 
 def metrics_path(checkpoint: Path) -> Path:
@@ -219,32 +220,17 @@ def metrics_path(checkpoint: Path) -> Path:
 
 def _refuse_overwrite(out: Path, force: bool) -> None:
     """AutopruneError before any compute when ``out`` or its metrics file exists and ``force`` is off."""
+    if out.is_dir():
+        raise AutopruneError(f"--out {out} is a folder; give a file path such as {out / 'model.pt'}")
     existing = [p for p in (out, metrics_path(out)) if p.exists()]
     if existing and not force:
         raise AutopruneError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
 
 
 def _write_metrics(out: Path, metrics: dict[str, Any]) -> Path:
-    path = metrics_path(out)
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
-    return path
+    from ..files import write_json
 
-
-def _non_negative(value: int, option: str) -> None:
-    if value < 0:
-        raise AutopruneError(f"{option} must be 0 or more, got {value}")
-
-
-def _float_list(text: str, option: str) -> tuple[float, ...]:
-    """'0.6,1,1.4' -> (0.6, 1.0, 1.4); an empty item or a non-number is one error naming the option."""
-    items = [item.strip() for item in text.split(",")]
-    try:
-        if any(not item for item in items):
-            raise ValueError("an empty item")
-        return tuple(float(item) for item in items)
-    except ValueError:
-        raise AutopruneError(f"{option} {text!r} is not a comma-separated list of numbers; write e.g. "
-                             f"{option} 0.6,1,1.4") from None
+    return write_json(metrics_path(out), metrics, indent=2)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -256,6 +242,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, evaluate, fit
 
     _non_negative(args.epochs, "--epochs")
+    _check_training(args)
     out = Path(args.out)
     _refuse_overwrite(out, args.force)
     augment = parse_augmentation(args.augment, args.data)
@@ -319,9 +306,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..engine.pruning import prune
     from ..methods import get_method, make_params
     from ..models.registry import ModelSpec
+    from ..progress import phase
     from ..train import TrainConfig, evaluate, fit
 
     _non_negative(args.epochs, "--epochs")
+    if not 0 < args.lr < math.inf:
+        raise AutopruneError(f"--lr {args.lr} is invalid; it must be a finite number > 0, e.g. 0.01")
+    if not 0 < args.target <= 1:  # also NaN
+        raise AutopruneError(f"--target {args.target} is invalid; it is the MACs (or latency) kept as a fraction of "
+                             "the base, in (0, 1], e.g. 0.5")
     round_to = _round_to(args.round_to)
     latency = args.cost == "latency"
     if latency:
@@ -355,13 +348,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         lat_cfg = latency_config(args, args.latency_batch_size, device, torch.get_num_threads())
         with shown_progress():
             objective = build_latency_model(model, groups, shape, lat_cfg)
-    result = prune(model, args.method, args.target, data=data, allocation=allocation, spec=spec, device=device,
-                   train_cfg=train_cfg, progress=True, groups=groups, objective=objective, **params)
+    with phase(f"prune with {args.method} to {args.target:g} of the {'latency' if latency else 'MACs'}"):
+        result = prune(model, args.method, args.target, data=data, allocation=allocation, spec=spec,
+                       device=device, train_cfg=train_cfg, progress=True, groups=groups, objective=objective,
+                       **params)
     pruned_val = evaluate(result.model, data.val, device)["acc"]
     ft_epochs = args.epochs - method_epochs
     if ft_epochs > 0:
         fit(result.model, data.train, data.val, TrainConfig(epochs=ft_epochs, lr=args.lr, seed=args.seed), device,
-            progress=f"fine-tune {args.method} at {args.target:g} of the MACs")
+            progress=f"fine-tune {args.method} at {args.target:g} of the {'latency' if latency else 'MACs'}")
     final_val = evaluate(result.model, data.val, device)["acc"]
     metrics = {
         "method": args.method, "target": args.target, "allocation": args.allocation, "params_used": result.info.get(

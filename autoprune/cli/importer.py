@@ -5,7 +5,7 @@ import argparse
 
 from ..errors import AutopruneError
 from ..models.outputs import OUTPUT_HELP
-from . import apply_threads, common_options
+from . import apply_threads, common_options, seed_type
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-split-mismatch", action="store_true",
                    help="with --checkpoint: accept a base made on another split (it never saw --data's images)")
     p.add_argument("--data", default="digits", help="data set the model is measured on and searched with")
-    p.add_argument("--split-seed", type=int, default=0, help="data seed fixing the train/val/test split (default: 0)")
+    p.add_argument("--split-seed", type=seed_type, default=0, help="data seed fixing the train/val/test split (default: 0)")
     p.add_argument("--image-size", type=int, help="resize images to this size (default: the data set's own)")
     p.add_argument("--out", required=True, help="base checkpoint path, e.g. base.pt")
     p.add_argument("--output", metavar="INDEX|KEY", help=OUTPUT_HELP)

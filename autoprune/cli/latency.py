@@ -28,6 +28,9 @@ def latency_options(p: argparse.ArgumentParser, batch_nargs: str | None = None) 
     p.add_argument("--latency-rounds", type=int, default=5, help="interleaved timing rounds per measurement")
     p.add_argument("--latency-points", type=int, default=5, help="grid points per width of a layer's table")
     p.add_argument("--no-latency-cache", action="store_true", help="measure again instead of reading the cache")
+    p.add_argument("--latency-clock", default="wall", choices=("wall", "cpu"),
+                   help="wall: wall-clock latency; cpu: the measuring thread's CPU time (one thread; on a machine "
+                        "shared with other work it leaves out waiting for a core)")
 
 
 def latency_config(args: argparse.Namespace, batch: int, device: torch.device | str, threads: int) -> Any:
@@ -37,7 +40,7 @@ def latency_config(args: argparse.Namespace, batch: int, device: torch.device | 
     dev = torch.device(device)
     return LatencyConfig(runtime=args.runtime, device="cpu" if args.runtime == "onnxruntime" else str(dev),
                          batch_size=batch, threads=threads, rounds=args.latency_rounds, points=args.latency_points,
-                         use_cache=not args.no_latency_cache)
+                         use_cache=not args.no_latency_cache, clock=args.latency_clock)
 
 
 def check_early(args: argparse.Namespace, batches: list[int]) -> None:
@@ -55,6 +58,11 @@ def check_early(args: argparse.Namespace, batches: list[int]) -> None:
 @contextlib.contextmanager
 def shown_progress() -> Iterator[None]:
     """Show :mod:`autoprune.progress` phases on stderr (the shared console reporter where present)."""
+    from .. import progress as _progress
+
+    if _progress.installed() is not None:  # the CLI's console (autoprune.cli.main) already shows them
+        yield
+        return
     try:
         from ..progress_view import console  # type: ignore[attr-defined]
     except ImportError:
@@ -97,7 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_latency(args: argparse.Namespace) -> int:
     from ..engine.graph import find_groups
-    from ..engine.latency import build_latency_model, describe, validate
+    from ..engine.latency import build_latency_model, describe
+    from ..engine.latency_validate import validate
     from ..engine.plan import load_base
     from ..models.registry import ModelSpec
     from ..train import resolve_device

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -87,7 +88,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_retrain(args: argparse.Namespace) -> int:
     from ..report.retrain import RetrainInterrupted, retrain
 
+    if args.distill_alpha != 0.7 and not args.distill:
+        from ..errors import AutopruneError
+
+        raise AutopruneError(f"--distill-alpha {args.distill_alpha:g} applies only with --distill; add --distill "
+                             "or drop --distill-alpha")
     apply_threads(args)
+    previous = signal.signal(signal.SIGTERM, _sigterm)  # `kill`: stop like Ctrl-C, notes written
     try:
         result = retrain(
             args.dir,
@@ -109,10 +116,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     except RetrainInterrupted as exc:
         print(
             f"interrupted: best model so far (epoch {exc.best_epoch}, val acc {exc.best_val_acc:.4f}) "
-            f"saved in {exc.model_path}; notes in {exc.out_dir / 'metrics.json'}",
+            f"saved in {exc.model_path}; notes in {exc.out_dir / 'metrics.json'}; to retrain again, "
+            "re-run with --force (it replaces this model)",
             file=sys.stderr,
         )
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     m = result.metrics
     b, p = m["base"], m["pruned"]
     print(f"trial {result.trial}: {result.choice.reason}")
@@ -136,6 +146,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _fmt(value: object) -> str:
     try:
         return f"{float(value):.4f}"  # type: ignore[arg-type]
@@ -150,10 +164,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..engine.plan import load_base
     from ..errors import AutopruneError
     from ..models.registry import ModelSpec
-    from ..report.export import default_path, export_checked, sidecar_path
+    from ..report.export import default_path, export_checked, same_weights, sidecar_path
 
-    if not args.atol >= 0:  # also catches NaN
-        raise AutopruneError(f"--atol must be >= 0 (the largest allowed |logit difference|), got {args.atol}")
+    if not 0 <= args.atol < float("inf"):  # also catches NaN
+        raise AutopruneError(f"--atol must be >= 0 and finite (the largest allowed |logit difference|, e.g. "
+                             f"1e-4), got {args.atol}")
     exporter = args.exporter
     valid = {"onnx": ("auto", "dynamo", "legacy"), "torchscript": ("auto", "trace", "script")}[args.format]
     if exporter not in valid:
@@ -161,10 +176,15 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"--exporter {exporter} does not apply to --format {args.format}; use one of {', '.join(valid)}"
         )
     out = Path(args.out) if args.out else default_path(args.model, args.format)
+    if out.is_dir():
+        raise AutopruneError(f"--out {out} is a folder; give a file path such as {out / ('model.' + args.format)}")
     existing = [p for p in (out, sidecar_path(out)) if p.exists()]
-    if existing and not args.force:
-        raise AutopruneError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
     model, ckpt = load_base(args.model, "cpu")  # base or pruned: load_base rebuilds either
+    if existing and not args.force:
+        if not (out.exists() and same_weights(out, model)):  # the same weights (retrain's export): nothing lost
+            raise AutopruneError(f"{existing[0]} already exists; pass --force to overwrite it or choose another "
+                                 "--out")
+        print(f"{out} holds an export of these same weights; writing it again", file=sys.stderr)
     spec = ModelSpec.from_dict(ckpt["model"])
     recipe = recipe_for(load_data(DataSpec.from_dict(ckpt["data"]))) if ckpt.get("data") else None
     if recipe is None:

@@ -276,9 +276,11 @@ def _objective(study_dir: Path) -> str:
     """The second objective recorded in a study's spec.yaml (macs when unknown)."""
     import yaml
 
+    from ..report.pareto import OBJECTIVE_COLUMNS
+
     try:
         info = yaml.safe_load((study_dir / "spec.yaml").read_text()) or {}
         objectives = info.get("objectives") or ["val_acc", "macs"]
-        return objectives[1] if objectives[1] in ("macs", "params", "latency") else "macs"
+        return objectives[1] if objectives[1] in OBJECTIVE_COLUMNS else "macs"
     except (OSError, yaml.YAMLError, AttributeError, IndexError, TypeError):
         return "macs"

@@ -175,7 +175,16 @@ class LoaderSplit(Split):
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, shuffle=shuffle,
                                              generator=generator, num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda")
-        for xb, yb in loader:
+        batches = iter(loader)
+        while True:
+            try:
+                xb, yb = next(batches)
+            except StopIteration:
+                return
+            except AutopruneError as exc:  # from a worker: torch put its traceback in the message
+                from .imagefolder import worker_error
+
+                raise worker_error(exc) from None
             xb = xb.to(self.device, non_blocking=True)
             yield (augment_batch(xb, generator, augment) if augment else xb), yb.to(self.device).long()
 
@@ -317,29 +326,40 @@ def _npz(spec: DataSpec, path: str, device: torch.device) -> Dataset:
     if x_np.ndim == 4 and x_np.shape[1] not in (1, 3, 4) and x_np.shape[-1] in (1, 3, 4):
         x_np = np.transpose(x_np, (0, 3, 1, 2))  # channels-last N,H,W,C
     x_np = x_np[:, None] if x_np.ndim == 3 else x_np
+    if np.iscomplexobj(x_np) or np.iscomplexobj(y_np):
+        raise bad(f"x has dtype {x_np.dtype} and y {y_np.dtype}: complex numbers are no pixels or labels; save "
+                  "real-valued images (e.g. np.abs(x) or x.real) and integer labels")
     if x_np.ndim != 4 or len(x_np) == 0 or not np.issubdtype(x_np.dtype, np.number):
         raise bad(f"x has shape {x_np.shape} and dtype {x_np.dtype}; expected numbers shaped N,H,W or N,C,H,W")
     if y_np.shape != (len(x_np),):
         raise bad(f"y has shape {y_np.shape}; expected ({len(x_np)},), one label per image")
     if not np.issubdtype(y_np.dtype, np.number) or np.any(np.mod(y_np, 1) != 0) or y_np.min() < 0:
         raise bad("y must hold non-negative integer class labels")
+    present = np.unique(y_np).astype(np.int64)
+    if len(present) >= 2 and len(present) < int(present[-1]) + 1 and int(present[-1]) < 10_000:
+        missing = sorted(set(range(int(present[-1]) + 1)) - set(present.tolist()))
+        raise bad(f"labels must be the class indices 0..K-1, but {len(missing)} of 0..{int(present[-1])} have no "
+                  f"image ({', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}); relabel y to "
+                  f"0..{len(present) - 1}, e.g. y = np.unique(y, return_inverse=True)[1]")
     x = torch.from_numpy(np.ascontiguousarray(x_np)).float().div_(255.0 if x_np.dtype == np.uint8 else 1.0)
     y = torch.from_numpy(y_np.astype(np.int64))
     return _tensor_dataset(spec, x, y, device, int(y.max()) + 1)
 
 
 def _imagefolder(spec: DataSpec, root: str, device: torch.device) -> Dataset:
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
     root = os.path.expanduser(root)
     if not os.path.isdir(root):
         raise AutopruneError(f"image folder {root!r} not found; give a directory with one sub-folder per class")
     size = spec.image_size or 224
     base = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
+    from .imagefolder import SafeImageFolder
+
     try:
-        folder = datasets.ImageFolder(root, transform=base)
+        folder = SafeImageFolder(root, transform=base)  # symlinks followed once, broken files named
     except (FileNotFoundError, RuntimeError) as exc:
-        raise AutopruneError(f"image folder {root!r}: {exc}") from exc
+        raise AutopruneError(f"image folder {root!r}: {' '.join(str(exc).split())}") from exc
     y = np.asarray(folder.targets)
     tr, va, te = split_indices(y, spec.seed, spec.val_fraction, spec.test_fraction)
     rng = np.random.default_rng(spec.seed)  # train stats from up to 512 train images

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from ..train import Split
 
+from ..errors import warn
+
 log = logging.getLogger(__name__)
 
 # 32 batches of 64 = 2048 training images, the same order as EagleEye's 50 x 100 on ImageNet; the
@@ -122,7 +124,7 @@ def recalibrate_bn(model: nn.Module, split: Split, batches: int = DEFAULT_BATCHE
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(count)
-        log.warning("BN recalibration found no batch of 2 or more images; BN statistics left unchanged")
+        warn("BN recalibration found no batch of 2 or more images; BN statistics left unchanged")
     log.debug("BN recalibration: %d layers re-estimated on %d images", len(bns), seen)
     return seen
 

@@ -68,6 +68,9 @@ class LatencyConfig:
     budget_s: float = 0.02
     cache_dir: str | None = None  # None: $AUTOPRUNE_CACHE or ~/.cache/autoprune/latency
     use_cache: bool = True
+    # "wall": wall-clock latency (what a user sees); "cpu": the measuring thread's CPU time, one thread and
+    # the CPU only: on a machine shared with other work it leaves out the time the thread waited for a core
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         check_runtime(self.runtime, self.device)
@@ -77,6 +80,10 @@ class LatencyConfig:
             raise AutopruneError(f"latency threads must be at least 1, got {self.threads}")
         if self.points < 2 or self.rounds < 1 or self.budget_s <= 0:
             raise AutopruneError("latency points must be >= 2, rounds >= 1 and budget_s > 0")
+        if self.clock not in ("wall", "cpu"):
+            raise AutopruneError(f"latency clock {self.clock!r} is unknown; use wall or cpu")
+        if self.clock == "cpu" and (self.n_threads != 1 or torch.device(self.device).type != "cpu"):
+            raise AutopruneError("latency clock 'cpu' measures one thread on the CPU; use threads=1 or clock 'wall'")
 
     @property
     def n_threads(self) -> int:
@@ -204,25 +211,26 @@ def time_runners(runners: Sequence[Callable[[], Any]], cfg: LatencyConfig, round
     """
     rounds = rounds or cfg.rounds
     budget = budget_s or cfg.budget_s
+    clock = time.thread_time if cfg.clock == "cpu" else time.perf_counter
     with torch_threads(cfg.n_threads):
         loops = []
         for run in runners:
             run()
             _sync(cfg)
-            start = time.perf_counter()
+            start = clock()
             run()
             _sync(cfg)
-            one = max(time.perf_counter() - start, 1e-6)
+            one = max(clock() - start, 1e-6)
             loops.append(int(min(200, max(1, budget / one))))
         per: list[list[float]] = [[] for _ in runners]
         for _ in range(rounds):
             for i, run in enumerate(runners):
                 _sync(cfg)
-                start = time.perf_counter()
+                start = clock()
                 for _ in range(loops[i]):
                     run()
                 _sync(cfg)
-                per[i].append((time.perf_counter() - start) * 1000.0 / loops[i])
+                per[i].append((clock() - start) * 1000.0 / loops[i])
             if on_round is not None:
                 on_round()
     out = []
@@ -341,7 +349,7 @@ def cache_key(cfg: LatencyConfig, input_shape: Sequence[int], structure: str, de
     return {"format": TABLE_FORMAT, "device_name": device or device_name(cfg.device), "runtime": cfg.runtime,
             "device": torch.device(cfg.device).type, "threads": cfg.n_threads, "batch_size": int(cfg.batch_size),
             "input_shape": [int(s) for s in input_shape], "structure": structure, "torch": torch.__version__,
-            "points": cfg.points}
+            "points": cfg.points, "clock": cfg.clock}
 
 
 def key_digest(key: Mapping[str, Any]) -> str:

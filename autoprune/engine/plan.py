@@ -10,6 +10,7 @@ state dict: no pickled modules, so files survive refactors and cannot run code w
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -75,11 +76,11 @@ def apply_plan(model: nn.Module, groups: list[ChannelGroup], plan: Plan) -> nn.M
 
 
 def _save(path: str | Path, payload: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a half-written checkpoint
+    """Atomic and through memory (:func:`autoprune.files.save_torch`): an interrupted save never leaves a
+    half-written checkpoint, and a full disk or read-only folder is one line (``FileWriteError``)."""
+    from ..files import save_torch
+
+    save_torch(path, payload)
 
 
 def _state(model: nn.Module) -> dict[str, Any]:
@@ -164,21 +165,36 @@ def _plain(value: Any, where: str) -> Any:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint dict safely; missing, corrupt or foreign files raise ``CheckpointError``."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file; give the .pt file (e.g. {path / 'base.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train one with `autoprune train --out {path}`")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        refused = _refused_global(str(exc))
-        if refused:
+        refused = _refused_global(str(exc)) or _first_global(path)
+        if refused and refused.split(".")[0] in ("numpy", "torch", "collections", "builtins"):
             raise CheckpointError(f"checkpoint {path} holds a {refused} object, which safe loading "
                                   "(torch.load weights_only=True) refuses; re-save it with autoprune.save_base / "
                                   "save_pruned, which store numpy values as plain numbers") from exc
+        if refused:
+            raise CheckpointError(f"checkpoint {path} holds a pickled {refused} call, code that loading would run; "
+                                  "safe loading refused it and ran nothing: it is no autoprune checkpoint, do not "
+                                  "load it with weights_only=False unless you trust where it came from") from exc
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file "
                               f"({type(exc).__name__}); re-create it") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (BASE_FORMAT, PRUNED_FORMAT):
         raise CheckpointError(f"{path} is not an autoprune checkpoint (no 'format' key); autoprune saves "
                               "models with `autoprune train` / `autoprune prune`")
+    for key in ("model", "state_dict", *(("plan",) if ckpt["format"] == PRUNED_FORMAT else ())):
+        if not isinstance(ckpt.get(key), dict):
+            raise CheckpointError(f"checkpoint {path} has no valid {key!r} (a mapping); the file is damaged or was "
+                                  "not written by autoprune: re-create it")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["state_dict"].items()):
+        raise CheckpointError(f"checkpoint {path}: its state_dict holds something other than named tensors; "
+                              "re-create it")
     return ckpt
 
 
@@ -186,8 +202,34 @@ def _refused_global(message: str) -> str:
     """The class a weights-only load refused ('numpy._core.multiarray.scalar'), or ''."""
     import re
 
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", message)
     return found.group(1) if found else ""
+
+
+def _first_global(path: Path) -> str:
+    """The first ``module.name`` a pickle (or a torch zip archive's ``data.pkl``) imports, read with
+    :mod:`pickletools` (which decodes opcodes and runs nothing); '' when there is none or it is unreadable."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(name) if name else b""
+        else:
+            data = path.read_bytes()[:1 << 20]
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                return str(arg).replace(" ", ".")
+            if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                return f"{strings[-2]}.{strings[-1]}"
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 - a hint only: any unreadable file is "corrupt" instead
+        return ""
+    return ""
 
 
 def _load_state(model: nn.Module, ckpt: Mapping[str, Any], path: Path) -> None:

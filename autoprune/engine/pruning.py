@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import AutopruneError
+from .. import progress as _progress
+from ..errors import AutopruneError, warn
 from ..methods import PruneContext, get_method, make_params
 from .allocate import AllocationConfig
 from .calibrate import DEFAULT_BATCHES, has_batchnorm, recalibrate_bn
@@ -114,7 +115,8 @@ def prune(
     work = safe_copy(model).to(device).eval()
     real = trace_batches(data, device)  # real inputs: the graph sees the branches the data takes
     if groups is None:
-        groups = find_groups(work, shape, batches=real)
+        with _progress.phase("grouping"):
+            groups = find_groups(work, shape, batches=real)
     cost = build_width_cost(work, groups, shape)
     if not any(g.prunable for g in groups):
         first = next((g for g in groups if g.reason), None)
@@ -125,13 +127,15 @@ def prune(
     ctx = PruneContext(model=work, groups=groups, cost=cost, target=target, allocation=allocation, device=device,
                        input_shape=shape, data=data, train_cfg=train_cfg, progress=progress, objective=objective)
     try:  # torch's errors (a shape mismatch after surgery) become one line naming the model and the cause
-        run = run_method(impl, ctx, method_params, on_epoch, should_stop)
+        with _progress.phase(f"scoring ({method})"):  # allocation is a phase inside it (PruneContext.allocate)
+            run = run_method(impl, ctx, method_params, on_epoch, should_stop)
         pruned = run.output.model
-        plan = Plan.from_keep(run.output.keep, groups)
-        apply_plan(pruned, groups, plan)
-        with torch.no_grad():
-            for x in real:
-                pruned.eval()(x)
+        with _progress.phase("surgery"):
+            plan = Plan.from_keep(run.output.keep, groups)
+            apply_plan(pruned, groups, plan)
+            with torch.no_grad():
+                for x in real:
+                    pruned.eval()(x)
         recal_images = _recalibrate(pruned, data, recalibrate_batches, device, ctx.seed)
         macs = count_macs(pruned, shape, device)
     except RuntimeError as exc:
@@ -154,11 +158,12 @@ def prune(
 def _recalibrate(pruned: nn.Module, data: Dataset | None, batches: int, device: torch.device, seed: int) -> int:
     """The engine's BN recalibration after surgery; the number of images it read."""
     if data is None and batches and has_batchnorm(pruned):
-        log.warning("prune() got no data: BN statistics are not recalibrated after surgery (one-shot accuracy "
-                    "is often near chance without it); pass data= (an autoprune.data.datasets.Dataset)")
+        warn("prune() got no data: BN statistics are not recalibrated after surgery (one-shot accuracy "
+             "is often near chance without it); pass data= (an autoprune.data.datasets.Dataset)", stacklevel=3)
     if data is None or not batches:
         return 0
-    return recalibrate_bn(pruned, data.train, batches, device=device, seed=seed)
+    with _progress.phase("BN recalibration"):
+        return recalibrate_bn(pruned, data.train, batches, device=device, seed=seed)
 
 
 def _objective_info(objective: WidthObjective | None, plan: Plan) -> dict[str, Any]:

@@ -18,6 +18,7 @@ budget). The engine (:func:`autoprune.engine.pruning.run_method`) drives it in t
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 import torch
 from torch import nn
 
+from .. import progress
 from ..engine.allocate import AllocationConfig, allocate, select
 from ..engine.cost import WidthCost, WidthObjective
 from ..engine.graph import ChannelGroup
@@ -74,8 +76,9 @@ class PruneContext:
                  groups: list[ChannelGroup] | None = None) -> dict[str, int]:
         """Widths per prunable group (of ``groups``, default all) meeting the target
         (see :func:`autoprune.engine.allocate.allocate`)."""
-        return allocate(self.groups if groups is None else groups, scores, self.target_cost, self.target,
-                        self.allocation)
+        with progress.phase("allocation"):
+            return allocate(self.groups if groups is None else groups, scores, self.target_cost, self.target,
+                            self.allocation)
 
     def select(self, scores: Mapping[str, torch.Tensor], widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         return select(scores, widths)
@@ -155,8 +158,11 @@ def make_params(method: PruningMethod[P], params: Mapping[str, Any] | None) -> P
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
             try:
                 params[key] = type(default)(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise SpecError(f"method {method.name!r} parameter {key!r} must be a number, got {value!r}") from None
+            if not math.isfinite(params[key]):
+                raise SpecError(f"method {method.name!r} parameter {key!r} must be a finite number, got {value!r}; "
+                                f"the default is {default!r}")
     try:
         return method.Params(**params)
     except (TypeError, ValueError) as exc:

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from ..engine.calibrate import calibration_batches
 from ..engine.graph import ChannelGroup
 from ..engine.trace import direct_bns
-from ..errors import AutopruneError
+from ..errors import AutopruneError, warn
 from .base import MethodOutput, PruneContext, PruningMethod, Training
 from .lrf_algebra import (  # noqa: F401 - re-exported: the algebra's public names live on lrf too
     greedy_order,
@@ -264,6 +264,10 @@ class LRF(PruningMethod[LRFParams]):
         fit = params.fit
         if fit == "auto":
             fit = "features" if ctx.data is not None else "weights"
+            if fit == "weights":
+                warn("lrf got no data, so it falls back to its weight fit (fit='weights'), which loses to l1 "
+                     "through a ReLU; pass data= to prune() for the feature fit, or set fit='weights' to "
+                     "silence this", stacklevel=4)
         if fit == "features" and ctx.data is None:
             raise AutopruneError("lrf fit='features' measures consumer inputs on calibration batches: pass "
                                  "data= to prune(), or use fit='weights'")

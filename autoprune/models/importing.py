@@ -23,8 +23,9 @@ from ..data.splits import check_split
 from ..engine.cost import count_macs, count_params
 from ..engine.plan import BASE_FORMAT, load_base, read_checkpoint, save_base, with_metadata
 from ..errors import AutopruneError, CheckpointError
+from ..progress import phase
 from ..train import evaluate
-from ..trust import TrustCode, accepts_trust_code
+from ..trust import TrustCode, accepts_trust_code, check_name, needs_trust
 from .outputs import logits_of, select_logits
 from .registry import TORCHVISION_PREFIX, ModelSpec, create_model
 
@@ -125,7 +126,13 @@ def import_model(
     output is the logits when forward returns several (:mod:`autoprune.models.outputs`). ``trust_code``: modules a
     ``package.module:function`` name may import (:mod:`autoprune.trust`).
     """
-    dataset = load_data(data, device) if isinstance(data, DataSpec) else data
+    named = name if isinstance(source, nn.Module) else source
+    if isinstance(named, str) and needs_trust(named):
+        check_name(named)  # an untrusted module is refused before anything else
+    if isinstance(state_dict, (str, Path)) and not Path(state_dict).is_file():
+        read_state_dict(state_dict)  # a missing file: its one-line error before the data is loaded
+    with phase("load data"):
+        dataset = load_data(data, device) if isinstance(data, DataSpec) else data
     module = source if isinstance(source, nn.Module) else None
     spec_name = name if module is not None else source
     if not isinstance(spec_name, str) or not spec_name:
@@ -191,7 +198,8 @@ def restamp(checkpoint: str | Path, data: DataSpec | Any, out: str | Path, *, al
 def _save(out: str | Path, model: nn.Module, spec: ModelSpec, dataset: Any, device: str | torch.device,
           extra: Mapping[str, Any]) -> ImportResult:
     shape = (spec.in_channels, spec.image_size, spec.image_size)
-    val = evaluate(model, dataset.val, device)
+    with phase(f"validation accuracy ({len(dataset.val)} images)"):
+        val = evaluate(model, dataset.val, device)
     metrics = {"val_acc": val["acc"], "val_loss": val["loss"], "macs": count_macs(model, shape, device),
                "params": count_params(model), "imported": dict(extra)}
     path = Path(out)

@@ -1,4 +1,5 @@
-"""Model registry: built-in CIFAR networks, any ``torchvision:<name>``, user ``package.module:function``.
+"""Model registry: built-in CIFAR networks, any ``torchvision:<name>`` or ``timm:<name>``, user
+``package.module:function``.
 
 A ``package.module:function`` name imports code, so it resolves only when the user trusts the module
 where autoprune runs (``--trust-code``, ``AUTOPRUNE_TRUST_CODE`` or ``trust_code=``; see
@@ -33,13 +34,14 @@ Factory = Callable[[int, int, int], nn.Module]
 _REGISTRY: dict[str, Factory] = {}
 
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild an architecture (not its weights)."""
 
-    name: str  # registry name, "torchvision:<name>", or "package.module:function"
+    name: str  # registry name, "torchvision:<name>", "timm:<name>", or "package.module:function"
     num_classes: int
     in_channels: int
     image_size: int  # H == W of inputs
@@ -105,12 +107,14 @@ def create_model(spec: ModelSpec, *, trust_code: TrustCode = None) -> nn.Module:
         model = _REGISTRY[name](spec.num_classes, spec.in_channels, spec.image_size)
     elif name.startswith(TORCHVISION_PREFIX):
         model = _torchvision_model(name[len(TORCHVISION_PREFIX):], spec)
+    elif name.startswith(TIMM_PREFIX):
+        model = _timm_model(name[len(TIMM_PREFIX):], spec)
     elif ":" in name:
         model = _user_model(name, spec)
     else:
         raise AutopruneError(
             f"unknown model {name!r}: {did_you_mean(name, list_models())}; "
-            "or use torchvision:<name> or package.module:function"
+            "or use torchvision:<name>, timm:<name> or package.module:function"
         )
     if not isinstance(model, nn.Module):
         raise AutopruneError(f"model {name!r}: the factory returned {type(model).__name__}, not an nn.Module")
@@ -164,6 +168,33 @@ def _torchvision_model(tv_name: str, spec: ModelSpec) -> nn.Module:
     if spec.in_channels != 3:
         _replace_input_conv(model, spec.in_channels, f"torchvision:{tv_name}")
     return model
+
+
+def _timm_model(timm_name: str, spec: ModelSpec) -> nn.Module:
+    """``timm.create_model(name, pretrained=False)`` for the spec's classes and input channels (timm sets
+    both itself); never downloads. timm is an optional extra: ``pip install 'autoprune[timm]'``."""
+    try:
+        import timm
+    except ImportError:
+        raise AutopruneError(f"model timm:{timm_name} needs timm: pip install 'autoprune[timm]' (or pip install "
+                             "timm)") from None
+    if not timm.is_model(timm_name):
+        raise AutopruneError(f"unknown timm model {timm_name!r}: {_timm_hint(timm, timm_name)}")
+    try:
+        return timm.create_model(timm_name, pretrained=False, num_classes=spec.num_classes,
+                                 in_chans=spec.in_channels)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        raise AutopruneError(f"timm:{timm_name} could not be built for {spec.num_classes} classes, "
+                             f"{spec.in_channels} input channels: {type(exc).__name__}: {exc}") from None
+
+
+def _timm_hint(timm: Any, name: str) -> str:
+    import difflib
+
+    known = timm.list_models()
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{hint}timm has {len(known)} models; list them with python -c \"import timm; print(timm.list_models())\""
 
 
 def _replace_input_conv(model: nn.Module, in_channels: int, label: str) -> None:

@@ -32,19 +32,11 @@ class Choice:
 
 
 def read_trials(study_dir: str | Path) -> pd.DataFrame:
-    """``<study_dir>/trials.csv`` as a table; a missing folder or file is a one-line AutopruneError."""
-    study = Path(study_dir)
-    if not study.is_dir():
-        raise AutopruneError(f"study folder {study} does not exist; give the --out folder of a finished "
-                             "`autoprune search`")
-    path = study / "trials.csv"
-    if not path.is_file():
-        raise AutopruneError(f"{path} not found; {study} is not a search results folder (run "
-                             f"`autoprune search SPEC --out {study}` first, or resume it with --resume)")
-    from .tables import read_table
+    """``<study_dir>/trials.csv`` as a table (:func:`autoprune.report.tables.read_trials`, imported on use:
+    the tables module draws plots)."""
+    from .tables import read_trials as read
 
-    df = read_table(path)
-    return df
+    return read(study_dir)
 
 
 def choose_trial(study_dir: str | Path, rule: str | None = None, trial: int | None = None) -> Choice:

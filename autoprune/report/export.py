@@ -1,16 +1,14 @@
 """Deployable files from a (pruned) model: ONNX and TorchScript, each checked against PyTorch.
 
-``export_model`` writes one file with a dynamic batch dimension; ``check_export`` runs it (ONNX
-with onnxruntime, TorchScript with ``torch.jit.load``) on random inputs at several batch sizes and
-reports the largest absolute logit difference to the PyTorch model. ``export_checked`` does both
-and raises when the difference exceeds the tolerance.
+``export_model`` writes one file with a dynamic batch dimension; ``check_export`` runs it (ONNX with
+onnxruntime, TorchScript with ``torch.jit.load``) on random inputs at several batch sizes and reports the
+largest absolute logit difference to PyTorch; ``export_checked`` does both and raises above the tolerance.
 
 ONNX: the ``torch.export``-based exporter (the default since PyTorch 2.9) is tried first and the
 legacy TorchScript-based one is the fallback (``exporter="auto"``); the file is self-contained
-(weights inside, no external ``.data`` file), input ``input`` (N, C, H, W), output ``logits``: a model
-whose forward returns a tuple or dict is exported with the one output :mod:`autoprune.models.outputs` picks.
-TorchScript: ``torch.jit.trace`` by default (works for any model whose forward has no
-data-dependent control flow), ``torch.jit.script`` on request.
+(weights inside, no external ``.data`` file), input ``input`` (N, C, H, W), output ``logits`` (the one
+:mod:`autoprune.models.outputs` picks). TorchScript: ``torch.jit.trace`` by default (works for any model
+whose forward has no data-dependent control flow), ``torch.jit.script`` on request.
 
 With an :class:`autoprune.data.preprocess.InputRecipe` every export carries its preprocessing: in the
 ONNX ``metadata_props`` / TorchScript extra files (keys ``autoprune.input.<field>``, JSON values)
@@ -21,9 +19,10 @@ with nothing but the file itself (:func:`read_recipe`).
 from __future__ import annotations
 
 import copy
-import json
+import io
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch import nn
 
 from ..data.preprocess import InputRecipe
 from ..errors import AutopruneError
+from ..files import clean_temps, write_bytes, write_json
 from ..models.outputs import logits_of, single_output
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,30 @@ def default_path(model_path: str | Path, fmt: str) -> Path:
     return Path(model_path).with_suffix(SUFFIX[_check_format(fmt)])
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of ``model``'s state (names, dtypes, shapes, values): the sidecar records it, so an export of
+    the same weights may replace an earlier one (``autoprune export`` after ``retrain`` exported there)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def same_weights(export_path: str | Path, model: nn.Module) -> bool:
+    """Whether ``export_path``'s sidecar says it was exported from exactly ``model``'s weights."""
+    import json
+
+    try:
+        side = json.loads(sidecar_path(export_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(side, dict) and side.get("weights_sha256") == weights_fingerprint(model)
+
+
 def sidecar_path(export_path: str | Path) -> Path:
     """``model.onnx`` -> ``model.onnx.json``: the export's input recipe and names, for humans and tools."""
     p = Path(export_path)
@@ -118,34 +142,33 @@ def export_model(
     exporter ("auto": torch.export-based, falling back to the legacy one; or "torchscript":
     "trace"/"script"). ``recipe``: the input preprocessing, written into the file's metadata and
     into :func:`sidecar_path` (which is written even without a recipe, naming input and output).
-    Returns the path written. The file is written under a temporary name and moved into place, so
-    a failed export never leaves a broken file behind.
+    Returns the path written. The model is serialised in memory and written atomically with its
+    sidecar (:mod:`autoprune.files`), so a failed export never leaves a broken file behind and a full
+    disk or read-only folder is one line (``FileWriteError``), never a native writer's abort.
     """
     fmt = _check_format(format)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     example = _example(tuple(input_shape), 2, 0)  # batch 2: batch 1 would be specialised by torch.export
     m = single_output(_cpu_copy(model), example)
     meta = recipe.to_metadata() if recipe is not None else {}
-    try:
-        if fmt == "onnx":
-            used = _export_onnx(m, example, tmp, exporter, opset)
-            _set_onnx_metadata(tmp, {EXPORTER_KEY: used, **meta}, required=bool(meta))
-        else:
-            used = _export_torchscript(m, example, tmp, exporter, meta)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if fmt == "onnx":
+        data, used = _export_onnx(m, example, exporter, opset)
+        data = _set_onnx_metadata(data, {EXPORTER_KEY: used, **meta}, required=bool(meta), name=path.name)
+    else:
+        data, used = _export_torchscript(m, example, exporter, meta)
+    if path.parent.is_dir():
+        clean_temps(path.parent)  # what a killed export left
     side = {"file": path.name, "format": fmt, "exporter": used, "input_name": INPUT_NAME,
             "output_name": OUTPUT_NAME, "input_shape": ["batch", *input_shape],
-            "input": recipe.to_dict() if recipe is not None else None}
-    sidecar_path(path).write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8")
+            "input": recipe.to_dict() if recipe is not None else None, "weights_sha256": weights_fingerprint(model)}
+    write_bytes(path, data)
+    write_json(sidecar_path(path), side, indent=2)
     log.info("exported %s (%s, %s) -> %s", type(model).__name__, fmt, used, path)
     return path
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: str, opset: int) -> str:
+def _export_onnx(model: nn.Module, example: torch.Tensor, exporter: str, opset: int) -> tuple[bytes, str]:
+    """The serialised ONNX model (in memory) and the exporter that made it."""
     if exporter not in ONNX_EXPORTERS:
         raise AutopruneError(f"unknown ONNX exporter {exporter!r}; use one of: {', '.join(ONNX_EXPORTERS)}")
     errors = []
@@ -154,10 +177,10 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # deprecation chatter of the legacy path, tracer warnings
                 if kind == "dynamo":
-                    torch.onnx.export(
+                    program = torch.onnx.export(
                         model,
                         (example,),
-                        str(path),
+                        None,
                         dynamo=True,
                         external_data=False,
                         input_names=[INPUT_NAME],
@@ -166,18 +189,21 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: 
                         dynamic_shapes=({0: torch.export.Dim("batch")},),
                         verbose=False,
                     )
+                    data = program.model_proto.SerializeToString()
                 else:
+                    buffer = io.BytesIO()
                     torch.onnx.export(
                         model,
                         (example,),
-                        str(path),
+                        buffer,
                         dynamo=False,
                         input_names=[INPUT_NAME],
                         output_names=[OUTPUT_NAME],
                         opset_version=opset,
                         dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                     )
-            return kind
+                    data = buffer.getvalue()
+            return data, kind
         except ImportError as exc:
             errors.append(f"{kind}: {exc}")
         except Exception as exc:
@@ -189,8 +215,8 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: 
     )
 
 
-def _set_onnx_metadata(path: Path, meta: dict[str, str], required: bool) -> None:
-    """Add ``meta`` to the file's metadata_props (replacing equal keys).
+def _set_onnx_metadata(data: bytes, meta: dict[str, str], required: bool, name: str) -> bytes:
+    """``data`` (a serialised ONNX model) with ``meta`` in its metadata_props (replacing equal keys).
 
     Only the exporter's name is a nicety (``required`` False: failures are logged); an input
     recipe that cannot be written fails the export, which would otherwise be unusable on raw data.
@@ -198,21 +224,28 @@ def _set_onnx_metadata(path: Path, meta: dict[str, str], required: bool) -> None
     try:
         import onnx
 
-        proto = onnx.load(str(path))
+        proto = onnx.load_from_string(data)
         kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in meta]
         del proto.metadata_props[:]
         for key, value in [*kept, *meta.items()]:
             proto.metadata_props.add(key=key, value=value)
-        onnx.save(proto, str(path))
+        return proto.SerializeToString()
+    except ImportError as exc:
+        if required:
+            raise AutopruneError(f"could not write the input recipe into {name} ({exc}); install onnx "
+                                 "(pip install 'autoprune[export]')") from exc
     except Exception as exc:
         if required:
-            raise AutopruneError(f"could not write the input recipe into {path.name} ({type(exc).__name__}: "
-                                 f"{exc}); install onnx (pip install 'autoprune[export]')") from exc
-        log.debug("could not write ONNX metadata", exc_info=True)
+            raise AutopruneError(f"could not write the input recipe into {name} ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:200]})") from exc
+    log.debug("could not write ONNX metadata (onnx not installed or the model not parseable)")
+    return data
 
 
-def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, exporter: str,
-                        meta: dict[str, str]) -> str:
+def _export_torchscript(model: nn.Module, example: torch.Tensor, exporter: str,
+                        meta: dict[str, str]) -> tuple[bytes, str]:
+    """The TorchScript archive, saved through a buffer (torch's native file writer aborts the process
+    on a full disk), and the exporter that made it."""
     kind = "trace" if exporter in ("auto", "trace") else exporter
     if kind not in ("trace", "script"):
         raise AutopruneError(f"unknown TorchScript exporter {exporter!r}; use trace or script")
@@ -225,14 +258,15 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, exp
                     if kind == "trace"
                     else torch.jit.script(model)
                 )
-            torch.jit.save(module, str(path), _extra_files={EXPORTER_KEY: kind, **meta})
+            buffer = io.BytesIO()
+            torch.jit.save(module, buffer, _extra_files={EXPORTER_KEY: kind, **meta})
     except Exception as exc:
         raise AutopruneError(
             f"TorchScript {kind} of {type(model).__name__} failed "
             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
             f"try --format onnx{' or script' if kind == 'trace' else ''}"
         ) from exc
-    return kind
+    return buffer.getvalue(), kind
 
 
 def exporter_of(path: str | Path, fmt: str) -> str:
@@ -303,10 +337,7 @@ def _runner(path: Path, fmt: str):
 
 
 def _runtime_refusal(path: Path, fmt: str, exc: Exception, what: str) -> str:
-    """One line saying why the runtime could not take the exported graph: most often it computes in half
-    precision (``torch.autocast`` or ``.half()`` in forward), which re-exporting cannot change."""
-    import re
-
+    """Why the runtime could not take the graph; often half precision inside forward (re-exporting cannot help)."""
     text, runtime = " ".join(str(exc).split()), "onnxruntime" if fmt == "onnx" else "torch.jit"
     low = re.search(r"tensor\((bfloat16|float16)\)|\b(BFloat16|Half)\b", text)
     if low:
@@ -315,8 +346,7 @@ def _runtime_refusal(path: Path, fmt: str, exc: Exception, what: str) -> str:
                 f"inside forward, e.g. torch.autocast or .half()) ({text[:240]}); export a model that computes in "
                 f"float32 (drop the autocast from forward){' or use --format torchscript' if fmt == 'onnx' else ''}")
     if any(k in text for k in ("NOT_IMPLEMENTED", "INVALID_GRAPH", "Could not find an implementation")):
-        return (f"{path}: {runtime} cannot run this graph (an operator or type it does not implement: "
-                f"{text[:300]}); try the other exporter (--exporter legacy|dynamo) or --format torchscript")
+        return f"{path}: {runtime} cannot run this graph ({text[:300]}); try --exporter legacy|dynamo or torchscript"
     return f"{path} could not be {what} as {fmt} ({type(exc).__name__}: {text[:300]}); re-export it"
 
 

@@ -100,6 +100,7 @@ def feasible_points(rows: Sequence[Mapping[str, Any]], column: str = "macs_frac"
 
 # --------------------------------------------------------------------------- trial tables
 
+TRIALS_CSV = "trials.csv"  # the trials table of a results folder (written by autoprune.search.results)
 OBJECTIVE_COLUMNS = {"macs": "macs", "params": "params", "latency": "latency_ms"}  # trials.csv column
 FRACTION_COLUMNS = {"macs": "macs_frac", "params": "params_frac",  # the same as a fraction of the base
                     "latency": "latency_frac"}  # measured, interleaved with the base
@@ -137,32 +138,44 @@ def front_hypervolume(df: pd.DataFrame, objective: str = "macs") -> float:
 # --------------------------------------------------------------------------- picking
 
 
+_SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}
+
+
 def _parse_value(text: str, column: str) -> float:
+    """``0.4``, ``40%`` (0.4) or, for counts, ``0.5M`` / ``500K`` / ``1.2G`` (x 1e6 / 1e3 / 1e9)."""
     t = text.strip()
     scale = 1.0
     if t.endswith("%"):
         t, scale = t[:-1], 0.01
+    elif t[-1:] in _SUFFIXES:
+        t, scale = t[:-1], _SUFFIXES[t[-1]]
     try:
         return float(t) * scale
     except ValueError:
-        raise AutopruneError(f"pick rule: {column}: {text!r} is not a number (e.g. 0.4 or 40%)") from None
+        raise AutopruneError(f"pick rule: {column}: {text!r} is not a number (e.g. 0.4, 40% or 0.5M)") from None
 
 
 _ALIASES = {"acc": "val_acc", "accuracy": "val_acc"}
 
 
-def _resolve(col: str, value: str | None, columns: list[str]) -> str:
-    """Shorthands users write: ``acc`` is ``val_acc``; ``macs``/``params`` compared with a value
-    of at most 1 (or a percentage) mean the fraction of the base (``macs_frac``/``params_frac``)."""
+def _resolve(col: str, value: str | None, columns: list[str], op: str = "<=") -> str:
+    """Shorthands users write: ``acc`` is ``val_acc``; ``macs<=40%`` / ``params<=40%`` mean the fraction of
+    the base (``macs_frac``). A bare ``macs<=0.5`` is refused: 0.5 of the base and 0.5 MACs are both
+    plausible readings, so the rule must say ``macs_frac<=0.5`` or ``macs<=0.5M``."""
     col = _ALIASES.get(col, col)
-    if col in ("macs", "params") and value is not None and f"{col}_frac" in columns:
+    if col in ("macs", "params") and value is not None:
         v = value.strip()
+        if v.endswith("%") and f"{col}_frac" in columns:
+            return f"{col}_frac"
         try:
-            small = v.endswith("%") or float(v) <= 1.0
+            small = float(v) <= 1.0
         except ValueError:
             small = False
         if small:
-            return f"{col}_frac"
+            what = "MACs" if col == "macs" else "params"
+            raise AutopruneError(f"pick rule {col}{op}{v}: a fraction of the base or a count? write "
+                                 f"{col}_frac{op}{v} for {v} of the base model's {what}, or {col}{op}{v}M for "
+                                 f"{v} million {what}")
     return col
 
 
@@ -178,8 +191,9 @@ def pick(df: pd.DataFrame, rule: str = "best") -> pd.Series:
     """The trial a rule selects; deterministic.
 
     ``rule`` is terms joined by ``,`` (all must hold): ``COL<=X``, ``COL>=X``, ``COL<X``, ``COL>X``
-    (X may be a percentage: ``macs_frac<=40%``; ``acc`` means ``val_acc`` and ``macs<=0.4`` or
-    ``params<=40%`` mean the fractions of the base), ``trial=N``, and optionally ``min=COL`` or
+    (X may be a percentage, ``macs_frac<=40%``, or a count with a K/M/G suffix, ``macs<=0.5M``; ``acc``
+    means ``val_acc``, ``macs<=40%`` means ``macs_frac<=0.4``, and a bare ``macs<=0.4`` is an error
+    naming both readings), ``trial=N``, and optionally ``min=COL`` or
     ``max=COL`` for what to optimise (default ``max=val_acc``). ``best`` (or an empty rule) alone
     means the most accurate trial. Among complete, feasible trials (any complete trial when
     ``trial=N`` is given) satisfying every term, the best by the optimised column wins; ties go
@@ -204,7 +218,7 @@ def pick(df: pd.DataFrame, rule: str = "best") -> pd.Series:
         if col in ("min", "max") and op in ("=", "=="):
             col, op, value = _resolve(value, None, columns), "order", col
         else:
-            col = _resolve(col, value, columns)
+            col = _resolve(col, value, columns, op)
         if col not in columns:
             raise AutopruneError(f"pick rule: unknown column {col!r}; columns: {', '.join(map(str, columns))}")
         if op == "order":

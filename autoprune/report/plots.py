@@ -36,6 +36,9 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     if "state" in df.columns:
         df["state"] = df["state"].fillna("").astype(str)
+        if "error" in df.columns:  # tables written before "interrupted" was a state of its own
+            old = (df["state"] == "failed") & df["error"].astype(str).str.startswith("interrupted")
+            df.loc[old, "state"] = "interrupted"
     if "feasible" in df.columns:
         df["feasible"] = df["feasible"].map(_is_true).astype(bool)
     return df
@@ -177,8 +180,9 @@ def _plot_png(groups, colour, multi, base_points, col, div, xlabel, title, out_p
     for study, df, cat, x, y in groups:
         names = pd.Series(study, index=df.index) if multi else df.get("method", pd.Series("", index=df.index))
         names = names.fillna("").astype(str)
+        counts["interrupted"] = counts.get("interrupted", 0) + int((cat == "interrupted").sum())
         for c, (marker, filled, alpha, size, _) in STYLES.items():
-            counts[c] = counts.get(c, 0) + int((cat == c).sum())
+            counts[c] = counts.get(c, 0) + int(((cat == c) & x.notna()).sum())  # the legend counts drawn points
             for name in sorted(names[cat == c].unique()):
                 sel = (cat == c) & (names == name) & x.notna()
                 rgb = colour.get(name, "k")
@@ -208,8 +212,9 @@ def _plot_png(groups, colour, multi, base_points, col, div, xlabel, title, out_p
     ax.set_ylabel("validation accuracy (%)")
     n_all = sum(len(g[1]) for g in groups)
     names = ", ".join(g[0] for g in groups if g[0])
+    stopped = f", {counts['interrupted']} interrupted (run again; not drawn)" if counts.get("interrupted") else ""
     ax.set_title(title or f"{names or 'study'}: validation accuracy vs {xlabel.split(' (')[0]} "
-                          f"({n_all} trials, {counts.get('front', 0)} on the front)", fontsize=10)
+                          f"({n_all} trials, {counts.get('front', 0)} on the front{stopped})", fontsize=10)
     ax.grid(alpha=0.3)
     colour_handles = [Line2D([], [], marker="o", ls="", color=c, label=n) for n, c in colour.items()]
     style_handles = [Line2D([], [], marker=m, ls="", color="k", alpha=max(a, 0.5), markerfacecolor="k" if f else "none",

@@ -31,10 +31,11 @@ from ..data.datasets import Dataset, DataSpec, load_data, parse_augmentation
 from ..data.preprocess import recipe_for
 from ..data.splits import check_split
 from ..engine.cost import count_macs, count_params, measure_latency
-from ..engine.plan import Plan, load_base, load_pruned, save_pruned
+from ..engine.plan import Plan, load_base, load_pruned, read_checkpoint, save_pruned
 from ..errors import AutopruneError
-from ..files import write_json, write_text
+from ..files import clean_temps, write_json, write_text
 from ..models.registry import ModelSpec
+from ..progress import phase
 from ..train import Callbacks, TrainConfig, evaluate, fit, prefer_epoch, resolve_device
 from ..trust import TrustCode, accepts_trust_code
 from .choose import Choice, choose_trial, read_trials, study_name
@@ -104,9 +105,7 @@ def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None
     study = Path(study_dir)
     choice = choose_trial(study, rule, trial)
     out = Path(out_dir) if out_dir is not None else study / "retrained" / f"trial_{choice.trial:04d}"
-    if (out / FILES["model"]).exists() and not force:
-        raise AutopruneError(f"{out} already holds a retrained model ({FILES['model']}); pass --force to replace "
-                             "it or choose another --out")
+    _check_out(out, force)
     dev = resolve_device(device)
     model, ckpt = load_pruned(choice.model_path, dev)
     spec = ModelSpec.from_dict(ckpt["model"])
@@ -122,6 +121,7 @@ def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None
                       augment=parse_augmentation(augment, data_spec.name),
                       distill_alpha=float(distill_alpha) if distill else 0.0)
     out.mkdir(parents=True, exist_ok=True)
+    clean_temps(out)  # what a killed write left
     for key in ("onnx", "torchscript", "metrics", "widths", "summary"):  # a previous run's, now stale
         (out / FILES[key]).unlink(missing_ok=True)
     head = {"study": study_name(study), "study_dir": str(study), "trial": choice.trial, "rule": choice.rule,
@@ -130,8 +130,11 @@ def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None
                        {"trial": choice.trial, "params": hparams, "rule": choice.rule, "study": str(study)})
     run = finetune(model, data, cfg, dev, saver, base_model if distill else None, progress, choice, head)
 
-    pruned = measure(model, data, dev, shape, latency_repeats)
-    base = measure(base_model, data, dev, shape, latency_repeats)
+    with phase("measure pruned and base (val, test, MACs, latency)", total=2, unit="model") as p:
+        pruned = measure(model, data, dev, shape, latency_repeats)
+        p.advance()
+        base = measure(base_model, data, dev, shape, latency_repeats)
+        p.advance()
     pruned["macs_frac"] = pruned["macs"] / base["macs"]
     pruned["params_frac"] = pruned["params"] / base["params"]
     metrics = {**head, "interrupted": False, "model": spec.to_dict(), "data": data_spec.to_dict(),
@@ -139,7 +142,8 @@ def retrain(study_dir: str | Path, rule: str | None = None, *, trial: int | None
                "preprocessing": {"mean": list(data.mean), "std": list(data.std), "note": "inputs are "
                                  "standardised per channel with these statistics of the train split"}}
     saver.save_final(pruned, base, run)
-    files = {"model": saver.path, **export_all(model, shape, out, onnx_exporter, metrics, recipe_for(data))}
+    with phase("export (ONNX, TorchScript)"):
+        files = {"model": saver.path, **export_all(model, shape, out, onnx_exporter, metrics, recipe_for(data))}
     write_json(out / FILES["metrics"], metrics, indent=2)
     files["metrics"] = out / FILES["metrics"]
     try:
@@ -213,11 +217,11 @@ def finetune(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.de
 
     try:
         result = fit(model, data.train, data.val, cfg, device, Callbacks(on_epoch_end=on_epoch_end),
-                     teacher=teacher, progress=progress)
+                     teacher=teacher, progress=f"retrain trial {choice.trial}")
     except KeyboardInterrupt:
         run.update(best_epoch=saver.epoch, best_val_acc=saver.val_acc, seconds=time.perf_counter() - started)
         note = (f"interrupted during retraining; {FILES['model']} holds the best epoch so far (epoch "
-                f"{saver.epoch}); the test split was not evaluated; re-run retrain to finish")
+                f"{saver.epoch}); the test split was not evaluated; re-run retrain with --force to finish (it replaces this model)")
         write_json(saver.path.parent / FILES["metrics"],
                    {**head, "interrupted": True, "note": note, "units": UNITS, "retrain": run,
                     "pruned": {"val_acc": saver.val_acc, "test_acc": None}}, indent=2)
@@ -229,6 +233,33 @@ def finetune(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.de
                else "no epoch beat the trial's own weights (epoch 0) on val accuracy, then val loss",
                seconds=time.perf_counter() - started, history=history)
     return run
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse to replace a retrained model (finished, or an interrupted run's best so far) without ``force``;
+    an unfinished ``model.pt`` without notes is what a failed or killed run left: it is replaced."""
+    if out.exists() and not out.is_dir():
+        raise AutopruneError(f"--out {out} is a file; give a folder for the retrained model and its files")
+    path = out / FILES["model"]
+    if force or not path.exists():
+        return
+    try:
+        finished = bool(read_checkpoint(path).get("extra", {}).get("retrain", {}).get("finished"))
+    except (AutopruneError, AttributeError):
+        finished = False
+    try:
+        import json
+
+        interrupted = bool(json.loads((out / FILES["metrics"]).read_text(encoding="utf-8")).get("interrupted"))
+    except (OSError, ValueError, AttributeError):
+        interrupted = False
+    if not finished and not interrupted:
+        log.warning("%s holds an unfinished %s that a failed or killed retrain left; replacing it", out,
+                    FILES["model"])
+        return
+    what = "a retrained model" if finished else "the best model so far of an interrupted retrain"
+    raise AutopruneError(f"{out} already holds {what} ({FILES['model']}); pass --force to replace it or choose "
+                         "another --out")
 
 
 def export_all(model: nn.Module, shape: tuple[int, int, int], out: Path, onnx_exporter: str,

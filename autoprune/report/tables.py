@@ -20,7 +20,7 @@ import pandas as pd
 from ..errors import AutopruneError
 from ..files import atomic_path, os_error, write_text
 from .importance import SHARE_SUFFIX
-from .pareto import FRACTION_COLUMNS, OBJECTIVE_COLUMNS, front_hypervolume, front_mask
+from .pareto import FRACTION_COLUMNS, OBJECTIVE_COLUMNS, TRIALS_CSV, front_hypervolume, front_mask
 from .plots import _acc_scale, cost_unit, normalise, plot_pareto
 
 __all__ = ["ReportPaths", "load_trials", "plot_pareto", "read_base", "write_report"]
@@ -43,12 +43,23 @@ Paths = ReportPaths
 # --------------------------------------------------------------------------- reading
 
 
-def _csv_path(path: str | os.PathLike) -> str:
+def trials_csv(path: str | os.PathLike) -> str:
+    """``path`` (a results folder, or a trials.csv itself) -> its trials.csv; a one-line AutopruneError
+    when the folder or the file is missing. The one place the report resolves a study's table."""
     path = os.fspath(path)
-    csv = os.path.join(path, "trials.csv") if os.path.isdir(path) else path
+    if not os.path.exists(path):
+        raise AutopruneError(f"study folder {path} does not exist (no {TRIALS_CSV}); give the --out folder of a "
+                             "finished `autoprune search`")
+    csv = os.path.join(path, TRIALS_CSV) if os.path.isdir(path) else path
     if not os.path.isfile(csv):
-        raise AutopruneError(f"{path}: no trials.csv; run `autoprune search` first, or name a results/<study> folder")
+        raise AutopruneError(f"{csv} not found: {path} holds no {TRIALS_CSV}; run `autoprune search SPEC --out "
+                             f"{path}` first, or resume it with --resume")
     return csv
+
+
+def read_trials(path: str | os.PathLike) -> pd.DataFrame:
+    """A study's trials.csv (``path``: its results folder or the file) as a table, as written."""
+    return read_table(trials_csv(path))
 
 
 def read_table(path: str | os.PathLike, required: Sequence[str] = ("number",), **kwargs: Any) -> pd.DataFrame:
@@ -94,7 +105,7 @@ def load_trials(dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> pd.Dat
         dirs = [dirs]
     frames = []
     for d in dirs:
-        csv = _csv_path(d)
+        csv = trials_csv(d)
         df = normalise(read_table(csv))
         if "study" not in df.columns:
             df.insert(0, "study", _study_name(os.path.dirname(csv) or "."))
@@ -118,7 +129,7 @@ def read_base(study_dir: str | os.PathLike) -> dict[str, Any]:
             out.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         except Exception as exc:  # noqa: BLE001 - the report must not fail on an odd checkpoint
             log.warning("could not read base metrics from %s: %s", path, exc)
-    csv = os.path.join(study_dir, "trials.csv")
+    csv = os.path.join(study_dir, TRIALS_CSV)
     if os.path.isfile(csv) and any(out.get(k) is None for k in ("macs", "params")):
         out = _complete_base(out, normalise(read_table(csv)))
     return out
@@ -149,7 +160,7 @@ def write_report(study_dir: str | os.PathLike, base: Mapping[str, Any] | None = 
     and recovered from the trials (macs / macs_frac). pareto.csv holds trials.csv's rows verbatim.
     """
     study_dir = os.fspath(study_dir)
-    csv = _csv_path(study_dir)
+    csv = trials_csv(study_dir)
     columns = ("number", "state", "val_acc")
     raw = read_table(csv, columns, dtype=str, keep_default_na=False)
     df = normalise(read_table(csv, columns))
@@ -218,6 +229,8 @@ def _markdown(study: str, info: Mapping[str, Any], df: pd.DataFrame, on: pd.Data
         out.append(f"Base model: {', '.join(parts)}.\n\n")
     states = df["state"].value_counts() if "state" in df.columns else pd.Series({"complete": len(df)})
     counts = ", ".join(f"{s} {int(states.get(s, 0))}" for s in ("complete", "early_stopped", "failed", "running"))
+    if states.get("interrupted"):
+        counts += f", interrupted {int(states['interrupted'])}"
     infeasible = int(((df.get("state") == "complete") & ~df["feasible"]).sum()) if "feasible" in df.columns else 0
     out.append(f"Trials: {len(df)} ({counts}); complete but infeasible: {infeasible}.")
     if "epochs_run" in df.columns:
@@ -260,6 +273,11 @@ def _markdown(study: str, info: Mapping[str, Any], df: pd.DataFrame, on: pd.Data
             for _, r in failed.head(20).iterrows():
                 err = str(r.get("error", "")).splitlines()[0][:200] if isinstance(r.get("error"), str) else ""
                 out.append(f"- trial {_num(r.get('number'), '.0f')} ({r.get('method', '?')}): {err}\n")
+        stopped = df[df["state"] == "interrupted"]
+        if len(stopped):
+            numbers = ", ".join(_num(n, ".0f") for n in stopped["number"].head(50))
+            out.append(f"\n## Interrupted trials\n\nStopped before they finished (Ctrl-C, `kill`, a lost worker); "
+                       f"each ran again, or runs again on `--resume`, under a new number: {numbers}.\n")
     return "".join(out)
 
 

@@ -13,7 +13,7 @@ import abc
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import AutopruneError
 
@@ -53,8 +53,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run(self, spec: SearchSpec, out: Path, limits: Limits, device: torch.device, *, workers: int = 1,
             early_stopping: bool = True, on_update: Callable[[list[dict]], None] | None = None,
-            data: Dataset | None = None, options: RayOptions | None = None) -> str:
-        """Run trials until a budget is spent; why it stopped. The caller holds the folder's run lock."""
+            data: Dataset | None = None, options: RayOptions | None = None, sampler: Any = None) -> str:
+        """Run trials until a budget is spent; why it stopped. The caller holds the folder's run lock.
+        ``sampler``: an Optuna sampler object used instead of ``spec.sampler`` (the Python API's)."""
 
     def finish(self, spec: SearchSpec, out: Path, store: TrialStore) -> None:
         """After a run (also a stopped one): anything the folder needs besides trials.csv and the report."""
@@ -90,11 +91,11 @@ class OptunaBackend(Backend):
 
     def run(self, spec: SearchSpec, out: Path, limits: Limits, device: torch.device, *, workers: int = 1,
             early_stopping: bool = True, on_update: Callable[[list[dict]], None] | None = None,
-            data: Dataset | None = None, options: RayOptions | None = None) -> str:
+            data: Dataset | None = None, options: RayOptions | None = None, sampler: Any = None) -> str:
         from . import optuna_backend
 
         return optuna_backend.run(spec, out, limits, device, workers=workers, early_stopping=early_stopping,
-                                  on_update=on_update, data=data)
+                                  on_update=on_update, data=data, sampler=sampler)
 
 
 class RayBackend(Backend):
@@ -119,11 +120,11 @@ class RayBackend(Backend):
 
     def run(self, spec: SearchSpec, out: Path, limits: Limits, device: torch.device, *, workers: int = 1,
             early_stopping: bool = True, on_update: Callable[[list[dict]], None] | None = None,
-            data: Dataset | None = None, options: RayOptions | None = None) -> str:
+            data: Dataset | None = None, options: RayOptions | None = None, sampler: Any = None) -> str:
         from . import ray_backend  # the spec's workers become max_concurrent (ray_setup.resources)
 
         return ray_backend.run(spec, out, limits, device, options=options, early_stopping=early_stopping,
-                               on_update=on_update)
+                               on_update=on_update, sampler=sampler)
 
     def finish(self, spec: SearchSpec, out: Path, store: TrialStore) -> None:
         """The Ray run's trials as ``study.db``, for optuna-dashboard (best effort)."""

@@ -40,7 +40,10 @@ at most ``cost_tolerance`` x its cost x its accuracy to the front's hypervolume.
 would return is never stopped during its training phase (:data:`JUDGED_AT_END`): ResRep's compactor
 epochs read 12-16 % on a natural-image set where the same trial finished at 59 % (issue 25), so
 comparing them would stop trials that are ahead. Its fine-tune epochs after the fold (if any) and
-its result are judged as any other trial's.
+its result are judged as any other trial's. Since the engine's one training loop, ResRep's reading
+is the model it would return at that point (tested: stopped after epoch e it returns a model that
+reads the same to the image); whether its mid-way ranking predicts its final one is not measured
+yet, so it stays judged at its end.
 
 A trial cheaper than everything finished is never stopped (nothing to compare with), so the
 low-cost end of the front is always explored. The last epoch is never a stopping point: stopping
@@ -211,6 +214,12 @@ def should_stop(cost: float, epoch: int, acc: float, finished: Iterable[Peer | t
 # ------------------------------------------------------------------------------------ screening
 
 
+def round_key(method: str, target: float, allocation: str) -> str:
+    """The configuration a screening-round point measured (:mod:`autoprune.search.rounds`): a trial of
+    the same (method, target, allocation) is not screened against it (the same model, measured again)."""
+    return f"{method}|{float(target):.6g}|{allocation}"
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A trial's zero-training rung: its cost fraction, fidelity and the phase the fidelity was taken in."""
@@ -218,6 +227,7 @@ class Candidate:
     cost_frac: float
     fidelity: float
     phase: str = ONESHOT  # ONESHOT (no training before surgery) or train:<method> (after its training)
+    config: str = ""  # the screening round's (method, target, allocation) key; "" for a trial
 
 
 @dataclass(frozen=True)
@@ -230,13 +240,14 @@ class Reference:
 
 def screen_out(cost_frac: float, fidelity: float, earlier: Iterable[Candidate], *, keep: float,
                bucket: float = 0.1, min_peers: int = 3, phase: str = ONESHOT, n_val: int | None = None,
-               se_multiple: float = 0.0) -> bool:
+               se_multiple: float = 0.0, config: str = "") -> bool:
     """True when a candidate should NOT be fine-tuned: among the ``earlier`` candidates of the same
     ``phase`` whose cost fraction is within ``bucket / 2`` of its own, at least
     ``min_peers`` exist and it is not in the best ``keep`` share of them and itself (the best of a
     bucket is always kept). Only candidates ahead by more than ``se_multiple`` standard errors (of an
     accuracy at ``fidelity`` on ``n_val`` validation images; 0 or no ``n_val``: any difference) count
-    as ahead, so a candidate one image behind is never screened out. A successive-halving first rung that is valid for two
+    as ahead, so a candidate one image behind is never screened out. A screening-round candidate with
+    the same ``config`` (the same model, measured before) is left out. A successive-halving first rung that is valid for two
     objectives: candidates compete only with candidates of about the same cost. A non-finite
     fidelity is screened out once peers exist.
     """
@@ -245,7 +256,7 @@ def screen_out(cost_frac: float, fidelity: float, earlier: Iterable[Candidate], 
     if keep >= 1:
         return False
     same = [c.fidelity for c in earlier
-            if c.phase == phase and abs(c.cost_frac - cost_frac) <= bucket / 2 + 1e-9 and math.isfinite(c.fidelity)]
+            if c.phase == phase and not (config and c.config == config) and abs(c.cost_frac - cost_frac) <= bucket / 2 + 1e-9 and math.isfinite(c.fidelity)]
     if len(same) < max(1, min_peers):
         return False
     if not math.isfinite(fidelity):

@@ -94,7 +94,8 @@ def study_trials(out: Path, study: str | None = None) -> int:
         foreign = [name for name in info.studies() if name not in own_studies(study)]
         raise AutopruneError(f"{db} holds study {foreign[0]!r}, not {study!r} (the spec's study:): it belongs to "
                              "another search; restore this search's study.db, or start a new --out")
-    return sum(len(info.trials[name]) for name in info.studies() if study is None or name == study)
+    own = [name for name in info.studies() if name == study or study is None and not name.endswith(CURVES_SUFFIX)]
+    return sum(len(info.trials[name]) for name in own)  # never the `.curves` companion study's trials
 
 
 def own_studies(study: str) -> tuple[str, str]:
@@ -204,6 +205,9 @@ def _saved_spec(path: Path) -> dict[str, Any]:
 def check_resumable(spec: SearchSpec, saved_path: Path) -> None:
     """Resuming with a different model, data, objectives or space would mix incomparable trials."""
     saved = _saved_spec(saved_path)
+    if not saved:
+        raise AutopruneError(f"{saved_path} is empty or not a YAML mapping: the folder's record of the spec this "
+                             "search ran is damaged (nothing was changed); restore it, or start a new --out")
     now = _comparable(spec.to_dict())
     for key in sorted(set(saved) | set(now)):
         if key in RESUMABLE_KEYS:

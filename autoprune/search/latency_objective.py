@@ -39,12 +39,13 @@ log = logging.getLogger(__name__)
 MEASURE_LOCK = ".measure.lock"
 BUILD_LOCK = ".latency.lock"
 SETTLE_S = 1.0
-DEFAULTS = {"batch_size": 1, "runtime": "torch", "threads": None, "rounds": 5, "points": 5}
+DEFAULTS = {"batch_size": 1, "runtime": "torch", "threads": None, "rounds": 5, "points": 5, "clock": "wall"}
 
 
 def parse_latency(chk: Any, value: Any) -> dict[str, Any]:
     """The spec's ``latency: {batch_size [1], runtime [torch], threads [null: the search's], rounds [5],
-    points [5]}`` section (rounds: interleaved timing rounds; points: table grid points per width)."""
+    points [5], clock [wall]}`` section (rounds: interleaved timing rounds; points: table grid points per width;
+    clock cpu: the measuring thread's CPU time, for one thread on a machine shared with other work)."""
     value = value or {}
     if not isinstance(value, dict):
         raise chk.err("latency", f"must be a mapping {{batch_size, runtime, threads}}, got {value!r}")
@@ -56,9 +57,10 @@ def parse_latency(chk: Any, value: Any) -> dict[str, Any]:
     out = {"batch_size": chk.integer(value.get("batch_size", 1), "latency.batch_size", 1), "runtime": runtime,
            "threads": None if threads is None else chk.integer(threads, "latency.threads", 1),
            "rounds": chk.integer(value.get("rounds", 5), "latency.rounds", 1),
-           "points": chk.integer(value.get("points", 5), "latency.points", 2)}
+           "points": chk.integer(value.get("points", 5), "latency.points", 2),
+           "clock": chk.string(value.get("clock", "wall"), "latency.clock")}
     try:
-        LatencyConfig(runtime=runtime, batch_size=out["batch_size"], threads=out["threads"])
+        LatencyConfig(runtime=runtime, batch_size=out["batch_size"], threads=out["threads"] or 1, clock=out["clock"])
     except AutopruneError as exc:
         raise chk.err("latency", str(exc)) from None
     return out
@@ -69,48 +71,33 @@ def config(spec: Any, device: torch.device) -> LatencyConfig:
     s = {**DEFAULTS, **dict(getattr(spec, "latency", None) or {})}
     runtime_device = "cpu" if s["runtime"] == "onnxruntime" else str(device)
     return LatencyConfig(runtime=s["runtime"], device=runtime_device, batch_size=int(s["batch_size"]),
-                         threads=s["threads"], rounds=int(s["rounds"]), points=int(s["points"]))
+                         threads=s["threads"], rounds=int(s["rounds"]), points=int(s["points"]), clock=str(s["clock"]))
 
 
 def setting(cfg: LatencyConfig, device_name: str = "") -> str:
     """``batch 1, torch, 2 thread(s)`` (+ the device name): what report tables and plots say."""
-    text = f"batch {cfg.batch_size}, {cfg.runtime}, {cfg.n_threads} thread(s)"
+    text = f"batch {cfg.batch_size}, {cfg.runtime}, {cfg.n_threads} thread(s)" + (", CPU-time clock" if cfg.clock == "cpu"
+                                                                                   else "")
     return f"{text}, {device_name}" if device_name else text
 
 
 def build_for_worker(out_dir: Path, model: nn.Module, groups: Sequence[Any], shape: Sequence[int],
-                     cfg: LatencyConfig) -> Any:
+                     cfg: LatencyConfig, others: bool = False) -> Any:
     """The latency model (from the cache, or measured by one worker at a time with the others waiting)."""
     from ..engine.latency import build_latency_model
 
-    with file_lock(Path(out_dir) / BUILD_LOCK), measuring(out_dir):
+    with file_lock(Path(out_dir) / BUILD_LOCK), measuring(out_dir, others):
         return build_latency_model(model, groups, shape, cfg)
 
 
 @contextlib.contextmanager
-def measuring(out_dir: str | Path) -> Iterator[None]:
-    """Hold the measure lock (other workers pause at their next step) and let them settle first."""
+def measuring(out_dir: str | Path, others: bool = False) -> Iterator[None]:
+    """Hold the measure lock (the other workers pause at their next step); with ``others`` (a search with
+    more than one worker) wait ``SETTLE_S`` for them to get there first."""
     with file_lock(Path(out_dir) / MEASURE_LOCK):
-        time.sleep(SETTLE_S if _others_running(out_dir) else 0.0)
+        if others:
+            time.sleep(SETTLE_S)
         yield
-
-
-def _others_running(out_dir: str | Path) -> bool:
-    """Whether another worker process holds the shared workers lock (a multi-worker search)."""
-    from .locks import WORKERS_LOCK
-
-    if fcntl is None:
-        return False
-    path = Path(out_dir) / WORKERS_LOCK
-    if not path.exists():
-        return False
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
 
 
 class PausePoint:
@@ -163,11 +150,11 @@ def config_of(lm: Any) -> LatencyConfig:
 
 
 def measure_trial(out_dir: str | Path, base: nn.Module, pruned: nn.Module, shape: Sequence[int],
-                  cfg: LatencyConfig) -> tuple[float, float]:
+                  cfg: LatencyConfig, others: bool = False) -> tuple[float, float]:
     """(pruned ms, base ms) timed interleaved, with the other workers paused."""
     from ..engine.latency import measure_models
 
-    with measuring(out_dir):
+    with measuring(out_dir, others):
         base_ms, pruned_ms = measure_models([base, pruned], shape, cfg, "trial latency")
     return pruned_ms, base_ms
 

@@ -116,7 +116,9 @@ class OptunaStore(TrialStore):
                 continue
             a = t.user_attrs
             state = "running" if t.state == TrialState.RUNNING else a.get("state") or state_name(t.state)
-            interrupted = bool(a.get("interrupted")) or (state == "failed" and not a.get("error"))
+            interrupted = (bool(a.get("interrupted")) or state == "interrupted"
+                           or (state == "failed" and not a.get("error")))
+            state = "failed" if state == "interrupted" else state  # StoredTrial: failed + interrupted
             record = a.get("record") or {}
             seconds = record.get("duration_s")  # a trial's own measure; else its wall time in the study
             if seconds is None:
@@ -159,7 +161,7 @@ def mark_interrupted(study: optuna.Study, t: FrozenTrial | optuna.Trial) -> None
     if frozen.state != TrialState.RUNNING:
         return
     st.set_trial_user_attr(tid, "interrupted", True)
-    st.set_trial_user_attr(tid, "state", "failed")
+    st.set_trial_user_attr(tid, "state", "interrupted")  # what optuna-dashboard shows as its user attr
     st.set_trial_user_attr(tid, "error", INTERRUPTED)
     study.tell(frozen.number, state=TrialState.FAIL)
     if frozen.params:
@@ -175,12 +177,14 @@ def mark_interrupted(study: optuna.Study, t: FrozenTrial | optuna.Trial) -> None
 def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, device: torch.device,
                 early_stopping: bool = True, seed: int | None = None,
                 on_trial: Callable[[TrialResult, list[dict]], None] | None = None,
-                parent_pid: int | None = None, data: Dataset | None = None) -> str:
+                parent_pid: int | None = None, data: Dataset | None = None,
+                sampler: optuna.samplers.BaseSampler | None = None) -> str:
     """Ask/run/tell until a budget is spent; returns the reason it stopped. ``seed``: the spec's; the
-    sampler is re-seeded from it and the trial's slot before every ask (:func:`autoprune.search.samplers.trial_seed`)."""
+    sampler is re-seeded from it and the trial's slot before every ask (:func:`autoprune.search.samplers.trial_seed`).
+    A ``sampler`` object (the Python API's) is used as given for every ask, without re-seeding."""
     from . import space  # the search-space module (owned by the spec layer)
 
-    store = open_store(spec, out_dir, sampler=spec_sampler(spec, seed))
+    store = open_store(spec, out_dir, sampler=sampler or spec_sampler(spec, seed))
     study = store.study
     worker = Worker.load(spec, out_dir, device, data=data)
 
@@ -205,7 +209,7 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 if reason is not None:
                     return reason
                 slot = next_slot(study)
-                study.sampler = trial_sampler(spec, seed, slot)
+                study.sampler = sampler if sampler is not None else trial_sampler(spec, seed, slot)
                 trial = study.ask()
                 slot = trial.user_attrs.get("slot", slot)  # a retry keeps the slot of the trial it replaces
                 hparams = space.suggest(trial, spec)
@@ -249,7 +253,8 @@ def discard_files(out_dir: Path, number: int) -> None:
 
 
 def _worker_main(spec: SearchSpec, out_dir: str, index: int, limits: Limits, device: str, early_stopping: bool,
-                 seed: int | None, threads: int | None, parent_pid: int, log_level: int, errors: Any) -> None:
+                 seed: int | None, threads: int | None, parent_pid: int, log_level: int, errors: Any,
+                 sampler: optuna.samplers.BaseSampler | None = None) -> None:
     logging.basicConfig(level=log_level, format=f"%(levelname)s worker{index} %(name)s: %(message)s")
     # SIGTERM from the parent (or anyone) stops the worker like Ctrl-C; SIGINT may be ignored here
     # (a search started in the background with nohup or `&` inherits an ignored SIGINT)
@@ -260,7 +265,7 @@ def _worker_main(spec: SearchSpec, out_dir: str, index: int, limits: Limits, dev
     try:
         with file_lock(Path(out_dir) / WORKERS_LOCK, shared=True):
             reason = worker_loop(spec, Path(out_dir), index, limits, torch.device(device), early_stopping,
-                                 seed, parent_pid=parent_pid)
+                                 seed, parent_pid=parent_pid, sampler=sampler)
         log.info("worker %d stopped: budget %s spent", index, reason)
     except (KeyboardInterrupt, Orphaned):
         pass
@@ -278,8 +283,10 @@ def worker_devices(device: torch.device, n: int) -> list[torch.device]:
 
 def run(spec: SearchSpec, out_dir: Path, limits: Limits, device: torch.device, workers: int = 1,
         early_stopping: bool = True, on_update: Callable[[list[dict]], None] | None = None,
-        data: Dataset | None = None) -> str:
-    """Run the search with ``workers`` processes; returns why it stopped. The caller holds RUN_LOCK."""
+        data: Dataset | None = None, sampler: optuna.samplers.BaseSampler | None = None) -> str:
+    """Run the search with ``workers`` processes; returns why it stopped. The caller holds RUN_LOCK.
+    ``sampler``: an Optuna sampler object used for every ask instead of ``spec.sampler`` (each worker
+    process gets a copy)."""
     out_dir = Path(out_dir)
     with file_lock(out_dir / WORKERS_LOCK, blocking=False) as free:
         if not free:
@@ -297,8 +304,9 @@ def run(spec: SearchSpec, out_dir: Path, limits: Limits, device: torch.device, w
             with file_lock(out_dir / WORKERS_LOCK, shared=True):
                 return worker_loop(spec, out_dir, 0, limits, device, early_stopping, seed,
                                    on_trial=None if on_update is None else (lambda r, rows: on_update(rows)),
-                                   data=data)
-        return _run_processes(spec, out_dir, limits, device, workers, early_stopping, seed, store, on_update)
+                                   data=data, sampler=sampler)
+        return _run_processes(spec, out_dir, limits, device, workers, early_stopping, seed, store, on_update,
+                              sampler)
     finally:
         store.recover()
         write_rows(store, out_dir)
@@ -306,7 +314,8 @@ def run(spec: SearchSpec, out_dir: Path, limits: Limits, device: torch.device, w
 
 def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torch.device, workers: int,
                    early_stopping: bool, seed: int | None, store: OptunaStore,
-                   on_update: Callable[[list[dict]], None] | None) -> str:
+                   on_update: Callable[[list[dict]], None] | None,
+                   sampler: optuna.samplers.BaseSampler | None = None) -> str:
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     # per worker: the caller's torch threads (the CLI's --threads), never more than the cores shared out
@@ -314,7 +323,7 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
     level = logging.getLogger("autoprune").getEffectiveLevel()
     procs = [ctx.Process(target=_worker_main, name=f"autoprune-worker{i}", daemon=False,
                          args=(spec, str(out_dir), i, limits, str(dev), early_stopping, seed, threads,
-                               os.getpid(), level, errors))
+                               os.getpid(), level, errors, sampler))
              for i, dev in enumerate(worker_devices(device, workers))]
     try:
         for p in procs:

@@ -219,6 +219,17 @@ def _ended(result: Mapping[str, Any] | None, error: bool, constraints: Sequence[
     return outcome(state, values, payload.get("constraints") or (), constraints)
 
 
+def _tell_end(searcher: Any, trial_id: str, result: dict | None, error: bool) -> None:
+    """Tell the searcher's study, once, how Ray trial ``trial_id`` ended (:func:`_ended`); best effort."""
+    if trial_id in searcher._completed_trials or trial_id not in searcher._ot_trials:
+        return
+    searcher._completed_trials.add(trial_id)
+    try:
+        tell(searcher._ot_study, searcher._ot_trials[trial_id], _ended(result, error, searcher._autoprune_constraints))
+    except Exception as exc:  # noqa: BLE001 - the results folder is the record; the sampler can cope
+        log.warning("could not tell Optuna how Ray trial %s ended: %s", trial_id, one_line(exc))
+
+
 def _slot(study: optuna.Study) -> int:
     """The slot of the next new trial: the searcher's study holds the finished trials (warm start) and
     this run's, never interrupted ones, so its size without queued retries is the slot."""
@@ -245,8 +256,10 @@ def _search_class() -> type:
 
         def __init__(self, spec: SearchSpec, key: str, sampler: optuna.samplers.BaseSampler,
                      warm: Sequence[FrozenTrial] = (),
-                     retry: Sequence[tuple[int, dict, dict]] = (), seed: int | None = None) -> None:
+                     retry: Sequence[tuple[int, dict, dict]] = (), seed: int | None = None,
+                     fixed: bool = False) -> None:
             super().__init__(space=_Space(spec), metric=list(METRICS), mode=["max", "min"], sampler=sampler)
+            self._autoprune_fixed = fixed
             self._autoprune_key = key
             self._autoprune_spec, self._autoprune_seed = spec, seed
             self._autoprune_constraints = constraint_names(spec)
@@ -261,7 +274,8 @@ def _search_class() -> type:
             # as the Optuna backend: a sampler seeded from (seed, slot) for every trial, and a retry
             # keeps the slot (so the training seed) of the trial it replaces
             slot = _slot(self._ot_study)
-            self._ot_study.sampler = trial_sampler(self._autoprune_spec, self._autoprune_seed, slot)
+            if not self._autoprune_fixed:  # a sampler object given through the Python API is used as it is
+                self._ot_study.sampler = trial_sampler(self._autoprune_spec, self._autoprune_seed, slot)
             config = super().suggest(trial_id)
             if isinstance(config, dict):
                 ot_trial = self._ot_trials[trial_id]
@@ -275,13 +289,7 @@ def _search_class() -> type:
             return None  # trials report once, at their end
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return
-            self._completed_trials.add(trial_id)
-            try:
-                tell(self._ot_study, self._ot_trials[trial_id], _ended(result, error, self._autoprune_constraints))
-            except Exception as exc:  # noqa: BLE001 - the results folder is the record; the sampler can cope
-                log.warning("could not tell Optuna how Ray trial %s ended: %s", trial_id, one_line(exc))
+            _tell_end(self, trial_id, result, error)
 
     return AutopruneSearch
 
@@ -321,9 +329,11 @@ def __getattr__(name: str) -> Any:
 
 
 def run(spec: SearchSpec, out_dir: str | Path, limits: Limits, device: Any = None, options: RayOptions | None = None,
-        early_stopping: bool = True, on_update: Callable[[list[dict]], None] | None = None) -> str:
+        early_stopping: bool = True, on_update: Callable[[list[dict]], None] | None = None,
+        sampler: Any = None) -> str:
     """Run trials on Ray until a budget is spent; returns why it stopped. The caller (the runner) holds the
-    folder's run lock and has written spec.yaml and base.pt; ``device`` (the driver's) is not used."""
+    folder's run lock and has written spec.yaml and base.pt; ``device`` (the driver's) is not used.
+    ``sampler``: an Optuna sampler object for Ray's OptunaSearch instead of ``spec.sampler`` (not re-seeded)."""
     ray = require_ray()
     import optuna
     from ray import tune
@@ -345,9 +355,9 @@ def run(spec: SearchSpec, out_dir: str | Path, limits: Limits, device: Any = Non
         _RUNS[key] = live
         classes = _ray_classes()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        searcher = classes["AutopruneSearch"](spec, key, spec_sampler(spec, seed),
+        searcher = classes["AutopruneSearch"](spec, key, sampler or spec_sampler(spec, seed),
                                               warm=history(store, constraint_names(spec)), retry=store.retries(),
-                                              seed=seed)
+                                              seed=seed, fixed=sampler is not None)
         ctx = TrialContext(spec=spec, out_dir=str(out), early_stopping=bool(early_stopping), gpus=gpus,
                            threads=max(1, int(cpus)))
         trainable = tune.with_resources(functools.partial(_trainable, ctx=ctx), {"cpu": cpus, "gpu": gpus})

@@ -79,13 +79,45 @@ def probe(address: str | None) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise AutopruneError(f"--address {address!r} is not auto or HOST:PORT (e.g. 10.0.0.1:6379)")
+    if not 1 <= int(port) <= 65535:
+        raise AutopruneError(f"--address {address}: port {port} is not a TCP port (1-65535); Ray's default is 6379")
     try:
-        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S) as conn:
+            answers = _speaks_grpc(conn)
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise AutopruneError(f"could not connect to Ray at {address}: {reason}; start the head node there with "
                              "`ray start --head --port=PORT` or fix --address") from None
+    if not answers:
+        raise AutopruneError(f"{address} accepts connections but does not answer like a Ray cluster (no gRPC reply "
+                             f"within {PROBE_TIMEOUT_S:g} s): another service listens there; give the Ray head's "
+                             "GCS address (`ray status` on the head prints it) or start one with `ray start --head`")
+
+
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame (RFC 9113, 3.4)
+
+
+def _speaks_grpc(conn: socket.socket) -> bool:
+    """Whether the peer answers an HTTP/2 connection preface with a SETTINGS frame, as Ray's GCS (a gRPC
+    server) does; anything else (silence, an HTTP/1 reply, a banner) means another service. Bounded by
+    :data:`PROBE_TIMEOUT_S`, so a port held by a non-Ray service is refused in seconds, not after Ray's
+    minutes of retries."""
+    import time
+
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    try:
+        conn.sendall(_H2_PREFACE + _H2_SETTINGS)
+        head = b""
+        while len(head) < 9:
+            conn.settimeout(max(0.1, deadline - time.monotonic()))
+            chunk = conn.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except OSError:  # timeout, reset
+        return False
+    return head[3] == 0x04 and head[5:9] == b"\x00\x00\x00\x00"  # type SETTINGS on stream 0
 
 
 def resources(spec: SearchSpec, options: RayOptions, cluster: Mapping[str, float]) -> tuple[float, float, int]:

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..files import atomic_path
+from ..report.pareto import TRIALS_CSV  # noqa: F401 - re-exported for the search layer
 
 if TYPE_CHECKING:
     from .spec import SearchSpec
 
-STATES = ("complete", "early_stopped", "failed", "running")
+STATES = ("complete", "early_stopped", "failed", "interrupted", "running")  # interrupted: stopped, run again
 HEAD_COLUMNS = ("number", "state", "method", "target", "allocation", "epochs", "lr")
 TAIL_COLUMNS = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
                 "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at", "latency_frac",
@@ -31,7 +32,6 @@ TAIL_COLUMNS = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latenc
 # work_s: measured seconds of the trial's work (this process's CPU time, or CUDA-synchronised wall time
 # on a GPU: pruning, recalibration, fidelity, every training epoch, evaluations); duplicate_of: the
 # earlier trial of the same configuration whose result this one reuses (nothing was run; work_s 0)
-TRIALS_CSV = "trials.csv"  # in the results folder
 INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
 
 

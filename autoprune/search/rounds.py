@@ -74,6 +74,12 @@ def _allocation(spec: SearchSpec) -> str:
     return next((m for m in ("global", "uniform") if m in modes), modes[0])
 
 
+def _batch_size(spec: SearchSpec) -> int:
+    """The trials' batch size (LRF's calibration batches follow it), or the first choice when searched."""
+    b = spec.space.get("batch_size", 128)
+    return int(b[0] if isinstance(b, list) else b.low if isinstance(b, Range) else b)
+
+
 def _fixed(value: Any, default: Any) -> Any:
     """The value the round uses for a parameter: a fixed spec value, else the method's default."""
     return default if isinstance(value, (list, Range)) else value
@@ -99,7 +105,8 @@ def probe(worker: Worker, method: str, target: float, allocation: str,
              if p in fields and not (isinstance(v, (list, Range)) and fields[p].default is dataclasses.MISSING)}
     _, _, alloc, _, _, _ = to_prune_args(flat, spec.allocation)
     pruned = engine.prune(worker.model, method, target, data=worker.data, allocation=alloc, spec=worker.model_spec,
-                          device=worker.device, train_cfg=TrainConfig(epochs=0, seed=int(spec.seed)),
+                          device=worker.device, train_cfg=TrainConfig(epochs=0, batch_size=_batch_size(spec),
+                                                                      seed=int(spec.seed)),
                           groups=worker.groups, **knobs)
     fidelity = float(evaluate(pruned.model, worker.data.val, worker.device)["acc"])
     macs_frac, params_frac = pruned.macs / pruned.base_macs, pruned.params / pruned.base_params

@@ -18,10 +18,9 @@ running trials finish, and the report is written. The budget is computed from th
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,15 +32,15 @@ from ..data.splits import check_split
 from ..engine.cost import count_macs, count_params
 from ..engine.plan import PRUNED_FORMAT, load_base, read_checkpoint, save_base
 from ..errors import AutopruneError
+from ..files import clean_temps
 from ..models.registry import ModelSpec, create_model
-from ..report.pareto import OBJECTIVE_COLUMNS
 from ..train import NonFiniteLoss, TrainConfig, evaluate, fit, resolve_device
 from ..trust import TrustCode, TrustError, accepts_trust_code, check_name, needs_trust
-from . import folder
+from . import folder, live
 from .backends import Backend, get_backend
 from .locks import RUN_LOCK, file_lock
 from .results import TRIALS_CSV, nan_head, one_line, read_rows
-from .samplers import make_sampler
+from .samplers import SAMPLERS, make_sampler
 from .store import Limits, TrialStore, importance
 from .store import rows as store_rows
 from .study import STORAGE
@@ -85,8 +84,8 @@ def default_out_dir(spec: SearchSpec) -> Path:
 
 @accepts_trust_code
 def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool = False,
-               backend: str | Backend = "optuna", progress: bool = True, ray_options: RayOptions | None = None,
-               data: Dataset | None = None, *, trust_code: TrustCode = None) -> StudyResult:
+               backend: str | Backend = "optuna", progress: bool | str = True, ray_options: RayOptions | None = None,
+               data: Dataset | None = None, sampler: Any = None, *, trust_code: TrustCode = None) -> StudyResult:
     """Run (or resume) the search ``spec`` describes; returns what it wrote. See the module docstring.
 
     ``backend``: ``optuna`` (default: embedded, ``study.db``) or ``ray`` (Ray Tune, see
@@ -94,30 +93,22 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
     already loaded on the device (e.g. a benchmark's fixed training subset; one worker, Optuna
     backend); by default the spec's data set is loaded. ``trust_code``: the modules a
     ``package.module:function`` model may import (:mod:`autoprune.trust`), in this process and its workers.
+    ``progress``: the live display (:func:`view_mode`): the search line and each running trial's phase,
+    on stderr. ``sampler``: an Optuna sampler object used instead of ``spec.sampler`` (see
+    :func:`autoprune.search.api.search`).
     """
     start = time.time()
     out = out_dir if out_dir is not None else default_out_dir(spec)
-    if needs_trust(spec.model):  # before anything is written or computed
-        try:
-            check_name(spec.model)
-        except TrustError as exc:
-            raise TrustError(f"{spec.source}: {exc}") from None
     search_backend = get_backend(backend)
+    _check_before_compute(spec, out, resume, search_backend, sampler, ray_options)
+    _preload_report()
     budget = spec.budget
-    if budget.max_trials is None and budget.time_s is None and budget.device_hours is None and budget.compute_s is None:
-        raise AutopruneError(f"search {spec.study!r} has no budget; set budget.max_trials, budget.time_s or "
-                             f"budget.device_hours in {spec.source}, or pass --max-trials / --time-budget")
-    # unknown sampler, too small a budget: fail before any compute
-    make_sampler(spec.sampler, 0, spec.budget.max_trials, spec.workers)
-    search_backend.check(Path(out), ray_options)
-    if resume and os.fspath(out).strip() and not Path(out).exists():
-        raise AutopruneError(f"--resume: {out} does not exist, so there is no search to continue; check --out, or "
-                             "drop --resume to start a new search there")
     out = folder.check_out(out)
     with file_lock(out / RUN_LOCK, blocking=False) as free:
         if not free:
             raise AutopruneError(f"another search is running on {out}; wait for it or choose another --out")
         folder.prepare(spec, out, resume, search_backend)
+        clean_temps(out, ("models", "plans"))  # what a killed or failed write left (we hold the run lock)
         _dump_spec(spec, out / "spec.yaml")
         device = resolve_device(spec.device)
         data = load_data(spec.data, device) if data is None else data
@@ -135,28 +126,71 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
             data = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        kept = [r for r in read_rows(out / TRIALS_CSV) if r.get("state") != "running"
+        kept = [r for r in read_rows(out / TRIALS_CSV) if r.get("state") not in ("running", "interrupted")
                 and "interrupted" not in str(r.get("error"))]
-        bar = _ProgressBar(spec, progress, limits.deadline, already_done=len(kept))
+        view = live.SearchView(spec, out, mode=view_mode(progress), deadline=limits.deadline,
+                               already_done=len(kept)).start()
         reason = "interrupted"
         try:
             reason = search_backend.run(spec, out, limits, device, workers=workers,
-                                early_stopping=bool(spec.early_stop.enabled), on_update=bar.update, data=data,
-                                options=ray_options)
+                                        early_stopping=bool(spec.early_stop.enabled), on_update=view.update,
+                                        data=data, options=ray_options, sampler=sampler)
         except BaseException:
-            bar.close()
+            view.close()
             try:  # a stopped search still leaves its report
                 _finish(spec, out, base, search_backend, with_importance=False)
             except Exception as exc:  # noqa: BLE001 - do not hide the error that stopped the search
                 log.warning("could not write the report of the stopped search: %s", exc)
             raise
-        bar.close()
+        view.close()
         rows, imp = _finish(spec, out, base, search_backend, with_importance=True)
     log.info("search %s stopped (%s): %d trials in %.0f s (base model %.0f s)", spec.study, reason, len(rows),
              time.time() - start, trials_start - start)
     files = {name: out / name for name in RESULT_FILES if (out / name).exists()}
     return StudyResult(out_dir=out, study=spec.study, stop_reason=reason, rows=tuple(rows),
                        front=tuple(read_rows(out / "pareto.csv")), base=base, files=files, importance=imp)
+
+
+def _check_before_compute(spec: SearchSpec, out: str | Path, resume: bool, search_backend: Backend, sampler: Any,
+                          ray_options: RayOptions | None) -> None:
+    """What must hold before anything is written or computed: a trusted model name, a budget, a known
+    sampler that fits it, a folder this backend can use, and something to resume."""
+    if needs_trust(spec.model):
+        try:
+            check_name(spec.model)
+        except TrustError as exc:
+            raise TrustError(f"{spec.source}: {exc}") from None
+    budget = spec.budget
+    if budget.max_trials is None and budget.time_s is None and budget.device_hours is None and budget.compute_s is None:
+        raise AutopruneError(f"search {spec.study!r} has no budget; set budget.max_trials, budget.time_s or "
+                             f"budget.device_hours in {spec.source}, or pass --max-trials / --time-budget")
+    if sampler is None:  # unknown sampler, too small a budget
+        make_sampler(spec.sampler, 0, spec.budget.max_trials, spec.workers)
+    elif not isinstance(sampler, _optuna_sampler_type()):
+        raise AutopruneError(f"sampler={sampler!r} is not an Optuna sampler; give a name ({', '.join(SAMPLERS)}) "
+                             "or an optuna.samplers.BaseSampler")
+    search_backend.check(Path(out), ray_options)
+    if resume and os.fspath(out).strip() and not Path(out).exists():
+        raise AutopruneError(f"--resume: {out} does not exist, so there is no search to continue; check --out, or "
+                             "drop --resume to start a new search there")
+
+
+def _optuna_sampler_type() -> type:
+    import optuna
+
+    return optuna.samplers.BaseSampler
+
+
+def view_mode(progress: bool | str | None) -> str | None:
+    """``run_search``'s ``progress`` as a :class:`~autoprune.search.live.SearchView` mode: True or "auto"
+    (bars on a terminal, lines otherwise), "bars", "lines", or False / None (nothing shown)."""
+    if progress is True or progress == "auto":
+        return "auto"
+    if progress in ("bars", "lines"):
+        return str(progress)
+    if progress in (False, None, "none"):
+        return None
+    raise AutopruneError(f"progress={progress!r}: use True, False, 'auto', 'bars' or 'lines'")
 
 
 def open_store(spec: SearchSpec, out: Path, backend: str | Backend, create: bool = False) -> TrialStore:
@@ -226,11 +260,11 @@ def _train_base(spec: SearchSpec, model_spec: ModelSpec, data: Dataset, device: 
         log.warning("base_epochs is 0 and no base checkpoint is given: pruning an untrained model")
         return model
     log.info("training the base model %s for %d epochs", spec.model, spec.base_epochs)
-    label = f"base model: train {spec.model} on {spec.data.name}"  # tqdm adds the count and ETA
+    label = f"base model: train {spec.model} on {spec.data.name}"  # the reporter adds the count and ETA
     cfg = TrainConfig(epochs=int(spec.base_epochs), lr=float(spec.base_lr), seed=int(spec.seed or 0),
                       augment=spec.augment)
     try:
-        fit(model, data.train, data.val, cfg, device, progress=label if progress else False)
+        fit(model, data.train, data.val, cfg, device, progress=label)
     except NonFiniteLoss as exc:
         raise AutopruneError(f"training the base model failed: {nan_head(exc)}; lower base_lr in "
                              f"{spec.source}, or give a trained checkpoint as base:") from None
@@ -268,68 +302,20 @@ def _load_given_base(spec: SearchSpec, model_spec: ModelSpec) -> torch.nn.Module
     return model
 
 
+def _preload_report() -> None:
+    """Import the report's libraries (pandas, matplotlib) before the trials: a search whose trials used all
+    the memory there is must not then fail to import them (issue 30: a MemoryError after 8 good trials)."""
+    from matplotlib.figure import Figure  # noqa: F401
+
+    from ..report import tables  # noqa: F401
+
+
 def _write_report(out: Path, base: Mapping[str, Any], importance: Mapping[str, Any] | None) -> None:
     from ..report import tables as report
 
-    report.write_report(out, dict(base), importance)
+    try:
+        report.write_report(out, dict(base), importance)
+    except MemoryError:
+        raise AutopruneError(f"out of memory while writing the report; the trials are safe in {out} (trials.csv, "
+                             f"study.db): write the report later with `autoprune pareto {out}`") from None
 
-
-class _ProgressBar:
-    """tqdm over trials in the calling process: done/total, best val acc, front size, states, and an
-    ETA that is the sooner of "remaining trials at the pace so far" and the time budget's deadline."""
-
-    def __init__(self, spec: SearchSpec, enabled: bool, deadline: float | None = None,
-                 already_done: int = 0) -> None:
-        self.enabled = enabled
-        self.cost_key = OBJECTIVE_COLUMNS[spec.objectives[1]]
-        self.deadline = deadline
-        self.total = spec.budget.max_trials
-        self.started = time.time()
-        self.already_done = already_done  # trials kept from an earlier run do not set this run's pace
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.total, desc=f"search {spec.study}", unit="trial", dynamic_ncols=True,
-                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
-
-    def eta(self, done: int, now: float | None = None) -> float | None:
-        """Seconds until the search ends: trials left at the pace of this run, capped by the deadline."""
-        now = time.time() if now is None else now
-        left = []
-        ran = done - self.already_done
-        if self.total is not None and ran > 0:
-            left.append(max(0.0, (self.total - done) * (now - self.started) / ran))
-        if self.deadline is not None:
-            left.append(max(0.0, self.deadline - now))
-        return min(left) if left else None
-
-    def update(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        if self.bar is None:
-            return
-        done = [r for r in rows if r["state"] != "running" and "interrupted" not in str(r.get("error"))]
-        self.bar.n = len(done)
-        ok = [r for r in done if r["state"] == "complete" and r["feasible"]]
-        best = max((float(r["val_acc"]) for r in ok), default=math.nan)
-        eta = self.eta(len(done))
-        self.bar.set_postfix(eta="?" if eta is None else f"{eta / 60:.1f}min", best_acc=f"{best:.4f}",
-                             front=front_size(ok, self.cost_key),
-                             stopped=sum(r["state"] == "early_stopped" for r in done),
-                             failed=sum(r["state"] == "failed" for r in done),
-                             running=sum(r["state"] == "running" for r in rows), refresh=False)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def front_size(rows: Sequence[Mapping[str, Any]], cost_key: str) -> int:
-    import numpy as np
-
-    from ..report.pareto import pareto_mask
-
-    pts = [(float(r["val_acc"]), float(r[cost_key])) for r in rows if r.get(cost_key) not in (None, "")]
-    if not pts:
-        return 0
-    return int(np.asarray(pareto_mask(np.asarray(pts, dtype=float), [True, False])).sum())

@@ -196,7 +196,8 @@ def build_schema() -> dict[str, Any]:
                             "runtime": {"enum": ["torch", "onnxruntime"]},
                             "threads": {"type": ["integer", "null"], "minimum": 1},
                             "rounds": {"type": "integer", "minimum": 1},
-                            "points": {"type": "integer", "minimum": 2}},
+                            "points": {"type": "integer", "minimum": 2},
+                            "clock": {"enum": ["wall", "cpu"]}},
                            description="objective latency: how it is measured on this device (default batch 1, "
                                        "torch, the search's threads)"),
         "space": _closed(space_props, description="every searchable value: fixed | [choices] | {low, high, log}"),

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .. import limits
 from ..data.datasets import DataSpec
 from ..errors import AutopruneError
 from .validate import SpaceChecker, parse_time
@@ -123,12 +124,12 @@ def parse_data(chk: SpaceChecker, value: Any) -> DataSpec:
     if "name" not in d:
         raise chk.err("data.name", "missing; e.g. data: {name: digits, seed: 0}")
     out: dict[str, Any] = {"name": _data_name(chk, chk.string(d["name"], "data.name")),
-                           "seed": chk.integer(d.get("seed", 0), "data.seed", 0)}
+                           "seed": chk.integer(d.get("seed", 0), "data.seed", 0, limits.MAX_SEED)}
     for key in ("val_fraction", "test_fraction"):
         if key in d:
             out[key] = chk.number(d[key], f"data.{key}", 0.0, 1.0, high_open=True, low_open=False)
     if d.get("image_size") is not None:
-        out["image_size"] = chk.integer(d["image_size"], "data.image_size", 1)
+        out["image_size"] = chk.integer(d["image_size"], "data.image_size", 1, limits.MAX_IMAGE_SIZE)
     if d.get("root") is not None:
         out["root"] = chk.string(d["root"], "data.root")
     try:
@@ -166,6 +167,8 @@ def parse_base(chk: SpaceChecker, value: Any) -> str | None:
     if value is None:
         return None
     path = parse_relative_to_spec(chk, chk.string(value, "base"))
+    if os.path.isdir(path):
+        raise chk.err("base", f"{path} is a folder; give the checkpoint file in it (e.g. {os.path.join(path, 'base.pt')})")
     if not os.path.isfile(path):
         raise chk.err("base", f"checkpoint {path} not found; fix the path or set base: null to train one")
     return path
@@ -197,7 +200,7 @@ def parse_budget(chk: SpaceChecker, value: Any) -> Budget:
     chk.keys(value, "budget", ("max_trials", "time", "device_hours", "compute"), what="key")
     max_trials = value.get("max_trials")
     if max_trials is not None:
-        max_trials = chk.integer(max_trials, "budget.max_trials", 1)
+        max_trials = chk.integer(max_trials, "budget.max_trials", 1, limits.MAX_TRIALS)
     time_s = value.get("time")
     if time_s is not None:
         try:

@@ -17,7 +17,8 @@ is the commented example)::
         data (LRF's compensation, BN recalibration) and the final accuracies are lower than with the
         whole split. The base model and ``autoprune retrain`` always use the whole split.
     sampler [tpe | nsga2 | random]   objectives [[val_acc, macs]]: second is macs | params | latency
-    latency: {batch_size [1], runtime [torch | onnxruntime], threads [null: the search's], rounds [5], points [5]}
+    latency: {batch_size [1], runtime [torch | onnxruntime], threads [null: the search's], rounds [5], points [5],
+             clock [wall | cpu]}
              (objective latency:
              the sampled target is a fraction of the base's latency on this device)
     constraints: {min_val_acc, max_params_frac, max_macs_frac} [none]
@@ -53,6 +54,7 @@ from typing import Any
 
 import yaml
 
+from .. import limits
 from ..data.datasets import DataSpec
 from ..errors import AutopruneError, SpecError
 from ..files import write_text
@@ -137,18 +139,29 @@ class SearchSpec:
 def load_spec(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> SearchSpec:
     """Read and validate a spec file; ``overrides`` (CLI options, ``None`` = not given) win over it."""
     source = os.fspath(path)
+    if os.path.isdir(source):
+        raise SpecError(f"{source} is a folder, not a spec file; give a YAML file, e.g. search_spaces/digits_demo.yaml")
     if not os.path.isfile(source):
         raise SpecError(f"{source}: spec file not found")
     try:
-        with open(source, encoding="utf-8") as fh:
-            raw = yaml.load(fh, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+        with open(source, "rb") as fh:
+            data = fh.read()
+        text = data.decode("utf-8")
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+    except OSError as exc:
+        raise SpecError(f"{source}: cannot read the spec ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise SpecError(f"{source}: not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); save the spec "
+                        "as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "parse error"
         raise SpecError(f"{source}: not valid YAML{where}: {problem}") from None
     if raw is None:
-        raw = {}
+        raise SpecError(f"{source}: the spec is empty; give at least model: and data:, e.g. model: small_cnn "
+                        "and data: digits")
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: the top level must be a mapping of keys (model, data, space, ...)")
     chk = SpaceChecker(source)
@@ -245,10 +258,10 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
                                              "device's latency model); use 1, 8, 16 or 32")
     return SearchSpec(
         study=study, source=chk.source, model=sections.parse_model(chk, raw["model"]), data=sections.parse_data(chk, raw["data"]),
-        base=sections.parse_base(chk, raw.get("base")), base_epochs=chk.integer(raw.get("base_epochs", 30), "base_epochs", 0),
+        base=sections.parse_base(chk, raw.get("base")), base_epochs=chk.integer(raw.get("base_epochs", 30), "base_epochs", 0, limits.MAX_EPOCHS),
         base_lr=chk.number(raw.get("base_lr", 0.05), "base_lr", 0.0, low_open=True),
-        device=sections.parse_device(chk, raw.get("device", "auto")), workers=chk.integer(raw.get("workers", 1), "workers", 1),
-        seed=chk.integer(raw.get("seed", 0), "seed", 0), sampler=sampler,
+        device=sections.parse_device(chk, raw.get("device", "auto")), workers=chk.integer(raw.get("workers", 1), "workers", 1, limits.max_workers()),
+        seed=chk.integer(raw.get("seed", 0), "seed", 0, limits.MAX_SEED), sampler=sampler,
         objectives=objectives,
         min_val_acc=min_acc, max_params_frac=max_params, max_macs_frac=max_macs,
         budget=budget, early_stop=sections.parse_early_stop(chk, raw.get("early_stop", True)),
@@ -261,3 +274,18 @@ def _build(chk: SpaceChecker, raw: dict) -> SearchSpec:
     )
 
 
+
+
+def spec_from_dict(raw: Mapping[str, Any], source: str = "<dict>", overrides: Mapping[str, Any] | None = None
+                   ) -> SearchSpec:
+    """Validate a spec given as plain data (the keys of a spec file); ``source`` names it in errors and
+    anchors relative paths (a file name, or ``<dict>``: relative to the working directory). Without a
+    ``study`` key a dict's study is called ``search``."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{source}: a spec must be a mapping of keys (model, data, space, ...), got "
+                        f"{type(raw).__name__}")
+    raw = dict(raw)
+    if source == "<dict>":
+        raw.setdefault("study", "search")
+    chk = SpaceChecker(source)
+    return _build(chk, _apply_overrides(chk, raw, overrides or {}))

@@ -111,7 +111,8 @@ def rows(store: TrialStore) -> list[dict[str, Any]]:
     out = []
     for t in store.trials():
         error = t.error or (INTERRUPTED if t.interrupted else "")
-        out.append(make_row(t.number, t.state, t.hparams, t.record, error))
+        state = "interrupted" if t.interrupted else t.state  # one name on the console, in trials.csv, report, plots
+        out.append(make_row(t.number, state, t.hparams, t.record, error))
     return out
 
 
@@ -148,12 +149,13 @@ def finished_curves(store: TrialStore) -> Reference:
 
 def round_candidates(store: TrialStore) -> list[Any]:
     """The screening round's fidelities (study meta ``round``) as screening candidates."""
-    from .early_stop import ONESHOT, Candidate
+    from .early_stop import ONESHOT, Candidate, round_key
 
     out = []
     for p in store.meta().get("round") or ():
         if p.get("fidelity") is not None and p.get("cost_frac") is not None:
-            out.append(Candidate(float(p["cost_frac"]), float(p["fidelity"]), ONESHOT))
+            out.append(Candidate(float(p["cost_frac"]), float(p["fidelity"]), ONESHOT,
+                                 round_key(p["method"], p["target"], p["allocation"])))
     return out
 
 

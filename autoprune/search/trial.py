@@ -39,9 +39,10 @@ from ..engine.trace import trace_batches
 from ..files import FileWriteError, user_error, write_json
 from ..methods import get_method, make_params
 from ..models.registry import ModelSpec
+from ..progress import phase
 from ..report.pareto import OBJECTIVE_COLUMNS
 from ..train import Callbacks, NonFiniteLoss, TrainConfig, evaluate, fit
-from . import early_stop, latency_objective
+from . import early_stop, latency_objective, live
 from .results import TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
 
 if TYPE_CHECKING:
@@ -98,8 +99,9 @@ class Worker:
         lm = lat_cfg = None
         if "latency" in spec.objectives:  # device-specific: measured by each worker on its own device
             lat_cfg = latency_objective.config(spec, device)
-            lm = latency_objective.build_for_worker(out_dir, model, groups, shape, lat_cfg)
-            with latency_objective.measuring(out_dir):
+            others = spec.workers > 1
+            lm = latency_objective.build_for_worker(out_dir, model, groups, shape, lat_cfg, others)
+            with latency_objective.measuring(out_dir, others):
                 base["latency_ms"] = measure_models([model], shape, lat_cfg, "base latency")[0]
             base.update(latency_objective.record(lat_cfg, lm.base))
             latency_objective.warn_unreachable(spec, groups, lm)
@@ -136,13 +138,14 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
     work_start = clock()
     progress = _Progress()
     try:
-        result = _run(worker, number, dict(hparams), finished, early_stopping, progress, start,
-                      number if seed_index is None else seed_index)
+        with live.trial_progress(worker.out_dir, number, hparams):  # what the search display shows of it
+            result = _run(worker, number, dict(hparams), finished, early_stopping, progress, start,
+                          number if seed_index is None else seed_index)
         result = replace(result, work_s=clock() - work_start)
     except Exception as exc:
         if isinstance(exc, FileWriteError) or isinstance(user_error(exc), FileWriteError):
             raise (exc if isinstance(exc, FileWriteError) else user_error(exc)) from None  # no trial can fix it
-        message = _message(exc, worker)
+        message = _message(exc, worker, hparams)
         log.warning("trial %d failed: %s", number, message)
         log.debug("trial %d traceback", number, exc_info=True)
         del exc
@@ -187,8 +190,21 @@ def reused_result(spec: SearchSpec, number: int, hparams: Mapping[str, Any], pri
                        duplicate_of=prior.number, **measured)
 
 
-def _message(exc: Exception, worker: Worker) -> str:
-    """The trial's error in one line; a non-finite loss says what to change in the spec."""
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: MemoryError, torch's OutOfMemoryError (CUDA), or the CPU
+    allocator's "can't allocate memory" RuntimeError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def _message(exc: Exception, worker: Worker, hparams: Mapping[str, Any] | None = None) -> str:
+    """The trial's error in one line; a non-finite loss and running out of memory say what to change."""
+    if out_of_memory(exc):
+        batch = int((hparams or {}).get("batch_size") or 128)
+        return (f"out of memory at batch size {batch} on {worker.device}: lower space.batch_size in "
+                f"{worker.spec.source} (e.g. {max(1, batch // 2)}), or the image size or --workers")
     if isinstance(exc, NonFiniteLoss):
         hint = f"lower space.lr in {worker.spec.source}"
         if worker.device.type == "cuda":
@@ -227,11 +243,14 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     m.update(macs=pruned.macs, macs_frac=pruned.macs / pruned.base_macs, params=pruned.params,
              params_frac=pruned.params / pruned.base_params)
     # the fidelity rung: the pruned (and BN-recalibrated) model before any fine-tuning costs one evaluation
-    m["fidelity"] = float(evaluate(model, worker.data.val, worker.device)["acc"])
+    with phase("fidelity"):
+        m["fidelity"] = float(evaluate(model, worker.data.val, worker.device)["acc"])
     m["prune_s"] = time.perf_counter() - start
     if epoch.objective == "latency":  # timed interleaved with the base, the other workers paused
-        pruned_ms, base_ms = latency_objective.measure_trial(worker.out_dir, worker.model, model, worker.input_shape,
-                                                             worker.latency_cfg)
+        with phase("latency"):
+            pruned_ms, base_ms = latency_objective.measure_trial(worker.out_dir, worker.model, model,
+                                                                 worker.input_shape, worker.latency_cfg,
+                                                                 worker.spec.workers > 1)
         m["latency_frac"] = pruned_ms / base_ms
         m["latency_ms"] = m["latency_frac"] * float(worker.base["latency_ms"])
         m["predicted_latency_frac"] = float(pruned.info["predicted_frac"])
@@ -239,7 +258,8 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     done = pruned.trained_epochs if pruned.stopped_early else k
     progress.curve = (progress.curve + [None] * done)[:done]
     progress.epochs_run = epoch.offset = done
-    if not epoch.stopped and epochs > k and _screened_out(worker, number, epoch, phases, m):
+    own = early_stop.round_key(method, target, allocation.mode)  # the screening round's key of this configuration
+    if not epoch.stopped and epochs > k and _screened_out(worker, number, epoch, phases, m, own):
         return _result(worker, number, hparams, "early_stopped", m["fidelity"], progress, start, stopped_at="screen")
     if not epoch.stopped and epochs > k:
         epoch.pause = latency_objective.PausePoint(worker.out_dir) if worker.spec.workers > 1 else None
@@ -247,13 +267,17 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
         ft_cfg = replace(cfg, epochs=epochs - k, distill_alpha=alpha,
                          distill_temperature=float(hparams.get("distill_temperature") or 4.0))
         fit(model, worker.data.train, worker.data.val, ft_cfg, worker.device,
-            Callbacks(on_epoch_end=epoch.end, after_backward=epoch.pause), teacher=worker.model if alpha > 0 else None)
+            Callbacks(on_epoch_end=epoch.end, after_backward=epoch.pause), teacher=worker.model if alpha > 0 else None,
+            progress="fine-tune")
     if epochs <= k or pruned.stopped_early:  # no fine-tune: the pruned model as the method returned it
         progress.curve = progress.curve or [None]
         progress.curve[-1] = m["fidelity"]
     val_acc = next(a for a in reversed(progress.curve) if a is not None)
     state = "early_stopped" if epoch.stopped else "complete"
-    saved = _save(worker, number, hparams, model, pruned, val_acc) if state == "complete" else ""
+    saved = ""
+    if state == "complete":
+        with phase("save"):
+            saved = _save(worker, number, hparams, model, pruned, val_acc)
     result = _result(worker, number, hparams, state, val_acc, progress, start, model=saved,
                      stopped_at=f"epoch {progress.epochs_run}" if epoch.stopped else "")
     log.info("trial %d %s: %s target %.2f -> val_acc %.4f (fidelity %.4f), %d MACs (%.3f of base), %d epochs, "
@@ -304,8 +328,10 @@ class _Epochs:
         return self.stopped
 
 
-def _screened_out(worker: Worker, number: int, epoch: _Epochs, phases: tuple[str, ...], m: dict[str, Any]) -> bool:
-    """The fidelity screen before fine-tuning: the pruned model is not in the best share of its bucket."""
+def _screened_out(worker: Worker, number: int, epoch: _Epochs, phases: tuple[str, ...], m: dict[str, Any],
+                  config: str = "") -> bool:
+    """The fidelity screen before fine-tuning: the pruned model is not in the best share of its bucket
+    (never against the screening round's measurement of its own ``config``)."""
     screen = worker.spec.screen
     if epoch.finished is None or not screen.enabled:
         return False
@@ -314,7 +340,7 @@ def _screened_out(worker: Worker, number: int, epoch: _Epochs, phases: tuple[str
     if early_stop.screen_out(frac, m["fidelity"], epoch.reference().candidates, keep=screen.keep,
                              bucket=screen.bucket, min_peers=screen.min_peers,
                              phase=early_stop.screening_phase(phases), n_val=len(worker.data.val),
-                             se_multiple=screen.se_multiple):
+                             se_multiple=screen.se_multiple, config=config):
         log.info("trial %d screened out: fidelity %.4f not in the best %.0f %% of its %s-fraction bucket",
                  number, m["fidelity"], 100 * screen.keep, "params" if objective == "params" else
                  "latency" if objective == "latency" else "MACs")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import limits
 from ..errors import AutopruneError, SpecError, did_you_mean
 from .space import ParamSpace, Range
 
@@ -88,9 +89,10 @@ class SpaceChecker:
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, int):
             raise self.err(path, f"must be an integer, got {v!r}")
-        if (low is not None and v < low) or (high is not None and v > high):
-            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise self.err(path, f"must be {bounds}, got {v}")
+        if low is not None and v < low:
+            raise self.err(path, f"must be >= {low}, got {v}")
+        if high is not None and v > high:
+            raise self.err(path, f"must be at most {high} (autoprune's cap), got {v}")
         return v
 
     def number(self, v: Any, path: str, low: float | None = None, high: float | None = None,
@@ -142,7 +144,8 @@ class Kind:
         if self.type == "float":
             return chk.number(v, path, self.low, self.high, low_open=self.low_open)
         if self.type == "int":
-            return chk.integer(v, path, None if self.low is None else int(self.low))
+            return chk.integer(v, path, None if self.low is None else int(self.low),
+                               None if self.high is None else int(self.high))
         if self.type == "bool":
             return chk.boolean(v, path)
         if self.type == "str":
@@ -192,6 +195,9 @@ def _parse_range(chk: SpaceChecker, v: dict, path: str, kind: Kind) -> Range:
                 else chk.number(step, f"{path}.step", 0.0, low_open=True))
         if log:
             raise chk.err(f"{path}.step", "a log range cannot have a step")
+        if high > low and step > high - low:
+            raise chk.err(f"{path}.step", f"{step:g} is larger than the range {low:g}..{high:g}, which would hold "
+                                          f"only {low:g}; give a step of at most {high - low:g}, or a fixed value")
     if kind.check is not None:  # endpoints must be acceptable values themselves
         kind.scalar(chk, low, f"{path}.low")
         kind.scalar(chk, high, f"{path}.high")
@@ -223,12 +229,12 @@ def space_kinds() -> dict[str, Kind]:
         "method": Kind("str", choices=tuple(list_methods())),
         "target": Kind("float", 0.0, 1.0, low_open=True),
         "allocation": Kind("str", choices=tuple(MODES)),
-        "buckets": Kind("int", 1, fixed_only=True),
+        "buckets": Kind("int", 1, limits.MAX_BUCKETS, fixed_only=True),
         "log_ratio": Kind("float", -8.0, 8.0),
         "residual": Kind("float", -8.0, 8.0),
-        "epochs": Kind("int", 1),
+        "epochs": Kind("int", 1, limits.MAX_EPOCHS),
         "lr": Kind("float", 0.0, low_open=True),
-        "batch_size": Kind("int", 1),
+        "batch_size": Kind("int", 1, limits.MAX_BATCH_SIZE),
         "distill": Kind("float", 0.0, 1.0),
         "distill_temperature": Kind("float", 0.0, low_open=True),
     }

@@ -1,0 +1,268 @@
+"""Pruning for speed: the latency model's error, latency-targeted vs MACs-targeted models, and the search.
+
+Three parts (issue 27's "Done when"), every timing a ratio inside one run (interleaved rounds, the
+base timed beside the variants), at 1 and 2 torch threads, PyTorch eager on the CPU:
+
+1. ``model``: the latency model of ResNet-56 and MobileNetV2 (CIFAR, 32x32) and ResNet-50 (224) at
+   batch 1 and 32, validated on random held-out width assignments: median / 90th-percentile relative
+   error and Spearman's rank correlation (done when the median is <= 10 % and Spearman >= 0.9).
+2. ``targets``: L1 + global allocation aimed at a latency fraction of 0.7 / 0.5 / 0.3; measured latency
+   fraction (done when within [target - 0.05, target + 0.03]), next to the MACs-targeted model at the
+   same MACs fraction (today's default) and Torch-Pruning (magnitude, global, ``round_to=8``) bisected
+   to the same MACs fraction.
+3. ``search``: Fashion-MNIST ResNet-20 (the quality benchmark's base, fine-tune subset and recipe), one
+   search with objectives [val_acc, latency] and one with [val_acc, macs], same budget; every complete
+   model of both re-measured at batch 1 in one interleaved run; hypervolume in (val acc, measured
+   latency fraction) and the speed-up at equal accuracy (within one standard error); one plot.
+
+    python -m autoprune.benchmarks.latency_search                   # everything (tens of minutes)
+    python -m autoprune.benchmarks.latency_search --quick           # CI-sized: ResNet-56 only, few trials
+    python -m autoprune.benchmarks.latency_search --parts model targets --models resnet56 mobilenetv2
+"""
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine import pruning as engine
+from ..engine.cost import count_macs
+from ..engine.graph import find_groups
+from ..engine.latency import build_latency_model, measure_models
+from ..engine.latency_table import LatencyConfig, device_name
+from ..engine.latency_validate import validate
+from ..errors import AutopruneError
+from ..models.registry import ModelSpec, create_model
+from . import common
+from .latency_search_runs import clock_for, run_search_part
+
+log = logging.getLogger(__name__)
+
+MODELS = {
+    "resnet56": ModelSpec("resnet56", 10, 3, 32),
+    "mobilenetv2": ModelSpec("mobilenetv2", 10, 3, 32),
+    "resnet50": ModelSpec("torchvision:resnet50", 1000, 3, 224),
+}
+TARGETS = (0.7, 0.5, 0.3)
+BAND = (0.05, 0.03)  # a latency-targeted model lands in [target - 0.05, target + 0.03]
+
+
+def tp_round8(model: nn.Module, shape: tuple[int, int, int], macs_frac: float) -> nn.Module:
+    """Torch-Pruning MetaPruner (L1 magnitude, global, round_to=8) bisected to ``macs_frac`` of our MACs."""
+    import copy
+
+    import torch_pruning as tp
+
+    from .tp_baseline import bisect_ratio, classifier_name
+
+    base_macs = count_macs(model, shape)
+
+    def make(ratio: float) -> nn.Module:
+        m = copy.deepcopy(model).eval()
+        ignored = [m.get_submodule(classifier_name(m))]
+        pruner = tp.pruner.MetaPruner(m, torch.zeros(1, *shape), importance=tp.importance.GroupMagnitudeImportance(p=1),
+                                      pruning_ratio=ratio, global_pruning=True, ignored_layers=ignored, round_to=8)
+        pruner.step()
+        return m
+
+    return bisect_ratio(make, lambda m: count_macs(m, shape), macs_frac * base_macs, iters=9)[1]
+
+
+def _cfg(args: Any, batch: int, threads: int) -> LatencyConfig:
+    return LatencyConfig(batch_size=batch, threads=threads, rounds=args.rounds, points=args.points,
+                         cache_dir=args.cache_dir, clock=clock_for(args, threads))
+
+
+def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Sequence[int],
+               err_rows: list[dict[str, Any]], tgt_rows: list[dict[str, Any]], save: Callable[[], None]) -> None:
+    """Part 1 and 2 for one model: appends latency-model error rows and targeted-model rows, and calls
+    ``save`` after each (batch, threads) so a long run keeps what it measured."""
+    spec = MODELS[name]
+    shape = (spec.in_channels, spec.image_size, spec.image_size)
+    torch.manual_seed(0)
+    model = create_model(spec).eval()
+    groups = find_groups(model, shape)
+    label = f"{name} ({spec.image_size})"
+    variants: list[tuple[str, float, nn.Module]] | None = None
+    for batch in batches:
+        if name == "resnet50" and batch > 1 and args.no_resnet50_b32:
+            continue
+        for threads in threads_list:
+            cfg = _cfg(args, batch, threads)
+            start = time.perf_counter()
+            lm = build_latency_model(model, groups, shape, cfg)
+            build_s = time.perf_counter() - start
+            row: dict[str, Any] = {"model": label, "batch": batch, "threads": threads, "clock": cfg.clock,
+                                   "tables": len(lm.tables),
+                                   "build s": build_s, "spread %": 100 * float(lm.info.get("spread", 0.0)),
+                                   "base ms": lm.measured_base_ms, "scale": lm.scale, "const ms": lm.const}
+            if "model" in args.parts and args.validate:
+                v = validate(model, groups, lm, shape, cfg, n=args.validate)
+                row.update({"median err %": 100 * v.median_rel_err, "p90 err %": 100 * v.p90_rel_err,
+                            "Spearman": v.spearman, "median frac err %": 100 * v.median_frac_err,
+                            "met": "yes" if v.median_rel_err <= 0.10 and v.spearman >= 0.9 else "no"})
+            err_rows.append(row)
+            log.info("%s b%d t%d: %s", name, batch, threads, row)
+            if "targets" in args.parts:
+                if variants is None:  # MACs-targeted and Torch-Pruning models do not depend on the device
+                    variants = _macs_variants(model, shape, groups, args.targets)
+                tgt_rows += _target_rows(label, model, shape, groups, lm, cfg, args.targets, variants)
+            save()
+
+
+def _macs_variants(model: nn.Module, shape: tuple[int, int, int], groups: list, targets: Sequence[float]
+                   ) -> list[tuple[str, float, nn.Module]]:
+    out = []
+    for t in targets:
+        res = engine.prune(model, "l1", t, input_shape=shape, groups=groups, allocation={"mode": "global"},
+                           recalibrate_batches=0)
+        out.append(("macs", t, res.model))
+        try:
+            out.append(("tp8", t, tp_round8(model, shape, t)))
+        except RuntimeError as exc:
+            log.warning("Torch-Pruning round_to=8 could not reach %.2f of the MACs: %s", t, exc)
+    return out
+
+
+def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], groups: list, lm: Any,
+                 cfg: LatencyConfig, targets: Sequence[float], variants: list[tuple[str, float, nn.Module]]
+                 ) -> list[dict[str, Any]]:
+    lat: list[tuple[float, nn.Module | None, float]] = []
+    for t in targets:
+        try:
+            res = engine.prune(model, "l1", t, input_shape=shape, groups=groups, allocation={"mode": "global"},
+                               objective=lm, recalibrate_batches=0)
+            lat.append((t, res.model, float(res.info["predicted_frac"])))
+        except AutopruneError as exc:  # below the fastest reachable fraction
+            log.warning("%s latency target %.2f: %s", label, t, exc)
+            lat.append((t, None, float("nan")))
+    models = [model] + [m for _, m, _ in lat if m is not None] + [m for _, _, m in variants]
+    ms = measure_models(models, shape, cfg, "targeted models")
+    base_ms, i = ms[0], 1
+    frac_of: dict[tuple[str, float], float] = {}
+    for t, m, _ in lat:
+        if m is not None:
+            frac_of[("lat", t)] = ms[i] / base_ms
+            i += 1
+    for kind, t, _ in variants:
+        frac_of[(kind, t)] = ms[i] / base_ms
+        i += 1
+    macs_of = {("lat", t): count_macs(m, shape) / count_macs(model, shape) for t, m, _ in lat if m is not None}
+    rows = []
+    for t, _, pred in lat:
+        f = frac_of.get(("lat", t), float("nan"))
+        rows.append({"model": label, "batch": cfg.batch_size, "threads": cfg.n_threads, "clock": cfg.clock, "target": t,
+                     "predicted": pred, "latency frac": f, "in band": "yes" if t - BAND[0] <= f <= t + BAND[1] else "no",
+                     "speed-up": 1 / f, "its MACs frac": macs_of.get(("lat", t), float("nan")),
+                     "MACs-targeted lat frac": frac_of.get(("macs", t), float("nan")),
+                     "MACs-targeted speed-up": 1 / frac_of.get(("macs", t), float("nan")),
+                     "TP r8 lat frac": frac_of.get(("tp8", t), float("nan")),
+                     "TP r8 speed-up": 1 / frac_of.get(("tp8", t), float("nan")), "base ms": base_ms})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--parts", nargs="+", choices=("model", "targets", "search"), default=None,
+                   help="which parts (default: all)")
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None, help="models (default: all)")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 32)")
+    p.add_argument("--thread-counts", type=int, nargs="+", default=None, help="torch threads (default 1 2)")
+    p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), help="latency / MACs fractions")
+    p.add_argument("--validate", type=int, default=None, help="held-out random width assignments (30; --quick 8)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (5; --quick 3)")
+    p.add_argument("--points", type=int, default=5, help="table grid points per width")
+    p.add_argument("--no-resnet50-b32", action="store_true", help="skip ResNet-50 at batch 32 (slow on a CPU)")
+    p.add_argument("--trials", type=int, default=None, help="trials per search (12; --quick 4)")
+    p.add_argument("--ft-subset", type=int, default=None, help="fine-tune images per search trial (quality case)")
+    p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
+                   help="timing clock: auto = the thread's CPU time at 1 thread, wall clock at more")
+    p.add_argument("--search-case", default=None, choices=("fashionmnist", "digits"),
+                   help="the quality benchmark's case the search part runs on (fashionmnist; --quick digits)")
+    p.add_argument("--search-base", default=None, help="a trained base checkpoint for the search part instead of "
+                   "the quality benchmark's cached (or trained) one")
+    p.add_argument("--name", default="latency_search", help="output file name under --out (.md, .csv, _fronts.png)")
+    p.add_argument("--load-note", default="", help="what else ran on the machine, for the table header")
+    args = p.parse_args(argv)
+    common.setup(args)
+    args.parts = args.parts or ["model", "targets", "search"]
+    args.validate = args.validate if args.validate is not None else (8 if args.quick else 30)
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.trials = args.trials or (4 if args.quick else 12)
+    args.search_case = args.search_case or ("digits" if args.quick else "fashionmnist")
+    names = args.models or (["resnet56"] if args.quick else list(MODELS))
+    batches = args.batches or [1, 32]
+    threads_list = args.thread_counts or ([1] if args.quick else [1, 2])
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache:
+        args.cache_dir = cache  # measured fresh in this run, never an older table
+        return _run(args, names, batches, threads_list, start, argv)
+
+
+def _run(args: Any, names: Sequence[str], batches: Sequence[int], threads_list: Sequence[int], start: float,
+         argv: Sequence[str] | None) -> int:
+    err_rows: list[dict[str, Any]] = []
+    tgt_rows: list[dict[str, Any]] = []
+    load = f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" + (
+        f"; {args.load_note}" if args.load_note else "")
+    where = (f"PyTorch {torch.__version__} eager, float32, CPU {device_name('cpu')}; {load}. Timings are ratios "
+             "inside one run: interleaved rounds, medians. clock 'cpu': the measuring thread's CPU time "
+             "(1 thread; leaves out waiting for a core on the shared machine), 'wall': wall clock.")
+
+    def save(echo: bool = False) -> list[common.Table]:
+        out = ([_error_table(err_rows, args, where)] if "model" in args.parts else []) + \
+              ([_target_table(tgt_rows, where)] if "targets" in args.parts else [])
+        if out and not echo:
+            common.write_tables(args.name, out, args.out, common.command_line("latency_search", argv),
+                                preamble=[f"Measured under: {load}. Partial: the run is still going."], echo=False)
+        return out
+
+    if {"model", "targets"} & set(args.parts):
+        for name in names:
+            model_rows(name, args, batches, threads_list, err_rows, tgt_rows, save)
+    tables = save(echo=True)
+    preamble: list[str] = []
+    if "search" in args.parts:
+        table, notes = run_search_part(args)
+        tables.append(table)
+        preamble += notes
+    tables[-1] = common.Table(tables[-1].key, tables[-1].title, tables[-1].columns, tables[-1].rows,
+                              (*tables[-1].notes, f"Total benchmark time {time.perf_counter() - start:.0f} s."))
+    common.write_tables(args.name, tables, args.out, common.command_line("latency_search", argv),
+                        preamble=[f"Measured under: {load}.", *preamble])
+    return 0
+
+
+def _error_table(rows: list[dict[str, Any]], args: Any, where: str) -> common.Table:
+    med = [r["median err %"] for r in rows if "median err %" in r]
+    notes = (where, (f"Validation: {args.validate} random width assignments per row (an overall fraction in "
+             "[0.2, 1], each group jittered x0.7..1.3, odd widths included), none used to fit; measured end to end "
+             "with the base in the same interleaved rounds. 'median frac err' compares fractions of the base."),
+             "Done when: median error <= 10 % and Spearman >= 0.9 on every row ('met').",
+             f"Median of the rows' median errors: {statistics.median(med):.1f} %." if med else "No validation run.")
+    cols = ("model", "batch", "threads", "clock", "tables", "build s", "spread %", "base ms", "scale", "const ms",
+            "median err %", "p90 err %", "Spearman", "median frac err %", "met")
+    return common.Table("model", "Latency model error on held-out width assignments", cols, tuple(rows), notes)
+
+
+def _target_table(rows: list[dict[str, Any]], where: str) -> common.Table:
+    n_in = sum(r["in band"] == "yes" for r in rows)
+    notes = (where, ("L1 scores, global allocation. 'latency frac': measured latency of the latency-targeted model "
+             "over the base's; 'predicted': the latency model's fraction the allocation aimed at; 'in band': within "
+             "[target - 0.05, target + 0.03]. MACs-targeted: today's default aimed at target x the base's MACs; "
+             "TP r8: Torch-Pruning MetaPruner (magnitude, global, round_to=8) bisected to the same MACs fraction."),
+             f"In band: {n_in} of {len(rows)} rows.")
+    cols = ("model", "batch", "threads", "clock", "target", "predicted", "latency frac", "in band", "speed-up", "its MACs frac",
+            "MACs-targeted lat frac", "MACs-targeted speed-up", "TP r8 lat frac", "TP r8 speed-up", "base ms")
+    return common.Table("targets", "Latency-targeted vs MACs-targeted models, measured", cols, tuple(rows), notes)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
