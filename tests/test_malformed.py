@@ -421,9 +421,9 @@ FILE_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("trials.csv empty", lambda c: _damage(c, "trials.csv", b"") + ["retrain", str(c.study), "--trial", "0"],
      "trials"),
     ("spec.yaml empty (resume)", lambda c: _damage(c, "spec.yaml", b"") + [
-        "search", str(c.spec), "--out", str(c.study), "--resume", "--no-progress"], "spec.yaml"),
+        "search", str(c.spec), "--out", str(c.study), "--resume", "--no-progress"], "spec.yaml is empty"),
     ("spec.yaml not YAML (resume)", lambda c: _damage(c, "spec.yaml", b"model: [") + [
-        "search", str(c.spec), "--out", str(c.study), "--resume", "--no-progress"], "spec.yaml"),
+        "search", str(c.spec), "--out", str(c.study), "--resume", "--no-progress"], "not a YAML mapping"),
     ("study.db garbage (resume)", lambda c: _damage(c, "study.db", b"SQLite format 3\x00" + os.urandom(4000)) + [
         "search", str(c.spec), "--out", str(c.study), "--resume", "--no-progress"], "study.db"),
     ("study.db a folder (resume)", lambda c: _folder(c, "study.db") + [

@@ -356,7 +356,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     ft_epochs = args.epochs - method_epochs
     if ft_epochs > 0:
         fit(result.model, data.train, data.val, TrainConfig(epochs=ft_epochs, lr=args.lr, seed=args.seed), device,
-            progress=f"fine-tune {args.method} at {args.target:g} of the MACs")
+            progress=f"fine-tune {args.method} at {args.target:g} of the {'latency' if latency else 'MACs'}")
     final_val = evaluate(result.model, data.val, device)["acc"]
     metrics = {
         "method": args.method, "target": args.target, "allocation": args.allocation, "params_used": result.info.get(

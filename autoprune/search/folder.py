@@ -205,6 +205,9 @@ def _saved_spec(path: Path) -> dict[str, Any]:
 def check_resumable(spec: SearchSpec, saved_path: Path) -> None:
     """Resuming with a different model, data, objectives or space would mix incomparable trials."""
     saved = _saved_spec(saved_path)
+    if not saved:
+        raise AutopruneError(f"{saved_path} is empty or not a YAML mapping: the folder's record of the spec this "
+                             "search ran is damaged (nothing was changed); restore it, or start a new --out")
     now = _comparable(spec.to_dict())
     for key in sorted(set(saved) | set(now)):
         if key in RESUMABLE_KEYS:
