@@ -164,3 +164,23 @@ def test_line_reporter_announces_a_phase_only_once_it_has_run_a_while():
     lines = out.getvalue().splitlines()
     assert next(line.split("] ", 1)[1] for line in lines) == "LRF feature fit ..."
     assert "LRF feature fit done in" in lines[-1] and len(lines) == 2
+
+
+def test_search_view_bars_render_a_bar_per_running_trial(tmp_path):
+    spec = type("S", (), {"study": "demo", "objectives": ("val_acc", "macs"),
+                          "budget": type("B", (), {"max_trials": 4})()})()
+    out = io.StringIO()
+    view = live.SearchView(spec, None, mode="bars", stream=out)
+    view.start()
+    view._stop.set()  # render by hand below, not from the poller
+    now = time.time()
+    for epoch, done in ((3, 120), (4, 10)):
+        doc = {"trial": 2, "label": "lrf 0.45 global", "time": now, "started": now - 60,
+               "phases": [{"name": "fine-tune", "done": epoch - 1, "total": 20, "unit": "epoch", "elapsed": 50.0},
+                          {"name": f"epoch {epoch}/20", "done": done, "total": 400, "unit": "step", "elapsed": 5.0}]}
+        view._render_bars([doc])
+    assert set(view._trial_bars) == {2} and view._trial_bars[2].total == 400 and view._trial_bars[2].n == 10
+    view._render_bars([])  # the trial ended: its bar goes
+    assert not view._trial_bars
+    view.close()
+    assert "trial 2 (lrf 0.45 global, 1:00) fine-tune > epoch 4/20" in out.getvalue()

@@ -427,8 +427,7 @@ class SearchView:
             bar.set_description_str(desc, refresh=False)
             if counted is not None:
                 bar.update(int(counted.get("done", 0)) - bar.n)
-                if counted.get("postfix"):
-                    bar.set_postfix_str(str(counted["postfix"]), refresh=False)
+                bar.set_postfix_str(str(counted.get("postfix") or ""), refresh=False)  # never a stale epoch's
             bar.refresh()
 
 

@@ -219,6 +219,17 @@ def _ended(result: Mapping[str, Any] | None, error: bool, constraints: Sequence[
     return outcome(state, values, payload.get("constraints") or (), constraints)
 
 
+def _tell_end(searcher: Any, trial_id: str, result: dict | None, error: bool) -> None:
+    """Tell the searcher's study, once, how Ray trial ``trial_id`` ended (:func:`_ended`); best effort."""
+    if trial_id in searcher._completed_trials or trial_id not in searcher._ot_trials:
+        return
+    searcher._completed_trials.add(trial_id)
+    try:
+        tell(searcher._ot_study, searcher._ot_trials[trial_id], _ended(result, error, searcher._autoprune_constraints))
+    except Exception as exc:  # noqa: BLE001 - the results folder is the record; the sampler can cope
+        log.warning("could not tell Optuna how Ray trial %s ended: %s", trial_id, one_line(exc))
+
+
 def _slot(study: optuna.Study) -> int:
     """The slot of the next new trial: the searcher's study holds the finished trials (warm start) and
     this run's, never interrupted ones, so its size without queued retries is the slot."""
@@ -278,13 +289,7 @@ def _search_class() -> type:
             return None  # trials report once, at their end
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return
-            self._completed_trials.add(trial_id)
-            try:
-                tell(self._ot_study, self._ot_trials[trial_id], _ended(result, error, self._autoprune_constraints))
-            except Exception as exc:  # noqa: BLE001 - the results folder is the record; the sampler can cope
-                log.warning("could not tell Optuna how Ray trial %s ended: %s", trial_id, one_line(exc))
+            _tell_end(self, trial_id, result, error)
 
     return AutopruneSearch
 

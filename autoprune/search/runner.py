@@ -99,26 +99,10 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
     """
     start = time.time()
     out = out_dir if out_dir is not None else default_out_dir(spec)
-    if needs_trust(spec.model):  # before anything is written or computed
-        try:
-            check_name(spec.model)
-        except TrustError as exc:
-            raise TrustError(f"{spec.source}: {exc}") from None
     search_backend = get_backend(backend)
+    _check_before_compute(spec, out, resume, search_backend, sampler, ray_options)
     _preload_report()
     budget = spec.budget
-    if budget.max_trials is None and budget.time_s is None and budget.device_hours is None and budget.compute_s is None:
-        raise AutopruneError(f"search {spec.study!r} has no budget; set budget.max_trials, budget.time_s or "
-                             f"budget.device_hours in {spec.source}, or pass --max-trials / --time-budget")
-    if sampler is None:  # unknown sampler, too small a budget: fail before any compute
-        make_sampler(spec.sampler, 0, spec.budget.max_trials, spec.workers)
-    elif not isinstance(sampler, _optuna_sampler_type()):
-        raise AutopruneError(f"sampler={sampler!r} is not an Optuna sampler; give a name ({', '.join(SAMPLERS)}) "
-                             "or an optuna.samplers.BaseSampler")
-    search_backend.check(Path(out), ray_options)
-    if resume and os.fspath(out).strip() and not Path(out).exists():
-        raise AutopruneError(f"--resume: {out} does not exist, so there is no search to continue; check --out, or "
-                             "drop --resume to start a new search there")
     out = folder.check_out(out)
     with file_lock(out / RUN_LOCK, blocking=False) as free:
         if not free:
@@ -165,6 +149,30 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
     files = {name: out / name for name in RESULT_FILES if (out / name).exists()}
     return StudyResult(out_dir=out, study=spec.study, stop_reason=reason, rows=tuple(rows),
                        front=tuple(read_rows(out / "pareto.csv")), base=base, files=files, importance=imp)
+
+
+def _check_before_compute(spec: SearchSpec, out: str | Path, resume: bool, search_backend: Backend, sampler: Any,
+                          ray_options: RayOptions | None) -> None:
+    """What must hold before anything is written or computed: a trusted model name, a budget, a known
+    sampler that fits it, a folder this backend can use, and something to resume."""
+    if needs_trust(spec.model):
+        try:
+            check_name(spec.model)
+        except TrustError as exc:
+            raise TrustError(f"{spec.source}: {exc}") from None
+    budget = spec.budget
+    if budget.max_trials is None and budget.time_s is None and budget.device_hours is None and budget.compute_s is None:
+        raise AutopruneError(f"search {spec.study!r} has no budget; set budget.max_trials, budget.time_s or "
+                             f"budget.device_hours in {spec.source}, or pass --max-trials / --time-budget")
+    if sampler is None:  # unknown sampler, too small a budget
+        make_sampler(spec.sampler, 0, spec.budget.max_trials, spec.workers)
+    elif not isinstance(sampler, _optuna_sampler_type()):
+        raise AutopruneError(f"sampler={sampler!r} is not an Optuna sampler; give a name ({', '.join(SAMPLERS)}) "
+                             "or an optuna.samplers.BaseSampler")
+    search_backend.check(Path(out), ray_options)
+    if resume and os.fspath(out).strip() and not Path(out).exists():
+        raise AutopruneError(f"--resume: {out} does not exist, so there is no search to continue; check --out, or "
+                             "drop --resume to start a new search there")
 
 
 def _optuna_sampler_type() -> type:
