@@ -4,10 +4,12 @@ Compactors (see :mod:`autoprune.methods.compactor`) are trained with penalty gra
 ``g_i = m_i * dL/dQ_i + penalty * Q_i / ||Q_i||``: every row feels a group-lasso pull, and rows
 chosen for forgetting (mask ``m_i = 0``) lose the task gradient that holds them up, so they shrink
 toward zero. The mask grows on a schedule: no mask during a warm-up, then every ``mask_interval``
-steps all (group, channel) pairs are ranked by compactor row norm and the smallest prefix is
-masked, growing by at least ``growth`` channels per update, until the masked network meets the MACs
-target (recomputed from scratch each time, so masks can change). Finally BN and compactors fold
-into the convs and the masked channels are the ones the engine deletes.
+steps the shared allocator turns the compactor row norms (times the prior) into widths that meet the
+target and each group masks its weakest channels, growing by at least ``growth`` channels per update
+(recomputed from scratch each time, so masks can change; once complete and zero, final). See
+:mod:`autoprune.methods.resrep_schedule`. Finally BN and compactors fold into the convs and the
+masked channels are the ones the engine deletes. ResRep trains in the engine's loop: ``prepare``
+returns its hooks (penalty gradients, mask schedule, its epoch reading), ``finalize`` folds.
 
 Short trials. The original trains hundreds of epochs; a search trial has a few (the Fashion-MNIST
 quality benchmark: 48 steps in all). What makes the method work there, each a parameter (numbers:
