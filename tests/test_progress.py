@@ -83,8 +83,12 @@ def test_a_trials_phase_reaches_the_search_display_through_its_file(tmp_path):
             run.advance(2)
             with progress.phase("epoch 3/20", total=400, unit="step") as ep:
                 ep.advance(120)  # a step only marks the state changed; the flusher writes it
-                time.sleep(0.5)
-                running = live.read_running(tmp_path)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # within min_interval (more on a loaded machine)
+                    running = live.read_running(tmp_path)
+                    if running and running[0]["phases"] and running[0]["phases"][-1]["done"] == 120:
+                        break
+                    time.sleep(0.05)
     assert [d["trial"] for d in running] == [7]
     line = live.trial_line(running[0])
     assert line.startswith("trial 7 (lrf 0.45 global)")
