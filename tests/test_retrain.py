@@ -273,3 +273,15 @@ def test_cli_retrain_end_to_end(study, tmp_path, capsys):
     assert "trial 4" in text and "pruned" in text and str(out) in text
     m = json.loads((out / "metrics.json").read_text())
     assert m["trial"] == 4 and m["retrain"]["distill"] is True and 0.5 <= m["retrain"]["distill_alpha"] <= 0.9
+
+
+@pytest.mark.parametrize("cell", ["/etc/hostname", "../elsewhere/model.pt", "models/../../x.pt"])
+def test_a_received_trials_csv_cannot_name_a_model_outside_its_folder(study, tmp_path, cell):
+    copy = tmp_path / "received"
+    copy.mkdir()
+    df = _trials(study)
+    df["model"] = df["model"].astype(object)
+    df.loc[:, "model"] = cell
+    df.to_csv(copy / "trials.csv", index=False)
+    with pytest.raises(AutopruneError, match="outside the results folder"):
+        choose_trial(copy, "macs_frac<=0.6")

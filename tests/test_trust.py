@@ -154,6 +154,21 @@ def test_python_api_takes_trust_code(armed):
     assert trust.ENV not in os.environ
 
 
+def test_the_search_api_takes_trust_code_as_its_refusal_says(tmp_path, monkeypatch):
+    """autoprune.search is the documented front door: the TrustError's 'Python: trust_code=' must work there."""
+    import inspect
+
+    import autoprune
+
+    monkeypatch.delenv(trust.ENV, raising=False)
+    from autoprune.search.api import search
+
+    assert "trust_code" in inspect.signature(search).parameters
+    spec = {"study": "evil", "model": f"{EVIL}:build", "data": {"name": "digits"}}
+    with pytest.raises(trust.TrustError, match="trust_code="):
+        autoprune.search(spec, out=tmp_path / "s", progress=False)
+
+
 @pytest.mark.parametrize("name", ["os:system", "builtins:eval", "subprocess:call", "this:build"])
 def test_standard_library_names_are_refused_too(name, capsys, monkeypatch):
     monkeypatch.delenv(trust.ENV, raising=False)

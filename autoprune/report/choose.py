@@ -59,6 +59,9 @@ def choose_trial(study_dir: str | Path, rule: str | None = None, trial: int | No
     rel = row.get("model")
     rel = "" if rel is None or (isinstance(rel, float) and math.isnan(rel)) else str(rel).strip()
     path = study / (rel or f"models/trial_{number:04d}.pt")
+    if rel and (Path(rel).is_absolute() or ".." in Path(rel).parts):
+        raise AutopruneError(f"trial {number}'s model {rel!r} in trials.csv points outside the results folder "
+                             f"{study}; a results folder may only name its own files: fix or remove that row")
     if not path.is_file():
         raise AutopruneError(f"trial {number}'s model {path} does not exist; searches save models of "
                              "complete trials only: pick another trial, or re-run the search into this "

@@ -152,8 +152,11 @@ def search(spec: str | os.PathLike | Mapping[str, Any] | SearchSpec, out: str | 
            resume: bool | None = None, progress: bool | str = True, max_trials: int | None = None,
            time_budget: str | float | None = None, workers: int | None = None, device: str | None = None,
            seed: int | None = None, early_stop: bool | None = None,
-           ray_options: RayOptions | None = None) -> SearchResult:
+           ray_options: RayOptions | None = None, trust_code: str | bool | None = None) -> SearchResult:
     """Run (or resume) a search; returns a :class:`SearchResult` (see the module docstring).
+
+    ``trust_code``: module prefixes (comma-separated, or True for all) whose ``package.module:function``
+    model names may be imported, as ``--trust-code`` on the CLI; a spec or folder never grants it.
 
     ``out``: the results folder (default ``results/<study>``). ``resume``: None continues a search
     ``out`` already holds (else starts one), True / False as ``--resume`` given / not given.
@@ -179,7 +182,8 @@ def search(spec: str | os.PathLike | Mapping[str, Any] | SearchSpec, out: str | 
     show = bool(progress) and _progress.installed() is None  # a caller's own reporter wins
     with progress_view.console() if show else _nothing():
         result = run_search(resolved, folder, resume=bool(resume), backend=backend, progress=progress,
-                            ray_options=ray_options, sampler=None if name is not None else sampler)
+                            ray_options=ray_options, sampler=None if name is not None else sampler,
+                            trust_code=trust_code)
     return SearchResult(folder=result.out_dir, spec=resolved, stop_reason=result.stop_reason, backend=backend,
                         base=dict(result.base))
 

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import socket
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,11 @@ def connect(ray: Any, options: RayOptions) -> bool:
         log.info("using the Ray this process is connected to")
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    # Ray puts the driver's working directory on every worker's import path: start it from an empty
+    # private folder, so files in a received study folder (an `autoprune/`, `yaml.py`) are never imported.
+    cwd = os.getcwd()
+    empty = tempfile.mkdtemp(prefix="autoprune-ray-")
+    os.chdir(empty)
     try:
         if options.address is None:
             cpus = os.cpu_count() or 1
@@ -162,4 +168,6 @@ def connect(ray: Any, options: RayOptions) -> bool:
         raise AutopruneError(f"could not connect to Ray at {options.address or 'a new local instance'}: "
                              f"{one_line(exc)}; start a cluster with `ray start --head` or fix "
                              "--address") from None
+    finally:
+        os.chdir(cwd)
     return True
