@@ -14,6 +14,7 @@ from autoprune.cli import main
 from autoprune.data.datasets import DataSpec, load_data
 from autoprune.engine.plan import load_base, read_checkpoint
 from autoprune.errors import AutopruneError, CheckpointError
+from autoprune.search.results import read_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,8 +63,11 @@ def test_import_round_trip_torchvision_resnet18_then_a_search(tiny_npz, tmp_path
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     assert main(["search", str(spec_path), "--out", str(tmp_path / "study")]) == 0
-    rows = (tmp_path / "study" / "trials.csv").read_text().splitlines()
-    assert len(rows) == 3 and all(",complete," in r for r in rows[1:])
+    rows = read_rows(tmp_path / "study" / "trials.csv")
+    # the space holds one configuration: it runs once, every later proposal reuses it (issue 25)
+    ran = [r for r in rows if not r["duplicate_of"]]
+    assert len(ran) == 1 and ran[0]["state"] == "complete"
+    assert all(r["duplicate_of"] == ran[0]["number"] for r in rows if r is not ran[0])
     study_base, _ = load_base(tmp_path / "study" / "base.pt")
     with torch.no_grad():
         assert torch.equal(study_base(x), original(x))
