@@ -39,18 +39,13 @@ from ..engine.latency import build_latency_model, measure_models
 from ..engine.latency_table import LatencyConfig, device_name
 from ..engine.latency_validate import validate
 from ..errors import AutopruneError
-from ..models.registry import ModelSpec, create_model
+from ..models.registry import create_model
 from . import common
+from .latency import MODELS, TARGETS  # the same models and targets as the latency benchmark
 from .latency_search_runs import clock_for, run_search_part
 
 log = logging.getLogger(__name__)
 
-MODELS = {
-    "resnet56": ModelSpec("resnet56", 10, 3, 32),
-    "mobilenetv2": ModelSpec("mobilenetv2", 10, 3, 32),
-    "resnet50": ModelSpec("torchvision:resnet50", 1000, 3, 224),
-}
-TARGETS = (0.7, 0.5, 0.3)
 BAND = (0.05, 0.03)  # a latency-targeted model lands in [target - 0.05, target + 0.03]
 
 
