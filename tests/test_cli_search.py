@@ -197,3 +197,29 @@ def test_sigterm_stops_the_workers_of_a_parallel_search_too(tmp_path):
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{out / 'study.db'}")
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert len(study.trials) < 50 and "--resume" in err
+
+
+def test_a_stop_request_mid_epoch_ends_the_trial_at_the_next_training_step(tmp_path, monkeypatch, capsys):
+    """The training loops poll the stop request after every step (``trial.poll_stop``), so a SIGTERM
+    during a long epoch does not wait for the epoch's end; nothing unfinished is recorded as finished."""
+    from autoprune.search import trial as trial_mod
+
+    polls = []
+    real = trial_mod.poll_stop
+
+    def poll_then_request():
+        polls.append(1)
+        if len(polls) == 3:
+            stop.request_stop()
+        return real()
+
+    monkeypatch.setattr(trial_mod, "poll_stop", poll_then_request)
+    out = tmp_path / "mid"
+    try:
+        code = main(["search", SMOKE, "--out", str(out), "--no-progress", "--max-trials", "2"])
+    finally:
+        stop.clear_stop()
+    assert code == 130 and "--resume" in capsys.readouterr().err
+    assert len(polls) == 3  # stopped at the third step, not at an epoch's end
+    rows = (out / "trials.csv").read_text().splitlines()[1:] if (out / "trials.csv").is_file() else []
+    assert all(",complete," not in r for r in rows)  # the stopped trial is recorded interrupted, never complete

@@ -70,6 +70,9 @@ def test_the_round_measures_every_one_shot_method_and_queues_the_winners_first(b
     # the first trials are the round's winners with global allocation (the queue's order)
     assert rows[0]["method"] == best[0.4] and float(rows[0]["target"]) == 0.4 and rows[0]["allocation"] == "global"
     assert rows[0]["stopped_at"] != "screen"  # never screened against its own round measurement
+    # every window's best before anything else; then the training-time method at the lowest window
+    assert (rows[1]["method"], float(rows[1]["target"])) == (best[0.6], 0.6)
+    assert (rows[2]["method"], float(rows[2]["target"])) == ("resrep", 0.4)
     queued = [t for t in study.trials if t.user_attrs.get("round")]
     assert len(queued) >= 3 and {"resrep"} <= {(t.params or t.system_attrs.get("fixed_params", {})).get("method") for t in queued}
     # resumed: the round is not run again
@@ -110,6 +113,11 @@ def test_distillation_from_the_base_model_is_searched(base_ckpt, tmp_path, monke
         assert alpha == float(row["param_distill"]) and has_teacher == (alpha > 0)
         if alpha > 0:
             assert 2 <= temp <= 8 and float(row["param_distill_temperature"]) == temp
+    # the screening round's queued trials distil at the space's largest weight
+    queued = load_spec(write_spec(tmp_path / "q", base_ckpt, budget={"max_trials": 1}, screen={"min_peers": 1},
+                                  space={"method": ["l1", "lrf"], "target": [0.5], "distill": [0.0, 0.3]}))
+    first = run_search(queued, tmp_path / "q" / "out", progress=False).rows[0]
+    assert float(first["param_distill"]) == 0.3
     # off by default: no distillation parameter at all
     plain = load_spec(write_spec(tmp_path / "p", base_ckpt))
     assert plain.space["distill"] == 0.0
@@ -118,7 +126,7 @@ def test_distillation_from_the_base_model_is_searched(base_ckpt, tmp_path, monke
 def test_sensitivity_seeded_shape_is_queued_for_the_searched_allocation(base_ckpt, tmp_path):
     """screen.sensitivity: each depth bucket's and the residual stream's loss when squeezed (zero-training
     fidelity); the seeded shape is queued as each window's first searched trial."""
-    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 2},
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 3},
                                 screen={"min_peers": 1, "sensitivity": True},
                                 space={"method": ["l1", "lrf"], "target": [0.5], "residual": {"low": -1, "high": 1},
                                        "allocation": ["global", "searched"], "buckets": 3}))

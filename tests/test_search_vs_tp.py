@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from autoprune.benchmarks.search_vs_tp import _diff, _test_at, best_at, fidelity_rho, front_methods, hv
+from autoprune.benchmarks.search_vs_tp import (
+    _diff,
+    _test_at,
+    ablation_rows,
+    best_at,
+    fidelity_rho,
+    front_methods,
+    hv,
+)
 from autoprune.benchmarks.search_vs_tp_runs import Side
 
 
@@ -31,6 +39,21 @@ def test_differences_are_judged_against_two_standard_errors_and_test_follows_the
     side = Side("x", rows=[{"val_acc": 0.9, "macs_frac": 0.3, "test_acc": 0.80},
                            {"val_acc": 0.8, "macs_frac": 0.29, "test_acc": 0.85}])
     assert _test_at(side, 0.3) == 0.80  # chosen on validation, whatever the test says
+
+
+def test_ablation_rows_compare_each_seed_and_judge_the_mean_against_two_standard_errors():
+    def side(acc):
+        return Side("x", rows=[{"val_acc": acc, "macs_frac": 0.3}, {"val_acc": acc - 0.05, "macs_frac": 0.2}])
+
+    results = [{"seed": s, "ours": side(0.80), "variants": {"no distillation": side(0.80 - d)}}
+               for s, d in ((0, 0.010), (1, 0.012), (2, 0.011))]
+    rows = ablation_rows(results, [0.2, 0.3], 3000)
+    assert [r["seed"] for r in rows] == [0, 1, 2, "mean"]
+    assert rows[0]["HV variant"] < rows[0]["HV as run"]
+    mean = rows[-1]
+    assert mean["<= 0.3"].startswith("-1.10 pts") and mean["<= 0.3"].endswith("beyond 2 SE)")
+    noisy = [{"seed": s, "ours": side(0.80), "variants": {"v": side(0.80 + d)}} for s, d in ((0, 0.01), (1, -0.01))]
+    assert ablation_rows(noisy, [0.3], 3000)[-1]["<= 0.3"].endswith("noise)")
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ from ..search.early_stop import accuracy_se
 from . import common
 from .quality import CASES, TARGETS, THEIRS, Bench, Case, prepare
 from .search_vs_tp_runs import (
+    DISTILL,
     SINGLE,
     Side,
     add_test_column,
@@ -136,26 +137,57 @@ def best_side(sides: Mapping[str, Side]) -> Side:
     return max(sides.values(), key=lambda sd: hv(sd.points()))
 
 
-def run_seed(b: Bench, work: Path, labels: Sequence[str], targets: Sequence[float], seed: int, rerun: int,
-             es_ablation: bool, singles_of: Sequence[str] = SINGLE) -> dict[str, Any]:
-    tp = tp_sweep(b, labels, targets, seed)
-    singles = single_methods(b, targets, seed, singles_of)
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What one seed runs (the CLI's choices)."""
+
+    labels: tuple[str, ...]  # Torch-Pruning criteria
+    targets: tuple[float, ...]
+    rerun: int = 8
+    es_ablation: bool = False
+    singles: tuple[str, ...] = SINGLE
+    distill: tuple[float, ...] = DISTILL  # distillation weights the search may use ((0,) = off)
+    sensitivity: bool = False  # the round also queues sensitivity-seeded shapes
+    ablate: tuple[str, ...] = ()  # extra searches at the same budget, one knob flipped (ABLATIONS)
+
+
+ABLATIONS = {"distill": lambda o: {"distill": (0.0,) if max(o.distill) > 0 else DISTILL},
+             "sensitivity": lambda o: {"sensitivity": not o.sensitivity}}
+
+
+def _variant_name(key: str, o: Options) -> str:
+    flipped = ABLATIONS[key](o)
+    if key == "distill":
+        return "no distillation" if flipped["distill"] == (0.0,) else "with distillation"
+    return "sensitivity shape" if flipped["sensitivity"] else "no sensitivity shape"
+
+
+def run_seed(b: Bench, work: Path, o: Options, seed: int) -> dict[str, Any]:
+    tp = tp_sweep(b, o.labels, o.targets, seed)
+    singles = single_methods(b, o.targets, seed, o.singles)
     budget_s = sum(sd.work_s for sd in tp.values())
     base = work / "base.pt"
     name = f"on_s{seed}"
-    ours, counted, store = run_search_side(b, work, name, search_spec(b, base, name, targets, seed, compute_s=budget_s),
-                                           budget_s)
-    reruns = rerun_stopped(b, work, name, counted, store, rerun)
+    spec = search_spec(b, base, name, o.targets, seed, compute_s=budget_s, distill=o.distill, sensitivity=o.sensitivity)
+    ours, counted, store = run_search_side(b, work, name, spec, budget_s)
+    reruns = rerun_stopped(b, work, name, counted, store, o.rerun)
     best_tp, best_single = best_side(tp), best_side(singles)
     for side in (ours, best_tp, best_single):
         add_test_column(b, side)
     out = {"seed": seed, "tp": tp, "singles": singles, "ours": ours, "best_tp": best_tp, "best_single": best_single,
            "counted": counted, "reruns": reruns, "round": store.meta().get("round") or [], "budget_s": budget_s,
-           "tp_work_s": budget_s, "single_work_s": sum(sd.work_s for sd in singles.values())}
-    if es_ablation:  # the same number of trials with neither rung (for es_replay)
+           "tp_work_s": budget_s, "single_work_s": sum(sd.work_s for sd in singles.values()), "variants": {}}
+    for key in o.ablate:  # the same search and budget with one knob flipped
+        vname = f"{key}_s{seed}"
+        kw = {"distill": o.distill, "sensitivity": o.sensitivity, **ABLATIONS[key](o)}
+        side, _, _ = run_search_side(b, work, vname, search_spec(b, base, vname, o.targets, seed, compute_s=budget_s,
+                                                                 **kw), budget_s)
+        add_test_column(b, side)
+        out["variants"][_variant_name(key, o)] = side
+    if o.es_ablation:  # the same number of trials with neither rung (for es_replay)
         none = f"none_s{seed}"
-        spec = search_spec(b, base, none, targets, seed, compute_s=None, max_trials=max(1, len(counted)),
-                           early_stop=False, screen=False)
+        spec = search_spec(b, base, none, o.targets, seed, compute_s=None, max_trials=max(1, len(counted)),
+                           early_stop=False, screen=False, distill=o.distill)
         side, none_rows, _ = run_search_side(b, work, none, spec, None)
         out["none"], out["none_rows"] = side, none_rows
     return out
@@ -217,6 +249,42 @@ def seed_rows(r: Mapping[str, Any], low: Sequence[float], n_val: int, n_test: in
     return main, test
 
 
+ABLATION_NOTES = (("Per seed: the main search ('as run') against the same search, seed and measured budget with one "
+                   "knob flipped. 'mean' rows: the mean over seeds of the difference (variant - as run) with two "
+                   "standard errors of that mean (seed-to-seed spread, n-1); 'noise' when inside them. A knob is on by "
+                   "default only where it moves the result beyond that."),)
+
+
+def ablation_rows(results: Sequence[Mapping[str, Any]], low: Sequence[float], n_val: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    diffs: dict[str, dict[str, list[float]]] = {}
+    for r in results:
+        main = _pts(r["ours"])
+        for vname, side in r.get("variants", {}).items():
+            v = _pts(side)
+            row: dict[str, Any] = {"seed": r["seed"], "variant": vname, "HV as run": hv(main), "HV variant": hv(v),
+                                   "HV variant - as run": f"{hv(v) - hv(main):+.4f}"}
+            d = diffs.setdefault(vname, {"HV": []})
+            d["HV"].append(hv(v) - hv(main))
+            for t in low:
+                a, c = best_at(main, t), best_at(v, t)
+                row[f"<= {t:g}: as run / variant"] = " / ".join("-" if x is None else f"{x:.4f}" for x in (a, c))
+                row[f"<= {t:g}: variant - as run (2 SE)"] = _diff(c, a, n_val)
+                if a is not None and c is not None:
+                    d.setdefault(f"<= {t:g}", []).append(100 * (c - a))
+            rows.append(row)
+    for vname, d in diffs.items():
+        row = {"seed": "mean", "variant": vname}
+        for key, xs in d.items():
+            m = float(np.mean(xs))
+            se2 = 2 * float(np.std(xs, ddof=1)) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
+            verdict = "beyond 2 SE" if abs(m) > se2 else "noise"
+            row[key] = f"{m:+.4f} ({se2:.4f}, {verdict})" if key == "HV" else f"{m:+.2f} pts ({se2:.2f}, {verdict})"
+        rows.append(row)
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    return [{c: row.get(c) for c in cols} for row in rows]
+
+
 def tables(name: str, b: Bench, results: Sequence[Mapping[str, Any]], labels: Sequence[str],
            targets: Sequence[float], total_s: float) -> list[common.Table]:
     low = sorted(targets)[:2]
@@ -229,6 +297,7 @@ def tables(name: str, b: Bench, results: Sequence[Mapping[str, Any]], labels: Se
         reruns += [{"seed": r["seed"], **x} for x in r["reruns"]]
         rounds += [{"seed": r["seed"], "method": p["method"], "target": p["target"], "fidelity": p["fidelity"],
                     "MACs frac": p["macs_frac"], "work s": p["work_s"]} for p in r["round"]]
+    ablation = ablation_rows(results, low, n_val)
     ft = len(b.data.train)
     notes = (
         (f"{name}: {b.case.model}, base val acc {b.base_acc:.4f}; fine-tune set {ft} images, {b.case.epochs} epochs, "
@@ -253,6 +322,9 @@ def tables(name: str, b: Bench, results: Sequence[Mapping[str, Any]], labels: Se
     if reruns:
         out.append(common.Table("rerun", "Early-stopped trials run to the end", tuple(reruns[0]), tuple(reruns),
                                 rerun_notes))
+    if ablation:
+        out.append(common.Table("ablation", "Ablation: the same search and budget with one knob flipped",
+                                tuple(ablation[0]), tuple(ablation), ABLATION_NOTES))
     if rounds:
         out.append(common.Table("round", "The screening round (zero-training fidelity after BN recalibration)",
                                 tuple(rounds[0]), tuple(rounds), ()))
@@ -304,14 +376,14 @@ def custom_case(data: str, model: str, ft_subset: int | None) -> Case:
 
 def _seed_job(job: tuple, b: Bench | None = None) -> dict[str, Any]:
     """One seed in its own work folder (kept under ``keep`` when given, for :mod:`.es_replay`)."""
-    _, labels, targets, seed, keep, rerun, es_ablation, prep, singles_of = job
+    opts, seed, keep, prep = job
     b = b or prepare(*prep)
 
     def in_folder(work: Path) -> dict[str, Any]:
         work.mkdir(parents=True, exist_ok=True)
         save_base(work / "base.pt", b.model, b.spec, b.case.data,
                   {k: b.base[k] for k in ("val_acc", "macs", "params")})
-        return run_seed(b, work, labels, targets, seed, rerun, es_ablation, singles_of)
+        return run_seed(b, work, opts, seed)
 
     if keep:
         return in_folder(Path(keep) / f"seed{seed}")
@@ -338,6 +410,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rerun", type=int, default=8, help="early-stopped trials to re-run to the end (default 8)")
     p.add_argument("--es-ablation", action="store_true",
                    help="also the same number of trials with neither rung (none_s<seed>, for es_replay)")
+    p.add_argument("--distill", type=float, nargs="+", default=list(DISTILL),
+                   help=f"distillation weights the search may choose (default {' '.join(map(str, DISTILL))}; 0 = off)")
+    p.add_argument("--sensitivity", action="store_true", help="the round also queues sensitivity-seeded shapes")
+    p.add_argument("--ablate", nargs="+", default=[], choices=tuple(ABLATIONS),
+                   help="also run the search with this knob flipped, same budget (an ablation row per seed)")
     p.add_argument("--base-images", type=int, default=None,
                    help="train the base on this many training images only (a quicker base; cached)")
     p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)")
@@ -353,8 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_path = args.base or (str(small_base(name, case, args.base_images)) if args.base_images else None)
     b = prepare(name, torch.device("cpu"), args.ft_subset, case=case, base_path=base_path)
     prep = (name, torch.device("cpu"), args.ft_subset)
-    jobs = [(name, labels, targets, s, args.work, args.rerun, args.es_ablation, prep, tuple(args.singles))
-            for s in seeds]
+    opts = Options(labels, targets, args.rerun, args.es_ablation, tuple(args.singles), tuple(args.distill),
+                   args.sensitivity, tuple(args.ablate))
+    jobs = [(opts, s, args.work, prep) for s in seeds]
     if args.jobs > 1 and len(seeds) > 1 and case is None and not base_path:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 SINGLE = ("l1", "lrf", "fsm", "resrep")  # our methods run alone (global allocation, default parameters)
 METHOD_SPACE = {"resrep": {"forget_by": {"low": 0.25, "high": 0.9}},
                 "lrf": {"compensate": [True, False]}, "fsm": {"compensation": ["gaussian", "measured"]}}
-TARGET_STEP = 0.1
+DISTILL = (0.0, 0.5)  # distillation weights searched (the round's trials use the largest)
 COST_TOL = 0.01  # relative: a complete trial this much more expensive still counts as "no more expensive"
 
 
@@ -108,14 +108,16 @@ def single_methods(b: Bench, targets: Sequence[float], seed: int, methods: Seque
 
 def search_spec(b: Bench, base: Path, study: str, targets: Sequence[float], seed: int, *, compute_s: float | None,
                 max_trials: int | None = None, early_stop: bool = True, screen: bool = True,
-                target_step: float | None = TARGET_STEP) -> dict[str, Any]:
-    """The search: TPE over method, target (a 0.1 grid over the swept range), allocation with the
+                target_step: float | None = None, distill: Sequence[float] = DISTILL,
+                sensitivity: bool = False) -> dict[str, Any]:
+    """The search: TPE over method, target (the sweep's targets; with ``target_step`` a grid over the
+    swept range), distillation from the base (``distill`` weights; off when ``(0,)``), allocation with the
     per-layer shape, method parameters; screening (with the round) and early stopping at the defaults
     of the margin (one standard error); budget in measured seconds (``compute_s``) or trials."""
     residual = 0 if b.case.model == "small_cnn" else {"low": -1, "high": 1}
-    target: dict[str, Any] = {"low": min(targets), "high": max(targets)}
+    target: Any = sorted(targets, reverse=True)  # the sweep's targets: every side is scored at the same ones
     if target_step:
-        target["step"] = target_step
+        target = {"low": min(targets), "high": max(targets), "step": target_step}
     budget: dict[str, Any] = {"max_trials": max_trials}
     if compute_s is not None:
         budget["compute"] = float(compute_s)
@@ -123,11 +125,13 @@ def search_spec(b: Bench, base: Path, study: str, targets: Sequence[float], seed
         "study": study, "model": b.case.model, "data": b.case.data.to_dict(), "base": str(base), "device": "cpu",
         "seed": seed, "sampler": "tpe", "budget": budget,
         "early_stop": {"enabled": early_stop, "min_epochs": 1, "min_trials": 1},
-        "screen": {"enabled": screen, "keep": 0.3, "bucket": 0.1, "min_peers": 1, "round": screen},
+        "screen": {"enabled": screen, "keep": 0.3, "bucket": 0.1, "min_peers": 1, "round": screen,
+                   "sensitivity": sensitivity},
         "allocation": {"min_ratio": 0.05, "round_to": 1},
         "space": {"method": list(SINGLE), "target": target,
                   "allocation": ["uniform", "global", "searched"], "buckets": 3, "log_ratio": {"low": -1, "high": 1},
-                  "residual": residual, "epochs": b.case.epochs, "lr": b.case.lr, "batch_size": b.case.batch_size,
+                  "residual": residual, "distill": list(distill) if len(distill) > 1 else float(distill[0]),
+                  "epochs": b.case.epochs, "lr": b.case.lr, "batch_size": b.case.batch_size,
                   "methods": METHOD_SPACE},
     }
 

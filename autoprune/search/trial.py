@@ -42,7 +42,7 @@ from ..models.registry import ModelSpec
 from ..progress import phase
 from ..report.pareto import OBJECTIVE_COLUMNS
 from ..train import Callbacks, NonFiniteLoss, TrainConfig, evaluate, fit
-from . import early_stop, latency_objective, live
+from . import early_stop, latency_objective, live, stop
 from .results import TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
 
 if TYPE_CHECKING:
@@ -190,6 +190,13 @@ def reused_result(spec: SearchSpec, number: int, hparams: Mapping[str, Any], pri
                        duplicate_of=prior.number, **measured)
 
 
+def poll_stop() -> bool:
+    """The training loops' per-step stop signal: a stop request (:mod:`.stop`: SIGTERM, a caller) ends
+    the trial as Ctrl-C would, mid-epoch, instead of at the epoch's end."""
+    stop.check()
+    return False
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocation failure: MemoryError, torch's OutOfMemoryError (CUDA), or the CPU
     allocator's "can't allocate memory" RuntimeError."""
@@ -237,7 +244,7 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     pruned = engine.prune(worker.model, method, target, data=worker.data, allocation=allocation,
                           spec=worker.model_spec, device=worker.device, train_cfg=cfg, groups=worker.groups,
                           on_epoch=epoch.end, objective=worker.latency if epoch.objective == "latency" else None,
-                          **method_params)
+                          should_stop=poll_stop, **method_params)
     model = pruned.model
     m = progress.measured
     m.update(macs=pruned.macs, macs_frac=pruned.macs / pruned.base_macs, params=pruned.params,
@@ -267,7 +274,7 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
         ft_cfg = replace(cfg, epochs=epochs - k, distill_alpha=alpha,
                          distill_temperature=float(hparams.get("distill_temperature") or 4.0))
         fit(model, worker.data.train, worker.data.val, ft_cfg, worker.device,
-            Callbacks(on_epoch_end=epoch.end, after_backward=epoch.pause), teacher=worker.model if alpha > 0 else None,
+            Callbacks(on_epoch_end=epoch.end, after_backward=epoch.pause, should_stop=poll_stop), teacher=worker.model if alpha > 0 else None,
             progress="fine-tune")
     if epochs <= k or pruned.stopped_early:  # no fine-tune: the pruned model as the method returned it
         progress.curve = progress.curve or [None]
