@@ -106,23 +106,27 @@ def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Seque
             err_rows.append(row)
             log.info("%s b%d t%d: %s", name, batch, threads, row)
             if "targets" in args.parts:
-                if variants is None:  # MACs-targeted and Torch-Pruning models do not depend on the device
-                    variants = _macs_variants(model, shape, groups, args.targets)
+                if variants is None:  # MACs-targeted at the target number: does not depend on the device
+                    variants = _macs_variants(model, shape, groups, args.targets, kinds=("macs",))
                 tgt_rows += _target_rows(label, model, shape, groups, lm, cfg, args.targets, variants)
             save()
 
 
-def _macs_variants(model: nn.Module, shape: tuple[int, int, int], groups: list, targets: Sequence[float]
-                   ) -> list[tuple[str, float, nn.Module]]:
+def _macs_variants(model: nn.Module, shape: tuple[int, int, int], groups: list, targets: Sequence[float],
+                   kinds: Sequence[str] = ("macs", "tp8"), tag: str = "") -> list[tuple[str, float, nn.Module]]:
+    """L1 (global) pruned to each MACs fraction (kind ``macs``) and Torch-Pruning magnitude with
+    round_to=8 bisected to it (``tp8``); ``tag`` is appended to the kind."""
     out = []
     for t in targets:
-        res = engine.prune(model, "l1", t, input_shape=shape, groups=groups, allocation={"mode": "global"},
-                           recalibrate_batches=0)
-        out.append(("macs", t, res.model))
-        try:
-            out.append(("tp8", t, tp_round8(model, shape, t)))
-        except RuntimeError as exc:
-            log.warning("Torch-Pruning round_to=8 could not reach %.2f of the MACs: %s", t, exc)
+        if "macs" in kinds:
+            res = engine.prune(model, "l1", t, input_shape=shape, groups=groups, allocation={"mode": "global"},
+                               recalibrate_batches=0)
+            out.append(("macs" + tag, t, res.model))
+        if "tp8" in kinds:
+            try:
+                out.append(("tp8" + tag, t, tp_round8(model, shape, t)))
+            except RuntimeError as exc:
+                log.warning("Torch-Pruning round_to=8 could not reach %.2f of the MACs: %s", t, exc)
     return out
 
 
@@ -138,6 +142,12 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
         except AutopruneError as exc:  # below the fastest reachable fraction
             log.warning("%s latency target %.2f: %s", label, t, exc)
             lat.append((t, None, float("nan")))
+    base_macs = count_macs(model, shape)
+    macs_of = {("lat", t): count_macs(m, shape) / base_macs for t, m, _ in lat if m is not None}
+    # at the latency-targeted model's own MACs fraction: which allocation runs faster for the same MACs
+    same = [(kind, t, m) for t, _, _ in lat if ("lat", t) in macs_of
+            for kind, _, m in _macs_variants(model, shape, groups, [macs_of[("lat", t)]], tag="=")]
+    variants = list(variants) + same
     models = [model] + [m for _, m, _ in lat if m is not None] + [m for _, _, m in variants]
     ms = measure_models(models, shape, cfg, "targeted models")
     base_ms, i = ms[0], 1
@@ -149,17 +159,17 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
     for kind, t, _ in variants:
         frac_of[(kind, t)] = ms[i] / base_ms
         i += 1
-    macs_of = {("lat", t): count_macs(m, shape) / count_macs(model, shape) for t, m, _ in lat if m is not None}
     rows = []
     for t, _, pred in lat:
         f = frac_of.get(("lat", t), float("nan"))
         rows.append({"model": label, "batch": cfg.batch_size, "threads": cfg.n_threads, "clock": cfg.clock, "target": t,
                      "predicted": pred, "latency frac": f, "in band": "yes" if t - BAND[0] <= f <= t + BAND[1] else "no",
                      "speed-up": 1 / f, "its MACs frac": macs_of.get(("lat", t), float("nan")),
-                     "MACs-targeted lat frac": frac_of.get(("macs", t), float("nan")),
-                     "MACs-targeted speed-up": 1 / frac_of.get(("macs", t), float("nan")),
-                     "TP r8 lat frac": frac_of.get(("tp8", t), float("nan")),
-                     "TP r8 speed-up": 1 / frac_of.get(("tp8", t), float("nan")), "base ms": base_ms})
+                     "same MACs: L1 lat frac": frac_of.get(("macs=", t), float("nan")),
+                     "same MACs: L1 speed-up": 1 / frac_of.get(("macs=", t), float("nan")),
+                     "same MACs: TP r8 lat frac": frac_of.get(("tp8=", t), float("nan")),
+                     "same MACs: TP r8 speed-up": 1 / frac_of.get(("tp8=", t), float("nan")),
+                     "MACs target = target: lat frac": frac_of.get(("macs", t), float("nan")), "base ms": base_ms})
     return rows
 
 
@@ -251,11 +261,15 @@ def _target_table(rows: list[dict[str, Any]], where: str) -> common.Table:
     n_in = sum(r["in band"] == "yes" for r in rows)
     notes = (where, ("L1 scores, global allocation. 'latency frac': measured latency of the latency-targeted model "
              "over the base's; 'predicted': the latency model's fraction the allocation aimed at; 'in band': within "
-             "[target - 0.05, target + 0.03]. MACs-targeted: today's default aimed at target x the base's MACs; "
-             "TP r8: Torch-Pruning MetaPruner (magnitude, global, round_to=8) bisected to the same MACs fraction."),
+             "[target - 0.05, target + 0.03]. 'same MACs': pruned to the latency-targeted model's own MACs fraction "
+             "('its MACs frac'), so the speed-ups compare allocations at equal MACs: L1 with global allocation "
+             "aimed at MACs (today's default), and Torch-Pruning MetaPruner (magnitude, global, round_to=8) bisected "
+             "to it. 'MACs target = target': L1 global aimed at target x the base's MACs (what asking for that "
+             "number in MACs gives)."),
              f"In band: {n_in} of {len(rows)} rows.")
     cols = ("model", "batch", "threads", "clock", "target", "predicted", "latency frac", "in band", "speed-up", "its MACs frac",
-            "MACs-targeted lat frac", "MACs-targeted speed-up", "TP r8 lat frac", "TP r8 speed-up", "base ms")
+            "same MACs: L1 lat frac", "same MACs: L1 speed-up", "same MACs: TP r8 lat frac",
+            "same MACs: TP r8 speed-up", "MACs target = target: lat frac", "base ms")
     return common.Table("targets", "Latency-targeted vs MACs-targeted models, measured", cols, tuple(rows), notes)
 
 
