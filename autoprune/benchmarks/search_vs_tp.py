@@ -397,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 "(default fashionmnist; --quick: digits)")
     p.add_argument("--base", default=None, help="a trained base checkpoint for this data (default: the cached one; "
                                                 "npz/imagefolder: trained here)")
-    p.add_argument("--model", default="resnet20", help="model of npz/imagefolder data (default resnet20)")
+    p.add_argument("--model", default=None, help="the model (default: the case's, resnet20 for Fashion-MNIST and "
+                                                 "npz/imagefolder data; e.g. mobilenetv2, vgg16_bn)")
     p.add_argument("--ft-subset", type=int, default=-1,
                    help="fine-tune images (the regime): default the case's (Fashion-MNIST 1000), 0 = the whole split")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick 0)")
@@ -425,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     targets = tuple(args.targets or ((0.5, 0.3, 0.2) if args.quick else TARGETS))
     labels = tuple(args.theirs or (QUICK_THEIRS if args.quick else THEIRS))
-    case = None if name in CASES else custom_case(name, args.model, 1000)
+    case = custom_case(name, args.model or "resnet20", 1000) if name not in CASES else (
+        None if args.model in (None, CASES[name].model) else dataclasses.replace(CASES[name], model=args.model))
     start = time.perf_counter()
     base_path = args.base or (str(small_base(name, case, args.base_images)) if args.base_images else None)
     b = prepare(name, torch.device("cpu"), args.ft_subset, case=case, base_path=base_path)
@@ -444,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = [_seed_job(job, b) for job in jobs]
     out = Path(args.out)
     tag = name if name in CASES else Path(name.split(":", 1)[1]).stem
+    tag += "" if case is None or name not in CASES else f"_{case.model}"
     suffix = f"search_vs_tp_{tag}" + ("" if args.ft_subset == -1 else f"_ft{args.ft_subset or 'all'}")
     r0 = results[0]
     plot(out / f"{suffix}.png", {f"autoprune search (seed {r0['seed']})": _pts(r0["ours"]),
