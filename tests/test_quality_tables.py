@@ -54,3 +54,23 @@ def test_contrasts_compare_named_configurations_at_every_stage():
     assert [r["stage"] for r in out] == ["before FT", "after BN recal", "after FT"]
     assert out[0]["diff (points)"] == pytest.approx(45.0) and out[0]["beyond 2 SE"] == "yes"
     assert out[2]["beyond 2 SE"] == "no"
+
+
+def test_quality_compare_calls_a_shift_real_only_beyond_its_standard_error(tmp_path):
+    import pandas as pd
+
+    from autoprune.benchmarks.quality_compare import compare, main
+
+    def run(shift):
+        return pd.DataFrame([{"method": m, "target": 0.3, "seed": s, "val acc after FT": 0.85 + d + (shift if m == "b" else 0)}
+                             for m in ("a", "b") for s, d in ((0, -0.002), (1, 0.0), (2, 0.002))])
+
+    rows = {r["method"]: r for r in compare(run(0.0), run(0.03), n_val=3000)}
+    assert rows["a"]["within 1 SE"] == "yes" and rows["b"]["within 2 SE"] == "no"
+    assert rows["b"]["after - before (points)"] == "+3.00"
+    # three seeds that agree to 0.2 points do not shrink the SE below the 3000-image binomial one
+    assert float(rows["a"]["1 SE (points)"]) >= round(100 * (2 * 0.85 * 0.15 / 3000 / 3) ** 0.5, 2)
+    run(0.0).to_csv(tmp_path / "a.csv", index=False)
+    run(0.0).to_csv(tmp_path / "b.csv", index=False)
+    assert main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--out", str(tmp_path), "--name", "c"]) == 0
+    assert "Within 1 SE: 2 of 2 rows" in (tmp_path / "c.md").read_text()
