@@ -391,6 +391,19 @@ def _seed_job(job: tuple, b: Bench | None = None) -> dict[str, Any]:
         return in_folder(Path(tmp))
 
 
+def write_outputs(out: Path, suffix: str, name: str, tag: str, b: Bench, results: Sequence[Mapping[str, Any]],
+                  labels: Sequence[str], targets: Sequence[float], seconds: float, command: str) -> None:
+    """The plot (the first seed's fronts), every trial, and the tables of ``results`` (seeds so far)."""
+    r0 = results[0]
+    plot(out / f"{suffix}.png", {f"autoprune search (seed {r0['seed']})": _pts(r0["ours"]),
+                                 f"best Torch-Pruning: {r0['best_tp'].label}": _pts(r0["best_tp"]),
+                                 f"best single: {r0['best_single'].label}": _pts(r0["best_single"])},
+         f"{b.case.model} on {tag}: search vs Torch-Pruning vs our best single method, equal measured compute")
+    write_trials(out / f"{suffix}_trials.csv", results)
+    common.write_tables(suffix, tables(name, b, results, labels, targets, seconds), out, command,
+                        preamble=(f"![fronts]({suffix}.png)",))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="digits | fashionmnist | npz:PATH | imagefolder:DIR "
@@ -435,27 +448,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = Options(labels, targets, args.rerun, args.es_ablation, tuple(args.singles), tuple(args.distill),
                    args.sensitivity, tuple(args.ablate))
     jobs = [(opts, s, args.work, prep) for s in seeds]
-    if args.jobs > 1 and len(seeds) > 1 and case is None and not base_path:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(min(args.jobs, len(seeds)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=common.setup, initargs=(args,)) as pool:
-            results = list(pool.map(_seed_job, jobs))
-    else:
-        results = [_seed_job(job, b) for job in jobs]
     out = Path(args.out)
     tag = name if name in CASES else Path(name.split(":", 1)[1]).stem
     tag += "" if case is None or name not in CASES else f"_{case.model}"
     suffix = f"search_vs_tp_{tag}" + ("" if args.ft_subset == -1 else f"_ft{args.ft_subset or 'all'}")
-    r0 = results[0]
-    plot(out / f"{suffix}.png", {f"autoprune search (seed {r0['seed']})": _pts(r0["ours"]),
-                                 f"best Torch-Pruning: {r0['best_tp'].label}": _pts(r0["best_tp"]),
-                                 f"best single: {r0['best_single'].label}": _pts(r0["best_single"])},
-         f"{b.case.model} on {tag}: search vs Torch-Pruning vs our best single method, equal measured compute")
-    write_trials(out / f"{suffix}_trials.csv", results)
-    common.write_tables(suffix, tables(name, b, results, labels, targets, time.perf_counter() - start), out,
-                        common.command_line("search_vs_tp", argv), preamble=(f"![fronts]({suffix}.png)",))
+    results: list[dict[str, Any]] = []
+
+    def done(r: dict[str, Any]) -> None:
+        """Write the tables of every seed finished so far: a run stopped later keeps them."""
+        results.append(r)
+        results.sort(key=lambda x: x["seed"])
+        write_outputs(out, suffix, name, tag, b, results, labels, targets, time.perf_counter() - start,
+                      common.command_line("search_vs_tp", argv))
+
+    if args.jobs > 1 and len(seeds) > 1 and case is None and not base_path:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(min(args.jobs, len(seeds)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=common.setup, initargs=(args,)) as pool:
+            for future in as_completed([pool.submit(_seed_job, job) for job in jobs]):
+                done(future.result())
+    else:
+        for job in jobs:
+            done(_seed_job(job, b))
     return 0
 
 
