@@ -74,3 +74,16 @@ def test_quality_compare_calls_a_shift_real_only_beyond_its_standard_error(tmp_p
     run(0.0).to_csv(tmp_path / "b.csv", index=False)
     assert main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--out", str(tmp_path), "--name", "c"]) == 0
     assert "Within 1 SE: 2 of 2 rows" in (tmp_path / "c.md").read_text()
+
+
+def test_quality_compare_refuses_a_summary_table_in_one_line(tmp_path):
+    import pandas as pd
+
+    from autoprune.benchmarks.quality_compare import main
+
+    pd.DataFrame([{"method": "a", "target": 0.3, "val acc after FT": "0.9159 ± 0.0018"}]).to_csv(tmp_path / "s.csv")
+    pd.DataFrame([{"method": "a", "seed": 0}]).to_csv(tmp_path / "n.csv")
+    for bad, words in (("s.csv", "holds no numbers"), ("n.csv", "no column 'target'"), ("gone.csv", "not found")):
+        with pytest.raises(SystemExit) as exc:
+            main([str(tmp_path / bad), str(tmp_path / "s.csv"), "--out", str(tmp_path)])
+        assert words in str(exc.value) and "_seeds.csv" in str(exc.value)

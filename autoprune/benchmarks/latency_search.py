@@ -119,9 +119,12 @@ def _macs_variants(model: nn.Module, shape: tuple[int, int, int], groups: list, 
     out = []
     for t in targets:
         if "macs" in kinds:
-            res = engine.prune(model, "l1", t, input_shape=shape, groups=groups, allocation={"mode": "global"},
-                               recalibrate_batches=0)
-            out.append(("macs" + tag, t, res.model))
+            try:
+                res = engine.prune(model, "l1", t, input_shape=shape, groups=groups, allocation={"mode": "global"},
+                                   recalibrate_batches=0)
+                out.append(("macs" + tag, t, res.model))
+            except AutopruneError as exc:  # e.g. below what the minimum widths reach: that column stays empty
+                log.warning("L1 could not reach %.2f of the MACs: %s", t, exc)
         if "tp8" in kinds:
             try:
                 out.append(("tp8" + tag, t, tp_round8(model, shape, t)))

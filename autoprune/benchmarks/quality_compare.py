@@ -32,16 +32,34 @@ def compare(before: pd.DataFrame, after: pd.DataFrame, n_val: int, column: str =
         if a.empty or b[column].isna().all() or a[column].isna().all():
             continue
         mb, ma = float(b[column].mean()), float(a[column].mean())
-        var_b = float(b[column].var(ddof=1)) if len(b) > 1 else 0.0
-        var_a = float(a[column].var(ddof=1)) if len(a) > 1 else 0.0
+        nb, na = int(b[column].count()), int(a[column].count())  # seeds with a number (NaN rows left out)
+        var_b = float(b[column].var(ddof=1)) if nb > 1 else 0.0
+        var_a = float(a[column].var(ddof=1)) if na > 1 else 0.0
         p = (mb + ma) / 2
-        se = max(math.sqrt(var_b / len(b) + var_a / len(a)),
-                 math.sqrt(p * (1 - p) / n_val / len(b) + p * (1 - p) / n_val / len(a)))
+        se = max(math.sqrt(var_b / nb + var_a / na), math.sqrt(p * (1 - p) / n_val / nb + p * (1 - p) / n_val / na))
         d = ma - mb
         rows.append({"method": method, "target": float(target), "before": mb, "after": ma,
                      "after - before (points)": f"{100 * d:+.2f}", "1 SE (points)": f"{100 * se:.2f}",
                      "within 1 SE": "yes" if abs(d) <= se else "no", "within 2 SE": "yes" if abs(d) <= 2 * se else "no"})
     return rows
+
+
+def read_seeds(path: str, column: str = COLUMN) -> pd.DataFrame:
+    """A quality benchmark's per-seed CSV with ``column`` as numbers; SystemExit (one line) for anything else."""
+    hint = "give the quality benchmark's per-seed CSV (quality_<case>_seeds.csv)"
+    if not Path(path).is_file():
+        raise SystemExit(f"quality_compare: {path} not found; {hint}")
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
+        raise SystemExit(f"quality_compare: {path} is not a readable CSV ({exc}); {hint}") from None
+    missing = [c for c in ("method", "target", column) if c not in frame.columns]
+    if missing:
+        raise SystemExit(f"quality_compare: {path} has no column {', '.join(map(repr, missing))}; {hint}")
+    values = pd.to_numeric(frame[column], errors="coerce")
+    if values.isna().all():
+        raise SystemExit(f"quality_compare: {path}'s {column!r} holds no numbers (a summary table?); {hint}")
+    return frame.assign(**{column: values})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,11 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=str(common.RESULTS_DIR), help="output folder (default results/benchmarks)")
     p.add_argument("--note", action="append", default=[], help="a line for the table's notes (what each run was)")
     args = p.parse_args(argv)
-    frames = []
-    for path in (args.before, args.after):
-        if not Path(path).is_file():
-            raise SystemExit(f"quality_compare: {path} not found; give the quality benchmark's *_seeds.csv")
-        frames.append(pd.read_csv(path))
+    if args.n_val < 1:
+        p.error(f"--n-val must be at least 1, got {args.n_val}")
+    frames = [read_seeds(path) for path in (args.before, args.after)]
     rows = compare(*frames, n_val=args.n_val)
     n1 = sum(r["within 1 SE"] == "yes" for r in rows)
     n2 = sum(r["within 2 SE"] == "yes" for r in rows)

@@ -11,10 +11,12 @@ the fine-tune regime), with the same fine-tune function, epochs, lr and batch si
   chosen after the fact: an advantage to Torch-Pruning.
 - **Each of our methods alone** (l1, lrf, fsm, resrep; global allocation, default parameters) at
   the same targets: the search must not lose to its own best single method.
-- **Our search** (TPE over method, MACs target on a 0.1 grid over the swept range, allocation incl.
-  the per-layer shape, method parameters; the screening round, screening and early stopping with
-  margins in standard errors) with ``budget.compute`` = the sweep's measured seconds; trials are
-  counted in order while they fit. Seconds are measured, not counted: process CPU time (or
+- **Our search** (TPE over method, the sweep's MACs targets, allocation incl. the per-layer shape,
+  method parameters, distillation from the base (``--distill`` weights, default off or 0.5; the
+  other sides fine-tune without it, ``--distill 0`` makes every side the same and ``--ablate
+  distill`` measures what it adds); the screening round, screening and early stopping with margins
+  in standard errors) with ``budget.compute`` = the sweep's measured seconds; trials are counted in
+  order while they fit. Seconds are measured, not counted: process CPU time (or
   synchronised GPU time) around everything a point costs (pruning, recalibration, fidelity, every
   epoch, evaluations); epochs are the second column.
 - **Early-stopped trials re-run to the end** (``--rerun``): how many would have finished ahead of
@@ -251,13 +253,15 @@ def seed_rows(r: Mapping[str, Any], low: Sequence[float], n_val: int, n_test: in
 
 ABLATION_NOTES = (("Per seed: the main search ('as run') against the same search, seed and measured budget with one "
                    "knob flipped. 'mean' rows: the mean over seeds of the difference (variant - as run) with two "
-                   "standard errors of that mean (seed-to-seed spread, n-1); 'noise' when inside them. A knob is on by "
+                   "standard errors of that mean (seed-to-seed spread, n-1; for accuracies never below the binomial "
+                   "one of the validation split at their mean accuracy); 'noise' when inside them. A knob is on by "
                    "default only where it moves the result beyond that."),)
 
 
 def ablation_rows(results: Sequence[Mapping[str, Any]], low: Sequence[float], n_val: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     diffs: dict[str, dict[str, list[float]]] = {}
+    levels: dict[str, list[float]] = {}  # the accuracies compared, for the binomial floor
     for r in results:
         main = _pts(r["ours"])
         for vname, side in r.get("variants", {}).items():
@@ -272,12 +276,18 @@ def ablation_rows(results: Sequence[Mapping[str, Any]], low: Sequence[float], n_
                 row[f"<= {t:g}: variant - as run (2 SE)"] = _diff(c, a, n_val)
                 if a is not None and c is not None:
                     d.setdefault(f"<= {t:g}", []).append(100 * (c - a))
+                    levels.setdefault(f"<= {t:g}", []).append((a + c) / 2)
             rows.append(row)
     for vname, d in diffs.items():
         row = {"seed": "mean", "variant": vname}
         for key, xs in d.items():
             m = float(np.mean(xs))
-            se2 = 2 * float(np.std(xs, ddof=1)) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
+            if len(xs) < 2:
+                row[key] = f"{m:+.4f} (n/a: one seed)" if key == "HV" else f"{m:+.2f} pts (n/a: one seed)"
+                continue
+            se2 = 2 * float(np.std(xs, ddof=1)) / len(xs) ** 0.5
+            if key != "HV":  # never below the binomial SE of a mean difference of accuracies on n_val images
+                se2 = max(se2, 2 * 100 * accuracy_se(float(np.mean(levels[key])), n_val) * (2 / len(xs)) ** 0.5)
             verdict = "beyond 2 SE" if abs(m) > se2 else "noise"
             row[key] = f"{m:+.4f} ({se2:.4f}, {verdict})" if key == "HV" else f"{m:+.2f} pts ({se2:.2f}, {verdict})"
         rows.append(row)
@@ -286,7 +296,7 @@ def ablation_rows(results: Sequence[Mapping[str, Any]], low: Sequence[float], n_
 
 
 def tables(name: str, b: Bench, results: Sequence[Mapping[str, Any]], labels: Sequence[str],
-           targets: Sequence[float], total_s: float) -> list[common.Table]:
+           targets: Sequence[float], total_s: float, distill: Sequence[float] = DISTILL) -> list[common.Table]:
     low = sorted(targets)[:2]
     n_val, n_test = len(b.data.val), len(b.data.test)
     mains, tests, reruns, rounds = [], [], [], []
@@ -308,6 +318,8 @@ def tables(name: str, b: Bench, results: Sequence[Mapping[str, Any]], labels: Se
          f"(every criterion, every target) are the search's budget.compute. 'single': each of "
          f"{', '.join(sorted(results[0]['singles']))} alone (global, default parameters) at the same targets; the "
          "best one's front. Seconds: process CPU time (1 torch thread) around all of a point's work, the search's screening round included."),
+        (f"The search may distil from the base (weights {', '.join(f'{w:g}' for w in distill)}; 0 = off); the sweep and "
+         "the single methods fine-tune without distillation (the ablation table, when run, gives the search without it)."),
         f"Total benchmark wall time {total_s:.0f} s (a shared machine).",
     )
     test_notes = (("Each side's validation front, each point's model read once on the test split; 'best at <= X' "
@@ -392,7 +404,8 @@ def _seed_job(job: tuple, b: Bench | None = None) -> dict[str, Any]:
 
 
 def write_outputs(out: Path, suffix: str, name: str, tag: str, b: Bench, results: Sequence[Mapping[str, Any]],
-                  labels: Sequence[str], targets: Sequence[float], seconds: float, command: str) -> None:
+                  labels: Sequence[str], targets: Sequence[float], seconds: float, command: str,
+                  distill: Sequence[float] = DISTILL) -> None:
     """The plot (the first seed's fronts), every trial, and the tables of ``results`` (seeds so far)."""
     r0 = results[0]
     plot(out / f"{suffix}.png", {f"autoprune search (seed {r0['seed']})": _pts(r0["ours"]),
@@ -400,7 +413,7 @@ def write_outputs(out: Path, suffix: str, name: str, tag: str, b: Bench, results
                                  f"best single: {r0['best_single'].label}": _pts(r0["best_single"])},
          f"{b.case.model} on {tag}: search vs Torch-Pruning vs our best single method, equal measured compute")
     write_trials(out / f"{suffix}_trials.csv", results)
-    common.write_tables(suffix, tables(name, b, results, labels, targets, seconds), out, command,
+    common.write_tables(suffix, tables(name, b, results, labels, targets, seconds, distill), out, command,
                         preamble=(f"![fronts]({suffix}.png)",))
 
 
@@ -434,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)")
     p.add_argument("--work", default=None, help="keep each seed's search folders under this folder")
     args = p.parse_args(argv)
+    if any(not 0 <= w <= 1 for w in args.distill):  # refused now, not after the sweep
+        p.error(f"--distill weights are in [0, 1], got {' '.join(map(str, args.distill))}")
     common.setup(args)
     name = args.data or ("digits" if args.quick else "fashionmnist")
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -459,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(r)
         results.sort(key=lambda x: x["seed"])
         write_outputs(out, suffix, name, tag, b, results, labels, targets, time.perf_counter() - start,
-                      common.command_line("search_vs_tp", argv))
+                      common.command_line("search_vs_tp", argv), tuple(args.distill))
 
     if args.jobs > 1 and len(seeds) > 1 and case is None and not base_path:
         import multiprocessing

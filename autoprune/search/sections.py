@@ -55,8 +55,8 @@ class Screen:
     ``min_peers`` of them exist, counting only candidates ahead of it by more than ``se_multiple``
     standard errors of a validation accuracy. Screened-out candidates cost seconds and count as trials.
     ``round``: before the first trial, every one-shot method's fidelity at each target window (the
-    screening round, :mod:`autoprune.search.rounds`); the best of each window and every training-time
-    method are fine-tuned first."""
+    screening round, :mod:`autoprune.search.rounds`); the best of each window is fine-tuned first, then
+    every training-time method at the lowest window, then the runners-up."""
 
     enabled: bool = False
     keep: float = 0.3

@@ -3,8 +3,8 @@
 A signal handler's KeyboardInterrupt alone can be lost: raised inside a finaliser (e.g. SQLAlchemy's
 weakref cleanup), Python prints it and carries on. So :func:`interrupt`, the SIGTERM handler the CLI
 and the Optuna backend's worker processes install, also records a request here, and every place a
-search can stop polls :func:`check`: the Optuna backend's workers at each trial start and each
-epoch's end, the Ray driver at each step of Tune's loop, and the CLI after ``run_search`` returns.
+search can stop polls :func:`check`: the Optuna backend's workers at each trial start and at every
+training step (pruning and fine-tune: the trial's ``should_stop``), the Ray driver at each step of Tune's loop, and the CLI after ``run_search`` returns.
 The request is per process (each worker process has its own).
 """
 from __future__ import annotations
