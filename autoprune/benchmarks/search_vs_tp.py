@@ -195,7 +195,7 @@ def write_outputs(out: Path, suffix: str, name: str, tag: str, b: Bench, results
     plot(out / f"{suffix}.png", {f"autoprune search (seed {r0['seed']})": _pts(r0["ours"]),
                                  f"best Torch-Pruning: {r0['best_tp'].label}": _pts(r0["best_tp"]),
                                  f"best single: {r0['best_single'].label}": _pts(r0["best_single"])},
-         f"{b.case.model} on {tag}: search vs Torch-Pruning vs our best single method, equal measured compute")
+         f"{b.case.model} on {tag}: search vs Torch-Pruning vs our best single, equal measured compute")
     write_trials(out / f"{suffix}_trials.csv", results)
     common.write_tables(suffix, tables(name, b, results, labels, targets, seconds, distill), out, command,
                         preamble=(f"![fronts]({suffix}.png)",))
