@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from autoprune.benchmarks.search_vs_tp import (
+from autoprune.benchmarks.search_vs_tp_runs import Side
+from autoprune.benchmarks.search_vs_tp_tables import (
     _diff,
     _test_at,
     ablation_rows,
@@ -17,7 +18,6 @@ from autoprune.benchmarks.search_vs_tp import (
     front_methods,
     hv,
 )
-from autoprune.benchmarks.search_vs_tp_runs import Side
 
 
 def row(number, method, state, acc, macs, epochs, prune_s, fidelity=None, feasible=None):

@@ -220,6 +220,21 @@ def write_tables(name: str, tables: Sequence[Table], out_dir: str | Path = RESUL
     return md_path
 
 
+def save_front_plot(fig: Any, ax: Any, path: Path, xlabel: str, title: str, legend_size: int = 8) -> None:
+    """Label a front plot's axes (y: val accuracy after fine-tuning), title, grid, legend; save as PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("val accuracy after fine-tuning")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def command_line(module: str, argv: Sequence[str] | None) -> str:
     """The command that reproduces a run, for the .md file (arguments shell-quoted: a config label
     with spaces stays one argument)."""

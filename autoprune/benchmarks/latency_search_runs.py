@@ -96,15 +96,7 @@ def plot(path: Path, points: Mapping[str, np.ndarray], title: str) -> None:
         front = pts[np.asarray(pareto_mask(pts, [True, False]))]
         front = front[np.argsort(front[:, 1])]
         ax.step(front[:, 1], front[:, 0], style, where="post", color=color, label=label, markersize=5)
-    ax.set_xlabel("measured latency, batch 1 (fraction of the base)")
-    ax.set_ylabel("val accuracy after fine-tuning")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_front_plot(fig, ax, path, "measured latency, batch 1 (fraction of the base)", title, legend_size=8)
 
 
 def run_search_part(args: Any) -> tuple[common.Table, list[str]]:

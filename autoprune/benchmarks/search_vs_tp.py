@@ -56,20 +56,7 @@ from .search_vs_tp_runs import (
     single_methods,
     tp_sweep,
 )
-from .search_vs_tp_tables import (  # noqa: F401  (re-exported: the measures' public home was this module)
-    TOL,
-    _diff,
-    _pts,
-    _test_at,
-    ablation_rows,
-    best_at,
-    fidelity_rho,
-    front_methods,
-    hv,
-    plot,
-    tables,
-    write_trials,
-)
+from .search_vs_tp_tables import _pts, hv, plot, tables, write_trials
 
 log = logging.getLogger(__name__)
 

@@ -59,15 +59,7 @@ def plot(path: Path, fronts: Mapping[str, np.ndarray], title: str) -> None:
     for (label, pts), (color, style) in zip(fronts.items(), (("tab:blue", "o-"), ("tab:red", "s--"),
                                                             ("tab:green", "^:"), ("tab:gray", "x-."))):
         _front(ax, pts, color, label, style, 1.0, right)
-    ax.set_xlabel("MACs (fraction of the base)")
-    ax.set_ylabel("val accuracy after fine-tuning")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_front_plot(fig, ax, path, "MACs (fraction of the base)", title, legend_size=7)
 
 
 def _front(ax: Any, pts: np.ndarray, color: str, label: str, style: str, alpha: float, right: float) -> None:
