@@ -43,7 +43,8 @@ class RayImpl:
 
     def __init__(self, tmp_path):
         self.out = tmp_path
-        self.searcher = optuna.create_study(directions=["maximize", "minimize"])  # as Ray's OptunaSearch holds
+        self.searcher = optuna.create_study(directions=["maximize", "minimize"],  # as Ray's OptunaSearch holds
+                                            sampler=optuna.samplers.RandomSampler(seed=0))  # seeded: no flaky draws
 
     def open(self, run: int) -> RayStore:
         return RayStore(self.out, run_id=f"run_{run:03d}")
