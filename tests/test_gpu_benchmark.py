@@ -41,10 +41,15 @@ def test_dry_run_runs_every_part_and_writes_its_tables(tmp_path):
     assert float(search[0]["trials/min (wall)"]) > 0 and search[0]["note"] == "stopped: max_trials"
     latency = _rows(tmp_path / "gpu_dry_run_latency.csv")
     row = latency[0]
-    assert [r["batch"] for r in latency] == ["1"] and not row["note"]
+    assert [r["batch"] for r in latency] == ["1"]
     assert float(row["base ms"]) > 0 and -1 <= float(row["Spearman"]) <= 1 and float(row["MACs 0.5: latency frac"]) > 0
-    assert float(row["predicted latency frac"]) <= float(row["latency target"]) + 1e-6  # the allocator met it
-    assert float(row["measured latency frac"]) > 0
+    assert 0.5 <= float(row["latency target"]) <= 0.95
+    if row["note"].startswith("latency floor"):  # a noisy 8x8 fit on a loaded CPU: mostly fixed cost, nothing to aim at
+        assert float(row["note"].split()[2]) > float(row["latency target"]) - 0.02 and not row["measured latency frac"]
+    else:
+        assert not row["note"]
+        assert float(row["predicted latency frac"]) <= float(row["latency target"]) + 1e-6  # the allocator met it
+        assert float(row["measured latency frac"]) > 0
 
 
 def test_a_failing_part_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):

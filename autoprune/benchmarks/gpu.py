@@ -289,7 +289,8 @@ def part_latency(run: Run) -> common.Table:
               "held-out width assignments, and the rank correlation of predicted and measured."),
              ("MACs 0.5: L1 + global allocation to 0.5 of the MACs, its measured latency over the base's. "
               "latency-targeted: the same aimed at the latency target (0.5 of the predicted base latency, or 0.1 "
-              "above the model's floor where narrow layers cannot get below 0.5: launch-bound small batches): its "
+              "above the model's floor, at most 0.95, where narrow layers cannot get below 0.5: launch-bound small "
+              "batches; skipped, with a note, when the floor is within 0.02 of 0.95): its "
               "MACs, predicted and measured latency fractions. Latency measured with the latency model's runner "
               "(on CUDA: bf16 autocast, channels-last), interleaved rounds."))
     return common.Table("latency", "Latency model and latency-targeted pruning",

@@ -304,11 +304,13 @@ def _latency_row(row: dict[str, Any], base: Any, groups: Any, shape: tuple[int, 
     v = validate(base, groups, lm, shape, cfg, n=n_validate)
     row.update({"median error": v.median_rel_err, "p90 error": v.p90_rel_err, "Spearman": v.spearman})
     floor = lm.fraction({g.name: width_bounds(g, AllocationConfig(mode="global"))[0] for g in groups if g.prunable})
-    target = max(0.5, round(floor + 0.1, 2))  # launch-bound small batches: the latency floor can sit near 1
+    # launch-bound small batches: the latency floor can sit near 1; aim 0.1 above it, at most 0.95, and skip
+    # the latency-targeted prune when not even 0.02 of headroom is left (the floor is then mostly fixed cost)
+    target = min(0.95, max(0.5, round(floor + 0.1, 2)))
     row["latency target"] = target
     pruned = {}
     for label, objective, t in (("MACs", None, 0.5), ("latency", lm, target)):
-        if t > 0.95:
+        if label == "latency" and floor > target - 0.02:
             row["note"] = f"latency floor {floor:.2f} of the base: no latency-targeted prune"
             continue
         try:
