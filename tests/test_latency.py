@@ -145,11 +145,14 @@ def test_a_cache_from_another_machine_is_not_used(tmp_path, monkeypatch):
     assert not build_latency_model(model, groups, shape, cfg).info["from_cache"]
 
 
-def test_the_measured_model_predicts_the_base_and_is_monotone(tmp_path):
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_the_measured_model_predicts_the_base_and_is_monotone(tmp_path, runtime):
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
     spec, shape = model_input("small_cnn")
     model = create_model(spec).eval()
     groups = find_groups(model, shape)
-    cfg = LatencyConfig(threads=1, rounds=2, points=3, budget_s=0.002, use_cache=False, clock="cpu")
+    cfg = LatencyConfig(runtime=runtime, threads=1, rounds=2, points=3, budget_s=0.002, use_cache=False, clock="cpu")
     lm = build_latency_model(model, groups, shape, cfg)
     assert lm.base == pytest.approx(lm.measured_base_ms, rel=0.5)
     full = {g.name: g.channels for g in groups if g.prunable}
@@ -266,3 +269,14 @@ def test_a_spec_with_a_bad_latency_section_is_one_line(tmp_path):
                                         "latency": latency}))
         with pytest.raises(SpecError, match=message):
             load_spec(path)
+
+
+def test_the_latency_command_runs_on_onnxruntime(base_ckpt, capsys):
+    pytest.importorskip("onnxruntime")
+    assert main(["latency", "--base", str(base_ckpt), "--runtime", "onnxruntime", "--validate", "3", "--targets", "0.8",
+                 "--latency-rounds", "1", "--latency-points", "2", "--no-latency-cache", "--threads", "1",
+                 "--latency-clock", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime on" in out and "batch 1, 1 thread(s)" in out
+    assert "latency model error on 3 random held-out width assignments" in out
+    assert "MACs, global" in out and "speed-up" in out
