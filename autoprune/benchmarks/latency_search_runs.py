@@ -82,6 +82,15 @@ def speedups(lat_pts: np.ndarray, macs_front: np.ndarray, n_val: int) -> list[fl
     return out
 
 
+def write_points(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Every complete model of both searches, one row each (the data behind the plot)."""
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(list(rows), columns=["search", "trial", "val acc", "MACs frac", "latency frac (in its search)",
+                                      "latency frac (re-measured)"]).to_csv(path, index=False, float_format="%.6g")
+
+
 def plot(path: Path, points: Mapping[str, np.ndarray], title: str) -> None:
     import matplotlib
 
@@ -132,13 +141,17 @@ def run_search_part(args: Any) -> tuple[common.Table, list[str]]:
 
 def _compare(args: Any, b: Any, rows: Mapping[str, list[dict[str, Any]]], ms: Sequence[float], floor: float,
              threads: int) -> tuple[common.Table, list[str]]:
-    i, points = 1, {}
+    i, points, every = 1, {}, []
     for obj, rs in rows.items():
         pts = []
         for r in rs:
             pts.append((float(r["val_acc"]), ms[i] / ms[0]))
+            every.append({"search": obj, "trial": r.get("number"), "val acc": float(r["val_acc"]),
+                          "MACs frac": r.get("macs_frac"), "latency frac (in its search)": r.get("latency_frac"),
+                          "latency frac (re-measured)": ms[i] / ms[0]})
             i += 1
         points[obj] = np.array(pts) if pts else np.zeros((0, 2))
+    write_points(Path(args.out) / f"{args.name}_points.csv", every)
     fronts = _fronts(points)
     n_val = len(b.data.val)
     ups = speedups(points["latency"], fronts["macs"], n_val)
@@ -168,7 +181,7 @@ def _compare(args: Any, b: Any, rows: Mapping[str, list[dict[str, Any]]], ms: Se
         f"accuracy): median {med:.2f}x, min {min(ups, default=math.nan):.2f}x over {len(ups)} points; done when >= 1.3x."),
         (f"Hypervolume in (val acc, measured latency fraction): latency search {hv_l:.4f} vs MACs search {hv_m:.4f} "
         f"({'higher' if hv_l > hv_m else 'not higher'})."),
-        f"Plot: {png.name}.")
+        f"Plot: {png.name}; every model's accuracy, MACs and latency fractions: {args.name}_points.csv.")
     table = common.Table("search", f"Search for latency vs search for MACs ({args.search_case} {b.case.model})",
                          ("search", "complete trials", "front size", "hypervolume (acc x latency frac)", "best val acc",
                           "fastest front model (lat frac)"), tuple(out_rows), notes)

@@ -1,0 +1,41 @@
+"""The latency-vs-MACs search comparison of benchmarks.latency_search: speed-up at equal accuracy and its tables."""
+from __future__ import annotations
+
+import csv
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from autoprune.benchmarks.latency_search_runs import _compare, speedups
+
+
+def test_speedup_is_against_the_fastest_model_within_one_standard_error():
+    lat = np.array([[0.90, 0.80], [0.88, 0.60], [0.70, 0.40]])  # (val acc, latency fraction)
+    macs_front = np.array([[0.90, 0.96], [0.95, 0.99]])
+    # 0.90: SE on 3,000 images is 0.0055, so 0.88 is too far below and 0.80 is the fastest allowed;
+    # 0.95: no latency model within one SE, so no comparison
+    assert speedups(lat, macs_front, 3000) == [pytest.approx(0.96 / 0.80)]
+    assert speedups(lat, np.array([[0.885, 0.9]]), 3000) == [pytest.approx(0.9 / 0.60)]
+    assert speedups(np.zeros((0, 2)), macs_front, 3000) == []
+
+
+def test_the_comparison_writes_every_model_and_says_whether_the_goal_is_met(tmp_path):
+    args = SimpleNamespace(out=str(tmp_path), name="ls", search_case="digits", search_base=None, trials=2)
+    b = SimpleNamespace(data=SimpleNamespace(val=[0] * 3000, train=[0] * 100), base_acc=0.92,
+                        case=SimpleNamespace(model="small_cnn", epochs=1))
+    rows = {"latency": [{"number": 0, "val_acc": 0.90, "macs_frac": 0.3, "latency_frac": 0.62},
+                        {"number": 1, "val_acc": 0.80, "macs_frac": 0.1, "latency_frac": 0.41}],
+            "macs": [{"number": 0, "val_acc": 0.90, "macs_frac": 0.5, "latency_frac": None}]}
+    ms = [2.0, 1.2, 0.8, 1.8]  # base, then each model in order
+    table, _ = _compare(args, b, rows, ms, 0.35, 1)
+    lat_row, macs_row = table.rows
+    assert lat_row["complete trials"] == 2 and macs_row["complete trials"] == 1
+    assert lat_row["fastest front model (lat frac)"] == pytest.approx(0.4)
+    assert lat_row["hypervolume (acc x latency frac)"] > macs_row["hypervolume (acc x latency frac)"]
+    assert any("median 1.50x" in n for n in table.notes)  # 0.9 / 0.6
+    with open(tmp_path / "ls_points.csv") as f:
+        points = list(csv.DictReader(f))
+    assert [(p["search"], p["trial"]) for p in points] == [("latency", "0"), ("latency", "1"), ("macs", "0")]
+    assert [float(p["latency frac (re-measured)"]) for p in points] == pytest.approx([0.6, 0.4, 0.9])
+    assert (tmp_path / "ls_fronts.png").stat().st_size > 0
