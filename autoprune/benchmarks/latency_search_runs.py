@@ -47,12 +47,18 @@ def _spec(b: Any, base: Path, objective: str, low: float, args: Any, threads: in
         "device": "cpu", "seed": args.seed, "sampler": "tpe", "objectives": ["val_acc", objective],
         "latency": {"batch_size": 1, "runtime": "torch", "threads": threads, "rounds": args.rounds,
                     "points": args.points, "clock": clock_for(args, threads)},
-        "budget": {"max_trials": args.trials}, "allocation": {"min_ratio": MIN_RATIO},
+        "budget": {"max_trials": args.trials},
+        "allocation": {"min_ratio": MIN_RATIO, **({"round_to": _round_to(args)} if objective == "latency" else {})},
         "space": {"method": "l1", "target": {"low": round(low, 2), "high": 0.9},
                   "allocation": ["uniform", "global", "searched"], "buckets": 3, "log_ratio": {"low": -1, "high": 1},
                   "residual": {"low": -1, "high": 1}, "epochs": b.case.epochs, "lr": b.case.lr,
                   "batch_size": b.case.batch_size},
     }
+
+
+def _round_to(args: Any) -> int | str:
+    value = getattr(args, "round_to", "1")
+    return value if value == "auto" else int(value)
 
 
 def _search(b: Any, work: Path, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -173,7 +179,7 @@ def _compare(args: Any, b: Any, rows: Mapping[str, list[dict[str, Any]]], ms: Se
     notes = (
         base_note,
         (f"Each search: {args.trials} trials, TPE, L1 with uniform / global / searched allocation, target in "
-        f"[low, 0.9] (latency search: low = max(0.3, fastest reachable {floor:.3f} + 0.05)), fine-tune "
+        f"[low, 0.9] (latency search: low = max(0.3, fastest reachable {floor:.3f} + 0.05), round_to {_round_to(args)}), fine-tune "
         f"{b.case.epochs} epochs on {len(b.data.train)} images, val split of {n_val} images."),
         (f"Every complete model of both searches re-measured in one interleaved run at batch 1, {threads} thread(s), "
         f"base {ms[0]:.3f} ms; the search's own trials measured latency with its other workers paused (one worker here)."),
