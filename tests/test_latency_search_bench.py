@@ -21,7 +21,8 @@ def test_speedup_is_against_the_fastest_model_within_one_standard_error():
 
 
 def test_the_comparison_writes_every_model_and_says_whether_the_goal_is_met(tmp_path):
-    args = SimpleNamespace(out=str(tmp_path), name="ls", search_case="digits", search_base=None, trials=2)
+    args = SimpleNamespace(out=str(tmp_path), name="ls", search_case="digits", search_base=None, trials=2,
+                           round_to=1)
     b = SimpleNamespace(data=SimpleNamespace(val=[0] * 3000, train=[0] * 100), base_acc=0.92,
                         case=SimpleNamespace(model="small_cnn", epochs=1))
     rows = {"latency": [{"number": 0, "val_acc": 0.90, "macs_frac": 0.3, "latency_frac": 0.62},

@@ -176,6 +176,11 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
     return rows
 
 
+def _round_to(text: str) -> int | str:
+    """``--round-to``: auto or an integer (argparse's choices then check which)."""
+    return text if text == "auto" else int(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", choices=("model", "targets", "search"), default=None,
@@ -196,8 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the quality benchmark's case the search part runs on (fashionmnist; --quick digits)")
     p.add_argument("--search-base", default=None, help="a trained base checkpoint for the search part instead of "
                    "the quality benchmark's cached (or trained) one")
-    p.add_argument("--round-to", default="1", choices=("1", "8", "16", "32", "auto"),
-                   help="search part: the latency search's allocation.round_to (the MACs search keeps the default 1)")
+    p.add_argument("--round-to", default=1, type=_round_to,
+                   choices=(1, 8, 16, 32, "auto"), help="search part: the latency search's allocation.round_to (the MACs search keeps the default 1)")
     p.add_argument("--name", default="latency_search", help="output file name under --out (.md, .csv, _fronts.png)")
     p.add_argument("--load-note", default="", help="what else ran on the machine, for the table header")
     args = p.parse_args(argv)

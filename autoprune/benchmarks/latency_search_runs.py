@@ -48,17 +48,12 @@ def _spec(b: Any, base: Path, objective: str, low: float, args: Any, threads: in
         "latency": {"batch_size": 1, "runtime": "torch", "threads": threads, "rounds": args.rounds,
                     "points": args.points, "clock": clock_for(args, threads)},
         "budget": {"max_trials": args.trials},
-        "allocation": {"min_ratio": MIN_RATIO, **({"round_to": _round_to(args)} if objective == "latency" else {})},
+        "allocation": {"min_ratio": MIN_RATIO, **({"round_to": args.round_to} if objective == "latency" else {})},
         "space": {"method": "l1", "target": {"low": round(low, 2), "high": 0.9},
                   "allocation": ["uniform", "global", "searched"], "buckets": 3, "log_ratio": {"low": -1, "high": 1},
                   "residual": {"low": -1, "high": 1}, "epochs": b.case.epochs, "lr": b.case.lr,
                   "batch_size": b.case.batch_size},
     }
-
-
-def _round_to(args: Any) -> int | str:
-    value = getattr(args, "round_to", "1")
-    return value if value == "auto" else int(value)
 
 
 def _search(b: Any, work: Path, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -111,7 +106,7 @@ def plot(path: Path, points: Mapping[str, np.ndarray], title: str) -> None:
         front = pts[np.asarray(pareto_mask(pts, [True, False]))]
         front = front[np.argsort(front[:, 1])]
         ax.step(front[:, 1], front[:, 0], style, where="post", color=color, label=label, markersize=5)
-    common.save_front_plot(fig, ax, path, "measured latency, batch 1 (fraction of the base)", title, legend_size=8)
+    common.save_front_plot(fig, ax, path, "measured latency, batch 1 (fraction of the base)", title)
 
 
 def run_search_part(args: Any) -> tuple[common.Table, list[str]]:
@@ -147,17 +142,13 @@ def run_search_part(args: Any) -> tuple[common.Table, list[str]]:
 
 def _compare(args: Any, b: Any, rows: Mapping[str, list[dict[str, Any]]], ms: Sequence[float], floor: float,
              threads: int) -> tuple[common.Table, list[str]]:
-    i, points, every = 1, {}, []
-    for obj, rs in rows.items():
-        pts = []
-        for r in rs:
-            pts.append((float(r["val_acc"]), ms[i] / ms[0]))
-            every.append({"search": obj, "trial": r.get("number"), "val acc": float(r["val_acc"]),
-                          "MACs frac": r.get("macs_frac"), "latency frac (in its search)": r.get("latency_frac"),
-                          "latency frac (re-measured)": ms[i] / ms[0]})
-            i += 1
-        points[obj] = np.array(pts) if pts else np.zeros((0, 2))
+    every = [{"search": obj, "trial": r.get("number"), "val acc": float(r["val_acc"]), "MACs frac": r.get("macs_frac"),
+              "latency frac (in its search)": r.get("latency_frac")} for obj, rs in rows.items() for r in rs]
+    for e, t in zip(every, ms[1:]):  # ms: the base, then each model in the order of rows
+        e["latency frac (re-measured)"] = t / ms[0]
     write_points(Path(args.out) / f"{args.name}_points.csv", every)
+    points = {obj: np.array([(e["val acc"], e["latency frac (re-measured)"]) for e in every if e["search"] == obj])
+              .reshape(-1, 2) for obj in rows}
     fronts = _fronts(points)
     n_val = len(b.data.val)
     ups = speedups(points["latency"], fronts["macs"], n_val)
@@ -179,7 +170,7 @@ def _compare(args: Any, b: Any, rows: Mapping[str, list[dict[str, Any]]], ms: Se
     notes = (
         base_note,
         (f"Each search: {args.trials} trials, TPE, L1 with uniform / global / searched allocation, target in "
-        f"[low, 0.9] (latency search: low = max(0.3, fastest reachable {floor:.3f} + 0.05), round_to {_round_to(args)}), fine-tune "
+        f"[low, 0.9] (latency search: low = max(0.3, fastest reachable {floor:.3f} + 0.05), round_to {args.round_to}), fine-tune "
         f"{b.case.epochs} epochs on {len(b.data.train)} images, val split of {n_val} images."),
         (f"Every complete model of both searches re-measured in one interleaved run at batch 1, {threads} thread(s), "
         f"base {ms[0]:.3f} ms; the search's own trials measured latency with its other workers paused (one worker here)."),

@@ -147,10 +147,9 @@ def _print_shares(lm: Any, top: int) -> None:
         others = sum(ms for _, ms in ranked[top:])
         print(f"{f'({len(ranked) - top} more layers)':44s} {lm.scale * others:9.3f} "
               f"{100 * lm.scale * others / lm.base:6.1f}%")
-    if rest >= 0:
-        print(f"{'(unpruned rest: pooling, additions, overhead)':44s} {rest:9.3f} {100 * rest / lm.base:6.1f}%")
-    else:  # each layer timed alone pays the per-call overhead that the whole model pays once
-        print(f"{'(per-call overhead counted in each layer)':44s} {rest:9.3f} {100 * rest / lm.base:6.1f}%")
+    # negative: each layer timed alone pays the per-call overhead that the whole model pays once
+    label = "(unpruned rest: pooling, additions, overhead)" if rest >= 0 else "(per-call overhead counted in each layer)"
+    print(f"{label:44s} {rest:9.3f} {100 * rest / lm.base:6.1f}%")
 
 
 def _print_curve(model: Any, groups: Any, shape: tuple[int, int, int], lm: Any, cfg: Any,
