@@ -281,3 +281,39 @@ def test_the_latency_command_runs_on_onnxruntime(base_ckpt, capsys):
     assert "onnxruntime on" in out and "batch 1, 1 thread(s)" in out
     assert "latency model error on 3 random held-out width assignments" in out
     assert "MACs, global" in out and "speed-up" in out
+
+
+def test_a_width_off_the_multiple_of_8_pays_the_measured_misalignment_factor():
+    from autoprune.engine.latency import _misaligned
+
+    # the probe's interleaved rounds: 31 channels about 1.2x slower than 32 (fewer MACs), on a machine whose
+    # speed halves between rounds: the paired ratio does not move
+    assert _misaligned({32: (1.0, 2.0, 1.0, 2.0, 1.0), 31: (1.2, 2.4, 1.2, 2.4, 1.2)}, 32) == pytest.approx(1.2)
+    assert _misaligned({32: (1.0,) * 5, 31: (1.01,) * 5}, 32) == 1.0  # under 2 %: noise
+    assert _misaligned({32: (1.0,) * 5, 31: (1.2, 1.2, 0.9, 0.9, 1.3)}, 32) == 1.0  # rounds disagree
+    assert _misaligned({32: (1.0,) * 5, 31: (9.0,) * 5}, 32) == 1.5  # clamped
+    assert _misaligned({24: (1.0,) * 5, 23: (1.3,) * 5}, 32) == 1.0  # 32 was not probed
+    t = LayerTable((8, 64), (8, 64), ((1.0, 2.0), (2.0, 4.0)), block=8, misaligned_in=1.1, misaligned_out=1.2)
+    aligned = t.at(32, 32)
+    assert t.at(32, 31) == pytest.approx(aligned * 1.2)  # 31 rounds up to 32, then pays the factor
+    assert t.at(31, 32) == pytest.approx(aligned * 1.1)
+    assert t.at(31, 31) == pytest.approx(aligned * 1.1 * 1.2)
+    assert LayerTable.from_dict(t.to_dict()) == t
+    odd_full = LayerTable((8, 60), (8, 60), ((1.0, 2.0), (2.0, 4.0)), block=8, misaligned_out=1.2)
+    assert odd_full.at(60, 59) == odd_full.at(60, 60)  # rounds up to the full width, measured as it is
+    dw = LayerTable((8, 64), (8, 64), ((1.0, 2.0), (2.0, 4.0)), block=8, depthwise=True, misaligned_out=1.2)
+    assert dw.at(31, 31) == pytest.approx(dw.at(32, 32) * 1.2)  # depthwise: one factor
+
+
+def test_the_ablation_without_misalignment_drops_every_factor():
+    from dataclasses import replace
+
+    from autoprune.engine.latency import without_misalignment
+
+    _, _, groups, _, lm, _ = _synthetic("mobilenetv2", block=8)
+    tables = {k: replace(t, misaligned_in=1.3, misaligned_out=1.3) for k, t in lm.tables.items()}
+    odd = LatencyModel(lm.cost, lm.layers, tables, 1.0, lm.const, 1.0, {}, lm.multiples)
+    widths = {g.name: max(1, g.channels // 2 - 1) for g in groups if g.prunable}  # off the multiple of 8
+    plain = without_misalignment(odd, groups)
+    assert plain.value(widths) == pytest.approx(lm.value(widths))
+    assert odd.value(widths) > plain.value(widths)

@@ -40,3 +40,26 @@ def test_the_comparison_writes_every_model_and_says_whether_the_goal_is_met(tmp_
     assert [(p["search"], p["trial"]) for p in points] == [("latency", "0"), ("latency", "1"), ("macs", "0")]
     assert [float(p["latency frac (re-measured)"]) for p in points] == pytest.approx([0.6, 0.4, 0.9])
     assert (tmp_path / "ls_fronts.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("channels", [3, 8, 16, 24, 64, 96, 160, 1280])
+@pytest.mark.parametrize("f", [0.75, 0.5, 0.3])
+def test_the_align_part_compares_a_multiple_of_8_with_one_channel_below_it(channels, f):
+    from autoprune.benchmarks.latency_align import variant_widths
+
+    w = variant_widths(channels, f)
+    assert all(1 <= v <= channels for v in w.values())
+    assert w["r8"] % 8 == 0 or w["r8"] == channels  # a group under 8 channels keeps all of them
+    assert w["r8 - 1"] == max(1, w["r8"] - 1) and w["as is"] == max(1, round(f * channels))
+    assert abs(w["r8"] - f * channels) <= 4 or channels < 8 or w["r8"] == 8
+
+
+def test_the_align_part_writes_its_table(tmp_path, monkeypatch):
+    from autoprune.benchmarks import latency_align, latency_search
+
+    monkeypatch.setattr(latency_align, "FRACTIONS", (0.5,))
+    monkeypatch.setattr(latency_align, "runtimes", lambda: ["torch"])
+    assert latency_search.main(["--parts", "align", "--models", "resnet56", "--batches", "1", "--thread-counts",
+                                "1", "--rounds", "1", "--out", str(tmp_path), "--name", "a"]) == 0
+    md = (tmp_path / "a.md").read_text()
+    assert "Width rounding: on and off a multiple of 8" in md and "| resnet56 (32) | torch | 1 | 1 |" in md

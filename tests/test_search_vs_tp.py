@@ -83,7 +83,8 @@ def test_any_data_and_base(tmp_path, base_ckpt):
     save_base(tmp_path / "base.pt", model, spec, case.data, {"val_acc": 0.0})
     assert bench.main(["--data", f"npz:{tmp_path / 'd.npz'}", "--base", str(tmp_path / "base.pt"), "--model",
                        "small_cnn", "--ft-subset", "0", "--seeds", "0", "--targets", "0.5", "0.3",
-                       "--theirs", "tp magnitude", "tp bnscale", "--rerun", "1", "--out", str(tmp_path / "out")]) == 0
+                       "--theirs", "tp magnitude", "tp bnscale", "--singles", "l1", "--rerun", "1",
+                       "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "search_vs_tp_d_ftall.md").read_text()
     main_row = next(line for line in md.splitlines() if line.startswith("| 0 |"))
     assert " | 0 (0 / " not in main_row  # the search ran trials within the sweep's measured seconds

@@ -14,6 +14,9 @@ base timed beside the variants), at 1 and 2 torch threads, PyTorch eager on the 
    search with objectives [val_acc, latency] and one with [val_acc, macs], same budget; every complete
    model of both re-measured at batch 1 in one interleaved run; hypervolume in (val acc, measured
    latency fraction) and the speed-up at equal accuracy (within one standard error); one plot.
+4. ``align``: what width rounding gains per runtime (PyTorch eager, and ONNX Runtime where installed):
+   the same uniform prune with widths rounded to a multiple of 8, one channel below it, and as a uniform
+   prune leaves them (:mod:`.latency_align`).
 
     python -m autoprune.benchmarks.latency_search                   # everything (tens of minutes)
     python -m autoprune.benchmarks.latency_search --quick           # CI-sized: ResNet-56 only, few trials
@@ -35,13 +38,14 @@ from torch import nn
 from ..engine import pruning as engine
 from ..engine.cost import count_macs
 from ..engine.graph import find_groups
-from ..engine.latency import build_latency_model, measure_models
+from ..engine.latency import build_latency_model, measure_models, without_misalignment
 from ..engine.latency_table import LatencyConfig, device_name
 from ..engine.latency_validate import validate
 from ..errors import AutopruneError
 from ..models.registry import create_model
 from . import common
 from .latency import MODELS, TARGETS  # the same models and targets as the latency benchmark
+from .latency_align import align_rows, align_table
 from .latency_search_runs import clock_for, run_search_part
 
 log = logging.getLogger(__name__)
@@ -96,11 +100,15 @@ def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Seque
             build_s = time.perf_counter() - start
             row: dict[str, Any] = {"model": label, "batch": batch, "threads": threads, "clock": cfg.clock,
                                    "tables": len(lm.tables),
+                                   "misaligned": sum(max(t.misaligned_in, t.misaligned_out) > 1
+                                                     for t in lm.tables.values()),
                                    "build s": build_s, "spread %": 100 * float(lm.info.get("spread", 0.0)),
                                    "base ms": lm.measured_base_ms, "scale": lm.scale, "const ms": lm.const}
             if "model" in args.parts and args.validate:
-                v = validate(model, groups, lm, shape, cfg, n=args.validate)
+                v = validate(model, groups, lm, shape, cfg, n=args.validate,
+                             others={"plain": without_misalignment(lm, groups)})
                 row.update({"median err %": 100 * v.median_rel_err, "p90 err %": 100 * v.p90_rel_err,
+                            "no misalign. err %": 100 * v.others_median_rel_err["plain"],
                             "Spearman": v.spearman, "median frac err %": 100 * v.median_frac_err,
                             "met": "yes" if v.median_rel_err <= 0.10 and v.spearman >= 0.9 else "no"})
             err_rows.append(row)
@@ -183,7 +191,7 @@ def _round_to(text: str) -> int | str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--parts", nargs="+", choices=("model", "targets", "search"), default=None,
+    p.add_argument("--parts", nargs="+", choices=("model", "targets", "search", "align"), default=None,
                    help="which parts (default: all)")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None, help="models (default: all)")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 32)")
@@ -207,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--load-note", default="", help="what else ran on the machine, for the table header")
     args = p.parse_args(argv)
     common.setup(args)
-    args.parts = args.parts or ["model", "targets", "search"]
+    args.parts = args.parts or ["model", "targets", "search", "align"]
     args.validate = args.validate if args.validate is not None else (8 if args.quick else 30)
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.trials = args.trials or (4 if args.quick else 12)
@@ -243,6 +251,10 @@ def _run(args: Any, names: Sequence[str], batches: Sequence[int], threads_list: 
         for name in names:
             model_rows(name, args, batches, threads_list, err_rows, tgt_rows, save)
     tables = save(echo=True)
+    if "align" in args.parts:
+        rows = [r for name in names for r in align_rows(name, batches, threads_list, args.rounds,
+                                                       lambda t: clock_for(args, t))]
+        tables.append(align_table(rows, where))
     preamble: list[str] = []
     if "search" in args.parts:
         table, notes = run_search_part(args)
@@ -261,9 +273,13 @@ def _error_table(rows: list[dict[str, Any]], args: Any, where: str) -> common.Ta
              "[0.2, 1], each group jittered x0.7..1.3, odd widths included), none used to fit; measured end to end "
              "with the base in the same interleaved rounds. 'median frac err' compares fractions of the base."),
              "Done when: median error <= 10 % and Spearman >= 0.9 on every row ('met').",
+             ("'misaligned': tables whose probe found a width off the multiple of 8 slower than the multiple itself "
+              "(the factor the model applies to such widths). 'no misalign. err %': the median error of the same tables with every misalignment factor set to 1 "
+              "(scale and constant refitted to the same calibration timings), on the same validation timings: what "
+              "modelling widths off a multiple of 8 gains."),
              f"Median of the rows' median errors: {statistics.median(med):.1f} %." if med else "No validation run.")
-    cols = ("model", "batch", "threads", "clock", "tables", "build s", "spread %", "base ms", "scale", "const ms",
-            "median err %", "p90 err %", "Spearman", "median frac err %", "met")
+    cols = ("model", "batch", "threads", "clock", "tables", "misaligned", "build s", "spread %", "base ms", "scale", "const ms",
+            "median err %", "p90 err %", "Spearman", "median frac err %", "no misalign. err %", "met")
     return common.Table("model", "Latency model error on held-out width assignments", cols, tuple(rows), notes)
 
 

@@ -45,7 +45,7 @@ from ..errors import AutopruneError
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnxruntime")
-TABLE_FORMAT = "autoprune.latency/1"
+TABLE_FORMAT = "autoprune.latency/2"  # /2: tables carry misalignment factors
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU)
 
 
@@ -196,10 +196,12 @@ def _sync(cfg: LatencyConfig) -> None:
 
 @dataclass(frozen=True)
 class Timing:
-    """One candidate's latency: median ms over rounds and the rounds' range over the median."""
+    """One candidate's latency: median ms over rounds, the rounds' range over the median, and each round's
+    ms (interleaved with the other candidates', so two candidates' rounds pair up)."""
 
     ms: float
     spread: float  # (max - min) / median over rounds
+    rounds: tuple[float, ...] = ()
 
 
 def time_runners(runners: Sequence[Callable[[], Any]], cfg: LatencyConfig, rounds: int | None = None,
@@ -236,7 +238,7 @@ def time_runners(runners: Sequence[Callable[[], Any]], cfg: LatencyConfig, round
     out = []
     for t in per:
         med = statistics.median(t)
-        out.append(Timing(ms=med, spread=(max(t) - min(t)) / med if med > 0 else 0.0))
+        out.append(Timing(ms=med, spread=(max(t) - min(t)) / med if med > 0 else 0.0, rounds=tuple(t)))
     return out
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -60,6 +60,7 @@ class Validation:
     median_frac_err: float  # the same on fractions of the base measured in the same rounds
     predicted_ms: tuple[float, ...] = ()
     measured_ms: tuple[float, ...] = ()
+    others_median_rel_err: Mapping[str, float] = field(default_factory=dict)  # the same, for ``others``
 
 
 def _quantile(v: Sequence[float], q: float) -> float:
@@ -70,8 +71,10 @@ def _quantile(v: Sequence[float], q: float) -> float:
 
 
 def validate(model: nn.Module, groups: Sequence[ChannelGroup], lm: LatencyModel, input_shape: Sequence[int],
-             cfg: LatencyConfig, n: int = 30, seed: int = 1234) -> Validation:
-    """Measure ``n`` random width assignments (and the base, interleaved) and compare with ``lm``."""
+             cfg: LatencyConfig, n: int = 30, seed: int = 1234,
+             others: Mapping[str, LatencyModel] | None = None) -> Validation:
+    """Measure ``n`` random width assignments (and the base, interleaved) and compare with ``lm``; each of
+    ``others`` (other latency models of the same model, e.g. an ablation) is scored on the same timings."""
     rng = random.Random(seed)
     assignments = [random_widths(groups, rng) for _ in range(n)]
     models = [model.eval()]
@@ -81,8 +84,10 @@ def validate(model: nn.Module, groups: Sequence[ChannelGroup], lm: LatencyModel,
     predicted = [lm.value(w) for w in assignments]
     rel = [abs(p - m) / m for p, m in zip(predicted, measured[1:])]
     frac = [abs(p / lm.base - m / measured[0]) / (m / measured[0]) for p, m in zip(predicted, measured[1:])]
+    alt = {k: statistics.median(abs(o.value(w) - m) / m for w, m in zip(assignments, measured[1:]))
+           for k, o in (others or {}).items()}
     return Validation(n=n, median_rel_err=statistics.median(rel), p90_rel_err=_quantile(rel, 0.9),
                       spearman=spearman(predicted, measured[1:]), median_frac_err=statistics.median(frac),
-                      predicted_ms=tuple(predicted), measured_ms=tuple(measured[1:]))
+                      predicted_ms=tuple(predicted), measured_ms=tuple(measured[1:]), others_median_rel_err=alt)
 
 
