@@ -317,3 +317,16 @@ def test_the_ablation_without_misalignment_drops_every_factor():
     plain = without_misalignment(odd, groups)
     assert plain.value(widths) == pytest.approx(lm.value(widths))
     assert odd.value(widths) > plain.value(widths)
+
+
+@pytest.mark.parametrize("round_to", [1, 8, "auto"])
+def test_the_floor_widths_are_what_the_allocator_reaches_at_the_lowest(round_to):
+    from autoprune.engine.allocate import floor_widths
+
+    _, _, groups, _, lm, scores = _synthetic("resnet20", block=8, multiple=8)
+    cfg = AllocationConfig(mode="uniform", round_to=round_to)
+    floor = lm.value(floor_widths(groups, cfg, lm)) / lm.base
+    with pytest.raises(AutopruneError, match=f"smallest reachable fraction is {floor:.3f}"):
+        allocate(groups, scores, lm, floor - 0.01, cfg)
+    widths = allocate(groups, scores, lm, floor + 0.005, cfg)
+    assert lm.value(widths) / lm.base <= floor + 0.005

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.allocate import AllocationConfig, floor_widths
 from ..engine.graph import find_groups
 from ..engine.latency import build_latency_model, measure_models
 from ..engine.latency_table import LatencyConfig
@@ -126,7 +127,9 @@ def run_search_part(args: Any) -> tuple[common.Table, list[str]]:
                                 clock=clock_for(args, threads))
             groups = find_groups(b.model, shape)
             lm = build_latency_model(b.model, groups, shape, cfg)
-            floor = lm.value({g.name: max(1, math.ceil(MIN_RATIO * g.channels)) for g in groups if g.prunable}) / lm.base
+            # the fastest the latency search's allocation can reach (its min ratio and round_to)
+            acfg = AllocationConfig(min_ratio=MIN_RATIO, round_to=args.round_to)
+            floor = lm.value(floor_widths(groups, acfg, lm)) / lm.base
             rows = {obj: _search(b, work, _spec(b, base, obj, max(0.3, floor + 0.05) if obj == "latency" else 0.3,
                                                 args, threads))
                     for obj in ("latency", "macs")}

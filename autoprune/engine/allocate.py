@@ -99,6 +99,14 @@ def width_bounds(g: ChannelGroup, cfg: AllocationConfig, step: int | None = None
     return _round_up(min(low, g.channels), step, g.channels), g.channels
 
 
+def floor_widths(groups: Sequence[ChannelGroup], cfg: AllocationConfig, cost: object = None) -> dict[str, int]:
+    """The narrowest widths an allocation under ``cfg`` may give the prunable groups (minimum widths and
+    ratio, rounded to their step); ``cost.value`` of them is the fastest reachable cost (the floor)."""
+    prunable = [g for g in groups if g.prunable]
+    steps = round_steps(prunable, cfg, cost)
+    return {g.name: width_bounds(g, cfg, steps[g.name])[0] for g in prunable}
+
+
 def _normalised(scores: torch.Tensor, how: str) -> torch.Tensor:
     s = scores.detach().double().cpu().clamp_min(0)
     if how == "mean":
