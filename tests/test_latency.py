@@ -284,7 +284,7 @@ def test_the_latency_command_runs_on_onnxruntime(base_ckpt, capsys):
 
 
 def test_a_width_off_the_multiple_of_8_pays_the_measured_misalignment_factor():
-    from autoprune.engine.latency import _misaligned
+    from autoprune.engine.latency_layers import misaligned_factor as _misaligned
 
     # the probe's interleaved rounds: 31 channels about 1.2x slower than 32 (fewer MACs), on a machine whose
     # speed halves between rounds: the paired ratio does not move

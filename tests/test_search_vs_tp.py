@@ -39,6 +39,9 @@ def test_differences_are_judged_against_two_standard_errors_and_test_follows_the
     side = Side("x", rows=[{"val_acc": 0.9, "macs_frac": 0.3, "test_acc": 0.80},
                            {"val_acc": 0.8, "macs_frac": 0.29, "test_acc": 0.85}])
     assert _test_at(side, 0.3) == 0.80  # chosen on validation, whatever the test says
+    # a tie on validation: the cheaper point is the front's (the only one whose test accuracy is read)
+    tie = Side("x", rows=[{"val_acc": 0.9, "macs_frac": 0.3}, {"val_acc": 0.9, "macs_frac": 0.2, "test_acc": 0.88}])
+    assert _test_at(tie, 0.3) == 0.88
 
 
 def test_ablation_rows_compare_each_seed_and_judge_the_mean_against_two_standard_errors():

@@ -84,7 +84,8 @@ def _test_at(side: Side, macs: float) -> float | None:
     rows = [r for r in side.rows if r.get("val_acc") is not None and r["macs_frac"] <= macs + TOL]
     if not rows:
         return None
-    return max(rows, key=lambda r: r["val_acc"]).get("test_acc")
+    # a tie in validation accuracy goes to the cheaper point: the one on the front, whose test accuracy was read
+    return max(rows, key=lambda r: (r["val_acc"], -r["macs_frac"])).get("test_acc")
 
 
 def _diff(a: float | None, c: float | None, n: int) -> str | None:

@@ -24,7 +24,6 @@ random held-out width assignments.
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import logging
@@ -32,7 +31,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -41,6 +40,7 @@ from torch import nn
 from .. import progress
 from .cost import WidthCost
 from .graph import ChannelGroup
+from .latency_layers import LayerTable, misaligned_factor, round_up
 from .latency_table import (
     BlockGeom,
     LatencyConfig,
@@ -57,93 +57,7 @@ from .latency_table import (
 log = logging.getLogger(__name__)
 
 PROBE_MULTIPLES = (1, 8, 16, 32)
-ALIGN = 8  # a width off this multiple pays the table's measured misalignment factor
-MISALIGNED_MAX = 1.5  # the factor is clamped to [1, this]; within the measurements' noise it is 1
-MISALIGNED_MIN = 1.02  # a smaller median slowdown is taken as none
 CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.3)  # uniform width fractions fitting scale and const
-
-
-def _round_up(n: int, step: int, cap: int) -> int:
-    return min(cap, step * math.ceil(n / step))
-
-
-@dataclass(frozen=True)
-class LayerTable:
-    """Measured latency (ms) of one block geometry over a grid of (input, output) widths."""
-
-    in_pts: tuple[int, ...]
-    out_pts: tuple[int, ...]
-    ms: tuple[tuple[float, ...], ...]  # ms[i][j]: in_pts[i] inputs, out_pts[j] outputs (monotone)
-    block: int  # widths are rounded up to a multiple of this before interpolation
-    depthwise: bool = False
-    spread: float = 0.0  # median spread of the measurements (rounds' range / median)
-    # latency at w - 1 over latency at w (w a multiple of ALIGN), per dimension: the cost of a width off
-    # the multiple of ALIGN beyond rounding up to the block (1.0: none measured)
-    misaligned_in: float = 1.0
-    misaligned_out: float = 1.0
-
-    def at(self, cin: int, cout: int) -> float:
-        if self.depthwise:
-            cin = cout = min(cin, cout)
-        ms = _bilinear(self.in_pts, self.out_pts, self.ms, _round_up(cin, self.block, self.in_pts[-1]),
-                       _round_up(cout, self.block, self.out_pts[-1]))
-        if _off(cout, self.out_pts[-1], self.block):
-            ms *= self.misaligned_out
-        if not self.depthwise and _off(cin, self.in_pts[-1], self.block):
-            ms *= self.misaligned_in
-        return ms
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"in": list(self.in_pts), "out": list(self.out_pts), "ms": [list(r) for r in self.ms],
-                "block": self.block, "depthwise": self.depthwise, "spread": self.spread,
-                "misaligned_in": self.misaligned_in, "misaligned_out": self.misaligned_out}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LayerTable:
-        return cls(tuple(int(v) for v in d["in"]), tuple(int(v) for v in d["out"]),
-                   tuple(tuple(float(v) for v in r) for r in d["ms"]), int(d["block"]), bool(d["depthwise"]),
-                   float(d.get("spread", 0.0)), float(d.get("misaligned_in", 1.0)),
-                   float(d.get("misaligned_out", 1.0)))
-
-
-def _off(c: int, full: int, block: int) -> bool:
-    """Whether width ``c`` pays the misalignment factor: off the multiple of ALIGN, unless it rounds up to
-    a full width that is itself off it (the table measured that width as it is)."""
-    if c % ALIGN == 0:
-        return False
-    return not (full % ALIGN and _round_up(c, block, full) == full)
-
-
-def _misaligned(rounds: Mapping[int, Sequence[float]], w: int) -> float:
-    """The misalignment factor from interleaved rounds: the median over rounds of ms[w - 1] / ms[w] (paired
-    within a round, so a machine that slows down between rounds does not move it), clamped to
-    [1, MISALIGNED_MAX]; 1 unless it is above MISALIGNED_MIN and at least 80 % of the rounds agree."""
-    if w % ALIGN or (w - 1) not in rounds or w not in rounds:
-        return 1.0
-    ratios = [a / b for a, b in zip(rounds[w - 1], rounds[w]) if b > 0]
-    if not ratios:
-        return 1.0
-    r = statistics.median(ratios)
-    agree = sum(x > 1.0 for x in ratios) / len(ratios)
-    return min(r, MISALIGNED_MAX) if r > MISALIGNED_MIN and agree >= 0.8 else 1.0
-
-
-def _interp_axis(pts: Sequence[int], x: float) -> tuple[int, int, float]:
-    if len(pts) == 1 or x <= pts[0]:
-        return 0, 0, 0.0
-    if x >= pts[-1]:
-        return len(pts) - 1, len(pts) - 1, 0.0
-    j = bisect.bisect_right(pts, x)
-    i = j - 1
-    return i, j, (x - pts[i]) / (pts[j] - pts[i])
-
-
-def _bilinear(xs: Sequence[int], ys: Sequence[int], v: Sequence[Sequence[float]], x: float, y: float) -> float:
-    i0, i1, tx = _interp_axis(xs, x)
-    j0, j1, ty = _interp_axis(ys, y)
-    top = v[i0][j0] * (1 - ty) + v[i0][j1] * ty
-    bottom = v[i1][j0] * (1 - ty) + v[i1][j1] * ty
-    return top * (1 - tx) + bottom * tx
 
 
 class LatencyModel:
@@ -253,14 +167,14 @@ def _block_from_probe(w: int, ms: Mapping[int, float]) -> int:
 def _axis(full: int, lo: int, block: int, points: int, varies: bool) -> tuple[int, ...]:
     if not varies:
         return (full,)
-    lo = _round_up(max(1, lo), block, full)
-    pts = {full, lo} | {_round_up(round(lo + (full - lo) * i / (points - 1)), block, full) for i in range(points)}
+    lo = round_up(max(1, lo), block, full)
+    pts = {full, lo} | {round_up(round(lo + (full - lo) * i / (points - 1)), block, full) for i in range(points)}
     return tuple(sorted(pts))
 
 
 def _runner(b: BlockGeom, cin: int, cout: int, cfg: LatencyConfig) -> Callable[[], Any]:
     if b.groups > 1 and not b.depthwise:  # a grouped conv keeps its groups: widths in multiples of them
-        cin, cout = _round_up(cin, b.groups, 10**9), _round_up(cout, b.groups, 10**9)
+        cin, cout = round_up(cin, b.groups, 10**9), round_up(cout, b.groups, 10**9)
     torch.manual_seed(0)
     module, shape = b.build(cin, cout)
     return make_runner(module, shape, cfg)
@@ -301,7 +215,7 @@ def _tables(ranges: Mapping[str, tuple[BlockGeom, int, int]], cfg: LatencyConfig
         i += len(pts)
         if k not in blocks:
             blocks[k] = _block_from_probe(w, {x: t.ms for x, t in got.items()})
-        odd[(k, dim)] = _misaligned({x: t.rounds for x, t in got.items()}, w)
+        odd[(k, dim)] = misaligned_factor({x: t.rounds for x, t in got.items()}, w)
     grid: list[tuple[str, int, int]] = []
     axes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for k, (b, lin, lout) in ranges.items():
