@@ -189,7 +189,8 @@ def allocate(
     if floor > budget:
         raise AutopruneError(
             f"{cost.unit} target {target:.3f} is unreachable: the smallest reachable fraction is "
-            f"{floor / cost.base:.3f} (min widths, unprunable groups); raise the target or lower min_ratio")
+            f"{math.ceil(floor / cost.base * 1000) / 1000:.3f} (min widths, unprunable groups, rounded up); "
+            "raise the target or lower min_ratio")
     above = None
     if cost.value(shape.widths(1.0)) <= budget:
         widths = shape.widths(1.0)

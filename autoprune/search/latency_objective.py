@@ -127,10 +127,10 @@ class PausePoint:
 def warn_unreachable(spec: Any, groups: Sequence[Any], lm: Any) -> None:
     """Warn once per worker when the sampled targets reach below the fastest reachable latency fraction
     (those trials fail with one line naming it; at batch 1 framework overhead sets a floor)."""
-    from ..engine.allocate import AllocationConfig, width_bounds
+    from ..engine.allocate import AllocationConfig, floor_widths
 
     cfg = AllocationConfig(**{k: v for k, v in dict(spec.allocation).items()})
-    floor = lm.value({g.name: width_bounds(g, cfg)[0] for g in groups if g.prunable}) / lm.base
+    floor = lm.value(floor_widths(groups, cfg, lm)) / lm.base  # with round_to (auto: the model's multiples)
     target = spec.space.get("target")
     low = getattr(target, "low", None)
     if low is None and isinstance(target, list):
