@@ -308,15 +308,19 @@ def test_a_width_off_the_multiple_of_8_pays_the_measured_misalignment_factor():
 def test_the_ablation_without_misalignment_drops_every_factor():
     from dataclasses import replace
 
-    from autoprune.engine.latency import without_misalignment
+    from autoprune.engine.latency import CALIBRATION_FRACTIONS, uniform_widths, without_misalignment
 
     _, _, groups, _, lm, _ = _synthetic("mobilenetv2", block=8)
     tables = {k: replace(t, misaligned_in=1.3, misaligned_out=1.3) for k, t in lm.tables.items()}
-    odd = LatencyModel(lm.cost, lm.layers, tables, 1.0, lm.const, 1.0, {}, lm.multiples)
+    # calibration timings that the factor-free tables explain exactly with scale 1.5 and const 0.2 ms
+    calib = [1.5 * (lm.value(uniform_widths(groups, f)) - lm.const) + 0.2 for f in CALIBRATION_FRACTIONS]
+    odd = LatencyModel(lm.cost, lm.layers, tables, 1.0, lm.const, 1.0, {"calibration_ms": calib}, lm.multiples)
     widths = {g.name: max(1, g.channels // 2 - 1) for g in groups if g.prunable}  # off the multiple of 8
     plain = without_misalignment(odd, groups)
-    assert plain.value(widths) == pytest.approx(lm.value(widths))
-    assert odd.value(widths) > plain.value(widths)
+    assert (plain.scale, plain.const) == (pytest.approx(1.5), pytest.approx(0.2))  # refitted, not copied
+    assert all(t.misaligned_in == t.misaligned_out == 1.0 for t in plain.tables.values())
+    assert plain.value(widths) == pytest.approx(1.5 * (lm.value(widths) - lm.const) + 0.2)
+    assert odd.value(widths) > (plain.value(widths) - 0.2) / 1.5 + lm.const  # the factor costs time
 
 
 @pytest.mark.parametrize("round_to", [1, 8, "auto"])
@@ -331,3 +335,29 @@ def test_the_floor_widths_are_what_the_allocator_reaches_at_the_lowest(round_to)
     allocate(groups, scores, lm, math.ceil(floor * 1000) / 1000, cfg)  # the fraction named is reachable
     widths = allocate(groups, scores, lm, floor + 0.005, cfg)
     assert lm.value(widths) / lm.base <= floor + 0.005
+
+
+def test_a_depthwise_probe_narrows_the_layer_and_a_penalised_grid_stays_on_multiples_of_8(monkeypatch):
+    from autoprune.engine import latency
+    from autoprune.engine.latency_table import BlockGeom, Timing
+
+    dw = BlockGeom("conv", 64, 64, 64, (3, 3), (1, 1), (1, 1), (1, 1), False, True, True, "ReLU", (64, 8, 8))
+    built: list[tuple[int, int]] = []
+
+    def fake_measure(points, cfg, name):  # 31 channels 1.3x slower than 32, otherwise proportional
+        out = []
+        for b, cin, cout in points:
+            module, _ = b.build(cin, cout)
+            built.append((module[0].in_channels, module[0].out_channels))
+            ms = cout / 64 * (1.3 if cout % 8 else 1.0)
+            out.append(Timing(ms, 0.0, (ms,) * 5))
+        return out
+
+    monkeypatch.setattr(latency, "_measure", fake_measure)
+    tables = latency._tables({dw.key(): (dw, 4, 4)}, LatencyConfig(points=5))
+    probes = built[:5]
+    assert len({c for c, _ in probes}) == 5 and (63, 63) in probes  # the probe really times narrower convs
+    t = tables[dw.key()]
+    assert t.misaligned_out == pytest.approx(1.3 * 63 / 64) and t.depthwise
+    assert all(w % 8 == 0 for w in t.out_pts)  # grid points off 8 would hold the slow path already
+    assert t.at(31, 31) == pytest.approx(t.at(32, 32) * 1.3 * 63 / 64)

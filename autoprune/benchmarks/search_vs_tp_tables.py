@@ -85,7 +85,7 @@ def _test_at(side: Side, macs: float) -> float | None:
     if not rows:
         return None
     # a tie in validation accuracy goes to the cheaper point: the one on the front, whose test accuracy was read
-    return max(rows, key=lambda r: (r["val_acc"], -r["macs_frac"])).get("test_acc")
+    return max(rows, key=lambda r: (r["val_acc"], -r["macs_frac"], r.get("test_acc") is not None)).get("test_acc")
 
 
 def _diff(a: float | None, c: float | None, n: int) -> str | None:

@@ -40,7 +40,7 @@ from torch import nn
 from .. import progress
 from .cost import WidthCost
 from .graph import ChannelGroup
-from .latency_layers import LayerTable, misaligned_factor, round_up
+from .latency_layers import ALIGN, LayerTable, misaligned_factor, round_up
 from .latency_table import (
     BlockGeom,
     LatencyConfig,
@@ -205,7 +205,8 @@ def _tables(ranges: Mapping[str, tuple[BlockGeom, int, int]], cfg: LatencyConfig
     flat = []
     for k, dim, _, pts in probes:
         b = ranges[k][0]
-        flat += [(b, b.in_ch, x) if dim == "out" else (b, x, b.out_ch) for x in pts]
+        # a depthwise conv has one width (in = out): both must move, or every probe builds the full layer
+        flat += [(b, x, x) if b.depthwise else (b, b.in_ch, x) if dim == "out" else (b, x, b.out_ch) for x in pts]
     timed = _measure(flat, cfg, "latency probes") if flat else []
     blocks: dict[str, int] = {}
     odd: dict[tuple[str, str], float] = {}
@@ -220,8 +221,11 @@ def _tables(ranges: Mapping[str, tuple[BlockGeom, int, int]], cfg: LatencyConfig
     axes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for k, (b, lin, lout) in ranges.items():
         blk = blocks.get(k, 1)
-        outs = _axis(b.out_ch, lout, blk, cfg.points, lout < b.out_ch)
-        ins = outs if b.depthwise else _axis(b.in_ch, lin, blk, cfg.points, lin < b.in_ch)
+        # where a dimension pays the misalignment factor, its grid stays on multiples of ALIGN: a grid
+        # point off them would already hold the slow path, and at() would charge it twice
+        step = {d: max(blk, ALIGN) if odd.get((k, d), 1.0) > 1.0 else blk for d in ("in", "out")}
+        outs = _axis(b.out_ch, lout, step["out"], cfg.points, lout < b.out_ch)
+        ins = outs if b.depthwise else _axis(b.in_ch, lin, step["in"], cfg.points, lin < b.in_ch)
         axes[k] = (ins, outs)
         grid += [(k, ci, co) for ci in ins for co in outs if not b.depthwise or ci == co]
     timed = _measure([(ranges[k][0], ci, co) for k, ci, co in grid], cfg, "latency table")
