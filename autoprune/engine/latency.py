@@ -12,7 +12,8 @@ step function of width: a probe per table finds the block ``B`` (the smallest mu
 / 32 whose removal saves latency in proportion), the grid is measured at multiples of ``B`` and a
 width is rounded up to its block before bilinear interpolation. A width that is not a multiple of 8
 runs a slower kernel path on top of that (a pruned MobileNetV2 at 8k - 1 channels everywhere measured
-5-14 % slower than at 8k, with fewer MACs): the probe also times ``w - 1`` against ``w`` for each
+5-21 % slower than at 8k in PyTorch eager and 2.1-2.8x in ONNX Runtime, with fewer MACs; the ``align``
+part of :mod:`autoprune.benchmarks.latency_search`): the probe also times ``w - 1`` against ``w`` for each
 varying dimension, and that ratio multiplies a layer's latency when its width in that dimension is
 off the multiple of 8. The predicted latency of a width
 assignment is ``scale x sum(layer latencies) + const``, where ``scale`` and ``const`` (the unpruned
