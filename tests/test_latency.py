@@ -284,15 +284,15 @@ def test_the_latency_command_runs_on_onnxruntime(base_ckpt, capsys):
 
 
 def test_a_width_off_the_multiple_of_8_pays_the_measured_misalignment_factor():
-    from autoprune.engine.latency_layers import misaligned_factor as _misaligned
+    from autoprune.engine.latency_layers import misaligned_factor
 
     # the probe's interleaved rounds: 31 channels about 1.2x slower than 32 (fewer MACs), on a machine whose
     # speed halves between rounds: the paired ratio does not move
-    assert _misaligned({32: (1.0, 2.0, 1.0, 2.0, 1.0), 31: (1.2, 2.4, 1.2, 2.4, 1.2)}, 32) == pytest.approx(1.2)
-    assert _misaligned({32: (1.0,) * 5, 31: (1.01,) * 5}, 32) == 1.0  # under 2 %: noise
-    assert _misaligned({32: (1.0,) * 5, 31: (1.2, 1.2, 0.9, 0.9, 1.3)}, 32) == 1.0  # rounds disagree
-    assert _misaligned({32: (1.0,) * 5, 31: (9.0,) * 5}, 32) == 1.5  # clamped
-    assert _misaligned({24: (1.0,) * 5, 23: (1.3,) * 5}, 32) == 1.0  # 32 was not probed
+    assert misaligned_factor({32: (1.0, 2.0, 1.0, 2.0, 1.0), 31: (1.2, 2.4, 1.2, 2.4, 1.2)}, 32) == pytest.approx(1.2)
+    assert misaligned_factor({32: (1.0,) * 5, 31: (1.01,) * 5}, 32) == 1.0  # under 2 %: noise
+    assert misaligned_factor({32: (1.0,) * 5, 31: (1.2, 1.2, 0.9, 0.9, 1.3)}, 32) == 1.0  # rounds disagree
+    assert misaligned_factor({32: (1.0,) * 5, 31: (9.0,) * 5}, 32) == 1.5  # clamped
+    assert misaligned_factor({24: (1.0,) * 5, 23: (1.3,) * 5}, 32) == 1.0  # 32 was not probed
     t = LayerTable((8, 64), (8, 64), ((1.0, 2.0), (2.0, 4.0)), block=8, misaligned_in=1.1, misaligned_out=1.2)
     aligned = t.at(32, 32)
     assert t.at(32, 31) == pytest.approx(aligned * 1.2)  # 31 rounds up to 32, then pays the factor

@@ -19,6 +19,7 @@ import torch
 from ..engine.cost import count_macs
 from ..engine.graph import find_groups
 from ..engine.latency import measure_models, pruned_copy
+from ..engine.latency_layers import ALIGN
 from ..engine.latency_table import LatencyConfig, check_runtime
 from ..errors import AutopruneError
 from ..models.registry import create_model
@@ -28,7 +29,6 @@ from .latency import MODELS
 log = logging.getLogger(__name__)
 
 FRACTIONS = (0.75, 0.5, 0.3)
-ALIGN = 8
 VARIANTS = ("as is", "r8", "r8 - 1")
 
 
@@ -62,13 +62,13 @@ def align_rows(name: str, batches: Sequence[int], threads_list: Sequence[int], r
     copies = {(f, v): pruned_copy(model, groups, {g.name: variant_widths(g.channels, f)[v] for g in groups})
               for f in FRACTIONS for v in VARIANTS}
     macs = {k: count_macs(m, shape) / base_macs for k, m in copies.items()}
+    keys = list(copies)
     rows = []
     for runtime in runtimes():
         for batch in batches:
             for threads in threads_list:
                 cfg = LatencyConfig(runtime=runtime, batch_size=batch, threads=threads, rounds=rounds, budget_s=0.05,
                                     clock=clock(threads) if runtime == "torch" else "wall")
-                keys = list(copies)
                 ms = measure_models([model, *(copies[k] for k in keys)], shape, cfg, f"align {name} {runtime}")
                 lat = {k: t / ms[0] for k, t in zip(keys, ms[1:])}
                 for f in FRACTIONS:

@@ -209,8 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the quality benchmark's case the search part runs on (fashionmnist; --quick digits)")
     p.add_argument("--search-base", default=None, help="a trained base checkpoint for the search part instead of "
                    "the quality benchmark's cached (or trained) one")
-    p.add_argument("--round-to", default=1, type=_round_to,
-                   choices=(1, 8, 16, 32, "auto"), help="search part: the latency search's allocation.round_to (the MACs search keeps the default 1)")
+    p.add_argument("--round-to", default=1, type=_round_to, choices=(1, 8, 16, 32, "auto"),
+                   help="search part: the latency search's allocation.round_to (the MACs search keeps the default 1)")
     p.add_argument("--name", default="latency_search", help="output file name under --out (.md, .csv, _fronts.png)")
     p.add_argument("--load-note", default="", help="what else ran on the machine, for the table header")
     args = p.parse_args(argv)
@@ -274,12 +274,12 @@ def _error_table(rows: list[dict[str, Any]], args: Any, where: str) -> common.Ta
              "with the base in the same interleaved rounds. 'median frac err' compares fractions of the base."),
              "Done when: median error <= 10 % and Spearman >= 0.9 on every row ('met').",
              ("'misaligned': tables whose probe found a width off the multiple of 8 slower than the multiple itself "
-              "(the factor the model applies to such widths). 'no misalign. err %': the median error of the same tables with every misalignment factor set to 1 "
-              "(scale and constant refitted to the same calibration timings), on the same validation timings: what "
-              "modelling widths off a multiple of 8 gains."),
+              "(the factor the model applies to such widths). 'no misalign. err %': the median error of the same "
+              "tables with every misalignment factor set to 1 (scale and constant refitted to the same calibration "
+              "timings), on the same validation timings: what modelling widths off a multiple of 8 gains."),
              f"Median of the rows' median errors: {statistics.median(med):.1f} %." if med else "No validation run.")
-    cols = ("model", "batch", "threads", "clock", "tables", "misaligned", "build s", "spread %", "base ms", "scale", "const ms",
-            "median err %", "p90 err %", "Spearman", "median frac err %", "no misalign. err %", "met")
+    cols = ("model", "batch", "threads", "clock", "tables", "misaligned", "build s", "spread %", "base ms", "scale",
+            "const ms", "median err %", "p90 err %", "Spearman", "median frac err %", "no misalign. err %", "met")
     return common.Table("model", "Latency model error on held-out width assignments", cols, tuple(rows), notes)
 
 

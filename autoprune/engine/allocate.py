@@ -184,7 +184,7 @@ def allocate(
             raise AutopruneError(f"global allocation needs scores for every prunable group; missing {missing[0]!r}")
     shape = _Shape(prunable, scores or {}, cfg, round_steps(prunable, cfg, cost))
     budget = target * cost.base
-    lowest = {g.name: shape.bounds[g.name][0] for g in prunable}
+    lowest = floor_widths(prunable, cfg, cost)
     floor = cost.value(lowest)
     if floor > budget:
         raise AutopruneError(
