@@ -28,6 +28,7 @@ import torch
 from ..errors import AutopruneError
 from .cost import WidthObjective
 from .graph import ChannelGroup
+from .latency_layers import round_up
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,6 @@ class AllocationConfig:
                                  f"got {self.round_to!r}")
 
 
-def _round_up(n: int, step: int, cap: int) -> int:
-    return min(cap, step * math.ceil(n / step)) if cap >= step else cap
-
-
 def round_steps(groups: Sequence[ChannelGroup], cfg: AllocationConfig, cost: object = None) -> dict[str, int]:
     """Per group, the multiple its width is rounded to: ``cfg.round_to``, or with ``round_to: auto`` the
     multiple ``cost.round_multiples()`` (a latency model) found fastest for the group's layers.
@@ -96,7 +93,7 @@ def width_bounds(g: ChannelGroup, cfg: AllocationConfig, step: int | None = None
               math.ceil((1 - cfg.max_prune_ratio) * g.channels))
     if step is None:
         step = 1 if cfg.round_to == "auto" else int(cfg.round_to)
-    return _round_up(min(low, g.channels), step, g.channels), g.channels
+    return round_up(min(low, g.channels), step, g.channels), g.channels
 
 
 def floor_widths(groups: Sequence[ChannelGroup], cfg: AllocationConfig, cost: object = None) -> dict[str, int]:
@@ -146,7 +143,7 @@ class _Shape:
         out = {}
         for g in self.groups:
             low, high = self.bounds[g.name]
-            w = _round_up(max(1, math.ceil(self.ratio(g, x) * g.channels - 1e-9)), self.steps[g.name], high)
+            w = round_up(max(1, math.ceil(self.ratio(g, x) * g.channels - 1e-9)), self.steps[g.name], high)
             out[g.name] = min(high, max(low, w))
         return out
 

@@ -20,6 +20,8 @@ MISALIGNED_MIN = 1.02  # a smaller median slowdown is taken as none
 
 
 def round_up(n: int, step: int, cap: int) -> int:
+    """``n`` rounded up to a multiple of ``step``, never above ``cap`` (the full width); the allocator's
+    rounding too."""
     return min(cap, step * math.ceil(n / step))
 
 
