@@ -177,6 +177,7 @@ def base_ckpt(tmp_path_factory):
     (["--runtime", "tensorrt"], "unknown latency runtime 'tensorrt'; use one of torch, onnxruntime"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--target", "0.01"], "latency target 0.010 is unreachable: the smallest reachable fraction is"),
+    (["--latency-feedback", "-1"], "--latency-feedback must be 0 (off) or a number of timed allocations, got -1"),
 ])
 def test_bad_latency_input_is_one_line_and_exit_2(base_ckpt, tmp_path, capsys, extra, message):
     code = main(["prune", "--base", str(base_ckpt), "--cost", "latency", "--out", str(tmp_path / "p.pt"),
@@ -217,8 +218,10 @@ def test_prune_with_a_latency_target_records_measured_and_predicted_latency(base
     for key in ("latency_ms", "base_latency_ms", "latency_frac", "predicted_latency_frac", "latency_batch_size",
                 "latency_runtime", "latency_threads", "latency_device"):
         assert key in m, key
-    assert m["predicted_latency_frac"] <= 0.9 and m["latency_batch_size"] == 32 and m["latency_threads"] == 1
-    assert m["latency_frac"] == pytest.approx(m["latency_ms"] / m["base_latency_ms"])
+    fb = m["latency_feedback"]  # closed on measurement by default: its timed rounds are recorded, and the
+    assert 1 <= len(fb["rounds"]) <= 3 and fb["aim"] in [r["aim"] for r in fb["rounds"]]  # model meets the aim
+    assert m["predicted_latency_frac"] <= fb["aim"] + 1e-9 and m["latency_batch_size"] == 32
+    assert m["latency_threads"] == 1 and m["latency_frac"] == pytest.approx(m["latency_ms"] / m["base_latency_ms"])
     assert "latency b32 (ms)" in capsys.readouterr().out
 
 
@@ -264,7 +267,8 @@ def test_a_spec_with_a_bad_latency_section_is_one_line(tmp_path):
 
     for latency, message in (({"runtime": "tvm"}, "latency.runtime: unknown latency runtime 'tvm'"),
                              ({"clock": "cpu", "threads": 2}, "clock 'cpu' measures one thread"),
-                             ({"batch_size": 0}, "latency.batch_size"), ({"batchsize": 2}, "batchsize")):
+                             ({"batch_size": 0}, "latency.batch_size"), ({"batchsize": 2}, "batchsize"),
+                             ({"feedback": -1}, "latency.feedback: must be >= 0")):
         path = tmp_path / "s.yaml"
         path.write_text(yaml.safe_dump({"model": "small_cnn", "data": "digits", "objectives": ["val_acc", "latency"],
                                         "latency": latency}))

@@ -39,6 +39,7 @@ from ..engine import pruning as engine
 from ..engine.cost import count_macs
 from ..engine.graph import find_groups
 from ..engine.latency import build_latency_model, measure_models, without_misalignment
+from ..engine.latency_feedback import LatencyFeedback
 from ..engine.latency_table import LatencyConfig, device_name
 from ..engine.latency_validate import validate
 from ..errors import AutopruneError
@@ -116,7 +117,7 @@ def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Seque
             if "targets" in args.parts:
                 if variants is None:  # MACs-targeted at the target number: does not depend on the device
                     variants = _macs_variants(model, shape, groups, args.targets, kinds=("macs",))
-                tgt_rows += _target_rows(label, model, shape, groups, lm, cfg, args.targets, variants)
+                tgt_rows += _target_rows(label, model, shape, groups, lm, cfg, args.targets, variants, args.feedback)
             save()
 
 
@@ -142,9 +143,10 @@ def _macs_variants(model: nn.Module, shape: tuple[int, int, int], groups: list, 
 
 
 def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], groups: list, lm: Any,
-                 cfg: LatencyConfig, targets: Sequence[float], variants: list[tuple[str, float, nn.Module]]
-                 ) -> list[dict[str, Any]]:
+                 cfg: LatencyConfig, targets: Sequence[float], variants: list[tuple[str, float, nn.Module]],
+                 feedback: int = 0) -> list[dict[str, Any]]:
     lat: list[tuple[float, nn.Module | None, float]] = []
+    fed: dict[float, tuple[nn.Module, dict[str, Any]]] = {}  # the same, closed on measurement (LatencyFeedback)
     for t in targets:
         try:
             res = engine.prune(model, "l1", t, input_shape=shape, groups=groups, allocation={"mode": "global"},
@@ -153,6 +155,12 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
         except AutopruneError as exc:  # below the fastest reachable fraction
             log.warning("%s latency target %.2f: %s", label, t, exc)
             lat.append((t, None, float("nan")))
+            continue
+        if feedback:
+            res = engine.prune(model, "l1", t, input_shape=shape, groups=groups, allocation={"mode": "global"},
+                               objective=lm, recalibrate_batches=0,
+                               feedback=LatencyFeedback.timing(model, groups, shape, cfg, feedback))
+            fed[t] = (res.model, res.info["latency_feedback"])
     base_macs = count_macs(model, shape)
     macs_of = {("lat", t): count_macs(m, shape) / base_macs for t, m, _ in lat if m is not None}
     # at the latency-targeted model's own MACs fraction: which allocation runs faster for the same MACs
@@ -160,6 +168,7 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
             for kind, _, m in _macs_variants(model, shape, groups, [macs_of[("lat", t)]], tag="=")]
     variants = list(variants) + same
     models = [model] + [m for _, m, _ in lat if m is not None] + [m for _, _, m in variants]
+    models += [m for m, _ in fed.values()]
     ms = measure_models(models, shape, cfg, "targeted models")
     base_ms, i = ms[0], 1
     frac_of: dict[tuple[str, float], float] = {}
@@ -170,18 +179,29 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
     for kind, t, _ in variants:
         frac_of[(kind, t)] = ms[i] / base_ms
         i += 1
+    for t in fed:
+        frac_of[("fed", t)] = ms[i] / base_ms
+        i += 1
     rows = []
     for t, _, pred in lat:
         f = frac_of.get(("lat", t), float("nan"))
+        ff = frac_of.get(("fed", t), float("nan"))
         rows.append({"model": label, "batch": cfg.batch_size, "threads": cfg.n_threads, "clock": cfg.clock, "target": t,
-                     "predicted": pred, "latency frac": f, "in band": "yes" if t - BAND[0] <= f <= t + BAND[1] else "no",
+                     "predicted": pred, "latency frac": f, "in band": _band(t, f),
                      "speed-up": 1 / f, "its MACs frac": macs_of.get(("lat", t), float("nan")),
                      "same MACs: L1 lat frac": frac_of.get(("macs=", t), float("nan")),
                      "same MACs: L1 speed-up": 1 / frac_of.get(("macs=", t), float("nan")),
                      "same MACs: TP r8 lat frac": frac_of.get(("tp8=", t), float("nan")),
                      "same MACs: TP r8 speed-up": 1 / frac_of.get(("tp8=", t), float("nan")),
-                     "MACs target = target: lat frac": frac_of.get(("macs", t), float("nan")), "base ms": base_ms})
+                     "MACs target = target: lat frac": frac_of.get(("macs", t), float("nan")), "base ms": base_ms,
+                     "feedback: lat frac": ff, "feedback: in band": _band(t, ff) if t in fed else "-",
+                     "feedback: rounds": len(fed[t][1]["rounds"]) if t in fed else 0,
+                     "feedback: aim": fed[t][1]["aim"] if t in fed else float("nan")})
     return rows
+
+
+def _band(target: float, frac: float) -> str:
+    return "yes" if target - BAND[0] <= frac <= target + BAND[1] else "no"
 
 
 def _round_to(text: str) -> int | str:
@@ -211,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "the quality benchmark's cached (or trained) one")
     p.add_argument("--round-to", default=1, type=_round_to, choices=(1, 8, 16, 32, "auto"),
                    help="search part: the latency search's allocation.round_to (the MACs search keeps the default 1)")
+    p.add_argument("--feedback", type=int, default=3, help="targets part: also each latency target closed on "
+                   "measurement with this many timed allocations (LatencyFeedback; 0: skip)")
     p.add_argument("--name", default="latency_search", help="output file name under --out (.md, .csv, _fronts.png)")
     p.add_argument("--load-note", default="", help="what else ran on the machine, for the table header")
     args = p.parse_args(argv)
@@ -292,10 +314,16 @@ def _target_table(rows: list[dict[str, Any]], where: str) -> common.Table:
              "aimed at MACs (today's default), and Torch-Pruning MetaPruner (magnitude, global, round_to=8) bisected "
              "to it. 'MACs target = target': L1 global aimed at target x the base's MACs (what asking for that "
              "number in MACs gives)."),
-             f"In band: {n_in} of {len(rows)} rows.")
+             ("'feedback': the same latency target closed on measurement (autoprune.engine.latency_feedback: "
+              "the widths timed against the base, the aim re-set by the measured ratio, at most 'rounds' timed "
+              "allocations; 'aim': the model fraction it settled on); its model is timed again in the table's "
+              "own interleaved run, so 'feedback: lat frac' is a fresh reading, not the loop's."),
+             (f"In band: {n_in} of {len(rows)} rows; with feedback "
+              f"{sum(r.get('feedback: in band') == 'yes' for r in rows)} of {len(rows)}."))
     cols = ("model", "batch", "threads", "clock", "target", "predicted", "latency frac", "in band", "speed-up", "its MACs frac",
             "same MACs: L1 lat frac", "same MACs: L1 speed-up", "same MACs: TP r8 lat frac",
-            "same MACs: TP r8 speed-up", "MACs target = target: lat frac", "base ms")
+            "same MACs: TP r8 speed-up", "MACs target = target: lat frac", "feedback: lat frac", "feedback: in band",
+            "feedback: rounds", "feedback: aim", "base ms")
     return common.Table("targets", "Latency-targeted vs MACs-targeted models, measured", cols, tuple(rows), notes)
 
 

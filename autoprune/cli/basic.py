@@ -16,7 +16,7 @@ from . import apply_threads, common_options, seed_type, verbose_option
 from .checks import check_training as _check_training
 from .checks import float_list as _float_list
 from .checks import non_negative as _non_negative
-from .latency import check_early, latency_config, latency_options, shown_progress
+from .latency import check_early, feedback_note, latency_config, latency_options, shown_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,6 +83,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "is written beside it)")
     p.add_argument("--force", action="store_true", help="overwrite --out and its metrics file if they exist")
     latency_options(p)
+    p.add_argument("--latency-feedback", type=int, default=3, metavar="N",
+                   help="with --cost latency: allocations timed on this device to land the measured latency in "
+                        "[target - 0.05, target + 0.03] (the aim is re-set by the measured ratio; 0: trust the "
+                        "latency model's prediction)")
     common_options(p)
     p.set_defaults(func=cmd_prune)
 
@@ -302,6 +306,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..engine.allocate import AllocationConfig
     from ..engine.graph import find_groups
     from ..engine.latency import build_latency_model, measure_models
+    from ..engine.latency_feedback import LatencyFeedback
     from ..engine.plan import load_base, save_pruned
     from ..engine.pruning import prune
     from ..methods import get_method, make_params
@@ -319,6 +324,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     latency = args.cost == "latency"
     if latency:
         check_early(args, [args.latency_batch_size])
+        if args.latency_feedback < 0:
+            raise AutopruneError(f"--latency-feedback must be 0 (off) or a number of timed allocations, got "
+                                 f"{args.latency_feedback}")
     elif round_to == "auto":
         raise AutopruneError("--round-to auto needs --cost latency (the multiples come from this device's latency "
                              "model); with MACs use 1, 8, 16 or 32")
@@ -343,15 +351,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     base_val = evaluate(model, data.val, device)["acc"]
     shape = (spec.in_channels, spec.image_size, spec.image_size)
     groups = find_groups(model, shape)
-    objective = lat_cfg = None
+    objective = lat_cfg = feedback = None
     if latency:
         lat_cfg = latency_config(args, args.latency_batch_size, device, torch.get_num_threads())
         with shown_progress():
             objective = build_latency_model(model, groups, shape, lat_cfg)
+        if args.latency_feedback:
+            feedback = LatencyFeedback.timing(model, groups, shape, lat_cfg, args.latency_feedback)
     with phase(f"prune with {args.method} to {args.target:g} of the {'latency' if latency else 'MACs'}"):
         result = prune(model, args.method, args.target, data=data, allocation=allocation, spec=spec,
                        device=device, train_cfg=train_cfg, progress=True, groups=groups, objective=objective,
-                       **params)
+                       feedback=feedback, **params)
     pruned_val = evaluate(result.model, data.val, device)["acc"]
     ft_epochs = args.epochs - method_epochs
     if ft_epochs > 0:
@@ -373,7 +383,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         metrics.update(latency_ms=pruned_ms, base_latency_ms=base_ms, latency_frac=pruned_ms / base_ms,
                        predicted_latency_frac=result.info["predicted_frac"],
                        latency_batch_size=lat_cfg.batch_size, latency_runtime=lat_cfg.runtime,
-                       latency_threads=lat_cfg.n_threads, latency_device=objective.info["device_name"])
+                       latency_threads=lat_cfg.n_threads, latency_device=objective.info["device_name"],
+                       latency_feedback=result.info.get("latency_feedback"))
     save_pruned(out, result.model, spec, result.plan, data_spec, metrics)
     mpath = _write_metrics(out, metrics)
     recal = " + BN recalibration" if result.info.get("bn_recalibration_images") else ""
@@ -385,7 +396,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             ("params", _mega(result.base_params), _mega(result.params), f"{100 * result.params_fraction:.1f}% of base")]
     if latency:
         note = (f"{100 * metrics['latency_frac']:.1f}% of base measured, {100 * metrics['predicted_latency_frac']:.1f}% "
-                f"predicted (target {100 * args.target:.0f}%; {lat_cfg.runtime}, {lat_cfg.n_threads} thread(s))")
+                f"predicted (target {100 * args.target:.0f}%; {lat_cfg.runtime}, {lat_cfg.n_threads} thread(s)"
+                f"{feedback_note(metrics['latency_feedback'])})")
         rows.append((f"latency b{lat_cfg.batch_size} (ms)", f"{metrics['base_latency_ms']:.3f}",
                      f"{metrics['latency_ms']:.3f}", note))
     print(f"{'':16s} {'base':>14s} {'pruned':>14s}")
@@ -393,3 +405,4 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"{name:16s} {before:>14s} {after:>14s}   {note}")
     print(f"saved {out} and {mpath}")
     return 0
+

@@ -55,6 +55,14 @@ def check_early(args: argparse.Namespace, batches: list[int]) -> None:
         raise AutopruneError("--latency-rounds must be at least 1 and --latency-points at least 2")
 
 
+def feedback_note(fb: dict[str, Any] | None) -> str:
+    """The latency line's note on the feedback rounds (the aim the allocation was given)."""
+    if not fb:
+        return ""
+    n = len(fb["rounds"])
+    return f"; aimed at {100 * fb['aim']:.1f}% of the model after {n} timed allocation{'s' * (n > 1)}"
+
+
 @contextlib.contextmanager
 def shown_progress() -> Iterator[None]:
     """Show :mod:`autoprune.progress` phases on stderr (the shared console reporter where present)."""

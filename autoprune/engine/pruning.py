@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ..data.datasets import Dataset
     from ..models.registry import ModelSpec
     from ..train import TrainConfig
+    from .latency_feedback import LatencyFeedback
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def prune(
     recalibrate_batches: int = DEFAULT_BATCHES,
     objective: WidthObjective | None = None,
     should_stop: Callable[[], bool] | None = None,
+    feedback: LatencyFeedback | None = None,
     **params: Any,
 ) -> PruneResult:
     """Prune a copy of ``model`` to ``target`` x its MACs with ``method``; the input model is untouched.
@@ -95,6 +97,9 @@ def prune(
     ``objective``: what ``target`` is a fraction of; None means MACs, a latency model of the device
     (:func:`autoprune.engine.latency.build_latency_model` of this model) makes it a latency target, and
     ``info`` then records the predicted latency fraction and how the latency model was measured.
+    ``feedback`` (:class:`~.latency_feedback.LatencyFeedback`, with a latency ``objective``) closes the
+    allocation on measurement: the widths are timed on the device and the aim re-set until the measured
+    fraction is in band (``info["latency_feedback"]`` records the rounds).
     A method that trains while pruning (ResRep, FSM layerwise) trains in the engine's loop:
     ``on_epoch(epoch, metrics)`` receives each of its epochs (``val_acc`` of the model the method
     would return at that point, its ``macs`` and ``params`` where the method knows them); returning
@@ -124,8 +129,12 @@ def prune(
         raise AutopruneError(f"{type(model).__name__} has no prunable channel group{why}; `autoprune info` "
                              "lists every group and why")
     _check_objective(objective, groups)
+    if feedback is not None and objective is None:
+        raise AutopruneError("prune(feedback=...) closes a latency target on measurement; pass objective= "
+                             "(build_latency_model() of this model) too")
     ctx = PruneContext(model=work, groups=groups, cost=cost, target=target, allocation=allocation, device=device,
-                       input_shape=shape, data=data, train_cfg=train_cfg, progress=progress, objective=objective)
+                       input_shape=shape, data=data, train_cfg=train_cfg, progress=progress, objective=objective,
+                       feedback=feedback)
     try:  # torch's errors (a shape mismatch after surgery) become one line naming the model and the cause
         with _progress.phase(f"scoring ({method})"):  # allocation is a phase inside it (PruneContext.allocate)
             run = run_method(impl, ctx, method_params, on_epoch, should_stop)
@@ -147,7 +156,8 @@ def prune(
     if macs != expected:  # the analytic model and the surgery must agree; if not, allocation is wrong
         raise AutopruneError(f"internal: pruned model has {macs} MACs, analytic count {expected}; please report")
     info = {"method": method, "params": dataclasses.asdict(method_params), **run.output.info,
-            "bn_recalibration_images": recal_images, **_objective_info(objective, plan)}
+            "bn_recalibration_images": recal_images, **_objective_info(objective, plan),
+            **{k: ctx.info[k] for k in ("latency_feedback",) if k in ctx.info}}
     return PruneResult(model=pruned.eval(), plan=plan, macs=macs, params=count_params(pruned),
                        base_macs=cost.base_macs, base_params=cost.base_params, method=method, target=target,
                        info=info, seconds=time.perf_counter() - start,

@@ -35,6 +35,7 @@ from ..errors import SpecError
 
 if TYPE_CHECKING:
     from ..data.datasets import Dataset
+    from ..engine.latency_feedback import LatencyFeedback
     from ..train import Callbacks, TrainConfig
 
 P = TypeVar("P")  # a method's parameters: its own frozen dataclass (``PruningMethod.Params``)
@@ -54,6 +55,10 @@ class PruneContext:
     progress: bool = False
     info: dict[str, Any] = field(default_factory=dict)
     objective: WidthObjective | None = None  # what the target limits (None: MACs, i.e. ``cost``)
+    # a latency objective closed on measurement: the allocation's aim is re-set until the measured
+    # latency is in band (autoprune.engine.latency_feedback); None: the objective's prediction is trusted
+    feedback: LatencyFeedback | None = None
+    _aim: float | None = field(default=None, init=False, repr=False)
 
     @property
     def prunable(self) -> list[ChannelGroup]:
@@ -76,9 +81,26 @@ class PruneContext:
                  groups: list[ChannelGroup] | None = None) -> dict[str, int]:
         """Widths per prunable group (of ``groups``, default all) meeting the target
         (see :func:`autoprune.engine.allocate.allocate`)."""
+        aim = self.aim(scores, groups)
         with progress.phase("allocation"):
-            return allocate(self.groups if groups is None else groups, scores, self.target_cost, self.target,
+            return allocate(self.groups if groups is None else groups, scores, self.target_cost, aim,
                             self.allocation)
+
+    def aim(self, scores: Mapping[str, torch.Tensor] | None, groups: list[ChannelGroup] | None = None) -> float:
+        """The fraction of the objective the allocator is given: ``target``, or with ``feedback`` the aim
+        whose widths (allocated from ``scores``) measured in band on the device; found on the first call
+        and kept for the run (``info["latency_feedback"]`` records its rounds)."""
+        if self.feedback is None or self.objective is None:
+            return self.target
+        if self._aim is None:
+            from ..engine.latency_feedback import rounds_info
+
+            chosen = self.groups if groups is None else groups
+            with progress.phase("latency feedback"):
+                self._aim, rounds = self.feedback.aim(
+                    self.target, lambda a: allocate(chosen, scores, self.target_cost, a, self.allocation))
+            self.info["latency_feedback"] = rounds_info(self.target, rounds, self._aim)
+        return self._aim
 
     def select(self, scores: Mapping[str, torch.Tensor], widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         return select(scores, widths)

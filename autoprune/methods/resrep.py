@@ -144,8 +144,9 @@ class _Run:
         self.steps = cfg.epochs * spe
         self.prior = _prior(ctx, params.prior, [g.name for g in self.groups])  # before compactors move a scale
         start = {g.name: self.prior.get(g.name, torch.ones(g.channels, dtype=torch.float64)) for g in self.groups}
-        self.schedule = MaskSchedule(self.groups, ctx.target_cost, ctx.target, self.steps, params,
-                                     ctx.allocation, self._weigh(start))
+        weighed = self._weigh(start)  # a latency target closed on measurement: aimed once, from the start scores
+        aim = ctx.aim(weighed if ctx.allocation.mode == "global" else None, self.groups)
+        self.schedule = MaskSchedule(self.groups, ctx.target_cost, aim, self.steps, params, ctx.allocation, weighed)
         lr_at = lr_schedule(cfg, spe)
         self.lrs = [lr_at(t) for t in range(self.steps)]
         self.forget = self.schedule.forget_fractions(self.lrs) if params.forget_by > 0 else None

@@ -39,13 +39,17 @@ log = logging.getLogger(__name__)
 MEASURE_LOCK = ".measure.lock"
 BUILD_LOCK = ".latency.lock"
 SETTLE_S = 1.0
-DEFAULTS = {"batch_size": 1, "runtime": "torch", "threads": None, "rounds": 5, "points": 5, "clock": "wall"}
+DEFAULTS = {"batch_size": 1, "runtime": "torch", "threads": None, "rounds": 5, "points": 5, "clock": "wall",
+            "feedback": 0}
 
 
 def parse_latency(chk: Any, value: Any) -> dict[str, Any]:
     """The spec's ``latency: {batch_size [1], runtime [torch], threads [null: the search's], rounds [5],
-    points [5], clock [wall]}`` section (rounds: interleaved timing rounds; points: table grid points per width;
-    clock cpu: the measuring thread's CPU time, for one thread on a machine shared with other work)."""
+    points [5], clock [wall], feedback [0]}`` section (rounds: interleaved timing rounds; points: table grid
+    points per width; clock cpu: the measuring thread's CPU time, for one thread on a machine shared with other
+    work; feedback: timed allocations per trial that close its target on measurement, see
+    :mod:`autoprune.engine.latency_feedback`; 0 by default because a trial is timed after pruning anyway and
+    the front is on measured latency)."""
     value = value or {}
     if not isinstance(value, dict):
         raise chk.err("latency", f"must be a mapping {{batch_size, runtime, threads}}, got {value!r}")
@@ -58,7 +62,8 @@ def parse_latency(chk: Any, value: Any) -> dict[str, Any]:
            "threads": None if threads is None else chk.integer(threads, "latency.threads", 1),
            "rounds": chk.integer(value.get("rounds", 5), "latency.rounds", 1),
            "points": chk.integer(value.get("points", 5), "latency.points", 2),
-           "clock": chk.string(value.get("clock", "wall"), "latency.clock")}
+           "clock": chk.string(value.get("clock", "wall"), "latency.clock"),
+           "feedback": chk.integer(value.get("feedback", 0), "latency.feedback", 0)}
     try:
         LatencyConfig(runtime=runtime, batch_size=out["batch_size"], threads=out["threads"] or 1, clock=out["clock"])
     except AutopruneError as exc:
@@ -147,6 +152,18 @@ def config_of(lm: Any) -> LatencyConfig:
     i = lm.info
     return LatencyConfig(runtime=str(i.get("runtime", "torch")), batch_size=int(i.get("batch_size", 1)),
                          threads=int(i.get("threads", 1)))
+
+
+def feedback(spec: Any, worker: Any) -> Any:
+    """The trial's :class:`~autoprune.engine.latency_feedback.LatencyFeedback` (None when ``latency.feedback``
+    is 0): its timings hold the measure lock like the trial's own."""
+    from ..engine.latency_feedback import LatencyFeedback
+
+    rounds = int(dict(getattr(spec, "latency", None) or {}).get("feedback", 0))
+    if not rounds:
+        return None
+    return LatencyFeedback.timing(worker.model, worker.groups, worker.input_shape, worker.latency_cfg, rounds,
+                                  guard=lambda: measuring(worker.out_dir, spec.workers > 1))
 
 
 def measure_trial(out_dir: str | Path, base: nn.Module, pruned: nn.Module, shape: Sequence[int],

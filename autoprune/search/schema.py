@@ -197,9 +197,11 @@ def build_schema() -> dict[str, Any]:
                             "threads": {"type": ["integer", "null"], "minimum": 1},
                             "rounds": {"type": "integer", "minimum": 1},
                             "points": {"type": "integer", "minimum": 2},
-                            "clock": {"enum": ["wall", "cpu"]}},
+                            "clock": {"enum": ["wall", "cpu"]},
+                            "feedback": {"type": "integer", "minimum": 0}},
                            description="objective latency: how it is measured on this device (default batch 1, "
-                                       "torch, the search's threads)"),
+                                       "torch, the search's threads; feedback: timed allocations per trial that "
+                                       "close its target on measurement, default 0)"),
         "space": _closed(space_props, description="every searchable value: fixed | [choices] | {low, high, log}"),
     }
     return {"$schema": DRAFT, "title": "autoprune search spec",

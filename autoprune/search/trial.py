@@ -244,7 +244,8 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     pruned = engine.prune(worker.model, method, target, data=worker.data, allocation=allocation,
                           spec=worker.model_spec, device=worker.device, train_cfg=cfg, groups=worker.groups,
                           on_epoch=epoch.end, objective=worker.latency if epoch.objective == "latency" else None,
-                          should_stop=poll_stop, **method_params)
+                          should_stop=poll_stop, **method_params,
+                          feedback=latency_objective.feedback(spec, worker) if epoch.objective == "latency" else None)
     model = pruned.model
     m = progress.measured
     m.update(macs=pruned.macs, macs_frac=pruned.macs / pruned.base_macs, params=pruned.params,
