@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..report.pareto import acc_cost_hypervolume, feasible_points, feasible_rows, pareto_mask
 from ..report.tables import spearman
@@ -198,7 +199,8 @@ def tables(name: str, b: Bench, results: Sequence[Mapping[str, Any]], labels: Se
         (f"Torch-Pruning sweep: {', '.join(labels)} at {', '.join(f'{t:g}' for t in targets)}; its measured seconds "
          f"(every criterion, every target) are the search's budget.compute. 'single': each of "
          f"{', '.join(sorted(results[0]['singles']))} alone (global, default parameters) at the same targets; the "
-         "best one's front. Seconds: process CPU time (1 torch thread) around all of a point's work, the search's screening round included."),
+         f"best one's front. Seconds: process CPU time ({torch.get_num_threads()} torch thread(s), all of them counted) "
+         "around all of a point's work, the search's screening round included."),
         (f"The search may distil from the base (weights {', '.join(f'{w:g}' for w in distill)}; 0 = off); the sweep and "
          "the single methods fine-tune without distillation (the ablation table, when run, gives the search without it)."),
         f"Total benchmark wall time {total_s:.0f} s (a shared machine).",
