@@ -60,7 +60,8 @@ def feedback_note(fb: dict[str, Any] | None) -> str:
     if not fb:
         return ""
     n = len(fb["rounds"])
-    return f"; aimed at {100 * fb['aim']:.1f}% of the model after {n} timed allocation{'s' * (n > 1)}"
+    return (f"; aimed at {100 * fb['aim']:.1f}% of the model after {n} timed allocation{'s' * (n > 1)}"
+            + ("" if fb["in_band"] else ", none in band"))
 
 
 @contextlib.contextmanager

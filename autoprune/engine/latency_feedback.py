@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import AutopruneError
+from ..errors import AutopruneError, warn
 from .graph import ChannelGroup
 from .latency_table import LatencyConfig
 
@@ -112,6 +112,12 @@ class LatencyFeedback:
                 break
             aim = nxt
         best = min(done, key=lambda r: (r.miss(target), r.measured > target + ABOVE, abs(r.measured - centre)))
+        if best.miss(target) > 0:
+            warn(f"latency feedback: none of {len(done)} timed allocation(s) measured in "
+                 f"[{target - BELOW:.2f}, {target + ABOVE:.2f}] of the base (readings "
+                 f"{', '.join(f'{r.measured:.3f}' for r in done)}); kept the closest. Readings that jump between "
+                 "rounds mean this device's timings are noisy at this size: raise the timing rounds "
+                 "(--latency-rounds) or the batch size", stacklevel=3)
         return best.aim, done
 
 
