@@ -67,19 +67,17 @@ class LatencyFeedback:
                cfg: LatencyConfig, rounds: int = 3,
                guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
                ) -> LatencyFeedback:
-        """Feedback that times copies of ``model`` (copied now, before a method changes it) under ``cfg``
-        (:func:`.latency.measure_models`); ``guard()`` wraps each measurement (a search pauses its other
-        workers there)."""
+        """Feedback that times ``model`` and pruned copies of it under ``cfg`` (:func:`.latency.measure_models`;
+        ``prune`` never changes its input model, so none is copied up front); ``guard()`` wraps each
+        measurement (a search pauses its other workers there)."""
         from .latency import measure_models, pruned_copy
-        from .trace import safe_copy
 
-        base = safe_copy(model).cpu().eval()
         shape = tuple(input_shape)
 
         def measure(widths: Mapping[str, int]) -> float:
-            pruned = pruned_copy(base, groups, widths)
+            pruned = pruned_copy(model, groups, widths)
             with guard():
-                base_ms, ms = measure_models([base, pruned], shape, cfg, "latency feedback")
+                base_ms, ms = measure_models([model, pruned], shape, cfg, "latency feedback")
             return ms / base_ms
 
         return cls(measure, rounds)
