@@ -68,6 +68,8 @@ class TrainConfig:
     warmup_epochs: float = 0.0      # may be fractional (0.5 = half an epoch of linear warm-up)
     distill_alpha: float = 0.0      # weight of the distillation term (needs a teacher when > 0)
     distill_temperature: float = 4.0
+    distill_until: float | None = None  # stop distilling after the first epoch whose val acc reaches this
+    #                                     (the teacher's own val acc: a student that caught up with its teacher)
     amp: bool = True                # mixed precision; used only on CUDA
     amp_dtype: str = "auto"         # "auto" (bf16 where the GPU supports it, else fp16), "bf16" or "fp16"
     #                                 (fp16 with a GradScaler); read only when amp is on, on CUDA
@@ -91,10 +93,12 @@ class TrainConfig:
             "warmup_epochs": self.warmup_epochs >= 0,
             "distill_alpha": 0 <= self.distill_alpha <= 1,
             "distill_temperature": self.distill_temperature > 0,
+            "distill_until": self.distill_until is None or 0 <= self.distill_until <= 1,
         }
         allowed = {"epochs": f"in [0, {MAX_EPOCHS}]", "lr": "> 0 and finite", "momentum": "in [0, 1)",
                    "weight_decay": ">= 0 and finite", "batch_size": f"in [1, {MAX_BATCH_SIZE}]", "label_smoothing": "in [0, 1)", "warmup_epochs": ">= 0",
-                   "distill_alpha": "in [0, 1]", "distill_temperature": "> 0"}
+                   "distill_alpha": "in [0, 1]", "distill_temperature": "> 0",
+                   "distill_until": "None or in [0, 1]"}
         for name, ok in checks.items():
             if not ok:
                 raise AutopruneError(f"training setting {name}={getattr(self, name)!r} is invalid; "
@@ -135,7 +139,8 @@ class Callbacks:
 class FitResult:
     epochs_run: int
     stopped_early: bool
-    history: tuple[dict, ...]       # one metrics dict per epoch run
+    history: tuple[dict, ...]       # one metrics dict per epoch run: epoch, train_loss, val_acc, val_loss,
+    #                                 distilled (the teacher ran this epoch), lr, seconds
     best_val_acc: float             # nan when fit had no validation split
     final_val_acc: float
 
@@ -291,6 +296,7 @@ class _Loop:
             for epoch in range(1, self.cfg.epochs + 1):
                 metrics = self._epoch(epoch, val)
                 history.append(metrics)
+                self._caught_up(epoch, metrics)
                 run.advance(postfix=f"loss {metrics['train_loss']:.4f}, val_acc {metrics['val_acc']:.4f}")
                 report = self.callbacks.on_epoch_end
                 if self.signalled or (report is not None and report(epoch, dict(metrics))):
@@ -308,6 +314,16 @@ class _Loop:
             best = final
         return FitResult(epochs_run=len(history), stopped_early=stopped_early, history=tuple(history),
                          best_val_acc=best, final_val_acc=final)
+
+    def _caught_up(self, epoch: int, metrics: dict) -> None:
+        """``distill_until``: the student's reading reached its teacher's accuracy, so the teacher is dropped
+        for the remaining epochs (cross-entropy alone; a teacher the student has caught up with held it back
+        on Fashion-MNIST VGG-16-BN, README Performance)."""
+        until = self.cfg.distill_until
+        if self.teacher is not None and until is not None and metrics["val_acc"] >= until:
+            logger.info("epoch %d: val_acc %.4f reached the teacher's %.4f: distillation stops", epoch,
+                        metrics["val_acc"], until)
+            self.teacher = None
 
     def _epoch(self, epoch: int, val: Split | None) -> dict:
         start = time.perf_counter()
@@ -327,7 +343,7 @@ class _Loop:
             self.monitor.flush()
             raise_if_bad(self.monitor, self.lr_at)
             train_loss = self.monitor.epoch_mean()
-            metrics = {"epoch": epoch, "train_loss": train_loss, **self._reading(val),
+            metrics = {"epoch": epoch, "train_loss": train_loss, **self._reading(val), "distilled": self.teacher is not None,
                        "lr": self.lr_at(max(0, self.step - 1)), "seconds": time.perf_counter() - start}
             shown.postfix = f"loss {train_loss:.4f}, val_acc {metrics['val_acc']:.4f}"
         logger.info("epoch %d/%d train_loss %.4f val_acc %.4f val_loss %.4f lr %.3g (%.1f s)", epoch,

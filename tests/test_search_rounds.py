@@ -101,7 +101,7 @@ def test_distillation_from_the_base_model_is_searched(base_ckpt, tmp_path, monke
     real = trial_mod.fit
 
     def spy(model, train, val, cfg, device, callbacks=None, teacher=None, **kw):
-        seen.append((cfg.distill_alpha, cfg.distill_temperature, teacher is not None))
+        seen.append((cfg.distill_alpha, cfg.distill_temperature, teacher is not None, cfg.distill_until))
         return real(model, train, val, cfg, device, callbacks, teacher=teacher, **kw)
 
     monkeypatch.setattr(trial_mod, "fit", spy)
@@ -109,10 +109,18 @@ def test_distillation_from_the_base_model_is_searched(base_ckpt, tmp_path, monke
                                 space={"distill": [0.0, 0.5], "distill_temperature": {"low": 2, "high": 8}}))
     result = run_search(spec, tmp_path / "out", progress=False)
     assert {r["state"] for r in result.rows} == {"complete"}
-    for (alpha, temp, has_teacher), row in zip(seen, sorted(result.rows, key=lambda r: int(r["number"]))):
-        assert alpha == float(row["param_distill"]) and has_teacher == (alpha > 0)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "base.pt").write_bytes(Path(base_ckpt).read_bytes())
+    teacher_acc = trial_mod.Worker.load(spec, tmp_path / "w", torch.device("cpu")).teacher_acc()
+    best = 0.0  # the best val acc of the trials before: once it reaches the teacher's, no trial distils
+    for (alpha, temp, has_teacher, until), row in zip(seen, sorted(result.rows, key=lambda r: int(r["number"]))):
+        wanted = float(row["param_distill"]) if best < teacher_acc else 0.0
+        assert alpha == wanted and has_teacher == (alpha > 0)
+        assert int(row["distill_epochs"]) <= (1 if alpha > 0 else 0)  # 1-epoch trials
         if alpha > 0:
+            assert until == pytest.approx(teacher_acc)  # the student stops distilling once it reaches its teacher
             assert 2 <= temp <= 8 and float(row["param_distill_temperature"]) == temp
+        best = max(best, float(row["val_acc"]))
     # the screening round's queued trials distil at the space's largest weight
     queued = load_spec(write_spec(tmp_path / "q", base_ckpt, budget={"max_trials": 1}, screen={"min_peers": 1},
                                   space={"method": ["l1", "lrf"], "target": [0.5], "distill": [0.0, 0.3]}))
@@ -121,6 +129,22 @@ def test_distillation_from_the_base_model_is_searched(base_ckpt, tmp_path, monke
     # off by default: no distillation parameter at all
     plain = load_spec(write_spec(tmp_path / "p", base_ckpt))
     assert plain.space["distill"] == 0.0
+
+
+def test_a_trial_does_not_distil_from_a_teacher_a_finished_trial_reached():
+    from types import SimpleNamespace
+
+    from autoprune.search.early_stop import Peer, Reference
+
+    worker = SimpleNamespace(teacher_acc=lambda: 0.86)
+
+    def epoch(*curves):
+        return SimpleNamespace(number=5, reference=lambda: Reference(tuple(Peer(0.5, c) for c in curves)))
+
+    assert trial_mod._distillation(worker, {"distill": 0.5}, epoch()) == (0.5, 0.86)
+    assert trial_mod._distillation(worker, {"distill": 0.5}, epoch((0.7, None, 0.85))) == (0.5, 0.86)
+    assert trial_mod._distillation(worker, {"distill": 0.5}, epoch((0.7, 0.861, 0.85), (None,))) == (0.0, None)
+    assert trial_mod._distillation(worker, {"distill": 0.0}, epoch()) == (0.0, None)
 
 
 def test_sensitivity_seeded_shape_is_queued_for_the_searched_allocation(base_ckpt, tmp_path):

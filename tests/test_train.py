@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -75,7 +76,8 @@ def test_fit_learns_separable_problem():
     assert isinstance(result, FitResult)
     assert result.epochs_run == 4 and not result.stopped_early
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
-    assert set(result.history[0]) == {"epoch", "train_loss", "val_acc", "val_loss", "lr", "seconds"}
+    assert set(result.history[0]) == {"epoch", "train_loss", "val_acc", "val_loss", "lr", "seconds",
+                                     "distilled"}
     assert result.final_val_acc > 0.9
     assert result.best_val_acc == max(h["val_acc"] for h in result.history)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
@@ -221,6 +223,35 @@ def test_distillation_moves_student_toward_teacher():
     assert teacher.training
     for p, q in zip(teacher.parameters(), teacher_copy.parameters()):
         assert torch.equal(p, q) and p.grad is None
+
+
+def test_distillation_stops_once_the_student_reaches_its_teacher():
+    """``distill_until``: after the first epoch whose val reading reaches it, the teacher is no longer run
+    (cross-entropy alone); without it every epoch distils; a value outside [0, 1] is refused."""
+    calls = []
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp(0)
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self.net(x)
+
+    train, val = blobs(64, seed=0), blobs(64, seed=1)
+    cfg = TrainConfig(epochs=3, lr=0.1, batch_size=32, distill_alpha=0.5)
+    run = fit(mlp(1), train, val, replace(cfg, distill_until=0.0), "cpu", teacher=Counting())
+    assert [h["distilled"] for h in run.history] == [True, False, False] and len(calls) == 2  # epoch 1's 2 steps
+    calls.clear()
+    run = fit(mlp(1), train, val, cfg, "cpu", teacher=Counting())
+    assert [h["distilled"] for h in run.history] == [True] * 3 and len(calls) == 6
+    calls.clear()
+    reading = run.history[0]["val_acc"]  # a threshold above the first reading keeps the teacher for that epoch
+    run = fit(mlp(1), train, val, replace(cfg, distill_until=min(1.0, reading + 1e-6)), "cpu", teacher=Counting())
+    assert run.history[0]["distilled"] and len(calls) >= 2
+    with pytest.raises(AutopruneError, match="distill_until"):
+        TrainConfig(distill_until=1.5)
 
 
 def test_teacher_runs_in_eval_mode_without_grad():

@@ -25,13 +25,15 @@ STATES = ("complete", "early_stopped", "failed", "interrupted", "running")  # in
 HEAD_COLUMNS = ("number", "state", "method", "target", "allocation", "epochs", "lr")
 TAIL_COLUMNS = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
                 "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at", "latency_frac",
-                "predicted_latency_frac", "work_s", "duplicate_of")
+                "predicted_latency_frac", "work_s", "duplicate_of", "distill_epochs")
 # fidelity: val acc right after surgery + BN recalibration (before fine-tuning; ResRep: after its
 # compactor epochs); prune_s: seconds to prune, recalibrate and measure it; stopped_at: "" (ran every
 # epoch), "screen" (not fine-tuned: screened out at the fidelity rung) or "epoch N" (early-stopped);
 # work_s: measured seconds of the trial's work (this process's CPU time, or CUDA-synchronised wall time
 # on a GPU: pruning, recalibration, fidelity, every training epoch, evaluations); duplicate_of: the
-# earlier trial of the same configuration whose result this one reuses (nothing was run; work_s 0)
+# earlier trial of the same configuration whose result this one reuses (nothing was run; work_s 0);
+# distill_epochs: fine-tune epochs trained with the base model as teacher (distillation stops once the
+# student reaches the teacher's val acc; blank when the trial did not fine-tune)
 INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
 
 
@@ -70,6 +72,7 @@ class TrialResult:
     stopped_at: str = ""  # "" | "screen" | "epoch N"
     work_s: float | None = None  # measured seconds of work (CPU time, or synchronised GPU wall time)
     duplicate_of: int | None = None  # the earlier trial of the same configuration this one reuses
+    distill_epochs: int | None = None  # fine-tune epochs with the teacher (None: no fine-tune ran)
 
     @property
     def feasible(self) -> bool:
@@ -92,7 +95,8 @@ class TrialResult:
                 "feasible": self.feasible, "error": self.error, "model": self.model,
                 "fidelity": self.fidelity, "prune_s": None if self.prune_s is None else round(self.prune_s, 3),
                 "stopped_at": self.stopped_at, "phases": list(self.phases), "objective": self.objectives[1],
-                "work_s": None if self.work_s is None else round(self.work_s, 3), "duplicate_of": self.duplicate_of}
+                "work_s": None if self.work_s is None else round(self.work_s, 3), "duplicate_of": self.duplicate_of,
+                "distill_epochs": self.distill_epochs}
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
