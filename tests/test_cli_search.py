@@ -179,6 +179,23 @@ def test_spec_sets_augmentation_and_the_search_records_it(tmp_path):
         load_spec(spec_file)
 
 
+def test_the_parent_of_a_parallel_search_polls_the_stop_request():
+    """A SIGTERM whose KeyboardInterrupt the parent lost (raised inside a storage finaliser) still ends its
+    watch over the workers, so they are stopped instead of spending the budget."""
+    from autoprune.search import optuna_backend, stop
+
+    class Alive:
+        def is_alive(self) -> bool:
+            return True
+
+    stop.request_stop()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            optuna_backend._watch([Alive()], store=None, on_update=None)
+    finally:
+        stop.clear_stop()
+
+
 @pytest.mark.slow
 def test_sigterm_stops_the_workers_of_a_parallel_search_too(tmp_path):
     import optuna

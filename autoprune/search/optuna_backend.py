@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_REPEATS = 25  # configurations that already ran, proposed in a row, before a worker stops
+STOP_GRACE_S = 120.0  # after a stop request, the seconds each worker gets before it is killed
 
 
 class Orphaned(BaseException):
@@ -325,11 +326,13 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
                          args=(spec, str(out_dir), i, limits, str(dev), early_stopping, seed, threads,
                                os.getpid(), level, errors, sampler))
              for i, dev in enumerate(worker_devices(device, workers))]
+    grace: float | None = None  # while stopping: how long a worker may take to mark its trial interrupted
     try:
         for p in procs:
             p.start()
         _watch(procs, store, on_update)
     except BaseException:  # Ctrl-C, or SIGTERM (the CLI's): stop the workers too, or exit would wait for them
+        grace = STOP_GRACE_S
         for p in procs:
             if p.pid is not None and p.is_alive():
                 with contextlib.suppress(OSError):
@@ -338,7 +341,11 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
     finally:
         for p in procs:
             if p.pid is not None:
-                p.join()
+                p.join(grace)
+                if p.is_alive():  # its stop was lost: killed (its running trial is recovered as interrupted)
+                    log.warning("worker %s did not stop within %.0f s of the stop request: killed", p.name, grace)
+                    p.kill()
+                    p.join()
     _check_workers(procs, errors)
     if on_update is not None:
         on_update(store_rows(store))
@@ -347,10 +354,14 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
 
 def _watch(procs: Sequence[mp.process.BaseProcess], store: OptunaStore,
            on_update: Callable[[list[dict]], None] | None) -> None:
-    """Until every worker has exited: ``on_update`` with the rows whenever a trial starts or ends."""
+    """Until every worker has exited: ``on_update`` with the rows whenever a trial starts or ends. Polls the
+    stop request: a SIGTERM whose KeyboardInterrupt was swallowed here (e.g. inside a storage finaliser)
+    still stops the workers, instead of leaving them to spend the whole budget."""
     seen = -1
     while any(p.is_alive() for p in procs):
+        stop.check()
         time.sleep(1.0)
+        stop.check()
         if on_update is not None:
             rows = store_rows(store)
             key = sum(1 for r in rows if r["state"] != "running") * 100000 + len(rows)
