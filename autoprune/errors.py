@@ -15,6 +15,16 @@ class SpecError(AutopruneError):
     """A malformed search spec or parameter; the message names the key and the file."""
 
 
+class UnreachableTarget(AutopruneError):
+    """An allocation target below what the narrowest allowed widths reach: ``floor`` is their cost as a
+    fraction of the base's (as the allocation's cost model predicts it), ``widths`` the widths themselves
+    (group name -> channels), so a caller can measure them (latency feedback does)."""
+
+    def __init__(self, message: str, floor: float, widths: dict[str, int]) -> None:
+        super().__init__(message)
+        self.floor, self.widths = floor, dict(widths)
+
+
 class CheckpointError(AutopruneError):
     """A missing, corrupt or foreign checkpoint file."""
 

@@ -6,7 +6,7 @@ from test_latency import _synthetic
 
 import autoprune
 from autoprune.engine.latency_feedback import ABOVE, BELOW, FeedbackRound, LatencyFeedback
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, UnreachableTarget
 
 
 def _device(lm, bias: float):
@@ -71,6 +71,29 @@ def test_the_loop_keeps_the_round_closest_to_the_band_and_stops_at_the_floor():
         fb.aim(0.3, allocate)
 
 
+def test_a_target_below_the_models_floor_is_timed_on_the_device_before_it_is_refused():
+    """The model's floor is its word only: the narrowest widths are timed; a device faster than the model
+    reaches a target under the predicted floor (in band), a slower one is refused naming the measured floor."""
+    model, shape, groups, _, lm, _ = _synthetic("resnet20", block=8)
+    kw = {"input_shape": shape, "groups": groups, "objective": lm, "recalibrate_batches": 0,
+          "allocation": {"mode": "uniform", "min_ratio": 0.5}}  # a floor near half the latency
+    with pytest.raises(UnreachableTarget) as info:  # the allocator names the model's floor and its widths
+        autoprune.prune(model, "l1", 0.05, **kw)
+    floor, narrowest = info.value.floor, info.value.widths
+    target = round(floor * 0.85, 3)  # below the model's floor, above 0.6 x it
+    measure, calls = _device(lm, 0.6)  # the device runs 0.6 of what the model predicts
+    res = autoprune.prune(model, "l1", target, feedback=LatencyFeedback(measure, rounds=3), **kw)
+    measured = 0.6 * res.info["predicted_frac"]
+    assert target - BELOW <= measured <= target + ABOVE and res.info["latency_feedback"]["in_band"]
+    assert calls[0] == narrowest and len(calls) >= 2  # the first timing: the narrowest widths
+    slow, calls = _device(lm, 1.1)
+    with pytest.raises(AutopruneError, match=r"unreachable on this device: the smallest reachable fraction measured "
+                                             r"0\.\d+ of the base's latency \(the narrowest allowed widths; the latency "
+                                             r"model predicted"):
+        autoprune.prune(model, "l1", target, feedback=LatencyFeedback(slow, rounds=3), **kw)
+    assert len(calls) == 1
+
+
 def test_one_round_measures_once_and_bad_rounds_are_refused():
     with pytest.warns(UserWarning, match="none of 1 timed allocation"):  # out of band: said, closest kept
         aim, rounds = LatencyFeedback(lambda w: 0.9, rounds=1).aim(0.5, lambda a: {"g": a})
@@ -84,7 +107,6 @@ def test_feedback_without_a_latency_objective_is_refused():
     with pytest.raises(AutopruneError, match="pass objective="):
         autoprune.prune(model, "l1", 0.5, input_shape=shape, groups=groups, recalibrate_batches=0,
                         feedback=LatencyFeedback(lambda w: 0.5))
-
 
 
 def test_a_search_trials_feedback_times_with_the_other_workers_paused(tmp_path, monkeypatch):

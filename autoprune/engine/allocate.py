@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import AutopruneError
+from ..errors import AutopruneError, UnreachableTarget
 from .cost import WidthObjective
 from .graph import ChannelGroup
 from .latency_layers import round_up
@@ -184,10 +184,11 @@ def allocate(
     lowest = floor_widths(prunable, cfg, cost)
     floor = cost.value(lowest)
     if floor > budget:
-        raise AutopruneError(
+        reachable = math.ceil(floor / cost.base * 1000) / 1000
+        raise UnreachableTarget(
             f"{cost.unit} target {target:.3f} is unreachable: the smallest reachable fraction is "
-            f"{math.ceil(floor / cost.base * 1000) / 1000:.3f} (min widths, unprunable groups, rounded up); "
-            "raise the target or lower min_ratio")
+            f"{reachable:.3f} (min widths, unprunable groups, rounded up); raise the target or lower min_ratio",
+            reachable, lowest)
     above = None
     if cost.value(shape.widths(1.0)) <= budget:
         widths = shape.widths(1.0)

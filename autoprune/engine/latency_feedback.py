@@ -8,7 +8,9 @@ model, times the resulting widths interleaved with the base on this device, and 
 fraction is outside the acceptance band re-aims the allocation by the measured-to-aimed ratio
 (``aim <- aim x centre / measured``, a multiplicative secant step), at most ``rounds`` allocations.
 It returns the aim whose widths measured closest to the band, so every method (including ResRep's
-mask schedule, which takes the aim as its target) allocates to a corrected target.
+mask schedule, which takes the aim as its target) allocates to a corrected target. A target below the
+model's floor (the narrowest allowed widths) is not refused on the model's word: those widths are timed
+first, and only a floor measured above the band is refused.
 
 Timing copies keep the first ``w`` channels of each group (:func:`.latency.pruned_copy`): latency
 depends on the widths, not on which channels are kept.
@@ -24,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import AutopruneError, warn
+from ..errors import AutopruneError, UnreachableTarget, warn
 from .graph import ChannelGroup
 from .latency_table import LatencyConfig
 
@@ -85,15 +87,26 @@ class LatencyFeedback:
     def aim(self, target: float, allocate: Callable[[float], Mapping[str, int]]) -> tuple[float, list[FeedbackRound]]:
         """The fraction to give the allocator so that ``allocate(aim)``'s widths measure at ``target``.
 
-        ``allocate(fraction)`` returns widths meeting ``fraction`` of the latency model's base; the
-        first call's ``AutopruneError`` (an unreachable target) propagates; a later re-aim below what the
-        minimum widths reach ends the loop. Returns the chosen aim and every measured round.
+        ``allocate(fraction)`` returns widths meeting ``fraction`` of the latency model's base. When its
+        first call finds the target below the model's floor (``UnreachableTarget``), the narrowest widths
+        are timed: measured above the band the target is refused (``AutopruneError`` naming the measured
+        floor), else the loop goes on from them. The first call's other ``AutopruneError`` propagates; a
+        later re-aim below what the minimum widths reach ends the loop. Returns the chosen aim and every
+        measured round.
         """
         centre = target - (BELOW - ABOVE) / 2
         aim, done = float(target), []
         while len(done) < self.rounds:
             try:
                 widths = allocate(aim)
+            except UnreachableTarget as exc:
+                if not done:  # the model's floor is above the target: the device decides (one timed round)
+                    aim = self._floor_round(target, exc, done)
+                    if aim is None:
+                        break
+                    continue
+                log.info("latency feedback: aim %.3f is below the fastest reachable fraction; stopping", aim)
+                break
             except AutopruneError:
                 if not done:
                     raise
@@ -117,6 +130,24 @@ class LatencyFeedback:
                  "rounds mean this device's timings are noisy at this size: raise the timing rounds "
                  "(--latency-rounds) or the batch size", stacklevel=3)
         return best.aim, done
+
+
+    def _floor_round(self, target: float, exc: UnreachableTarget, done: list[FeedbackRound]) -> float | None:
+        """The latency model puts its fastest widths above ``target``: time them. Measured above the band,
+        the target is unreachable on this device too (one line naming the measured floor); in band, they
+        are the allocation (None: stop); below it, the next aim, re-aimed from the floor."""
+        got = FeedbackRound(exc.floor, float(self.measure(exc.widths)))
+        log.info("latency feedback: the model's fastest widths (%.3f of the model) measured %.3f (target %.3f)",
+                 exc.floor, got.measured, target)
+        if got.measured > target + ABOVE or not math.isfinite(got.measured) or got.measured <= 0:
+            raise AutopruneError(f"latency target {target:.3f} is unreachable on this device: the smallest reachable "
+                                 f"fraction measured {got.measured:.3f} of the base's latency (the narrowest allowed "
+                                 f"widths; the latency model predicted {exc.floor:.3f}); raise the target or lower "
+                                 "min_ratio") from None
+        done.append(got)
+        if got.miss(target) == 0:
+            return None
+        return exc.floor * (target - (BELOW - ABOVE) / 2) / got.measured
 
 
 def rounds_info(target: float, rounds: Sequence[FeedbackRound], chosen: float) -> dict[str, Any]:
