@@ -176,10 +176,9 @@ def base_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("extra,message", [
     (["--runtime", "tensorrt"], "unknown latency runtime 'tensorrt'; use one of torch, onnxruntime"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--target", "0.01"], "latency target 0.010 is unreachable on this device: the smallest reachable fraction "
-                           "measured"),  # timed (feedback on by default), not refused on the model's word
-    (["--target", "0.01", "--latency-feedback", "0"], "latency target 0.010 is unreachable: the smallest reachable "
-                                                       "fraction is"),
+    # timed (feedback is on by default), not refused on the latency model's word; without feedback it is
+    (["--target", "0.01"], "latency target 0.010 is unreachable on this device: the smallest reachable fraction measured"),
+    (["--target", "0.01", "--latency-feedback", "0"], "latency target 0.010 is unreachable: the smallest reachable fraction is"),
     (["--latency-feedback", "-1"], "--latency-feedback must be 0 (off) or a number of timed allocations, got -1"),
 ])
 def test_bad_latency_input_is_one_line_and_exit_2(base_ckpt, tmp_path, capsys, extra, message):
