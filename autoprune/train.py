@@ -343,8 +343,9 @@ class _Loop:
             self.monitor.flush()
             raise_if_bad(self.monitor, self.lr_at)
             train_loss = self.monitor.epoch_mean()
-            metrics = {"epoch": epoch, "train_loss": train_loss, **self._reading(val), "distilled": self.teacher is not None,
-                       "lr": self.lr_at(max(0, self.step - 1)), "seconds": time.perf_counter() - start}
+            metrics = {"epoch": epoch, "train_loss": train_loss, **self._reading(val),
+                       "distilled": self.teacher is not None, "lr": self.lr_at(max(0, self.step - 1)),
+                       "seconds": time.perf_counter() - start}
             shown.postfix = f"loss {train_loss:.4f}, val_acc {metrics['val_acc']:.4f}"
         logger.info("epoch %d/%d train_loss %.4f val_acc %.4f val_loss %.4f lr %.3g (%.1f s)", epoch,
                     self.cfg.epochs, train_loss, metrics["val_acc"], metrics["val_loss"], metrics["lr"],

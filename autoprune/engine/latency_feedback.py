@@ -131,7 +131,6 @@ class LatencyFeedback:
                  "(--latency-rounds) or the batch size", stacklevel=3)
         return best.aim, done
 
-
     def _floor_round(self, target: float, exc: UnreachableTarget, done: list[FeedbackRound]) -> float | None:
         """The latency model puts its fastest widths above ``target``: time them. Measured above the band,
         the target is unreachable on this device too (one line naming the measured floor); in band, they

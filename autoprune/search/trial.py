@@ -69,7 +69,7 @@ class Worker:
     base: dict[str, Any]  # val_acc, macs, params (+ latency_ms when latency is an objective)
     latency: Any = None  # objective latency: the LatencyModel of this device (autoprune.engine.latency)
     latency_cfg: Any = None  # and the LatencyConfig it was measured with
-    _teacher_acc: float | None = None
+    _teacher_acc: float | None = field(default=None, init=False, repr=False)
 
     def teacher_acc(self) -> float:
         """The base model's accuracy on this search's validation split (the distillation teacher's), measured
