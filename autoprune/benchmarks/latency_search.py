@@ -152,15 +152,17 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
             res = engine.prune(model, "l1", t, input_shape=shape, groups=groups, allocation={"mode": "global"},
                                objective=lm, recalibrate_batches=0)
             lat.append((t, res.model, float(res.info["predicted_frac"])))
-        except AutopruneError as exc:  # below the fastest reachable fraction
+        except AutopruneError as exc:  # below the fastest reachable fraction the latency model predicts
             log.warning("%s latency target %.2f: %s", label, t, exc)
             lat.append((t, None, float("nan")))
-            continue
-        if feedback:
-            res = engine.prune(model, "l1", t, input_shape=shape, groups=groups, allocation={"mode": "global"},
-                               objective=lm, recalibrate_batches=0,
-                               feedback=LatencyFeedback.timing(model, groups, shape, cfg, feedback))
-            fed[t] = (res.model, res.info["latency_feedback"])
+        if feedback:  # tried below the model's floor too: feedback times the narrowest widths before refusing
+            try:
+                res = engine.prune(model, "l1", t, input_shape=shape, groups=groups, allocation={"mode": "global"},
+                                   objective=lm, recalibrate_batches=0,
+                                   feedback=LatencyFeedback.timing(model, groups, shape, cfg, feedback))
+                fed[t] = (res.model, res.info["latency_feedback"])
+            except AutopruneError as exc:  # the floor measured above the band
+                log.warning("%s latency target %.2f with feedback: %s", label, t, exc)
     base_macs = count_macs(model, shape)
     macs_of = {("lat", t): count_macs(m, shape) / base_macs for t, m, _ in lat if m is not None}
     # at the latency-targeted model's own MACs fraction: which allocation runs faster for the same MACs
@@ -317,7 +319,9 @@ def _target_table(rows: list[dict[str, Any]], where: str) -> common.Table:
              ("'feedback': the same latency target closed on measurement (autoprune.engine.latency_feedback: "
               "the widths timed against the base, the aim re-set by the measured ratio, at most 'rounds' timed "
               "allocations; 'aim': the model fraction it settled on); its model is timed again in the table's "
-              "own interleaved run, so 'feedback: lat frac' is a fresh reading, not the loop's."),
+              "own interleaved run, so 'feedback: lat frac' is a fresh reading, not the loop's. Below the latency "
+              "model's floor ('latency frac' blank) feedback times the narrowest widths first and refuses only a "
+              "floor measured above the band (its columns blank then)."),
              (f"In band: {n_in} of {len(rows)} rows; with feedback "
               f"{sum(r.get('feedback: in band') == 'yes' for r in rows)} of {len(rows)}."))
     cols = ("model", "batch", "threads", "clock", "target", "predicted", "latency frac", "in band", "speed-up", "its MACs frac",
