@@ -29,6 +29,7 @@ from .train_support import (
     CUDA_CHECK_EVERY,
     LossMonitor,
     NonFiniteLoss,
+    amp_dtype_for,
     autocast,
     grad_scaler,
     prefer_epoch,
@@ -37,6 +38,7 @@ from .train_support import (
     segment_schedule,
     steps_per_epoch,
     to_device,
+    training_loss,
 )
 
 __all__ = ["AMP_DTYPES", "Callbacks", "FitResult", "NonFiniteLoss", "Split", "TrainConfig", "amp_dtype_for",
@@ -316,9 +318,7 @@ class _Loop:
                          best_val_acc=best, final_val_acc=final)
 
     def _caught_up(self, epoch: int, metrics: dict) -> None:
-        """``distill_until``: the student's reading reached its teacher's accuracy, so the teacher is dropped
-        for the remaining epochs (cross-entropy alone; a teacher the student has caught up with held it back
-        on Fashion-MNIST VGG-16-BN, README Performance)."""
+        """``distill_until`` reached: the teacher is dropped for the remaining epochs (cross-entropy alone)."""
         until = self.cfg.distill_until
         if self.teacher is not None and until is not None and metrics["val_acc"] >= until:
             logger.info("epoch %d: val_acc %.4f reached the teacher's %.4f: distillation stops", epoch,
@@ -376,7 +376,9 @@ class _Loop:
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_logits = logits_of(self.teacher, self.teacher(x))
-            loss = _loss(logits_of(self.model, self.model(x)), y, self.cfg, teacher_logits)
+            cfg = self.cfg
+            loss = training_loss(logits_of(self.model, self.model(x)), y, cfg.label_smoothing, teacher_logits,
+                                 cfg.distill_alpha, cfg.distill_temperature)
         opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(opt)
@@ -395,28 +397,3 @@ def _steps_schedule(cfg: TrainConfig, spe: int, steps: int) -> Callable[[int], f
     """:func:`lr_schedule` over ``steps`` optimizer steps (warm-up still counted in epochs of ``spe``)."""
     warmup = min(steps, round(cfg.warmup_epochs * spe))
     return segment_schedule(cfg.lr, steps, warmup)
-
-
-def _loss(logits: Tensor, y: Tensor, cfg: TrainConfig, teacher_logits: Tensor | None) -> Tensor:
-    logits = logits.float()
-    ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-    if teacher_logits is None:
-        return ce
-    t = cfg.distill_temperature
-    # Hinton et al. 2015: KL between temperature-softened distributions, times T^2 so the soft
-    # term's gradients keep the same scale whatever the temperature.
-    kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
-                  reduction="batchmean", log_target=True) * (t * t)
-    return (1.0 - cfg.distill_alpha) * ce + cfg.distill_alpha * kd
-
-
-def amp_dtype_for(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype fit trains with: None (fp32) on CPU or with ``amp`` off, else bf16 / fp16 as
-    ``cfg.amp_dtype`` says ("auto": bf16 where the GPU supports it, fp16 elsewhere, e.g. V100/T4)."""
-    if device.type != "cuda" or not cfg.amp:
-        return None
-    if cfg.amp_dtype == "bf16":
-        return torch.bfloat16
-    if cfg.amp_dtype == "fp16":
-        return torch.float16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

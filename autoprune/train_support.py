@@ -1,5 +1,6 @@
 """What the training loop (:mod:`autoprune.train`) uses and nothing else needs to know: devices,
-mixed precision, the loss monitor (finiteness checks), the cosine schedule, the epoch preference.
+mixed precision, the loss (cross-entropy with optional distillation), the loss monitor (finiteness
+checks), the cosine schedule, the epoch preference.
 
 The public names are re-exported by :mod:`autoprune.train`, where users import them.
 """
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import AutopruneError
@@ -139,3 +141,30 @@ def grad_scaler(enabled: bool) -> Any:
         return torch.amp.GradScaler("cuda", enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled)
 
+
+def training_loss(logits: Tensor, y: Tensor, label_smoothing: float, teacher_logits: Tensor | None = None,
+                  alpha: float = 0.0, temperature: float = 4.0) -> Tensor:
+    """Cross-entropy (``label_smoothing``), mixed with distillation when ``teacher_logits`` are given:
+    ``(1 - alpha) x CE + alpha x T^2 x KL(softmax(teacher / T) || softmax(student / T))`` (Hinton et al.
+    2015: the T^2 keeps the soft term's gradients on the same scale whatever the temperature). Logits
+    (N, classes), labels (N,); a scalar."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    if teacher_logits is None:
+        return ce
+    t = temperature
+    kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+                  reduction="batchmean", log_target=True) * (t * t)
+    return (1.0 - alpha) * ce + alpha * kd
+
+
+def amp_dtype_for(cfg: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype fit trains with under ``cfg`` (a :class:`autoprune.train.TrainConfig`: its ``amp``
+    and ``amp_dtype``): None (fp32) on CPU or with ``amp`` off, else bf16 / fp16 as ``cfg.amp_dtype`` says ("auto": bf16 where the GPU supports it, fp16 elsewhere, e.g. V100/T4)."""
+    if device.type != "cuda" or not cfg.amp:
+        return None
+    if cfg.amp_dtype == "bf16":
+        return torch.bfloat16
+    if cfg.amp_dtype == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

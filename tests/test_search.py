@@ -33,7 +33,7 @@ from autoprune.search.spec import load_spec
 CONTRACT_HEAD = ["number", "state", "method", "target", "allocation", "epochs", "lr"]
 CONTRACT_TAIL = ["val_acc", "macs", "macs_frac", "params", "params_frac", "latency_ms", "epochs_run",
                  "duration_s", "feasible", "error", "model", "fidelity", "prune_s", "stopped_at", "latency_frac",
-                 "predicted_latency_frac", "work_s", "duplicate_of"]
+                 "predicted_latency_frac", "work_s", "duplicate_of", "distill_epochs"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

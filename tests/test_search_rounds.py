@@ -132,19 +132,19 @@ def test_distillation_from_the_base_model_is_searched(base_ckpt, tmp_path, monke
 
 
 def test_a_trial_does_not_distil_from_a_teacher_a_finished_trial_reached():
-    from types import SimpleNamespace
-
+    from autoprune.search.distillation import distillation
     from autoprune.search.early_stop import Peer, Reference
 
-    worker = SimpleNamespace(teacher_acc=lambda: 0.86)
+    def ref(*curves):
+        return Reference(tuple(Peer(0.5, c) for c in curves))
 
-    def epoch(*curves):
-        return SimpleNamespace(number=5, reference=lambda: Reference(tuple(Peer(0.5, c) for c in curves)))
+    def teacher():
+        return 0.86
 
-    assert trial_mod._distillation(worker, {"distill": 0.5}, epoch()) == (0.5, 0.86)
-    assert trial_mod._distillation(worker, {"distill": 0.5}, epoch((0.7, None, 0.85))) == (0.5, 0.86)
-    assert trial_mod._distillation(worker, {"distill": 0.5}, epoch((0.7, 0.861, 0.85), (None,))) == (0.0, None)
-    assert trial_mod._distillation(worker, {"distill": 0.0}, epoch()) == (0.0, None)
+    assert distillation(teacher, {"distill": 0.5}, ref(), 5) == (0.5, 0.86)
+    assert distillation(teacher, {"distill": 0.5}, ref((0.7, None, 0.85)), 5) == (0.5, 0.86)
+    assert distillation(teacher, {"distill": 0.5}, ref((0.7, 0.861, 0.85), (None,)), 5) == (0.0, None)
+    assert distillation(lambda: pytest.fail("measured without need"), {"distill": 0.0}, ref(), 5) == (0.0, None)
 
 
 def test_sensitivity_seeded_shape_is_queued_for_the_searched_allocation(base_ckpt, tmp_path):

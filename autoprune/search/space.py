@@ -19,7 +19,7 @@ do not dilute parameter importance. Checking the values a spec gives is
 Distillation (``space.distill``: the weight of the KL term to the base model's logits in the fine-tune
 after surgery, 0 = off, default; ``space.distill_temperature``, sampled only when the weight is not 0):
 a trial's parameters hold ``distill`` only when the space can turn it on. The weight applies while the
-teacher is ahead: the trial (:func:`autoprune.search.trial._distillation`) drops the teacher once a student
+teacher is ahead: :mod:`autoprune.search.distillation` drops the teacher once a student
 reaches the base's validation accuracy.
 """
 from __future__ import annotations

@@ -43,6 +43,7 @@ from ..progress import phase
 from ..report.pareto import OBJECTIVE_COLUMNS
 from ..train import Callbacks, NonFiniteLoss, TrainConfig, evaluate, fit
 from . import early_stop, latency_objective, live, stop
+from .distillation import distillation
 from .results import TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
 
 if TYPE_CHECKING:
@@ -280,7 +281,7 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
         return _result(worker, number, hparams, "early_stopped", m["fidelity"], progress, start, stopped_at="screen")
     if not epoch.stopped and epochs > k:
         epoch.pause = latency_objective.PausePoint(worker.out_dir) if worker.spec.workers > 1 else None
-        alpha, until = _distillation(worker, hparams, epoch)
+        alpha, until = distillation(worker.teacher_acc, hparams, epoch.reference(), number)
         ft_cfg = replace(cfg, epochs=epochs - k, distill_alpha=alpha, distill_until=until,
                          distill_temperature=float(hparams.get("distill_temperature") or 4.0))
         run = fit(model, worker.data.train, worker.data.val, ft_cfg, worker.device,
@@ -302,25 +303,6 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
              "%.1f s", number, state, method, target, val_acc, m["fidelity"], result.macs, result.macs_frac,
              result.epochs_run, result.duration_s)
     return result
-
-
-def _distillation(worker: Worker, hparams: Mapping[str, Any], epoch: _Epochs) -> tuple[float, float | None]:
-    """The fine-tune's distillation weight and the accuracy at which it stops (the teacher's). A student
-    that reaches its teacher's validation accuracy stops distilling for its remaining epochs, and once any
-    finished trial of the study has reached it, later trials do not distil at all: a teacher its students
-    outgrow holds them back (Fashion-MNIST VGG-16-BN, 10,000 fine-tune images: LRF distilled from an 86.4 %
-    base finished at 87.1-87.4 %, without the teacher at 88.3-88.5 %; README Performance)."""
-    alpha = float(hparams.get("distill") or 0.0)
-    if alpha <= 0:
-        return 0.0, None
-    teacher = worker.teacher_acc()
-    reached = [max(a for a in p.curve if a is not None) for p in epoch.reference().peers
-               if any(a is not None for a in p.curve)]
-    if reached and max(reached) >= teacher:
-        log.info("trial %d does not distil: a finished trial reached %.4f, the teacher's val_acc is %.4f",
-                 epoch.number, max(reached), teacher)
-        return 0.0, None
-    return alpha, teacher
 
 
 class _Epochs:

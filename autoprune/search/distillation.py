@@ -1,0 +1,37 @@
+"""Distillation inside a search's trials (issue 25): when a trial distils from the base model, and until when.
+
+``space.distill`` is the weight of the KL term to the base model's softened logits in the fine-tune after
+surgery (Hinton et al. 2015; :func:`autoprune.train_support.training_loss`). A teacher only helps while it
+is ahead of its student: on Fashion-MNIST VGG-16-BN with 10,000 fine-tune images, LRF distilled from an
+86.4 % base finished at 87.1-87.4 % and LRF without it at 88.3-88.5 % (README, Performance). So a trial
+stops distilling after the first epoch whose validation reading reaches the teacher's validation accuracy
+(``TrainConfig.distill_until``), and once any finished trial of the study has reached it, later trials do not
+distil at all, whatever their ``distill`` parameter says (``trials.csv`` column ``distill_epochs``).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .early_stop import Reference
+
+log = logging.getLogger(__name__)
+
+
+def distillation(teacher_acc: Callable[[], float], hparams: Mapping[str, Any], reference: Reference,
+                 number: int) -> tuple[float, float | None]:
+    """The fine-tune's distillation weight and the validation accuracy at which it stops (the teacher's),
+    for trial ``number`` with parameters ``hparams``; ``teacher_acc()`` measures the base on the search's
+    validation split (called only when the trial would distil); ``reference``: the finished trials so far.
+    (0, None) when the trial does not distil."""
+    alpha = float(hparams.get("distill") or 0.0)
+    if alpha <= 0:
+        return 0.0, None
+    teacher = teacher_acc()
+    reached = [max(a for a in p.curve if a is not None) for p in reference.peers if any(a is not None for a in p.curve)]
+    if reached and max(reached) >= teacher:
+        log.info("trial %d does not distil: a finished trial reached %.4f, the teacher's val_acc is %.4f",
+                 number, max(reached), teacher)
+        return 0.0, None
+    return alpha, teacher
