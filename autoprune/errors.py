@@ -24,6 +24,9 @@ class UnreachableTarget(AutopruneError):
         super().__init__(message)
         self.floor, self.widths = floor, dict(widths)
 
+    def __reduce__(self) -> tuple:  # picklable across processes like any other exception
+        return (type(self), (str(self), self.floor, self.widths))
+
 
 class CheckpointError(AutopruneError):
     """A missing, corrupt or foreign checkpoint file."""

@@ -92,6 +92,13 @@ def test_a_target_below_the_models_floor_is_timed_on_the_device_before_it_is_ref
                                              r"model predicted"):
         autoprune.prune(model, "l1", target, feedback=LatencyFeedback(slow, rounds=3), **kw)
     assert len(calls) == 1
+    for nonsense in (float("nan"), 0.0):  # a broken timer is not a fact about the device: the model's refusal stands
+        with pytest.raises(UnreachableTarget):
+            autoprune.prune(model, "l1", target, feedback=LatencyFeedback(lambda w, v=nonsense: v, rounds=3), **kw)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(info.value))
+    assert (str(again), again.floor, again.widths) == (str(info.value), floor, narrowest)
 
 
 def test_one_round_measures_once_and_bad_rounds_are_refused():

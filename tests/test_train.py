@@ -247,9 +247,10 @@ def test_distillation_stops_once_the_student_reaches_its_teacher():
     run = fit(mlp(1), train, val, cfg, "cpu", teacher=Counting())
     assert [h["distilled"] for h in run.history] == [True] * 3 and len(calls) == 6
     calls.clear()
-    reading = run.history[0]["val_acc"]  # a threshold above the first reading keeps the teacher for that epoch
-    run = fit(mlp(1), train, val, replace(cfg, distill_until=min(1.0, reading + 1e-6)), "cpu", teacher=Counting())
-    assert run.history[0]["distilled"] and len(calls) >= 2
+    above = max(h["val_acc"] for h in run.history) + 1e-6  # never reached: the teacher stays every epoch
+    assert above <= 1.0, "the blobs must not be learnt perfectly for this check"
+    run = fit(mlp(1), train, val, replace(cfg, distill_until=above), "cpu", teacher=Counting())
+    assert [h["distilled"] for h in run.history] == [True] * 3 and len(calls) == 6
     with pytest.raises(AutopruneError, match="distill_until"):
         TrainConfig(distill_until=1.5)
 

@@ -138,7 +138,9 @@ class LatencyFeedback:
         got = FeedbackRound(exc.floor, float(self.measure(exc.widths)))
         log.info("latency feedback: the model's fastest widths (%.3f of the model) measured %.3f (target %.3f)",
                  exc.floor, got.measured, target)
-        if got.measured > target + ABOVE or not math.isfinite(got.measured) or got.measured <= 0:
+        if not math.isfinite(got.measured) or got.measured <= 0:  # a broken reading: the model's refusal stands
+            raise exc
+        if got.measured > target + ABOVE:
             raise AutopruneError(f"latency target {target:.3f} is unreachable on this device: the smallest reachable "
                                  f"fraction measured {got.measured:.3f} of the base's latency (the narrowest allowed "
                                  f"widths; the latency model predicted {exc.floor:.3f}); raise the target or lower "
@@ -146,7 +148,7 @@ class LatencyFeedback:
         done.append(got)
         if got.miss(target) == 0:
             return None
-        return exc.floor * (target - (BELOW - ABOVE) / 2) / got.measured
+        return min(1.0, exc.floor * (target - (BELOW - ABOVE) / 2) / got.measured)
 
 
 def rounds_info(target: float, rounds: Sequence[FeedbackRound], chosen: float) -> dict[str, Any]:

@@ -144,7 +144,8 @@ def warn_unreachable(spec: Any, groups: Sequence[Any], lm: Any) -> None:
         low = target
     if low is not None and float(low) < floor:
         log.warning("%s: space.target goes down to %.3f but the fastest reachable latency fraction on this device "
-                    "is %.3f (%s); trials below it fail: raise space.target's low end", spec.source, float(low), floor,
+                    "is %.3f (%s) as the latency model predicts it; trials below it fail unless latency.feedback times "
+                    "the narrowest widths below the target: raise space.target's low end", spec.source, float(low), floor,
                     setting(config_of(lm)))
 
 

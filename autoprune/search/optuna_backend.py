@@ -339,9 +339,10 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
                     os.kill(p.pid, signal.SIGTERM)  # each marks its running trial interrupted and stops
         raise
     finally:
+        deadline = None if grace is None else time.monotonic() + grace  # one grace period for all workers
         for p in procs:
             if p.pid is not None:
-                p.join(grace)
+                p.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
                 if p.is_alive():  # its stop was lost: killed (its running trial is recovered as interrupted)
                     log.warning("worker %s did not stop within %.0f s of the stop request: killed", p.name, grace)
                     p.kill()
