@@ -138,7 +138,7 @@ def test_a_trial_does_not_distil_from_a_teacher_a_finished_trial_reached():
     from autoprune.search.early_stop import Peer, Reference
 
     def ref(*curves):
-        return Reference(tuple(Peer(0.5, c) for c in curves))
+        return lambda: Reference(tuple(Peer(0.5, c) for c in curves))
 
     def teacher():
         return 0.86

@@ -94,20 +94,17 @@ class LatencyFeedback:
         later re-aim below what the minimum widths reach ends the loop. Returns the chosen aim and every
         measured round.
         """
-        centre = target - (BELOW - ABOVE) / 2
+        centre = _centre(target)
         aim, done = float(target), []
         while len(done) < self.rounds:
             try:
                 widths = allocate(aim)
-            except UnreachableTarget as exc:
-                if not done:  # the model's floor is above the target: the device decides (one timed round)
+            except AutopruneError as exc:
+                if not done and isinstance(exc, UnreachableTarget):  # below the model's floor: the device decides
                     aim = self._floor_round(target, exc, done)
                     if aim is None:
                         break
                     continue
-                log.info("latency feedback: aim %.3f is below the fastest reachable fraction; stopping", aim)
-                break
-            except AutopruneError:
                 if not done:
                     raise
                 log.info("latency feedback: aim %.3f is below the fastest reachable fraction; stopping", aim)
@@ -148,7 +145,12 @@ class LatencyFeedback:
         done.append(got)
         if got.miss(target) == 0:
             return None
-        return min(1.0, exc.floor * (target - (BELOW - ABOVE) / 2) / got.measured)
+        return min(1.0, exc.floor * _centre(target) / got.measured)
+
+
+def _centre(target: float) -> float:
+    """The middle of the acceptance band, what a re-aim steers the measured fraction to."""
+    return target - (BELOW - ABOVE) / 2
 
 
 def rounds_info(target: float, rounds: Sequence[FeedbackRound], chosen: float) -> dict[str, Any]:

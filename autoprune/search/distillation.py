@@ -21,22 +21,21 @@ from .early_stop import Reference
 log = logging.getLogger(__name__)
 
 
-def distillation(teacher_acc: Callable[[], float], hparams: Mapping[str, Any], reference: Reference,
+def distillation(teacher_acc: Callable[[], float], hparams: Mapping[str, Any], reference: Callable[[], Reference],
                  number: int, cost: float | None = None) -> tuple[float, float | None]:
     """The fine-tune's distillation weight and the validation accuracy at which it stops (the teacher's),
     for trial ``number`` with parameters ``hparams``; ``teacher_acc()`` measures the base on the search's
-    validation split (called only when the trial would distil); ``reference``: the finished trials so far;
-    ``cost``: this trial's cost (MACs or latency fraction; None counts every finished trial). (0, None) when
+    validation split and ``reference()`` reads the finished trials so far (both called only when the trial
+    would distil); ``cost``: this trial's cost (MACs or latency fraction; None counts every finished trial). (0, None) when
     the trial does not distil."""
     alpha = float(hparams.get("distill") or 0.0)
     if alpha <= 0:
         return 0.0, None
     teacher = teacher_acc()
-    reached = [max(a for a in p.curve if a is not None) for p in reference.peers
+    reached = [max(a for a in p.curve if a is not None) for p in reference().peers
                if any(a is not None for a in p.curve) and (cost is None or p.cost <= cost + 1e-9)]
     if reached and max(reached) >= teacher:
         log.info("trial %d does not distil: a finished trial at or below its cost reached %.4f, the teacher's "
-                 "val_acc is %.4f",
-                 number, max(reached), teacher)
+                 "val_acc is %.4f", number, max(reached), teacher)
         return 0.0, None
     return alpha, teacher
