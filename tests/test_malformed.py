@@ -240,6 +240,8 @@ FLAG_CASES: list[tuple[str, Case, str]] = [
     ("search --max-trials 1e12", _search("--max-trials", str(10 ** 12)), "max_trials"),
     ("search --time-budget soon", _search("--time-budget", "soon"), "soon"),
     ("search --time-budget -5", _search("--time-budget", "-5"), "-5"),
+    ("search --compute-budget soon", _search("--compute-budget", "soon"), "soon"),
+    ("search --compute-budget 0", _search("--compute-budget", "0"), "compute"),
     ("search --device-hours -1", _search("--device-hours", "-1"), "device"),
     ("search --device-hours nan", _search("--device-hours", "nan"), "device"),
     ("search --workers 0", _search("--workers", "0"), "workers"),

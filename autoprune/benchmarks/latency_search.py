@@ -1,7 +1,7 @@
 """Pruning for speed: the latency model's error, latency-targeted vs MACs-targeted models, and the search.
 
 Three parts (issue 27's "Done when"), every timing a ratio inside one run (interleaved rounds, the
-base timed beside the variants), at 1 and 2 torch threads, PyTorch eager on the CPU:
+base timed beside the variants), at 1 and 2 threads, on the CPU:
 
 1. ``model``: the latency model of ResNet-56 and MobileNetV2 (CIFAR, 32x32) and ResNet-50 (224) at
    batch 1 and 32, validated on random held-out width assignments: median / 90th-percentile relative
@@ -21,6 +21,9 @@ base timed beside the variants), at 1 and 2 torch threads, PyTorch eager on the 
     python -m autoprune.benchmarks.latency_search                   # everything (tens of minutes)
     python -m autoprune.benchmarks.latency_search --quick           # CI-sized: ResNet-56 only, few trials
     python -m autoprune.benchmarks.latency_search --parts model targets --models resnet56 mobilenetv2
+    python -m autoprune.benchmarks.latency_search --parts model --runtime onnxruntime --batches 1 --thread-counts 1
+
+The ``model`` and ``targets`` parts run on PyTorch eager unless ``--runtime onnxruntime`` (the ``export`` extra).
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from ..engine.cost import count_macs
 from ..engine.graph import find_groups
 from ..engine.latency import build_latency_model, measure_models, without_misalignment
 from ..engine.latency_feedback import LatencyFeedback
-from ..engine.latency_table import LatencyConfig, device_name
+from ..engine.latency_table import RUNTIMES, LatencyConfig, device_name
 from ..engine.latency_validate import validate
 from ..errors import AutopruneError
 from ..models.registry import create_model
@@ -76,8 +79,8 @@ def tp_round8(model: nn.Module, shape: tuple[int, int, int], macs_frac: float) -
 
 
 def _cfg(args: Any, batch: int, threads: int) -> LatencyConfig:
-    return LatencyConfig(batch_size=batch, threads=threads, rounds=args.rounds, points=args.points,
-                         cache_dir=args.cache_dir, clock=clock_for(args, threads))
+    return LatencyConfig(runtime=args.runtime, batch_size=batch, threads=threads, rounds=args.rounds,
+                         points=args.points, cache_dir=args.cache_dir, clock=clock_for(args, threads))
 
 
 def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Sequence[int],
@@ -99,7 +102,8 @@ def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Seque
             start = time.perf_counter()
             lm = build_latency_model(model, groups, shape, cfg)
             build_s = time.perf_counter() - start
-            row: dict[str, Any] = {"model": label, "batch": batch, "threads": threads, "clock": cfg.clock,
+            row: dict[str, Any] = {"model": label, "runtime": cfg.runtime, "batch": batch, "threads": threads,
+                                   "clock": cfg.clock,
                                    "tables": len(lm.tables),
                                    "misaligned": sum(max(t.misaligned_in, t.misaligned_out) > 1
                                                      for t in lm.tables.values()),
@@ -235,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="search part: the latency search's allocation.round_to (the MACs search keeps the default 1)")
     p.add_argument("--feedback", type=int, default=3, help="targets part: also each latency target closed on "
                    "measurement with this many timed allocations (LatencyFeedback; 0: skip)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="model and targets parts: the runtime the latency model is built and validated on")
     p.add_argument("--name", default="latency_search", help="output file name under --out (.md, .csv, _fronts.png)")
     p.add_argument("--load-note", default="", help="what else ran on the machine, for the table header")
     args = p.parse_args(argv)
@@ -259,7 +265,8 @@ def _run(args: Any, names: Sequence[str], batches: Sequence[int], threads_list: 
     tgt_rows: list[dict[str, Any]] = []
     load = f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" + (
         f"; {args.load_note}" if args.load_note else "")
-    where = (f"PyTorch {torch.__version__} eager, float32, CPU {device_name('cpu')}; {load}. Timings are ratios "
+    runtime = "PyTorch eager" if args.runtime == "torch" else "ONNX Runtime (model and targets parts)"
+    where = (f"PyTorch {torch.__version__}, {runtime}, float32, CPU {device_name('cpu')}; {load}. Timings are ratios "
              "inside one run: interleaved rounds, medians. clock 'cpu': the measuring thread's CPU time "
              "(1 thread; leaves out waiting for a core on the shared machine), 'wall': wall clock.")
 
@@ -302,8 +309,8 @@ def _error_table(rows: list[dict[str, Any]], args: Any, where: str) -> common.Ta
               "tables with every misalignment factor set to 1 (scale and constant refitted to the same calibration "
               "timings), on the same validation timings: what modelling widths off a multiple of 8 gains."),
              f"Median of the rows' median errors: {statistics.median(med):.1f} %." if med else "No validation run.")
-    cols = ("model", "batch", "threads", "clock", "tables", "misaligned", "build s", "spread %", "base ms", "scale",
-            "const ms", "median err %", "p90 err %", "Spearman", "median frac err %", "no misalign. err %", "met")
+    cols = ("model", "runtime", "batch", "threads", "clock", "tables", "misaligned", "build s", "spread %", "base ms",
+            "scale", "const ms", "median err %", "p90 err %", "Spearman", "median frac err %", "no misalign. err %", "met")
     return common.Table("model", "Latency model error on held-out width assignments", cols, tuple(rows), notes)
 
 

@@ -109,11 +109,12 @@ def seed_rows(r: Mapping[str, Any], low: Sequence[float], n_val: int, n_test: in
             "measured s (ours / TP sweep / singles)": f"{ours.work_s:.0f} / {r['tp_work_s']:.0f} / {r['single_work_s']:.0f}",
             "epochs (ours / TP / singles)": f"{ours.epochs} / {sum(sd.epochs for sd in r['tp'].values())} / "
                                             f"{sum(sd.epochs for sd in r['singles'].values())}",
-            "trials (complete / screened / stopped / reused)":
+            "trials (complete / screened / stopped / reused / not started)":
                 f"{len(counted)} ({sum(x['state'] == 'complete' and not x.get('duplicate_of') for x in counted)} / "
                 f"{sum(x.get('stopped_at') == 'screen' for x in counted)} / "
                 f"{sum(str(x.get('stopped_at', '')).startswith('epoch') for x in counted)} / "
-                f"{sum(bool(x.get('duplicate_of')) for x in counted)})",
+                f"{sum(bool(x.get('duplicate_of')) for x in counted)} / "
+                f"{sum(x.get('stopped_at') == 'budget' for x in counted)})",
             "HV ours": hv(_pts(ours)), "HV TP best": hv(_pts(tp)), "TP criterion": tp.label,
             "HV single best": hv(_pts(single)), "single method": single.label,
             "HV ours - TP": f"{hv(_pts(ours)) - hv(_pts(tp)):+.4f}",

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-trials", type=int, help="stop starting trials after this many")
     p.add_argument("--time-budget", metavar="T", help="wall-clock budget for this run, e.g. 90s, 30m, 2h, 1h30m")
     p.add_argument("--device-hours", type=float, help="budget in device-hours (summed trial time)")
+    p.add_argument("--compute-budget", metavar="T", help="budget in measured trial work (CPU time, or GPU time on a "
+                                                         "GPU), e.g. 20m, 2h; a trial predicted not to fit is not started")
     p.add_argument("--resume", action="store_true", help="continue the search in --out (finished trials are kept)")
     p.add_argument("--workers", type=int, help="worker processes on this machine (spread over its GPUs)")
     p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler (default: the spec's, tpe)")
@@ -83,8 +85,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from ..search.spec import load_spec
 
     overrides = {"max_trials": args.max_trials, "time": args.time_budget, "device_hours": args.device_hours,
-                 "workers": args.workers, "sampler": args.sampler, "device": args.device, "seed": args.seed,
-                 "early_stop": False if args.no_early_stop else None}
+                 "compute": args.compute_budget, "workers": args.workers, "sampler": args.sampler,
+                 "device": args.device, "seed": args.seed, "early_stop": False if args.no_early_stop else None}
     spec = load_spec(args.spec, overrides)
     apply_threads(args, int(spec.workers or 1))
     ray_options = _ray_options(args)
@@ -182,7 +184,8 @@ def outcome_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 
 _REASONS = {"max_trials": "max trials reached", "time": "time budget spent", "device_hours": "device-hours spent",
-            "interrupted": "interrupted"}
+            "compute": "compute budget spent (what is left is predicted to pay for no trial)",
+            "exhausted": "the sampler repeats configurations that already ran", "interrupted": "interrupted"}
 
 
 def _num(value: Any) -> float:

@@ -231,6 +231,9 @@ def _markdown(study: str, info: Mapping[str, Any], df: pd.DataFrame, on: pd.Data
     counts = ", ".join(f"{s} {int(states.get(s, 0))}" for s in ("complete", "early_stopped", "failed", "running"))
     if states.get("interrupted"):
         counts += f", interrupted {int(states['interrupted'])}"
+    not_started = int((df["stopped_at"] == "budget").sum()) if "stopped_at" in df.columns else 0
+    if not_started:  # early-stopped before they started (search/admission.py)
+        counts += f"; {not_started} of the early-stopped not started: predicted over what budget.compute had left"
     infeasible = int(((df.get("state") == "complete") & ~df["feasible"]).sum()) if "feasible" in df.columns else 0
     out.append(f"Trials: {len(df)} ({counts}); complete but infeasible: {infeasible}.")
     if "epochs_run" in df.columns:

@@ -42,7 +42,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import AutopruneError
-from . import stop
+from . import admission, stop
 from .locks import ASK_LOCK, WORKERS_LOCK, file_lock
 from .results import INTERRUPTED, TrialResult, constraint_names, model_path, one_line, plan_path
 from .store import Limits, StoredTrial, TrialStore, budget_reason, finished_curves, same_config, write_rows
@@ -200,6 +200,7 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
 
     ask_lock = out_dir / ASK_LOCK
     repeats = 0  # duplicates sampled in a row (a small space the sampler has exhausted)
+    skips = 0  # configurations in a row the compute budget left could not pay for
     while True:
         check_parent()
         trial: optuna.Trial | None = None
@@ -207,6 +208,10 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
         try:
             with file_lock(ask_lock):
                 reason = budget_reason(store, limits)
+                if reason is None and limits.work_seconds is not None and (
+                        skips >= admission.MAX_SKIPS or
+                        admission.budget_spent(spec, store, limits.work_seconds)):
+                    reason = "compute"  # even the cheapest configuration is predicted not to fit
                 if reason is not None:
                     return reason
                 slot = next_slot(study)
@@ -216,10 +221,15 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 hparams = space.suggest(trial, spec)
                 number = store.claim(hparams, trial, worker=index, slot=slot)
                 prior = same_config(store, hparams, before=number)
+                fits, predicted, left = (True, None, 0.0) if prior is not None else admission.admit(
+                    spec, store, hparams, number, limits.work_seconds)
             if prior is not None:  # run already: reuse its result, tell the sampler the same
                 result = reused_result(spec, number, hparams, prior)
+            elif not fits:  # the compute budget left cannot pay for it: not started
+                result = admission.skipped_result(spec, number, hparams, float(predicted or 0.0), left)
             else:
                 result = run_trial(worker, number, hparams, finished, early_stopping, seed_index=slot)
+            skips = 0 if fits else skips + 1
             repeats = repeats + 1 if prior is not None else 0
             store.record(number, result)
         except BaseException:  # Ctrl-C, Orphaned, storage errors: the trial is interrupted, run again later

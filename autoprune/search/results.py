@@ -28,7 +28,8 @@ TAIL_COLUMNS = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latenc
                 "predicted_latency_frac", "work_s", "duplicate_of", "distill_epochs")
 # fidelity: val acc right after surgery + BN recalibration (before fine-tuning; ResRep: after its
 # compactor epochs); prune_s: seconds to prune, recalibrate and measure it; stopped_at: "" (ran every
-# epoch), "screen" (not fine-tuned: screened out at the fidelity rung) or "epoch N" (early-stopped);
+# epoch), "screen" (not fine-tuned: screened out at the fidelity rung), "epoch N" (early-stopped) or
+# "budget" (not started: its predicted work exceeded budget.compute's remainder; search/admission.py);
 # work_s: measured seconds of the trial's work (this process's CPU time, or CUDA-synchronised wall time
 # on a GPU: pruning, recalibration, fidelity, every training epoch, evaluations); duplicate_of: the
 # earlier trial of the same configuration whose result this one reuses (nothing was run; work_s 0);
@@ -69,7 +70,7 @@ class TrialResult:
     fidelity: float | None = None  # val acc right after surgery + BN recalibration, before fine-tuning
     prune_s: float | None = None  # seconds of pruning (ResRep: its training included) + recalibration + fidelity
     phases: tuple[str, ...] = ()  # the phase of each epoch (early_stop.schedule): what a curve entry means
-    stopped_at: str = ""  # "" | "screen" | "epoch N"
+    stopped_at: str = ""  # "" | "screen" | "epoch N" | "budget" (not started: admission.py)
     work_s: float | None = None  # measured seconds of work (CPU time, or synchronised GPU wall time)
     duplicate_of: int | None = None  # the earlier trial of the same configuration this one reuses
     distill_epochs: int | None = None  # fine-tune epochs with the teacher (None: no fine-tune ran)

@@ -17,7 +17,8 @@ queues, in this order, the trials the sampler runs first:
 
 A training-time method at the other windows is left to the sampler: on Fashion-MNIST (1,000
 fine-tune images) each such trial cost about two one-shot trials and finished below the window's
-one-shot winner. The order matters under ``budget.compute``: what the budget cuts is the tail. When ``space.distill``
+one-shot winner. The order matters under ``budget.compute``: what the budget cuts is the tail (a queued
+trial predicted not to fit is not started, :mod:`.admission`; the sampler proposes the next). When ``space.distill``
 is searched, every queued trial distils at the space's largest weight (Fashion-MNIST, 1,000
 fine-tune images, 3 seeds: +0.0054 front hypervolume, beyond 2 SE; +0.7 / +0.9 points at 0.3 / 0.2
 of the MACs, within noise; README, Performance).

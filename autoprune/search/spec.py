@@ -71,7 +71,7 @@ __all__ = ["Budget", "EarlyStop", "Range", "Screen", "SearchSpec", "dump_spec", 
 
 OVERRIDES = {  # CLI override name -> key path in the spec
     "max_trials": "budget.max_trials", "time_s": "budget.time", "time": "budget.time",
-    "device_hours": "budget.device_hours", "workers": "workers", "seed": "seed", "device": "device",
+    "device_hours": "budget.device_hours", "compute": "budget.compute", "workers": "workers", "seed": "seed", "device": "device",
     "early_stop": "early_stop.enabled", "sampler": "sampler", "study": "study", "base": "base",
 }
 TOP_KEYS = ("study", "model", "data", "base", "base_epochs", "base_lr", "device", "workers", "seed",

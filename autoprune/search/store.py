@@ -176,7 +176,8 @@ def config_key(hparams: Mapping[str, Any]) -> str:
 
 def same_config(store: TrialStore, hparams: Mapping[str, Any], before: int | None = None) -> StoredTrial | None:
     """The first recorded trial (complete, early-stopped, or failed but not interrupted; numbered below
-    ``before`` when given) that ran exactly ``hparams`` and is not itself a reuse; None if there is none.
+    ``before`` when given) that ran exactly ``hparams`` and is not itself a reuse or a trial the compute
+    budget could not pay for (a resumed search with more budget runs that one); None if there is none.
     Under one search's seed such a trial would only repeat the measurement at another training seed."""
     key = config_key(hparams)
     for t in store.trials():
@@ -184,7 +185,7 @@ def same_config(store: TrialStore, hparams: Mapping[str, Any], before: int | Non
             continue
         if t.state not in ("complete", "early_stopped", "failed") or t.interrupted or not t.record:
             continue
-        if t.record.get("duplicate_of") is None and config_key(t.hparams) == key:
+        if counts_as_run(t) and config_key(t.hparams) == key:  # not a reuse, and it ran
             return t
     return None
 
@@ -200,20 +201,26 @@ def store_objective(t: StoredTrial) -> str:
 def budget_reason(store: TrialStore, limits: Limits, now: float | None = None) -> str | None:
     """Why no new trial may start now ('time', 'max_trials', 'device_hours', 'compute'), or None.
 
-    A trial that reused an earlier one's result (``duplicate_of``) ran nothing: it counts against no
-    budget. Measured work (``compute``) includes the screening round's (study meta ``round_work_s``)."""
+    A trial that reused an earlier one's result (``duplicate_of``), or that the compute budget could not pay
+    for (``stopped_at = "budget"``), ran nothing: it counts against no budget. Measured work
+    (``compute``) includes the screening round's (study meta ``round_work_s``)."""
     now = time.time() if now is None else now
     if limits.deadline is not None and now >= limits.deadline:
         return "time"
     trials = store.trials()
-    if limits.max_trials is not None and sum(not t.interrupted and t.record.get("duplicate_of") is None
-                                             for t in trials) >= limits.max_trials:
+    if limits.max_trials is not None and sum(counts_as_run(t) for t in trials) >= limits.max_trials:
         return "max_trials"
     if limits.device_seconds is not None and sum(t.seconds for t in trials) >= limits.device_seconds:
         return "device_hours"
     if limits.work_seconds is not None and work_used(store, trials) >= limits.work_seconds:
         return "compute"
     return None
+
+
+def counts_as_run(t: StoredTrial) -> bool:
+    """Whether ``t`` counts against ``max_trials``: not interrupted, not a reused result, and started (a
+    trial the compute budget could not pay for, ``stopped_at = "budget"``, ran nothing)."""
+    return not t.interrupted and t.record.get("duplicate_of") is None and t.record.get("stopped_at") != "budget"
 
 
 def work_used(store: TrialStore, trials: Sequence[StoredTrial] | None = None) -> float:

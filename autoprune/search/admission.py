@@ -1,0 +1,175 @@
+"""Budget admission: a trial that the compute budget left cannot pay for is not started (issue 25).
+
+``budget.compute`` counts measured seconds of trial work (``work_s``: CPU time, or synchronised GPU
+time). A trial used to start whenever any of it was left, so a search could overrun it by a whole
+trial, and a benchmark at equal compute drops that trial: on Fashion-MNIST VGG-16-BN with 10,000
+fine-tune images the search started a ResRep trial of 1,245 CPU s with 745 s left (README,
+Performance). Now, before a trial runs, its work is predicted from the search's own finished
+trials; when the prediction exceeds what is left (less the predicted work of trials running in
+other workers), the trial does not run: it is recorded early-stopped with ``stopped_at = "budget"``
+(Optuna: PRUNED, which TPE counts among the worse trials, so it learns what the budget cannot pay
+for), its work is 0 and it does not count against ``max_trials``. The search ends when even the
+cheapest configuration the space allows is predicted not to fit, or after :data:`MAX_SKIPS`
+such proposals in a row.
+
+The prediction (a cost model, not a measurement): ``work = a + b * x``, where ``x`` counts a
+trial's epochs weighted by the width trained: an epoch of training while pruning (ResRep's
+compactor epochs train the full-width model) counts 1, a fine-tune epoch counts the target (the
+pruned model's fraction of the base), and a distilled epoch adds :data:`TEACHER_SHARE` (the
+teacher's forward pass). ``a`` (>= 0: surgery, recalibration, evaluations) and ``b`` are least
+squares over the complete trials that ran every epoch (one such trial: ``a = 0``; none: no
+prediction and the trial starts). Where the method has complete trials of its own, the fit is
+scaled by the median ratio of their measured to fitted work (a ResRep epoch costs more than a
+plain one: compactors and masks). A new trial that would distil is predicted with one distilled
+epoch (the teacher is usually dropped after the first, :mod:`.distillation`). Optuna backend only.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..methods import get_method, make_params
+from .results import TrialResult
+from .space import Range, to_prune_args
+from .store import work_used
+
+if TYPE_CHECKING:
+    from .spec import SearchSpec
+    from .store import StoredTrial, TrialStore
+
+log = logging.getLogger(__name__)
+
+TEACHER_SHARE = 1.0 / 3.0  # a teacher's forward pass, in full-width training epochs (forward ~ 1/3 of a step)
+MAX_SKIPS = 20  # configurations in a row that did not fit, before a worker stops
+BUDGET_STOP = "budget"  # TrialResult.stopped_at of a trial not started for lack of budget
+
+
+@dataclass(frozen=True)
+class WorkModel:
+    """``work_s = intercept + slope * x`` (x: :func:`width_epochs`), with per-method scale factors."""
+
+    intercept: float
+    slope: float
+    scale: Mapping[str, float]
+
+    def predict(self, method: str, x: float) -> float:
+        """Predicted measured seconds of a trial of ``method`` with width-weighted epochs ``x``."""
+        return self.scale.get(method, 1.0) * (self.intercept + self.slope * x)
+
+
+def width_epochs(spec: SearchSpec, hparams: Mapping[str, Any], distilled: int | None = None) -> tuple[str, float]:
+    """(method, x): a trial's epochs weighted by the width trained (module docstring). ``distilled``:
+    the epochs that ran with the teacher (a finished trial's ``distill_epochs``); None predicts one
+    when the trial's ``distill`` weight is above 0."""
+    method, target, _, method_params, epochs, _ = to_prune_args(hparams, spec.allocation)
+    impl = get_method(method)
+    k = min(epochs, max(0, int(impl.training_epochs(make_params(impl, method_params), epochs))))
+    if distilled is None:
+        distilled = 1 if float(hparams.get("distill") or 0.0) > 0 and epochs > k else 0
+    return method, k + (epochs - k) * float(target) + TEACHER_SHARE * distilled
+
+
+def fit(spec: SearchSpec, trials: Sequence[StoredTrial]) -> WorkModel | None:
+    """The work model of the complete trials that ran every epoch (None when there are none)."""
+    points: list[tuple[str, float, float]] = []
+    for t in trials:
+        rec = t.record
+        work = float(rec.get("work_s") or 0.0)
+        if t.state != "complete" or rec.get("duplicate_of") is not None or work <= 0 or t.interrupted:
+            continue
+        try:
+            method, x = width_epochs(spec, t.hparams, int(rec.get("distill_epochs") or 0))
+        except Exception as exc:  # noqa: BLE001 - a trial of another space version: not evidence
+            log.debug("work model: trial %d left out: %s", t.number, exc)
+            continue
+        if int(rec.get("epochs_run") or 0) < int(float(t.hparams.get("epochs", 0) or 0)):
+            continue
+        points.append((method, x, work))
+    if not points:
+        return None
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 1e-12 else 0.0
+    intercept = my - slope * mx
+    if sxx <= 1e-12 or slope <= 0 or intercept < 0:  # one width, or a fit that makes no sense: proportional
+        slope = sum(ys) / max(sum(xs), 1e-9)
+        intercept = 0.0
+    base = WorkModel(intercept, slope, {})
+    scale = {}
+    for method in {p[0] for p in points}:
+        ratios = [w / base.predict(method, x) for m, x, w in points if m == method and base.predict(method, x) > 0]
+        if ratios:
+            scale[method] = statistics.median(ratios)
+    return WorkModel(intercept, slope, scale)
+
+
+def _low(value: Any) -> float:
+    if isinstance(value, Range):
+        return float(value.low)
+    if isinstance(value, list):
+        return min(float(v) for v in value)
+    return float(value)
+
+
+def cheapest(spec: SearchSpec, model: WorkModel) -> float:
+    """The predicted work of the cheapest configuration the space allows: each method at its default
+    parameters, the fewest epochs, the lowest target, no distillation."""
+    hp = {"target": _low(spec.space["target"]), "epochs": int(_low(spec.space["epochs"])), "lr": 0.01}
+    return min(model.predict(*width_epochs(spec, {**hp, "method": m})) for m in spec.methods)
+
+
+def _left(spec: SearchSpec, model: WorkModel, trials: Sequence[StoredTrial], limit_s: float, used_s: float,
+          exclude: int | None) -> float:
+    """Seconds of the budget left once the trials running now (other than ``exclude``) finish as predicted."""
+    left = limit_s - used_s
+    for t in trials:
+        if t.state == "running" and not t.interrupted and t.number != exclude:
+            try:
+                left -= model.predict(*width_epochs(spec, t.hparams))
+            except Exception as exc:  # noqa: BLE001 - a running trial we cannot model counts 0
+                log.debug("work model: running trial %d not predicted: %s", t.number, exc)
+    return left
+
+
+def admit(spec: SearchSpec, store: TrialStore, hparams: Mapping[str, Any], number: int,
+          limit_s: float | None) -> tuple[bool, float | None, float]:
+    """Whether trial ``number`` of ``store`` (claimed, so running there) with ``hparams`` may start under a
+    compute budget of ``limit_s`` measured seconds: (admitted, its predicted seconds or None, seconds left
+    once the other running trials finish as predicted). Always admitted without a budget or a work model."""
+    if limit_s is None:
+        return True, None, math.inf
+    trials = store.trials()
+    used_s = work_used(store, trials)
+    model = fit(spec, trials)
+    if model is None:
+        return True, None, limit_s - used_s
+    left = _left(spec, model, trials, limit_s, used_s, number)
+    predicted = model.predict(*width_epochs(spec, hparams))
+    return predicted <= left, predicted, left
+
+
+def budget_spent(spec: SearchSpec, store: TrialStore, limit_s: float | None) -> bool:
+    """Whether even the cheapest trial the space allows is predicted not to fit in what is left of a
+    compute budget of ``limit_s`` measured seconds."""
+    if limit_s is None:
+        return False
+    trials = store.trials()
+    used_s = work_used(store, trials)
+    model = fit(spec, trials)
+    if model is None:
+        return False
+    return cheapest(spec, model) > _left(spec, model, trials, limit_s, used_s, None)
+
+
+def skipped_result(spec: SearchSpec, number: int, hparams: Mapping[str, Any], predicted: float,
+                   left: float) -> TrialResult:
+    """Trial ``number``, not started: its predicted work exceeds the budget left (module docstring)."""
+    log.info("trial %d not started: its work is predicted at %.0f s and %.0f s of budget.compute are left",
+             number, predicted, max(0.0, left))
+    return TrialResult(number=number, state="early_stopped", hparams=dict(hparams), objectives=tuple(spec.objectives),
+                       stopped_at=BUDGET_STOP, work_s=0.0)
