@@ -112,17 +112,16 @@ def test_distillation_from_the_base_model_is_searched(base_ckpt, tmp_path, monke
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "base.pt").write_bytes(Path(base_ckpt).read_bytes())
     teacher_acc = trial_mod.Worker.load(spec, tmp_path / "w", torch.device("cpu")).teacher_acc()
-    before = []  # (MACs fraction, val acc) of the trials before: one at or below this cost at the teacher's
+    before = []  # val acc of the trials before: any one at the teacher's accuracy turns distillation off
     for (alpha, temp, has_teacher, until), row in zip(seen, sorted(result.rows, key=lambda r: int(r["number"]))):
-        cost = float(row["macs_frac"])  # accuracy turns distillation off
-        caught = any(c <= cost + 1e-9 and acc >= teacher_acc for c, acc in before)
+        caught = any(acc >= teacher_acc for acc in before)
         wanted = 0.0 if caught else float(row["param_distill"])
         assert alpha == wanted and has_teacher == (alpha > 0)
         assert int(row["distill_epochs"]) <= (1 if alpha > 0 else 0)  # 1-epoch trials
         if alpha > 0:
             assert until == pytest.approx(teacher_acc)  # the student stops distilling once it reaches its teacher
             assert 2 <= temp <= 8 and float(row["param_distill_temperature"]) == temp
-        before.append((cost, float(row["val_acc"])))
+        before.append(float(row["val_acc"]))
     # the screening round's queued trials distil at the space's largest weight
     queued = load_spec(write_spec(tmp_path / "q", base_ckpt, budget={"max_trials": 1}, screen={"min_peers": 1},
                                   space={"method": ["l1", "lrf"], "target": [0.5], "distill": [0.0, 0.3]}))
@@ -147,10 +146,8 @@ def test_a_trial_does_not_distil_from_a_teacher_a_finished_trial_reached():
     assert distillation(teacher, {"distill": 0.5}, ref((0.7, None, 0.85)), 5) == (0.5, 0.86)
     assert distillation(teacher, {"distill": 0.5}, ref((0.7, 0.861, 0.85), (None,)), 5) == (0.0, None)
     assert distillation(lambda: pytest.fail("measured without need"), {"distill": 0.0}, ref(), 5) == (0.0, None)
-    # only a finished trial pruned at least as hard counts: a lightly pruned student at the teacher's level
-    # says nothing about this one (peers' cost 0.5)
-    assert distillation(teacher, {"distill": 0.5}, ref((0.87,)), 5, cost=0.3) == (0.5, 0.86)
-    assert distillation(teacher, {"distill": 0.5}, ref((0.87,)), 5, cost=0.5) == (0.0, None)
+    # any finished trial counts, however lightly pruned (a peer at 0.5 of the MACs, 0.87): measured on VGG-16-BN
+    assert distillation(teacher, {"distill": 0.5}, ref((0.87,)), 5) == (0.0, None)
 
 
 def test_sensitivity_seeded_shape_is_queued_for_the_searched_allocation(base_ckpt, tmp_path):
