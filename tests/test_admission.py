@@ -46,8 +46,10 @@ def spec(base_ckpt, tmp_path):
 def test_width_epochs_counts_training_epochs_at_full_width_and_fine_tune_epochs_at_the_target(spec):
     hp = {"method": "l1", "target": 0.3, "epochs": 3, "lr": 0.01}
     assert admission.width_epochs(spec, hp) == ("l1", pytest.approx(0.9))
-    assert admission.width_epochs(spec, {**hp, "distill": 0.5})[1] == pytest.approx(0.9 + admission.TEACHER_SHARE)
-    assert admission.width_epochs(spec, {**hp, "distill": 0.5}, distilled=0)[1] == pytest.approx(0.9)
+    # a distillation weight: every fine-tune epoch with the teacher unless told how many ran with it
+    assert admission.width_epochs(spec, {**hp, "distill": 0.5})[1] == pytest.approx(0.9 + 3 * admission.TEACHER_SHARE)
+    assert admission.width_epochs(spec, {**hp, "distill": 0.5}, distilled=1)[1] == pytest.approx(
+        0.9 + admission.TEACHER_SHARE)
     # ResRep trains with compactors for train_share (default 1) of the epochs: the full-width model
     assert admission.width_epochs(spec, {**hp, "method": "resrep"}) == ("resrep", pytest.approx(3.0))
     assert admission.width_epochs(spec, {**hp, "method": "resrep", "resrep.train_share": 0.34})[1] == \
@@ -72,24 +74,50 @@ def test_the_work_model_recovers_a_linear_cost_and_scales_a_method_by_its_own_tr
     assert one.intercept == 0 and one.predict("l1", 1.5) == pytest.approx(trials[0].record["work_s"])
 
 
-def test_admission_refuses_a_trial_that_does_not_fit_and_counts_the_running_ones(spec):
+def test_a_distilling_trial_is_predicted_with_the_share_of_epochs_finished_trials_distilled(spec):
+    plain = [done(i, "l1", t, 40 + 400 * 3 * t) for i, t in enumerate((0.5, 0.3, 0.2))]
+    model = admission.fit(spec, plain)
+    new = {"method": "l1", "target": 0.3, "epochs": 3, "lr": 0.01, "distill": 0.5}
+    teacher = 400 * admission.TEACHER_SHARE  # one distilled epoch's seconds under this model
+    assert admission.predict(spec, model, plain, new) == pytest.approx(400 + 3 * teacher)  # no evidence: all 3
+    taught = {"distill": 0.5}
+    all3 = [StoredTrial(9, "complete", {**plain[0].hparams, **taught}, {**plain[0].record, "distill_epochs": 3})]
+    one_of_3 = [StoredTrial(9, "complete", {**plain[0].hparams, **taught}, {**plain[0].record, "distill_epochs": 1}),
+                StoredTrial(10, "complete", {**plain[1].hparams, **taught}, {**plain[1].record, "distill_epochs": 0})]
+    assert admission.predict(spec, model, plain + all3, new) == pytest.approx(400 + 3 * teacher)
+    assert admission.predict(spec, model, plain + one_of_3, new) == pytest.approx(400 + teacher / 2)
+    assert admission.predict(spec, model, plain, {**new, "distill": 0.0}) == pytest.approx(400)
+
+
+def test_admission_refuses_a_trial_that_does_not_fit(spec):
     trials = [done(i, "l1", t, 40 + 400 * 3 * t) for i, t in enumerate((0.5, 0.3, 0.2))]
     used = sum(t.record["work_s"] for t in trials) + 100.0  # the screening round's 100 s included
     resrep = {"method": "resrep", "target": 0.2, "epochs": 3, "lr": 0.01}
     store = FakeStore(trials + [done(3, "resrep", 0.2, 0, state="running")], round_work_s=100.0)
-    fits, predicted, left = admission.admit(spec, store, resrep, 3, used + 1000.0)
+    fits, predicted, left = admission.admit(spec, store, resrep, used + 1000.0)
     assert not fits and predicted == pytest.approx(1240) and left == pytest.approx(1000.0)
-    assert admission.admit(spec, store, resrep, 3, used + 1300.0)[0]
-    # another worker's running l1 trial at 0.5 (640 s predicted) leaves 660 s: the ResRep trial waits out
-    store = FakeStore(trials + [done(3, "resrep", 0.2, 0, state="running"), done(4, "l1", 0.5, 0, state="running")],
-                      round_work_s=100.0)
-    fits, _, left = admission.admit(spec, store, resrep, 3, used + 1300.0)
-    assert not fits and left == pytest.approx(1300.0 - 640.0)
-    assert admission.admit(spec, FakeStore([]), resrep, 0, 1.0) == (True, None, 1.0)  # no evidence: starts
-    assert admission.admit(spec, store, resrep, 3, None)[0]  # no compute budget: always
-    # the cheapest configuration (3 epochs at target 0.2: x 0.6, 280 s) decides when the budget is spent
-    assert not admission.budget_spent(spec, FakeStore(trials, 100.0), used + 281.0)
-    assert admission.budget_spent(spec, FakeStore(trials, 100.0), used + 279.0)
+    assert admission.admit(spec, store, resrep, used + 1300.0)[0]
+    assert admission.admit(spec, FakeStore([]), resrep, 1.0) == (True, None, 1.0)  # no evidence: starts
+    assert admission.admit(spec, store, resrep, None)[0]  # no compute budget: always
+    # the cheapest configuration (l1, 3 epochs at target 0.2: x 0.6, 280 s) decides when the budget is spent
+    assert admission.stop_reason(spec, FakeStore(trials, 100.0), used + 281.0) is None
+    assert admission.stop_reason(spec, FakeStore(trials, 100.0), used + 279.0) == "compute"
+
+
+def test_the_cheapest_configuration_looks_at_the_method_parameters_the_space_allows(base_ckpt, tmp_path):
+    """A ResRep-only space whose train_share reaches 0.34: one compactor epoch of 3, not the default's 3."""
+    resrep_only = load_spec(write_spec(tmp_path, base_ckpt, space={
+        "method": "resrep", "target": [0.5, 0.2], "allocation": "global", "epochs": 3, "lr": 0.01,
+        "methods": {"resrep": {"train_share": {"low": 0.34, "high": 1.0}}}}))
+    model = admission.WorkModel(0.0, 100.0, {})
+    assert admission.cheapest(resrep_only, model) == pytest.approx(100.0 * (1 + 2 * 0.2))
+
+
+def test_a_worker_stops_after_proposals_in_a_row_that_ran_nothing():
+    assert admission.idle_reason(0, admission.MAX_SKIPS, 25) == "compute"
+    assert admission.idle_reason(25, 0, 25) == "exhausted"
+    assert admission.idle_reason(20, 5, 25) == "compute"  # reused and skipped alternating: still stops
+    assert admission.idle_reason(24, 0, 25) is None and admission.idle_reason(3, 3, 25) is None
 
 
 def test_a_trial_not_started_for_lack_of_budget_costs_nothing_and_no_max_trials(spec):
@@ -109,9 +137,10 @@ def test_a_search_skips_what_the_budget_cannot_pay_for_and_runs_what_fits(base_c
     max_trials (three trials still run); the search's trials.csv says so."""
     real = admission.admit
 
-    def second_too_big(spec, store, hparams, number, limit_s):
-        fits, predicted, left = real(spec, store, hparams, number, limit_s)
-        return (False, 1e9, left) if number == 1 else (fits, predicted, left)
+    def second_too_big(spec, store, hparams, limit_s):
+        fits, predicted, left = real(spec, store, hparams, limit_s)
+        second = len([t for t in store.trials() if t.state != "running"]) == 1
+        return (False, 1e9, left) if second else (fits, predicted, left)
 
     monkeypatch.setattr(admission, "admit", second_too_big)
     spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 3, "compute": 1e6}))
@@ -123,13 +152,30 @@ def test_a_search_skips_what_the_budget_cannot_pay_for_and_runs_what_fits(base_c
 
 
 def test_a_search_stops_when_even_the_cheapest_trial_cannot_fit(base_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(admission, "fit", lambda spec, trials: admission.WorkModel(1e7, 1.0, {}) if trials else None)
+    """The first trial runs (no evidence yet); then the model says even the cheapest one costs 1e7 s of the
+    1e6 left: the search ends with 'compute' and starts nothing else (no row of a trial not started)."""
+    real = admission.fit
+    monkeypatch.setattr(admission, "fit", lambda spec, trials: real(spec, trials) and admission.WorkModel(1e7, 1.0, {}))
     spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": None, "compute": 1e6}))
     result = run_search(spec, tmp_path / "out", progress=False)
-    assert result.stop_reason == "compute" and len(_rows(tmp_path / "out")) == 1
+    rows = _rows(tmp_path / "out")
+    assert result.stop_reason == "compute" and [r["state"] for r in rows] == ["complete"]
 
 
 def test_the_command_line_sets_the_compute_budget(base_ckpt, tmp_path):
     path = write_spec(tmp_path, base_ckpt)
     assert load_spec(path, {"compute": "20m"}).budget.compute_s == 1200.0
     assert load_spec(path, {"compute": None}).budget.compute_s is None
+
+
+def test_the_replay_benchmark_predicts_each_trial_from_the_ones_before_it(tmp_path):
+    from autoprune.benchmarks.admission_replay import replay
+
+    head = "number,state,method,target,epochs,epochs_run,work_s,param_distill,distill_epochs,duplicate_of,seed,run\n"
+    rows = [f"{i},complete,l1,{t},3,3,{40 + 400 * 3 * t},0,,,0,search\n" for i, t in enumerate((0.5, 0.3, 0.2))]
+    path = tmp_path / "trials.csv"
+    path.write_text(head + "".join(rows))
+    # trial 1 from trial 0 alone (proportional: 640 / 1.5 per unit, x 0.9 -> 384 of 400); trial 2 from both (exact)
+    assert replay(path) == [pytest.approx(384 / 400), pytest.approx(1.0)]
+    (tmp_path / "old.csv").write_text("number,state,method,target,epochs\n0,complete,l1,0.5,3\n")
+    assert replay(tmp_path / "old.csv") == []  # no work_s: from before measured compute

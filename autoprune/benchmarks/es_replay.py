@@ -113,6 +113,8 @@ def load_runs(folder: Path) -> tuple[list[Run], int]:
     runs = []
     for t in sorted(store.trials(), key=lambda t: t.number):
         rec = t.record
+        if rec.get("stopped_at") == "budget":  # not started (search/admission.py): ran nothing to replay
+            continue
         if t.state == "early_stopped" or (t.state == "complete" and any(a is None for a in t.curve[-1:])):
             raise AutopruneError(f"{folder}: trial {t.number} did not run every epoch; replay a search run with "
                                  "early_stop: false and no screen")

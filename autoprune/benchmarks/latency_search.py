@@ -192,7 +192,7 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
     for t, _, pred in lat:
         f = frac_of.get(("lat", t), float("nan"))
         ff = frac_of.get(("fed", t), float("nan"))
-        rows.append({"model": label, "batch": cfg.batch_size, "threads": cfg.n_threads, "clock": cfg.clock, "target": t,
+        rows.append({"model": label, "runtime": cfg.runtime, "batch": cfg.batch_size, "threads": cfg.n_threads, "clock": cfg.clock, "target": t,
                      "predicted": pred, "latency frac": f, "in band": _band(t, f),
                      "speed-up": 1 / f, "its MACs frac": macs_of.get(("lat", t), float("nan")),
                      "same MACs: L1 lat frac": frac_of.get(("macs=", t), float("nan")),
@@ -331,8 +331,8 @@ def _target_table(rows: list[dict[str, Any]], where: str) -> common.Table:
               "floor measured above the band (its columns blank then)."),
              (f"In band: {n_in} of {len(rows)} rows; with feedback "
               f"{sum(r.get('feedback: in band') == 'yes' for r in rows)} of {len(rows)}."))
-    cols = ("model", "batch", "threads", "clock", "target", "predicted", "latency frac", "in band", "speed-up", "its MACs frac",
-            "same MACs: L1 lat frac", "same MACs: L1 speed-up", "same MACs: TP r8 lat frac",
+    cols = ("model", "runtime", "batch", "threads", "clock", "target", "predicted", "latency frac", "in band", "speed-up",
+            "its MACs frac", "same MACs: L1 lat frac", "same MACs: L1 speed-up", "same MACs: TP r8 lat frac",
             "same MACs: TP r8 speed-up", "MACs target = target: lat frac", "feedback: lat frac", "feedback: in band",
             "feedback: rounds", "feedback: aim", "base ms")
     return common.Table("targets", "Latency-targeted vs MACs-targeted models, measured", cols, tuple(rows), notes)

@@ -118,7 +118,8 @@ def run_seed(b: Bench, work: Path, o: Options, seed: int) -> dict[str, Any]:
         out["variants"][_variant_name(key, o)] = side
     if o.es_ablation:  # the same number of trials with neither rung (for es_replay)
         none = f"none_s{seed}"
-        spec = search_spec(b, base, none, o.targets, seed, compute_s=None, max_trials=max(1, len(counted)),
+        ran = sum(not r.get("duplicate_of") and r.get("stopped_at") != "budget" for r in counted)  # not reused
+        spec = search_spec(b, base, none, o.targets, seed, compute_s=None, max_trials=max(1, ran),
                            early_stop=False, screen=False, distill=o.distill)
         side, none_rows, _ = run_search_side(b, work, none, spec, None)
         out["none"], out["none_rows"] = side, none_rows

@@ -28,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-trials", type=int, help="stop starting trials after this many")
     p.add_argument("--time-budget", metavar="T", help="wall-clock budget for this run, e.g. 90s, 30m, 2h, 1h30m")
     p.add_argument("--device-hours", type=float, help="budget in device-hours (summed trial time)")
-    p.add_argument("--compute-budget", metavar="T", help="budget in measured trial work (CPU time, or GPU time on a "
-                                                         "GPU), e.g. 20m, 2h; a trial predicted not to fit is not started")
+    p.add_argument("--compute-budget", metavar="T", help="budget in measured trial work of the whole study (CPU "
+                   "time, or GPU time on a GPU), e.g. 20m, 2h; the Optuna backend does not start a trial predicted "
+                   "not to fit")
     p.add_argument("--resume", action="store_true", help="continue the search in --out (finished trials are kept)")
     p.add_argument("--workers", type=int, help="worker processes on this machine (spread over its GPUs)")
     p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler (default: the spec's, tpe)")
@@ -111,13 +112,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     if result.front and spec.objectives[1] in ("macs", "params"):
         print(f"front hypervolume: {_hypervolume(result.out_dir, spec.objectives[1]):.4f} (val acc x "
               f"{spec.objectives[1]} fraction of the base, reference point (0, 1); 1 is the unreachable ideal)")
-    if counts.get("failed") and counts["failed"] == sum(counts.values()) - counts.get("interrupted", 0):
+    ran = sum(counts.values()) - counts.get("interrupted", 0) - counts.get("not_started", 0)
+    if counts.get("failed") and counts["failed"] == ran:
         error, times = Counter(str(r.get("error") or "?") for r in result.rows if _outcome(r) == "failed").most_common(1)[0]
         raise AutopruneError(f"all {counts['failed']} trials failed; most common error ({times}x): {error}")
     if not counts.get("complete"):
         why = _REASONS.get(result.stop_reason, result.stop_reason)
+        more = ("--compute-budget", f"{math.ceil(2 * spec.budget.compute_s)}s") if result.stop_reason == "compute" \
+            and spec.budget.compute_s else ("--time-budget", "10m")
         print(f"error: the search ended with no complete trial ({why}), so there is no front; give it more "
-              f"room and continue it: {resume_command(args.argv, out, '--time-budget', '10m')}", file=sys.stderr)
+              f"room and continue it: {resume_command(args.argv, out, *more)}", file=sys.stderr)
         return 1
     return 0
 
@@ -137,7 +141,8 @@ def _ray_options(args: argparse.Namespace) -> Any:
 def _print_summary(result: Any, counts: Mapping[str, int], objective: str) -> None:
     """The trial counts, why the search stopped, the front and the files written."""
     summary = ", ".join(f"{counts[s]} {s.replace('_', '-')}" for s in
-                        ("complete", "early_stopped", "failed", "interrupted", "running") if counts.get(s))
+                        ("complete", "early_stopped", "failed", "interrupted", "running", "not_started")
+                        if counts.get(s))
     print(f"study {result.study}: {len(result.rows)} trials ({summary or 'none'}), {result.epochs_run} epochs; "
           f"stopped: {_REASONS.get(result.stop_reason, result.stop_reason)}")
     print_front(result.front, result.base, objective)
@@ -176,6 +181,8 @@ def _outcome(row: Mapping[str, Any]) -> str:
     """A trials.csv row's state, with interrupted trials (failed, to be run again) apart."""
     if row.get("state") == "failed" and str(row.get("error") or "").startswith("interrupted"):
         return "interrupted"
+    if row.get("stopped_at") == "budget":  # search/admission.py: ran nothing
+        return "not_started"
     return str(row.get("state"))
 
 
@@ -184,7 +191,7 @@ def outcome_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 
 _REASONS = {"max_trials": "max trials reached", "time": "time budget spent", "device_hours": "device-hours spent",
-            "compute": "compute budget spent (what is left is predicted to pay for no trial)",
+            "compute": "compute budget spent (or what is left is predicted to pay for no further trial)",
             "exhausted": "the sampler repeats configurations that already ran", "interrupted": "interrupted"}
 
 

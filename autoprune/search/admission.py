@@ -5,23 +5,28 @@ time). A trial used to start whenever any of it was left, so a search could over
 trial, and a benchmark at equal compute drops that trial: on Fashion-MNIST VGG-16-BN with 10,000
 fine-tune images the search started a ResRep trial of 1,245 CPU s with 745 s left (README,
 Performance). Now, before a trial runs, its work is predicted from the search's own finished
-trials; when the prediction exceeds what is left (less the predicted work of trials running in
-other workers), the trial does not run: it is recorded early-stopped with ``stopped_at = "budget"``
-(Optuna: PRUNED, which TPE counts among the worse trials, so it learns what the budget cannot pay
-for), its work is 0 and it does not count against ``max_trials``. The search ends when even the
-cheapest configuration the space allows is predicted not to fit, or after :data:`MAX_SKIPS`
-such proposals in a row.
+trials; when the prediction exceeds what is left, the trial does not run: it is recorded
+early-stopped with ``stopped_at = "budget"`` (Optuna: PRUNED, which TPE counts among the worse
+trials, so it learns what the budget cannot pay for), its work is 0, it does not count against
+``max_trials`` and it is never reused as a result (a resumed search with more budget runs the
+configuration when it is proposed again; a screening-round trial that was skipped is not queued
+again). The search ends with reason ``compute`` when even the cheapest configuration the space
+allows is predicted not to fit, or after :data:`MAX_SKIPS` such proposals in a row. With several
+workers, trials running in other workers are not reserved: the budget can be overrun by what they
+still spend, as before. Optuna backend only (the Ray backend starts a trial while any budget is left).
 
 The prediction (a cost model, not a measurement): ``work = a + b * x``, where ``x`` counts a
 trial's epochs weighted by the width trained: an epoch of training while pruning (ResRep's
 compactor epochs train the full-width model) counts 1, a fine-tune epoch counts the target (the
 pruned model's fraction of the base), and a distilled epoch adds :data:`TEACHER_SHARE` (the
 teacher's forward pass). ``a`` (>= 0: surgery, recalibration, evaluations) and ``b`` are least
-squares over the complete trials that ran every epoch (one such trial: ``a = 0``; none: no
-prediction and the trial starts). Where the method has complete trials of its own, the fit is
-scaled by the median ratio of their measured to fitted work (a ResRep epoch costs more than a
-plain one: compactors and masks). A new trial that would distil is predicted with one distilled
-epoch (the teacher is usually dropped after the first, :mod:`.distillation`). Optuna backend only.
+squares over the complete trials that ran every epoch (one such trial, or a fit with a negative
+intercept: ``a = 0``; none: no prediction and the trial starts). Where the method has complete
+trials of its own, the fit is scaled by the median ratio of their measured to fitted work (a ResRep
+epoch costs more than a plain one: compactors and masks). A new trial that would distil is
+predicted to distil the share of its fine-tune epochs that the finished trials with a distillation
+weight did (the teacher is dropped once a student reaches it, :mod:`.distillation`; all of them
+before any such trial finished).
 """
 from __future__ import annotations
 
@@ -61,16 +66,42 @@ class WorkModel:
         return self.scale.get(method, 1.0) * (self.intercept + self.slope * x)
 
 
-def width_epochs(spec: SearchSpec, hparams: Mapping[str, Any], distilled: int | None = None) -> tuple[str, float]:
+def width_epochs(spec: SearchSpec, hparams: Mapping[str, Any], distilled: float | None = None) -> tuple[str, float]:
     """(method, x): a trial's epochs weighted by the width trained (module docstring). ``distilled``:
-    the epochs that ran with the teacher (a finished trial's ``distill_epochs``); None predicts one
-    when the trial's ``distill`` weight is above 0."""
+    the epochs that ran with the teacher (a finished trial's ``distill_epochs``); None: every fine-tune
+    epoch when the trial's ``distill`` weight is above 0."""
     method, target, _, method_params, epochs, _ = to_prune_args(hparams, spec.allocation)
     impl = get_method(method)
     k = min(epochs, max(0, int(impl.training_epochs(make_params(impl, method_params), epochs))))
     if distilled is None:
-        distilled = 1 if float(hparams.get("distill") or 0.0) > 0 and epochs > k else 0
+        distilled = epochs - k if float(hparams.get("distill") or 0.0) > 0 else 0
     return method, k + (epochs - k) * float(target) + TEACHER_SHARE * distilled
+
+
+def distill_share(spec: SearchSpec, trials: Sequence[StoredTrial]) -> float:
+    """The share of their fine-tune epochs that finished trials with a distillation weight distilled
+    (1 before any finished): what a new trial that would distil is predicted to."""
+    done, total = 0, 0
+    for t in trials:
+        rec = t.record
+        if float(t.hparams.get("distill") or 0.0) <= 0 or rec.get("distill_epochs") is None or t.interrupted:
+            continue
+        try:
+            method, _, _, method_params, epochs, _ = to_prune_args(t.hparams, spec.allocation)
+        except Exception as exc:  # noqa: BLE001 - a trial of another space version: not evidence
+            log.debug("work model: trial %d left out: %s", t.number, exc)
+            continue
+        impl = get_method(method)
+        k = min(epochs, max(0, int(impl.training_epochs(make_params(impl, method_params), epochs))))
+        done, total = done + int(rec["distill_epochs"]), total + max(0, epochs - k)
+    return done / total if total else 1.0
+
+
+def predict(spec: SearchSpec, model: WorkModel, trials: Sequence[StoredTrial], hparams: Mapping[str, Any]) -> float:
+    """Predicted measured seconds of a new trial with ``hparams`` (module docstring)."""
+    method, x_full = width_epochs(spec, hparams)
+    method, x_none = width_epochs(spec, hparams, distilled=0)
+    return model.predict(method, x_none + (x_full - x_none) * distill_share(spec, trials))
 
 
 def fit(spec: SearchSpec, trials: Sequence[StoredTrial]) -> WorkModel | None:
@@ -82,7 +113,8 @@ def fit(spec: SearchSpec, trials: Sequence[StoredTrial]) -> WorkModel | None:
         if t.state != "complete" or rec.get("duplicate_of") is not None or work <= 0 or t.interrupted:
             continue
         try:
-            method, x = width_epochs(spec, t.hparams, int(rec.get("distill_epochs") or 0))
+            distilled = rec.get("distill_epochs")  # None: a record from before the column (it distilled throughout)
+            method, x = width_epochs(spec, t.hparams, None if distilled is None else int(distilled))
         except Exception as exc:  # noqa: BLE001 - a trial of another space version: not evidence
             log.debug("work model: trial %d left out: %s", t.number, exc)
             continue
@@ -116,60 +148,76 @@ def _low(value: Any) -> float:
     return float(value)
 
 
+def _variants(spec: SearchSpec, method: str) -> list[dict[str, Any]]:
+    """Method parameters to try for the cheapest configuration: the defaults, and each searched or fixed
+    parameter of the space at each of its choices or range ends (one at a time)."""
+    out: list[dict[str, Any]] = [{}]
+    for name, value in spec.method_space.get(method, {}).items():
+        ends = [value.low, value.high] if isinstance(value, Range) else value if isinstance(value, list) else [value]
+        out += [{f"{method}.{name}": v} for v in ends]
+    return out
+
+
 def cheapest(spec: SearchSpec, model: WorkModel) -> float:
-    """The predicted work of the cheapest configuration the space allows: each method at its default
-    parameters, the fewest epochs, the lowest target, no distillation."""
+    """The predicted work of the cheapest configuration the space allows: each method (at its default
+    parameters and each parameter's extremes), the fewest epochs, the lowest target, no distillation."""
     hp = {"target": _low(spec.space["target"]), "epochs": int(_low(spec.space["epochs"])), "lr": 0.01}
-    return min(model.predict(*width_epochs(spec, {**hp, "method": m})) for m in spec.methods)
-
-
-def _left(spec: SearchSpec, model: WorkModel, trials: Sequence[StoredTrial], limit_s: float, used_s: float,
-          exclude: int | None) -> float:
-    """Seconds of the budget left once the trials running now (other than ``exclude``) finish as predicted."""
-    left = limit_s - used_s
-    for t in trials:
-        if t.state == "running" and not t.interrupted and t.number != exclude:
+    costs = []
+    for m in spec.methods:
+        for variant in _variants(spec, m):
             try:
-                left -= model.predict(*width_epochs(spec, t.hparams))
-            except Exception as exc:  # noqa: BLE001 - a running trial we cannot model counts 0
-                log.debug("work model: running trial %d not predicted: %s", t.number, exc)
-    return left
+                costs.append(model.predict(*width_epochs(spec, {**hp, "method": m, **variant}, distilled=0)))
+            except Exception as exc:  # noqa: BLE001 - a combination the method refuses is not a configuration
+                log.debug("work model: %s %s left out: %s", m, variant, exc)
+    return min(costs, default=0.0)
 
 
-def admit(spec: SearchSpec, store: TrialStore, hparams: Mapping[str, Any], number: int,
+def admit(spec: SearchSpec, store: TrialStore, hparams: Mapping[str, Any],
           limit_s: float | None) -> tuple[bool, float | None, float]:
-    """Whether trial ``number`` of ``store`` (claimed, so running there) with ``hparams`` may start under a
-    compute budget of ``limit_s`` measured seconds: (admitted, its predicted seconds or None, seconds left
-    once the other running trials finish as predicted). Always admitted without a budget or a work model."""
+    """Whether a trial with ``hparams`` may start under a compute budget of ``limit_s`` measured seconds of
+    ``store``'s search: (admitted, its predicted seconds or None, seconds left). Always admitted without a
+    budget or a work model."""
     if limit_s is None:
         return True, None, math.inf
     trials = store.trials()
-    used_s = work_used(store, trials)
+    left = limit_s - work_used(store, trials)
     model = fit(spec, trials)
     if model is None:
-        return True, None, limit_s - used_s
-    left = _left(spec, model, trials, limit_s, used_s, number)
-    predicted = model.predict(*width_epochs(spec, hparams))
+        return True, None, left
+    predicted = predict(spec, model, trials, hparams)
     return predicted <= left, predicted, left
 
 
-def budget_spent(spec: SearchSpec, store: TrialStore, limit_s: float | None) -> bool:
-    """Whether even the cheapest trial the space allows is predicted not to fit in what is left of a
-    compute budget of ``limit_s`` measured seconds."""
+def stop_reason(spec: SearchSpec, store: TrialStore, limit_s: float | None) -> str | None:
+    """``"compute"`` when even the cheapest configuration the space allows is predicted not to fit in what
+    is left of a compute budget of ``limit_s`` measured seconds, else None."""
     if limit_s is None:
-        return False
+        return None
     trials = store.trials()
-    used_s = work_used(store, trials)
     model = fit(spec, trials)
-    if model is None:
-        return False
-    return cheapest(spec, model) > _left(spec, model, trials, limit_s, used_s, None)
+    if model is None or cheapest(spec, model) <= limit_s - work_used(store, trials):
+        return None
+    return "compute"
 
 
-def skipped_result(spec: SearchSpec, number: int, hparams: Mapping[str, Any], predicted: float,
-                   left: float) -> TrialResult:
-    """Trial ``number``, not started: its predicted work exceeds the budget left (module docstring)."""
-    log.info("trial %d not started: its work is predicted at %.0f s and %.0f s of budget.compute are left",
-             number, predicted, max(0.0, left))
+def idle_reason(repeats: int, skips: int, max_repeats: int) -> str | None:
+    """Why a worker stops after proposals in a row that ran nothing (``repeats`` reused results, ``skips``
+    trials the budget could not pay for), or None: ``compute`` (the budget paid for none of them) or
+    ``exhausted`` (every one a configuration that already ran: the space looks covered)."""
+    if skips >= MAX_SKIPS or (skips and repeats + skips >= max_repeats):
+        return "compute"
+    if repeats >= max_repeats:
+        log.warning("the sampler proposed %d configurations in a row that already ran; the search space "
+                    "looks exhausted: stopping", repeats)
+        return "exhausted"
+    return None
+
+
+def skipped_result(spec: SearchSpec, number: int, hparams: Mapping[str, Any], predicted: float, left: float,
+                   loud: bool = True) -> TrialResult:
+    """Trial ``number``, not started: its predicted work exceeds the budget left (module docstring);
+    ``loud``: say so as a warning (the first of a row), else at INFO."""
+    log.log(logging.WARNING if loud else logging.INFO, "trial %d (%s) not started: its work is predicted at %.0f s "
+            "and %.0f s of budget.compute are left", number, hparams.get("method"), predicted, max(0.0, left))
     return TrialResult(number=number, state="early_stopped", hparams=dict(hparams), objectives=tuple(spec.objectives),
                        stopped_at=BUDGET_STOP, work_s=0.0)

@@ -199,19 +199,15 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
         return finished_curves(store)
 
     ask_lock = out_dir / ASK_LOCK
-    repeats = 0  # duplicates sampled in a row (a small space the sampler has exhausted)
-    skips = 0  # configurations in a row the compute budget left could not pay for
+    repeats, skips = 0, 0  # proposals in a row that ran nothing: reused results, trials the budget could not pay for
     while True:
         check_parent()
         trial: optuna.Trial | None = None
         result: TrialResult | None = None
         try:
             with file_lock(ask_lock):
-                reason = budget_reason(store, limits)
-                if reason is None and limits.work_seconds is not None and (
-                        skips >= admission.MAX_SKIPS or
-                        admission.budget_spent(spec, store, limits.work_seconds)):
-                    reason = "compute"  # even the cheapest configuration is predicted not to fit
+                reason = budget_reason(store, limits) or admission.idle_reason(repeats, skips, MAX_REPEATS) or \
+                    admission.stop_reason(spec, store, limits.work_seconds)
                 if reason is not None:
                     return reason
                 slot = next_slot(study)
@@ -220,18 +216,17 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 slot = trial.user_attrs.get("slot", slot)  # a retry keeps the slot of the trial it replaces
                 hparams = space.suggest(trial, spec)
                 number = store.claim(hparams, trial, worker=index, slot=slot)
-                prior = same_config(store, hparams, before=number)
-                fits, predicted, left = (True, None, 0.0) if prior is not None else admission.admit(
-                    spec, store, hparams, number, limits.work_seconds)
-            if prior is not None:  # run already: reuse its result, tell the sampler the same
-                result = reused_result(spec, number, hparams, prior)
-            elif not fits:  # the compute budget left cannot pay for it: not started
-                result = admission.skipped_result(spec, number, hparams, float(predicted or 0.0), left)
-            else:
+                result = _without_running(spec, store, number, hparams, limits.work_seconds, loud=skips == 0)
+                if result is not None:  # recorded before another worker reads the store
+                    store.record(number, result)
+            if result is None:
                 result = run_trial(worker, number, hparams, finished, early_stopping, seed_index=slot)
-            skips = 0 if fits else skips + 1
-            repeats = repeats + 1 if prior is not None else 0
-            store.record(number, result)
+                store.record(number, result)
+                repeats, skips = 0, 0
+            elif result.duplicate_of is not None:
+                repeats += 1
+            else:
+                skips += 1
         except BaseException:  # Ctrl-C, Orphaned, storage errors: the trial is interrupted, run again later
             with contextlib.suppress(Exception):
                 _abandon(store, out_dir, trial, result)
@@ -240,10 +235,17 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
             rows = write_rows(store, out_dir)
         if on_trial is not None:
             on_trial(result, rows)
-        if repeats >= MAX_REPEATS:
-            log.warning("the sampler proposed %d configurations in a row that already ran; the search space "
-                        "looks exhausted: stopping", repeats)
-            return "exhausted"
+
+
+def _without_running(spec: SearchSpec, store: OptunaStore, number: int, hparams: Mapping[str, Any],
+                     limit_s: float | None, loud: bool) -> TrialResult | None:
+    """Trial ``number``'s result when it runs nothing: the configuration already ran (reused), or the compute
+    budget left cannot pay for it (not started, :mod:`.admission`); None: run it."""
+    prior = same_config(store, hparams, before=number)
+    if prior is not None:  # run already: reuse its result, tell the sampler the same
+        return reused_result(spec, number, hparams, prior)
+    fits, predicted, left = admission.admit(spec, store, hparams, limit_s)
+    return None if fits else admission.skipped_result(spec, number, hparams, float(predicted or 0.0), left, loud)
 
 
 def _abandon(store: OptunaStore, out_dir: Path, trial: optuna.Trial | None, result: TrialResult | None) -> None:
@@ -360,7 +362,7 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
     _check_workers(procs, errors)
     if on_update is not None:
         on_update(store_rows(store))
-    return budget_reason(store, limits) or "workers stopped"
+    return budget_reason(store, limits) or admission.stop_reason(spec, store, limits.work_seconds) or "workers stopped"
 
 
 def _watch(procs: Sequence[mp.process.BaseProcess], store: OptunaStore,

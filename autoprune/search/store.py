@@ -177,7 +177,7 @@ def config_key(hparams: Mapping[str, Any]) -> str:
 def same_config(store: TrialStore, hparams: Mapping[str, Any], before: int | None = None) -> StoredTrial | None:
     """The first recorded trial (complete, early-stopped, or failed but not interrupted; numbered below
     ``before`` when given) that ran exactly ``hparams`` and is not itself a reuse or a trial the compute
-    budget could not pay for (a resumed search with more budget runs that one); None if there is none.
+    budget could not pay for (proposed again, it runs); None if there is none.
     Under one search's seed such a trial would only repeat the measurement at another training seed."""
     key = config_key(hparams)
     for t in store.trials():
