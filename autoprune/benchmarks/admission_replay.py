@@ -33,8 +33,8 @@ def _trial(r: dict[str, str]) -> StoredTrial:
     hp = {"method": r["method"], "target": float(r["target"]), "epochs": int(r["epochs"]), "lr": 0.01,
           "distill": float(r.get("param_distill") or 0)}
     distilled = r.get("distill_epochs")
-    rec: dict[str, Any] = {"work_s": float(r.get("work_s") or 0), "epochs_run": int(r.get("epochs_run") or 0),
-                           "distill_epochs": None if distilled in ("", None) else int(distilled),
+    rec: dict[str, Any] = {"work_s": float(r.get("work_s") or 0), "epochs_run": int(float(r.get("epochs_run") or 0)),
+                           "distill_epochs": None if distilled in ("", None) else int(float(distilled)),
                            "duplicate_of": r.get("duplicate_of") or None}
     return StoredTrial(number=int(r["number"]), state=r["state"], hparams=hp, record=rec)
 
