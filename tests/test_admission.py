@@ -179,3 +179,10 @@ def test_the_replay_benchmark_predicts_each_trial_from_the_ones_before_it(tmp_pa
     assert replay(path) == [pytest.approx(384 / 400), pytest.approx(1.0)]
     (tmp_path / "old.csv").write_text("number,state,method,target,epochs\n0,complete,l1,0.5,3\n")
     assert replay(tmp_path / "old.csv") == []  # no work_s: from before measured compute
+
+
+def test_parameters_the_work_model_cannot_read_leave_the_trial_to_run_and_fail_as_usual(spec):
+    trials = [done(i, "l1", t, 40 + 400 * 3 * t) for i, t in enumerate((0.5, 0.3, 0.2))]
+    bad = {"method": "l1", "target": 0.3, "epochs": 3, "lr": 0.01, "l1.no_such_knob": 1}
+    assert admission.admit(spec, FakeStore(trials), bad, 1.0) == (True, None, pytest.approx(1.0 - sum(
+        t.record["work_s"] for t in trials)))

@@ -184,7 +184,11 @@ def admit(spec: SearchSpec, store: TrialStore, hparams: Mapping[str, Any],
     model = fit(spec, trials)
     if model is None:
         return True, None, left
-    predicted = predict(spec, model, trials, hparams)
+    try:
+        predicted = predict(spec, model, trials, hparams)
+    except Exception as exc:  # noqa: BLE001 - parameters the method refuses: the trial runs and fails as such
+        log.debug("work model: no prediction for %s: %s", dict(hparams), exc)
+        return True, None, left
     return predicted <= left, predicted, left
 
 
