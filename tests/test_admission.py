@@ -86,6 +86,11 @@ def test_a_distilling_trial_is_predicted_with_the_share_of_epochs_finished_trial
                 StoredTrial(10, "complete", {**plain[1].hparams, **taught}, {**plain[1].record, "distill_epochs": 0})]
     assert admission.predict(spec, model, plain + all3, new) == pytest.approx(400 + 3 * teacher)
     assert admission.predict(spec, model, plain + one_of_3, new) == pytest.approx(400 + teacher / 2)
+    # a reused result or an early-stopped trial is not evidence of the share (a reuse would count twice)
+    reuse = StoredTrial(11, "complete", {**plain[0].hparams, **taught}, {**plain[0].record, "distill_epochs": 3,
+                                                                         "duplicate_of": 9})
+    stopped = StoredTrial(12, "early_stopped", {**plain[0].hparams, **taught}, {**plain[0].record, "distill_epochs": 0})
+    assert admission.predict(spec, model, plain + one_of_3 + [reuse, stopped], new) == pytest.approx(400 + teacher / 2)
     assert admission.predict(spec, model, plain, {**new, "distill": 0.0}) == pytest.approx(400)
 
 

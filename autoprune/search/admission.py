@@ -79,12 +79,13 @@ def width_epochs(spec: SearchSpec, hparams: Mapping[str, Any], distilled: float 
 
 
 def distill_share(spec: SearchSpec, trials: Sequence[StoredTrial]) -> float:
-    """The share of their fine-tune epochs that finished trials with a distillation weight distilled
-    (1 before any finished): what a new trial that would distil is predicted to."""
+    """The share of their fine-tune epochs that complete trials with a distillation weight distilled (1
+    before any finished; reused results not counted again): what a new trial that would distil is predicted to."""
     done, total = 0, 0
     for t in trials:
         rec = t.record
-        if float(t.hparams.get("distill") or 0.0) <= 0 or rec.get("distill_epochs") is None or t.interrupted:
+        if float(t.hparams.get("distill") or 0.0) <= 0 or rec.get("distill_epochs") is None or t.interrupted \
+                or t.state != "complete" or rec.get("duplicate_of") is not None:  # a reuse would count twice
             continue
         try:
             method, _, _, method_params, epochs, _ = to_prune_args(t.hparams, spec.allocation)
