@@ -9,6 +9,7 @@ import pytest
 from test_search import write_spec
 
 from autoprune.search import admission
+from autoprune.search.results import NOT_STARTED
 from autoprune.search.runner import run_search
 from autoprune.search.spec import load_spec
 from autoprune.search.store import Limits, StoredTrial, budget_reason
@@ -128,7 +129,7 @@ def test_a_worker_stops_after_proposals_in_a_row_that_ran_nothing():
 def test_a_trial_not_started_for_lack_of_budget_costs_nothing_and_no_max_trials(spec):
     skipped = StoredTrial(number=0, state="early_stopped", hparams={},
                           record=admission.skipped_result(spec, 0, {"method": "l1"}, 900.0, 10.0).record())
-    assert skipped.record["stopped_at"] == admission.BUDGET_STOP and skipped.record["work_s"] == 0.0
+    assert skipped.record["stopped_at"] == NOT_STARTED and skipped.record["work_s"] == 0.0
     assert budget_reason(FakeStore([skipped]), Limits(max_trials=1)) is None
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AutopruneError
-from ..report.pareto import acc_cost_hypervolume
+from ..report.pareto import acc_cost_hypervolume, not_started
 from ..search.early_stop import FINETUNE, Candidate, Peer, screen_out, screening_phase, should_stop
 from . import common
 
@@ -113,7 +113,7 @@ def load_runs(folder: Path) -> tuple[list[Run], int]:
     runs = []
     for t in sorted(store.trials(), key=lambda t: t.number):
         rec = t.record
-        if rec.get("stopped_at") == "budget":  # not started (search/admission.py): ran nothing to replay
+        if not_started(rec):  # not started (search/admission.py): ran nothing to replay
             continue
         if t.state == "early_stopped" or (t.state == "complete" and any(a is None for a in t.curve[-1:])):
             raise AutopruneError(f"{folder}: trial {t.number} did not run every epoch; replay a search run with "

@@ -43,6 +43,7 @@ import torch
 
 from ..data.datasets import DataSpec
 from ..engine.plan import save_base
+from ..report.pareto import not_started
 from . import common
 from .quality import CASES, TARGETS, THEIRS, Bench, Case, prepare
 from .search_vs_tp_runs import (
@@ -118,7 +119,7 @@ def run_seed(b: Bench, work: Path, o: Options, seed: int) -> dict[str, Any]:
         out["variants"][_variant_name(key, o)] = side
     if o.es_ablation:  # the same number of trials with neither rung (for es_replay)
         none = f"none_s{seed}"
-        ran = sum(not r.get("duplicate_of") and r.get("stopped_at") != "budget" for r in counted)  # not reused
+        ran = sum(not r.get("duplicate_of") and not not_started(r) for r in counted)  # not reused
         spec = search_spec(b, base, none, o.targets, seed, compute_s=None, max_trials=max(1, ran),
                            early_stop=False, screen=False, distill=o.distill)
         side, none_rows, _ = run_search_side(b, work, none, spec, None)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..report.pareto import acc_cost_hypervolume, feasible_points, feasible_rows, pareto_mask
+from ..report.pareto import acc_cost_hypervolume, feasible_points, feasible_rows, not_started, pareto_mask
 from ..report.tables import spearman
 from ..search.early_stop import accuracy_se
 from . import common
@@ -114,7 +114,7 @@ def seed_rows(r: Mapping[str, Any], low: Sequence[float], n_val: int, n_test: in
                 f"{sum(x.get('stopped_at') == 'screen' for x in counted)} / "
                 f"{sum(str(x.get('stopped_at', '')).startswith('epoch') for x in counted)} / "
                 f"{sum(bool(x.get('duplicate_of')) for x in counted)} / "
-                f"{sum(x.get('stopped_at') == 'budget' for x in counted)})",
+                f"{sum(not_started(x) for x in counted)})",
             "HV ours": hv(_pts(ours)), "HV TP best": hv(_pts(tp)), "TP criterion": tp.label,
             "HV single best": hv(_pts(single)), "single method": single.label,
             "HV ours - TP": f"{hv(_pts(ours)) - hv(_pts(tp)):+.4f}",

@@ -181,7 +181,9 @@ def _outcome(row: Mapping[str, Any]) -> str:
     """A trials.csv row's state, with interrupted trials (failed, to be run again) apart."""
     if row.get("state") == "failed" and str(row.get("error") or "").startswith("interrupted"):
         return "interrupted"
-    if row.get("stopped_at") == "budget":  # search/admission.py: ran nothing
+    from ..report.pareto import not_started
+
+    if not_started(row):  # search/admission.py: ran nothing
         return "not_started"
     return str(row.get("state"))
 

@@ -104,6 +104,13 @@ TRIALS_CSV = "trials.csv"  # the trials table of a results folder (written by au
 OBJECTIVE_COLUMNS = {"macs": "macs", "params": "params", "latency": "latency_ms"}  # trials.csv column
 FRACTION_COLUMNS = {"macs": "macs_frac", "params": "params_frac",  # the same as a fraction of the base
                     "latency": "latency_frac"}  # measured, interleaved with the base
+NOT_STARTED = "budget"  # trials.csv stopped_at of a trial the compute budget could not pay for (search/admission.py)
+
+
+def not_started(row: Mapping[str, Any]) -> bool:
+    """Whether a trials.csv row (or a trial's record) is a trial that was never started: the compute budget
+    left could not pay for it, so it ran nothing."""
+    return row.get("stopped_at") == NOT_STARTED
 
 
 def front_mask(df: pd.DataFrame, objective: str = "macs") -> np.ndarray:

@@ -20,7 +20,14 @@ import pandas as pd
 from ..errors import AutopruneError
 from ..files import atomic_path, os_error, write_text
 from .importance import SHARE_SUFFIX
-from .pareto import FRACTION_COLUMNS, OBJECTIVE_COLUMNS, TRIALS_CSV, front_hypervolume, front_mask
+from .pareto import (
+    FRACTION_COLUMNS,
+    NOT_STARTED,
+    OBJECTIVE_COLUMNS,
+    TRIALS_CSV,
+    front_hypervolume,
+    front_mask,
+)
 from .plots import _acc_scale, cost_unit, normalise, plot_pareto
 
 __all__ = ["ReportPaths", "load_trials", "plot_pareto", "read_base", "write_report"]
@@ -231,9 +238,9 @@ def _markdown(study: str, info: Mapping[str, Any], df: pd.DataFrame, on: pd.Data
     counts = ", ".join(f"{s} {int(states.get(s, 0))}" for s in ("complete", "early_stopped", "failed", "running"))
     if states.get("interrupted"):
         counts += f", interrupted {int(states['interrupted'])}"
-    not_started = int((df["stopped_at"] == "budget").sum()) if "stopped_at" in df.columns else 0
-    if not_started:  # early-stopped before they started (search/admission.py)
-        counts += f"; {not_started} of the early-stopped not started: predicted over what budget.compute had left"
+    never = int((df["stopped_at"] == NOT_STARTED).sum()) if "stopped_at" in df.columns else 0
+    if never:  # early-stopped before they started (search/admission.py)
+        counts += f"; {never} of the early-stopped not started: predicted over what budget.compute had left"
     infeasible = int(((df.get("state") == "complete") & ~df["feasible"]).sum()) if "feasible" in df.columns else 0
     out.append(f"Trials: {len(df)} ({counts}); complete but infeasible: {infeasible}.")
     if "epochs_run" in df.columns:

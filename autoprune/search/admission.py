@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..methods import get_method, make_params
-from .results import TrialResult
+from .results import NOT_STARTED, TrialResult
 from .space import Range, to_prune_args
 from .store import work_used
 
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 TEACHER_SHARE = 1.0 / 3.0  # a teacher's forward pass, in full-width training epochs (forward ~ 1/3 of a step)
 MAX_SKIPS = 20  # configurations in a row that did not fit, before a worker stops
-BUDGET_STOP = "budget"  # TrialResult.stopped_at of a trial not started for lack of budget
 
 
 @dataclass(frozen=True)
@@ -66,16 +65,22 @@ class WorkModel:
         return self.scale.get(method, 1.0) * (self.intercept + self.slope * x)
 
 
+def _epochs(spec: SearchSpec, hparams: Mapping[str, Any]) -> tuple[str, float, int, int]:
+    """(method, target, epochs, k): a trial's epochs and the k of them it trains while pruning."""
+    method, target, _, method_params, epochs, _ = to_prune_args(hparams, spec.allocation)
+    impl = get_method(method)
+    k = int(impl.training_epochs(make_params(impl, method_params), epochs))
+    return method, float(target), epochs, min(epochs, max(0, k))
+
+
 def width_epochs(spec: SearchSpec, hparams: Mapping[str, Any], distilled: float | None = None) -> tuple[str, float]:
     """(method, x): a trial's epochs weighted by the width trained (module docstring). ``distilled``:
     the epochs that ran with the teacher (a finished trial's ``distill_epochs``); None: every fine-tune
     epoch when the trial's ``distill`` weight is above 0."""
-    method, target, _, method_params, epochs, _ = to_prune_args(hparams, spec.allocation)
-    impl = get_method(method)
-    k = min(epochs, max(0, int(impl.training_epochs(make_params(impl, method_params), epochs))))
+    method, target, epochs, k = _epochs(spec, hparams)
     if distilled is None:
         distilled = epochs - k if float(hparams.get("distill") or 0.0) > 0 else 0
-    return method, k + (epochs - k) * float(target) + TEACHER_SHARE * distilled
+    return method, k + (epochs - k) * target + TEACHER_SHARE * distilled
 
 
 def distill_share(spec: SearchSpec, trials: Sequence[StoredTrial]) -> float:
@@ -88,12 +93,10 @@ def distill_share(spec: SearchSpec, trials: Sequence[StoredTrial]) -> float:
                 or t.state != "complete" or rec.get("duplicate_of") is not None:  # a reuse would count twice
             continue
         try:
-            method, _, _, method_params, epochs, _ = to_prune_args(t.hparams, spec.allocation)
+            _, _, epochs, k = _epochs(spec, t.hparams)
         except Exception as exc:  # noqa: BLE001 - a trial of another space version: not evidence
             log.debug("work model: trial %d left out: %s", t.number, exc)
             continue
-        impl = get_method(method)
-        k = min(epochs, max(0, int(impl.training_epochs(make_params(impl, method_params), epochs))))
         done, total = done + int(rec["distill_epochs"]), total + max(0, epochs - k)
     return done / total if total else 1.0
 
@@ -225,4 +228,4 @@ def skipped_result(spec: SearchSpec, number: int, hparams: Mapping[str, Any], pr
     log.log(logging.WARNING if loud else logging.INFO, "trial %d (%s) not started: its work is predicted at %.0f s "
             "and %.0f s of budget.compute are left", number, hparams.get("method"), predicted, max(0.0, left))
     return TrialResult(number=number, state="early_stopped", hparams=dict(hparams), objectives=tuple(spec.objectives),
-                       stopped_at=BUDGET_STOP, work_s=0.0)
+                       stopped_at=NOT_STARTED, work_s=0.0)

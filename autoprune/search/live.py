@@ -27,7 +27,7 @@ from typing import IO, TYPE_CHECKING, Any
 from .. import progress
 from ..progress import Phase
 from ..progress_view import LINE_INTERVAL_S, describe, fmt_seconds, is_terminal
-from ..report.pareto import FRACTION_COLUMNS
+from ..report.pareto import FRACTION_COLUMNS, not_started
 
 if TYPE_CHECKING:
     from .spec import SearchSpec
@@ -261,9 +261,10 @@ def _done(row: Mapping[str, Any]) -> bool:
     return row.get("state") not in ("running", "interrupted") and "interrupted" not in str(row.get("error") or "")
 
 
-def _ran(row: Mapping[str, Any]) -> bool:
-    """Done, and not a trial the compute budget could not pay for (it ran nothing; not counted)."""
-    return _done(row) and row.get("stopped_at") != "budget"
+def counted(row: Mapping[str, Any]) -> bool:
+    """Whether a trials.csv row counts as a trial done: finished, not interrupted, and started (a trial the
+    compute budget could not pay for ran nothing)."""
+    return _done(row) and not not_started(row)
 
 
 class SearchView:
@@ -310,7 +311,7 @@ class SearchView:
         """``8/30 done (5 complete, 2 early-stopped, 1 failed), 2 running, ETA 3:10; front 3 (...)``."""
         with self._lock:
             rows = list(self.rows)
-        done = [r for r in rows if _ran(r)]
+        done = [r for r in rows if counted(r)]
         counts = {s: sum(r.get("state") == s for r in done) for s in ("complete", "early_stopped", "failed")}
         parts = ", ".join(f"{n} {s.replace('_', '-')}" for s, n in counts.items() if n)
         total = "" if self.total is None else f"/{self.total}"
@@ -406,7 +407,7 @@ class SearchView:
 
         now = time.time()
         with self._lock:
-            done = sum(_ran(r) for r in self.rows)
+            done = sum(counted(r) for r in self.rows)
         if self._bar is not None:
             self._bar.n = done
             self._bar.set_postfix_str(self.summary(len(running), now), refresh=False)
@@ -439,7 +440,7 @@ class SearchView:
 def finished_text(row: Mapping[str, Any], objective: str) -> str:
     """``complete: val_acc 0.9721 at 0.45 of the MACs, 12.3 s`` for a trials.csv row."""
     state = str(row.get("state", "?")).replace("_", "-")
-    if row.get("stopped_at") == "budget":
+    if not_started(row):
         return "not started: its predicted work exceeds what budget.compute has left"
     try:
         acc = f"val_acc {float(row['val_acc']):.4f}"

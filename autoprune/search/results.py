@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..files import atomic_path
-from ..report.pareto import TRIALS_CSV  # noqa: F401 - re-exported for the search layer
+from ..report.pareto import NOT_STARTED, TRIALS_CSV, not_started  # noqa: F401 - re-exported for the search layer
 
 if TYPE_CHECKING:
     from .spec import SearchSpec

@@ -126,10 +126,9 @@ def run_search(spec: SearchSpec, out_dir: str | Path | None = None, resume: bool
             data = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        kept = [r for r in read_rows(out / TRIALS_CSV) if r.get("state") not in ("running", "interrupted")
-                and "interrupted" not in str(r.get("error")) and r.get("stopped_at") != "budget"]  # as live counts
+        kept = sum(live.counted(r) for r in read_rows(out / TRIALS_CSV))
         view = live.SearchView(spec, out, mode=view_mode(progress), deadline=limits.deadline,
-                               already_done=len(kept)).start()
+                               already_done=kept).start()
         reason = "interrupted"
         try:
             reason = search_backend.run(spec, out, limits, device, workers=workers,

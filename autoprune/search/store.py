@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .early_stop import Reference
-from .results import INTERRUPTED, TRIALS_CSV, TrialResult, make_row, write_trials_csv
+from .results import INTERRUPTED, TRIALS_CSV, TrialResult, make_row, not_started, write_trials_csv
 
 if TYPE_CHECKING:
     import optuna
@@ -220,7 +220,7 @@ def budget_reason(store: TrialStore, limits: Limits, now: float | None = None) -
 def counts_as_run(t: StoredTrial) -> bool:
     """Whether ``t`` counts against ``max_trials``: not interrupted, not a reused result, and started (a
     trial the compute budget could not pay for, ``stopped_at = "budget"``, ran nothing)."""
-    return not t.interrupted and t.record.get("duplicate_of") is None and t.record.get("stopped_at") != "budget"
+    return not t.interrupted and t.record.get("duplicate_of") is None and not not_started(t.record)
 
 
 def work_used(store: TrialStore, trials: Sequence[StoredTrial] | None = None) -> float:
