@@ -14,7 +14,7 @@ import yaml
 
 from autoprune import progress
 from autoprune.progress_view import BarReporter, LineReporter, console, fmt_seconds
-from autoprune.search import live
+from autoprune.search import live, phase_files
 
 SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 
@@ -77,7 +77,7 @@ def test_fmt_seconds():
 
 
 def test_a_trials_phase_reaches_the_search_display_through_its_file(tmp_path):
-    with live.trial_progress(tmp_path, 7, {"method": "lrf", "target": 0.45, "allocation": "global"}) as rep:
+    with phase_files.trial_progress(tmp_path, 7, {"method": "lrf", "target": 0.45, "allocation": "global"}) as rep:
         rep.min_interval = 0.1
         with progress.phase("fine-tune", total=20, unit="epoch") as run:
             run.advance(2)
@@ -85,7 +85,7 @@ def test_a_trials_phase_reaches_the_search_display_through_its_file(tmp_path):
                 ep.advance(120)  # a step only marks the state changed; the flusher writes it
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline:  # within min_interval (more on a loaded machine)
-                    running = live.read_running(tmp_path)
+                    running = phase_files.read_running(tmp_path)
                     if running and running[0]["phases"] and running[0]["phases"][-1]["done"] == 120:
                         break
                     time.sleep(0.05)
@@ -93,11 +93,11 @@ def test_a_trials_phase_reaches_the_search_display_through_its_file(tmp_path):
     line = live.trial_line(running[0])
     assert line.startswith("trial 7 (lrf 0.45 global)")
     assert "fine-tune > epoch 3/20 (120/400 step (30 %)" in line and "ETA" in line
-    assert live.read_running(tmp_path) == []  # the file goes with the trial
+    assert phase_files.read_running(tmp_path) == []  # the file goes with the trial
     # a file left by a process that is gone (a killed worker) is not a running trial
-    dead = {"trial": 3, "pid": 2 ** 22 + 12345, "host": live._HOST, "phases": []}
-    (tmp_path / live.PROGRESS_DIR / "trial_0003.json").write_text(json.dumps(dead))
-    assert live.read_running(tmp_path) == []
+    dead = {"trial": 3, "pid": 2 ** 22 + 12345, "host": phase_files._HOST, "phases": []}
+    (tmp_path / phase_files.PROGRESS_DIR / "trial_0003.json").write_text(json.dumps(dead))
+    assert phase_files.read_running(tmp_path) == []
 
 
 def _rows(*states):
@@ -114,7 +114,7 @@ def test_search_view_counts_done_and_running_and_shows_the_front(tmp_path):
     text = view.summary(running=2)
     assert text.startswith("3/10 done (2 complete, 1 early-stopped), 2 running")
     assert "front 2" in text and "93.0 % at 0.60" in text and "90.0 % at 0.30" in text
-    doc = {"trial": 4, "label": "l1 0.50 uniform", "pid": os.getpid(), "host": live._HOST, "time": time.time(),
+    doc = {"trial": 4, "label": "l1 0.50 uniform", "pid": os.getpid(), "host": phase_files._HOST, "time": time.time(),
            "started": time.time() - 5, "phases": [{"name": "grouping", "done": 0, "total": None, "elapsed": 1.0}]}
     view._render_lines([doc], final=False)
     view._render_lines([doc], final=False)  # the same phase within the interval: no second line
@@ -138,7 +138,7 @@ def test_search_shows_each_running_trials_phase_without_a_terminal(base_ckpt, tm
     assert err.count("trial 0 complete") == 1 and err.count("trial 1 complete") == 1
     assert "search smoke [" in err and "2/2 done (2 complete)" in err
     assert any("trial 0 (l1" in line and ("fine-tune" in line or "scoring" in line) for line in err.splitlines())
-    assert not (tmp_path / "out" / live.PROGRESS_DIR / "trial_0000.json").exists()
+    assert not (tmp_path / "out" / phase_files.PROGRESS_DIR / "trial_0000.json").exists()
 
 
 @pytest.mark.slow

@@ -385,3 +385,16 @@ def test_two_workers_share_one_study(base_ckpt, tmp_path):
     assert result.stop_reason == "max_trials"
     workers = {t.user_attrs["worker"] for t in load_study(tmp_path / "out").trials}
     assert workers == {0, 1}
+
+
+@pytest.mark.slow
+def test_workers_that_stop_on_their_own_rule_say_which(base_ckpt, tmp_path):
+    """Two configurations and max_trials 5: each worker ends on the repeats rule (`exhausted`), which no
+    budget the parent can recompute explains; the search reports it rather than "workers stopped". (A
+    configuration still running on the other worker is not yet a repeat, so each may run twice: at most 4.)"""
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 5}, workers=2,
+                                space={"target": [0.5, 0.7], "allocation": "uniform", "epochs": 1}))
+    result = run_search(spec, tmp_path / "out", progress=False)
+    _, rows = read_rows(tmp_path / "out" / "trials.csv")
+    assert 2 <= len([r for r in rows if not r["duplicate_of"]]) <= 4
+    assert result.stop_reason == "exhausted"

@@ -267,7 +267,7 @@ def discard_files(out_dir: Path, number: int) -> None:
 
 def _worker_main(spec: SearchSpec, out_dir: str, index: int, limits: Limits, device: str, early_stopping: bool,
                  seed: int | None, threads: int | None, parent_pid: int, log_level: int, errors: Any,
-                 sampler: optuna.samplers.BaseSampler | None = None) -> None:
+                 sampler: optuna.samplers.BaseSampler | None = None, reasons: Any = None) -> None:
     logging.basicConfig(level=log_level, format=f"%(levelname)s worker{index} %(name)s: %(message)s")
     # SIGTERM from the parent (or anyone) stops the worker like Ctrl-C; SIGINT may be ignored here
     # (a search started in the background with nohup or `&` inherits an ignored SIGINT)
@@ -280,6 +280,8 @@ def _worker_main(spec: SearchSpec, out_dir: str, index: int, limits: Limits, dev
             reason = worker_loop(spec, Path(out_dir), index, limits, torch.device(device), early_stopping,
                                  seed, parent_pid=parent_pid, sampler=sampler)
         log.info("worker %d stopped: budget %s spent", index, reason)
+        if reasons is not None:
+            reasons.put((index, reason))  # the parent names it when the shared budgets do not explain the stop
     except (KeyboardInterrupt, Orphaned):
         pass
     except Exception as exc:
@@ -330,13 +332,13 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
                    on_update: Callable[[list[dict]], None] | None,
                    sampler: optuna.samplers.BaseSampler | None = None) -> str:
     ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
+    errors, reasons = ctx.Queue(), ctx.Queue()
     # per worker: the caller's torch threads (the CLI's --threads), never more than the cores shared out
     threads = min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) // workers)) if device.type == "cpu" else None
     level = logging.getLogger("autoprune").getEffectiveLevel()
     procs = [ctx.Process(target=_worker_main, name=f"autoprune-worker{i}", daemon=False,
                          args=(spec, str(out_dir), i, limits, str(dev), early_stopping, seed, threads,
-                               os.getpid(), level, errors, sampler))
+                               os.getpid(), level, errors, sampler, reasons))
              for i, dev in enumerate(worker_devices(device, workers))]
     grace: float | None = None  # while stopping: how long a worker may take to mark its trial interrupted
     try:
@@ -362,7 +364,12 @@ def _run_processes(spec: SearchSpec, out_dir: Path, limits: Limits, device: torc
     _check_workers(procs, errors)
     if on_update is not None:
         on_update(store_rows(store))
-    return budget_reason(store, limits) or admission.stop_reason(spec, store, limits.work_seconds) or "workers stopped"
+    said = []  # (worker, reason) in the order they stopped
+    while not reasons.empty():
+        said.append(reasons.get())
+    own = said[-1][1] if len(said) == len(procs) else None  # every worker stopped on a rule of its own (e.g. exhausted)
+    return budget_reason(store, limits) or admission.stop_reason(spec, store, limits.work_seconds) or own or \
+        "workers stopped"
 
 
 def _watch(procs: Sequence[mp.process.BaseProcess], store: OptunaStore,

@@ -42,7 +42,7 @@ from ..models.registry import ModelSpec
 from ..progress import phase
 from ..report.pareto import OBJECTIVE_COLUMNS
 from ..train import Callbacks, NonFiniteLoss, TrainConfig, evaluate, fit
-from . import early_stop, latency_objective, live, stop
+from . import early_stop, latency_objective, phase_files, stop
 from .distillation import distillation
 from .results import TrialResult, constraint_values, model_path, nan_head, one_line, plan_path
 
@@ -147,7 +147,7 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
     work_start = clock()
     progress = _Progress()
     try:
-        with live.trial_progress(worker.out_dir, number, hparams):  # what the search display shows of it
+        with phase_files.trial_progress(worker.out_dir, number, hparams):  # what the search display shows of it
             result = _run(worker, number, dict(hparams), finished, early_stopping, progress, start,
                           number if seed_index is None else seed_index)
         result = replace(result, work_s=clock() - work_start)
