@@ -192,7 +192,8 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
     for t, _, pred in lat:
         f = frac_of.get(("lat", t), float("nan"))
         ff = frac_of.get(("fed", t), float("nan"))
-        rows.append({"model": label, "runtime": cfg.runtime, "batch": cfg.batch_size, "threads": cfg.n_threads, "clock": cfg.clock, "target": t,
+        rows.append({"model": label, "runtime": cfg.runtime, "batch": cfg.batch_size, "threads": cfg.n_threads,
+                     "clock": cfg.clock, "target": t,
                      "predicted": pred, "latency frac": f, "in band": _band(t, f),
                      "speed-up": 1 / f, "its MACs frac": macs_of.get(("lat", t), float("nan")),
                      "same MACs: L1 lat frac": frac_of.get(("macs=", t), float("nan")),

@@ -73,13 +73,14 @@ def _epochs(spec: SearchSpec, hparams: Mapping[str, Any]) -> tuple[str, float, i
     return method, float(target), epochs, min(epochs, max(0, k))
 
 
-def width_epochs(spec: SearchSpec, hparams: Mapping[str, Any], distilled: float | None = None) -> tuple[str, float]:
+def width_epochs(spec: SearchSpec, hparams: Mapping[str, Any], distilled: float | None = None,
+                 share: float = 1.0) -> tuple[str, float]:
     """(method, x): a trial's epochs weighted by the width trained (module docstring). ``distilled``:
-    the epochs that ran with the teacher (a finished trial's ``distill_epochs``); None: every fine-tune
-    epoch when the trial's ``distill`` weight is above 0."""
+    the epochs that ran with the teacher (a finished trial's ``distill_epochs``); None: ``share`` of the
+    fine-tune epochs when the trial's ``distill`` weight is above 0."""
     method, target, epochs, k = _epochs(spec, hparams)
     if distilled is None:
-        distilled = epochs - k if float(hparams.get("distill") or 0.0) > 0 else 0
+        distilled = share * (epochs - k) if float(hparams.get("distill") or 0.0) > 0 else 0
     return method, k + (epochs - k) * target + TEACHER_SHARE * distilled
 
 
@@ -103,9 +104,8 @@ def distill_share(spec: SearchSpec, trials: Sequence[StoredTrial]) -> float:
 
 def predict(spec: SearchSpec, model: WorkModel, trials: Sequence[StoredTrial], hparams: Mapping[str, Any]) -> float:
     """Predicted measured seconds of a new trial with ``hparams`` (module docstring)."""
-    method, x_full = width_epochs(spec, hparams)
-    method, x_none = width_epochs(spec, hparams, distilled=0)
-    return model.predict(method, x_none + (x_full - x_none) * distill_share(spec, trials))
+    distils = float(hparams.get("distill") or 0.0) > 0  # only then read the finished trials' share
+    return model.predict(*width_epochs(spec, hparams, share=distill_share(spec, trials) if distils else 0.0))
 
 
 def fit(spec: SearchSpec, trials: Sequence[StoredTrial]) -> WorkModel | None:
