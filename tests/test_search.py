@@ -377,7 +377,9 @@ def test_sigkill_then_resume_keeps_finished_trials(base_ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_share_one_study(base_ckpt, tmp_path):
-    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 4}, workers=2))
+    # trials long enough that the second worker process has started before the first has run all four
+    # (with 1-epoch trials a slow spawn on a loaded 2-core machine left worker 0 nothing to do)
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 4}, workers=2, space={"epochs": 10}))
     result = run_search(spec, tmp_path / "out", progress=False)
     _, rows = read_rows(tmp_path / "out" / "trials.csv")
     assert [int(r["number"]) for r in rows] == [0, 1, 2, 3]
