@@ -63,3 +63,26 @@ def test_the_align_part_writes_its_table(tmp_path, monkeypatch):
                                 "1", "--rounds", "1", "--out", str(tmp_path), "--name", "a"]) == 0
     md = (tmp_path / "a.md").read_text()
     assert "Width rounding: on and off a multiple of 8" in md and "| resnet56 (32) | torch | 1 | 1 |" in md
+
+
+@pytest.mark.slow
+def test_the_targets_part_times_each_round_to_in_one_run(tmp_path):
+    from autoprune.benchmarks import latency_search
+
+    assert latency_search.main(["--parts", "targets", "--models", "resnet56", "--batches", "1", "--thread-counts", "1",
+                                "--rounds", "1", "--points", "2", "--feedback", "0", "--targets", "0.7",
+                                "--round-to", "1", "8", "--out", str(tmp_path), "--name", "t"]) == 0
+    with open(tmp_path / "t_targets.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["round_to"] for r in rows] == ["1", "8"]
+    assert len({r["base ms"] for r in rows}) == 1  # one interleaved run: one base timing for every row
+    for r in rows:
+        assert float(r["predicted"]) <= 0.7 + 1e-6 and float(r["latency frac"]) > 0
+
+
+def test_the_search_part_takes_one_round_to(capsys):
+    from autoprune.benchmarks import latency_search
+
+    with pytest.raises(SystemExit) as exc:
+        latency_search.main(["--parts", "search", "--round-to", "1", "8"])
+    assert exc.value.code == 2 and "the search part takes one value" in capsys.readouterr().err

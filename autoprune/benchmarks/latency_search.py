@@ -9,7 +9,7 @@ base timed beside the variants), at 1 and 2 threads, on the CPU:
 2. ``targets``: L1 + global allocation aimed at a latency fraction of 0.7 / 0.5 / 0.3; measured latency
    fraction (done when within [target - 0.05, target + 0.03]), next to the MACs-targeted model at the
    same MACs fraction (today's default) and Torch-Pruning (magnitude, global, ``round_to=8``) bisected
-   to the same MACs fraction.
+   to the same MACs fraction. ``--round-to 1 8 auto`` adds a row per width multiple for each target.
 3. ``search``: Fashion-MNIST ResNet-20 (the quality benchmark's base, fine-tune subset and recipe), one
    search with objectives [val_acc, latency] and one with [val_acc, macs], same budget; every complete
    model of both re-measured at batch 1 in one interleaved run; hypervolume in (val acc, measured
@@ -121,7 +121,8 @@ def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Seque
             if "targets" in args.parts:
                 if variants is None:  # MACs-targeted at the target number: does not depend on the device
                     variants = _macs_variants(model, shape, groups, args.targets, kinds=("macs",))
-                tgt_rows += _target_rows(label, model, shape, groups, lm, cfg, args.targets, variants, args.feedback)
+                tgt_rows += _target_rows(label, model, shape, groups, lm, cfg, args.targets, variants, args.feedback,
+                                         args.round_tos)
             save()
 
 
@@ -148,62 +149,66 @@ def _macs_variants(model: nn.Module, shape: tuple[int, int, int], groups: list, 
 
 def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], groups: list, lm: Any,
                  cfg: LatencyConfig, targets: Sequence[float], variants: list[tuple[str, float, nn.Module]],
-                 feedback: int = 0) -> list[dict[str, Any]]:
-    lat: list[tuple[float, nn.Module | None, float]] = []
+                 feedback: int = 0, round_tos: Sequence[int | str] = (1,)) -> list[dict[str, Any]]:
+    """One row per (target, round_to): L1 global aimed at the latency target with that ``round_to``; every
+    model of every row timed in one interleaved run, so the rows' fractions compare. Feedback runs for the
+    first ``round_to`` only."""
+    lat: list[tuple[float, int | str, nn.Module | None, float]] = []
     fed: dict[float, tuple[nn.Module, dict[str, Any]]] = {}  # the same, closed on measurement (LatencyFeedback)
     for t in targets:
-        try:
-            res = engine.prune(model, "l1", t, input_shape=shape, groups=groups, allocation={"mode": "global"},
-                               objective=lm, recalibrate_batches=0)
-            lat.append((t, res.model, float(res.info["predicted_frac"])))
-        except AutopruneError as exc:  # below the fastest reachable fraction the latency model predicts
-            log.warning("%s latency target %.2f: %s", label, t, exc)
-            lat.append((t, None, float("nan")))
+        for r in round_tos:
+            try:
+                res = engine.prune(model, "l1", t, input_shape=shape, groups=groups,
+                                   allocation={"mode": "global", "round_to": r}, objective=lm, recalibrate_batches=0)
+                lat.append((t, r, res.model, float(res.info["predicted_frac"])))
+            except AutopruneError as exc:  # below the fastest reachable fraction the latency model predicts
+                log.warning("%s latency target %.2f (round_to %s): %s", label, t, r, exc)
+                lat.append((t, r, None, float("nan")))
         if feedback:  # tried below the model's floor too: feedback times the narrowest widths before refusing
             try:
-                res = engine.prune(model, "l1", t, input_shape=shape, groups=groups, allocation={"mode": "global"},
-                                   objective=lm, recalibrate_batches=0,
+                res = engine.prune(model, "l1", t, input_shape=shape, groups=groups,
+                                   allocation={"mode": "global", "round_to": round_tos[0]}, objective=lm,
+                                   recalibrate_batches=0,
                                    feedback=LatencyFeedback.timing(model, groups, shape, cfg, feedback))
                 fed[t] = (res.model, res.info["latency_feedback"])
             except AutopruneError as exc:  # the floor measured above the band
                 log.warning("%s latency target %.2f with feedback: %s", label, t, exc)
     base_macs = count_macs(model, shape)
-    macs_of = {("lat", t): count_macs(m, shape) / base_macs for t, m, _ in lat if m is not None}
+    macs_of = {(t, r): count_macs(m, shape) / base_macs for t, r, m, _ in lat if m is not None}
     # at the latency-targeted model's own MACs fraction: which allocation runs faster for the same MACs
-    same = [(kind, t, m) for t, _, _ in lat if ("lat", t) in macs_of
-            for kind, _, m in _macs_variants(model, shape, groups, [macs_of[("lat", t)]], tag="=")]
-    variants = list(variants) + same
-    models = [model] + [m for _, m, _ in lat if m is not None] + [m for _, _, m in variants]
+    same = [((kind, r), t, m) for (t, r), f in macs_of.items()
+            for kind, _, m in _macs_variants(model, shape, groups, [f], tag="=")]
+    keyed = [((kind, None), t, m) for kind, t, m in variants] + same
+    models = [model] + [m for _, _, m, _ in lat if m is not None] + [m for _, _, m in keyed]
     models += [m for m, _ in fed.values()]
-    ms = measure_models(models, shape, cfg, "targeted models")
-    base_ms, i = ms[0], 1
-    frac_of: dict[tuple[str, float], float] = {}
-    for t, m, _ in lat:
+    ms = iter(measure_models(models, shape, cfg, "targeted models"))
+    base_ms = next(ms)
+    frac_of: dict[tuple[Any, ...], float] = {}
+    for t, r, m, _ in lat:
         if m is not None:
-            frac_of[("lat", t)] = ms[i] / base_ms
-            i += 1
-    for kind, t, _ in variants:
-        frac_of[(kind, t)] = ms[i] / base_ms
-        i += 1
+            frac_of[("lat", r, t)] = next(ms) / base_ms
+    for (kind, r), t, _ in keyed:
+        frac_of[(kind, r, t)] = next(ms) / base_ms
     for t in fed:
-        frac_of[("fed", t)] = ms[i] / base_ms
-        i += 1
+        frac_of[("fed", None, t)] = next(ms) / base_ms
+    nan = float("nan")
     rows = []
-    for t, _, pred in lat:
-        f = frac_of.get(("lat", t), float("nan"))
-        ff = frac_of.get(("fed", t), float("nan"))
+    for t, r, _, pred in lat:
+        f = frac_of.get(("lat", r, t), nan)
+        first = r == round_tos[0]
+        ff = frac_of.get(("fed", None, t), nan) if first else nan
         rows.append({"model": label, "runtime": cfg.runtime, "batch": cfg.batch_size, "threads": cfg.n_threads,
-                     "clock": cfg.clock, "target": t,
+                     "clock": cfg.clock, "target": t, "round_to": r,
                      "predicted": pred, "latency frac": f, "in band": _band(t, f),
-                     "speed-up": 1 / f, "its MACs frac": macs_of.get(("lat", t), float("nan")),
-                     "same MACs: L1 lat frac": frac_of.get(("macs=", t), float("nan")),
-                     "same MACs: L1 speed-up": 1 / frac_of.get(("macs=", t), float("nan")),
-                     "same MACs: TP r8 lat frac": frac_of.get(("tp8=", t), float("nan")),
-                     "same MACs: TP r8 speed-up": 1 / frac_of.get(("tp8=", t), float("nan")),
-                     "MACs target = target: lat frac": frac_of.get(("macs", t), float("nan")), "base ms": base_ms,
-                     "feedback: lat frac": ff, "feedback: in band": _band(t, ff) if t in fed else "-",
-                     "feedback: rounds": len(fed[t][1]["rounds"]) if t in fed else 0,
-                     "feedback: aim": fed[t][1]["aim"] if t in fed else float("nan")})
+                     "speed-up": 1 / f, "its MACs frac": macs_of.get((t, r), nan),
+                     "same MACs: L1 lat frac": frac_of.get(("macs=", r, t), nan),
+                     "same MACs: L1 speed-up": 1 / frac_of.get(("macs=", r, t), nan),
+                     "same MACs: TP r8 lat frac": frac_of.get(("tp8=", r, t), nan),
+                     "same MACs: TP r8 speed-up": 1 / frac_of.get(("tp8=", r, t), nan),
+                     "MACs target = target: lat frac": frac_of.get(("macs", None, t), nan), "base ms": base_ms,
+                     "feedback: lat frac": ff, "feedback: in band": _band(t, ff) if first and t in fed else "-",
+                     "feedback: rounds": len(fed[t][1]["rounds"]) if first and t in fed else 0,
+                     "feedback: aim": fed[t][1]["aim"] if first and t in fed else nan})
     return rows
 
 
@@ -236,8 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the quality benchmark's case the search part runs on (fashionmnist; --quick digits)")
     p.add_argument("--search-base", default=None, help="a trained base checkpoint for the search part instead of "
                    "the quality benchmark's cached (or trained) one")
-    p.add_argument("--round-to", default=1, type=_round_to, choices=(1, 8, 16, 32, "auto"),
-                   help="search part: the latency search's allocation.round_to (the MACs search keeps the default 1)")
+    p.add_argument("--round-to", nargs="+", default=[1], type=_round_to, choices=(1, 8, 16, 32, "auto"),
+                   help="targets part: a row per value for each latency target, all timed in one run; search part "
+                   "(one value): the latency search's allocation.round_to (the MACs search keeps the default 1)")
     p.add_argument("--feedback", type=int, default=3, help="targets part: also each latency target closed on "
                    "measurement with this many timed allocations (LatencyFeedback; 0: skip)")
     p.add_argument("--runtime", choices=RUNTIMES, default="torch",
@@ -247,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     common.setup(args)
     args.parts = args.parts or ["model", "targets", "search", "align"]
+    if "search" in args.parts and len(args.round_to) > 1:
+        p.error("--round-to: the search part takes one value; run it separately from a targets comparison")
+    args.round_tos, args.round_to = list(dict.fromkeys(args.round_to)), args.round_to[0]
     args.validate = args.validate if args.validate is not None else (8 if args.quick else 30)
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.trials = args.trials or (4 if args.quick else 12)
@@ -319,7 +328,8 @@ def _target_table(rows: list[dict[str, Any]], where: str) -> common.Table:
     n_in = sum(r["in band"] == "yes" for r in rows)
     notes = (where, ("L1 scores, global allocation. 'latency frac': measured latency of the latency-targeted model "
              "over the base's; 'predicted': the latency model's fraction the allocation aimed at; 'in band': within "
-             "[target - 0.05, target + 0.03]. 'same MACs': pruned to the latency-targeted model's own MACs fraction "
+             "[target - 0.05, target + 0.03]; 'round_to': the allocation's width multiple (auto: per layer, the multiple the "
+             "latency model finds fastest). 'same MACs': pruned to the latency-targeted model's own MACs fraction "
              "('its MACs frac'), so the speed-ups compare allocations at equal MACs: L1 with global allocation "
              "aimed at MACs (today's default), and Torch-Pruning MetaPruner (magnitude, global, round_to=8) bisected "
              "to it. 'MACs target = target': L1 global aimed at target x the base's MACs (what asking for that "
@@ -332,7 +342,8 @@ def _target_table(rows: list[dict[str, Any]], where: str) -> common.Table:
               "floor measured above the band (its columns blank then)."),
              (f"In band: {n_in} of {len(rows)} rows; with feedback "
               f"{sum(r.get('feedback: in band') == 'yes' for r in rows)} of {len(rows)}."))
-    cols = ("model", "runtime", "batch", "threads", "clock", "target", "predicted", "latency frac", "in band", "speed-up",
+    cols = ("model", "runtime", "batch", "threads", "clock", "target", "round_to", "predicted", "latency frac", "in band",
+            "speed-up",
             "its MACs frac", "same MACs: L1 lat frac", "same MACs: L1 speed-up", "same MACs: TP r8 lat frac",
             "same MACs: TP r8 speed-up", "MACs target = target: lat frac", "feedback: lat frac", "feedback: in band",
             "feedback: rounds", "feedback: aim", "base ms")
