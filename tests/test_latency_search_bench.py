@@ -75,7 +75,6 @@ def test_the_targets_part_times_each_round_to_in_one_run(tmp_path):
     with open(tmp_path / "t_targets.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["round_to"] for r in rows] == ["1", "8"]
-    assert len({r["base ms"] for r in rows}) == 1  # one interleaved run: one base timing for every row
     for r in rows:
         assert float(r["predicted"]) <= 0.7 + 1e-6 and float(r["latency frac"]) > 0
 
@@ -86,3 +85,50 @@ def test_the_search_part_takes_one_round_to(capsys):
     with pytest.raises(SystemExit) as exc:
         latency_search.main(["--parts", "search", "--round-to", "1", "8"])
     assert exc.value.code == 2 and "the search part takes one value" in capsys.readouterr().err
+
+
+def test_each_timing_lands_on_its_row_also_around_an_unreachable_target(monkeypatch):
+    """The targets part times every model of a (model, batch, threads) in one run and maps the timings
+    back: base, latency-targeted models per (target, round_to), then the variants, in that order."""
+    from torch import nn
+
+    from autoprune.benchmarks import latency_search as ls
+    from autoprune.errors import AutopruneError
+
+    class Tag(nn.Module):
+        def __init__(self, key):
+            super().__init__()
+            self.key = key
+
+    ms = {"base": 10.0, ("lat", 0.7, 1): 7.1, ("lat", 0.7, 8): 6.8, ("lat", 0.5, 1): 5.3, ("macs", 0.7): 9.0,
+          ("macs", 0.5): 8.0}
+    macs = {"base": 100.0, ("lat", 0.7, 1): 60.0, ("lat", 0.7, 8): 55.0, ("lat", 0.5, 1): 30.0}
+
+    def prune(model, method, t, allocation, **kw):
+        if (t, allocation["round_to"]) == (0.5, 8):
+            raise AutopruneError("below the floor")
+        return SimpleNamespace(model=Tag(("lat", t, allocation["round_to"])), info={"predicted_frac": t - 0.001})
+
+    def variants(model, shape, groups, fracs, kinds=("macs", "tp8"), tag=""):
+        (f,) = fracs
+        ms.update({(k + tag, f): 10 * f + (0.5 if k == "macs" else 0.2) for k in kinds})
+        return [(k + tag, f, Tag((k + tag, f))) for k in kinds]
+
+    monkeypatch.setattr(ls.engine, "prune", prune)
+    monkeypatch.setattr(ls, "_macs_variants", variants)
+    monkeypatch.setattr(ls, "count_macs", lambda m, shape: macs[getattr(m, "key", "base")])
+    monkeypatch.setattr(ls, "measure_models", lambda models, *a: [ms[getattr(m, "key", "base")] for m in models])
+    cfg = SimpleNamespace(runtime="torch", batch_size=1, n_threads=1, clock="cpu")
+    fixed = [("macs", t, Tag(("macs", t))) for t in (0.7, 0.5)]
+    rows = ls._target_rows("m", nn.Identity(), (3, 8, 8), [], None, cfg, [0.7, 0.5], fixed, 0, [1, 8])
+    got = {(r["target"], r["round_to"]): r for r in rows}
+    assert list(got) == [(0.7, 1), (0.7, 8), (0.5, 1), (0.5, 8)]
+    assert got[(0.7, 1)]["latency frac"] == pytest.approx(0.71) and got[(0.7, 8)]["latency frac"] == pytest.approx(0.68)
+    assert got[(0.5, 1)]["latency frac"] == pytest.approx(0.53) and got[(0.5, 1)]["in band"] == "yes"
+    assert np.isnan(got[(0.5, 8)]["latency frac"]) and got[(0.5, 8)]["in band"] == "no"
+    # same MACs as each latency-targeted model: L1 at 0.55 of the MACs timed 6.0 ms, TP r8 5.7 ms
+    assert got[(0.7, 8)]["its MACs frac"] == pytest.approx(0.55)
+    assert got[(0.7, 8)]["same MACs: L1 lat frac"] == pytest.approx(0.60)
+    assert got[(0.7, 8)]["same MACs: TP r8 lat frac"] == pytest.approx(0.57)
+    assert got[(0.5, 1)]["same MACs: TP r8 lat frac"] == pytest.approx(0.32)
+    assert [got[k]["MACs target = target: lat frac"] for k in got] == pytest.approx([0.9, 0.9, 0.8, 0.8])

@@ -168,8 +168,11 @@ def test_a_trial_within_one_standard_error_of_its_teacher_before_training_does_n
     assert distillation(teacher, {"distill": 0.5}, ref, 0, fidelity=0.8623, n_val=3000) == (0.0, None)
     # LRF at 0.2: 0.8507, two SE below: the teacher is ahead, distil until it is reached
     assert distillation(teacher, {"distill": 0.5}, ref, 2, fidelity=0.8507, n_val=3000) == (0.5, 0.8643)
-    # the highest fidelity of the committed ResNet-20 searches (0.914 against a 0.9217 base) still distils
-    assert distillation(lambda: 0.9217, {"distill": 0.5}, ref, 1, fidelity=0.914, n_val=3000) == (0.5, 0.9217)
+    # the highest reading before a fine-tune in the README's ResNet-20 searches (0.902 against a 0.9217 base)
+    # still distils; so does one just outside one SE (0.0049)
+    assert distillation(lambda: 0.9217, {"distill": 0.5}, ref, 1, fidelity=0.902, n_val=3000) == (0.5, 0.9217)
+    assert distillation(lambda: 0.9217, {"distill": 0.5}, ref, 1, fidelity=0.9165, n_val=3000) == (0.5, 0.9217)
+    assert distillation(lambda: 0.9217, {"distill": 0.5}, ref, 1, fidelity=0.9170, n_val=3000) == (0.0, None)
     # no fidelity read (or no split size): the rule does not apply
     assert distillation(teacher, {"distill": 0.5}, ref, 0, fidelity=None, n_val=3000) == (0.5, 0.8643)
 

@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     common.setup(args)
     args.parts = args.parts or ["model", "targets", "search", "align"]
-    if "search" in args.parts and len(args.round_to) > 1:
+    if "search" in args.parts and len(set(args.round_to)) > 1:
         p.error("--round-to: the search part takes one value; run it separately from a targets comparison")
     args.round_tos, args.round_to = list(dict.fromkeys(args.round_to)), args.round_to[0]
     args.validate = args.validate if args.validate is not None else (8 if args.quick else 30)
