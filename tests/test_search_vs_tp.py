@@ -113,3 +113,25 @@ def test_fidelity_rank_correlation_needs_five_one_shot_trials():
     rows.append(row(9, "resrep", "complete", 0.1, 0.5, 3, 0.1, fidelity=0.99))  # after training: left out
     assert fidelity_rho(rows) == (pytest.approx(1.0), 5)
     assert math.isnan(fidelity_rho(rows[:4])[0])
+
+
+def test_a_rerun_sees_the_trials_finished_before_it_so_it_distils_as_the_trial_would_have():
+    """Re-running trial 13 of the VGG-16-BN search to the end distilled two epochs where the trial itself,
+    after trials that had reached the teacher, would not have distilled at all."""
+    from types import SimpleNamespace
+
+    from autoprune.benchmarks.search_vs_tp_runs import reference_before
+    from autoprune.search.distillation import distillation
+    from autoprune.search.store import StoredTrial
+
+    trials = [StoredTrial(0, "complete", cost=0.5, curve=(0.87, 0.88, 0.8847)),
+              StoredTrial(1, "early_stopped", cost=0.3, curve=(0.80,)),
+              StoredTrial(2, "complete", cost=0.2, curve=(0.85,), record={"duplicate_of": 0}),
+              StoredTrial(3, "complete", cost=0.2, curve=(0.86, 0.87)),
+              StoredTrial(13, "complete", cost=0.2, curve=(0.9,))]
+    store = SimpleNamespace(trials=lambda: trials)
+    ref = reference_before(store, 13)
+    assert [p.curve for p in ref.peers] == [(0.87, 0.88, 0.8847), (0.86, 0.87)] and ref.candidates == ()
+    assert distillation(lambda: 0.8643, {"distill": 0.5}, lambda: ref, 13) == (0.0, None)
+    # before any trial had reached the teacher, the re-run distils as the trial did
+    assert distillation(lambda: 0.8643, {"distill": 0.5}, lambda: reference_before(store, 0), 0) == (0.5, 0.8643)

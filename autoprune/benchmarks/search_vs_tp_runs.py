@@ -173,10 +173,22 @@ def run_search_side(b: Bench, work: Path, name: str, spec: dict[str, Any], budge
     return side, counted, store
 
 
+def reference_before(store: Any, number: int) -> Any:
+    """The complete trials numbered below ``number`` (a copy of an earlier result counted once) as the
+    :class:`~autoprune.search.early_stop.Reference` a re-run reads: what the trial saw when it ran (one
+    worker finishes trials in order), so its distillation follows the same rule (a finished trial that
+    reached the teacher turns it off). No screening candidates: a re-run is never screened out."""
+    from ..search.early_stop import Peer, Reference
+
+    return Reference(tuple(Peer(float(t.cost), tuple(t.curve)) for t in store.trials()
+                           if t.number < number and t.state == "complete" and t.cost is not None
+                           and t.record.get("duplicate_of") is None))
+
+
 def rerun_stopped(b: Bench, work: Path, name: str, counted: Sequence[Mapping[str, Any]], store: Any,
                   limit: int) -> list[dict[str, Any]]:
     """Re-run up to ``limit`` early-stopped trials (epoch stops first, then screened-out ones) to the end,
-    same configuration and training seed, and compare each with the best complete trial at no more
+    same configuration, training seed and distillation rule (against the trials finished before it), and compare each with the best complete trial at no more
     cost (what it was judged against). Rows: number, method, target, stopped_at, reading, final,
     reference, ahead (strictly), ahead beyond 2 SE."""
     from ..search.early_stop import accuracy_se
@@ -194,7 +206,8 @@ def rerun_stopped(b: Bench, work: Path, name: str, counted: Sequence[Mapping[str
     out = []
     for r in stopped[:limit]:
         n = int(r["number"])
-        res = run_trial(worker, 100000 + n, hparams[n], None, early_stopping=False, seed_index=n)
+        res = run_trial(worker, 100000 + n, hparams[n], lambda n=n: reference_before(store, n), early_stopping=False,
+                        seed_index=n)
         cost = float(r["macs"] or math.inf)
         ref = max((float(c["val_acc"]) for c in complete if float(c["macs"]) <= cost * (1 + COST_TOL)), default=None)
         final = res.val_acc if res.state == "complete" else None
