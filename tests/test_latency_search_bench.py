@@ -132,3 +132,12 @@ def test_each_timing_lands_on_its_row_also_around_an_unreachable_target(monkeypa
     assert got[(0.7, 8)]["same MACs: TP r8 lat frac"] == pytest.approx(0.57)
     assert got[(0.5, 1)]["same MACs: TP r8 lat frac"] == pytest.approx(0.32)
     assert [got[k]["MACs target = target: lat frac"] for k in got] == pytest.approx([0.9, 0.9, 0.8, 0.8])
+
+
+def test_the_targets_note_counts_feedback_only_over_rows_that_ran_it():
+    from autoprune.benchmarks.latency_search import _target_table
+
+    row = {"in band": "yes", "feedback: in band": "-"}
+    assert "no row ran feedback" in _target_table([row, dict(row, **{"in band": "no"})], "").notes[-1]
+    ran = [dict(row, **{"feedback: in band": "yes"}), dict(row, **{"feedback: in band": "no"}), row]
+    assert _target_table(ran, "").notes[-1] == "In band: 3 of 3 rows; with feedback 1 of the 2 rows that ran it."

@@ -326,6 +326,7 @@ def _error_table(rows: list[dict[str, Any]], args: Any, where: str) -> common.Ta
 
 def _target_table(rows: list[dict[str, Any]], where: str) -> common.Table:
     n_in = sum(r["in band"] == "yes" for r in rows)
+    fed = [r for r in rows if r.get("feedback: in band", "-") != "-"]
     notes = (where, ("L1 scores, global allocation. 'latency frac': measured latency of the latency-targeted model "
              "over the base's; 'predicted': the latency model's fraction the allocation aimed at; 'in band': within "
              "[target - 0.05, target + 0.03]; 'round_to': the allocation's width multiple (auto: per layer, the multiple the "
@@ -340,8 +341,9 @@ def _target_table(rows: list[dict[str, Any]], where: str) -> common.Table:
               "own interleaved run, so 'feedback: lat frac' is a fresh reading, not the loop's. Below the latency "
               "model's floor ('latency frac' blank) feedback times the narrowest widths first and refuses only a "
               "floor measured above the band (its columns blank then)."),
-             (f"In band: {n_in} of {len(rows)} rows; with feedback "
-              f"{sum(r.get('feedback: in band') == 'yes' for r in rows)} of {len(rows)}."))
+             f"In band: {n_in} of {len(rows)} rows; " + (
+                 f"with feedback {sum(r.get('feedback: in band') == 'yes' for r in fed)} of the {len(fed)} rows "
+                 "that ran it." if fed else "no row ran feedback (--feedback 0, or every target below the floor)."))
     cols = ("model", "runtime", "batch", "threads", "clock", "target", "round_to", "predicted", "latency frac", "in band",
             "speed-up",
             "its MACs frac", "same MACs: L1 lat frac", "same MACs: L1 speed-up", "same MACs: TP r8 lat frac",
