@@ -139,5 +139,6 @@ def test_the_targets_note_counts_feedback_only_over_rows_that_ran_it():
 
     row = {"in band": "yes", "feedback: in band": "-"}
     assert "no row ran feedback" in _target_table([row, dict(row, **{"in band": "no"})], "").notes[-1]
-    ran = [dict(row, **{"feedback: in band": "yes"}), dict(row, **{"feedback: in band": "no"}), row]
-    assert _target_table(ran, "").notes[-1] == "In band: 3 of 3 rows; with feedback 1 of the 2 rows that ran it."
+    ran = [dict(row, **{"feedback: in band": "yes"}), dict(row, **{"feedback: in band": "no"}), row,
+           dict(row, **{"feedback: in band": "refused"})]
+    assert _target_table(ran, "").notes[-1].startswith("In band: 4 of 4 rows; with feedback 1 of the 3 rows that ran it")

@@ -135,3 +135,13 @@ def test_a_rerun_sees_the_trials_finished_before_it_so_it_distils_as_the_trial_w
     assert distillation(lambda: 0.8643, {"distill": 0.5}, lambda: ref, 13) == (0.0, None)
     # before any trial had reached the teacher, the re-run distils as the trial did
     assert distillation(lambda: 0.8643, {"distill": 0.5}, lambda: reference_before(store, 0), 0) == (0.5, 0.8643)
+
+
+def test_reruns_skip_reused_results_and_put_epoch_stops_first():
+    from autoprune.benchmarks.search_vs_tp_runs import stopped_to_rerun
+
+    rows = [{"number": 1, "state": "early_stopped", "stopped_at": "screen"},
+            {"number": 2, "state": "early_stopped", "stopped_at": "epoch 1"},
+            {"number": 3, "state": "early_stopped", "stopped_at": "epoch 1", "duplicate_of": 2},
+            {"number": 4, "state": "complete"}, {"number": 5, "state": "early_stopped", "stopped_at": "budget"}]
+    assert [r["number"] for r in stopped_to_rerun(rows)] == [2, 1]

@@ -155,6 +155,7 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
     first ``round_to`` only."""
     lat: list[tuple[float, int | str, nn.Module | None, float]] = []
     fed: dict[float, tuple[nn.Module, dict[str, Any]]] = {}  # the same, closed on measurement (LatencyFeedback)
+    refused: set[float] = set()  # feedback tried and refused (the floor measured above the band)
     for t in targets:
         for r in round_tos:
             try:
@@ -173,6 +174,7 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
                 fed[t] = (res.model, res.info["latency_feedback"])
             except AutopruneError as exc:  # the floor measured above the band
                 log.warning("%s latency target %.2f with feedback: %s", label, t, exc)
+                refused.add(t)
     base_macs = count_macs(model, shape)
     macs_of = {(t, r): count_macs(m, shape) / base_macs for t, r, m, _ in lat if m is not None}
     # at the latency-targeted model's own MACs fraction: which allocation runs faster for the same MACs
@@ -206,7 +208,8 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
                      "same MACs: TP r8 lat frac": frac_of.get(("tp8=", r, t), nan),
                      "same MACs: TP r8 speed-up": 1 / frac_of.get(("tp8=", r, t), nan),
                      "MACs target = target: lat frac": frac_of.get(("macs", None, t), nan), "base ms": base_ms,
-                     "feedback: lat frac": ff, "feedback: in band": _band(t, ff) if first and t in fed else "-",
+                     "feedback: lat frac": ff, "feedback: in band": _band(t, ff) if first and t in fed else (
+                         "refused" if first and t in refused else "-"),
                      "feedback: rounds": len(fed[t][1]["rounds"]) if first and t in fed else 0,
                      "feedback: aim": fed[t][1]["aim"] if first and t in fed else nan})
     return rows
@@ -343,7 +346,8 @@ def _target_table(rows: list[dict[str, Any]], where: str) -> common.Table:
               "floor measured above the band (its columns blank then)."),
              f"In band: {n_in} of {len(rows)} rows; " + (
                  f"with feedback {sum(r.get('feedback: in band') == 'yes' for r in fed)} of the {len(fed)} rows "
-                 "that ran it." if fed else "no row ran feedback (--feedback 0, or every target below the floor)."))
+                 "that ran it ('refused': the floor measured above the band)." if fed else
+                 "no row ran feedback (--feedback 0)."))
     cols = ("model", "runtime", "batch", "threads", "clock", "target", "round_to", "predicted", "latency frac", "in band",
             "speed-up",
             "its MACs frac", "same MACs: L1 lat frac", "same MACs: L1 speed-up", "same MACs: TP r8 lat frac",

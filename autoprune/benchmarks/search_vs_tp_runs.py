@@ -185,6 +185,14 @@ def reference_before(store: Any, number: int) -> Any:
                            and t.record.get("duplicate_of") is None))
 
 
+def stopped_to_rerun(counted: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The early-stopped trials to re-run, epoch stops first, then screened-out ones; a reused result
+    (``duplicate_of``) is its original trial's, so it is not re-run again."""
+    own = [r for r in counted if not r.get("duplicate_of") and r["state"] == "early_stopped"]
+    return ([r for r in own if str(r.get("stopped_at", "")).startswith("epoch")]
+            + [r for r in own if r.get("stopped_at") == "screen"])
+
+
 def rerun_stopped(b: Bench, work: Path, name: str, counted: Sequence[Mapping[str, Any]], store: Any,
                   limit: int) -> list[dict[str, Any]]:
     """Re-run up to ``limit`` early-stopped trials (epoch stops first, then screened-out ones) to the end,
@@ -195,8 +203,7 @@ def rerun_stopped(b: Bench, work: Path, name: str, counted: Sequence[Mapping[str
     from ..search.spec import load_spec
     from ..search.trial import Worker, run_trial
 
-    stopped = [r for r in counted if r["state"] == "early_stopped" and str(r.get("stopped_at", "")).startswith("epoch")]
-    stopped += [r for r in counted if r["state"] == "early_stopped" and r.get("stopped_at") == "screen"]
+    stopped = stopped_to_rerun(counted)
     if not stopped or limit <= 0:
         return []
     spec = load_spec(work / f"{name}.yaml")
