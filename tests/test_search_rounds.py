@@ -15,7 +15,6 @@ import yaml
 from autoprune.data.datasets import subset_split
 from autoprune.search import rounds
 from autoprune.search import trial as trial_mod
-from autoprune.search.early_stop import accuracy_se
 from autoprune.search.runner import run_search
 from autoprune.search.spec import load_spec
 
@@ -112,13 +111,10 @@ def test_distillation_from_the_base_model_is_searched(base_ckpt, tmp_path, monke
     assert {r["state"] for r in result.rows} == {"complete"}
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "base.pt").write_bytes(Path(base_ckpt).read_bytes())
-    worker = trial_mod.Worker.load(spec, tmp_path / "w", torch.device("cpu"))
-    teacher_acc, n_val = worker.teacher_acc(), len(worker.data.val)
+    teacher_acc = trial_mod.Worker.load(spec, tmp_path / "w", torch.device("cpu")).teacher_acc()
     before = []  # val acc of the trials before: any one at the teacher's accuracy turns distillation off
     for (alpha, temp, has_teacher, until), row in zip(seen, sorted(result.rows, key=lambda r: int(r["number"]))):
-        # so does the trial's own fidelity within one standard error of the teacher's accuracy
-        close = float(row["fidelity"]) >= teacher_acc - accuracy_se(teacher_acc, n_val)
-        caught = close or any(acc >= teacher_acc for acc in before)
+        caught = any(acc >= teacher_acc for acc in before)
         wanted = 0.0 if caught else float(row["param_distill"])
         assert alpha == wanted and has_teacher == (alpha > 0)
         assert int(row["distill_epochs"]) <= (1 if alpha > 0 else 0)  # 1-epoch trials
@@ -152,29 +148,6 @@ def test_a_trial_does_not_distil_from_a_teacher_a_finished_trial_reached():
     assert distillation(lambda: pytest.fail("measured without need"), {"distill": 0.0}, ref(), 5) == (0.0, None)
     # any finished trial counts, however lightly pruned (a peer at 0.5 of the MACs, 0.87): measured on VGG-16-BN
     assert distillation(teacher, {"distill": 0.5}, ref((0.87,)), 5) == (0.0, None)
-
-
-def test_a_trial_within_one_standard_error_of_its_teacher_before_training_does_not_distil():
-    from autoprune.search.distillation import distillation
-    from autoprune.search.early_stop import Reference
-
-    def teacher():
-        return 0.8643  # the VGG-16-BN base; one SE on 3,000 images is 0.0063
-
-    def ref():
-        return Reference(())
-
-    # LRF at 0.5 of the MACs on that base: fidelity 0.862, within one SE: no teacher
-    assert distillation(teacher, {"distill": 0.5}, ref, 0, fidelity=0.8623, n_val=3000) == (0.0, None)
-    # LRF at 0.2: 0.8507, two SE below: the teacher is ahead, distil until it is reached
-    assert distillation(teacher, {"distill": 0.5}, ref, 2, fidelity=0.8507, n_val=3000) == (0.5, 0.8643)
-    # the highest reading before a fine-tune in the README's ResNet-20 searches (0.902 against a 0.9217 base)
-    # still distils; so does one just outside one SE (0.0049)
-    assert distillation(lambda: 0.9217, {"distill": 0.5}, ref, 1, fidelity=0.902, n_val=3000) == (0.5, 0.9217)
-    assert distillation(lambda: 0.9217, {"distill": 0.5}, ref, 1, fidelity=0.9165, n_val=3000) == (0.5, 0.9217)
-    assert distillation(lambda: 0.9217, {"distill": 0.5}, ref, 1, fidelity=0.9170, n_val=3000) == (0.0, None)
-    # no fidelity read (or no split size): the rule does not apply
-    assert distillation(teacher, {"distill": 0.5}, ref, 0, fidelity=None, n_val=3000) == (0.5, 0.8643)
 
 
 def test_sensitivity_seeded_shape_is_queued_for_the_searched_allocation(base_ckpt, tmp_path):

@@ -25,10 +25,8 @@ intercept: ``a = 0``; none: no prediction and the trial starts). Where the metho
 trials of its own, the fit is scaled by the median ratio of their measured to fitted work (a ResRep
 epoch costs more than a plain one: compactors and masks). A new trial that would distil is
 predicted to distil the share of its fine-tune epochs that the finished trials with a distillation
-weight did (the teacher is dropped once a student reaches it, or from the start when the trial's
-reading before the fine-tune is within one standard error of it, :mod:`.distillation`; all of them
-before any such trial finished). That reading is not known at admission, so a trial the second rule
-spares is predicted a little dear.
+weight did (the teacher is dropped once a student reaches it, :mod:`.distillation`; all of them
+before any such trial finished).
 """
 from __future__ import annotations
 

@@ -34,8 +34,7 @@ TAIL_COLUMNS = ("val_acc", "macs", "macs_frac", "params", "params_frac", "latenc
 # on a GPU: pruning, recalibration, fidelity, every training epoch, evaluations); duplicate_of: the
 # earlier trial of the same configuration whose result this one reuses (nothing was run; work_s 0);
 # distill_epochs: fine-tune epochs trained with the base model as teacher (distillation stops once the
-# student reaches the teacher's val acc, and does not start when its fidelity is within one SE of it; blank
-# when no fine-tune finished: none ran, or the trial failed in it)
+# student reaches the teacher's val acc; blank when no fine-tune finished: none ran, or the trial failed in it)
 INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
 
 

@@ -281,8 +281,7 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
         return _result(worker, number, hparams, "early_stopped", m["fidelity"], progress, start, stopped_at="screen")
     if not epoch.stopped and epochs > k:
         epoch.pause = latency_objective.PausePoint(worker.out_dir) if worker.spec.workers > 1 else None
-        alpha, until = distillation(worker.teacher_acc, hparams, epoch.reference, number, m["fidelity"],
-                                    len(worker.data.val))
+        alpha, until = distillation(worker.teacher_acc, hparams, epoch.reference, number)
         ft_cfg = replace(cfg, epochs=epochs - k, distill_alpha=alpha, distill_until=until,
                          distill_temperature=float(hparams.get("distill_temperature") or 4.0))
         run = fit(model, worker.data.train, worker.data.val, ft_cfg, worker.device,
