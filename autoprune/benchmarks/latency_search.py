@@ -194,11 +194,19 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
     for t in fed:
         frac_of[("fed", None, t)] = next(ms) / base_ms
     nan = float("nan")
+
+    def feedback_cols(t: float) -> dict[str, Any]:  # the first round_to's rows: feedback ran for them only
+        if t in fed:
+            ff = frac_of[("fed", None, t)]
+            return {"feedback: lat frac": ff, "feedback: in band": _band(t, ff),
+                    "feedback: rounds": len(fed[t][1]["rounds"]), "feedback: aim": fed[t][1]["aim"]}
+        return {"feedback: lat frac": nan, "feedback: in band": "refused" if t in refused else "-",
+                "feedback: rounds": 0, "feedback: aim": nan}
+
+    none = {"feedback: lat frac": nan, "feedback: in band": "-", "feedback: rounds": 0, "feedback: aim": nan}
     rows = []
     for t, r, _, pred in lat:
         f = frac_of.get(("lat", r, t), nan)
-        first = r == round_tos[0]
-        ff = frac_of.get(("fed", None, t), nan) if first else nan
         rows.append({"model": label, "runtime": cfg.runtime, "batch": cfg.batch_size, "threads": cfg.n_threads,
                      "clock": cfg.clock, "target": t, "round_to": r,
                      "predicted": pred, "latency frac": f, "in band": _band(t, f),
@@ -208,10 +216,7 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
                      "same MACs: TP r8 lat frac": frac_of.get(("tp8=", r, t), nan),
                      "same MACs: TP r8 speed-up": 1 / frac_of.get(("tp8=", r, t), nan),
                      "MACs target = target: lat frac": frac_of.get(("macs", None, t), nan), "base ms": base_ms,
-                     "feedback: lat frac": ff, "feedback: in band": _band(t, ff) if first and t in fed else (
-                         "refused" if first and t in refused else "-"),
-                     "feedback: rounds": len(fed[t][1]["rounds"]) if first and t in fed else 0,
-                     "feedback: aim": fed[t][1]["aim"] if first and t in fed else nan})
+                     **(feedback_cols(t) if r == round_tos[0] else none)})
     return rows
 
 

@@ -16,8 +16,8 @@ Measured and reverted: also skipping the teacher for a trial whose reading befor
 one standard error of the teacher's (VGG-16-BN, LRF at 0.5: 0.862 against 0.864). Long regime: that trial
 finished at 0.8847 instead of 0.8823, 577 CPU s of work instead of 782 (the VM ran 18 % faster that
 day), front unchanged; short regime (1,000 images): 0.8590 instead of 0.8630, front hypervolume 0.687
-instead of 0.689. Soft targets help a data-starved
-fine-tune even from a teacher no better than the student, so "not measurably ahead" is no reason to drop it.
+instead of 0.689. Soft targets help a data-starved fine-tune even from a teacher no better than the
+student, so "not measurably ahead" is no reason to drop it.
 """
 from __future__ import annotations
 
