@@ -129,7 +129,7 @@ def test_a_rerun_sees_the_trials_finished_before_it_so_it_distils_as_the_trial_w
               StoredTrial(2, "complete", cost=0.2, curve=(0.85,), record={"duplicate_of": 0}),
               StoredTrial(3, "complete", cost=0.2, curve=(0.86, 0.87)),
               StoredTrial(13, "complete", cost=0.2, curve=(0.9,))]
-    store = SimpleNamespace(trials=lambda: trials)
+    store = SimpleNamespace(trials=lambda: trials, meta=dict)
     ref = reference_before(store, 13)
     assert [p.curve for p in ref.peers] == [(0.87, 0.88, 0.8847), (0.86, 0.87)] and ref.candidates == ()
     assert distillation(lambda: 0.8643, {"distill": 0.5}, lambda: ref, 13) == (0.0, None)

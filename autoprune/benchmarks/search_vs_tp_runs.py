@@ -178,11 +178,10 @@ def reference_before(store: Any, number: int) -> Any:
     :class:`~autoprune.search.early_stop.Reference` a re-run reads: what the trial saw when it ran (one
     worker finishes trials in order), so its distillation follows the same rule (a finished trial that
     reached the teacher turns it off). No screening candidates: a re-run is never screened out."""
-    from ..search.early_stop import Peer, Reference
+    from ..search.early_stop import Reference
+    from ..search.store import finished_curves
 
-    return Reference(tuple(Peer(float(t.cost), tuple(t.curve)) for t in store.trials()
-                           if t.number < number and t.state == "complete" and t.cost is not None
-                           and t.record.get("duplicate_of") is None))
+    return Reference(finished_curves(store, before=number).peers)
 
 
 def stopped_to_rerun(counted: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -123,14 +123,17 @@ def write_rows(store: TrialStore, out_dir: str | Path) -> list[dict[str, Any]]:
     return current
 
 
-def finished_curves(store: TrialStore) -> Reference:
+def finished_curves(store: TrialStore, before: int | None = None) -> Reference:
     """The early-stopping and screening reference: the complete trials as :class:`~.early_stop.Peer`
     (cost, per-epoch val acc, the phase of each epoch, fidelity), and every trial that measured a
-    fidelity (complete, early-stopped or screened out) as a screening :class:`~.early_stop.Candidate`."""
+    fidelity (complete, early-stopped or screened out) as a screening :class:`~.early_stop.Candidate`.
+    ``before``: only the trials numbered below it."""
     from .early_stop import Candidate, Peer, screening_phase
 
     peers, candidates = [], []
     for t in store.trials():
+        if before is not None and t.number >= before:
+            continue
         rec = t.record
         if rec.get("duplicate_of") is not None:  # a copy of an earlier trial's result: counted once
             continue
@@ -141,8 +144,6 @@ def finished_curves(store: TrialStore) -> Reference:
         frac = rec.get(_FRACTION.get(store_objective(t), "macs_frac")) or rec.get("macs_frac")
         if t.state in ("complete", "early_stopped") and fidelity is not None and frac is not None:
             candidates.append(Candidate(float(frac), float(fidelity), screening_phase(phases)))
-
-
     candidates.extend(round_candidates(store))
     return Reference(tuple(peers), tuple(candidates))
 
