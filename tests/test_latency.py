@@ -367,3 +367,32 @@ def test_a_depthwise_probe_narrows_the_layer_and_a_penalised_grid_stays_on_multi
     assert t.misaligned_out == pytest.approx(1.3 * 63 / 64) and t.depthwise
     assert all(w % 8 == 0 for w in t.out_pts)  # grid points off 8 would hold the slow path already
     assert t.at(31, 31) == pytest.approx(t.at(32, 32) * 1.3 * 63 / 64)
+
+
+def test_models_are_timed_in_pairs_with_the_reference_and_drift_cancels(monkeypatch):
+    """measure_models times the reference with each other model in its own interleaved rounds; each
+    model's value is its per-round ratio to the reference (so a machine slowing down between rounds or
+    pairs does not move it) times the reference's median over the pairs."""
+    from torch import nn
+
+    from autoprune.engine import latency_measure
+    from autoprune.engine.latency_table import Timing
+
+    ref, half, third = nn.Identity(), nn.Identity(), nn.Identity()
+    slow = iter([1.0, 2.0])  # the machine runs at half speed during the second pair
+    calls: list[int] = []
+
+    def fake_time(runners, cfg, budget_s=None, on_round=None):
+        calls.append(len(runners))
+        k = next(slow)
+        ratio = 0.5 if len(calls) == 1 else 1 / 3
+        ref_rounds = tuple(k * r for r in (10.0, 14.0, 12.0))  # drift inside the pair too
+        return [Timing(ms=k * 12.0, spread=0.3, rounds=ref_rounds),
+                Timing(ms=0.0, spread=0.3, rounds=tuple(ratio * r for r in ref_rounds))]
+
+    monkeypatch.setattr(latency_measure, "time_runners", fake_time)
+    monkeypatch.setattr(latency_measure, "make_runner", lambda m, shape, cfg: m)
+    base_ms, a, b = latency_measure.measure_models([ref, half, third], (3, 8, 8), LatencyConfig())
+    assert calls == [2, 2]  # one pair per model, never all three together
+    assert base_ms == pytest.approx(18.0)  # the median of the pairs' reference timings (12 and 24)
+    assert (a / base_ms, b / base_ms) == (pytest.approx(0.5), pytest.approx(1 / 3))

@@ -4,9 +4,9 @@ Part ``align`` of :mod:`.latency_search` (issue 27: "measure what rounding gains
 For each model, batch size, thread count and runtime, every prunable channel group keeps
 ``f`` x its channels (``f`` = 0.75 / 0.5 / 0.3) in three variants: rounded to the nearest multiple of 8
 (at least 8; ``r8``), one channel fewer than that (``r8 - 1``: fewer MACs, off the multiple), and
-``round(f x c)`` as a uniform prune leaves it (``as is``). All variants and the base are timed in the
-same interleaved rounds (:func:`autoprune.engine.latency.measure_models`), so each latency fraction is
-a ratio inside one run.
+``round(f x c)`` as a uniform prune leaves it (``as is``). Each variant is timed against the base in
+its own pair of interleaved rounds (:func:`autoprune.engine.latency_measure.measure_models`), so each
+latency fraction is a ratio inside one run.
 """
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ def align_table(rows: Sequence[dict[str, Any]], where: str) -> common.Table:
             *(f"{v}: {c}" for v in VARIANTS for c in ("lat frac", "MACs frac")), "r8 vs as is", "r8 vs r8 - 1")
     notes = (where, ("Uniform prune: every prunable channel group keeps 'fraction' x its channels: 'as is' = "
              "round(fraction x c); 'r8' = the nearest multiple of 8 (at least 8); 'r8 - 1' = one channel fewer "
-             "(fewer MACs, off the multiple). 'lat frac': measured latency over the base's, all variants and the "
-             "base in the same interleaved rounds. 'r8 vs as is' / 'r8 vs r8 - 1': speed-up of the rounded "
+             "(fewer MACs, off the multiple). 'lat frac': measured latency over the base's, each variant timed "
+             "against the base in its own interleaved rounds. 'r8 vs as is' / 'r8 vs r8 - 1': speed-up of the rounded "
              "widths (above 1: rounding is faster)."),
              "onnxruntime rows: wall clock, the session's intra-op threads set to 'threads'.")
     return common.Table("align", "Width rounding: on and off a multiple of 8, per runtime", cols, tuple(rows), notes)

@@ -1,7 +1,7 @@
 """Pruning for speed: the latency model's error, latency-targeted vs MACs-targeted models, and the search.
 
-Three parts (issue 27's "Done when"), every timing a ratio inside one run (interleaved rounds, the
-base timed beside the variants), at 1 and 2 threads, on the CPU:
+Three parts (issue 27's "Done when"), every timing a ratio inside one run (each model timed
+against the base in its own interleaved rounds: :mod:`autoprune.engine.latency_measure`), at 1 and 2 threads, on the CPU:
 
 1. ``model``: the latency model of ResNet-56 and MobileNetV2 (CIFAR, 32x32) and ResNet-50 (224) at
    batch 1 and 32, validated on random held-out width assignments: median / 90th-percentile relative
@@ -12,7 +12,7 @@ base timed beside the variants), at 1 and 2 threads, on the CPU:
    to the same MACs fraction. ``--round-to 1 8 auto`` adds a row per width multiple for each target.
 3. ``search``: Fashion-MNIST ResNet-20 (the quality benchmark's base, fine-tune subset and recipe), one
    search with objectives [val_acc, latency] and one with [val_acc, macs], same budget; every complete
-   model of both re-measured at batch 1 in one interleaved run; hypervolume in (val acc, measured
+   model of both re-measured at batch 1 against the base in one run; hypervolume in (val acc, measured
    latency fraction) and the speed-up at equal accuracy (within one standard error); one plot.
 4. ``align``: what width rounding gains per runtime (PyTorch eager, and ONNX Runtime where installed):
    the same uniform prune with widths rounded to a multiple of 8, one channel below it, and as a uniform
@@ -151,7 +151,7 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
                  cfg: LatencyConfig, targets: Sequence[float], variants: list[tuple[str, float, nn.Module]],
                  feedback: int = 0, round_tos: Sequence[int | str] = (1,)) -> list[dict[str, Any]]:
     """One row per (target, round_to): L1 global aimed at the latency target with that ``round_to``; every
-    model of every row timed in one interleaved run, so the rows' fractions compare. Feedback runs for the
+    model of every row timed against the base in one run (a pair each), so the rows' fractions compare. Feedback runs for the
     first ``round_to`` only."""
     lat: list[tuple[float, int | str, nn.Module | None, float]] = []
     fed: dict[float, tuple[nn.Module, dict[str, Any]]] = {}  # the same, closed on measurement (LatencyFeedback)
@@ -285,7 +285,7 @@ def _run(args: Any, names: Sequence[str], batches: Sequence[int], threads_list: 
         f"; {args.load_note}" if args.load_note else "")
     runtime = "PyTorch eager" if args.runtime == "torch" else "ONNX Runtime (model and targets parts)"
     where = (f"PyTorch {torch.__version__}, {runtime}, float32, CPU {device_name('cpu')}; {load}. Timings are ratios "
-             "inside one run: interleaved rounds, medians. clock 'cpu': the measuring thread's CPU time "
+             "inside one run: each model against the base in its own interleaved rounds (a pair), medians. clock 'cpu': the measuring thread's CPU time "
              "(1 thread; leaves out waiting for a core on the shared machine), 'wall': wall clock.")
 
     def save(echo: bool = False) -> list[common.Table]:
@@ -319,8 +319,8 @@ def _run(args: Any, names: Sequence[str], batches: Sequence[int], threads_list: 
 def _error_table(rows: list[dict[str, Any]], args: Any, where: str) -> common.Table:
     med = [r["median err %"] for r in rows if "median err %" in r]
     notes = (where, (f"Validation: {args.validate} random width assignments per row (an overall fraction in "
-             "[0.2, 1], each group jittered x0.7..1.3, odd widths included), none used to fit; measured end to end "
-             "with the base in the same interleaved rounds. 'median frac err' compares fractions of the base."),
+             "[0.2, 1], each group jittered x0.7..1.3, odd widths included), none used to fit; measured end to end, "
+             "each against the base in its own interleaved rounds (a pair). 'median frac err' compares fractions of the base."),
              "Done when: median error <= 10 % and Spearman >= 0.9 on every row ('met').",
              ("'misaligned': tables whose probe found a width off the multiple of 8 slower than the multiple itself "
               "(the factor the model applies to such widths). 'no misalign. err %': the median error of the same "
@@ -346,7 +346,7 @@ def _target_table(rows: list[dict[str, Any]], where: str) -> common.Table:
              ("'feedback': the same latency target closed on measurement (autoprune.engine.latency_feedback: "
               "the widths timed against the base, the aim re-set by the measured ratio, at most 'rounds' timed "
               "allocations; 'aim': the model fraction it settled on); its model is timed again in the table's "
-              "own interleaved run, so 'feedback: lat frac' is a fresh reading, not the loop's. Below the latency "
+              "own run, so 'feedback: lat frac' is a fresh reading, not the loop's. Below the latency "
               "model's floor ('latency frac' blank) feedback times the narrowest widths first and refuses only a "
               "floor measured above the band (its columns blank then)."),
              f"In band: {n_in} of {len(rows)} rows; " + (

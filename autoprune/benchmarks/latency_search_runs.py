@@ -3,7 +3,7 @@
 Fashion-MNIST ResNet-20 with the quality benchmark's base, fine-tune subset and recipe
 (:func:`autoprune.benchmarks.quality.prepare`). Both searches get the same space, sampler, seed and
 number of trials; only the objective differs. Afterwards every complete model of both is timed at
-batch 1 against the base in one interleaved run (so both fronts are measured alike), and the fronts
+batch 1 against the base in one run, a pair each (so both fronts are measured alike), and the fronts
 are compared in (val acc, measured latency fraction): hypervolume, and for each point of the MACs
 front the speed-up of the fastest latency-front model at no less accuracy minus one standard error.
 """
@@ -175,7 +175,7 @@ def _compare(args: Any, b: Any, rows: Mapping[str, list[dict[str, Any]]], ms: Se
         (f"Each search: {args.trials} trials, TPE, L1 with uniform / global / searched allocation, target in "
         f"[low, 0.9] (latency search: low = max(0.3, fastest reachable {floor:.3f} + 0.05), round_to {args.round_to}), fine-tune "
         f"{b.case.epochs} epochs on {len(b.data.train)} images, val split of {n_val} images."),
-        (f"Every complete model of both searches re-measured in one interleaved run at batch 1, {threads} thread(s), "
+        (f"Every complete model of both searches re-measured against the base (a pair each) at batch 1, {threads} thread(s), "
         f"base {ms[0]:.3f} ms; the search's own trials measured latency with its other workers paused (one worker here)."),
         (f"Speed-up at equal accuracy (each MACs-front point vs the fastest latency-search model within one SE of its "
         f"accuracy): median {med:.2f}x, min {min(ups, default=math.nan):.2f}x over {len(ups)} points; done when >= 1.3x."),

@@ -18,7 +18,8 @@ varying dimension, and that ratio multiplies a layer's latency when its width in
 off the multiple of 8. The predicted latency of a width
 assignment is ``scale x sum(layer latencies) + const``, where ``scale`` and ``const`` (the unpruned
 rest: pooling, additions, framework overhead) are fitted to the measured end-to-end latency of a
-few uniformly pruned copies of the model. :class:`LatencyModel` implements
+few uniformly pruned copies of the model, each timed against the unpruned one in its own pair
+(:mod:`.latency_measure`). :class:`LatencyModel` implements
 :class:`~.cost.WidthObjective` (unit "latency", in ms), so the shared allocator hits a latency
 target with any method. :func:`autoprune.engine.latency_validate.validate` measures its error on
 random held-out width assignments.
@@ -42,6 +43,7 @@ from .. import progress
 from .cost import WidthCost
 from .graph import ChannelGroup
 from .latency_layers import ALIGN, LayerTable, misaligned_factor, round_up
+from .latency_measure import measure_models
 from .latency_table import (
     BlockGeom,
     LatencyConfig,
@@ -257,15 +259,6 @@ def pruned_copy(model: nn.Module, groups: Sequence[ChannelGroup], widths: Mappin
 
 def uniform_widths(groups: Sequence[ChannelGroup], fraction: float) -> dict[str, int]:
     return {g.name: max(1, round(fraction * g.channels)) for g in groups if g.prunable}
-
-
-def measure_models(models: Sequence[nn.Module], input_shape: Sequence[int], cfg: LatencyConfig,
-                   name: str = "latency end-to-end") -> list[float]:
-    """Median ms per forward of each model, in interleaved rounds (see :func:`time_runners`)."""
-    runners = [make_runner(m, input_shape, cfg) for m in models]
-    budget = max(cfg.budget_s, 0.1)
-    with progress.phase(name, total=cfg.rounds, unit="round") as p:
-        return [t.ms for t in time_runners(runners, cfg, budget_s=budget, on_round=p.advance)]
 
 
 def _fit(sums: Sequence[float], e2e: Sequence[float]) -> tuple[float, float]:

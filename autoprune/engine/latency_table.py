@@ -45,7 +45,7 @@ from ..errors import AutopruneError
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnxruntime")
-TABLE_FORMAT = "autoprune.latency/2"  # /2: tables carry misalignment factors
+TABLE_FORMAT = "autoprune.latency/3"  # /2: tables carry misalignment factors; /3: the fit timed in pairs
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU)
 
 

@@ -1,8 +1,9 @@
 """How good a latency model is: its error on random held-out width assignments, measured end to end.
 
 :func:`validate` draws random width assignments (none used to fit the model: the fit uses uniform
-widths), times each pruned copy and the base in the same interleaved rounds, and reports the median
-and 90th-percentile relative error of the predicted latency and Spearman's rank correlation.
+widths), times each pruned copy against the base in its own pair of interleaved rounds
+(:func:`.latency_measure.measure_models`), and reports the median and 90th-percentile relative error
+of the predicted latency and Spearman's rank correlation.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 import random
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -57,7 +58,7 @@ class Validation:
     median_rel_err: float  # |predicted - measured| / measured, ms
     p90_rel_err: float
     spearman: float
-    median_frac_err: float  # the same on fractions of the base measured in the same rounds
+    median_frac_err: float  # the same on fractions of the base measured in the same pair
     predicted_ms: tuple[float, ...] = ()
     measured_ms: tuple[float, ...] = ()
     others_median_rel_err: Mapping[str, float] = field(default_factory=dict)  # the same, for ``others``
@@ -79,8 +80,7 @@ def validate(model: nn.Module, groups: Sequence[ChannelGroup], lm: LatencyModel,
     assignments = [random_widths(groups, rng) for _ in range(n)]
     models = [model.eval()]
     models += [pruned_copy(model, groups, w) for w in assignments]
-    measured = measure_models(models, input_shape, replace(cfg, budget_s=min(cfg.budget_s, 0.05)),
-                              "latency validation")
+    measured = measure_models(models, input_shape, cfg, "latency validation")
     predicted = [lm.value(w) for w in assignments]
     rel = [abs(p - m) / m for p, m in zip(predicted, measured[1:])]
     frac = [abs(p / lm.base - m / measured[0]) / (m / measured[0]) for p, m in zip(predicted, measured[1:])]

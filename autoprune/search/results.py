@@ -57,7 +57,7 @@ class TrialResult:
     params: int | None = None
     params_frac: float | None = None
     latency_ms: float | None = None  # objective latency: latency_frac x the base's ms measured at worker start
-    latency_frac: float | None = None  # measured, interleaved with the base in the same rounds
+    latency_frac: float | None = None  # measured, interleaved with the base (a pair)
     predicted_latency_frac: float | None = None  # the latency model's prediction the allocation aimed at
     epochs_run: int = 0
     duration_s: float = 0.0
