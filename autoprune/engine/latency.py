@@ -262,14 +262,20 @@ def uniform_widths(groups: Sequence[ChannelGroup], fraction: float) -> dict[str,
 
 
 def _fit(sums: Sequence[float], e2e: Sequence[float]) -> tuple[float, float]:
-    """Least squares ``e2e = scale x sum + const``; scale kept in [0.5, 2] (else 1 and the mean gap)."""
+    """Least squares ``e2e = scale x sum + const``; where that scale falls outside [0.5, 2] (a few noisy
+    points, or tables timed per layer far slower than the layers run inside the model), the least
+    squares through the origin instead (``const`` 0), so a narrow model is never predicted near zero.
+
+    Until 2026-12-07 the fallback was scale 1 and the mean gap: MobileNetV2 at batch 32 and 2 threads got
+    ``const`` -70 ms on a 282 ms base and a 57 % median error on the fraction of the base."""
     n = len(sums)
     mx, my = sum(sums) / n, sum(e2e) / n
     var = sum((x - mx) ** 2 for x in sums)
     scale = sum((x - mx) * (y - my) for x, y in zip(sums, e2e)) / var if var > 0 else 1.0
-    if not 0.5 <= scale <= 2.0:
-        scale = 1.0
-    return scale, my - scale * mx
+    if 0.5 <= scale <= 2.0:
+        return scale, my - scale * mx
+    sq = sum(x * x for x in sums)
+    return (sum(x * y for x, y in zip(sums, e2e)) / sq if sq > 0 else 1.0), 0.0
 
 
 def build_latency_model(model: nn.Module, groups: Sequence[ChannelGroup], input_shape: Sequence[int],
