@@ -385,17 +385,19 @@ def test_models_are_timed_in_pairs_with_the_reference_and_drift_cancels(monkeypa
     def fake_time(runners, cfg, budget_s=None, on_round=None):
         calls.append(len(runners))
         k = next(slow)
-        ratio = 0.5 if len(calls) == 1 else 1 / 3
+        ratios = (0.5, 0.5, 0.9) if len(calls) == 1 else (1 / 3,) * 3  # one disturbed round in the first
         ref_rounds = tuple(k * r for r in (10.0, 14.0, 12.0))  # drift inside the pair too
         return [Timing(ms=k * 12.0, spread=0.3, rounds=ref_rounds),
-                Timing(ms=0.0, spread=0.3, rounds=tuple(ratio * r for r in ref_rounds))]
+                Timing(ms=0.0, spread=0.3, rounds=tuple(q * r for q, r in zip(ratios, ref_rounds)))]
 
     monkeypatch.setattr(latency_measure, "time_runners", fake_time)
     monkeypatch.setattr(latency_measure, "make_runner", lambda m, shape, cfg: m)
     base_ms, a, b = latency_measure.measure_models([ref, half, third], (3, 8, 8), LatencyConfig())
     assert calls == [2, 2]  # one pair per model, never all three together
     assert base_ms == pytest.approx(18.0)  # the median of the pairs' reference timings (12 and 24)
+    # the median of per-round ratios (0.5), not the ratio of medians (7 / 12 = 0.583)
     assert (a / base_ms, b / base_ms) == (pytest.approx(0.5), pytest.approx(1 / 3))
+    assert latency_measure.measure_models([], (3, 8, 8), LatencyConfig()) == []
 
 
 def test_the_end_to_end_fit_never_predicts_a_narrow_model_near_zero():

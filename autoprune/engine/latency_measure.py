@@ -34,6 +34,8 @@ def measure_models(models: Sequence[nn.Module], input_shape: Sequence[int], cfg:
     ``max(cfg.budget_s, 0.1)`` seconds per model; announces progress through :mod:`autoprune.progress`.
     """
     budget = max(cfg.budget_s, 0.1)
+    if not models:
+        return []
     if len(models) == 1:
         with progress.phase(name, total=cfg.rounds, unit="round") as p:
             return [time_runners([make_runner(models[0], input_shape, cfg)], cfg, budget_s=budget,
@@ -46,7 +48,8 @@ def measure_models(models: Sequence[nn.Module], input_shape: Sequence[int], cfg:
             base, other = time_runners([ref, make_runner(model, input_shape, cfg)], cfg, budget_s=budget,
                                        on_round=p.advance)
             ref_ms.append(base.ms)
-            ratios.append(statistics.median(o / b for o, b in zip(other.rounds, base.rounds) if b > 0))
+            per_round = [o / b for o, b in zip(other.rounds, base.rounds) if b > 0]
+            ratios.append(statistics.median(per_round) if per_round else other.ms / max(base.ms, 1e-9))
     base_ms = statistics.median(ref_ms)
     return [base_ms, *(r * base_ms for r in ratios)]
 
