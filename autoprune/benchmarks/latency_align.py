@@ -90,7 +90,7 @@ def align_table(rows: Sequence[dict[str, Any]], where: str) -> common.Table:
     notes = (where, ("Uniform prune: every prunable channel group keeps 'fraction' x its channels: 'as is' = "
              "round(fraction x c); 'r8' = the nearest multiple of 8 (at least 8); 'r8 - 1' = one channel fewer "
              "(fewer MACs, off the multiple). 'lat frac': measured latency over the base's, each variant timed "
-             "against the base in its own interleaved rounds. 'r8 vs as is' / 'r8 vs r8 - 1': speed-up of the rounded "
-             "widths (above 1: rounding is faster)."),
+             "against the base in its own interleaved rounds. 'r8 vs as is' / 'r8 vs r8 - 1': speed-up of the "
+             "rounded widths (above 1: rounding is faster)."),
              "onnxruntime rows: wall clock, the session's intra-op threads set to 'threads'.")
     return common.Table("align", "Width rounding: on and off a multiple of 8, per runtime", cols, tuple(rows), notes)

@@ -1,7 +1,8 @@
 """Pruning for speed: the latency model's error, latency-targeted vs MACs-targeted models, and the search.
 
 Three parts (issue 27's "Done when"), every timing a ratio inside one run (each model timed
-against the base in its own interleaved rounds: :mod:`autoprune.engine.latency_measure`), at 1 and 2 threads, on the CPU:
+against the base in its own interleaved rounds: :mod:`autoprune.engine.latency_measure`), at 1 and
+2 threads, on the CPU:
 
 1. ``model``: the latency model of ResNet-56 and MobileNetV2 (CIFAR, 32x32) and ResNet-50 (224) at
    batch 1 and 32, validated on random held-out width assignments: median / 90th-percentile relative
@@ -152,8 +153,8 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
                  cfg: LatencyConfig, targets: Sequence[float], variants: list[tuple[str, float, nn.Module]],
                  feedback: int = 0, round_tos: Sequence[int | str] = (1,)) -> list[dict[str, Any]]:
     """One row per (target, round_to): L1 global aimed at the latency target with that ``round_to``; every
-    model of every row timed against the base in one run (a pair each), so the rows' fractions compare. Feedback runs for the
-    first ``round_to`` only."""
+    model of every row timed against the base in one run (a pair each), so the rows' fractions compare.
+    Feedback runs for the first ``round_to`` only."""
     lat: list[tuple[float, int | str, nn.Module | None, float]] = []
     fed: dict[float, tuple[nn.Module, dict[str, Any]]] = {}  # the same, closed on measurement (LatencyFeedback)
     refused: set[float] = set()  # feedback tried and refused (the floor measured above the band)
@@ -286,8 +287,9 @@ def _run(args: Any, names: Sequence[str], batches: Sequence[int], threads_list: 
         f"; {args.load_note}" if args.load_note else "")
     runtime = "PyTorch eager" if args.runtime == "torch" else "ONNX Runtime (model and targets parts)"
     where = (f"PyTorch {torch.__version__}, {runtime}, float32, CPU {device_name('cpu')}; {load}. Timings are ratios "
-             "inside one run: each model against the base in its own interleaved rounds (a pair), medians. clock 'cpu': the measuring thread's CPU time "
-             "(1 thread; leaves out waiting for a core on the shared machine), 'wall': wall clock.")
+             "inside one run: each model against the base in its own interleaved rounds (a pair), medians. "
+             "clock 'cpu': the measuring thread's CPU time (1 thread; leaves out waiting for a core on the "
+             "shared machine), 'wall': wall clock.")
 
     def save(echo: bool = False) -> list[common.Table]:
         out = ([_error_table(err_rows, args, where)] if "model" in args.parts else []) + \
@@ -320,8 +322,9 @@ def _run(args: Any, names: Sequence[str], batches: Sequence[int], threads_list: 
 def _error_table(rows: list[dict[str, Any]], args: Any, where: str) -> common.Table:
     med = [r["median err %"] for r in rows if "median err %" in r]
     notes = (where, (f"Validation: {args.validate} random width assignments per row (an overall fraction in "
-             "[0.2, 1], each group jittered x0.7..1.3, odd widths included), none used to fit; measured end to end, "
-             "each against the base in its own interleaved rounds (a pair). 'median frac err' compares fractions of the base."),
+             "[0.2, 1], each group jittered x0.7..1.3, odd widths included), none used to fit; measured end to "
+             "end, each against the base in its own interleaved rounds (a pair). 'median frac err' compares "
+             "fractions of the base."),
              ("Done when: median error <= 10 % and Spearman >= 0.9 on every row ('met': on milliseconds, which "
               "compares the timings of the build with those of the validation, minutes apart, so it includes this "
               "machine's drift in speed; 'met (frac)': on the fraction of the base, the predicted one against the one "
@@ -332,8 +335,8 @@ def _error_table(rows: list[dict[str, Any]], args: Any, where: str) -> common.Ta
               "timings), on the same validation timings: what modelling widths off a multiple of 8 gains."),
              f"Median of the rows' median errors: {statistics.median(med):.1f} %." if med else "No validation run.")
     cols = ("model", "runtime", "batch", "threads", "clock", "tables", "misaligned", "build s", "spread %", "base ms",
-            "scale", "const ms", "median err %", "p90 err %", "Spearman", "median frac err %", "no misalign. err %", "met",
-            "met (frac)")
+            "scale", "const ms", "median err %", "p90 err %", "Spearman", "median frac err %", "no misalign. err %",
+            "met", "met (frac)")
     return common.Table("model", "Latency model error on held-out width assignments", cols, tuple(rows), notes)
 
 

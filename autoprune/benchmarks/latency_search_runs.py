@@ -175,8 +175,9 @@ def _compare(args: Any, b: Any, rows: Mapping[str, list[dict[str, Any]]], ms: Se
         (f"Each search: {args.trials} trials, TPE, L1 with uniform / global / searched allocation, target in "
         f"[low, 0.9] (latency search: low = max(0.3, fastest reachable {floor:.3f} + 0.05), round_to {args.round_to}), fine-tune "
         f"{b.case.epochs} epochs on {len(b.data.train)} images, val split of {n_val} images."),
-        (f"Every complete model of both searches re-measured against the base (a pair each) at batch 1, {threads} thread(s), "
-        f"base {ms[0]:.3f} ms; the search's own trials measured latency with its other workers paused (one worker here)."),
+        (f"Every complete model of both searches re-measured against the base (a pair each) at batch 1, "
+         f"{threads} thread(s), base {ms[0]:.3f} ms; the search's own trials measured latency with its other "
+         "workers paused (one worker here)."),
         (f"Speed-up at equal accuracy (each MACs-front point vs the fastest latency-search model within one SE of its "
         f"accuracy): median {med:.2f}x, min {min(ups, default=math.nan):.2f}x over {len(ups)} points; done when >= 1.3x."),
         (f"Hypervolume in (val acc, measured latency fraction): latency search {hv_l:.4f} vs MACs search {hv_m:.4f} "

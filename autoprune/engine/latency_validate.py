@@ -74,8 +74,9 @@ def _quantile(v: Sequence[float], q: float) -> float:
 def validate(model: nn.Module, groups: Sequence[ChannelGroup], lm: LatencyModel, input_shape: Sequence[int],
              cfg: LatencyConfig, n: int = 30, seed: int = 1234,
              others: Mapping[str, LatencyModel] | None = None) -> Validation:
-    """Measure ``n`` random width assignments (each in a pair with the base) and compare with ``lm``; each of
-    ``others`` (other latency models of the same model, e.g. an ablation) is scored on the same timings."""
+    """Measure ``n`` random width assignments (each in a pair with the base) and compare with ``lm``; each
+    of ``others`` (other latency models of the same model, e.g. an ablation) is scored on the same
+    timings."""
     rng = random.Random(seed)
     assignments = [random_widths(groups, rng) for _ in range(n)]
     models = [model.eval()]
