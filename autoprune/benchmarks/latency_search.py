@@ -197,7 +197,7 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
         frac_of[("fed", None, t)] = next(ms) / base_ms
     nan = float("nan")
 
-    def feedback_cols(t: float) -> dict[str, Any]:  # the first round_to's rows: feedback ran for them only
+    def feedback_cols(t: float | None) -> dict[str, Any]:  # None: a row feedback did not run for
         if t in fed:
             ff = frac_of[("fed", None, t)]
             return {"feedback: lat frac": ff, "feedback: in band": _band(t, ff),
@@ -205,7 +205,6 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
         return {"feedback: lat frac": nan, "feedback: in band": "refused" if t in refused else "-",
                 "feedback: rounds": 0, "feedback: aim": nan}
 
-    none = {"feedback: lat frac": nan, "feedback: in band": "-", "feedback: rounds": 0, "feedback: aim": nan}
     rows = []
     for t, r, _, pred in lat:
         f = frac_of.get(("lat", r, t), nan)
@@ -218,7 +217,7 @@ def _target_rows(label: str, model: nn.Module, shape: tuple[int, int, int], grou
                      "same MACs: TP r8 lat frac": frac_of.get(("tp8=", r, t), nan),
                      "same MACs: TP r8 speed-up": 1 / frac_of.get(("tp8=", r, t), nan),
                      "MACs target = target: lat frac": frac_of.get(("macs", None, t), nan), "base ms": base_ms,
-                     **(feedback_cols(t) if r == round_tos[0] else none)})
+                     **feedback_cols(t if r == round_tos[0] else None)})  # feedback ran for the first only
     return rows
 
 

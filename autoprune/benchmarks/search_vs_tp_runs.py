@@ -196,8 +196,8 @@ def rerun_stopped(b: Bench, work: Path, name: str, counted: Sequence[Mapping[str
                   limit: int) -> list[dict[str, Any]]:
     """Re-run up to ``limit`` early-stopped trials (epoch stops first, then screened-out ones) to the end,
     same configuration, training seed and distillation rule (against the trials finished before it), and
-    compare each with the best complete trial at no more cost (what it was judged against). Rows: number, method, target, stopped_at, reading, final,
-    reference, ahead (strictly), ahead beyond 2 SE."""
+    compare each with the best complete trial at no more cost (what it was judged against). Rows: number,
+    method, target, stopped_at, reading, final, reference, ahead (strictly), ahead beyond 2 SE."""
     from ..search.early_stop import accuracy_se
     from ..search.spec import load_spec
     from ..search.trial import Worker, run_trial

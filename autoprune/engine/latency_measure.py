@@ -33,9 +33,9 @@ def measure_models(models: Sequence[nn.Module], input_shape: Sequence[int], cfg:
     model alone is timed alone. Each pair runs ``cfg.rounds`` rounds of loops of about
     ``max(cfg.budget_s, 0.1)`` seconds per model; announces progress through :mod:`autoprune.progress`.
     """
-    budget = max(cfg.budget_s, 0.1)
     if not models:
         return []
+    budget = max(cfg.budget_s, 0.1)
     if len(models) == 1:
         with progress.phase(name, total=cfg.rounds, unit="round") as p:
             return [time_runners([make_runner(models[0], input_shape, cfg)], cfg, budget_s=budget,
