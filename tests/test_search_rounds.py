@@ -150,6 +150,71 @@ def test_a_trial_does_not_distil_from_a_teacher_a_finished_trial_reached():
     assert distillation(teacher, {"distill": 0.5}, ref((0.87,)), 5) == (0.0, None)
 
 
+class _Meta:
+    def __init__(self, **meta):
+        self.values = dict(meta)
+
+    def meta(self):
+        return dict(self.values)
+
+    def set_meta(self, key, value):
+        self.values[key] = value
+
+
+def test_a_trial_that_reaches_the_base_queues_the_methods_the_round_left_out(base_ckpt, tmp_path):
+    """Once a trial recovers the base's accuracy the zero-training ranking no longer tells methods apart:
+    each one-shot method the round left out runs once at the lowest window, without distilling, once per study."""
+    from types import SimpleNamespace
+
+    from optuna.trial import TrialState
+
+    from autoprune.search.results import TrialResult
+
+    spec = load_spec(write_spec(tmp_path, base_ckpt, screen={"min_peers": 1},
+                                space={"method": ["l1", "lrf", "fsm"], "target": [0.3, 0.6], "distill": [0.0, 0.5]}))
+
+    def pt(method, target, fidelity):
+        return {"method": method, "target": target, "allocation": "global", "fidelity": fidelity, "knobs": {}}
+
+    store = _Meta(round=[pt("lrf", 0.6, 0.86), pt("l1", 0.6, 0.855), pt("fsm", 0.6, 0.70),
+                         pt("lrf", 0.3, 0.85), pt("fsm", 0.3, 0.63), pt("l1", 0.3, 0.60)])
+    worker = SimpleNamespace(spec=spec, data=SimpleNamespace(val=[0] * 3000), teacher_acc=lambda: 0.87)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+
+    def result(number, curve, state="complete", **kw):
+        return TrialResult(number=number, state=state, hparams={}, curve=curve, **kw)
+
+    for below in (result(1, (0.86, 0.869)), result(2, (0.9,), duplicate_of=0),
+                  result(3, (0.9,), state="early_stopped"), result(4, (None,))):
+        assert rounds.hedge(worker, store, study, below) == []
+    assert "hedged" not in store.meta() and not study.trials
+    queued = rounds.hedge(worker, store, study, result(5, (0.86, 0.871)))
+    assert [(p["method"], p["target"], p["distill"]) for p in queued] == [("fsm", 0.3, 0.0), ("l1", 0.3, 0.0)]
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"]["method"] for t in waiting] == ["fsm", "l1"]
+    assert all(t.user_attrs == {"round": True, "hedge": True} for t in waiting)
+    assert store.meta()["hedged"]["after"] == 5 and store.meta()["hedged"]["methods"] == ["fsm", "l1"]
+    assert rounds.hedge(worker, store, study, result(6, (0.95,))) == []  # once per study
+    # without a round (screening off) nothing is queued
+    assert rounds.hedge(worker, _Meta(), study, result(7, (0.95,))) == [] and len(study.trials) == 2
+
+
+def test_the_search_runs_the_hedge_after_a_trial_reaches_the_base(base_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(trial_mod.Worker, "teacher_acc", lambda self: 0.0)  # the first trial reaches it
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 6}, screen={"min_peers": 1},
+                                space={"method": ["l1", "lrf", "fsm"], "target": [0.4, 0.6],
+                                       "allocation": ["uniform", "global"], "distill": [0.0, 0.5]}))
+    run_search(spec, tmp_path / "out", progress=False)
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    hedged = study.user_attrs["hedged"]
+    assert hedged["after"] == 0 and hedged["target"] == 0.4 and hedged["methods"]
+    ran = [t for t in study.trials if t.user_attrs.get("hedge")]
+    assert [t.params["method"] for t in ran] == hedged["methods"]
+    assert all(t.params["target"] == 0.4 and t.params["distill"] == 0.0 for t in ran)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE or t.user_attrs.get("state") == "early_stopped"
+               for t in ran)
+
+
 def test_sensitivity_seeded_shape_is_queued_for_the_searched_allocation(base_ckpt, tmp_path):
     """screen.sensitivity: each depth bucket's and the residual stream's loss when squeezed (zero-training
     fidelity); the seeded shape is queued as each window's first searched trial."""

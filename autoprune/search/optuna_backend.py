@@ -45,6 +45,7 @@ from ..errors import AutopruneError
 from . import admission, stop
 from .locks import ASK_LOCK, WORKERS_LOCK, file_lock
 from .results import INTERRUPTED, TrialResult, constraint_names, model_path, one_line, plan_path
+from .rounds import hedge
 from .store import Limits, StoredTrial, TrialStore, budget_reason, finished_curves, same_config, write_rows
 from .store import rows as store_rows
 from .study import add_curve, open_study, outcome, spec_sampler, state_name, tell, trial_sampler
@@ -232,6 +233,7 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 _abandon(store, out_dir, trial, result)
             raise
         with file_lock(ask_lock):
+            hedge(worker, store, study, result)  # once a trial reaches the base: the round's left-out methods
             rows = write_rows(store, out_dir)
         if on_trial is not None:
             on_trial(result, rows)
