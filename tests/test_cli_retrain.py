@@ -7,7 +7,7 @@ import json
 from test_retrain import study  # noqa: F401 - the module-scoped digits study fixture
 
 from autoprune.cli import main
-from autoprune.report.export import read_recipe
+from autoprune.report.export_check import read_recipe
 
 
 def test_retrain_reports_the_kept_epoch_refuses_to_overwrite_and_exports_the_recipe(study, tmp_path,  # noqa: F811

@@ -22,7 +22,8 @@ from autoprune.cli import main
 from autoprune.engine.plan import load_pruned, save_base, save_pruned
 from autoprune.errors import AutopruneError
 from autoprune.models.registry import create_model
-from autoprune.report.export import check_export, default_path, export_checked, export_model, exporter_of
+from autoprune.report.export import default_path, export_model
+from autoprune.report.export_check import check_export, export_checked, exporter_of
 
 ort = pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +167,8 @@ def test_onnx_fed_raw_digits_with_only_its_metadata_recipe_reproduces_pytorch_te
     from sklearn.datasets import load_digits
 
     from autoprune.data.preprocess import recipe_for
-    from autoprune.report.export import read_recipe, sidecar_path
+    from autoprune.report.export import sidecar_path
+    from autoprune.report.export_check import read_recipe
     from autoprune.train import evaluate
 
     model, _ = digits_base
@@ -190,7 +192,7 @@ def test_onnx_fed_raw_digits_with_only_its_metadata_recipe_reproduces_pytorch_te
 
 def test_torchscript_export_carries_the_recipe_too(digits, digits_base, tmp_path):
     from autoprune.data.preprocess import recipe_for
-    from autoprune.report.export import read_recipe
+    from autoprune.report.export_check import read_recipe
 
     model, _ = digits_base
     path = export_model(model, (1, 8, 8), tmp_path / "digits.ts", "torchscript", recipe=recipe_for(digits))
@@ -202,7 +204,7 @@ def test_torchscript_export_carries_the_recipe_too(digits, digits_base, tmp_path
 
 def test_cli_export_refuses_to_overwrite_without_force_and_writes_the_recipe(digits, digits_base, tmp_path,
                                                                            capsys):
-    from autoprune.report.export import read_recipe
+    from autoprune.report.export_check import read_recipe
 
     model, spec = digits_base
     save_base(tmp_path / "base.pt", model, spec, digits.spec, {})

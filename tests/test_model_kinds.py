@@ -28,7 +28,7 @@ from autoprune.engine.trace import trace_batches
 from autoprune.errors import AutopruneError
 from autoprune.models.outputs import select_logits, set_output
 from autoprune.models.registry import ModelSpec, create_model
-from autoprune.report.export import export_checked
+from autoprune.report.export_check import export_checked
 from autoprune.train import TrainConfig, evaluate, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread", "trust_special_models")

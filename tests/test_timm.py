@@ -31,7 +31,7 @@ def _split(n: int = 16) -> TensorSplit:
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
                                   for n in ("resnet18", "efficientnet_b0", "mobilenetv3_small_100", "regnetx_002")])
 def test_timm_model_prunes_trains_saves_loads_and_exports(name, tmp_path):
-    from autoprune.report.export import export_checked
+    from autoprune.report.export_check import export_checked
 
     spec = ModelSpec(f"timm:{name}", 10, 3, 32)
     model = create_model(spec).eval()

@@ -164,7 +164,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..engine.plan import load_base
     from ..errors import AutopruneError
     from ..models.registry import ModelSpec
-    from ..report.export import default_path, export_checked, same_weights, sidecar_path
+    from ..report.export import default_path, same_weights, sidecar_path
+    from ..report.export_check import export_checked
 
     if not 0 <= args.atol < float("inf"):  # also catches NaN
         raise AutopruneError(f"--atol must be >= 0 and finite (the largest allowed |logit difference|, e.g. "

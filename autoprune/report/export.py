@@ -1,8 +1,10 @@
-"""Deployable files from a (pruned) model: ONNX and TorchScript, each checked against PyTorch.
+"""Deployable files from a (pruned) model: ONNX and TorchScript (writing them; reading and checking them
+against PyTorch: :mod:`autoprune.report.export_check`).
 
-``export_model`` writes one file with a dynamic batch dimension; ``check_export`` runs it (ONNX with
-onnxruntime, TorchScript with ``torch.jit.load``) on random inputs at several batch sizes and reports the
-largest absolute logit difference to PyTorch; ``export_checked`` does both and raises above the tolerance.
+``export_model`` writes one file with a dynamic batch dimension; :func:`~.export_check.check_export` runs
+it (ONNX with onnxruntime, TorchScript with ``torch.jit.load``) on random inputs at several batch sizes and
+reports the largest absolute logit difference to PyTorch; :func:`~.export_check.export_checked` does both
+and raises above the tolerance.
 
 ONNX: the ``torch.export``-based exporter (the default since PyTorch 2.9) is tried first and the
 legacy TorchScript-based one is the fallback (``exporter="auto"``); the file is self-contained
@@ -13,7 +15,7 @@ whose forward has no data-dependent control flow), ``torch.jit.script`` on reque
 With an :class:`autoprune.data.preprocess.InputRecipe` every export carries its preprocessing: in the
 ONNX ``metadata_props`` / TorchScript extra files (keys ``autoprune.input.<field>``, JSON values)
 and in ``<file>.json`` beside it (e.g. ``model.onnx.json``), so raw data can be fed to the file
-with nothing but the file itself (:func:`read_recipe`).
+with nothing but the file itself (:func:`~.export_check.read_recipe`).
 """
 
 from __future__ import annotations
@@ -22,19 +24,17 @@ import copy
 import io
 import logging
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..data.preprocess import InputRecipe
 from ..errors import AutopruneError
 from ..files import clean_temps, write_bytes, write_json
-from ..models.outputs import logits_of, single_output
+from ..models.outputs import single_output
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ExportCheck:
         }
 
 
-def _check_format(fmt: str) -> str:
+def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise AutopruneError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
     return fmt
@@ -82,7 +82,7 @@ def _check_format(fmt: str) -> str:
 
 def default_path(model_path: str | Path, fmt: str) -> Path:
     """``model.pt`` -> ``model.onnx`` / ``model.ts`` next to it."""
-    return Path(model_path).with_suffix(SUFFIX[_check_format(fmt)])
+    return Path(model_path).with_suffix(SUFFIX[check_format(fmt)])
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -115,14 +115,14 @@ def sidecar_path(export_path: str | Path) -> Path:
     return p.with_name(p.name + ".json")
 
 
-def _cpu_copy(model: nn.Module) -> nn.Module:
+def cpu_copy(model: nn.Module) -> nn.Module:
     """An fp32, contiguous-format, eval-mode copy on the CPU (training leaves channels-last on CUDA)."""
     m = copy.deepcopy(model).to("cpu", dtype=torch.float32)
     m = m.to(memory_format=torch.contiguous_format)
     return m.eval()
 
 
-def _example(input_shape: tuple[int, ...], batch: int, seed: int) -> torch.Tensor:
+def example_input(input_shape: tuple[int, ...], batch: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, *input_shape, generator=g)
 
@@ -146,10 +146,10 @@ def export_model(
     sidecar (:mod:`autoprune.files`), so a failed export never leaves a broken file behind and a full
     disk or read-only folder is one line (``FileWriteError``), never a native writer's abort.
     """
-    fmt = _check_format(format)
+    fmt = check_format(format)
     path = Path(path)
-    example = _example(tuple(input_shape), 2, 0)  # batch 2: batch 1 would be specialised by torch.export
-    m = single_output(_cpu_copy(model), example)
+    example = example_input(tuple(input_shape), 2, 0)  # batch 2: batch 1 would be specialised by torch.export
+    m = single_output(cpu_copy(model), example)
     meta = recipe.to_metadata() if recipe is not None else {}
     if fmt == "onnx":
         data, used = _export_onnx(m, example, exporter, opset)
@@ -267,158 +267,3 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, exporter: str,
             f"try --format onnx{' or script' if kind == 'trace' else ''}"
         ) from exc
     return buffer.getvalue(), kind
-
-
-def exporter_of(path: str | Path, fmt: str) -> str:
-    """Which exporter wrote ``path`` ("dynamo" | "legacy" | "trace" | "script"; "" if unknown)."""
-    try:
-        if fmt == "onnx":
-            import onnx
-
-            proto = onnx.load(str(path), load_external_data=False)
-            return {p.key: p.value for p in proto.metadata_props}.get(EXPORTER_KEY, "")
-        extra = {EXPORTER_KEY: ""}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        value = extra[EXPORTER_KEY]
-        return value.decode() if isinstance(value, bytes) else str(value)
-    except Exception:  # noqa: BLE001 - informational only
-        return ""
-
-
-def read_recipe(path: str | Path, fmt: str | None = None) -> InputRecipe:
-    """The input recipe stored in an exported file itself (ONNX metadata or TorchScript extra files).
-
-    ``fmt`` defaults from the suffix (.onnx / .ts). AutopruneError when the file has none.
-    """
-    path = Path(path)
-    fmt = _check_format(fmt or ("onnx" if path.suffix == ".onnx" else "torchscript"))
-    if fmt == "onnx":
-        import onnx
-
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    else:
-        from dataclasses import fields
-
-        from ..data.preprocess import META_PREFIX
-
-        extra = {META_PREFIX + f.name: "" for f in fields(InputRecipe)}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        props = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in extra.items() if v}
-    return InputRecipe.from_metadata(props)
-
-
-def _runner(path: Path, fmt: str):
-    """A callable numpy (N,C,H,W) float32 -> numpy logits, running the exported file."""
-    if fmt == "onnx":
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise AutopruneError(
-                "checking an ONNX export needs onnxruntime; pip install onnxruntime"
-            ) from exc
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = torch.jit.load(str(path), map_location="cpu").eval()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return module(torch.from_numpy(x)).float().numpy()
-
-    return run
-
-
-def _runtime_refusal(path: Path, fmt: str, exc: Exception, what: str) -> str:
-    """Why the runtime could not take the graph; often half precision inside forward (re-exporting cannot help)."""
-    text, runtime = " ".join(str(exc).split()), "onnxruntime" if fmt == "onnx" else "torch.jit"
-    low = re.search(r"tensor\((bfloat16|float16)\)|\b(BFloat16|Half)\b", text)
-    if low:
-        dtype = low.group(1) or {"BFloat16": "bfloat16", "Half": "float16"}[low.group(2)]
-        return (f"{path}: {runtime} cannot run this graph: it computes in {dtype} (the model changes precision "
-                f"inside forward, e.g. torch.autocast or .half()) ({text[:240]}); export a model that computes in "
-                f"float32 (drop the autocast from forward){' or use --format torchscript' if fmt == 'onnx' else ''}")
-    if any(k in text for k in ("NOT_IMPLEMENTED", "INVALID_GRAPH", "Could not find an implementation")):
-        return f"{path}: {runtime} cannot run this graph ({text[:300]}); try --exporter legacy|dynamo or torchscript"
-    return f"{path} could not be {what} as {fmt} ({type(exc).__name__}: {text[:300]}); re-export it"
-
-
-def check_export(
-    model: nn.Module,
-    path: str | Path,
-    format: str,
-    input_shape: tuple[int, int, int],
-    batch_sizes: tuple[int, ...] = (1, 3),
-    atol: float = DEFAULT_ATOL,
-    seed: int = 0,
-) -> ExportCheck:
-    """Run the exported file and ``model`` (fp32, CPU) on the same random inputs; largest |logit diff|.
-
-    Inputs are standard-normal, which is what standardised data looks like. Several batch sizes
-    check that the batch dimension really is dynamic. A file that cannot be loaded or run raises
-    :class:`AutopruneError`; a mismatch does not (see ``ExportCheck.ok``).
-    """
-    fmt = _check_format(format)
-    path = Path(path)
-    if not path.is_file():
-        raise AutopruneError(f"exported file {path} does not exist; export it first (autoprune export)")
-    ref = _cpu_copy(model)
-    try:
-        run = _runner(path, fmt)
-    except AutopruneError:
-        raise
-    except Exception as exc:
-        raise AutopruneError(_runtime_refusal(path, fmt, exc, "loaded")) from exc
-    worst = 0.0
-    for i, batch in enumerate(batch_sizes):
-        x = _example(tuple(input_shape), batch, seed + i)
-        with torch.no_grad():
-            expected = logits_of(ref, ref(x)).float().numpy()  # float(): numpy has no bfloat16
-        try:
-            got = np.asarray(run(x.numpy()))
-        except Exception as exc:
-            raise AutopruneError(_runtime_refusal(path, fmt, exc, f"run on a batch of {batch}")) from exc
-        if got.shape != expected.shape:
-            raise AutopruneError(
-                f"{path} returned logits of shape {got.shape} for a batch of {batch}, expected "
-                f"{expected.shape}; re-export it"
-            )
-        diff = (
-            float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64)))) if got.size else 0.0
-        )
-        worst = max(worst, diff) if math.isfinite(diff) else math.inf
-    return ExportCheck(
-        path=path,
-        format=fmt,
-        max_abs_diff=worst,
-        batch_sizes=tuple(batch_sizes),
-        atol=atol,
-        exporter=exporter_of(path, fmt),
-    )
-
-
-def export_checked(
-    model: nn.Module,
-    input_shape: tuple[int, int, int],
-    path: str | Path,
-    format: str = "onnx",
-    exporter: str = "auto",
-    atol: float = DEFAULT_ATOL,
-    recipe: InputRecipe | None = None,
-) -> ExportCheck:
-    """``export_model`` then ``check_export``; AutopruneError if the logits differ by more than ``atol``."""
-    written = export_model(model, input_shape, path, format, exporter, recipe=recipe)
-    check = check_export(model, written, format, input_shape, atol=atol)
-    if not check.ok:
-        raise AutopruneError(
-            f"{written}: exported {format} logits differ from PyTorch by {check.max_abs_diff:.3g} "
-            f"(tolerance {atol:g}); try the other exporter or format"
-        )
-    return check

@@ -39,7 +39,7 @@ from ..progress import phase
 from ..train import Callbacks, TrainConfig, evaluate, fit, prefer_epoch, resolve_device
 from ..trust import TrustCode, accepts_trust_code
 from .choose import Choice, choose_trial, read_trials, study_name
-from .export import export_checked
+from .export_check import export_checked
 from .retrain_report import plot_widths, summary_markdown
 
 __all__ = ["Choice", "RetrainInterrupted", "RetrainResult", "choose_trial", "export_all", "finetune", "measure",
