@@ -150,9 +150,11 @@ def test_a_trial_does_not_distil_from_a_teacher_a_finished_trial_reached():
     assert distillation(teacher, {"distill": 0.5}, ref((0.87,)), 5) == (0.0, None)
 
 
-class _Meta:
-    def __init__(self, **meta):
-        self.values = dict(meta)
+class _Store:
+    """The parts of a TrialStore hedge() reads: meta and the recorded trials."""
+
+    def __init__(self, trials=(), **meta):
+        self.values, self._trials = dict(meta), list(trials)
 
     def meta(self):
         return dict(self.values)
@@ -160,15 +162,19 @@ class _Meta:
     def set_meta(self, key, value):
         self.values[key] = value
 
+    def trials(self):
+        return list(self._trials)
+
 
 def test_a_trial_that_reaches_the_base_queues_the_methods_the_round_left_out(base_ckpt, tmp_path):
-    """Once a trial recovers the base's accuracy the zero-training ranking no longer tells methods apart:
-    each one-shot method the round left out runs once at the lowest window, without distilling, once per study."""
+    """Once a trial has recovered the base's accuracy the zero-training ranking no longer tells methods
+    apart: each one-shot method the round left out runs once at the lowest window, without distilling,
+    once per study."""
     from types import SimpleNamespace
 
     from optuna.trial import TrialState
 
-    from autoprune.search.results import TrialResult
+    from autoprune.search.store import StoredTrial
 
     spec = load_spec(write_spec(tmp_path, base_ckpt, screen={"min_peers": 1},
                                 space={"method": ["l1", "lrf", "fsm"], "target": [0.3, 0.6], "distill": [0.0, 0.5]}))
@@ -176,43 +182,52 @@ def test_a_trial_that_reaches_the_base_queues_the_methods_the_round_left_out(bas
     def pt(method, target, fidelity):
         return {"method": method, "target": target, "allocation": "global", "fidelity": fidelity, "knobs": {}}
 
-    store = _Meta(round=[pt("lrf", 0.6, 0.86), pt("l1", 0.6, 0.855), pt("fsm", 0.6, 0.70),
-                         pt("lrf", 0.3, 0.85), pt("fsm", 0.3, 0.63), pt("l1", 0.3, 0.60)])
+    points = [pt("lrf", 0.6, 0.86), pt("l1", 0.6, 0.855), pt("fsm", 0.6, 0.70),
+              pt("lrf", 0.3, 0.85), pt("fsm", 0.3, 0.63), pt("l1", 0.3, 0.60)]
     worker = SimpleNamespace(spec=spec, data=SimpleNamespace(val=[0] * 3000), teacher_acc=lambda: 0.87)
+
+    def trial(number, curve, state="complete", **record):
+        return StoredTrial(number, state, record={"state": state, **record}, curve=curve, cost=0.5)
+
+    below = [trial(1, (0.86, 0.869)), trial(2, (0.9,), duplicate_of=0), trial(3, (0.9,), state="early_stopped"),
+             trial(4, (None,))]
     study = optuna.create_study(directions=["maximize", "minimize"])
-
-    def result(number, curve, state="complete", **kw):
-        return TrialResult(number=number, state=state, hparams={}, curve=curve, **kw)
-
-    for below in (result(1, (0.86, 0.869)), result(2, (0.9,), duplicate_of=0),
-                  result(3, (0.9,), state="early_stopped"), result(4, (None,))):
-        assert rounds.hedge(worker, store, study, below) == []
+    store = _Store(below, round=points)
+    assert rounds.hedge(worker, store, study) == []
     assert "hedged" not in store.meta() and not study.trials
-    queued = rounds.hedge(worker, store, study, result(5, (0.86, 0.871)))
+    store._trials.append(trial(5, (0.86, 0.87, 0.865)))  # reached the teacher at its second epoch
+    queued = rounds.hedge(worker, store, study)
     assert [(p["method"], p["target"], p["distill"]) for p in queued] == [("fsm", 0.3, 0.0), ("l1", 0.3, 0.0)]
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert [t.system_attrs["fixed_params"]["method"] for t in waiting] == ["fsm", "l1"]
     assert all(t.user_attrs == {"round": True, "hedge": True} for t in waiting)
     assert store.meta()["hedged"]["after"] == 5 and store.meta()["hedged"]["methods"] == ["fsm", "l1"]
-    assert rounds.hedge(worker, store, study, result(6, (0.95,))) == []  # once per study
-    # without a round (screening off) nothing is queued
-    assert rounds.hedge(worker, _Meta(), study, result(7, (0.95,))) == [] and len(study.trials) == 2
+    store._trials.append(trial(6, (0.95,)))
+    assert rounds.hedge(worker, store, study) == []  # once per study
+    # without a round, or with the round switched off in the spec, nothing is queued
+    assert rounds.hedge(worker, _Store([trial(7, (0.95,))]), study) == [] and len(study.trials) == 2
+    off = SimpleNamespace(spec=load_spec(write_spec(tmp_path, base_ckpt, screen={"round": False},
+                                                    space={"method": ["l1", "lrf", "fsm"], "target": [0.3, 0.6]})),
+                          data=worker.data, teacher_acc=worker.teacher_acc)
+    assert rounds.hedge(off, _Store([trial(7, (0.95,))], round=points), study) == [] and len(study.trials) == 2
 
 
-def test_the_search_runs_the_hedge_after_a_trial_reaches_the_base(base_ckpt, tmp_path, monkeypatch):
+def test_the_search_runs_the_hedge_to_the_end_after_a_trial_reaches_the_base(base_ckpt, tmp_path, monkeypatch):
+    """The queued trials run to the end although the fidelity screen (keep 0.3) would drop the round's losers."""
     monkeypatch.setattr(trial_mod.Worker, "teacher_acc", lambda self: 0.0)  # the first trial reaches it
-    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 6}, screen={"min_peers": 1},
-                                space={"method": ["l1", "lrf", "fsm"], "target": [0.4, 0.6],
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 6}, screen={"min_peers": 1, "keep": 0.3},
+                                early_stop={"enabled": True, "min_epochs": 1, "min_trials": 1},
+                                space={"method": ["l1", "lrf", "fsm"], "target": [0.4, 0.6], "epochs": 2,
                                        "allocation": ["uniform", "global"], "distill": [0.0, 0.5]}))
-    run_search(spec, tmp_path / "out", progress=False)
+    result = run_search(spec, tmp_path / "out", progress=False)
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     hedged = study.user_attrs["hedged"]
     assert hedged["after"] == 0 and hedged["target"] == 0.4 and hedged["methods"]
     ran = [t for t in study.trials if t.user_attrs.get("hedge")]
     assert [t.params["method"] for t in ran] == hedged["methods"]
     assert all(t.params["target"] == 0.4 and t.params["distill"] == 0.0 for t in ran)
-    assert all(t.state == optuna.trial.TrialState.COMPLETE or t.user_attrs.get("state") == "early_stopped"
-               for t in ran)
+    rows = {int(r["number"]): r for r in result.rows}
+    assert all(rows[t.number]["state"] == "complete" and int(rows[t.number]["epochs_run"]) == 2 for t in ran)
 
 
 def test_sensitivity_seeded_shape_is_queued_for_the_searched_allocation(base_ckpt, tmp_path):

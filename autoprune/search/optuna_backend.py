@@ -170,6 +170,7 @@ def mark_interrupted(study: optuna.Study, t: FrozenTrial | optuna.Trial) -> None
         retry = {"retry_of": frozen.number}
         if frozen.user_attrs.get("slot") is not None:  # the retry takes the interrupted trial's place
             retry["slot"] = frozen.user_attrs["slot"]
+        retry.update({k: frozen.user_attrs[k] for k in ("round", "hedge") if k in frozen.user_attrs})
         study.enqueue_trial(dict(frozen.params), user_attrs=retry)
 
 
@@ -220,8 +221,9 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 result = _without_running(spec, store, number, hparams, limits.work_seconds, loud=skips == 0)
                 if result is not None:  # recorded before another worker reads the store
                     store.record(number, result)
-            if result is None:
-                result = run_trial(worker, number, hparams, finished, early_stopping, seed_index=slot)
+            if result is None:  # a hedge (rounds.hedge) runs to the end: neither screened nor early-stopped
+                hedged = bool(trial.user_attrs.get("hedge"))
+                result = run_trial(worker, number, hparams, finished, early_stopping and not hedged, slot, not hedged)
                 store.record(number, result)
                 repeats, skips = 0, 0
             elif result.duplicate_of is not None:
@@ -233,7 +235,7 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 _abandon(store, out_dir, trial, result)
             raise
         with file_lock(ask_lock):
-            hedge(worker, store, study, result)  # once a trial reaches the base: the round's left-out methods
+            hedge(worker, store, study)  # once a trial has reached the base: the round's left-out methods
             rows = write_rows(store, out_dir)
         if on_trial is not None:
             on_trial(result, rows)

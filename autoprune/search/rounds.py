@@ -14,9 +14,9 @@ queues, in this order, the trials the sampler runs first:
 3. at each window, any other one-shot method within the margin of the best (``screen.se_multiple``
    standard errors of a validation accuracy; at most ``MAX_WINNERS`` per window in all);
 4. the sensitivity-seeded shapes (``screen.sensitivity``);
-5. later, once: when a trial's validation reading first reaches the base's, every one-shot method the
-   round left out at the lowest window, not distilling (:func:`hedge`; the fine-tune then gives back
-   what pruning took, so the zero-training ranking no longer tells the methods apart).
+5. later, once: when a complete trial's validation reading has reached the base's, every one-shot
+   method not queued at the lowest window, there, run to the end (:func:`hedge`; the fine-tune then
+   gives back what pruning took, so the zero-training ranking no longer tells the methods apart).
 
 A training-time method at the other windows is left to the sampler: on Fashion-MNIST (1,000
 fine-tune images) each such trial cost about two one-shot trials and finished below the window's
@@ -45,7 +45,7 @@ from ..files import FileWriteError
 from ..methods import get_method, make_params
 from ..train import TrainConfig, evaluate
 from . import early_stop
-from .results import TrialResult, one_line
+from .results import one_line
 from .space import Range
 
 if TYPE_CHECKING:
@@ -235,39 +235,42 @@ def run_round(worker: Worker, store: TrialStore, study: optuna.Study) -> list[di
     return points
 
 
-def hedge(worker: Worker, store: TrialStore, study: optuna.Study, result: TrialResult) -> list[dict[str, Any]]:
-    """After trial ``result`` was recorded: the first time a freshly run trial's validation reading reaches
-    the base's (the teacher's, :meth:`~.trial.Worker.teacher_acc`), queue each one-shot method the round
-    left out at its lowest window (round allocation and knobs, best fidelity first, not distilling),
-    once per study (study meta ``hedged``). Returns the queued parameters ([] when nothing was queued).
+def hedge(worker: Worker, store: TrialStore, study: optuna.Study) -> list[dict[str, Any]]:
+    """Once a finished trial's validation reading has reached the base's (the teacher's,
+    :meth:`~.trial.Worker.teacher_acc`; any complete trial so far, as :mod:`.distillation` reads them), queue
+    each one-shot method the round left out at its lowest window (round allocation and knobs, best
+    fidelity first, the space's smallest ``distill``), once per study (study meta ``hedged``). These trials
+    carry user attr ``hedge``: the worker runs them to the end, neither screened nor early-stopped.
+    Returns the queued parameters ([] when nothing was queued).
 
     A trial that recovers the base's accuracy shows that the fine-tune gives back what pruning took, so
     the round's zero-training ranking no longer tells the methods apart. Measured on Fashion-MNIST
-    VGG-16-BN with 10,000 fine-tune images: L1's fidelity at 0.2 of the MACs was 0.60 against LRF's
-    0.85, and after the same fine-tune L1 finished at 0.8897 and LRF at 0.8780 (README, Performance).
-    Call it under the ask lock (one worker queues)."""
+    VGG-16-BN with 10,000 fine-tune images: at 0.2 of the MACs L1's fidelity was 0.60 against LRF's 0.85,
+    and after the same fine-tune without a teacher L1 finished at 0.8897, LRF at 0.8840 (README,
+    Performance). Call it under the ask lock (one worker queues)."""
     spec = worker.spec
-    if result.state != "complete" or result.duplicate_of is not None:
+    if not (spec.screen.enabled and spec.screen.round):
         return []
     meta = store.meta()
     points = meta.get("round")
     if not points or meta.get("hedged") is not None:
         return []
-    readings = [a for a in result.curve if a is not None]
-    if not readings or max(readings) < worker.teacher_acc():
-        return []
-    low = min(float(p["target"]) for p in points)
+    low = min(round_targets(spec))
     at_low = [p for p in points if float(p["target"]) == low]
     queued = {p["method"] for p in winners(at_low, len(worker.data.val), spec.screen.se_multiple)}
     rest = sorted((p for p in at_low if p["method"] not in queued and math.isfinite(p["fidelity"])),
                   key=lambda p: -p["fidelity"])
+    best = max(((a, t.number) for t in store.trials() if t.state == "complete" and t.record.get("duplicate_of") is None
+                for a in t.curve if a is not None), default=None)
+    if not rest or best is None or best[0] < worker.teacher_acc():  # the base is evaluated only when needed
+        return []
     out = [_params(spec, p["method"], low, p["allocation"], p["knobs"], distil=False) for p in rest]
     for params in out:
         study.enqueue_trial(params, user_attrs={"round": True, "hedge": True}, skip_if_exists=True)
-    store.set_meta("hedged", {"after": result.number, "reading": max(readings), "teacher": worker.teacher_acc(),
+    store.set_meta("hedged", {"after": best[1], "reading": best[0], "teacher": worker.teacher_acc(),
                               "methods": [p["method"] for p in rest], "target": low})
-    log.info("trial %d reached the base's val_acc (%.4f >= %.4f): %s queued at %.2f", result.number,
-             max(readings), worker.teacher_acc(), ", ".join(p["method"] for p in rest) or "nothing", low)
+    log.info("trial %d reached the base's val_acc (%.4f >= %.4f): %s queued at %.2f", best[1], best[0],
+             worker.teacher_acc(), ", ".join(p["method"] for p in rest) or "nothing", low)
     return out
 
 

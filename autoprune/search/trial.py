@@ -132,9 +132,10 @@ class _Progress:
 
 
 def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished: Finished | None = None,
-              early_stopping: bool = True, seed_index: int | None = None) -> TrialResult:
+              early_stopping: bool = True, seed_index: int | None = None, screen: bool = True) -> TrialResult:
     """Run one configuration; never raises for a trial-level problem (it becomes state ``failed``).
 
+    ``screen=False``: the fidelity screen does not apply (a hedge, :func:`autoprune.search.rounds.hedge`).
     Training is seeded with ``spec.seed + seed_index`` (default: the trial number); the Optuna
     backend passes the trial's slot, so a retried trial trains as the one it replaces.
 
@@ -149,7 +150,7 @@ def run_trial(worker: Worker, number: int, hparams: Mapping[str, Any], finished:
     try:
         with phase_files.trial_progress(worker.out_dir, number, hparams):  # what the search display shows of it
             result = _run(worker, number, dict(hparams), finished, early_stopping, progress, start,
-                          number if seed_index is None else seed_index)
+                          number if seed_index is None else seed_index, screen)
         result = replace(result, work_s=clock() - work_start)
     except Exception as exc:
         if isinstance(exc, FileWriteError) or isinstance(user_error(exc), FileWriteError):
@@ -237,7 +238,7 @@ def _free_memory(device: torch.device) -> None:
 
 
 def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finished | None,
-         early_stopping: bool, progress: _Progress, start: float, seed_index: int) -> TrialResult:
+         early_stopping: bool, progress: _Progress, start: float, seed_index: int, screen: bool = True) -> TrialResult:
     from . import space  # the search-space module (owned by the spec layer)
 
     spec = worker.spec
@@ -277,7 +278,7 @@ def _run(worker: Worker, number: int, hparams: dict[str, Any], finished: Finishe
     progress.curve = (progress.curve + [None] * done)[:done]
     progress.epochs_run = epoch.offset = done
     own = early_stop.round_key(method, target, allocation.mode)  # the screening round's key of this configuration
-    if not epoch.stopped and epochs > k and _screened_out(worker, number, epoch, phases, m, own):
+    if screen and not epoch.stopped and epochs > k and _screened_out(worker, number, epoch, phases, m, own):
         return _result(worker, number, hparams, "early_stopped", m["fidelity"], progress, start, stopped_at="screen")
     if not epoch.stopped and epochs > k:
         epoch.pause = latency_objective.PausePoint(worker.out_dir) if worker.spec.workers > 1 else None
