@@ -1,6 +1,7 @@
 """Shared fixtures: tiny data and a trained digits base model, built once per test session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,14 @@ from autoprune.train import TrainConfig, evaluate, fit
 CIFAR_MODELS = ["resnet20", "resnet56", "resnet20_a", "resnet56_a", "vgg16_bn", "mobilenetv2"]
 TORCHVISION_MODELS = ["torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v2",
                       "torchvision:densenet121", "torchvision:efficientnet_b0", "torchvision:regnet_x_400mf"]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n N``, the README's test command) each worker process takes its share of the
+    cores: torch's intra-op pool defaults to every core, so N workers would oversubscribe the machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 class TensorSplit:
