@@ -402,13 +402,17 @@ def test_models_are_timed_in_pairs_with_the_reference_and_drift_cancels(monkeypa
 
 def test_the_end_to_end_fit_never_predicts_a_narrow_model_near_zero():
     """Per-layer tables far slower than the layers run inside the model (MobileNetV2, batch 32, 2
-    threads: the fitted scale left [0.5, 2]): the fit falls back to a line through the origin, not to
-    scale 1 and a large negative constant."""
+    threads: the fitted scale left [0.5, 2]): the line is kept when it has a fixed part (const >= 0),
+    else the fit falls back to a line through the origin, never to a large negative constant."""
     from autoprune.engine.latency import _fit
 
     sums = [900.0, 560.0, 280.0, 110.0]  # the tables' sums for 1.0 / 0.75 / 0.5 / 0.3 widths, ms
-    e2e = [282.0, 180.0, 95.0, 40.0]  # measured: about a third of the sums
+    e2e = [282.0, 190.0, 110.0, 60.0]  # measured: a third of the sums plus a fixed 30 ms
+    scale, const = _fit(sums, e2e)
+    assert scale == pytest.approx(0.28, abs=0.01) and const == pytest.approx(30.6, abs=0.5)
+    assert all(abs(scale * x + const - y) / y < 0.05 for x, y in zip(sums, e2e))
+    e2e = [282.0, 170.0, 80.0, 25.0]  # the line would cross zero above the narrowest width: through the origin
     scale, const = _fit(sums, e2e)
     assert const == 0.0 and scale == pytest.approx(0.31, abs=0.01)
-    assert all(abs(scale * x + const - y) / y < 0.2 for x, y in zip(sums, e2e))  # scale 1 + mean gap: < 0 ms
+    assert all(scale * x + const > 0.5 * y for x, y in zip(sums, e2e))  # scale 1 + mean gap: < 0 ms
     assert _fit([10.0, 7.0, 4.0, 2.0], [11.0, 8.0, 5.0, 3.0]) == (pytest.approx(1.0), pytest.approx(1.0))
