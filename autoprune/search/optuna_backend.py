@@ -223,7 +223,8 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                     store.record(number, result)
             if result is None:  # a hedge (rounds.hedge) runs to the end: neither screened nor early-stopped
                 hedged = bool(trial.user_attrs.get("hedge"))
-                result = run_trial(worker, number, hparams, finished, early_stopping and not hedged, slot, not hedged)
+                result = run_trial(worker, number, hparams, finished, early_stopping and not hedged,
+                                   seed_index=slot, screen=not hedged)
                 store.record(number, result)
                 repeats, skips = 0, 0
             elif result.duplicate_of is not None:
