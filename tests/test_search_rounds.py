@@ -55,8 +55,9 @@ def test_winners_are_the_best_and_those_within_the_margin():
 
 
 def test_the_round_measures_every_one_shot_method_and_queues_the_winners_first(base_ckpt, tmp_path):
+    # the spec lists the higher target first: the queue still starts at the lowest window
     spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 3}, screen={"min_peers": 1},
-                                space={"method": ["l1", "lrf", "resrep"], "target": [0.4, 0.6],
+                                space={"method": ["l1", "lrf", "resrep"], "target": [0.6, 0.4],
                                        "allocation": ["uniform", "global"]}))
     assert spec.screen.round
     result = run_search(spec, tmp_path / "out", progress=False)
@@ -77,7 +78,7 @@ def test_the_round_measures_every_one_shot_method_and_queues_the_winners_first(b
     assert len(queued) >= 3 and {"resrep"} <= {(t.params or t.system_attrs.get("fixed_params", {})).get("method") for t in queued}
     # resumed: the round is not run again
     again = run_search(load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 4}, screen={"min_peers": 1},
-                                            space={"method": ["l1", "lrf", "resrep"], "target": [0.4, 0.6],
+                                            space={"method": ["l1", "lrf", "resrep"], "target": [0.6, 0.4],
                                                    "allocation": ["uniform", "global"]})),
                        tmp_path / "out", resume=True, progress=False)
     assert len(again.rows) == 4
