@@ -416,3 +416,22 @@ def test_the_end_to_end_fit_never_predicts_a_narrow_model_near_zero():
     assert const == 0.0 and scale == pytest.approx(0.31, abs=0.01)
     assert all(scale * x + const > 0.5 * y for x, y in zip(sums, e2e))  # scale 1 + mean gap: < 0 ms
     assert _fit([10.0, 7.0, 4.0, 2.0], [11.0, 8.0, 5.0, 3.0]) == (pytest.approx(1.0), pytest.approx(1.0))
+
+
+def test_the_fit_through_the_base_predicts_the_measured_base_exactly():
+    from autoprune.engine.latency import CALIBRATION_FRACTIONS, through_base, uniform_widths
+
+    _, _, groups, _, lm, _ = _synthetic("mobilenetv2", block=8)
+    unit = LatencyModel(lm.cost, lm.layers, lm.tables, 1.0, 0.0, 1.0, {}, lm.multiples)
+    sums = [unit.value(uniform_widths(groups, f)) for f in CALIBRATION_FRACTIONS]  # the tables' sums
+    # a base 5 % slower than the line through the narrower points (slope 2, a fixed part of half the
+    # tables' base sum) says
+    calib = [2.0 * x + 0.5 * sums[0] for x in sums]
+    calib[0] *= 1.05
+    timed = LatencyModel(lm.cost, lm.layers, lm.tables, 1.0, 0.0, calib[0], {"calibration_ms": calib}, lm.multiples)
+    anchored = through_base(timed, groups)
+    assert anchored.base == pytest.approx(calib[0])  # the denominator of every fraction is the measured base
+    d = [x - sums[0] for x in sums[1:]]  # the slope: least squares through the base point
+    slope = sum(a * (y - calib[0]) for a, y in zip(d, calib[1:])) / sum(a * a for a in d)
+    assert anchored.scale == pytest.approx(slope) and anchored.const > 0
+    assert through_base(unit, groups) is unit  # no calibration timings: unchanged

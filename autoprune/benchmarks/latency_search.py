@@ -42,7 +42,7 @@ from torch import nn
 from ..engine import pruning as engine
 from ..engine.cost import count_macs
 from ..engine.graph import find_groups
-from ..engine.latency import build_latency_model, measure_models, without_misalignment
+from ..engine.latency import build_latency_model, measure_models, through_base, without_misalignment
 from ..engine.latency_feedback import LatencyFeedback
 from ..engine.latency_table import RUNTIMES, LatencyConfig, device_name
 from ..engine.latency_validate import validate
@@ -112,9 +112,10 @@ def model_rows(name: str, args: Any, batches: Sequence[int], threads_list: Seque
                                    "base ms": lm.measured_base_ms, "scale": lm.scale, "const ms": lm.const}
             if "model" in args.parts and args.validate:
                 v = validate(model, groups, lm, shape, cfg, n=args.validate,
-                             others={"plain": without_misalignment(lm, groups)})
+                             others={"plain": without_misalignment(lm, groups), "anchored": through_base(lm, groups)})
                 row.update({"median err %": 100 * v.median_rel_err, "p90 err %": 100 * v.p90_rel_err,
                             "no misalign. err %": 100 * v.others_median_rel_err["plain"],
+                            "through base: frac err %": 100 * v.others_median_frac_err["anchored"],
                             "Spearman": v.spearman, "median frac err %": 100 * v.median_frac_err,
                             "met": "yes" if v.median_rel_err <= 0.10 and v.spearman >= 0.9 else "no",
                             "met (frac)": "yes" if v.median_frac_err <= 0.10 and v.spearman >= 0.9 else "no"})
@@ -331,11 +332,14 @@ def _error_table(rows: list[dict[str, Any]], args: Any, where: str) -> common.Ta
              ("'misaligned': tables whose probe found a width off the multiple of 8 slower than the multiple itself "
               "(the factor the model applies to such widths). 'no misalign. err %': the median error of the same "
               "tables with every misalignment factor set to 1 (scale and constant refitted to the same calibration "
-              "timings), on the same validation timings: what modelling widths off a multiple of 8 gains."),
+              "timings), on the same validation timings: what modelling widths off a multiple of 8 gains. "
+              "'through base: frac err %': the median error on the fraction of the base of the same tables with "
+              "the line through the measured base (slope fitted on the narrower calibration widths), an ablation "
+              "of the fit."),
              f"Median of the rows' median errors: {statistics.median(med):.1f} %." if med else "No validation run.")
     cols = ("model", "runtime", "batch", "threads", "clock", "tables", "misaligned", "build s", "spread %", "base ms",
             "scale", "const ms", "median err %", "p90 err %", "Spearman", "median frac err %", "no misalign. err %",
-            "met", "met (frac)")
+            "through base: frac err %", "met", "met (frac)")
     return common.Table("model", "Latency model error on held-out width assignments", cols, tuple(rows), notes)
 
 

@@ -332,6 +332,26 @@ def without_misalignment(lm: LatencyModel, groups: Sequence[ChannelGroup]) -> La
     return LatencyModel(lm.cost, lm.layers, tables, scale, const, lm.measured_base_ms, lm.info, lm.multiples)
 
 
+def through_base(lm: LatencyModel, groups: Sequence[ChannelGroup]) -> LatencyModel:
+    """``lm`` with ``scale`` / ``const`` refitted so the line passes through the measured base (the
+    first calibration point) and takes its slope by least squares on the narrower calibration points:
+    the predicted fraction of the base then has the measured base as its denominator (an ablation,
+    ``latency_search``'s 'through base' columns; the default fit is :func:`_fit`)."""
+    calib = [uniform_widths(groups, f) for f in CALIBRATION_FRACTIONS]
+    e2e = lm.info.get("calibration_ms")
+    if not e2e:
+        return lm
+    plain = LatencyModel(lm.cost, lm.layers, lm.tables, 1.0, 0.0, lm.measured_base_ms, lm.info, lm.multiples)
+    sums = [plain.value(w) for w in calib]
+    x0, y0 = sums[0], e2e[0]
+    den = sum((x - x0) ** 2 for x in sums[1:])
+    scale = sum((x - x0) * (y - y0) for x, y in zip(sums[1:], e2e[1:])) / den if den > 0 else lm.scale
+    if scale <= 0 or y0 - scale * x0 < 0:  # a line that would go negative: through the base and the origin
+        scale = y0 / x0 if x0 > 0 else lm.scale
+    return LatencyModel(lm.cost, lm.layers, lm.tables, scale, y0 - scale * x0, lm.measured_base_ms, lm.info,
+                        lm.multiples)
+
+
 def _group_multiples(groups: Sequence[ChannelGroup], blocks: Mapping[str, Sequence[BlockGeom]],
                      tables: Mapping[str, LayerTable]) -> dict[str, int]:
     """Per prunable group, the largest block of the layers that produce its channels (its leaders)."""

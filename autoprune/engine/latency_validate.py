@@ -62,6 +62,7 @@ class Validation:
     predicted_ms: tuple[float, ...] = ()
     measured_ms: tuple[float, ...] = ()
     others_median_rel_err: Mapping[str, float] = field(default_factory=dict)  # the same, for ``others``
+    others_median_frac_err: Mapping[str, float] = field(default_factory=dict)
 
 
 def _quantile(v: Sequence[float], q: float) -> float:
@@ -87,8 +88,11 @@ def validate(model: nn.Module, groups: Sequence[ChannelGroup], lm: LatencyModel,
     frac = [abs(p / lm.base - m / measured[0]) / (m / measured[0]) for p, m in zip(predicted, measured[1:])]
     alt = {k: statistics.median(abs(o.value(w) - m) / m for w, m in zip(assignments, measured[1:]))
            for k, o in (others or {}).items()}
+    alt_frac = {k: statistics.median(abs(o.value(w) / o.base - m / measured[0]) / (m / measured[0])
+                                     for w, m in zip(assignments, measured[1:])) for k, o in (others or {}).items()}
     return Validation(n=n, median_rel_err=statistics.median(rel), p90_rel_err=_quantile(rel, 0.9),
                       spearman=spearman(predicted, measured[1:]), median_frac_err=statistics.median(frac),
-                      predicted_ms=tuple(predicted), measured_ms=tuple(measured[1:]), others_median_rel_err=alt)
+                      predicted_ms=tuple(predicted), measured_ms=tuple(measured[1:]), others_median_rel_err=alt,
+                      others_median_frac_err=alt_frac)
 
 
