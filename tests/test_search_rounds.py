@@ -276,3 +276,23 @@ def test_resrep_epoch_readings_are_the_model_it_would_return(digits, digits_base
         assert abs(returned - readings[-1]) <= 2 * 2 ** 0.5 * accuracy_se(returned, n)
         assert res.macs / res.base_macs <= 0.52
     assert "resrep" in JUDGED_AT_END
+
+
+def test_the_round_window_bests_run_to_the_end_where_early_stopping_would_stop_them(base_ckpt, tmp_path, monkeypatch):
+    """Every epoch rung says stop: the round's best method at each window still trains every epoch (its
+    point is the single best method's there); a sampled trial is stopped."""
+    from autoprune.search import early_stop
+
+    monkeypatch.setattr(early_stop, "should_stop", lambda *a, **k: True)
+    spec = load_spec(write_spec(tmp_path, base_ckpt, budget={"max_trials": 5}, screen={"min_peers": 1},
+                                early_stop={"enabled": True, "min_epochs": 1, "min_trials": 1},
+                                space={"method": ["l1", "lrf"], "target": [0.6, 0.4], "epochs": 2,
+                                       "allocation": ["uniform", "global"]}))
+    result = run_search(spec, tmp_path / "out", progress=False)
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    rows = {int(r["number"]): r for r in result.rows}
+    best = [t for t in study.trials if t.user_attrs.get("window_best")]
+    assert [float(t.params["target"]) for t in best] == [0.4, 0.6]  # one per window, lowest first
+    assert all(rows[t.number]["state"] == "complete" and int(rows[t.number]["epochs_run"]) == 2 for t in best)
+    others = [r for n, r in rows.items() if n not in {t.number for t in best}]
+    assert any(r["state"] == "early_stopped" for r in others)  # the rule did fire

@@ -45,7 +45,7 @@ from ..errors import AutopruneError
 from . import admission, stop
 from .locks import ASK_LOCK, WORKERS_LOCK, file_lock
 from .results import INTERRUPTED, TrialResult, constraint_names, model_path, one_line, plan_path
-from .rounds import hedge
+from .rounds import hedge, runs_to_end
 from .store import Limits, StoredTrial, TrialStore, budget_reason, finished_curves, same_config, write_rows
 from .store import rows as store_rows
 from .study import add_curve, open_study, outcome, spec_sampler, state_name, tell, trial_sampler
@@ -170,7 +170,7 @@ def mark_interrupted(study: optuna.Study, t: FrozenTrial | optuna.Trial) -> None
         retry = {"retry_of": frozen.number}
         if frozen.user_attrs.get("slot") is not None:  # the retry takes the interrupted trial's place
             retry["slot"] = frozen.user_attrs["slot"]
-        retry.update({k: frozen.user_attrs[k] for k in ("round", "hedge") if k in frozen.user_attrs})
+        retry.update({k: frozen.user_attrs[k] for k in ("round", "hedge", "window_best") if k in frozen.user_attrs})
         study.enqueue_trial(dict(frozen.params), user_attrs=retry)
 
 
@@ -221,10 +221,10 @@ def worker_loop(spec: SearchSpec, out_dir: Path, index: int, limits: Limits, dev
                 result = _without_running(spec, store, number, hparams, limits.work_seconds, loud=skips == 0)
                 if result is not None:  # recorded before another worker reads the store
                     store.record(number, result)
-            if result is None:  # a hedge (rounds.hedge) runs to the end: neither screened nor early-stopped
-                hedged = bool(trial.user_attrs.get("hedge"))
-                result = run_trial(worker, number, hparams, finished, early_stopping and not hedged,
-                                   seed_index=slot, screen=not hedged)
+            if result is None:  # a window's best of the round and a hedge run to the end (rounds.runs_to_end)
+                full = runs_to_end(trial.user_attrs)
+                result = run_trial(worker, number, hparams, finished, early_stopping and not full,
+                                   seed_index=slot, screen=not full)
                 store.record(number, result)
                 repeats, skips = 0, 0
             elif result.duplicate_of is not None:

@@ -9,7 +9,10 @@ per candidate (Spearman 0.95-0.97 with the after-fine-tune accuracy on Fashion-M
 queues, in this order, the trials the sampler runs first:
 
 1. at each window, lowest target first, the best one-shot method, with the default parameters the
-   round measured;
+   round measured, run to the end (user attr ``window_best``; :func:`runs_to_end`): its point is the
+   best single method's at that target, and an early reading misjudged it (ResNet-20, Fashion-MNIST,
+   1,000 fine-tune images, seed 2: LRF at 0.3 read 0.802 after epoch 1, was stopped against LRF at 0.2's
+   finished 0.872, and re-run to the end finished at 0.890);
 2. every training-time method (ResRep: no zero-training reading exists) at the lowest window, where
    pruning is hardest and training while pruning has the most to give;
 3. at each window, any other one-shot method within the margin of the best (``screen.se_multiple``
@@ -27,8 +30,8 @@ go lowest target first, whatever order the spec lists them in: the lowest window
 largest part of the front's hypervolume (reference (0, 1): a point (acc, m) covers acc x (1 - m)), so a
 budget that cuts the tail cuts the least; its trial is the cheapest; and it is the hardest to bring
 back to the base, so when it does, the later windows can skip the teacher and the hedge fires after
-one cheap trial (on VGG-16-BN with 10,000 fine-tune images the 0.5 window first cost 738 CPU s and
-distilled two epochs that left it 0.9 points below LRF alone there). When ``space.distill``
+one cheap trial (VGG-16-BN, 10,000 fine-tune images: the first trial, distilling two epochs, cost
+386 CPU s at 0.2 against 738 s at 0.5, the hedge fired after it; the front did not move). When ``space.distill``
 is searched, every queued trial distils at the space's largest weight (Fashion-MNIST, 1,000
 fine-tune images, 3 seeds: +0.0054 front hypervolume, beyond 2 SE; +0.7 / +0.9 points at 0.3 / 0.2
 of the MACs, within noise; README, Performance).
@@ -234,12 +237,19 @@ def run_round(worker: Worker, store: TrialStore, study: optuna.Study) -> list[di
     low = min(targets)  # a training-time method is hedged where pruning is hardest (the lowest target) only
     trained_q = [_params(spec, m, low, allocation, {}) for m in trained]
     queue = first + trained_q + second + seeded_q
-    for params in queue:
-        study.enqueue_trial(params, user_attrs={"round": True}, skip_if_exists=True)
+    for i, params in enumerate(queue):
+        best = {"window_best": True} if i < len(first) else {}
+        study.enqueue_trial(params, user_attrs={"round": True, **best}, skip_if_exists=True)
     store.set_meta("round", points)
     store.set_meta("round_work_s", work)
     log.info("screening round: %d candidates in %.1f s of work; %d trials queued", len(points), work, len(queue))
     return points
+
+
+def runs_to_end(user_attrs: Mapping[str, Any]) -> bool:
+    """Whether a trial with these user attrs runs to the end, neither screened nor early-stopped: a
+    window's best one-shot method of the round, or a hedge (module docstring)."""
+    return bool(user_attrs.get("window_best") or user_attrs.get("hedge"))
 
 
 def hedge(worker: Worker, store: TrialStore, study: optuna.Study) -> list[dict[str, Any]]:
