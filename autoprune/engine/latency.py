@@ -321,15 +321,34 @@ def build_latency_model(model: nn.Module, groups: Sequence[ChannelGroup], input_
     return lm
 
 
+def _refitted(lm: LatencyModel, groups: Sequence[ChannelGroup], tables: Mapping[str, LayerTable],
+              fit: Callable[[Sequence[float], Sequence[float]], tuple[float, float]]) -> LatencyModel:
+    """``lm`` with ``tables`` and ``scale`` / ``const`` from ``fit`` on the calibration timings it was built
+    with (``lm`` unchanged but for the tables when it has none, e.g. a hand-made model)."""
+    e2e = lm.info.get("calibration_ms")
+    scale, const = lm.scale, lm.const
+    if e2e:
+        plain = LatencyModel(lm.cost, lm.layers, tables, 1.0, 0.0, lm.measured_base_ms, lm.info, lm.multiples)
+        scale, const = fit([plain.value(uniform_widths(groups, f)) for f in CALIBRATION_FRACTIONS], e2e)
+    return LatencyModel(lm.cost, lm.layers, tables, scale, const, lm.measured_base_ms, lm.info, lm.multiples)
+
+
 def without_misalignment(lm: LatencyModel, groups: Sequence[ChannelGroup]) -> LatencyModel:
     """``lm`` with every misalignment factor set to 1 and ``scale`` / ``const`` refitted to the same
     calibration measurements: the latency model as it was before the factors (an ablation)."""
     tables = {k: replace(t, misaligned_in=1.0, misaligned_out=1.0) for k, t in lm.tables.items()}
-    plain = LatencyModel(lm.cost, lm.layers, tables, 1.0, 0.0, lm.measured_base_ms, lm.info, lm.multiples)
-    calib = [uniform_widths(groups, f) for f in CALIBRATION_FRACTIONS]
-    e2e = lm.info.get("calibration_ms")
-    scale, const = _fit([plain.value(w) for w in calib], e2e) if e2e else (lm.scale, lm.const)
-    return LatencyModel(lm.cost, lm.layers, tables, scale, const, lm.measured_base_ms, lm.info, lm.multiples)
+    return _refitted(lm, groups, tables, _fit)
+
+
+def _fit_through_first(sums: Sequence[float], e2e: Sequence[float]) -> tuple[float, float]:
+    """The line through the first point (the base) with its slope by least squares on the others; through
+    the base and the origin where that line would go negative."""
+    x0, y0 = sums[0], e2e[0]
+    den = sum((x - x0) ** 2 for x in sums[1:])
+    scale = sum((x - x0) * (y - y0) for x, y in zip(sums[1:], e2e[1:])) / den if den > 0 else 1.0
+    if scale <= 0 or y0 - scale * x0 < 0:
+        scale = y0 / x0 if x0 > 0 else 1.0
+    return scale, y0 - scale * x0
 
 
 def through_base(lm: LatencyModel, groups: Sequence[ChannelGroup]) -> LatencyModel:
@@ -337,19 +356,7 @@ def through_base(lm: LatencyModel, groups: Sequence[ChannelGroup]) -> LatencyMod
     first calibration point) and takes its slope by least squares on the narrower calibration points:
     the predicted fraction of the base then has the measured base as its denominator (an ablation,
     ``latency_search``'s 'through base' columns; the default fit is :func:`_fit`)."""
-    calib = [uniform_widths(groups, f) for f in CALIBRATION_FRACTIONS]
-    e2e = lm.info.get("calibration_ms")
-    if not e2e:
-        return lm
-    plain = LatencyModel(lm.cost, lm.layers, lm.tables, 1.0, 0.0, lm.measured_base_ms, lm.info, lm.multiples)
-    sums = [plain.value(w) for w in calib]
-    x0, y0 = sums[0], e2e[0]
-    den = sum((x - x0) ** 2 for x in sums[1:])
-    scale = sum((x - x0) * (y - y0) for x, y in zip(sums[1:], e2e[1:])) / den if den > 0 else lm.scale
-    if scale <= 0 or y0 - scale * x0 < 0:  # a line that would go negative: through the base and the origin
-        scale = y0 / x0 if x0 > 0 else lm.scale
-    return LatencyModel(lm.cost, lm.layers, lm.tables, scale, y0 - scale * x0, lm.measured_base_ms, lm.info,
-                        lm.multiples)
+    return _refitted(lm, groups, lm.tables, _fit_through_first) if lm.info.get("calibration_ms") else lm
 
 
 def _group_multiples(groups: Sequence[ChannelGroup], blocks: Mapping[str, Sequence[BlockGeom]],

@@ -86,10 +86,10 @@ def validate(model: nn.Module, groups: Sequence[ChannelGroup], lm: LatencyModel,
     predicted = [lm.value(w) for w in assignments]
     rel = [abs(p - m) / m for p, m in zip(predicted, measured[1:])]
     frac = [abs(p / lm.base - m / measured[0]) / (m / measured[0]) for p, m in zip(predicted, measured[1:])]
-    alt = {k: statistics.median(abs(o.value(w) - m) / m for w, m in zip(assignments, measured[1:]))
-           for k, o in (others or {}).items()}
-    alt_frac = {k: statistics.median(abs(o.value(w) / o.base - m / measured[0]) / (m / measured[0])
-                                     for w, m in zip(assignments, measured[1:])) for k, o in (others or {}).items()}
+    theirs = {k: ([o.value(w) for w in assignments], o.base) for k, o in (others or {}).items()}
+    alt = {k: statistics.median(abs(p - m) / m for p, m in zip(ps, measured[1:])) for k, (ps, _) in theirs.items()}
+    alt_frac = {k: statistics.median(abs(p / b - m / measured[0]) / (m / measured[0]) for p, m in zip(ps, measured[1:]))
+                for k, (ps, b) in theirs.items()}
     return Validation(n=n, median_rel_err=statistics.median(rel), p90_rel_err=_quantile(rel, 0.9),
                       spearman=spearman(predicted, measured[1:]), median_frac_err=statistics.median(frac),
                       predicted_ms=tuple(predicted), measured_ms=tuple(measured[1:]), others_median_rel_err=alt,
